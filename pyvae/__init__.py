@@ -1,0 +1,29 @@
+"""pyvae: variational autoencoders written as Pyro programs.
+
+Layers, from the bottom: :mod:`pyvae.nets` (networks), :mod:`pyvae.priors`,
+:mod:`pyvae.likelihoods`, :mod:`pyvae.guides` (distributions), :mod:`pyvae.model`
+(the Pyro model and guide), :mod:`pyvae.train` (SVI), :mod:`pyvae.data`,
+:mod:`pyvae.plots`, :mod:`pyvae.config`.
+
+All ELBOs and log-likelihoods are in nats per data point; NLL is their negative.
+"""
+
+from . import guides, likelihoods, priors
+from .checkpoint import load, save
+from .errors import DataNotFound, PyvaeError
+from .model import VAE
+from .train import evaluate_elbo, fit
+
+__version__ = "0.1.0"
+__all__ = [
+    "VAE",
+    "fit",
+    "evaluate_elbo",
+    "save",
+    "load",
+    "priors",
+    "likelihoods",
+    "guides",
+    "PyvaeError",
+    "DataNotFound",
+]

@@ -1,0 +1,202 @@
+"""Run configuration: defaults, then a YAML file (``--config``), then command-line flags.
+
+Every key is a field of :class:`TrainConfig`; an unknown key, a value of the wrong
+type or outside its allowed range is a :class:`~pyvae.errors.PyvaeError` naming the
+key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from .data import BINARIZE_MODES, SPLITS
+from .errors import PyvaeError
+from .guides import GUIDES
+from .likelihoods import LIKELIHOODS
+from .nets import ACTIVATIONS
+from .priors import PRIORS
+from .train import DEVICES, ELBOS
+
+
+def _choices(*values) -> dict:
+    return {"choices": tuple(values)}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; ``config.yaml`` in a run folder is one of these."""
+
+    # data
+    dataset: str = field(default="binarized_mnist", metadata=_choices(*SPLITS))
+    data_dir: str | None = field(default=None, metadata={"help": "data root (else $PYVAE_DATA, else ./data)"})
+    strict_data: bool = field(default=False, metadata={"help": "fail instead of falling back to digits"})
+    binarize: str = field(default="auto", metadata=_choices("auto", *BINARIZE_MODES))
+    # model
+    z_dim: int = field(default=50, metadata={"min": 1})
+    hidden: list[int] = field(default_factory=lambda: [400], metadata={"min": 1})
+    activation: str = field(default="softplus", metadata=_choices(*ACTIVATIONS))
+    prior: str = field(default="normal", metadata=_choices(*PRIORS))
+    likelihood: str = field(default="bernoulli", metadata=_choices(*LIKELIHOODS))
+    guide: str = field(default="normal", metadata=_choices(*GUIDES))
+    # inference
+    elbo: str = field(default="trace", metadata=_choices(*ELBOS))
+    num_particles: int = field(default=1, metadata={"min": 1})
+    epochs: int = field(default=10, metadata={"min": 1})
+    batch_size: int = field(default=128, metadata={"min": 1})
+    lr: float = field(default=1e-3, metadata={"positive": True})
+    device: str = field(default="auto", metadata=_choices(*DEVICES))
+    seed: int = field(default=0, metadata={"min": 0})
+    # output
+    out: str | None = field(default=None, metadata={"help": "run folder (default runs/<dataset>-<timestamp>)"})
+
+    def validate(self) -> TrainConfig:
+        for f in dataclasses.fields(self):
+            _check(f, getattr(self, f.name))
+        return self
+
+    def output_dir(self) -> Path:
+        """The run folder, created; an unusable path is a clear error."""
+        out = Path(self.out or f"runs/{self.dataset}-{datetime.now():%Y%m%d-%H%M%S}")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise PyvaeError(f"cannot write to output folder {out}: {e.strerror or e}") from e
+        return out
+
+    def to_yaml(self) -> str:
+        """YAML that reruns this configuration (``out`` left empty so a rerun gets a new folder)."""
+        values = dataclasses.asdict(self)
+        values["out"] = None
+        return yaml.safe_dump(values, sort_keys=False)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _check(f: dataclasses.Field, value) -> None:
+    kind = typing.get_type_hints(TrainConfig)[f.name]
+    meta = f.metadata
+    allowed = _describe(kind, meta)
+    bad = PyvaeError(f"invalid value {value!r} for {f.name!r}; allowed: {allowed}")
+    if value is None:
+        if type(None) not in typing.get_args(kind):
+            raise bad
+        return
+    base = _base(kind)
+    if typing.get_origin(base) is list:
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise bad
+        if any(v < meta.get("min", -math.inf) for v in value):
+            raise bad
+        return
+    if base is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif base is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < meta.get("min", -math.inf):
+            raise bad
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad
+        if meta.get("positive") and value <= 0:
+            raise bad
+    elif base is str:
+        if not isinstance(value, str) or ("choices" in meta and value not in meta["choices"]):
+            raise bad
+
+
+def _base(kind):
+    """``T`` for ``T | None``; ``kind`` itself otherwise."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(kind) if a is not type(None))
+    return kind
+
+
+def _describe(kind, meta) -> str:
+    if "choices" in meta:
+        return ", ".join(meta["choices"])
+    base = _base(kind)
+    if typing.get_origin(base) is list:
+        return "a list of positive integers"
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[base]
+    if "min" in meta:
+        words += f" >= {meta['min']}"
+    if meta.get("positive"):
+        words = "a positive number"
+    if type(None) in typing.get_args(kind):
+        words += " or null"
+    return words
+
+
+def from_yaml(path: str | Path) -> dict:
+    """The keys of a YAML config file, checked against :class:`TrainConfig`'s fields."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise PyvaeError(f"cannot read config {path}: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise PyvaeError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise PyvaeError(f"config {path} must be a mapping of keys to values; got {type(values).__name__}")
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in values.items():
+        if key not in FIELDS:
+            raise PyvaeError(f"unknown config key {key!r} in {path}; allowed: {', '.join(FIELDS)}")
+        if hints[key] is float and isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                values[key] = float(value)
+            except ValueError:
+                pass
+    return values
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(description: str | None = None) -> OneLineParser:
+    parser = OneLineParser(description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML file of defaults; flags override it")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    hints = typing.get_type_hints(TrainConfig)
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        kind = hints[name]
+        base = _base(kind)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".strip()
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif typing.get_origin(base) is list:
+            parser.add_argument(flag, type=int, nargs="*", metavar="H", help=help_text)
+        else:
+            parser.add_argument(flag, type=base, choices=f.metadata.get("choices"), help=help_text)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, description: str | None = None) -> tuple[TrainConfig, bool]:
+    """(config, debug) from defaults, ``--config FILE`` and flags, in that order of precedence."""
+    args = vars(build_parser(description).parse_args(argv))
+    debug = args.pop("debug", False)
+    values = from_yaml(args.pop("config")) if "config" in args else {}
+    values.update(args)
+    return TrainConfig(**values).validate(), debug

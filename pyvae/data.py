@@ -1,0 +1,286 @@
+"""Data sets as flat float tensors in [0, 1].
+
+=================  ===========================  ===================================================
+name               splits                       source
+=================  ===========================  ===================================================
+binarized_mnist    train 50k, valid 10k, test   Larochelle & Murray's static binarization (``.amat``)
+mnist              train 60k, test 10k          torchvision's ``MNIST/raw`` IDX files, grayscale
+fashion_mnist      train 60k, test 10k          torchvision's ``FashionMNIST/raw`` IDX files
+digits             train 1437, test 360         scikit-learn's 8x8 digits, always available offline
+=================  ===========================  ===================================================
+
+The data root is ``data_dir``, else ``$PYVAE_DATA``, else ``./data``. Files found
+there are used as they are; missing ones are downloaded and checked against
+checksums. Grayscale sets can be binarized for a Bernoulli likelihood, once
+(``static``) or with a fresh draw every epoch (``dynamic``, the IWAE paper's
+protocol).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import struct
+import tempfile
+import urllib.request
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataNotFound, PyvaeError
+
+SPLITS = {
+    "binarized_mnist": ("train", "valid", "test"),
+    "mnist": ("train", "test"),
+    "fashion_mnist": ("train", "test"),
+    "digits": ("train", "test"),
+}
+BINARIZE_MODES = ("none", "static", "dynamic")
+
+BINARIZED_MNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
+BINARIZED_MNIST_SHA256 = {
+    "train": "ad693b29f94c14277b095f5238ddefbbdaaae0939789dd2f4f0205278cee3e4d",
+    "valid": "1de3d397c40fe8eeb33dafd4099a1f665ec01e96d9be234aaeeac8a34930e2e2",
+    "test": "e6687bfea3f820c174f33b7865140b2a2dd2930ef786f35d45795fc193b5ab2c",
+}
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+
+
+@dataclass
+class ImageSet(torch.utils.data.Dataset):
+    """Images as a float tensor (N, x_dim) in [0, 1], with labels when the source has them.
+
+    With ``dynamic=True`` the images are grayscale probabilities and every read is a
+    fresh Bernoulli draw (:meth:`draw` for the whole set at once).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    image_shape: tuple[int, int, int]
+    name: str
+    split: str
+    dynamic: bool = False
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i):
+        x = self.images[i]
+        return torch.bernoulli(x) if self.dynamic else x
+
+    @property
+    def x_dim(self) -> int:
+        return self.images.shape[1]
+
+    def draw(self) -> torch.Tensor:
+        """All images: a fresh binarization if dynamic, the stored tensor otherwise."""
+        return torch.bernoulli(self.images) if self.dynamic else self.images
+
+    def is_binary(self) -> bool:
+        return self.dynamic or bool(((self.images == 0) | (self.images == 1)).all())
+
+
+def data_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """``data_dir``, else ``$PYVAE_DATA``, else ``./data``."""
+    return Path(data_dir or os.environ.get("PYVAE_DATA") or "data")
+
+
+def load_dataset(
+    name: str, split: str = "train", *, data_dir: str | os.PathLike | None = None, download: bool = True
+) -> ImageSet:
+    """One split of a data set; raises :class:`DataNotFound` when it is neither on disk nor downloadable."""
+    if name not in SPLITS:
+        raise PyvaeError(f"unknown dataset {name!r}; choose from {', '.join(SPLITS)}")
+    if split not in SPLITS[name]:
+        raise PyvaeError(f"dataset {name!r} has no split {split!r}; choose from {', '.join(SPLITS[name])}")
+    root = data_root(data_dir)
+    if name == "binarized_mnist":
+        return _binarized_mnist(root, split, download)
+    if name == "digits":
+        return _digits(split)
+    return _torchvision_idx(name, root, split, download)
+
+
+def binarize(data: ImageSet, mode: str, seed: int = 0) -> ImageSet:
+    """``static``: one Bernoulli draw fixed by ``seed``; ``dynamic``: a fresh draw per read; ``none``: as is."""
+    if mode not in BINARIZE_MODES:
+        raise PyvaeError(f"unknown binarize mode {mode!r}; choose from {', '.join(BINARIZE_MODES)}")
+    if mode == "none":
+        return data
+    if mode == "dynamic":
+        return replace(data, dynamic=True)
+    generator = torch.Generator().manual_seed(seed)
+    return replace(data, images=torch.bernoulli(data.images, generator=generator), dynamic=False)
+
+
+# -- binarized MNIST -------------------------------------------------------------
+def _binarized_mnist(root: Path, split: str, download: bool) -> ImageSet:
+    folder = root / "binarized_mnist"
+    path = folder / f"binarized_mnist_{split}.amat"
+    if not path.is_file():
+        if not download:
+            raise DataNotFound(_missing("binarized_mnist", split, [path], "downloads are off"))
+        try:
+            _download(BINARIZED_MNIST_URL + path.name, path, BINARIZED_MNIST_SHA256[split])
+        except Exception as e:
+            raise DataNotFound(_missing("binarized_mnist", split, [path], f"download failed: {_reason(e)}")) from e
+    images = read_amat(path)
+    return ImageSet(torch.from_numpy(images).float(), None, (1, 28, 28), "binarized_mnist", split)
+
+
+def read_amat(path: str | os.PathLike, width: int = 784) -> np.ndarray:
+    """Parse a binarized-MNIST ``.amat`` file: one image per line, ``width`` values 0/1 separated by whitespace.
+
+    Accepts any run of spaces/tabs, trailing spaces and ``\\r\\n`` line ends; any
+    other token is an error naming its line.
+    """
+    buf = np.frombuffer(Path(path).read_bytes(), dtype=np.uint8)
+    is_digit = (buf == ord("0")) | (buf == ord("1"))
+    is_space = (buf == ord(" ")) | (buf == ord("\t")) | (buf == ord("\r")) | (buf == ord("\n"))
+    newlines = np.flatnonzero(buf == ord("\n"))
+    bad = ~(is_digit | is_space)
+    bad[1:] |= is_digit[1:] & is_digit[:-1]  # a multi-character token such as "10"
+    if bad.any():
+        line = int(np.searchsorted(newlines, np.argmax(bad))) + 1
+        raise PyvaeError(f"{path}: line {line} holds a value other than 0 or 1")
+    starts = np.concatenate([[0], newlines + 1])
+    starts = starts[starts < buf.size]
+    per_line = np.add.reduceat(is_digit, starts, dtype=np.int64) if starts.size else np.zeros(0, np.int64)
+    wrong = np.flatnonzero((per_line != width) & (per_line > 0))
+    if wrong.size or not per_line.any():
+        line = int(wrong[0]) + 1 if wrong.size else 1
+        found = int(per_line[wrong[0]]) if wrong.size else 0
+        raise PyvaeError(f"{path}: expected {width} values per line; line {line} has {found}")
+    return (buf[is_digit] - ord("0")).reshape(-1, width)
+
+
+# -- MNIST and Fashion-MNIST in torchvision's layout -------------------------------
+def _torchvision_idx(name: str, root: Path, split: str, download: bool) -> ImageSet:
+    folder = root / TORCHVISION_FOLDERS[name] / "raw"
+    wanted = IDX_FILES[split]
+    paths = [_existing(folder / f) for f in wanted]
+    if None in paths:
+        if not download:
+            raise DataNotFound(_missing(name, split, [folder / f for f in wanted], "downloads are off"))
+        try:
+            _torchvision_download(name, root, split)
+        except Exception as e:
+            raise DataNotFound(_missing(name, split, [folder / f for f in wanted], f"download failed: {_reason(e)}")) from e
+        paths = [_existing(folder / f) for f in wanted]
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise PyvaeError(f"{paths[0]} and {paths[1]} do not hold matching images and labels")
+    n, h, w = images.shape
+    x = torch.from_numpy(images.reshape(n, h * w).astype(np.float32) / 255.0)
+    return ImageSet(x, torch.from_numpy(labels.astype(np.int64)), (1, h, w), name, split)
+
+
+def _existing(path: Path) -> Path | None:
+    for candidate in (path, path.with_name(path.name + ".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Parse an IDX file (the MNIST format), gzip-compressed or not, into a uint8 array."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise PyvaeError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise PyvaeError(f"{path}: header says {dims} but holds {body.size} values")
+    return body.reshape(dims)
+
+
+def _torchvision_download(name: str, root: Path, split: str) -> None:
+    # torchvision checks the md5 of every file it fetches
+    from torchvision import datasets
+
+    cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
+    cls(str(root), train=split == "train", download=True)
+
+
+# -- scikit-learn digits ------------------------------------------------------------
+def _digits(split: str) -> ImageSet:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    n_train = int(0.8 * len(order))
+    idx = order[:n_train] if split == "train" else order[n_train:]
+    x = torch.from_numpy(digits.data[idx].astype(np.float32) / 16.0)
+    return ImageSet(x, torch.from_numpy(digits.target[idx].astype(np.int64)), (1, 8, 8), "digits", split)
+
+
+# -- helpers ------------------------------------------------------------------------
+def _download(url: str, path: Path, sha256: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
+            shutil.copyfileobj(response, f)
+        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+        if digest != sha256:
+            raise PyvaeError(f"checksum mismatch for {url}: sha256 {digest}, expected {sha256}")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _missing(name: str, split: str, paths: list[Path], why: str) -> str:
+    looked = ", ".join(str(p) + ("[.gz]" if "ubyte" in p.name else "") for p in paths)
+    return (
+        f"{name} {split} split not found: looked for {looked} ({why}); "
+        "put the files there, or point --data-dir / $PYVAE_DATA at a folder that has them"
+    )
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def load_train_test(
+    name: str, *, data_dir: str | os.PathLike | None = None, fallback: str | None = "digits"
+) -> tuple[ImageSet, ImageSet, str | None]:
+    """(train, test, notice): the train and test splits of ``name``.
+
+    When they cannot be found or downloaded and ``fallback`` is set, the splits of
+    ``fallback`` are returned instead with a ``notice`` that says what was looked
+    for, where, and how to provide it; otherwise :class:`DataNotFound` is raised.
+    """
+    try:
+        return load_dataset(name, "train", data_dir=data_dir), load_dataset(name, "test", data_dir=data_dir), None
+    except DataNotFound as e:
+        if fallback is None or fallback == name:
+            raise
+        notice = f"notice: {e}. Training on {fallback!r} instead (use --strict-data to make this an error)."
+        return load_dataset(fallback, "train"), load_dataset(fallback, "test"), notice
+
+
+def binarize_for(
+    likelihood, train: ImageSet, test: ImageSet, mode: str = "auto", seed: int = 0
+) -> tuple[ImageSet, ImageSet, str]:
+    """Binarize train and test as ``mode`` says; returns them and the mode used.
+
+    ``auto`` binarizes grayscale data dynamically when the likelihood needs binary
+    data (``likelihood.binary_data``) and leaves it alone otherwise. With
+    ``dynamic``, the test set gets one fixed draw so its ELBO is comparable across epochs.
+    """
+    if mode == "auto":
+        mode = "dynamic" if getattr(likelihood, "binary_data", False) and not train.is_binary() else "none"
+    return binarize(train, mode, seed), binarize(test, "static" if mode == "dynamic" else mode, seed + 1), mode

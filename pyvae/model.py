@@ -1,0 +1,171 @@
+"""The VAE: a Pyro model p(z) p_theta(x|z) and guide q_phi(z|x) around two networks.
+
+Everything probabilistic goes through four distribution objects, so training,
+the IWAE bound and importance-sampled log-likelihoods share one code path:
+
+* ``vae.prior()``           p(z)          event shape (z_dim,)
+* ``vae.decode(z)``         p_theta(x|z)  event shape (x_dim,)
+* ``vae.encode(x)``         q_phi(z|x)    event shape (z_dim,)
+* ``vae.model`` / ``vae.guide``  the Pyro programs that sample from them inside a data plate.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from .errors import PyvaeError
+from .guides import GUIDES, Guide
+from .likelihoods import LIKELIHOODS, Likelihood
+from .nets import mlp
+from .priors import PRIORS, Prior
+
+_instance_ids = itertools.count()
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise PyvaeError(f"{name} must be a positive integer; got {value!r}")
+    return value
+
+
+class VAE(nn.Module):
+    """A variational autoencoder whose model and guide are Pyro programs.
+
+    Generative model, for each data point n in a plate of size N (the data set)::
+
+        z_n ~ p(z)                      (prior, default N(0, I))
+        x_n ~ p_theta(x | z_n)          (likelihood of decoder(z_n), default Bernoulli logits)
+
+    Guide::
+
+        z_n ~ q_phi(z | x_n)            (guide family of encoder(x_n), default diagonal Normal)
+
+    Args:
+        x_dim: number of pixels (data are flat float tensors of shape (batch, x_dim)).
+        z_dim: number of latent dimensions.
+        hidden: widths of the MLP hidden layers of encoder and decoder (mirrored); ``()`` is linear.
+        prior, likelihood, guide: a built-in name, a spec dict ``{"name": ..., **settings}``
+            or an object from :mod:`pyvae.priors`, :mod:`pyvae.likelihoods`, :mod:`pyvae.guides`.
+        encoder, decoder: optional custom ``nn.Module`` replacing the MLPs (contract in :mod:`pyvae.nets`).
+        activation: nonlinearity of the MLPs (``softplus``, as in Pyro's VAE example).
+        image_shape: (channels, height, width) for pictures; inferred for square one-channel images.
+
+    The networks are registered with Pyro by ``pyro.module`` under a name unique to
+    this instance, so two VAEs in one process never share parameters through Pyro's
+    global param store.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dim: int,
+        hidden: Sequence[int] = (400,),
+        prior: str | dict | Prior = "normal",
+        likelihood: str | dict | Likelihood = "bernoulli",
+        guide: str | dict | Guide = "normal",
+        encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+        activation: str = "softplus",
+        image_shape: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.x_dim = _positive_int("x_dim", x_dim)
+        self.z_dim = _positive_int("z_dim", z_dim)
+        hidden = tuple(hidden)
+        for h in hidden:
+            _positive_int("each hidden width", h)
+        self.image_shape = tuple(image_shape) if image_shape is not None else _square_image(x_dim)
+        if self.image_shape is not None and _prod(self.image_shape) != x_dim:
+            raise PyvaeError(f"image_shape {self.image_shape} does not hold x_dim={x_dim} pixels")
+
+        self.prior = PRIORS.resolve(prior)
+        self.likelihood = LIKELIHOODS.resolve(likelihood)
+        # not ``self.guide``: that name is the guide program below
+        self.posterior = GUIDES.resolve(guide)
+
+        self.encoder = encoder if encoder is not None else mlp(
+            x_dim, hidden, self.posterior.encoder_outputs(z_dim), activation
+        )
+        self.decoder = decoder if decoder is not None else mlp(
+            z_dim, hidden[::-1], self.likelihood.params_per_pixel * x_dim, activation
+        )
+        for component in (self.likelihood, self.posterior, self.prior):
+            component.bind(self)
+
+        self.config = {
+            "x_dim": x_dim,
+            "z_dim": z_dim,
+            "hidden": list(hidden),
+            "prior": self.prior.spec(),
+            "likelihood": self.likelihood.spec(),
+            "guide": self.posterior.spec(),
+            "encoder": "custom" if encoder is not None else "mlp",
+            "decoder": "custom" if decoder is not None else "mlp",
+            "activation": activation,
+            "image_shape": list(self.image_shape) if self.image_shape is not None else None,
+        }
+        self._pyro_name = f"vae{next(_instance_ids)}"
+
+    # -- the four distributions -------------------------------------------------
+    def encode(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """q_phi(z|x) for a batch x of shape (..., x_dim)."""
+        return self.posterior(self.encoder(x))
+
+    def decode(self, z: torch.Tensor) -> dist.TorchDistribution:
+        """p_theta(x|z) for latents z of shape (..., z_dim)."""
+        return self.likelihood(self.decoder(z))
+
+    # -- the Pyro programs ------------------------------------------------------
+    def _data_plate(self, x: torch.Tensor, num_data: int | None) -> pyro.plate:
+        # size = the whole data set, subsample = this minibatch: Pyro scales every
+        # log-density in the plate by N/M, so the minibatch loss is an unbiased
+        # estimate of the full-data loss.
+        batch = x.shape[0]
+        subsample = torch.arange(batch, device=x.device)
+        return pyro.plate("data", size=num_data or batch, subsample=subsample, dim=-1)
+
+    def model(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
+        """p(z) p_theta(x|z) for a minibatch x of shape (M, x_dim) from a data set of ``num_data`` points."""
+        pyro.module(f"{self._pyro_name}.decoder", self.decoder)
+        pyro.module(f"{self._pyro_name}.prior", self.prior)
+        with self._data_plate(x, num_data):
+            z = pyro.sample("z", self.prior())
+            pyro.sample("x", self.decode(z), obs=x)
+        return z
+
+    def guide(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
+        """q_phi(z|x) for the same minibatch; the plate matches the model's."""
+        pyro.module(f"{self._pyro_name}.encoder", self.encoder)
+        pyro.module(f"{self._pyro_name}.posterior", self.posterior)
+        with self._data_plate(x, num_data):
+            return pyro.sample("z", self.encode(x))
+
+    # -- conveniences for pictures ----------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        """n images E[x|z] with z ~ p(z), shape (n, x_dim)."""
+        z = self.prior().sample((n,))
+        return self.likelihood.mean(self.decoder(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """E[x|z] at the guide's mean z = E_q[z|x], shape like x."""
+        return self.likelihood.mean(self.decoder(self.encode(x).mean))
+
+
+def _prod(shape: Sequence[int]) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def _square_image(x_dim: int) -> tuple[int, int, int] | None:
+    side = int(round(x_dim**0.5))
+    return (1, side, side) if side * side == x_dim else None

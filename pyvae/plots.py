@@ -1,0 +1,61 @@
+"""Pictures of a trained VAE, written atomically (a crash never leaves half a PNG)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import make_grid, save_image  # noqa: E402
+
+from .checkpoint import atomic_write  # noqa: E402
+from .model import VAE  # noqa: E402
+
+
+def save_grid(images: torch.Tensor, image_shape: Sequence[int], path: str | Path, nrow: int = 8) -> None:
+    """Flat images (n, x_dim) in [0, 1] as a PNG grid with ``nrow`` images per row."""
+    grid = make_grid(images.detach().cpu().clamp(0, 1).reshape(-1, *image_shape), nrow=nrow, padding=2, pad_value=1.0)
+    atomic_write(path, lambda f: save_image(grid, f, format="png"))
+
+
+def save_figure(fig: plt.Figure, path: str | Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def samples(vae: VAE, path: str | Path, n: int = 64) -> None:
+    """An 8x8 grid of E[x|z] for z drawn from the prior."""
+    vae.eval()
+    save_grid(vae.sample(n), vae.image_shape, path)
+
+
+def reconstructions(vae: VAE, x: torch.Tensor, path: str | Path, per_row: int = 8, rows: int = 2) -> None:
+    """Rows of test images, each above a row of their reconstructions."""
+    vae.eval()
+    per_row = min(per_row, x.shape[0])
+    rows = max(1, min(rows, x.shape[0] // per_row))
+    x = x[: per_row * rows].to(next(vae.parameters()).device)
+    recon = vae.reconstruct(x)
+    pairs = torch.stack([x.reshape(rows, per_row, -1), recon.reshape(rows, per_row, -1)], dim=1)
+    save_grid(pairs.reshape(-1, x.shape[1]), vae.image_shape, path, nrow=per_row)
+
+
+def elbo_curves(history: list[dict], path: str | Path) -> None:
+    """Train and test ELBO (nats per data point) against epoch."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_elbo"] for h in history], marker="o", label="train")
+    if all("test_elbo" in h for h in history):
+        ax.plot(epochs, [h["test_elbo"] for h in history], marker="o", label="test")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("ELBO (nats per data point)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
