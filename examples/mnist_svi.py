@@ -24,7 +24,10 @@ def main(argv):
 
     # 1. data: the requested set, or the offline digits with a notice
     train, test, notice = load_train_test(
-        config.dataset, data_dir=config.data_dir, fallback=None if config.strict_data else "digits"
+        config.dataset,
+        data_dir=config.data_dir,
+        download=config.download,
+        fallback=None if config.strict_data else "digits",
     )
     if notice:
         print(notice, file=sys.stderr)

@@ -39,6 +39,7 @@ class TrainConfig:
     dataset: str = field(default="binarized_mnist", metadata=_choices(*SPLITS))
     data_dir: str | None = field(default=None, metadata={"help": "data root (else $PYVAE_DATA, else ./data)"})
     strict_data: bool = field(default=False, metadata={"help": "fail instead of falling back to digits"})
+    download: bool = field(default=True, metadata={"help": "download missing data files"})
     binarize: str = field(default="auto", metadata=_choices("auto", *BINARIZE_MODES))
     # model
     z_dim: int = field(default=50, metadata={"min": 1})

@@ -37,11 +37,16 @@ def samples(vae: VAE, path: str | Path, n: int = 64) -> None:
 
 
 def reconstructions(vae: VAE, x: torch.Tensor, path: str | Path, per_row: int = 8, rows: int = 2) -> None:
-    """Rows of test images, each above a row of their reconstructions."""
+    """Rows of test images, each above a row of their reconstructions.
+
+    The images are spread evenly over ``x``, so a set sorted by class (static
+    binarized MNIST's test split is) shows every class.
+    """
     vae.eval()
     per_row = min(per_row, x.shape[0])
     rows = max(1, min(rows, x.shape[0] // per_row))
-    x = x[: per_row * rows].to(next(vae.parameters()).device)
+    picks = torch.linspace(0, x.shape[0] - 1, per_row * rows).long()
+    x = x[picks].to(next(vae.parameters()).device)
     recon = vae.reconstruct(x)
     pairs = torch.stack([x.reshape(rows, per_row, -1), recon.reshape(rows, per_row, -1)], dim=1)
     save_grid(pairs.reshape(-1, x.shape[1]), vae.image_shape, path, nrow=per_row)

@@ -1,0 +1,42 @@
+import os
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data() -> Path | None:
+    """The data root named by $PYVAE_DATA, when it exists."""
+    root = os.environ.get("PYVAE_DATA")
+    return Path(root) if root and Path(root).is_dir() else None
+
+
+def require_files(*relative: str) -> Path:
+    """The data root, or skip the test naming the missing files."""
+    root = shared_data()
+    if root is None:
+        pytest.skip("$PYVAE_DATA is not set to an existing folder; real data files not checked")
+    missing = [r for r in relative if not (root / r).is_file()]
+    if missing:
+        pytest.skip(f"not in $PYVAE_DATA={root}: {', '.join(missing)}")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    pyro.set_rng_seed(0)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    yield
+
+
+@pytest.fixture
+def binary_data():
+    """A small binary data set with structure: two noisy prototypes."""
+    g = torch.Generator().manual_seed(1)
+    protos = (torch.rand(2, 16, generator=g) > 0.5).float()
+    which = torch.randint(0, 2, (64,), generator=g)
+    flips = (torch.rand(64, 16, generator=g) < 0.05).float()
+    return (protos[which] + flips) % 2

@@ -1,0 +1,105 @@
+"""examples/mnist_svi.py end to end, and its configuration errors."""
+
+import importlib.util
+import json
+import re
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pyvae.cli import run
+from pyvae.config import TrainConfig, parse_args
+
+from .conftest import ROOT
+
+EXAMPLE = ROOT / "examples" / "mnist_svi.py"
+
+
+def example_main():
+    spec = importlib.util.spec_from_file_location("mnist_svi", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_example_runs_one_epoch_and_writes_every_output(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYVAE_DATA": str(tmp_path / "empty")}  # nothing there: the digits fallback
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--epochs", "1", "--no-download", "--z-dim", "4", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "binarized_mnist train split not found" in result.stderr and "Training on 'digits'" in result.stderr
+    assert "train ELBO" in result.stdout and "test ELBO" in result.stdout
+    for name in ("checkpoint.pt", "metrics.jsonl", "samples.png", "reconstructions.png", "elbo.png", "config.yaml"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert record.keys() == {"epoch", "train_elbo", "test_elbo", "seconds"} and record["test_elbo"] < 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["dataset"] == "digits" and saved["z_dim"] == 4 and saved["binarize"] == "dynamic"
+    # config.yaml reruns the same configuration
+    config, _ = parse_args(["--config", str(out / "config.yaml")])
+    assert config.z_dim == 4 and config.dataset == "digits"
+
+
+def errors_of(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(example_main(), argv)
+    err = capsys.readouterr().err.strip()
+    return exit_info.value.code, err
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("epochs: 2\nlearning_rate: 0.1\n", "unknown config key 'learning_rate' in .*; allowed: dataset, "),
+        ("epochs: two\n", "invalid value 'two' for 'epochs'; allowed: an integer >= 1"),
+        ("epochs: 0\n", "invalid value 0 for 'epochs'; allowed: an integer >= 1"),
+        ("elbo: renyi\n", "invalid value 'renyi' for 'elbo'; allowed: trace, meanfield"),
+        ("lr: -1\n", "invalid value -1 for 'lr'; allowed: a positive number"),
+        ("hidden: [400, 0]\n", "invalid value \\[400, 0\\] for 'hidden'; allowed: a list of positive integers"),
+        ("- epochs\n", "must be a mapping"),
+        ("epochs: [\n", "is not valid YAML"),
+    ],
+)
+def test_bad_config_is_a_one_line_error(tmp_path, capsys, yaml_text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    code, err = errors_of(["--config", str(path)], capsys)
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+        (["--elbo", "renyi"], "argument --elbo: invalid choice: 'renyi'"),
+        (["--batch-size", "0"], "invalid value 0 for 'batch_size'"),
+        (["--config", "missing.yaml"], "cannot read config missing.yaml"),
+        (["--dataset", "binarized_mnist", "--data-dir", "nowhere", "--no-download", "--strict-data"], "binarized_mnist train split not found"),
+    ],
+)
+def test_bad_flags_are_a_one_line_error(capsys, argv, message):
+    code, err = errors_of(argv, capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_unwritable_output_folder_is_a_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, err = errors_of(["--dataset", "digits", "--epochs", "1", "--out", str(blocker / "run")], capsys)
+    assert code == 2 and "cannot write to output folder" in err
+
+
+def test_shipped_configs_are_valid():
+    for path in (ROOT / "configs").glob("*.yaml"):
+        config, _ = parse_args(["--config", str(path)])
+        assert isinstance(config, TrainConfig)
+    # configs/mnist.yaml spells out the defaults
+    assert parse_args(["--config", str(ROOT / "configs" / "mnist.yaml")])[0] == TrainConfig()

@@ -1,0 +1,88 @@
+"""SVI training: the ELBO improves, outputs are written, runs are reproducible, bad input is refused."""
+
+import json
+
+import pytest
+import torch
+
+import pyvae
+from pyvae.data import binarize, load_dataset
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return binarize(load_dataset("digits", "train"), "static"), binarize(load_dataset("digits", "test"), "static", 1)
+
+
+@pytest.mark.parametrize("elbo, particles", [("trace", 1), ("meanfield", 1), ("trace", 4)])
+def test_elbo_improves_within_a_few_epochs(digits, elbo, particles):
+    train, test = digits
+    vae = pyvae.VAE(x_dim=64, z_dim=8, hidden=(64,))
+    start = pyvae.evaluate_elbo(vae, test, elbo="meanfield")
+    history = pyvae.fit(
+        vae, train, test=test, epochs=4, batch_size=64, lr=3e-3, elbo=elbo, num_particles=particles,
+        device="cpu", seed=0, progress=False,
+    )
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert all(h.keys() >= {"train_elbo", "test_elbo", "seconds"} for h in history)
+    assert history[-1]["test_elbo"] > history[0]["test_elbo"] > start
+    assert start < -40 and history[-1]["test_elbo"] > -35  # nats per point on 64 binary pixels
+
+
+def test_history_is_reproducible_with_a_seed(digits):
+    train, test = digits
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+        runs.append(pyvae.fit(vae, train[:256], test=test, epochs=2, batch_size=64, device="cpu", seed=7, progress=False))
+    strip = [[{k: v for k, v in h.items() if k != "seconds"} for h in run] for run in runs]
+    assert strip[0] == strip[1]
+
+
+def test_fit_accepts_datasets_and_dynamic_binarization(digits):
+    gray = load_dataset("digits", "train")
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    history = pyvae.fit(vae, binarize(gray, "dynamic"), epochs=1, batch_size=128, device="cpu", progress=False)
+    assert history[0]["train_elbo"] < 0 and "test_elbo" not in history[0]
+    tensors = torch.utils.data.TensorDataset(digits[0].images[:200], torch.zeros(200))
+    history = pyvae.fit(vae, tensors, epochs=1, batch_size=50, device="cpu", progress=False)
+    assert torch.isfinite(torch.tensor(history[0]["train_elbo"]))
+
+
+def test_fit_writes_metrics_and_checkpoint(tmp_path, digits):
+    train, test = digits
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    history = pyvae.fit(vae, train, test=test, epochs=2, batch_size=256, device="cpu", out=tmp_path, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == history
+    loaded = pyvae.load(tmp_path / "checkpoint.pt")
+    for a, b in zip(vae.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a.cpu(), b)
+
+
+def test_bad_training_input_is_a_clear_error(digits):
+    train, _ = digits
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    gray = load_dataset("digits", "train")
+    cases = [
+        (dict(train=gray.images), "bernoulli needs 0/1 data; got values in \\[0, 1\\]"),
+        (dict(train=train.images[:, :10]), "10 features per point; the VAE expects x_dim=64"),
+        (dict(train=train.images, batch_size=5000), "batch_size 5000 is larger than the training set"),
+        (dict(train=train.images, epochs=0), "epochs must be a positive integer; got 0"),
+        (dict(train=train.images, lr=-1.0), "lr must be a positive number"),
+        (dict(train=train.images, elbo="renyi"), "unknown elbo 'renyi'"),
+        (dict(train=train.images, device="tpu"), "unknown device 'tpu'"),
+        (dict(train=train.images[:0]), "N > 0"),
+    ]
+    for kwargs, message in cases:
+        kwargs = {"epochs": 1, **kwargs}
+        with pytest.raises(pyvae.PyvaeError, match=message):
+            pyvae.fit(vae, kwargs.pop("train"), device=kwargs.pop("device", "cpu"), progress=False, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(digits):
+    vae = pyvae.VAE(x_dim=64, z_dim=4)
+    with pytest.raises(pyvae.PyvaeError, match="CUDA is not available"):
+        pyvae.fit(vae, digits[0], epochs=1, device="cuda", progress=False)
