@@ -11,3 +11,17 @@ class PyvaeError(ValueError):
 
 class DataNotFound(PyvaeError):
     """A data set is neither on disk nor downloadable; the message says where we looked."""
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` if it is an integer > 0; else a :class:`PyvaeError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise PyvaeError(f"{name} must be a positive integer; got {value!r}")
+    return value
+
+
+def positive_number(name: str, value) -> float:
+    """``value`` as a float if it is a finite number > 0; else a :class:`PyvaeError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise PyvaeError(f"{name} must be a positive number; got {value!r}")
+    return float(value)

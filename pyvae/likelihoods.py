@@ -9,11 +9,15 @@ A likelihood turns the decoder's output into a Pyro distribution over x with
 
 from __future__ import annotations
 
+import math
+
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
+from torch.distributions import constraints
 
 from .components import Component, Registry
-from .errors import PyvaeError
+from .errors import PyvaeError, positive_number
 
 LIKELIHOODS = Registry("likelihood")
 
@@ -44,6 +48,16 @@ def value_range(x: torch.Tensor) -> str:
     return f"[{x.min().item():.4g}, {x.max().item():.4g}]"
 
 
+def check_unit_interval(name: str, x: torch.Tensor) -> None:
+    if not bool(torch.isfinite(x).all()) or x.min() < 0 or x.max() > 1:
+        raise PyvaeError(f"{name} needs data in [0, 1]; got values in {value_range(x)} — rescale the data to [0, 1]")
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise PyvaeError(f"{name} needs finite data; got NaN or infinite values")
+
+
 @LIKELIHOODS.register
 class Bernoulli(Likelihood):
     """x_i ~ Bernoulli(sigmoid(logit_i)) independently; binary data only."""
@@ -62,4 +76,242 @@ class Bernoulli(Likelihood):
             raise PyvaeError(
                 f"bernoulli needs 0/1 data; got values in {value_range(x)} "
                 "— use --binarize static|dynamic or a likelihood for continuous data"
+            )
+
+
+@LIKELIHOODS.register
+class ContinuousBernoulli(Likelihood):
+    """x_i ~ ContinuousBernoulli(logit_i) on [0, 1] (Loaiza-Ganem & Cunningham 2019).
+
+    The density C(lambda) lambda^x (1 - lambda)^(1 - x) includes its normalizing
+    constant C(lambda), so it is a proper density on [0, 1], unlike the Bernoulli
+    "likelihood" often applied to grayscale data. Its mean is not lambda.
+    """
+
+    name = "continuous_bernoulli"
+
+    def forward(self, logits: torch.Tensor) -> dist.TorchDistribution:
+        return dist.ContinuousBernoulli(logits=logits).to_event(1)
+
+    def check_support(self, x: torch.Tensor) -> None:
+        check_unit_interval(self.name, x)
+
+
+@LIKELIHOODS.register
+class Normal(Likelihood):
+    """x_i ~ N(mu_i, sigma^2) with the decoder's mu and a fixed sigma.
+
+    -log p(x|z) = ||x - mu||^2 / (2 sigma^2) + D log(sigma sqrt(2 pi)): the squared-error
+    loss with weight 1/(2 lambda) for lambda = sigma^2. sigma is the standard deviation.
+    """
+
+    name = "normal"
+
+    def __init__(self, scale: float = 0.1) -> None:
+        super().__init__(scale=scale)
+        self.scale = positive_number("normal scale", scale)
+
+    def forward(self, loc: torch.Tensor) -> dist.TorchDistribution:
+        return dist.Normal(loc, self.scale).to_event(1)
+
+    def mean(self, loc: torch.Tensor) -> torch.Tensor:
+        return loc
+
+    def check_support(self, x: torch.Tensor) -> None:
+        check_finite(self.name, x)
+
+
+@LIKELIHOODS.register
+class NormalLearnedScale(Likelihood):
+    """x_i ~ N(mu_i, sigma_i^2) with a learned standard deviation.
+
+    ``scale_from="pixel"``: one learned sigma per pixel, shared by all data points;
+    ``scale_from="decoder"``: the decoder predicts sigma_i(z) (two outputs per pixel).
+    sigma = softplus(s) + ``min_scale``, which keeps the density bounded on data
+    with constant pixels.
+    """
+
+    name = "normal_learned"
+
+    def __init__(self, scale_from: str = "pixel", min_scale: float = 1e-3) -> None:
+        super().__init__(scale_from=scale_from, min_scale=min_scale)
+        if scale_from not in ("pixel", "decoder"):
+            raise PyvaeError(f"normal_learned scale_from must be 'pixel' or 'decoder'; got {scale_from!r}")
+        self.scale_from = scale_from
+        self.min_scale = positive_number("normal_learned min_scale", min_scale)
+        self.params_per_pixel = 2 if scale_from == "decoder" else 1
+
+    def bind(self, vae: torch.nn.Module) -> None:
+        super().bind(vae)
+        if self.scale_from == "pixel":
+            self.raw_scale = torch.nn.Parameter(torch.zeros(vae.x_dim))
+
+    def _loc_scale(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.scale_from == "decoder":
+            loc, raw = out.chunk(2, dim=-1)
+        else:
+            loc, raw = out, self.raw_scale
+        return loc, F.softplus(raw) + self.min_scale
+
+    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
+        loc, scale = self._loc_scale(out)
+        return dist.Normal(loc, scale.expand_as(loc)).to_event(1)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return self._loc_scale(out)[0]
+
+    def check_support(self, x: torch.Tensor) -> None:
+        check_finite(self.name, x)
+
+
+@LIKELIHOODS.register
+class Laplace(Likelihood):
+    """x_i ~ Laplace(mu_i, b) with a fixed scale b: the absolute-error loss |x - mu| / b + D log(2b)."""
+
+    name = "laplace"
+
+    def __init__(self, scale: float = 0.1) -> None:
+        super().__init__(scale=scale)
+        self.scale = positive_number("laplace scale", scale)
+
+    def forward(self, loc: torch.Tensor) -> dist.TorchDistribution:
+        return dist.Laplace(loc, self.scale).to_event(1)
+
+    def mean(self, loc: torch.Tensor) -> torch.Tensor:
+        return loc
+
+    def check_support(self, x: torch.Tensor) -> None:
+        check_finite(self.name, x)
+
+
+class _ClampedBeta(dist.Beta):
+    """A Beta whose log_prob first moves x into [eps, 1 - eps]: data at exactly 0 or 1 keep a finite density."""
+
+    def __init__(self, concentration1, concentration0, eps: float, validate_args=None):
+        self.eps = eps
+        super().__init__(concentration1, concentration0, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(_ClampedBeta, _instance)
+        new.eps = self.eps
+        return super().expand(batch_shape, _instance=new)
+
+    def log_prob(self, value):
+        return super().log_prob(value.clamp(self.eps, 1 - self.eps))
+
+
+@LIKELIHOODS.register
+class Beta(Likelihood):
+    """x_i ~ Beta(a_i, b_i) on (0, 1), a and b from the decoder (two outputs per pixel).
+
+    Images have pixels at exactly 0 and 1, where the Beta density is 0 or infinite;
+    they are clamped to [eps, 1 - eps] (eps = 1e-4 by default) before the density is
+    evaluated, so the reported log-likelihood is that of the clamped data.
+    """
+
+    name = "beta"
+    params_per_pixel = 2
+
+    def __init__(self, eps: float = 1e-4) -> None:
+        super().__init__(eps=eps)
+        self.eps = positive_number("beta eps", eps)
+
+    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
+        a, b = out.chunk(2, dim=-1)
+        return _ClampedBeta(F.softplus(a) + 1e-3, F.softplus(b) + 1e-3, self.eps).to_event(1)
+
+    def check_support(self, x: torch.Tensor) -> None:
+        check_unit_interval(self.name, x)
+
+
+def _log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(a)) for a < 0, accurate at both ends (Maechler 2012)."""
+    a = a.clamp(max=-1e-30)
+    return torch.where(a > -math.log(2), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+class DiscretizedLogisticDistribution(dist.TorchDistribution):
+    """A logistic distribution discretized onto the grid {0, 1/(B-1), ..., 1} of B levels.
+
+    P(x) = F((x + h - mu)/s) - F((x - h - mu)/s) with F the logistic CDF and h half a
+    bin; the end bins take the tails, P(0) = F((h - mu)/s) and P(1) = 1 - F((1 - h - mu)/s),
+    so the masses sum to one (Salimans et al. 2017, for B = 256 levels of 8-bit images).
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    support = constraints.unit_interval
+    has_rsample = False
+
+    def __init__(self, loc, scale, num_levels: int = 256, validate_args=None):
+        self.loc, self.scale = torch.broadcast_tensors(loc, scale)
+        self.num_levels = num_levels
+        super().__init__(self.loc.shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(DiscretizedLogisticDistribution, _instance)
+        new.loc = self.loc.expand(batch_shape)
+        new.scale = self.scale.expand(batch_shape)
+        new.num_levels = self.num_levels
+        super(DiscretizedLogisticDistribution, new).__init__(torch.Size(batch_shape), validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def log_prob(self, value):
+        half = 0.5 / (self.num_levels - 1)
+        centered = value - self.loc
+        upper = (centered + half) / self.scale
+        lower = (centered - half) / self.scale
+        log_cdf_upper, log_cdf_lower = F.logsigmoid(upper), F.logsigmoid(lower)
+        log_sf_upper, log_sf_lower = F.logsigmoid(-upper), F.logsigmoid(-lower)
+        # log(F(u) - F(l)) = log F(u) + log(1 - F(l)/F(u)), or with survival functions on the
+        # right of the mode, so neither side subtracts two numbers that round to 1
+        left = log_cdf_upper + _log1mexp(log_cdf_lower - log_cdf_upper)
+        right = log_sf_lower + _log1mexp(log_sf_upper - log_sf_lower)
+        log_mass = torch.where(centered < 0, left, right)
+        return torch.where(value < half, log_cdf_upper, torch.where(value > 1 - half, log_sf_lower, log_mass))
+
+    def sample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            u = torch.rand(shape, device=self.loc.device).clamp(1e-6, 1 - 1e-6)
+            x = self.loc.expand(shape) + self.scale.expand(shape) * (torch.log(u) - torch.log1p(-u))
+            levels = self.num_levels - 1
+            return (x * levels).round().clamp(0, levels) / levels
+
+    @property
+    def mean(self):
+        grid = torch.linspace(0, 1, self.num_levels, device=self.loc.device)
+        shape = (self.num_levels,) + (1,) * self.loc.dim()
+        probs = self.log_prob(grid.reshape(shape)).exp()
+        return (probs * grid.reshape(shape)).sum(0)
+
+
+@LIKELIHOODS.register
+class DiscretizedLogistic(Likelihood):
+    """x_i on the 8-bit grid {0, 1/255, ..., 1}: a logistic with the decoder's mu_i and s_i, discretized.
+
+    A probability mass, so log p(x) in nats compares directly with the bits/dim
+    reported for 8-bit image models (bits/dim = -log p(x) / (D log 2)).
+    """
+
+    name = "discretized_logistic"
+    params_per_pixel = 2
+
+    def __init__(self, num_levels: int = 256) -> None:
+        super().__init__(num_levels=num_levels)
+        if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
+            raise PyvaeError(f"discretized_logistic num_levels must be an integer >= 2; got {num_levels!r}")
+        self.num_levels = num_levels
+
+    def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
+        loc, raw_scale = out.chunk(2, dim=-1)
+        return DiscretizedLogisticDistribution(loc, F.softplus(raw_scale) + 1e-3, self.num_levels).to_event(1)
+
+    def check_support(self, x: torch.Tensor) -> None:
+        levels = self.num_levels - 1
+        on_grid = (x * levels - (x * levels).round()).abs() < 1e-3
+        if not bool(torch.isfinite(x).all()) or x.min() < 0 or x.max() > 1 or not bool(on_grid.all()):
+            raise PyvaeError(
+                f"discretized_logistic needs data on the grid k/{levels} in [0, 1]; got values in {value_range(x)}"
+                f"{'' if bool(on_grid.all()) else ' off the grid'} — use 8-bit images scaled by 1/{levels}"
             )

@@ -17,21 +17,16 @@ from collections.abc import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from torch import nn
 
-from .errors import PyvaeError
+from .errors import PyvaeError, positive_int
 from .guides import GUIDES, Guide
 from .likelihoods import LIKELIHOODS, Likelihood
-from .nets import mlp
+from .nets import NETS, ConvDecoder, ConvEncoder, mlp
 from .priors import PRIORS, Prior
 
 _instance_ids = itertools.count()
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise PyvaeError(f"{name} must be a positive integer; got {value!r}")
-    return value
 
 
 class VAE(nn.Module):
@@ -50,11 +45,13 @@ class VAE(nn.Module):
         x_dim: number of pixels (data are flat float tensors of shape (batch, x_dim)).
         z_dim: number of latent dimensions.
         hidden: widths of the MLP hidden layers of encoder and decoder (mirrored); ``()`` is linear.
+            Unused by ``net="conv"``.
         prior, likelihood, guide: a built-in name, a spec dict ``{"name": ..., **settings}``
             or an object from :mod:`pyvae.priors`, :mod:`pyvae.likelihoods`, :mod:`pyvae.guides`.
         encoder, decoder: optional custom ``nn.Module`` replacing the MLPs (contract in :mod:`pyvae.nets`).
         activation: nonlinearity of the MLPs (``softplus``, as in Pyro's VAE example).
         image_shape: (channels, height, width) for pictures; inferred for square one-channel images.
+        net: ``mlp`` or ``conv`` (two stride-2 convolutions each way, for images such as 28x28).
 
     The networks are registered with Pyro by ``pyro.module`` under a name unique to
     this instance, so two VAEs in one process never share parameters through Pyro's
@@ -73,13 +70,14 @@ class VAE(nn.Module):
         decoder: nn.Module | None = None,
         activation: str = "softplus",
         image_shape: Sequence[int] | None = None,
+        net: str = "mlp",
     ) -> None:
         super().__init__()
-        self.x_dim = _positive_int("x_dim", x_dim)
-        self.z_dim = _positive_int("z_dim", z_dim)
+        self.x_dim = positive_int("x_dim", x_dim)
+        self.z_dim = positive_int("z_dim", z_dim)
         hidden = tuple(hidden)
         for h in hidden:
-            _positive_int("each hidden width", h)
+            positive_int("each hidden width", h)
         self.image_shape = tuple(image_shape) if image_shape is not None else _square_image(x_dim)
         if self.image_shape is not None and _prod(self.image_shape) != x_dim:
             raise PyvaeError(f"image_shape {self.image_shape} does not hold x_dim={x_dim} pixels")
@@ -89,12 +87,24 @@ class VAE(nn.Module):
         # not ``self.guide``: that name is the guide program below
         self.posterior = GUIDES.resolve(guide)
 
-        self.encoder = encoder if encoder is not None else mlp(
-            x_dim, hidden, self.posterior.encoder_outputs(z_dim), activation
-        )
-        self.decoder = decoder if decoder is not None else mlp(
-            z_dim, hidden[::-1], self.likelihood.params_per_pixel * x_dim, activation
-        )
+        if net not in NETS:
+            raise PyvaeError(f"unknown net {net!r}; choose from {', '.join(NETS)}")
+        if net == "conv" and self.image_shape is None:
+            raise PyvaeError(f"net 'conv' needs image_shape; x_dim={x_dim} is not a square image")
+        encoder_outputs = self.posterior.encoder_outputs(z_dim)
+        if encoder is None:
+            encoder = (
+                mlp(x_dim, hidden, encoder_outputs, activation)
+                if net == "mlp"
+                else ConvEncoder(self.image_shape, encoder_outputs, activation)
+            )
+        if decoder is None:
+            decoder = (
+                mlp(z_dim, hidden[::-1], self.likelihood.params_per_pixel * x_dim, activation)
+                if net == "mlp"
+                else ConvDecoder(z_dim, self.image_shape, self.likelihood.params_per_pixel, activation)
+            )
+        self.encoder, self.decoder = encoder, decoder
         for component in (self.likelihood, self.posterior, self.prior):
             component.bind(self)
 
@@ -108,6 +118,7 @@ class VAE(nn.Module):
             "encoder": "custom" if encoder is not None else "mlp",
             "decoder": "custom" if decoder is not None else "mlp",
             "activation": activation,
+            "net": net,
             "image_shape": list(self.image_shape) if self.image_shape is not None else None,
         }
         self._pyro_name = f"vae{next(_instance_ids)}"
@@ -130,20 +141,25 @@ class VAE(nn.Module):
         subsample = torch.arange(batch, device=x.device)
         return pyro.plate("data", size=num_data or batch, subsample=subsample, dim=-1)
 
-    def model(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
-        """p(z) p_theta(x|z) for a minibatch x of shape (M, x_dim) from a data set of ``num_data`` points."""
+    def model(self, x: torch.Tensor, num_data: int | None = None, beta: float = 1.0) -> torch.Tensor:
+        """p(z) p_theta(x|z) for a minibatch x of shape (M, x_dim) from a data set of ``num_data`` points.
+
+        ``beta`` scales the latent site (here and in the guide), so the ELBO's
+        E_q[log p(z) - log q(z|x)] = -KL term is weighted by beta: the beta-VAE objective.
+        """
         pyro.module(f"{self._pyro_name}.decoder", self.decoder)
         pyro.module(f"{self._pyro_name}.prior", self.prior)
         with self._data_plate(x, num_data):
-            z = pyro.sample("z", self.prior())
+            with poutine.scale(scale=beta):
+                z = pyro.sample("z", self.prior())
             pyro.sample("x", self.decode(z), obs=x)
         return z
 
-    def guide(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
-        """q_phi(z|x) for the same minibatch; the plate matches the model's."""
+    def guide(self, x: torch.Tensor, num_data: int | None = None, beta: float = 1.0) -> torch.Tensor:
+        """q_phi(z|x) for the same minibatch; the plate and the beta scale match the model's."""
         pyro.module(f"{self._pyro_name}.encoder", self.encoder)
         pyro.module(f"{self._pyro_name}.posterior", self.posterior)
-        with self._data_plate(x, num_data):
+        with self._data_plate(x, num_data), poutine.scale(scale=beta):
             return pyro.sample("z", self.encode(x))
 
     # -- conveniences for pictures ----------------------------------------------

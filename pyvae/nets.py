@@ -39,3 +39,61 @@ def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: str = "sof
             layers.append(ACTIVATIONS[activation]())
         layers.append(nn.Linear(a, b))
     return nn.Sequential(*layers)
+
+
+NETS = ("mlp", "conv")
+
+
+class ConvEncoder(nn.Module):
+    """Two stride-2 convolutions (32 and 64 channels), then a linear layer: (..., C*H*W) -> (..., out_dim)."""
+
+    def __init__(self, image_shape: Sequence[int], out_dim: int, activation: str = "softplus") -> None:
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        c, h, w = _checked_image_shape(self.image_shape)
+        act = ACTIVATIONS[activation]
+        self.net = nn.Sequential(
+            nn.Conv2d(c, 32, 4, stride=2, padding=1),
+            act(),
+            nn.Conv2d(32, 64, 4, stride=2, padding=1),
+            act(),
+            nn.Flatten(),
+            nn.Linear(64 * (h // 4) * (w // 4), out_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        return self.net(x.reshape(-1, *self.image_shape)).reshape(*lead, -1)
+
+
+class ConvDecoder(nn.Module):
+    """A linear layer, then two stride-2 transposed convolutions: (..., z_dim) -> (..., channels*C*H*W).
+
+    The output is channel-major: all pixels' first parameter, then all pixels' second,
+    which is the layout the likelihoods split with ``chunk``.
+    """
+
+    def __init__(self, z_dim: int, image_shape: Sequence[int], params_per_pixel: int = 1, activation: str = "softplus") -> None:
+        super().__init__()
+        c, h, w = _checked_image_shape(tuple(image_shape))
+        act = ACTIVATIONS[activation]
+        self.start = (64, h // 4, w // 4)
+        self.net = nn.Sequential(
+            nn.Linear(z_dim, 64 * (h // 4) * (w // 4)),
+            act(),
+            nn.Unflatten(1, self.start),
+            nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1),
+            act(),
+            nn.ConvTranspose2d(32, c * params_per_pixel, 4, stride=2, padding=1),
+            nn.Flatten(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        lead = z.shape[:-1]
+        return self.net(z.reshape(-1, z.shape[-1])).reshape(*lead, -1)
+
+
+def _checked_image_shape(image_shape: tuple) -> tuple[int, int, int]:
+    if len(image_shape) != 3 or image_shape[1] % 4 or image_shape[2] % 4:
+        raise PyvaeError(f"net 'conv' needs images (C, H, W) with H and W divisible by 4; got {image_shape}")
+    return image_shape

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import save
 from .data import ImageSet
-from .errors import PyvaeError
+from .errors import PyvaeError, positive_int, positive_number
 from .model import VAE
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
@@ -41,8 +41,7 @@ def make_elbo(name: str, num_particles: int = 1) -> pyro.infer.ELBO:
     """The Pyro ELBO named ``name`` with ``num_particles`` vectorized particles."""
     if name not in ELBOS:
         raise PyvaeError(f"unknown elbo {name!r}; choose from {', '.join(ELBOS)}")
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
-        raise PyvaeError(f"num_particles must be a positive integer; got {num_particles!r}")
+    positive_int("num_particles", num_particles)
     return ELBOS[name](num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
 
 
@@ -106,11 +105,9 @@ def fit(
     ``seconds``; ELBOs are in nats per data point. With ``out``, ``metrics.jsonl``
     gets one line per epoch and ``checkpoint.pt`` is rewritten atomically after each.
     """
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PyvaeError(f"{name} must be a positive integer; got {value!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise PyvaeError(f"lr must be a positive number; got {lr!r}")
+    positive_int("epochs", epochs)
+    positive_int("batch_size", batch_size)
+    positive_number("lr", lr)
     objective = make_elbo(elbo, num_particles)
     device = resolve_device(device)
     if seed is not None:
