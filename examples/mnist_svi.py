@@ -2,7 +2,8 @@
 
     python examples/mnist_svi.py                      # 10 epochs, defaults of configs/mnist.yaml
     python examples/mnist_svi.py --epochs 5 --elbo meanfield --device cuda
-    python examples/mnist_svi.py --config configs/mnist.yaml --z-dim 20
+    python examples/mnist_svi.py --config configs/mnist_vampprior.yaml --z-dim 20
+    python examples/mnist_svi.py --prior vamp --guide iaf --elbo iwae --num-particles 5
 
 ELBOs are printed in nats per data point: a lower bound on log p(x), so negative;
 closer to zero is better (the NLL is its negative).
@@ -47,6 +48,7 @@ def main(argv):
         guide=config.guide,
         activation=config.activation,
         image_shape=train.image_shape,
+        net=config.net,
     )
 
     # 3. inference: SVI on the ELBO, a checkpoint and a metrics line per epoch
@@ -61,6 +63,8 @@ def main(argv):
         lr=config.lr,
         elbo=config.elbo,
         num_particles=config.num_particles,
+        beta=config.beta,
+        kl_warmup_epochs=config.kl_warmup_epochs,
         device=config.device,
         seed=config.seed,
         out=out,

@@ -22,7 +22,7 @@ from .data import BINARIZE_MODES, SPLITS
 from .errors import PyvaeError
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
-from .nets import ACTIVATIONS
+from .nets import ACTIVATIONS, NETS
 from .priors import PRIORS
 from .train import DEVICES, ELBOS
 
@@ -45,12 +45,16 @@ class TrainConfig:
     z_dim: int = field(default=50, metadata={"min": 1})
     hidden: list[int] = field(default_factory=lambda: [400], metadata={"min": 1})
     activation: str = field(default="softplus", metadata=_choices(*ACTIVATIONS))
-    prior: str = field(default="normal", metadata=_choices(*PRIORS))
-    likelihood: str = field(default="bernoulli", metadata=_choices(*LIKELIHOODS))
-    guide: str = field(default="normal", metadata=_choices(*GUIDES))
+    net: str = field(default="mlp", metadata=_choices(*NETS))
+    # a name, or in YAML a mapping such as {name: vamp, num_components: 100}
+    prior: str | dict = field(default="normal", metadata={"registry": PRIORS})
+    likelihood: str | dict = field(default="bernoulli", metadata={"registry": LIKELIHOODS})
+    guide: str | dict = field(default="normal", metadata={"registry": GUIDES})
     # inference
     elbo: str = field(default="trace", metadata=_choices(*ELBOS))
-    num_particles: int = field(default=1, metadata={"min": 1})
+    num_particles: int = field(default=1, metadata={"min": 1, "help": "samples of z per point (K for iwae)"})
+    beta: float = field(default=1.0, metadata={"min": 0, "help": "weight of the KL term (beta-VAE)"})
+    kl_warmup_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of linear KL warm-up from 0 to beta"})
     epochs: int = field(default=10, metadata={"min": 1})
     batch_size: int = field(default=128, metadata={"min": 1})
     lr: float = field(default=1e-3, metadata={"positive": True})
@@ -95,6 +99,12 @@ def _check(f: dataclasses.Field, value) -> None:
         if type(None) not in typing.get_args(kind):
             raise bad
         return
+    if "registry" in meta:
+        try:
+            meta["registry"].resolve(value)
+        except PyvaeError as e:
+            raise PyvaeError(f"invalid value {value!r} for {f.name!r}: {e}") from None
+        return
     base = _base(kind)
     if typing.get_origin(base) is list:
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
@@ -111,7 +121,7 @@ def _check(f: dataclasses.Field, value) -> None:
     elif base is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise bad
-        if meta.get("positive") and value <= 0:
+        if (meta.get("positive") and value <= 0) or value < meta.get("min", -math.inf):
             raise bad
     elif base is str:
         if not isinstance(value, str) or ("choices" in meta and value not in meta["choices"]):
@@ -128,10 +138,12 @@ def _base(kind):
 def _describe(kind, meta) -> str:
     if "choices" in meta:
         return ", ".join(meta["choices"])
+    if "registry" in meta:
+        return ", ".join(meta["registry"])
     base = _base(kind)
     if typing.get_origin(base) is list:
         return "a list of positive integers"
-    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[base]
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(base, str(base))
     if "min" in meta:
         words += f" >= {meta['min']}"
     if meta.get("positive"):
@@ -185,7 +197,9 @@ def build_parser(description: str | None = None) -> OneLineParser:
         base = _base(kind)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata.get('help', '')} (default: {default})".strip()
-        if base is bool:
+        if "registry" in f.metadata:
+            parser.add_argument(flag, choices=sorted(f.metadata["registry"]), help=help_text)
+        elif base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif typing.get_origin(base) is list:
             parser.add_argument(flag, type=int, nargs="*", metavar="H", help=help_text)

@@ -227,7 +227,12 @@ class Beta(Likelihood):
 def _log1mexp(a: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(a)) for a < 0, accurate at both ends (Maechler 2012)."""
     a = a.clamp(max=-1e-30)
-    return torch.where(a > -math.log(2), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+    near_zero = a > -math.log(2)
+    # each formula only sees inputs where it is finite, so the branch torch.where
+    # discards cannot send NaN gradients back (0 * inf)
+    a_near = torch.where(near_zero, a, -math.log(2))
+    a_far = torch.where(near_zero, -math.log(2), a)
+    return torch.where(near_zero, torch.log(-torch.expm1(a_near)), torch.log1p(-torch.exp(a_far)))
 
 
 class DiscretizedLogisticDistribution(dist.TorchDistribution):

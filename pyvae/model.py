@@ -91,6 +91,7 @@ class VAE(nn.Module):
             raise PyvaeError(f"unknown net {net!r}; choose from {', '.join(NETS)}")
         if net == "conv" and self.image_shape is None:
             raise PyvaeError(f"net 'conv' needs image_shape; x_dim={x_dim} is not a square image")
+        custom = {"encoder": encoder is not None, "decoder": decoder is not None}
         encoder_outputs = self.posterior.encoder_outputs(z_dim)
         if encoder is None:
             encoder = (
@@ -115,8 +116,8 @@ class VAE(nn.Module):
             "prior": self.prior.spec(),
             "likelihood": self.likelihood.spec(),
             "guide": self.posterior.spec(),
-            "encoder": "custom" if encoder is not None else "mlp",
-            "decoder": "custom" if decoder is not None else "mlp",
+            "encoder": "custom" if custom["encoder"] else net,
+            "decoder": "custom" if custom["decoder"] else net,
             "activation": activation,
             "net": net,
             "image_shape": list(self.image_shape) if self.image_shape is not None else None,

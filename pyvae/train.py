@@ -8,8 +8,16 @@ the minibatch terms by N/M)::
 
 ``Trace_ELBO`` estimates every term by Monte Carlo with reparameterized samples;
 ``TraceMeanField_ELBO`` replaces E_q[log p(z) - log q(z|x)] by the analytic
--KL(q(z|x) || p(z)) where one exists. Gradients go straight to a torch optimizer
-over ``vae.parameters()``: no global param store is involved.
+-KL(q(z|x) || p(z)) where one exists (for pairs without one, such as mixture, Vamp
+or flow priors and flow guides, Pyro estimates that term by Monte Carlo: we warn
+and go on, so ``meanfield`` then equals ``trace``). ``RenyiELBO(alpha=0)`` with K
+vectorized particles is the IWAE bound, a log-mean-exp over the K importance
+weights of each data point separately::
+
+    L_K(x) = E[ log (1/K) sum_k p(x, z_k) / q(z_k|x) ],   z_k ~ q(z|x)
+
+Gradients go straight to a torch optimizer over ``vae.parameters()``: no global
+param store is involved.
 
 All ELBO numbers that leave this module are in nats per data point (negative:
 the ELBO bounds log p(x) from below; the NLL is its negative).
@@ -21,11 +29,12 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pyro
 import torch
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
 from .checkpoint import save
@@ -33,7 +42,7 @@ from .data import ImageSet
 from .errors import PyvaeError, positive_int, positive_number
 from .model import VAE
 
-ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
+ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "iwae": RenyiELBO}
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -42,7 +51,36 @@ def make_elbo(name: str, num_particles: int = 1) -> pyro.infer.ELBO:
     if name not in ELBOS:
         raise PyvaeError(f"unknown elbo {name!r}; choose from {', '.join(ELBOS)}")
     positive_int("num_particles", num_particles)
-    return ELBOS[name](num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
+    options = dict(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
+    if name == "iwae":
+        return RenyiELBO(alpha=0.0, **options)
+    return ELBOS[name](**options)
+
+
+class Objective:
+    """A training objective as a loss on the full-data scale: -(estimate of sum_n L(x_n)).
+
+    ``trace`` and ``meanfield`` give a differentiable loss; Pyro's ``RenyiELBO`` does
+    its own backward pass on the *unscaled* minibatch sum (it reads each site's
+    unscaled log-density, ignoring the plate's N/M and any ``poutine.scale``), so for
+    ``iwae`` the loss and the gradients are multiplied by N/M here.
+    """
+
+    def __init__(self, name: str, num_particles: int = 1) -> None:
+        self.name = name
+        self.elbo = make_elbo(name, num_particles)
+
+    def loss_and_backward(self, vae: VAE, x: torch.Tensor, num_data: int, beta: float = 1.0) -> torch.Tensor:
+        if self.name != "iwae":
+            loss = self.elbo.differentiable_loss(vae.model, vae.guide, x, num_data, beta)
+            loss.backward()
+            return loss.detach()
+        loss = self.elbo.loss_and_grads(vae.model, vae.guide, x, num_data)
+        scale = num_data / x.shape[0]
+        for p in vae.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        return torch.tensor(loss * scale)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -93,6 +131,8 @@ def fit(
     lr: float = 1e-3,
     elbo: str = "trace",
     num_particles: int = 1,
+    beta: float = 1.0,
+    kl_warmup_epochs: int = 0,
     device: str | torch.device = "auto",
     seed: int | None = None,
     out: str | Path | None = None,
@@ -100,15 +140,28 @@ def fit(
 ) -> list[dict]:
     """Train ``vae`` in place by SVI with Adam; return one dict per epoch.
 
-    Each dict has ``epoch``, ``train_elbo`` (the average of the minibatch estimates
-    during the epoch), ``test_elbo`` (on ``test`` after the epoch, when given) and
-    ``seconds``; ELBOs are in nats per data point. With ``out``, ``metrics.jsonl``
-    gets one line per epoch and ``checkpoint.pt`` is rewritten atomically after each.
+    ``elbo`` is ``trace``, ``meanfield`` or ``iwae`` (with ``num_particles`` = K).
+    ``beta`` weights the KL term (beta-VAE); with ``kl_warmup_epochs`` > 0 the
+    weight rises linearly, step by step, from 0 to ``beta`` over that many epochs.
+
+    Each dict has ``epoch``, ``train_elbo`` (the average of the minibatch values of
+    the training objective during the epoch: the beta-weighted ELBO when beta is not 1,
+    the IWAE bound for ``iwae``), ``beta`` (the KL weight at the end of the epoch),
+    ``test_elbo`` (the plain ELBO, beta = 1, on ``test`` after the epoch, when given;
+    for ``iwae`` also ``test_iwae``, the K-sample bound) and ``seconds``. All are in
+    nats per data point. With ``out``, ``metrics.jsonl`` gets one line per epoch and
+    ``checkpoint.pt`` is rewritten atomically after each.
     """
     positive_int("epochs", epochs)
     positive_int("batch_size", batch_size)
     positive_number("lr", lr)
-    objective = make_elbo(elbo, num_particles)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
+        raise PyvaeError(f"beta must be a number >= 0; got {beta!r}")
+    if isinstance(kl_warmup_epochs, bool) or not isinstance(kl_warmup_epochs, int) or kl_warmup_epochs < 0:
+        raise PyvaeError(f"kl_warmup_epochs must be an integer >= 0; got {kl_warmup_epochs!r}")
+    if elbo == "iwae" and (beta != 1 or kl_warmup_epochs):
+        raise PyvaeError("beta and kl_warmup_epochs do not apply to elbo 'iwae' (RenyiELBO ignores poutine.scale); use trace or meanfield")
+    objective = Objective(elbo, num_particles)
     device = resolve_device(device)
     if seed is not None:
         pyro.set_rng_seed(seed)
@@ -125,8 +178,12 @@ def fit(
         out.mkdir(parents=True, exist_ok=True)
 
     vae.to(device)
+    if elbo == "meanfield":
+        _warn_if_no_analytic_kl(vae, train_batches.images[:2].to(device))
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
     num_data = len(train_batches)
+    steps_per_epoch = math.ceil(num_data / batch_size)
+    step = 0
     history = []
     for epoch in range(1, epochs + 1):
         vae.train()
@@ -141,19 +198,24 @@ def fit(
             file=sys.stderr,
         )
         for x in bar:
+            step += 1
+            kl_weight = beta * min(1.0, step / (kl_warmup_epochs * steps_per_epoch)) if kl_warmup_epochs else beta
             optimizer.zero_grad(set_to_none=True)
-            loss = objective.differentiable_loss(vae.model, vae.guide, x, num_data)
-            loss.backward()
+            loss = objective.loss_and_backward(vae, x, num_data, kl_weight)
             optimizer.step()
             # loss estimates the sum over all N points; weight by M/N so the epoch total sums them once
-            total += loss.detach() * (x.shape[0] / num_data)
-        record = {"epoch": epoch, "train_elbo": -total.item() / num_data}
+            total += loss.to(device) * (x.shape[0] / num_data)
+        record = {"epoch": epoch, "train_elbo": -total.item() / num_data, "beta": kl_weight}
         if test_batches is not None:
-            record["test_elbo"] = evaluate_elbo(vae, test_batches, elbo=elbo)
+            record["test_elbo"] = evaluate_elbo(vae, test_batches, elbo="trace" if elbo == "iwae" else elbo)
+            if elbo == "iwae":
+                record["test_iwae"] = evaluate_elbo(vae, test_batches, elbo="iwae", num_particles=num_particles)
         record["seconds"] = time.perf_counter() - start
         history.append(record)
         if progress:
             test_part = f"  test ELBO {record['test_elbo']:9.3f}" if "test_elbo" in record else ""
+            if "test_iwae" in record:
+                test_part += f"  test IWAE-{num_particles} {record['test_iwae']:9.3f}"
             tqdm.write(
                 f"epoch {epoch:3d}/{epochs}  train ELBO {record['train_elbo']:9.3f}{test_part}  "
                 f"nats/point  ({record['seconds']:.1f} s)",
@@ -176,7 +238,10 @@ def evaluate_elbo(
     batch_size: int = 1000,
     device: str | torch.device | None = None,
 ) -> float:
-    """The ELBO of ``vae`` on ``data`` in nats per data point (a single-sample estimate per point by default)."""
+    """The ELBO of ``vae`` on ``data`` in nats per data point (a single-sample estimate per point by default).
+
+    With ``elbo="iwae"`` and ``num_particles=K``, the K-sample importance-weighted bound instead.
+    """
     objective = make_elbo(elbo, num_particles)
     if not isinstance(data, Batches):
         device = resolve_device(device or next(vae.parameters()).device)
@@ -205,6 +270,22 @@ def _as_tensor(data) -> tuple[torch.Tensor, bool]:
     if not images.is_floating_point():
         images = images.float()
     return images, dynamic
+
+
+def _warn_if_no_analytic_kl(vae: VAE, x: torch.Tensor) -> None:
+    from torch.distributions import kl_divergence
+
+    with torch.no_grad():
+        q = vae.encode(x)
+        try:
+            kl_divergence(q, vae.prior().expand(q.batch_shape))
+        except NotImplementedError:
+            warnings.warn(
+                f"elbo 'meanfield': no analytic KL between guide {vae.config['guide']['name']!r} "
+                f"and prior {vae.config['prior']['name']!r}; that term is estimated by Monte Carlo, "
+                "exactly as elbo 'trace' does",
+                stacklevel=3,
+            )
 
 
 def _fits(images: torch.Tensor, device: torch.device) -> bool:

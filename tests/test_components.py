@@ -1,0 +1,329 @@
+"""Every prior, likelihood and guide: shapes, normalization, support errors, KL, and training."""
+
+import math
+
+import pyro
+import pytest
+import torch
+from torch.distributions import kl_divergence
+
+import pyvae
+from pyvae.guides import GUIDES
+from pyvae.likelihoods import LIKELIHOODS
+from pyvae.priors import PRIORS
+from pyvae.train import make_elbo
+
+PRIOR_NAMES = sorted(PRIORS)
+LIKELIHOOD_NAMES = sorted(LIKELIHOODS)
+GUIDE_NAMES = sorted(GUIDES)
+
+
+def grid_2d(half_width, n):
+    """Points and cell area of an n x n grid on [-half_width, half_width]^2."""
+    axis = torch.linspace(-half_width, half_width, n)
+    z = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+    return z, (axis[1] - axis[0]) ** 2
+
+
+# -- priors -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", PRIOR_NAMES)
+def test_prior_shapes_and_normalization(name):
+    prior = {"name": "vamp", "num_components": 10} if name == "vamp" else name
+    vae = pyvae.VAE(x_dim=16, z_dim=2, hidden=(8,), prior=prior)
+    with torch.no_grad():
+        p = vae.prior()
+        assert p.event_shape == (2,) and p.batch_shape == ()
+        z = p.sample((500,))
+        assert z.shape == (500, 2) and p.log_prob(z).shape == (500,)
+        # student_t's polynomial tails need the wide grid
+        points, area = grid_2d(60.0 if name == "student_t" else 12.0, 1201)
+        mass = (p.log_prob(points).exp().sum() * area).item()
+    assert mass == pytest.approx(1.0, abs=0.01)
+
+
+def test_prior_settings_and_errors():
+    assert PRIORS.resolve({"name": "student_t", "df": 7}).df == 7
+    assert pyvae.priors.VampPrior(num_components=3).spec() == {"name": "vamp", "num_components": 3}
+    with pytest.raises(pyvae.PyvaeError, match="student_t df must be a positive number; got -1"):
+        pyvae.priors.StudentT(df=-1)
+    with pytest.raises(pyvae.PyvaeError, match="unknown setting 'components' for prior 'mog'; allowed: num_components"):
+        PRIORS.resolve({"name": "mog", "components": 3})
+    with pytest.raises(pyvae.PyvaeError, match="flow prior needs z_dim >= 2"):
+        pyvae.VAE(x_dim=4, z_dim=1, prior="flow")
+
+
+def test_vamp_prior_is_the_mixture_of_the_guide_at_the_pseudo_inputs():
+    vae = pyvae.VAE(x_dim=16, z_dim=3, hidden=(8,), prior=pyvae.priors.VampPrior(num_components=4))
+    z = torch.randn(6, 3)
+    q = vae.encode(vae.prior.pseudo_inputs.clamp(0, 1))
+    expected = torch.logsumexp(q.log_prob(z.unsqueeze(1)), dim=1) - math.log(4)
+    assert torch.allclose(vae.prior().log_prob(z), expected, atol=1e-5)
+
+
+def test_learnable_priors_have_parameters_fixed_ones_do_not():
+    for name in PRIOR_NAMES:
+        params = list(pyvae.VAE(x_dim=16, z_dim=2, hidden=(8,), prior=name).prior.parameters())
+        assert bool(params) == (name in {"learned_normal", "mog", "vamp", "flow"}), name
+
+
+# -- likelihoods --------------------------------------------------------------------
+def one_pixel(name, out):
+    vae = pyvae.VAE(x_dim=1, z_dim=2, hidden=(4,), likelihood=name)
+    return vae.likelihood, vae.likelihood(torch.tensor(out))
+
+
+@pytest.mark.parametrize(
+    "name, out",
+    [
+        ("bernoulli", [0.3]),
+        ("continuous_bernoulli", [1.7]),
+        ("continuous_bernoulli", [0.001]),  # near lambda = 1/2, where the constant needs a Taylor series
+        ("normal", [0.4]),
+        ("normal_learned", [0.4]),
+        ("laplace", [-0.2]),
+        ("beta", [2.0, 3.0]),
+        ("discretized_logistic", [0.3, -3.0]),
+        ("discretized_logistic", [1.2, -6.0]),
+    ],
+)
+def test_likelihood_is_normalized(name, out):
+    likelihood, p = one_pixel(name, out)
+    assert p.event_shape == (1,)
+    with torch.no_grad():
+        if name == "bernoulli":
+            values = torch.tensor([[0.0], [1.0]])
+            mass = p.log_prob(values).exp().sum()
+        elif name == "discretized_logistic":
+            values = torch.linspace(0, 1, 256).unsqueeze(-1)
+            mass = p.log_prob(values).exp().sum()
+        else:
+            lo, hi = (0.0, 1.0) if name in {"continuous_bernoulli", "beta"} else (-20.0, 20.0)
+            values = torch.linspace(lo, hi, 400001, dtype=torch.float64).unsqueeze(-1)
+            density = p.log_prob(values.float()).exp().double()
+            mass = torch.trapezoid(density, values.squeeze(-1))
+    assert mass.item() == pytest.approx(1.0, abs=2e-3)
+
+
+@pytest.mark.parametrize("name", LIKELIHOOD_NAMES)
+def test_likelihood_shapes_and_mean(name):
+    vae = pyvae.VAE(x_dim=16, z_dim=3, hidden=(8,), likelihood=name)
+    out = vae.decoder(torch.randn(4, 5, 3))
+    p = vae.likelihood(out)
+    assert p.event_shape == (16,) and p.batch_shape == (4, 5)
+    x = p.sample()
+    assert x.shape == (4, 5, 16) and p.log_prob(x).shape == (4, 5)
+    assert vae.likelihood.mean(out).shape == (4, 5, 16)
+    assert vae.sample(3).shape == (3, 16)
+
+
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        ("bernoulli", [0.0, 0.5], r"bernoulli needs 0/1 data; got values in \[0, 0.5\] — use --binarize"),
+        ("continuous_bernoulli", [-0.5, 1.0], r"continuous_bernoulli needs data in \[0, 1\]; got values in \[-0.5, 1\]"),
+        ("beta", [0.0, 2.0], r"beta needs data in \[0, 1\]; got values in \[0, 2\]"),
+        ("normal", [0.0, math.nan], "normal needs finite data"),
+        ("normal_learned", [math.inf, 0.0], "normal_learned needs finite data"),
+        ("laplace", [math.nan, 0.0], "laplace needs finite data"),
+        ("discretized_logistic", [0.0, 0.3], r"discretized_logistic needs data on the grid k/255 .* off the grid"),
+        ("discretized_logistic", [0.0, 2.0], r"discretized_logistic needs data on the grid k/255 in \[0, 1\]; got values in \[0, 2\]"),
+    ],
+)
+def test_data_outside_support_is_a_clear_error(name, data, message):
+    vae = pyvae.VAE(x_dim=2, z_dim=2, hidden=(4,), likelihood=name)
+    with pytest.raises(pyvae.PyvaeError, match=message):
+        pyvae.fit(vae, torch.tensor([data, data]), epochs=1, batch_size=1, device="cpu", progress=False)
+
+
+def test_likelihood_settings():
+    assert pyvae.likelihoods.Normal(scale=0.5).scale == 0.5
+    assert LIKELIHOODS.resolve({"name": "normal_learned", "scale_from": "decoder"}).params_per_pixel == 2
+    with pytest.raises(pyvae.PyvaeError, match="scale_from must be 'pixel' or 'decoder'"):
+        pyvae.likelihoods.NormalLearnedScale(scale_from="both")
+
+
+# -- guides -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", GUIDE_NAMES)
+def test_guide_shapes_and_normalization(name):
+    vae = pyvae.VAE(x_dim=16, z_dim=2, hidden=(8,), guide=name)
+    x = torch.rand(5, 16).round()
+    q = vae.encode(x)
+    assert q.event_shape == (2,) and q.batch_shape == (5,)
+    z = q.rsample((7,))
+    assert z.shape == (7, 5, 2) and q.log_prob(z).shape == (7, 5)
+    with torch.no_grad():
+        q1 = vae.encode(x[:1])
+        points, area = grid_2d(10.0, 801)
+        mass = (q1.log_prob(points.unsqueeze(1)).exp().sum() * area).item()
+    assert mass == pytest.approx(1.0, abs=0.01)
+
+
+def test_iaf_log_density_matches_change_of_variables():
+    """log q of the guide's own sample = log N(z0) - log|det dz/dz0|, computed here by autograd."""
+    vae = pyvae.VAE(x_dim=16, z_dim=3, hidden=(8,), guide=pyvae.guides.IAF(num_flows=2))
+    x = torch.rand(1, 16).round()
+    q = vae.encode(x)
+    z0 = q.base_dist.sample()
+    z = push(q, z0)
+    jacobian = torch.autograd.functional.jacobian(lambda u: push(q, u.unsqueeze(0)).squeeze(0), z0[0])
+    expected = q.base_dist.log_prob(z0) - torch.linalg.slogdet(jacobian).logabsdet
+    assert torch.allclose(q.log_prob(z), expected, atol=1e-4)
+
+
+def push(q, u):
+    for t in q.transforms:
+        u = t(u)
+    return u
+
+
+@pytest.mark.parametrize("guide", GUIDE_NAMES)
+@pytest.mark.parametrize("prior", PRIOR_NAMES)
+def test_analytic_kl_equals_monte_carlo_kl(guide, prior):
+    vae = pyvae.VAE(x_dim=16, z_dim=3, hidden=(8,), guide=guide, prior=prior)
+    x = torch.rand(4, 16).round()
+    with torch.no_grad():
+        q, p = vae.encode(x), vae.prior()
+        try:
+            analytic = kl_divergence(q, p.expand(q.batch_shape))
+        except NotImplementedError:
+            pytest.skip(f"no analytic KL for guide {guide} and prior {prior} (meanfield falls back to Monte Carlo)")
+        z = q.sample((20000,))
+        terms = q.log_prob(z) - p.log_prob(z)
+    se = terms.std(0) / math.sqrt(terms.shape[0])
+    assert (analytic - terms.mean(0)).abs().max() < 4 * se.max() + 1e-4
+
+
+def test_meanfield_without_analytic_kl_warns_and_falls_back(digits_small):
+    vae = pyvae.VAE(x_dim=64, z_dim=2, hidden=(8,), prior="mog")
+    with pytest.warns(UserWarning, match="no analytic KL between guide 'normal' and prior 'mog'; .* Monte Carlo"):
+        pyvae.fit(vae, digits_small, epochs=1, batch_size=64, elbo="meanfield", device="cpu", progress=False)
+
+
+# -- every combination trains ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_small():
+    from pyvae.data import binarize, load_dataset
+
+    return binarize(load_dataset("digits", "train"), "static").images[:256]
+
+
+@pytest.fixture(scope="module")
+def digits_gray():
+    from pyvae.data import load_dataset
+
+    # 8-bit levels, so every likelihood (the discretized logistic too) accepts them
+    return (load_dataset("digits", "train").images[:256] * 255).round() / 255
+
+
+@pytest.mark.parametrize("guide", GUIDE_NAMES)
+@pytest.mark.parametrize("prior", PRIOR_NAMES)
+@pytest.mark.parametrize("likelihood", LIKELIHOOD_NAMES)
+def test_every_combination_trains_to_a_finite_improving_loss(guide, prior, likelihood, digits_small, digits_gray):
+    data = digits_small if likelihood == "bernoulli" else digits_gray
+    torch.manual_seed(0)
+    vae = pyvae.VAE(
+        x_dim=64, z_dim=2, hidden=(32,), guide=guide, likelihood=likelihood,
+        prior={"name": "vamp", "num_components": 10} if prior == "vamp" else prior,
+    )
+    before = pyvae.evaluate_elbo(vae, data, num_particles=4)
+    history = pyvae.fit(vae, data, epochs=1, batch_size=16, lr=3e-3, device="cpu", seed=0, progress=False)
+    after = pyvae.evaluate_elbo(vae, data, num_particles=4)
+    assert math.isfinite(history[0]["train_elbo"]) and math.isfinite(after)
+    assert after > before, (before, after)
+
+
+def test_conv_net_on_28x28_images():
+    vae = pyvae.VAE(x_dim=784, z_dim=5, net="conv", likelihood="normal_learned")
+    x = torch.rand(3, 784)
+    assert vae.encoder(x).shape == (3, 10)
+    assert vae.decoder(torch.randn(2, 3, 5)).shape == (2, 3, 784)
+    loss = make_elbo("trace", 2).differentiable_loss(vae.model, vae.guide, x)
+    loss.backward()
+    assert torch.isfinite(loss)
+    with pytest.raises(pyvae.PyvaeError, match="net 'conv' needs images"):
+        pyvae.VAE(x_dim=30, z_dim=2, net="conv", image_shape=(1, 5, 6))
+
+
+def test_custom_networks_meet_the_documented_contract():
+    encoder = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.ReLU(), torch.nn.Linear(12, 6))
+    decoder = torch.nn.Linear(3, 16)
+    vae = pyvae.VAE(x_dim=16, z_dim=3, encoder=encoder, decoder=decoder)
+    assert vae.encoder is encoder and vae.config["encoder"] == "custom"
+    loss = make_elbo("trace", 3).differentiable_loss(vae.model, vae.guide, torch.rand(4, 16).round())
+    assert torch.isfinite(loss)
+
+
+# -- objectives ---------------------------------------------------------------------
+def test_iwae_with_one_particle_is_the_elbo(digits_small):
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    x = digits_small[:32]
+    pyro.set_rng_seed(1)
+    iwae = make_elbo("iwae", 1).loss(vae.model, vae.guide, x)
+    pyro.set_rng_seed(1)
+    elbo = make_elbo("trace", 1).loss(vae.model, vae.guide, x)
+    assert iwae == pytest.approx(elbo, rel=1e-6)
+
+
+def test_iwae_bound_grows_with_k(digits_small):
+    torch.manual_seed(0)
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    pyvae.fit(vae, digits_small, epochs=2, batch_size=32, device="cpu", progress=False)
+    x = digits_small[:64]
+    bounds = {}
+    for k in (1, 5, 50):
+        values = torch.tensor([pyvae.evaluate_elbo(vae, x, elbo="iwae", num_particles=k) for _ in range(20)])
+        bounds[k] = (values.mean().item(), values.std().item() / math.sqrt(20))
+    for small, large in ((1, 5), (5, 50)):
+        gap = bounds[large][0] - bounds[small][0]
+        assert gap > 3 * math.hypot(bounds[large][1], bounds[small][1]), bounds
+
+
+def test_iwae_is_per_data_point_not_per_batch():
+    """log-mean-exp over particles for each point, then the sum: not over the summed batch."""
+    vae = pyvae.VAE(x_dim=16, z_dim=2, hidden=(8,))
+    x = torch.rand(8, 16).round()
+    elbo = make_elbo("iwae", 5)
+    model_trace, guide_trace = elbo._get_vectorized_trace(vae.model, vae.guide, (x,), {})
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    log_w = model_trace.nodes["z"]["log_prob"] + model_trace.nodes["x"]["log_prob"] - guide_trace.nodes["z"]["log_prob"]
+    assert log_w.shape == (5, 8)
+    per_point = (torch.logsumexp(log_w, 0) - math.log(5)).sum()
+    pyro.set_rng_seed(2)
+    model_trace, guide_trace = elbo._get_vectorized_trace(vae.model, vae.guide, (x,), {})
+    pyro.set_rng_seed(2)
+    loss = elbo.loss(vae.model, vae.guide, x)
+    pyro.set_rng_seed(2)
+    model_trace, guide_trace = elbo._get_vectorized_trace(vae.model, vae.guide, (x,), {})
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    log_w = model_trace.nodes["z"]["log_prob"] + model_trace.nodes["x"]["log_prob"] - guide_trace.nodes["z"]["log_prob"]
+    assert -loss == pytest.approx((torch.logsumexp(log_w, 0) - math.log(5)).sum().item(), rel=1e-5)
+    assert -loss != pytest.approx((torch.logsumexp(log_w.sum(1), 0) - math.log(5)).item(), rel=1e-3)
+    del per_point
+
+
+def test_iwae_training_reports_its_bound(digits_small):
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    (record,) = pyvae.fit(vae, digits_small, test=digits_small[:64], epochs=1, batch_size=32, elbo="iwae", num_particles=5, device="cpu", progress=False)
+    assert record["test_iwae"] > record["test_elbo"] - 1.0
+    with pytest.raises(pyvae.PyvaeError, match="beta and kl_warmup_epochs do not apply to elbo 'iwae'"):
+        pyvae.fit(vae, digits_small, epochs=1, elbo="iwae", beta=2.0, device="cpu", progress=False)
+
+
+def test_beta_weights_exactly_the_kl_term(digits_small):
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    x = digits_small[:16]
+    elbo = make_elbo("meanfield")
+    losses = {}
+    for beta in (1.0, 4.0):
+        pyro.set_rng_seed(3)
+        losses[beta] = elbo.loss(vae.model, vae.guide, x, None, beta)
+    kl = kl_divergence(vae.encode(x), vae.prior().expand([16])).sum().item()
+    assert losses[4.0] - losses[1.0] == pytest.approx(3 * kl, rel=1e-4)
+
+
+def test_kl_warmup_rises_linearly_to_beta(digits_small):
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    history = pyvae.fit(vae, digits_small, epochs=3, batch_size=64, beta=2.0, kl_warmup_epochs=2, device="cpu", progress=False)
+    assert [h["beta"] for h in history] == [pytest.approx(1.0), pytest.approx(2.0), pytest.approx(2.0)]
