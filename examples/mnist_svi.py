@@ -18,6 +18,7 @@ from pyvae import plots
 from pyvae.cli import run
 from pyvae.config import parse_args
 from pyvae.data import binarize_for, load_train_test
+from pyvae.diagnostics import evaluate
 
 
 def main(argv):
@@ -74,6 +75,12 @@ def main(argv):
     plots.samples(vae, out / "samples.png")
     plots.reconstructions(vae, test.draw(), out / "reconstructions.png")
     plots.elbo_curves(history, out / "elbo.png")
+
+    # 5. the test log-likelihood by importance sampling (python -m pyvae evaluate for K = 5000)
+    if config.eval_samples:
+        result = evaluate(vae, test.draw(), config.eval_samples, dataset=test.name, split="test", progress=True)
+        print(result.table())
+        result.write(out / f"eval-{test.name}-test-K{config.eval_samples}")
     print(f"test ELBO {history[-1]['test_elbo']:.3f} nats per data point; outputs in {out}/")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from .data import BINARIZE_MODES, SPLITS
+from .cli import Parser
 from .errors import PyvaeError
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
@@ -60,6 +61,8 @@ class TrainConfig:
     lr: float = field(default=1e-3, metadata={"positive": True})
     device: str = field(default="auto", metadata=_choices(*DEVICES))
     seed: int = field(default=0, metadata={"min": 0})
+    # evaluation after training
+    eval_samples: int = field(default=1000, metadata={"min": 0, "help": "K for the test log-likelihood at the end; 0 skips it"})
     # output
     out: str | None = field(default=None, metadata={"help": "run folder (default runs/<dataset>-<timestamp>)"})
 
@@ -179,15 +182,8 @@ def from_yaml(path: str | Path) -> dict:
     return values
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit code 2."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_parser(description: str | None = None) -> OneLineParser:
-    parser = OneLineParser(description=description, argument_default=argparse.SUPPRESS)
+def build_parser(description: str | None = None) -> Parser:
+    parser = Parser(description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file of defaults; flags override it")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     hints = typing.get_type_hints(TrainConfig)

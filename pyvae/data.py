@@ -286,15 +286,23 @@ def load_train_test(
         return load_dataset(fallback, "train"), load_dataset(fallback, "test"), notice
 
 
+def resolve_binarize(likelihood, data: ImageSet, mode: str = "auto") -> str:
+    """``mode``, with ``auto`` made concrete: ``dynamic`` when the likelihood needs 0/1
+    data (``likelihood.binary_data``) and ``data`` is grayscale, else ``none``."""
+    if mode != "auto":
+        return mode
+    return "dynamic" if getattr(likelihood, "binary_data", False) and not data.is_binary() else "none"
+
+
+def evaluation_split(data: ImageSet, mode: str, seed: int = 0) -> ImageSet:
+    """A held-out split binarized for evaluation: one fixed draw (seed + 1) where training draws afresh,
+    so test numbers compare across epochs and runs."""
+    return binarize(data, "static" if mode == "dynamic" else mode, seed + 1)
+
+
 def binarize_for(
     likelihood, train: ImageSet, test: ImageSet, mode: str = "auto", seed: int = 0
 ) -> tuple[ImageSet, ImageSet, str]:
-    """Binarize train and test as ``mode`` says; returns them and the mode used.
-
-    ``auto`` binarizes grayscale data dynamically when the likelihood needs binary
-    data (``likelihood.binary_data``) and leaves it alone otherwise. With
-    ``dynamic``, the test set gets one fixed draw so its ELBO is comparable across epochs.
-    """
-    if mode == "auto":
-        mode = "dynamic" if getattr(likelihood, "binary_data", False) and not train.is_binary() else "none"
-    return binarize(train, mode, seed), binarize(test, "static" if mode == "dynamic" else mode, seed + 1), mode
+    """(train, test, mode used): both splits binarized as ``mode`` says (see :func:`resolve_binarize`)."""
+    mode = resolve_binarize(likelihood, train, mode)
+    return binarize(train, mode, seed), evaluation_split(test, mode, seed), mode

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -63,4 +64,45 @@ def elbo_curves(history: list[dict], path: str | Path) -> None:
     ax.set_ylabel("ELBO (nats per data point)")
     ax.grid(alpha=0.3)
     ax.legend()
+    save_figure(fig, path)
+
+
+def khat(ll, path: str | Path) -> None:
+    """arviz's Pareto k^ plot: one point per data point, with the reliability thresholds."""
+    import arviz
+
+    from .evaluate import khat_threshold
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    with warnings.catch_warnings():
+        # arviz prefers ELPDData from a posterior; ours are per-point importance weights
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", matplotlib.MatplotlibDeprecationWarning)
+        arviz.plot_khat(ll.khat.numpy(), ax=ax, show_hlines=True, threshold=khat_threshold(ll.num_samples))
+    ax.set_xlabel("data point")
+    ax.set_title(f"Pareto k^ of the importance weights (K = {ll.num_samples})")
+    save_figure(fig, path)
+
+
+def iwae_curve(bounds: dict, path: str | Path) -> None:
+    """The IWAE-K bound (nats per data point) against K, from the same draws."""
+    ks, values = zip(*sorted((int(k), v) for k, v in bounds.items()))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ks, values, marker="o")
+    ax.set_xscale("log")
+    ax.set_xlabel("K (importance samples)")
+    ax.set_ylabel("IWAE-K bound (nats per data point)")
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def kl_per_dim(kl: torch.Tensor, path: str | Path) -> None:
+    """E_x KL(q(z_d|x) || p(z_d)) per latent dimension, largest first."""
+    values, order = torch.sort(kl, descending=True)
+    fig, ax = plt.subplots(figsize=(max(4, 0.15 * len(kl)), 3.5))
+    ax.bar(range(len(kl)), values.numpy())
+    ax.set_xticks(range(len(kl)))
+    ax.set_xticklabels([str(int(i)) for i in order], fontsize=6, rotation=90)
+    ax.set_xlabel("latent dimension (sorted by KL)")
+    ax.set_ylabel("KL (nats)")
     save_figure(fig, path)

@@ -1,0 +1,3 @@
+from pyvae.cli import main
+
+main()

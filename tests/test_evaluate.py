@@ -1,0 +1,288 @@
+"""Importance-sampled log p(x) against exact answers: probabilistic PCA has a closed form."""
+
+import json
+import math
+
+import arviz
+import numpy as np
+import pyro
+import pytest
+import torch
+import torch.nn.functional as F
+from pyro.infer import Importance
+
+import pyvae
+from pyvae.cli import run
+from pyvae.diagnostics import active_units, evaluate, kl_per_dimension, mutual_information
+from pyvae.evaluate import iwae_sizes, khat_threshold, log_likelihood
+
+SIGMA = 0.5
+
+
+def ppca(x_dim=6, z_dim=2, orthogonal=True, seed=0):
+    """A linear-Gaussian VAE x = W z + b + sigma eps and its exact log p(x) = log N(x; b, W W^T + sigma^2 I)."""
+    g = torch.Generator().manual_seed(seed)
+    vae = pyvae.VAE(x_dim=x_dim, z_dim=z_dim, hidden=(), likelihood=pyvae.likelihoods.Normal(scale=SIGMA))
+    w = torch.randn(x_dim, z_dim, generator=g)
+    if orthogonal:  # W^T W diagonal: the exact posterior is a diagonal Normal the guide can represent
+        w = torch.linalg.qr(w).Q * torch.tensor([2.0, 1.0])
+    with torch.no_grad():
+        vae.decoder[0].weight.copy_(w)
+        vae.decoder[0].bias.copy_(torch.randn(x_dim, generator=g))
+    return vae
+
+
+def exact_log_px(vae, x):
+    w, b = vae.decoder[0].weight.detach(), vae.decoder[0].bias.detach()
+    cov = w @ w.T + SIGMA**2 * torch.eye(w.shape[0])
+    return torch.distributions.MultivariateNormal(b, cov).log_prob(x)
+
+
+def set_exact_posterior(vae):
+    """Encoder weights that make q(z|x) the exact posterior N(S W^T (x - b) / s^2, S), S = (I + W^T W / s^2)^-1."""
+    w, b = vae.decoder[0].weight.detach().double(), vae.decoder[0].bias.detach().double()
+    cov = torch.linalg.inv(torch.eye(w.shape[1], dtype=torch.float64) + w.T @ w / SIGMA**2)
+    assert torch.allclose(cov, torch.diag(torch.diag(cov)), atol=1e-5)
+    gain = cov @ w.T / SIGMA**2
+    raw_scale = torch.log(torch.expm1(torch.diag(cov).sqrt() - vae.posterior.min_scale))
+    with torch.no_grad():
+        vae.encoder[0].weight.copy_(torch.cat([gain, torch.zeros_like(gain)]))
+        vae.encoder[0].bias.copy_(torch.cat([-gain @ b, raw_scale]))
+
+
+def sample_data(vae, n, seed=1):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        z = torch.randn(n, vae.z_dim)
+        return vae.decoder(z) + SIGMA * torch.randn(n, vae.x_dim)
+
+
+def test_exact_posterior_gives_constant_weights_and_the_exact_answer():
+    vae = ppca()
+    set_exact_posterior(vae)
+    x = sample_data(vae, 20)
+    for k in (1, 7, 500):
+        ll = log_likelihood(vae, x, num_samples=k, keep_log_weights=True)
+        assert torch.allclose(ll.log_px, exact_log_px(vae, x), atol=2e-4)
+        assert torch.allclose(ll.elbo, ll.log_px, atol=2e-4)
+        assert torch.allclose(ll.ess, torch.full_like(ll.ess, float(k)), rtol=1e-3)
+        spread = ll.log_weights.max(1).values - ll.log_weights.min(1).values
+        assert ll.log_weights.shape == (20, k) and float(spread.max()) < 1e-3
+        if k >= 5:
+            assert float(ll.stderr.max()) < 1e-3
+        if k == 1:
+            assert torch.isnan(ll.khat).all()  # too few draws to fit a tail
+    assert float(ll.khat.max()) < 0.5
+
+
+def test_trained_guide_agrees_with_the_closed_form():
+    vae = ppca(orthogonal=False)
+    x = sample_data(vae, 512)
+    pyvae.fit(vae, x, epochs=30, batch_size=64, lr=1e-2, elbo="meanfield", device="cpu", seed=0, progress=False)
+    points = x[:50]
+    ll = log_likelihood(vae, points, num_samples=2000)
+    exact = exact_log_px(vae, points)
+    z_scores = (ll.log_px - exact.detach()) / ll.stderr.clamp(min=1e-6)
+    assert float(z_scores.abs().max()) < 5, z_scores
+    # the mean over points is inside a few of its standard errors (a slight low bias is allowed: it is a lower bound)
+    se = float(ll.stderr.pow(2).sum().sqrt() / 50)
+    assert abs(float(ll.log_px.mean() - exact.mean())) < 4 * se + 1e-3
+    assert float(ll.khat.median()) < khat_threshold(2000)
+    assert float(ll.ess.mean()) > 500
+    assert float((ll.log_px - ll.elbo).min()) >= 0
+
+
+def test_wide_guide_still_agrees_and_its_low_ess_says_it_is_poor():
+    vae = ppca(orthogonal=False)
+    with torch.no_grad():  # q(z|x) = N(0, 3^2 I) whatever x: covers the posterior, wastes most draws
+        vae.encoder[0].weight.zero_()
+        vae.encoder[0].bias.copy_(torch.tensor([0.0, 0.0, 3.0, 3.0]))
+    x = sample_data(vae, 40)
+    ll = log_likelihood(vae, x, num_samples=4000)
+    z_scores = (ll.log_px - exact_log_px(vae, x)) / ll.stderr
+    assert float(z_scores.abs().max()) < 5
+    assert float(ll.ess.mean()) < 0.1 * 4000
+    # at this K the weights' tail still spans orders of magnitude: k^ flags the estimate as fragile
+    assert float(ll.khat.median()) > khat_threshold(4000)
+
+
+def test_poor_guide_is_flagged_by_khat_and_ess():
+    vae = ppca(orthogonal=False)
+    with torch.no_grad():  # a guide far too narrow and centred wrongly
+        vae.encoder[0].weight.zero_()
+        vae.encoder[0].bias.copy_(torch.tensor([1.5, -1.0, -4.0, -4.0]))
+    x = sample_data(vae, 40)
+    ll = log_likelihood(vae, x, num_samples=2000)
+    exact = exact_log_px(vae, x)
+    assert float((ll.khat > khat_threshold(2000)).float().mean()) > 0.9
+    assert float(ll.ess.median()) < 20
+    # still a lower bound, far below the truth: the diagnostics are what says so
+    assert float((ll.log_px - exact).mean()) < -1.0
+    assert ll.khat_bands()["very bad"] + ll.khat_bands()["bad"] > 0.9
+
+
+def test_a_stochastic_lower_bound_that_rises_with_k():
+    vae = ppca(orthogonal=False)
+    with torch.no_grad():
+        vae.encoder[0].weight.mul_(0.3)
+    x = sample_data(vae, 30)
+    exact = exact_log_px(vae, x).mean()
+    means = {}
+    for k in (1, 10, 100):
+        runs = torch.stack([log_likelihood(vae, x, num_samples=k).log_px.mean() for _ in range(30)])
+        means[k] = (float(runs.mean()), float(runs.std() / math.sqrt(30)))
+    assert means[1][0] < means[10][0] < means[100][0] < float(exact) + 3 * means[100][1]
+    ll = log_likelihood(vae, x, num_samples=100)
+    assert float(ll.elbo.mean()) < float(ll.log_px.mean())
+
+
+def test_iwae_bounds_come_from_the_same_draws():
+    vae = ppca(orthogonal=False)
+    x = sample_data(vae, 10)
+    ll = log_likelihood(vae, x, num_samples=50, keep_log_weights=True)
+    assert sorted(ll.iwae) == iwae_sizes(50) == [1, 5, 10, 50]
+    assert torch.allclose(ll.iwae[1], ll.elbo, atol=1e-5)
+    assert torch.allclose(ll.iwae[50], ll.log_px, atol=1e-5)
+    groups = ll.log_weights.reshape(10, 5, 10)
+    assert torch.allclose(ll.iwae[10], (torch.logsumexp(groups, 2) - math.log(10)).mean(1), atol=1e-5)
+    assert iwae_sizes(5000) == [1, 5, 10, 50, 100, 500, 1000, 5000]
+
+
+def test_khat_is_arviz_psislw_and_chunking_does_not_change_results():
+    vae = ppca(orthogonal=False)
+    x = sample_data(vae, 12)
+    pyro.set_rng_seed(4)
+    ll = log_likelihood(vae, x, num_samples=300, keep_log_weights=True)
+    _, khat = arviz.psislw(ll.log_weights.double().numpy())
+    assert np.allclose(ll.khat.numpy(), khat, atol=1e-5)
+    normalized = F.softmax(ll.log_weights.double(), dim=1)
+    assert torch.allclose(ll.ess.double(), 1 / (normalized**2).sum(1), rtol=1e-4)
+    # the same draws, chunked differently (one point and 7 samples at a time)
+    pyro.set_rng_seed(4)
+    import pyvae.evaluate as ev
+
+    budget = ev.CHUNK_ELEMENTS
+    ev.CHUNK_ELEMENTS = 7 * ev._elements_per_row(vae)
+    try:
+        small = log_likelihood(vae, x, num_samples=300, batch_size=1, keep_log_weights=True)
+    finally:
+        ev.CHUNK_ELEMENTS = budget
+    assert small.log_weights.shape == (12, 300)
+    # different random streams, same estimator: agreement within Monte Carlo error
+    assert float(((small.log_px - ll.log_px).abs() / (ll.stderr + small.stderr + 1e-3)).max()) < 5
+
+
+def test_agrees_with_pyro_importance_on_one_data_point():
+    vae = ppca(orthogonal=False)
+    with torch.no_grad():
+        vae.encoder[0].weight.mul_(0.5)
+    x = sample_data(vae, 1)
+    pyro.set_rng_seed(0)
+    ours = log_likelihood(vae, x, num_samples=20000)
+    pyro.set_rng_seed(1)
+    theirs = Importance(vae.model, guide=vae.guide, num_samples=20000).run(x).get_log_normalizer()
+    assert abs(float(ours.log_px[0]) - float(theirs)) < 5 * float(ours.stderr[0]) + 1e-3
+    assert abs(float(ours.log_px[0]) - float(exact_log_px(vae, x)[0])) < 5 * float(ours.stderr[0]) + 1e-3
+
+
+def test_every_guide_and_prior_is_supported():
+    x = torch.rand(6, 16).round()
+    for guide in ("normal", "lowrank", "iaf"):
+        for prior in ("normal", "mog", {"name": "vamp", "num_components": 5}, "flow", "student_t"):
+            vae = pyvae.VAE(x_dim=16, z_dim=3, hidden=(8,), guide=guide, prior=prior)
+            ll = log_likelihood(vae, x, num_samples=30)
+            assert ll.log_px.shape == (6,) and torch.isfinite(ll.log_px).all()
+            assert torch.isfinite(ll.khat).all() and (ll.ess <= 30 + 1e-3).all()
+
+
+def test_bad_input_is_a_clear_error():
+    vae = ppca()
+    with pytest.raises(pyvae.PyvaeError, match=r"x must have shape \(N, 6\)"):
+        log_likelihood(vae, torch.zeros(3, 5))
+    with pytest.raises(pyvae.PyvaeError, match="num_samples must be a positive integer; got 0"):
+        log_likelihood(vae, torch.zeros(3, 6), num_samples=0)
+    bernoulli = pyvae.VAE(x_dim=4, z_dim=2)
+    with pytest.raises(pyvae.PyvaeError, match="bernoulli needs 0/1 data"):
+        log_likelihood(bernoulli, torch.full((2, 4), 0.5))
+
+
+def test_posterior_diagnostics():
+    vae = ppca()
+    set_exact_posterior(vae)
+    x = sample_data(vae, 400)
+    kl = kl_per_dimension(vae, x)
+    q = vae.encode(x)
+    total = torch.distributions.kl_divergence(q, vae.prior().expand([400])).mean()
+    assert kl.shape == (2,) and torch.allclose(kl.sum(), total, atol=1e-4)
+    count, variance = active_units(q.mean.detach())
+    assert count == 2 and (variance > 0.01).all()
+    # a dimension the encoder ignores is inactive
+    z_mean = torch.cat([q.mean.detach(), torch.full((400, 1), 0.3)], 1)
+    assert active_units(z_mean)[0] == 2
+    mi = mutual_information(vae, x, max_points=400)
+    assert 0 < mi < math.log(400)
+    # no factorized marginals: no per-dimension KL
+    assert kl_per_dimension(pyvae.VAE(x_dim=6, z_dim=2, guide="lowrank"), torch.rand(4, 6).round()) is None
+
+
+def test_evaluation_report_and_files(tmp_path):
+    vae = ppca()
+    set_exact_posterior(vae)
+    x = sample_data(vae, 30)
+    result = evaluate(vae, x, num_samples=100, dataset="ppca", split="test")
+    summary = result.summary()
+    assert summary["log_px"] == pytest.approx(float(exact_log_px(vae, x).mean()), abs=1e-3)
+    assert summary["gap"] == pytest.approx(0, abs=1e-3) and summary["active_units"] == 2
+    assert "log p(x)" in result.table() and "Pareto k^" in result.table()
+    result.write(tmp_path)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["num_samples"] == 100 and saved["khat_bands"]["good"] == 1.0
+    idata = arviz.from_netcdf(tmp_path / "eval.nc")
+    assert np.allclose(idata.importance_sampling["log_px"].values, result.ll.log_px.numpy())
+    for name in ("khat.png", "iwae_curve.png", "kl_per_dim.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from pyvae.data import binarize, load_dataset
+
+    out = tmp_path_factory.mktemp("run")
+    train = binarize(load_dataset("digits", "train"), "static")
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(32,))
+    pyvae.fit(vae, train, epochs=2, batch_size=64, device="cpu", out=out, progress=False)
+    (out / "config.yaml").write_text("dataset: digits\nbinarize: dynamic\nseed: 0\n")
+    return out
+
+
+def test_evaluate_command(trained_run, capsys):
+    from pyvae.cli import evaluate_main
+
+    out = trained_run / "ev"
+    run(evaluate_main, [str(trained_run), "--num-samples", "50", "--num-points", "40", "--out", str(out), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "digits test: 40 points, K = 50" in printed and "log p(x)" in printed
+    summary = json.loads((out / "eval.json").read_text())
+    assert summary["num_points"] == 40 and summary["log_px"] < 0 and summary["log_px"] >= summary["elbo"]
+    assert set(summary["khat_bands"]) == {"good", "ok", "bad", "very bad"}
+    for name in ("eval.nc", "khat.png", "iwae_curve.png", "kl_per_dim.png"):
+        assert (out / name).is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["nowhere"], "nowhere is neither a run folder with checkpoint.pt nor a checkpoint file"),
+        (["RUN", "--num-samples", "0"], "--num-samples must be a positive integer; got 0"),
+        (["RUN", "--split", "valid"], "dataset 'digits' has no split 'valid'"),
+        (["RUN", "--dataset", "cifar"], "unknown dataset 'cifar'"),
+    ],
+)
+def test_evaluate_command_bad_input(trained_run, capsys, argv, message):
+    from pyvae.cli import evaluate_main
+
+    argv = [str(trained_run) if a == "RUN" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        run(evaluate_main, argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
