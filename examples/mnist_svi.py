@@ -17,7 +17,7 @@ import pyvae
 from pyvae import plots
 from pyvae.cli import run
 from pyvae.config import parse_args
-from pyvae.data import binarize_for, load_train_test
+from pyvae.data import binarize_for, load_train_test, spread
 from pyvae.diagnostics import evaluate
 
 
@@ -78,7 +78,8 @@ def main(argv):
 
     # 5. the test log-likelihood by importance sampling (python -m pyvae evaluate for K = 5000)
     if config.eval_samples:
-        result = evaluate(vae, test.draw(), config.eval_samples, dataset=test.name, split="test", progress=True)
+        x = spread(test.draw(), config.eval_points)
+        result = evaluate(vae, x, config.eval_samples, dataset=test.name, split="test", progress=True)
         print(result.table())
         result.write(out / f"eval-{test.name}-test-K{config.eval_samples}")
     print(f"test ELBO {history[-1]['test_elbo']:.3f} nats per data point; outputs in {out}/")

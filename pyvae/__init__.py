@@ -2,15 +2,18 @@
 
 Layers, from the bottom: :mod:`pyvae.nets` (networks), :mod:`pyvae.priors`,
 :mod:`pyvae.likelihoods`, :mod:`pyvae.guides` (distributions), :mod:`pyvae.model`
-(the Pyro model and guide), :mod:`pyvae.train` (SVI), :mod:`pyvae.data`,
-:mod:`pyvae.plots`, :mod:`pyvae.config`.
+(the Pyro model and guide), :mod:`pyvae.train` (SVI), :mod:`pyvae.importance` (importance
+sampling) and :mod:`pyvae.diagnostics`, :mod:`pyvae.data`, :mod:`pyvae.plots`,
+:mod:`pyvae.config`, :mod:`pyvae.cli`.
 
 All ELBOs and log-likelihoods are in nats per data point; NLL is their negative.
 """
 
 from . import guides, likelihoods, priors
 from .checkpoint import load, save
+from .diagnostics import Evaluation, evaluate
 from .errors import DataNotFound, PyvaeError
+from .importance import LogLikelihood, log_likelihood
 from .model import VAE
 from .train import evaluate_elbo, fit
 
@@ -19,6 +22,10 @@ __all__ = [
     "VAE",
     "fit",
     "evaluate_elbo",
+    "log_likelihood",
+    "LogLikelihood",
+    "evaluate",
+    "Evaluation",
     "save",
     "load",
     "priors",

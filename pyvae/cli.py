@@ -65,8 +65,8 @@ class Parser(argparse.ArgumentParser):
 
 def evaluate_main(argv: list[str]) -> None:
     import pyro
-    import torch
 
+    from .data import spread
     from .diagnostics import evaluate
 
     parser = Parser(prog="python -m pyvae evaluate", description="Importance-sampled log p(x) and guide diagnostics of a trained run.")
@@ -89,9 +89,7 @@ def evaluate_main(argv: list[str]) -> None:
 
     vae, config, run_dir = load_run(args.run)
     data = evaluation_data(vae, config, args.dataset, args.split, args.data_dir)
-    x = data.images
-    if args.num_points is not None and args.num_points < len(x):
-        x = x[torch.linspace(0, len(x) - 1, args.num_points).long()]
+    x = spread(data.images, args.num_points)
     out = Path(args.out or run_dir / f"eval-{data.name}-{args.split}-K{args.num_samples}")
     _check_writable(out)
 

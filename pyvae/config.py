@@ -63,6 +63,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"min": 0})
     # evaluation after training
     eval_samples: int = field(default=1000, metadata={"min": 0, "help": "K for the test log-likelihood at the end; 0 skips it"})
+    eval_points: int = field(default=1000, metadata={"min": 0, "help": "test points for it, evenly spread; 0 means all"})
     # output
     out: str | None = field(default=None, metadata={"help": "run folder (default runs/<dataset>-<timestamp>)"})
 

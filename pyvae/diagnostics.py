@@ -20,7 +20,7 @@ import xarray
 from torch.distributions import Independent, kl_divergence
 
 from .checkpoint import atomic_write
-from .evaluate import LogLikelihood, khat_threshold, log_likelihood
+from .importance import LogLikelihood, khat_threshold, log_likelihood
 from .model import VAE
 from .train import Batches, resolve_device
 

@@ -171,9 +171,18 @@ class VAE(nn.Module):
         return self.likelihood.mean(self.decoder(z))
 
     @torch.no_grad()
+    def latent_mean(self, x: torch.Tensor, num_samples: int = 256) -> torch.Tensor:
+        """E_q[z|x], shape (..., z_dim): exact where the guide family has a mean, else a Monte Carlo average."""
+        q = self.encode(x)
+        try:
+            return q.mean
+        except NotImplementedError:  # e.g. a flow guide
+            return q.sample((num_samples,)).mean(0)
+
+    @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """E[x|z] at the guide's mean z = E_q[z|x], shape like x."""
-        return self.likelihood.mean(self.decoder(self.encode(x).mean))
+        return self.likelihood.mean(self.decoder(self.latent_mean(x)))
 
 
 def _prod(shape: Sequence[int]) -> int:

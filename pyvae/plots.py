@@ -15,6 +15,7 @@ import torch  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
 from .checkpoint import atomic_write  # noqa: E402
+from .data import spread  # noqa: E402
 from .model import VAE  # noqa: E402
 
 
@@ -46,8 +47,7 @@ def reconstructions(vae: VAE, x: torch.Tensor, path: str | Path, per_row: int = 
     vae.eval()
     per_row = min(per_row, x.shape[0])
     rows = max(1, min(rows, x.shape[0] // per_row))
-    picks = torch.linspace(0, x.shape[0] - 1, per_row * rows).long()
-    x = x[picks].to(next(vae.parameters()).device)
+    x = spread(x, per_row * rows).to(next(vae.parameters()).device)
     recon = vae.reconstruct(x)
     pairs = torch.stack([x.reshape(rows, per_row, -1), recon.reshape(rows, per_row, -1)], dim=1)
     save_grid(pairs.reshape(-1, x.shape[1]), vae.image_shape, path, nrow=per_row)
@@ -71,7 +71,7 @@ def khat(ll, path: str | Path) -> None:
     """arviz's Pareto k^ plot: one point per data point, with the reliability thresholds."""
     import arviz
 
-    from .evaluate import khat_threshold
+    from .importance import khat_threshold
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     with warnings.catch_warnings():

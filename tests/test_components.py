@@ -151,6 +151,7 @@ def test_guide_shapes_and_normalization(name):
     assert q.event_shape == (2,) and q.batch_shape == (5,)
     z = q.rsample((7,))
     assert z.shape == (7, 5, 2) and q.log_prob(z).shape == (7, 5)
+    assert vae.latent_mean(x).shape == (5, 2) and vae.reconstruct(x).shape == (5, 16)
     with torch.no_grad():
         q1 = vae.encode(x[:1])
         points, area = grid_2d(10.0, 801)

@@ -14,7 +14,7 @@ from pyro.infer import Importance
 import pyvae
 from pyvae.cli import run
 from pyvae.diagnostics import active_units, evaluate, kl_per_dimension, mutual_information
-from pyvae.evaluate import iwae_sizes, khat_threshold, log_likelihood
+from pyvae.importance import iwae_sizes, khat_threshold, log_likelihood
 
 SIGMA = 0.5
 
@@ -159,7 +159,7 @@ def test_khat_is_arviz_psislw_and_chunking_does_not_change_results():
     assert torch.allclose(ll.ess.double(), 1 / (normalized**2).sum(1), rtol=1e-4)
     # the same draws, chunked differently (one point and 7 samples at a time)
     pyro.set_rng_seed(4)
-    import pyvae.evaluate as ev
+    import pyvae.importance as ev
 
     budget = ev.CHUNK_ELEMENTS
     ev.CHUNK_ELEMENTS = 7 * ev._elements_per_row(vae)
