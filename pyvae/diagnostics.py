@@ -15,11 +15,13 @@ from pathlib import Path
 
 import arviz
 import numpy as np
+import pyro
 import torch
 import xarray
 from torch.distributions import Independent, kl_divergence
 
 from .checkpoint import atomic_write
+from .data import spread
 from .importance import LogLikelihood, khat_threshold, log_likelihood
 from .model import VAE
 from .train import Batches, resolve_device
@@ -72,15 +74,18 @@ def mutual_information(vae: VAE, x: torch.Tensor, max_points: int = 1000, chunk:
     estimate is biased (it cannot exceed log N); compare runs at the same N.
     """
     device = next(vae.parameters()).device
-    x = x[:max_points].to(device)
+    x = spread(x, max_points).to(device)
     n = x.shape[0]
     q = vae.encode(x)
     z = q.sample()  # (N, z_dim)
     log_q_own = q.log_prob(z)
     log_q_agg = []
-    for start in range(0, n, chunk):
-        zi = z[start : start + chunk].unsqueeze(1).expand(-1, n, -1)  # (c, N, z_dim): z_i against every q(.|x_j)
-        log_q_agg.append(torch.logsumexp(q.log_prob(zi), dim=1) - math.log(n))
+    # q(z_i|x_j) far from x_j's posterior may overflow a flow's inverse: that density is ~0, not NaN
+    with pyro.validation_enabled(False):
+        for start in range(0, n, chunk):
+            zi = z[start : start + chunk].unsqueeze(1).expand(-1, n, -1)  # (c, N, z_dim): z_i against every q(.|x_j)
+            log_q = torch.nan_to_num(q.log_prob(zi), nan=-math.inf)
+            log_q_agg.append(torch.logsumexp(log_q, dim=1) - math.log(n))
     return float((log_q_own - torch.cat(log_q_agg)).mean())
 
 

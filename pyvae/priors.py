@@ -16,6 +16,8 @@ Fixed tensors are buffers (they follow ``.to(device)``), learnable ones paramete
 
 from __future__ import annotations
 
+import math
+
 import pyro.distributions as dist
 import torch
 from pyro.distributions import transforms as T
@@ -165,6 +167,17 @@ class _ExpandedMixture(dist.MixtureSameFamily):
     def _pad(self, x):
         x = super()._pad(x)
         return x.expand(*x.shape[:-2], self._num_component, x.shape[-1])
+
+    def log_prob(self, x):
+        # a flow guide inverted far from its own posterior can overflow to NaN where
+        # the component density is simply ~0: count it as 0 (log -inf), not as NaN
+        log_prob_x = _nan_to_neg_inf(self.component_distribution.log_prob(self._pad(x)))
+        log_mix_prob = torch.log_softmax(self.mixture_distribution.logits, dim=-1)
+        return torch.logsumexp(log_prob_x + log_mix_prob, dim=-1)
+
+
+def _nan_to_neg_inf(t: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(t, nan=-math.inf)
 
 
 @PRIORS.register

@@ -60,10 +60,12 @@ def make_elbo(name: str, num_particles: int = 1) -> pyro.infer.ELBO:
 class Objective:
     """A training objective as a loss on the full-data scale: -(estimate of sum_n L(x_n)).
 
-    ``trace`` and ``meanfield`` give a differentiable loss; Pyro's ``RenyiELBO`` does
-    its own backward pass on the *unscaled* minibatch sum (it reads each site's
-    unscaled log-density, ignoring the plate's N/M and any ``poutine.scale``), so for
-    ``iwae`` the loss and the gradients are multiplied by N/M here.
+    ``trace`` and ``meanfield`` give a differentiable loss whose plate scale N/M is
+    applied by Pyro. ``iwae`` is different: Pyro's ``RenyiELBO`` multiplies each
+    site's log-density by its scale *before* the log-mean-exp over particles, which
+    with a subsampled plate would give log mean_k exp((N/M) log w_k) instead of
+    (N/M) log mean_k w_k. So the IWAE bound is computed on the minibatch alone
+    (plate of size M, scale 1) and the loss and its gradients are multiplied by N/M here.
     """
 
     def __init__(self, name: str, num_particles: int = 1) -> None:
@@ -75,7 +77,7 @@ class Objective:
             loss = self.elbo.differentiable_loss(vae.model, vae.guide, x, num_data, beta)
             loss.backward()
             return loss.detach()
-        loss = self.elbo.loss_and_grads(vae.model, vae.guide, x, num_data)
+        loss = self.elbo.loss_and_grads(vae.model, vae.guide, x)  # does its own backward
         scale = num_data / x.shape[0]
         for p in vae.parameters():
             if p.grad is not None:
@@ -160,7 +162,10 @@ def fit(
     if isinstance(kl_warmup_epochs, bool) or not isinstance(kl_warmup_epochs, int) or kl_warmup_epochs < 0:
         raise PyvaeError(f"kl_warmup_epochs must be an integer >= 0; got {kl_warmup_epochs!r}")
     if elbo == "iwae" and (beta != 1 or kl_warmup_epochs):
-        raise PyvaeError("beta and kl_warmup_epochs do not apply to elbo 'iwae' (RenyiELBO ignores poutine.scale); use trace or meanfield")
+        raise PyvaeError(
+            "beta and kl_warmup_epochs do not apply to elbo 'iwae' (a scaled latent site inside the "
+            "log-mean-exp is not a beta-weighted bound); use trace or meanfield"
+        )
     objective = Objective(elbo, num_particles)
     device = resolve_device(device)
     if seed is not None:

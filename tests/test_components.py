@@ -304,10 +304,27 @@ def test_iwae_is_per_data_point_not_per_batch():
     del per_point
 
 
+def test_iwae_training_loss_is_the_minibatch_bound_scaled_outside_the_log_mean_exp(digits_small):
+    from pyvae.train import Objective
+
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    x = digits_small[:32]
+    pyro.set_rng_seed(6)
+    minibatch_bound = -make_elbo("iwae", 5).loss(vae.model, vae.guide, x)
+    pyro.set_rng_seed(6)
+    loss = Objective("iwae", 5).loss_and_backward(vae, x, num_data=256)
+    assert float(loss) == pytest.approx(-minibatch_bound * 256 / 32, rel=1e-5)
+    # Pyro's RenyiELBO given the subsampled plate would put N/M inside the log-mean-exp: not the IWAE bound
+    pyro.set_rng_seed(6)
+    inside = make_elbo("iwae", 5).loss(vae.model, vae.guide, x, 256)
+    assert inside != pytest.approx(float(loss), rel=1e-3)
+
+
 def test_iwae_training_reports_its_bound(digits_small):
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
     (record,) = pyvae.fit(vae, digits_small, test=digits_small[:64], epochs=1, batch_size=32, elbo="iwae", num_particles=5, device="cpu", progress=False)
     assert record["test_iwae"] > record["test_elbo"] - 1.0
+    assert -200 < record["train_elbo"] < 0  # nats per point, not a sum over the data set
     with pytest.raises(pyvae.PyvaeError, match="beta and kl_warmup_epochs do not apply to elbo 'iwae'"):
         pyvae.fit(vae, digits_small, epochs=1, elbo="iwae", beta=2.0, device="cpu", progress=False)
 
