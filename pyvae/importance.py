@@ -34,8 +34,10 @@ from .errors import PyvaeError, positive_int
 from .model import VAE
 from .train import Batches, resolve_device
 
-#: how many floats one chunk's largest tensors may hold (about 128 MB each in float32)
-CHUNK_ELEMENTS = 2**25
+#: how many floats one chunk's largest tensor may hold: 8 MB in float32 on a CPU, so the
+#: elementwise passes over the decoded images run from cache; 128 MB on a GPU, where
+#: bigger kernels pay off
+CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**25}
 
 KHAT_BANDS = (("good", -math.inf, 0.5), ("ok", 0.5, 0.7), ("bad", 0.7, 1.0), ("very bad", 1.0, math.inf))
 
@@ -114,7 +116,7 @@ def log_likelihood(
     device = resolve_device(device or next(vae.parameters()).device)
     vae.to(device).eval()
     vae.likelihood.check_support(x)
-    rows = max(1, CHUNK_ELEMENTS // _elements_per_row(vae))
+    rows = max(1, CHUNK_ELEMENTS.get(device.type, 2**21) // _elements_per_row(vae))
     if batch_size is None:
         batch_size = max(1, min(x.shape[0], rows // num_samples))
     positive_int("batch_size", batch_size)

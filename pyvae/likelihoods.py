@@ -58,6 +58,24 @@ def check_finite(name: str, x: torch.Tensor) -> None:
         raise PyvaeError(f"{name} needs finite data; got NaN or infinite values")
 
 
+class BernoulliPixels(dist.Independent):
+    """``Bernoulli(logits=l).to_event(1)`` with the same log-probability computed in fewer passes.
+
+    log p(x) = sum_i [x_i l_i - softplus(l_i)]: the products summed by one ``einsum``
+    (no (..., D) temporary, and x of shape (M, D) broadcasts against particles of
+    logits (S, M, D)), softplus(l) = logaddexp(l, 0) in one more pass (stable, and on a
+    CPU faster than ``F.softplus``). Exactly the Bernoulli mass; it matters when
+    importance sampling scores thousands of decoded images per data point.
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self.base_dist._validate_sample(value)
+        logits = self.base_dist.logits
+        softplus = torch.logaddexp(logits, logits.new_zeros(()))
+        return torch.einsum("...i,...i->...", value, logits) - softplus.sum(-1)
+
+
 @LIKELIHOODS.register
 class Bernoulli(Likelihood):
     """x_i ~ Bernoulli(sigmoid(logit_i)) independently; binary data only."""
@@ -66,7 +84,7 @@ class Bernoulli(Likelihood):
     binary_data = True
 
     def forward(self, logits: torch.Tensor) -> dist.TorchDistribution:
-        return dist.Bernoulli(logits=logits).to_event(1)
+        return BernoulliPixels(dist.Bernoulli(logits=logits), 1)
 
     def mean(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits)

@@ -161,12 +161,12 @@ def test_khat_is_arviz_psislw_and_chunking_does_not_change_results():
     pyro.set_rng_seed(4)
     import pyvae.importance as ev
 
-    budget = ev.CHUNK_ELEMENTS
-    ev.CHUNK_ELEMENTS = 7 * ev._elements_per_row(vae)
+    budget = ev.CHUNK_ELEMENTS["cpu"]
+    ev.CHUNK_ELEMENTS["cpu"] = 7 * ev._elements_per_row(vae)
     try:
         small = log_likelihood(vae, x, num_samples=300, batch_size=1, keep_log_weights=True)
     finally:
-        ev.CHUNK_ELEMENTS = budget
+        ev.CHUNK_ELEMENTS["cpu"] = budget
     assert small.log_weights.shape == (12, 300)
     # different random streams, same estimator: agreement within Monte Carlo error
     assert float(((small.log_px - ll.log_px).abs() / (ll.stderr + small.stderr + 1e-3)).max()) < 5
