@@ -111,11 +111,12 @@ def main():
 
     if args.memory:
         full = k * 10000 * 784 * 4 / 2**30
-        print(f"\npeak resident memory of an evaluation process (K = {k}, 200 images, 1 thread);"
-              f" unchunked, the decoder output alone would be {full:.0f} GiB for 10k images")
-        for batch_size in (1, 8):
-            before, after = peak_rss(k, 200, batch_size, args.data_dir)
-            print(f"  batch_size {batch_size:2d}: {after:7.0f} MiB peak ({after - before:6.0f} MiB above the loaded process)")
+        print(f"\npeak resident memory of a process that only evaluates (1 thread); unchunked, the decoded"
+              f" images alone would take {full:.0f} GiB for K = {k} and 10k images")
+        for samples, points, batch_size in ((k, 100, None), (1000, 200, None), (1000, 2000, None), (1000, 2000, 16)):
+            before, after = peak_rss(samples, points, batch_size, args.data_dir)
+            print(f"  K = {samples:5d}, {points:5d} images, batch_size {batch_size or 'auto':>4}: {after:6.0f} MiB peak"
+                  f" ({after - before:5.0f} MiB above the loaded process)")
 
 
 if __name__ == "__main__":

@@ -123,25 +123,35 @@ def log_likelihood(
     sample_chunk = max(1, min(num_samples, rows // batch_size))
     sizes = iwae_sizes(num_samples)
 
-    parts: dict[str, list] = {k: [] for k in ("log_px", "stderr", "elbo", "khat", "ess", "z_mean", "log_w")}
-    iwae: dict[int, list] = {k: [] for k in sizes}
+    # results go into tensors allocated once: thousands of small per-chunk tensors kept
+    # alive between the large chunk buffers fragment the heap until memory grows with N
+    n = x.shape[0]
+    out = {name: torch.empty(n) for name in ("log_px", "stderr", "elbo", "khat", "ess")}
+    iwae = torch.empty(len(sizes), n)
+    z_mean = torch.empty(n, vae.z_dim)
+    log_weights = torch.empty(n, num_samples) if keep_log_weights else None
     batches = Batches(x, device)
-    bar = tqdm(total=x.shape[0], desc=f"log p(x), K={num_samples}", unit="pt", disable=not progress, leave=False)
+    bar = tqdm(total=n, desc=f"log p(x), K={num_samples}", unit="pt", disable=not progress, leave=False)
     # the data were checked above; re-validating every chunk would only repeat that work
     with pyro.validation_enabled(False):
-        for xb in batches.epoch(batch_size, shuffle=False):
-            log_w, z_mean = _log_weights(vae, xb, num_samples, sample_chunk)
-            _summarize(log_w, parts, iwae)
-            parts["z_mean"].append(z_mean.cpu())
+        for start, xb in zip(range(0, n, batch_size), batches.epoch(batch_size, shuffle=False)):
+            rows = slice(start, start + xb.shape[0])
+            log_w, z_mean[rows] = _log_weights(vae, xb, num_samples, sample_chunk)
+            for name, values in _summarize(log_w, sizes).items():
+                if name == "iwae":
+                    iwae[:, rows] = values
+                else:
+                    out[name][rows] = values
             if keep_log_weights:
-                parts["log_w"].append(log_w.cpu())
+                log_weights[rows] = log_w
             bar.update(xb.shape[0])
     bar.close()
     return LogLikelihood(
-        **{k: torch.cat(v) for k, v in parts.items() if k != "log_w"},
-        iwae={k: torch.cat(v) for k, v in iwae.items()},
+        **out,
+        iwae={size: iwae[i] for i, size in enumerate(sizes)},
+        z_mean=z_mean,
         num_samples=num_samples,
-        log_weights=torch.cat(parts["log_w"]) if keep_log_weights else None,
+        log_weights=log_weights,
     )
 
 
@@ -185,16 +195,21 @@ def pareto_khat(log_w: torch.Tensor) -> torch.Tensor:
     return torch.where(spread < CONSTANT_WEIGHTS, torch.zeros_like(khat), khat)
 
 
-def _summarize(log_w: torch.Tensor, parts: dict, iwae: dict) -> None:
+def _summarize(log_w: torch.Tensor, sizes: list[int]) -> dict[str, torch.Tensor]:
+    """Per-point statistics of log-weights of shape (M, K)."""
     k = log_w.shape[1]
     log_px = torch.logsumexp(log_w, dim=1) - math.log(k)
     normalized = torch.exp(log_w - log_px.unsqueeze(1))  # w_k / mean(w), mean 1
     second_moment = (normalized**2).mean(1)
-    parts["log_px"].append(log_px.cpu())
-    parts["stderr"].append(((second_moment - 1).clamp(min=0) / max(k - 1, 1)).sqrt().cpu())
-    parts["elbo"].append(log_w.mean(1).cpu())
-    parts["ess"].append((k / second_moment).cpu())
-    parts["khat"].append(pareto_khat(log_w))
-    for size in iwae:
+    iwae = []
+    for size in sizes:
         groups = log_w[:, : (k // size) * size].reshape(log_w.shape[0], -1, size)
-        iwae[size].append((torch.logsumexp(groups, dim=2) - math.log(size)).mean(1).cpu())
+        iwae.append((torch.logsumexp(groups, dim=2) - math.log(size)).mean(1))
+    return {
+        "log_px": log_px,
+        "stderr": ((second_moment - 1).clamp(min=0) / max(k - 1, 1)).sqrt(),
+        "elbo": log_w.mean(1),
+        "ess": k / second_moment,
+        "khat": pareto_khat(log_w),
+        "iwae": torch.stack(iwae),
+    }
