@@ -90,8 +90,7 @@ def evaluate_main(argv: list[str]) -> None:
     vae, config, run_dir = load_run(args.run)
     data = evaluation_data(vae, config, args.dataset, args.split, args.data_dir)
     x = spread(data.images, args.num_points)
-    out = Path(args.out or run_dir / f"eval-{data.name}-{args.split}-K{args.num_samples}")
-    _check_writable(out)
+    out = writable_dir(args.out or run_dir / f"eval-{data.name}-{args.split}-K{args.num_samples}")
 
     pyro.set_rng_seed(args.seed)
     result = evaluate(
@@ -102,13 +101,16 @@ def evaluate_main(argv: list[str]) -> None:
     print(f"wrote {out}/eval.json, eval.nc, khat.png, iwae_curve.png" + (", kl_per_dim.png" if result.kl_per_dim is not None else ""))
 
 
-def _check_writable(out: Path) -> None:
+def writable_dir(path: str | Path) -> Path:
+    """``path`` as a folder we have just created or checked we can write in; else a clear error."""
+    out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / ".write-test").touch()
         (out / ".write-test").unlink()
     except OSError as e:
         raise PyvaeError(f"cannot write to output folder {out}: {e.strerror or e}") from e
+    return out
 
 
 COMMANDS = {"evaluate": evaluate_main}

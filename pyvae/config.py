@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from .data import BINARIZE_MODES, SPLITS
-from .cli import Parser
+from .cli import Parser, writable_dir
 from .errors import PyvaeError
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
@@ -74,15 +74,7 @@ class TrainConfig:
 
     def output_dir(self) -> Path:
         """The run folder, created; an unusable path is a clear error."""
-        out = Path(self.out or f"runs/{self.dataset}-{datetime.now():%Y%m%d-%H%M%S}")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
-            probe.touch()
-            probe.unlink()
-        except OSError as e:
-            raise PyvaeError(f"cannot write to output folder {out}: {e.strerror or e}") from e
-        return out
+        return writable_dir(self.out or f"runs/{self.dataset}-{datetime.now():%Y%m%d-%H%M%S}")
 
     def to_yaml(self) -> str:
         """YAML that reruns this configuration (``out`` left empty so a rerun gets a new folder)."""

@@ -78,7 +78,9 @@ def khat(ll, path: str | Path) -> None:
         # arviz prefers ELPDData from a posterior; ours are per-point importance weights
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", matplotlib.MatplotlibDeprecationWarning)
-        arviz.plot_khat(ll.khat.numpy(), ax=ax, show_hlines=True, threshold=khat_threshold(ll.num_samples))
+        arviz.plot_khat(ll.khat.numpy(), ax=ax, show_hlines=True, show_bins=True, markersize=2)
+    ax.axhline(khat_threshold(ll.num_samples), color="C3", lw=1, label=f"threshold for K = {ll.num_samples}")
+    ax.legend(loc="lower right", fontsize=7)
     ax.set_xlabel("data point")
     ax.set_title(f"Pareto k^ of the importance weights (K = {ll.num_samples})")
     save_figure(fig, path)
