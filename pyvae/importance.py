@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .errors import PyvaeError, positive_int
 from .model import VAE
-from .train import Batches, resolve_device
+from .train import Batches, as_images, resolve_device
 
 #: how many floats one chunk's largest tensor may hold: 8 MB in float32 on a CPU, so the
 #: elementwise passes over the decoded images run from cache; 128 MB on a GPU, where
@@ -107,9 +107,7 @@ def log_likelihood(
     """
     positive_int("num_samples", num_samples)
     if isinstance(x, torch.utils.data.Dataset) and not isinstance(x, torch.Tensor):
-        from .train import _as_tensor
-
-        x = _as_tensor(x)[0]
+        x = as_images(x)[0]
     if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != vae.x_dim:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise PyvaeError(f"x must have shape (N, {vae.x_dim}) with N > 0; got {shape}")
@@ -135,15 +133,15 @@ def log_likelihood(
     # the data were checked above; re-validating every chunk would only repeat that work
     with pyro.validation_enabled(False):
         for start, xb in zip(range(0, n, batch_size), batches.epoch(batch_size, shuffle=False)):
-            rows = slice(start, start + xb.shape[0])
-            log_w, z_mean[rows] = _log_weights(vae, xb, num_samples, sample_chunk)
+            span = slice(start, start + xb.shape[0])
+            log_w, z_mean[span] = _log_weights(vae, xb, num_samples, sample_chunk)
             for name, values in _summarize(log_w, sizes).items():
                 if name == "iwae":
-                    iwae[:, rows] = values
+                    iwae[:, span] = values
                 else:
-                    out[name][rows] = values
+                    out[name][span] = values
             if keep_log_weights:
-                log_weights[rows] = log_w
+                log_weights[span] = log_w
             bar.update(xb.shape[0])
     bar.close()
     return LogLikelihood(

@@ -51,10 +51,8 @@ def make_elbo(name: str, num_particles: int = 1) -> pyro.infer.ELBO:
     if name not in ELBOS:
         raise PyvaeError(f"unknown elbo {name!r}; choose from {', '.join(ELBOS)}")
     positive_int("num_particles", num_particles)
-    options = dict(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
-    if name == "iwae":
-        return RenyiELBO(alpha=0.0, **options)
-    return ELBOS[name](**options)
+    iwae = {"alpha": 0.0} if name == "iwae" else {}  # Renyi's alpha = 0 is the IWAE bound
+    return ELBOS[name](num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1, **iwae)
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:
@@ -116,7 +114,7 @@ class Batches:
     """
 
     def __init__(self, data: torch.Tensor | torch.utils.data.Dataset, device: torch.device) -> None:
-        images, self.dynamic = _as_tensor(data)
+        images, self.dynamic = as_images(data)
         self.device = device
         self.images = images.to(device) if _fits(images, device) else images.pin_memory() if device.type == "cuda" else images
 
@@ -272,7 +270,7 @@ def evaluate_elbo(
     return -total / len(data)
 
 
-def _as_tensor(data) -> tuple[torch.Tensor, bool]:
+def as_images(data) -> tuple[torch.Tensor, bool]:
     """(images, dynamic) from a tensor, an :class:`ImageSet` or any map-style Dataset of images."""
     if isinstance(data, ImageSet):
         images, dynamic = data.images, data.dynamic
