@@ -35,7 +35,7 @@ class RingPrior(pyvae.priors.Prior):
     def forward(self):
         locs = self.log_radius.exp() * self.directions
         components = dist.Normal(locs, self.hparams["scale"]).to_event(1)
-        return dist.MixtureSameFamily(dist.Categorical(logits=torch.zeros(len(locs))), components)
+        return dist.MixtureSameFamily(dist.Categorical(logits=locs.new_zeros(len(locs))), components)
 
 
 # --- train and evaluate it ---------------------------------------------------------------

@@ -5,8 +5,8 @@
     python examples/mnist_svi.py --config configs/mnist_vampprior.yaml --z-dim 20
     python examples/mnist_svi.py --prior vamp --guide iaf --elbo iwae --num-particles 5
 
-ELBOs are printed in nats per data point: a lower bound on log p(x), so negative;
-closer to zero is better (the NLL is its negative).
+ELBOs are printed in nats per data point: a lower bound on log p(x), higher is better
+(negative for the default Bernoulli likelihood; the NLL is its negative).
 """
 
 import sys

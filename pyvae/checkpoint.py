@@ -80,9 +80,13 @@ def load(path: str | os.PathLike, **components) -> VAE:
     ``load(path, prior=MyPrior(), encoder=my_encoder)``.
     """
     payload = read(path)
-    kwargs = dict(payload["config"])
+    kwargs = payload.get("config")
+    parts = ("x_dim", "z_dim", "prior", "likelihood", "guide", "encoder", "decoder")
+    if not isinstance(kwargs, dict) or any(k not in kwargs for k in parts) or "state_dict" not in payload:
+        raise PyvaeError(f"{path} is a pyvae checkpoint without a complete model description; it cannot be loaded")
+    kwargs = dict(kwargs)
     for part, registry in (("prior", PRIORS), ("likelihood", LIKELIHOODS), ("guide", GUIDES)):
-        name = kwargs[part]["name"]
+        name = kwargs[part]["name"] if isinstance(kwargs[part], dict) else kwargs[part]
         if name not in registry and part not in components:
             raise PyvaeError(f"{path} was saved with a custom {part} {name!r}; pass {part}=... to pyvae.load")
     for part in ("encoder", "decoder"):

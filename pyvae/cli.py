@@ -10,8 +10,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 from .errors import PyvaeError
 
 
@@ -38,8 +36,12 @@ def load_run(path: str | Path):
     checkpoint = path / "checkpoint.pt" if path.is_dir() else path
     if not checkpoint.is_file():
         raise PyvaeError(f"{path} is neither a run folder with checkpoint.pt nor a checkpoint file")
+    from .config import read_yaml
+
     config_path = checkpoint.parent / "config.yaml"
-    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
+    config = read_yaml(config_path, "run config") if config_path.is_file() else None
+    if config is not None and not isinstance(config, dict):
+        raise PyvaeError(f"run config {config_path} must be a mapping of keys to values; got {type(config).__name__}")
     return load(checkpoint), config, checkpoint.parent
 
 

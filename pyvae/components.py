@@ -29,8 +29,13 @@ class Component(torch.nn.Module):
         """Create parameters once ``vae.x_dim`` and ``vae.z_dim`` are known."""
 
     def spec(self) -> dict:
-        """Name and hyper-parameters: enough to rebuild this component with :func:`resolve`."""
-        return {"name": self.name or type(self).__name__, **self.hparams}
+        """Name and hyper-parameters: enough to rebuild this component with :func:`resolve`.
+
+        A class that does not set ``name`` itself (a user's subclass of a built-in, say)
+        is recorded by its class name, so loading never silently rebuilds the parent.
+        """
+        own_name = type(self).__dict__.get("name")
+        return {"name": own_name or type(self).__name__, **self.hparams}
 
 
 class Registry(dict):

@@ -54,7 +54,7 @@ class TrainConfig:
     # inference
     elbo: str = field(default="trace", metadata=_choices(*ELBOS))
     num_particles: int = field(default=1, metadata={"min": 1, "help": "samples of z per point (K for iwae)"})
-    beta: float = field(default=1.0, metadata={"min": 0, "help": "weight of the KL term (beta-VAE)"})
+    beta: float = field(default=1.0, metadata={"positive": True, "help": "weight of the KL term (beta-VAE)"})
     kl_warmup_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of linear KL warm-up from 0 to beta"})
     epochs: int = field(default=10, metadata={"min": 1})
     batch_size: int = field(default=128, metadata={"min": 1})
@@ -149,15 +149,22 @@ def _describe(kind, meta) -> str:
     return words
 
 
+def read_yaml(path: Path, what: str):
+    """The YAML document in ``path``; an unreadable file or invalid YAML is a one-line error."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise PyvaeError(f"cannot read {what} {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise PyvaeError(f"{what} {path} is not UTF-8 text: {e.reason} at byte {e.start}") from e
+    except yaml.YAMLError as e:
+        raise PyvaeError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+
+
 def from_yaml(path: str | Path) -> dict:
     """The keys of a YAML config file, checked against :class:`TrainConfig`'s fields."""
     path = Path(path)
-    try:
-        values = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise PyvaeError(f"cannot read config {path}: {e.strerror or e}") from e
-    except yaml.YAMLError as e:
-        raise PyvaeError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    values = read_yaml(path, "config")
     if values is None:
         return {}
     if not isinstance(values, dict):

@@ -22,7 +22,7 @@ from torch.distributions import Independent, kl_divergence
 
 from .checkpoint import atomic_write
 from .data import spread
-from .importance import LogLikelihood, khat_threshold, log_likelihood
+from .importance import LogLikelihood, evaluation_images, khat_threshold, log_likelihood
 from .model import VAE
 from .train import Batches, resolve_device
 
@@ -203,6 +203,7 @@ def evaluate(
 
     start = time.perf_counter()
     device = resolve_device(device or next(vae.parameters()).device)
+    x = evaluation_images(x)
     ll = log_likelihood(vae, x, num_samples, batch_size, device=device, progress=progress)
     count, variance = active_units(ll.z_mean)
     result = Evaluation(

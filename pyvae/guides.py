@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pyro.distributions.transforms import Permute
 
 from .components import Component, Registry
-from .errors import PyvaeError, positive_int
+from .errors import PyvaeError, positive_int, positive_number
 
 GUIDES = Registry("guide")
 
@@ -44,7 +44,7 @@ class DiagonalNormal(Guide):
 
     def __init__(self, min_scale: float = 1e-4) -> None:
         super().__init__(min_scale=min_scale)
-        self.min_scale = min_scale
+        self.min_scale = positive_number("normal guide min_scale", min_scale)
 
     def encoder_outputs(self, z_dim: int) -> int:
         return 2 * z_dim
@@ -67,7 +67,7 @@ class LowRankNormal(Guide):
     def __init__(self, rank: int = 2, min_scale: float = 1e-4) -> None:
         super().__init__(rank=rank, min_scale=min_scale)
         self.rank = positive_int("lowrank rank", rank)
-        self.min_scale = min_scale
+        self.min_scale = positive_number("lowrank min_scale", min_scale)
 
     def encoder_outputs(self, z_dim: int) -> int:
         return (self.rank + 2) * z_dim
@@ -97,7 +97,7 @@ class IAF(Guide):
         self.num_flows = positive_int("iaf num_flows", num_flows)
         self.context_dim = positive_int("iaf context_dim", context_dim)
         self.hidden = positive_int("iaf hidden", hidden)
-        self.min_scale = min_scale
+        self.min_scale = positive_number("iaf min_scale", min_scale)
 
     def encoder_outputs(self, z_dim: int) -> int:
         return 2 * z_dim + self.context_dim

@@ -106,8 +106,7 @@ def log_likelihood(
     The (N, K) log-weights are kept only with ``keep_log_weights``.
     """
     positive_int("num_samples", num_samples)
-    if isinstance(x, torch.utils.data.Dataset) and not isinstance(x, torch.Tensor):
-        x = as_images(x)[0]
+    x = evaluation_images(x)
     if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != vae.x_dim:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise PyvaeError(f"x must have shape (N, {vae.x_dim}) with N > 0; got {shape}")
@@ -151,6 +150,17 @@ def log_likelihood(
         num_samples=num_samples,
         log_weights=log_weights,
     )
+
+
+def evaluation_images(x) -> torch.Tensor:
+    """A tensor (N, x_dim) from a tensor, an ImageSet (one draw if it binarizes dynamically) or a Dataset."""
+    from .data import ImageSet
+
+    if isinstance(x, ImageSet):
+        return x.draw()
+    if isinstance(x, torch.utils.data.Dataset) and not isinstance(x, torch.Tensor):
+        return as_images(x)[0]
+    return x
 
 
 def _elements_per_row(vae: VAE) -> int:

@@ -19,8 +19,9 @@ weights of each data point separately::
 Gradients go straight to a torch optimizer over ``vae.parameters()``: no global
 param store is involved.
 
-All ELBO numbers that leave this module are in nats per data point (negative:
-the ELBO bounds log p(x) from below; the NLL is its negative).
+All ELBO numbers that leave this module are in nats per data point: the ELBO bounds
+log p(x) from below (negative for probability masses such as the Bernoulli, possibly
+positive for densities); the NLL is its negative.
 """
 
 from __future__ import annotations
@@ -165,8 +166,8 @@ def fit(
     positive_int("epochs", epochs)
     positive_int("batch_size", batch_size)
     positive_number("lr", lr)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
-        raise PyvaeError(f"beta must be a number >= 0; got {beta!r}")
+    # poutine.scale needs a scale > 0
+    positive_number("beta", beta)
     if isinstance(kl_warmup_epochs, bool) or not isinstance(kl_warmup_epochs, int) or kl_warmup_epochs < 0:
         raise PyvaeError(f"kl_warmup_epochs must be an integer >= 0; got {kl_warmup_epochs!r}")
     if elbo == "iwae" and (beta != 1 or kl_warmup_epochs):

@@ -82,6 +82,8 @@ def one_pixel(name, out):
         ("normal_learned", [0.4]),
         ("laplace", [-0.2]),
         ("beta", [2.0, 3.0]),
+        ("beta", [-5.0, 1.0]),  # a ~ 0.0077: nearly all mass at the ends, where squeezing matters
+        ("beta", [-0.2, -0.3]),
         ("discretized_logistic", [0.3, -3.0]),
         ("discretized_logistic", [1.2, -6.0]),
     ],
@@ -98,9 +100,16 @@ def test_likelihood_is_normalized(name, out):
             mass = p.log_prob(values).exp().sum()
         else:
             lo, hi = (0.0, 1.0) if name in {"continuous_bernoulli", "beta"} else (-20.0, 20.0)
-            values = torch.linspace(lo, hi, 400001, dtype=torch.float64).unsqueeze(-1)
+            if name == "beta":  # end masses, plus the density between them on a grid fine at the ends
+                eps = likelihood.eps
+                u = torch.linspace(-1, 1, 400001, dtype=torch.float64)
+                values = (0.5 + (0.5 - eps) * torch.sign(u) * u.abs() ** 6).unsqueeze(-1)
+                ends = p.log_prob(torch.tensor([[0.0], [1.0]])).exp().double().sum()
+            else:
+                values = torch.linspace(lo, hi, 400001, dtype=torch.float64).unsqueeze(-1)
+                ends = 0.0
             density = p.log_prob(values.float()).exp().double()
-            mass = torch.trapezoid(density, values.squeeze(-1))
+            mass = torch.trapezoid(density, values.squeeze(-1)) + ends
     assert mass.item() == pytest.approx(1.0, abs=2e-3)
 
 

@@ -269,6 +269,15 @@ def test_evaluate_command(trained_run, capsys):
         assert (out / name).is_file()
 
 
+def test_evaluate_accepts_image_sets():
+    from pyvae.data import binarize, load_dataset
+
+    gray = load_dataset("digits", "test")
+    vae = pyvae.VAE(x_dim=64, z_dim=2, hidden=(8,))
+    result = evaluate(vae, binarize(gray, "dynamic"), num_samples=30)  # one draw of the dynamic set
+    assert len(result.ll) == len(gray) and math.isfinite(result.summary()["log_px"])
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -276,11 +285,18 @@ def test_evaluate_command(trained_run, capsys):
         (["RUN", "--num-samples", "0"], "--num-samples must be a positive integer; got 0"),
         (["RUN", "--split", "valid"], "dataset 'digits' has no split 'valid'"),
         (["RUN", "--dataset", "cifar"], "unknown dataset 'cifar'"),
+        (["RUN", "--broken-config"], "is not valid YAML"),
     ],
 )
 def test_evaluate_command_bad_input(trained_run, capsys, argv, message):
     from pyvae.cli import evaluate_main
 
+    if argv == ["RUN", "--broken-config"]:
+        broken = trained_run.parent / "broken"
+        broken.mkdir(exist_ok=True)
+        (broken / "checkpoint.pt").write_bytes((trained_run / "checkpoint.pt").read_bytes())
+        (broken / "config.yaml").write_text("dataset: [digits\n")
+        argv = [str(broken)]
     argv = [str(trained_run) if a == "RUN" else a for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         run(evaluate_main, argv)

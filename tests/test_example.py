@@ -64,6 +64,8 @@ def errors_of(argv, capsys):
         ("hidden: [400, 0]\n", "invalid value \\[400, 0\\] for 'hidden'; allowed: a list of positive integers"),
         ("- epochs\n", "must be a mapping"),
         ("epochs: [\n", "is not valid YAML"),
+        ("beta: 0\n", "invalid value 0 for 'beta'; allowed: a positive number"),
+        ("guide: {name: normal, min_scale: -1}\n", "normal guide min_scale must be a positive number; got -1"),
     ],
 )
 def test_bad_config_is_a_one_line_error(tmp_path, capsys, yaml_text, message):
@@ -88,6 +90,13 @@ def test_bad_config_is_a_one_line_error(tmp_path, capsys, yaml_text, message):
 def test_bad_flags_are_a_one_line_error(capsys, argv, message):
     code, err = errors_of(argv, capsys)
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_config_that_is_not_text_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(bytes(range(128, 256)))
+    code, err = errors_of(["--config", str(path)], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "is not UTF-8 text" in err
 
 
 def test_unwritable_output_folder_is_a_clear_error(tmp_path, capsys):

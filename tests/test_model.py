@@ -152,6 +152,17 @@ def test_custom_parts_must_be_passed_again_on_load(tmp_path):
     assert torch.equal(loaded.decoder.weight, vae.decoder.weight)
 
 
+def test_a_subclass_of_a_built_in_is_not_rebuilt_as_the_built_in(tmp_path):
+    class WidePrior(pyvae.priors.StandardNormal):
+        def forward(self):
+            return dist.Normal(self.loc, 3 * self.scale).to_event(1)
+
+    vae = pyvae.VAE(x_dim=16, z_dim=3, prior=WidePrior())
+    pyvae.save(vae, tmp_path / "vae.pt")
+    with pytest.raises(pyvae.PyvaeError, match="custom prior 'WidePrior'; pass prior="):
+        pyvae.load(tmp_path / "vae.pt")
+
+
 def test_unreadable_checkpoints_are_clear_errors(tmp_path):
     vae = pyvae.VAE(x_dim=16, z_dim=3)
     pyvae.save(vae, tmp_path / "vae.pt")
@@ -159,6 +170,9 @@ def test_unreadable_checkpoints_are_clear_errors(tmp_path):
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(pyvae.PyvaeError, match="cannot read checkpoint"):
         pyvae.load(tmp_path / "truncated.pt")
+    torch.save({"format": "pyvae-checkpoint", "format_version": 1, "config": {"x_dim": 3}}, tmp_path / "partial.pt")
+    with pytest.raises(pyvae.PyvaeError, match="without a complete model description"):
+        pyvae.load(tmp_path / "partial.pt")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(pyvae.PyvaeError, match="not a pyvae checkpoint"):
         pyvae.load(tmp_path / "other.pt")
