@@ -54,7 +54,9 @@ def evaluation_data(vae, config: dict | None, dataset: str | None, split: str, d
     if dataset is None:
         raise PyvaeError("no config.yaml beside the checkpoint says which data set it was trained on; pass --dataset")
     data = load_dataset(dataset, split, data_dir=data_dir or config.get("data_dir"), download=config.get("download", True))
-    mode = resolve_binarize(vae.likelihood, data, config.get("binarize", "auto"))
+    # another data set than the run's is binarized as the likelihood needs, not as the run's was
+    mode = config.get("binarize", "auto") if dataset == config.get("dataset") else "auto"
+    mode = resolve_binarize(vae.likelihood, data, mode)
     return evaluation_split(data, mode, config.get("seed", 0))
 
 
@@ -115,7 +117,196 @@ def writable_dir(path: str | Path) -> Path:
     return out
 
 
-COMMANDS = {"evaluate": evaluate_main}
+def explore_parser(command: str, description: str) -> Parser:
+    parser = Parser(prog=f"python -m pyvae {command}", description=description)
+    parser.add_argument("run", help="run folder (with checkpoint.pt and config.yaml) or checkpoint file")
+    parser.add_argument("--dataset", help="data set (default: the run's)")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="output folder (default RUN/explore)")
+    parser.add_argument("--debug", action="store_true")
+    return parser
+
+
+def explore_setup(args, *positive: str):
+    """(vae on its device, config, output folder) for an exploration command; checks positive flags."""
+    import pyro
+
+    from .train import resolve_device
+
+    for name in positive:
+        value = getattr(args, name)
+        if value is None or value < 1:
+            raise PyvaeError(f"--{name.replace('_', '-')} must be a positive integer; got {value}")
+    vae, config, run_dir = load_run(args.run)
+    vae.to(resolve_device(args.device)).eval()
+    pyro.set_rng_seed(args.seed)
+    return vae, config, writable_dir(args.out or run_dir / "explore")
+
+
+def test_images(vae, config, args, n=None):
+    from .data import spread
+
+    data = evaluation_data(vae, config, args.dataset, "test", args.data_dir)
+    device = next(vae.parameters()).device
+    return data, spread(data.images, n).to(device)
+
+
+def sample_main(argv: list[str]) -> None:
+    from . import plots
+    from .explore import prior_samples
+
+    parser = explore_parser("sample", "Images decoded from latents drawn from the prior.")
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0, help="scale of z about the prior mean")
+    args = parser.parse_args(argv)
+    vae, _, out = explore_setup(args, "n")
+    if not args.temperature > 0:
+        raise PyvaeError(f"--temperature must be a positive number; got {args.temperature}")
+    plots.save_grid(prior_samples(vae, args.n, args.temperature), vae.image_shape, out / "samples.png", nrow=_side(args.n))
+    print(f"wrote {out}/samples.png")
+
+
+def reconstruct_main(argv: list[str]) -> None:
+    from . import plots
+
+    parser = explore_parser("reconstruct", "Test images, each row above its reconstructions.")
+    parser.add_argument("--n", type=int, default=32, help="images (rows of 8)")
+    args = parser.parse_args(argv)
+    vae, config, out = explore_setup(args, "n")
+    _, x = test_images(vae, config, args)
+    plots.reconstructions(vae, x, out / "reconstructions.png", per_row=8, rows=max(1, args.n // 8))
+    print(f"wrote {out}/reconstructions.png")
+
+
+def interpolate_main(argv: list[str]) -> None:
+    from . import plots
+    from .explore import interpolations
+
+    parser = explore_parser("interpolate", "Decoded paths between test images, linear and spherical in z.")
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args(argv)
+    vae, config, out = explore_setup(args, "pairs", "steps")
+    _, x = test_images(vae, config, args, 2 * args.pairs)
+    x_from, x_to = x[0::2], x[1::2]
+    for kind in ("linear", "spherical"):
+        images = interpolations(vae, x_from, x_to, args.steps, spherical=kind == "spherical")
+        plots.save_grid(images, vae.image_shape, out / f"interpolate_{kind}.png", nrow=args.steps)
+    print(f"wrote {out}/interpolate_linear.png, interpolate_spherical.png")
+
+
+def traverse_main(argv: list[str]) -> None:
+    import torch
+
+    from . import plots
+    from .diagnostics import kl_per_dimension
+    from .explore import manifold, traversal
+
+    parser = explore_parser("traverse", "Each latent dimension swept over the prior's quantiles, by KL.")
+    parser.add_argument("--dims", type=int, default=10, help="how many dimensions, largest KL first")
+    parser.add_argument("--steps", type=int, default=9)
+    args = parser.parse_args(argv)
+    vae, config, out = explore_setup(args, "dims", "steps")
+    _, x = test_images(vae, config, args, 1000)
+    kl = kl_per_dimension(vae, x)
+    if kl is None:  # no factorized marginals: rank by how much the latent means vary instead
+        kl = vae.latent_mean(x).var(0).cpu()
+    order = torch.argsort(kl, descending=True)[: args.dims].tolist()
+    plots.save_grid(traversal(vae, order, args.steps), vae.image_shape, out / "traverse.png", nrow=args.steps)
+    print(f"wrote {out}/traverse.png (rows: dimensions {order})")
+    if vae.z_dim == 2:
+        plots.save_grid(manifold(vae), vae.image_shape, out / "manifold.png", nrow=15)
+        print(f"wrote {out}/manifold.png")
+
+
+def embed_main(argv: list[str]) -> None:
+    import json
+
+    from . import plots
+    from .checkpoint import atomic_write
+    from .explore import embedding_2d, linear_probe
+
+    parser = explore_parser("embed", "Latent means of the test set: a scatter, a linear probe, k-means purity.")
+    parser.add_argument("--num-points", type=int, help="test images, evenly spread (default all)")
+    args = parser.parse_args(argv)
+    vae, config, out = explore_setup(args)
+    data, _ = test_images(vae, config, args)
+    if data.labels is None:
+        raise PyvaeError(f"the {data.name} test split has no labels; pass --dataset with a labelled set")
+    from .data import spread
+
+    x, labels = spread(data.images, args.num_points), spread(data.labels, args.num_points)
+    z = vae.latent_mean(x.to(next(vae.parameters()).device)).cpu().numpy()
+    result = linear_probe(z, labels.numpy(), seed=args.seed)
+    points, axis_name = embedding_2d(z)
+    plots.embedding(points, labels.numpy(), axis_name, out / "embedding.png")
+    atomic_write(out / "embed.json", lambda f: f.write(json.dumps({"dataset": data.name, **result}, indent=2).encode()))
+    print(
+        f"{data.name} test, {result['num_points']} points: linear probe accuracy {result['probe_accuracy']:.3f} "
+        f"(majority class {result['majority_baseline']:.3f}); k-means purity {result['kmeans_purity']:.3f}"
+    )
+    print(f"wrote {out}/embedding.png, embed.json")
+
+
+def anomaly_main(argv: list[str]) -> None:
+    import json
+
+    from . import plots
+    from .checkpoint import atomic_write
+    from .explore import anomaly_auc
+    from .importance import log_likelihood
+
+    parser = explore_parser("anomaly", "log p(x) as an anomaly score: ROC AUC of test images against another set.")
+    parser.add_argument("--ood", required=True, help="the out-of-distribution data set, e.g. fashion_mnist")
+    parser.add_argument("--num-samples", type=int, default=100, help="K importance samples per image")
+    parser.add_argument("--num-points", type=int, default=1000, help="images of each set, evenly spread")
+    args = parser.parse_args(argv)
+    vae, config, out = explore_setup(args, "num_samples", "num_points")
+    data, x_in = test_images(vae, config, args, args.num_points)
+    ood_args = argparse.Namespace(**{**vars(args), "dataset": args.ood})
+    ood, x_ood = test_images(vae, config, ood_args, args.num_points)
+    if x_ood.shape[1] != vae.x_dim:
+        raise PyvaeError(f"{args.ood} images have {x_ood.shape[1]} pixels; the model expects {vae.x_dim}")
+    ll_in = log_likelihood(vae, x_in, args.num_samples).log_px
+    ll_ood = log_likelihood(vae, x_ood, args.num_samples).log_px
+    auc = anomaly_auc(ll_in, ll_ood)
+    result = {
+        "in_distribution": data.name,
+        "out_of_distribution": ood.name,
+        "num_points": len(x_in),
+        "num_samples": args.num_samples,
+        "roc_auc": auc,
+        "log_px_in": float(ll_in.mean()),
+        "log_px_ood": float(ll_ood.mean()),
+    }
+    plots.anomaly_histogram(ll_in, ll_ood, (data.name, ood.name), auc, out / "anomaly_hist.png")
+    atomic_write(out / "anomaly.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
+    print(f"ROC AUC of -log p(x), {data.name} (in) vs {ood.name} (out): {auc:.3f}")
+    print(f"  mean log p(x): in {result['log_px_in']:.2f}, out {result['log_px_ood']:.2f} nats")
+    if auc < 0.5:
+        print(
+            "  caveat: the out-of-distribution images got *higher* likelihood on average. This is a known "
+            "failure of likelihood-based detection (Nalisnick et al. 2019): simple images score high under "
+            "any density model, whatever it was trained on."
+        )
+    print(f"wrote {out}/anomaly_hist.png, anomaly.json")
+
+
+def _side(n: int) -> int:
+    return max(1, round(n**0.5))
+
+
+COMMANDS = {
+    "evaluate": evaluate_main,
+    "sample": sample_main,
+    "reconstruct": reconstruct_main,
+    "interpolate": interpolate_main,
+    "traverse": traverse_main,
+    "embed": embed_main,
+    "anomaly": anomaly_main,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

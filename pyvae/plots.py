@@ -108,3 +108,29 @@ def kl_per_dim(kl: torch.Tensor, path: str | Path) -> None:
     ax.set_xlabel("latent dimension (sorted by KL)")
     ax.set_ylabel("KL (nats)")
     save_figure(fig, path)
+
+
+def embedding(points, labels, axis_name: str, path: str | Path) -> None:
+    """A 2-D scatter of latent means coloured by label."""
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=3, alpha=0.7)
+    if labels is not None:
+        fig.colorbar(scatter, ax=ax, label="label")
+    ax.set_xlabel(f"{axis_name} 1")
+    ax.set_ylabel(f"{axis_name} 2")
+    ax.set_title("latent means of the test set")
+    save_figure(fig, path)
+
+
+def anomaly_histogram(log_px_in, log_px_ood, names: tuple[str, str], auc: float, path: str | Path) -> None:
+    """Histograms of log p(x) for in-distribution and out-of-distribution images."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    values = torch.cat([log_px_in, log_px_ood])
+    bins = torch.linspace(float(values.min()), float(values.max()), 60).numpy()
+    ax.hist(log_px_in.numpy(), bins=bins, alpha=0.6, density=True, label=f"{names[0]} (in)")
+    ax.hist(log_px_ood.numpy(), bins=bins, alpha=0.6, density=True, label=f"{names[1]} (out)")
+    ax.set_xlabel("log p(x) (nats)")
+    ax.set_ylabel("density")
+    ax.set_title(f"anomaly score -log p(x): ROC AUC {auc:.3f}")
+    ax.legend()
+    save_figure(fig, path)
