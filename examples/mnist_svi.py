@@ -66,6 +66,7 @@ def main(argv):
         num_particles=config.num_particles,
         beta=config.beta,
         kl_warmup_epochs=config.kl_warmup_epochs,
+        clip_norm=config.clip_norm,
         device=config.device,
         seed=config.seed,
         out=out,

@@ -40,8 +40,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[object], None]) -> No
         raise
 
 
-def save(vae: VAE, path: str | os.PathLike, **extra) -> None:
-    """Write ``vae`` (weights and constructor arguments) to ``path``; ``extra`` entries are stored alongside."""
+def save(vae: VAE, path: str | os.PathLike, keep_previous: bool = False, **extra) -> None:
+    """Write ``vae`` (weights and constructor arguments) to ``path``; ``extra`` entries are stored alongside.
+
+    With ``keep_previous`` the checkpoint being replaced survives as ``<name>.prev<suffix>``;
+    at every moment ``path`` holds a complete checkpoint (the old one, then the new one).
+    """
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -49,6 +53,13 @@ def save(vae: VAE, path: str | os.PathLike, **extra) -> None:
         "state_dict": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
         **extra,
     }
+    path = Path(path)
+    if keep_previous and path.is_file():
+        previous = path.with_name(f"{path.stem}.prev{path.suffix}")
+        link = previous.with_name(f".{previous.name}.link")
+        link.unlink(missing_ok=True)
+        os.link(path, link)  # a second name for the current file, then renamed into place
+        os.replace(link, previous)
     atomic_write(path, lambda f: torch.save(payload, f))
 
 

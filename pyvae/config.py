@@ -56,6 +56,7 @@ class TrainConfig:
     num_particles: int = field(default=1, metadata={"min": 1, "help": "samples of z per point (K for iwae)"})
     beta: float = field(default=1.0, metadata={"positive": True, "help": "weight of the KL term (beta-VAE)"})
     kl_warmup_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of linear KL warm-up from 0 to beta"})
+    clip_norm: float | None = field(default=None, metadata={"positive": True, "help": "clip the gradient's total norm"})
     epochs: int = field(default=10, metadata={"min": 1})
     batch_size: int = field(default=128, metadata={"min": 1})
     lr: float = field(default=1e-3, metadata={"positive": True})

@@ -144,6 +144,7 @@ def fit(
     num_particles: int = 1,
     beta: float = 1.0,
     kl_warmup_epochs: int = 0,
+    clip_norm: float | None = None,
     device: str | torch.device = "auto",
     seed: int | None = None,
     out: str | Path | None = None,
@@ -161,11 +162,18 @@ def fit(
     ``test_elbo`` (the plain ELBO, beta = 1, on ``test`` after the epoch, when given;
     for ``iwae`` also ``test_iwae``, the K-sample bound) and ``seconds``. All are in
     nats per data point. With ``out``, ``metrics.jsonl`` gets one line per epoch and
-    ``checkpoint.pt`` is rewritten atomically after each.
+    ``checkpoint.pt`` is rewritten atomically after each, the one before kept as
+    ``checkpoint.prev.pt``.
+
+    ``clip_norm`` rescales the gradient to at most that total norm. A non-finite loss or
+    gradient stops training with a :class:`PyvaeError` naming the epoch and step; the
+    parameters are then not saved, so no checkpoint ever holds NaNs.
     """
     positive_int("epochs", epochs)
     positive_int("batch_size", batch_size)
     positive_number("lr", lr)
+    if clip_norm is not None:
+        positive_number("clip_norm", clip_norm)
     # poutine.scale needs a scale > 0
     positive_number("beta", beta)
     if isinstance(kl_warmup_epochs, bool) or not isinstance(kl_warmup_epochs, int) or kl_warmup_epochs < 0:
@@ -192,6 +200,9 @@ def fit(
         out.mkdir(parents=True, exist_ok=True)
 
     vae.to(device)
+    bad = [name for name, p in vae.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise PyvaeError(f"parameter {bad[0]} holds NaN or infinite values before training; rebuild or reload the model")
     if elbo == "meanfield":
         _warn_if_no_analytic_kl(vae, train_batches.images[:2].to(device))
     optimizer = make_adam(vae.parameters(), lr)
@@ -220,6 +231,9 @@ def fit(
             # the remaining steps skip those checks (they cost about 5% of a step on a CPU)
             with pyro.validation_enabled(step == 1 and pyro.infer.util.is_validation_enabled()):
                 loss = objective.loss_and_backward(vae, x, num_data, kl_weight)
+            grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), clip_norm) if clip_norm else None
+            if not bool(torch.isfinite(loss)) or (grad_norm is not None and not bool(torch.isfinite(grad_norm))):
+                raise PyvaeError(_numerical_fault(epoch, step - (epoch - 1) * steps_per_epoch, loss, out))
             optimizer.step()
             # loss estimates the sum over all N points; weight by M/N so the epoch total sums them once
             total += loss.to(device) * (x.shape[0] / num_data)
@@ -242,7 +256,7 @@ def fit(
         if out is not None:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            save(vae, out / "checkpoint.pt", epoch=epoch, history=history)
+            save(vae, out / "checkpoint.pt", keep_previous=True, epoch=epoch, history=history)
     return history
 
 
@@ -288,6 +302,16 @@ def as_images(data) -> tuple[torch.Tensor, bool]:
     if not images.is_floating_point():
         images = images.float()
     return images, dynamic
+
+
+def _numerical_fault(epoch: int, step: int, loss: torch.Tensor, out: Path | None) -> str:
+    what = "loss" if not bool(torch.isfinite(loss)) else "gradient"
+    last = out / "checkpoint.pt" if out is not None and (out / "checkpoint.pt").is_file() else None
+    return (
+        f"non-finite {what} at epoch {epoch}, step {step}; likely causes: a learning rate too high, "
+        "a likelihood scale too small for the data, or exploding decoder outputs (try a lower --lr or --clip-norm); "
+        f"last good checkpoint: {last or 'none written yet'}"
+    )
 
 
 def _warn_if_no_analytic_kl(vae: VAE, x: torch.Tensor) -> None:
