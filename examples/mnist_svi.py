@@ -4,6 +4,7 @@
     python examples/mnist_svi.py --epochs 5 --elbo meanfield --device cuda
     python examples/mnist_svi.py --config configs/mnist_vampprior.yaml --z-dim 20
     python examples/mnist_svi.py --prior vamp --guide iaf --elbo iwae --num-particles 5
+    python examples/mnist_svi.py --resume runs/binarized_mnist-20261121-101500 --epochs 20
 
 ELBOs are printed in nats per data point: a lower bound on log p(x), higher is better
 (negative for the default Bernoulli likelihood; the NLL is its negative).
@@ -40,21 +41,25 @@ def main(argv):
 
     # 2. model: p(z) p(x|z) and q(z|x) as Pyro programs around two MLPs
     torch.manual_seed(config.seed)
-    vae = pyvae.VAE(
-        x_dim=train.x_dim,
-        z_dim=config.z_dim,
-        hidden=config.hidden,
-        prior=config.prior,
-        likelihood=likelihood,
-        guide=config.guide,
-        activation=config.activation,
-        image_shape=train.image_shape,
-        net=config.net,
-    )
+    if config.resume:  # fit restores the optimizer, the step counter and the random generators too
+        vae = pyvae.load(f"{config.resume}/checkpoint.pt")
+    else:
+        vae = pyvae.VAE(
+            x_dim=train.x_dim,
+            z_dim=config.z_dim,
+            hidden=config.hidden,
+            prior=config.prior,
+            likelihood=likelihood,
+            guide=config.guide,
+            activation=config.activation,
+            image_shape=train.image_shape,
+            net=config.net,
+        )
 
     # 3. inference: SVI on the ELBO, a checkpoint and a metrics line per epoch
     out = config.output_dir()
-    (out / "config.yaml").write_text(config.to_yaml())
+    if not config.resume:
+        (out / "config.yaml").write_text(config.to_yaml())
     history = pyvae.fit(
         vae,
         train,
@@ -70,6 +75,7 @@ def main(argv):
         device=config.device,
         seed=config.seed,
         out=out,
+        resume=bool(config.resume),
     )
 
     # 4. pictures

@@ -66,6 +66,7 @@ class TrainConfig:
     eval_samples: int = field(default=1000, metadata={"min": 0, "help": "K for the test log-likelihood at the end; 0 skips it"})
     eval_points: int = field(default=1000, metadata={"min": 0, "help": "test points for it, evenly spread; 0 means all"})
     # output
+    resume: str | None = field(default=None, metadata={"help": "continue the run in this folder after its last completed epoch"})
     out: str | None = field(default=None, metadata={"help": "run folder (default runs/<dataset>-<timestamp>)"})
 
     def validate(self) -> TrainConfig:
@@ -81,6 +82,7 @@ class TrainConfig:
         """YAML that reruns this configuration (``out`` left empty so a rerun gets a new folder)."""
         values = dataclasses.asdict(self)
         values["out"] = None
+        values["resume"] = None
         return yaml.safe_dump(values, sort_keys=False)
 
 
@@ -210,5 +212,11 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     args = vars(build_parser(description).parse_args(argv))
     debug = args.pop("debug", False)
     values = from_yaml(args.pop("config")) if "config" in args else {}
+    if args.get("resume"):
+        # the run's own configuration, then any flags given now (a larger --epochs, say)
+        run = Path(args["resume"])
+        if not (run / "config.yaml").is_file() or not (run / "checkpoint.pt").is_file():
+            raise PyvaeError(f"cannot resume {run}: it needs config.yaml and checkpoint.pt from an earlier run")
+        values = {**from_yaml(run / "config.yaml"), "out": str(run)}
     values.update(args)
     return TrainConfig(**values).validate(), debug

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import sys
 import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pyro
 import torch
 from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
@@ -148,6 +150,7 @@ def fit(
     device: str | torch.device = "auto",
     seed: int | None = None,
     out: str | Path | None = None,
+    resume: bool = False,
     progress: bool = True,
 ) -> list[dict]:
     """Train ``vae`` in place by SVI with Adam; return one dict per epoch.
@@ -168,6 +171,11 @@ def fit(
     ``clip_norm`` rescales the gradient to at most that total norm. A non-finite loss or
     gradient stops training with a :class:`PyvaeError` naming the epoch and step; the
     parameters are then not saved, so no checkpoint ever holds NaNs.
+
+    With ``resume`` (and ``out``), training continues after the last completed epoch of
+    ``out/checkpoint.pt``: weights, optimizer state, step counter (the warm-up schedule),
+    history and the random number generators of python, numpy and torch are restored, so
+    an interrupted and resumed run reaches the same parameters as an uninterrupted one.
     """
     positive_int("epochs", epochs)
     positive_int("batch_size", batch_size)
@@ -210,7 +218,14 @@ def fit(
     steps_per_epoch = math.ceil(num_data / batch_size)
     step = 0
     history = []
-    for epoch in range(1, epochs + 1):
+    if resume:
+        if out is None:
+            raise PyvaeError("resume needs out, the run folder whose checkpoint.pt to continue from")
+        history, step = _restore(vae, optimizer, out / "checkpoint.pt")
+        with open(out / "metrics.jsonl", "wb") as f:  # exactly the completed epochs: no torn or repeated lines
+            f.write("".join(json.dumps(h) + "\n" for h in history).encode())
+    validated = False
+    for epoch in range(len(history) + 1, epochs + 1):
         vae.train()
         start = time.perf_counter()
         total = torch.zeros((), device=device)
@@ -229,8 +244,9 @@ def fit(
             # the first step runs with Pyro's and torch's validation (shapes, supports, parameter
             # constraints), which catches a broken model or part; the data were checked above, so
             # the remaining steps skip those checks (they cost about 5% of a step on a CPU)
-            with pyro.validation_enabled(step == 1 and pyro.infer.util.is_validation_enabled()):
+            with pyro.validation_enabled(not validated and pyro.infer.util.is_validation_enabled()):
                 loss = objective.loss_and_backward(vae, x, num_data, kl_weight)
+            validated = True
             grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), clip_norm) if clip_norm else None
             if not bool(torch.isfinite(loss)) or (grad_norm is not None and not bool(torch.isfinite(grad_norm))):
                 raise PyvaeError(_numerical_fault(epoch, step - (epoch - 1) * steps_per_epoch, loss, out))
@@ -256,8 +272,49 @@ def fit(
         if out is not None:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            save(vae, out / "checkpoint.pt", keep_previous=True, epoch=epoch, history=history)
+            training = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}
+            save(vae, out / "checkpoint.pt", keep_previous=True, epoch=epoch, history=history, training=training)
     return history
+
+
+def rng_state() -> dict:
+    """The states of python's, numpy's and torch's (CPU and CUDA) generators, as tensors and numbers
+    (``torch.load(weights_only=True)`` reads them back)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _restore(vae: VAE, optimizer: torch.optim.Optimizer, path: Path) -> tuple[list[dict], int]:
+    from .checkpoint import read
+
+    payload = read(path)
+    if "training" not in payload or "history" not in payload:
+        raise PyvaeError(f"{path} holds no training state to resume from (it was not written by fit)")
+    try:
+        vae.load_state_dict(payload["state_dict"])
+        optimizer.load_state_dict(payload["training"]["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise PyvaeError(f"{path} does not match this model and optimizer: {str(e).splitlines()[0]}") from e
+    set_rng_state(payload["training"]["rng"])
+    return list(payload["history"]), int(payload["training"]["step"])
 
 
 @torch.no_grad()

@@ -84,6 +84,7 @@ def test_bad_config_is_a_one_line_error(tmp_path, capsys, yaml_text, message):
         (["--elbo", "renyi"], "argument --elbo: invalid choice: 'renyi'"),
         (["--batch-size", "0"], "invalid value 0 for 'batch_size'"),
         (["--config", "missing.yaml"], "cannot read config missing.yaml"),
+        (["--resume", "nowhere"], "cannot resume nowhere: it needs config.yaml and checkpoint.pt"),
         (["--dataset", "binarized_mnist", "--data-dir", "nowhere", "--no-download", "--strict-data"], "binarized_mnist train split not found"),
     ],
 )

@@ -141,3 +141,17 @@ def test_clip_norm_bounds_the_update(digits):
     assert any(not torch.equal(a, b) for a, b in zip(before, vae.parameters()))
     with pytest.raises(pyvae.PyvaeError, match="clip_norm must be a positive number; got 0"):
         pyvae.fit(vae, train, epochs=1, clip_norm=0, device="cpu", progress=False)
+
+
+def test_resume_needs_a_run_written_by_fit(tmp_path, digits):
+    train, _ = digits
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    with pytest.raises(pyvae.PyvaeError, match="resume needs out"):
+        pyvae.fit(vae, train, epochs=1, resume=True, device="cpu", progress=False)
+    pyvae.save(vae, tmp_path / "checkpoint.pt")
+    with pytest.raises(pyvae.PyvaeError, match="holds no training state to resume from"):
+        pyvae.fit(vae, train, epochs=1, resume=True, out=tmp_path, device="cpu", progress=False)
+    pyvae.fit(vae, train, epochs=1, batch_size=256, out=tmp_path, device="cpu", progress=False)
+    other = pyvae.VAE(x_dim=64, z_dim=5, hidden=(16,))
+    with pytest.raises(pyvae.PyvaeError, match="does not match this model and optimizer"):
+        pyvae.fit(other, train, epochs=2, resume=True, out=tmp_path, device="cpu", progress=False)
