@@ -23,9 +23,9 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        print(str(e) or "interrupted", file=sys.stderr)
+        sys.exit(128 + getattr(e, "signum", 2))
 
 
 def load_run(path: str | Path):

@@ -29,7 +29,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -217,64 +219,126 @@ def fit(
     num_data = len(train_batches)
     steps_per_epoch = math.ceil(num_data / batch_size)
     step = 0
-    history = []
+    history, resumed = [], {}
     if resume:
         if out is None:
             raise PyvaeError("resume needs out, the run folder whose checkpoint.pt to continue from")
-        history, step = _restore(vae, optimizer, out / "checkpoint.pt")
+        history, resumed = _restore(vae, optimizer, out / "checkpoint.pt")
+        step = resumed["step"]
         with open(out / "metrics.jsonl", "wb") as f:  # exactly the completed epochs: no torn or repeated lines
             f.write("".join(json.dumps(h) + "\n" for h in history).encode())
     validated = False
-    for epoch in range(len(history) + 1, epochs + 1):
-        vae.train()
-        start = time.perf_counter()
-        total = torch.zeros((), device=device)
-        bar = tqdm(
-            train_batches.epoch(batch_size),
-            total=math.ceil(num_data / batch_size),
-            desc=f"epoch {epoch}/{epochs}",
-            leave=False,
-            disable=not progress,
-            file=sys.stderr,
-        )
-        for x in bar:
-            step += 1
-            kl_weight = beta * min(1.0, step / (kl_warmup_epochs * steps_per_epoch)) if kl_warmup_epochs else beta
-            optimizer.zero_grad(set_to_none=True)
-            # the first step runs with Pyro's and torch's validation (shapes, supports, parameter
-            # constraints), which catches a broken model or part; the data were checked above, so
-            # the remaining steps skip those checks (they cost about 5% of a step on a CPU)
-            with pyro.validation_enabled(not validated and pyro.infer.util.is_validation_enabled()):
-                loss = objective.loss_and_backward(vae, x, num_data, kl_weight)
-            validated = True
-            grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), clip_norm) if clip_norm else None
-            if not bool(torch.isfinite(loss)) or (grad_norm is not None and not bool(torch.isfinite(grad_norm))):
-                raise PyvaeError(_numerical_fault(epoch, step - (epoch - 1) * steps_per_epoch, loss, out))
-            optimizer.step()
-            # loss estimates the sum over all N points; weight by M/N so the epoch total sums them once
-            total += loss.to(device) * (x.shape[0] / num_data)
-        record = {"epoch": epoch, "train_elbo": -total.item() / num_data, "beta": kl_weight}
-        if test_batches is not None:
-            record["test_elbo"] = evaluate_elbo(vae, test_batches, elbo="trace" if elbo == "iwae" else elbo)
-            if elbo == "iwae":
-                record["test_iwae"] = evaluate_elbo(vae, test_batches, elbo="iwae", num_particles=num_particles)
-        record["seconds"] = time.perf_counter() - start
-        history.append(record)
-        if progress:
-            test_part = f"  test ELBO {record['test_elbo']:9.3f}" if "test_elbo" in record else ""
-            if "test_iwae" in record:
-                test_part += f"  test IWAE-{num_particles} {record['test_iwae']:9.3f}"
-            tqdm.write(
-                f"epoch {epoch:3d}/{epochs}  train ELBO {record['train_elbo']:9.3f}{test_part}  "
-                f"nats/point  ({record['seconds']:.1f} s)",
-                file=sys.stdout,
+    stop = StopOnSignal(enabled=out is not None)
+    first_epoch = len(history) + 1
+    try:
+        for epoch in range(first_epoch, epochs + 1):
+            vae.train()
+            # a run stopped by a signal mid-epoch resumes inside it: the epoch's data order and
+            # binarization are drawn again from the generators' state at its start, the batches
+            # already used are skipped, then the generators continue from where they stopped
+            done = resumed.get("step_in_epoch", 0) if epoch == first_epoch else 0
+            if done:
+                set_rng_state(resumed["epoch_rng"])
+            epoch_rng = rng_state() if out is not None else None
+            start = time.perf_counter() - (resumed["partial_seconds"] if done else 0.0)
+            total = torch.full((), resumed["partial_total"] if done else 0.0, device=device)
+            batches = train_batches.epoch(batch_size)
+            for _ in range(done):
+                next(batches)
+            if done:
+                set_rng_state(resumed["rng"])
+            bar = tqdm(
+                batches,
+                total=steps_per_epoch,
+                initial=done,
+                desc=f"epoch {epoch}/{epochs}",
+                leave=False,
+                disable=not progress,
+                file=sys.stderr,
             )
-        if out is not None:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            training = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}
-            save(vae, out / "checkpoint.pt", keep_previous=True, epoch=epoch, history=history, training=training)
+            for in_epoch, x in enumerate(bar, start=done + 1):
+                step += 1
+                kl_weight = beta * min(1.0, step / (kl_warmup_epochs * steps_per_epoch)) if kl_warmup_epochs else beta
+                optimizer.zero_grad(set_to_none=True)
+                # the first step runs with Pyro's and torch's validation (shapes, supports, parameter
+                # constraints), which catches a broken model or part; the data were checked above, so
+                # the remaining steps skip those checks (they cost about 5% of a step on a CPU)
+                with pyro.validation_enabled(not validated and pyro.infer.util.is_validation_enabled()):
+                    loss = objective.loss_and_backward(vae, x, num_data, kl_weight)
+                validated = True
+                grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), clip_norm) if clip_norm else None
+                if not bool(torch.isfinite(loss)) or (grad_norm is not None and not bool(torch.isfinite(grad_norm))):
+                    raise PyvaeError(_numerical_fault(epoch, step - (epoch - 1) * steps_per_epoch, loss, out))
+                optimizer.step()
+                # loss estimates the sum over all N points; weight by M/N so the epoch total sums them once
+                total += loss.to(device) * (x.shape[0] / num_data)
+                if stop.signum is not None:
+                    training = {
+                        "step": step,
+                        "optimizer": optimizer.state_dict(),
+                        "rng": rng_state(),
+                        "epoch_rng": epoch_rng,
+                        "step_in_epoch": in_epoch,
+                        "partial_total": float(total),
+                        "partial_seconds": time.perf_counter() - start,
+                    }
+                    save(vae, out / "checkpoint.pt", keep_previous=True, epoch=epoch - 1, history=history, training=training)
+                    raise TrainingStopped(
+                        stop.signum,
+                        f"stopped by {signal.Signals(stop.signum).name} at epoch {epoch}, step {in_epoch}; "
+                        f"checkpoint written to {out / 'checkpoint.pt'}; continue with --resume {out}",
+                    )
+            record = {"epoch": epoch, "train_elbo": -total.item() / num_data, "beta": kl_weight}
+            if test_batches is not None:
+                record["test_elbo"] = evaluate_elbo(vae, test_batches, elbo="trace" if elbo == "iwae" else elbo)
+                if elbo == "iwae":
+                    record["test_iwae"] = evaluate_elbo(vae, test_batches, elbo="iwae", num_particles=num_particles)
+            record["seconds"] = time.perf_counter() - start
+            history.append(record)
+            if progress:
+                test_part = f"  test ELBO {record['test_elbo']:9.3f}" if "test_elbo" in record else ""
+                if "test_iwae" in record:
+                    test_part += f"  test IWAE-{num_particles} {record['test_iwae']:9.3f}"
+                tqdm.write(
+                    f"epoch {epoch:3d}/{epochs}  train ELBO {record['train_elbo']:9.3f}{test_part}  "
+                    f"nats/point  ({record['seconds']:.1f} s)",
+                    file=sys.stdout,
+                )
+            if out is not None:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                training = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}
+                save(vae, out / "checkpoint.pt", keep_previous=True, epoch=epoch, history=history, training=training)
+    finally:
+        stop.restore()  # also when training fails: the caller's Ctrl-C must work again
     return history
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM after writing a checkpoint it can resume from."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopOnSignal:
+    """Turns SIGINT and SIGTERM into a request to stop after the current step (main thread only)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.signum: int | None = None
+        self.previous = {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._request)
+
+    def _request(self, signum, frame) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 def rng_state() -> dict:
@@ -302,7 +366,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _restore(vae: VAE, optimizer: torch.optim.Optimizer, path: Path) -> tuple[list[dict], int]:
+def _restore(vae: VAE, optimizer: torch.optim.Optimizer, path: Path) -> tuple[list[dict], dict]:
     from .checkpoint import read
 
     payload = read(path)
@@ -314,7 +378,7 @@ def _restore(vae: VAE, optimizer: torch.optim.Optimizer, path: Path) -> tuple[li
     except (RuntimeError, ValueError, KeyError) as e:
         raise PyvaeError(f"{path} does not match this model and optimizer: {str(e).splitlines()[0]}") from e
     set_rng_state(payload["training"]["rng"])
-    return list(payload["history"]), int(payload["training"]["step"])
+    return list(payload["history"]), payload["training"]
 
 
 @torch.no_grad()

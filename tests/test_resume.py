@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import pyvae
@@ -31,26 +32,52 @@ def epochs_written(out):
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
-    full = tmp_path / "full"
-    assert example(full, "--epochs", "3").returncode == 0
+def same_run(a, b):
+    for (name, p), q in zip(pyvae.load(a / "checkpoint.pt").state_dict().items(), pyvae.load(b / "checkpoint.pt").state_dict().values()):
+        assert torch.equal(p, q), name
+    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in path.read_text().splitlines()]  # noqa: E731
+    assert strip(a / "metrics.jsonl") == strip(b / "metrics.jsonl")  # no repeated or torn lines
 
-    killed = tmp_path / "killed"
-    proc = example(killed, "--epochs", "3", wait=False)
+
+def interrupt_during_epoch_2(out, sig):
+    proc = example(out, "--epochs", "3", wait=False)
     deadline = time.time() + 240
-    while epochs_written(killed) < 1 and time.time() < deadline and proc.poll() is None:
+    while epochs_written(out) < 1 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     time.sleep(0.3)  # into epoch 2 (an epoch of 360 steps takes about a second)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    return proc.wait()
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """The uninterrupted run every interrupted one must end up equal to."""
+    out = tmp_path_factory.mktemp("full")
+    assert example(out, "--epochs", "3").returncode == 0
+    return out
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, full):
+
+    killed = tmp_path / "killed"
+    interrupt_during_epoch_2(killed, signal.SIGKILL)
     completed = epochs_written(killed)
     assert 1 <= completed < 3, "the kill should land before the run finishes"
     assert pyvae.load(killed / "checkpoint.pt")  # the last completed epoch's checkpoint is loadable
 
     result = example(killed, "--resume", str(killed))
     assert result.returncode == 0, result.stderr
-    a, b = pyvae.load(full / "checkpoint.pt"), pyvae.load(killed / "checkpoint.pt")
-    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(p, q), name
-    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in path.read_text().splitlines()]  # noqa: E731
-    assert strip(killed / "metrics.jsonl") == strip(full / "metrics.jsonl")  # no repeated or torn lines
+    same_run(full, killed)
+
+
+def test_sigint_and_sigterm_stop_with_a_checkpoint_that_resumes_mid_epoch(tmp_path, full):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / sig.name
+        code = interrupt_during_epoch_2(out, sig)
+        assert code == 128 + sig, code
+        state = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert state["training"]["step_in_epoch"] >= 1 and state["epoch"] == 1  # stopped inside epoch 2
+        assert epochs_written(out) == 1
+        result = example(out, "--resume", str(out))
+        assert result.returncode == 0, result.stderr
+        same_run(full, out)
