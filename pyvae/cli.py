@@ -73,23 +73,13 @@ def evaluate_main(argv: list[str]) -> None:
     from .data import spread
     from .diagnostics import evaluate
 
-    parser = Parser(prog="python -m pyvae evaluate", description="Importance-sampled log p(x) and guide diagnostics of a trained run.")
-    parser.add_argument("run", help="run folder (with checkpoint.pt and config.yaml) or checkpoint file")
-    parser.add_argument("--dataset", help="data set (default: the run's)")
+    parser = run_parser("evaluate", "Importance-sampled log p(x) and guide diagnostics of a trained run.", "RUN/eval-<dataset>-<split>-K<K>")
     parser.add_argument("--split", default="test")
     parser.add_argument("--num-samples", type=int, default=5000, help="K importance samples per point")
     parser.add_argument("--batch-size", type=int, help="data points per chunk (default: chosen to bound memory)")
     parser.add_argument("--num-points", type=int, help="evaluate this many points, evenly spread over the split")
-    parser.add_argument("--data-dir")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="output folder (default RUN/eval-<dataset>-<split>-K<K>)")
-    parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
-    for name in ("num_samples", "batch_size", "num_points"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise PyvaeError(f"--{name.replace('_', '-')} must be a positive integer; got {value}")
+    check_positive(args, "num_samples", "batch_size", "num_points", optional=True)
 
     vae, config, run_dir = load_run(args.run)
     data = evaluation_data(vae, config, args.dataset, args.split, args.data_dir)
@@ -117,16 +107,25 @@ def writable_dir(path: str | Path) -> Path:
     return out
 
 
-def explore_parser(command: str, description: str) -> Parser:
+def run_parser(command: str, description: str, default_out: str = "RUN/explore") -> Parser:
+    """The arguments every ``python -m pyvae`` command on a trained run shares."""
     parser = Parser(prog=f"python -m pyvae {command}", description=description)
     parser.add_argument("run", help="run folder (with checkpoint.pt and config.yaml) or checkpoint file")
     parser.add_argument("--dataset", help="data set (default: the run's)")
     parser.add_argument("--data-dir")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="output folder (default RUN/explore)")
+    parser.add_argument("--out", help=f"output folder (default {default_out})")
     parser.add_argument("--debug", action="store_true")
     return parser
+
+
+def check_positive(args, *names: str, optional: bool = False) -> None:
+    """Each named flag must be a positive integer (or, with ``optional``, not given)."""
+    for name in names:
+        value = getattr(args, name)
+        if (value is None and not optional) or (value is not None and value < 1):
+            raise PyvaeError(f"--{name.replace('_', '-')} must be a positive integer; got {value}")
 
 
 def explore_setup(args, *positive: str):
@@ -135,17 +134,15 @@ def explore_setup(args, *positive: str):
 
     from .train import resolve_device
 
-    for name in positive:
-        value = getattr(args, name)
-        if value is None or value < 1:
-            raise PyvaeError(f"--{name.replace('_', '-')} must be a positive integer; got {value}")
+    check_positive(args, *positive)
     vae, config, run_dir = load_run(args.run)
     vae.to(resolve_device(args.device)).eval()
     pyro.set_rng_seed(args.seed)
     return vae, config, writable_dir(args.out or run_dir / "explore")
 
 
-def test_images(vae, config, args, n=None):
+def held_out_images(vae, config, args, n=None):
+    """(the test split as the run was evaluated, n of its images evenly spread on the model's device)."""
     from .data import spread
 
     data = evaluation_data(vae, config, args.dataset, "test", args.data_dir)
@@ -155,27 +152,26 @@ def test_images(vae, config, args, n=None):
 
 def sample_main(argv: list[str]) -> None:
     from . import plots
-    from .explore import prior_samples
 
-    parser = explore_parser("sample", "Images decoded from latents drawn from the prior.")
+    parser = run_parser("sample", "Images decoded from latents drawn from the prior.")
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0, help="scale of z about the prior mean")
     args = parser.parse_args(argv)
     vae, _, out = explore_setup(args, "n")
     if not args.temperature > 0:
         raise PyvaeError(f"--temperature must be a positive number; got {args.temperature}")
-    plots.save_grid(prior_samples(vae, args.n, args.temperature), vae.image_shape, out / "samples.png", nrow=_side(args.n))
+    plots.save_grid(vae.sample(args.n, args.temperature), vae.image_shape, out / "samples.png", nrow=_side(args.n))
     print(f"wrote {out}/samples.png")
 
 
 def reconstruct_main(argv: list[str]) -> None:
     from . import plots
 
-    parser = explore_parser("reconstruct", "Test images, each row above its reconstructions.")
+    parser = run_parser("reconstruct", "Test images, each row above its reconstructions.")
     parser.add_argument("--n", type=int, default=32, help="images (rows of 8)")
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args, "n")
-    _, x = test_images(vae, config, args)
+    _, x = held_out_images(vae, config, args)
     plots.reconstructions(vae, x, out / "reconstructions.png", per_row=8, rows=max(1, args.n // 8))
     print(f"wrote {out}/reconstructions.png")
 
@@ -184,12 +180,12 @@ def interpolate_main(argv: list[str]) -> None:
     from . import plots
     from .explore import interpolations
 
-    parser = explore_parser("interpolate", "Decoded paths between test images, linear and spherical in z.")
+    parser = run_parser("interpolate", "Decoded paths between test images, linear and spherical in z.")
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args, "pairs", "steps")
-    _, x = test_images(vae, config, args, 2 * args.pairs)
+    _, x = held_out_images(vae, config, args, 2 * args.pairs)
     x_from, x_to = x[0::2], x[1::2]
     for kind in ("linear", "spherical"):
         images = interpolations(vae, x_from, x_to, args.steps, spherical=kind == "spherical")
@@ -204,12 +200,12 @@ def traverse_main(argv: list[str]) -> None:
     from .diagnostics import kl_per_dimension
     from .explore import manifold, traversal
 
-    parser = explore_parser("traverse", "Each latent dimension swept over the prior's quantiles, by KL.")
+    parser = run_parser("traverse", "Each latent dimension swept over the prior's quantiles, by KL.")
     parser.add_argument("--dims", type=int, default=10, help="how many dimensions, largest KL first")
     parser.add_argument("--steps", type=int, default=9)
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args, "dims", "steps")
-    _, x = test_images(vae, config, args, 1000)
+    _, x = held_out_images(vae, config, args, 1000)
     kl = kl_per_dimension(vae, x)
     if kl is None:  # no factorized marginals: rank by how much the latent means vary instead
         kl = vae.latent_mean(x).var(0).cpu()
@@ -228,11 +224,11 @@ def embed_main(argv: list[str]) -> None:
     from .checkpoint import atomic_write
     from .explore import embedding_2d, linear_probe
 
-    parser = explore_parser("embed", "Latent means of the test set: a scatter, a linear probe, k-means purity.")
+    parser = run_parser("embed", "Latent means of the test set: a scatter, a linear probe, k-means purity.")
     parser.add_argument("--num-points", type=int, help="test images, evenly spread (default all)")
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args)
-    data, _ = test_images(vae, config, args)
+    data, _ = held_out_images(vae, config, args)
     if data.labels is None:
         raise PyvaeError(f"the {data.name} test split has no labels; pass --dataset with a labelled set")
     from .data import spread
@@ -258,15 +254,15 @@ def anomaly_main(argv: list[str]) -> None:
     from .explore import anomaly_auc
     from .importance import log_likelihood
 
-    parser = explore_parser("anomaly", "log p(x) as an anomaly score: ROC AUC of test images against another set.")
+    parser = run_parser("anomaly", "log p(x) as an anomaly score: ROC AUC of test images against another set.")
     parser.add_argument("--ood", required=True, help="the out-of-distribution data set, e.g. fashion_mnist")
     parser.add_argument("--num-samples", type=int, default=100, help="K importance samples per image")
     parser.add_argument("--num-points", type=int, default=1000, help="images of each set, evenly spread")
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args, "num_samples", "num_points")
-    data, x_in = test_images(vae, config, args, args.num_points)
+    data, x_in = held_out_images(vae, config, args, args.num_points)
     ood_args = argparse.Namespace(**{**vars(args), "dataset": args.ood})
-    ood, x_ood = test_images(vae, config, ood_args, args.num_points)
+    ood, x_ood = held_out_images(vae, config, ood_args, args.num_points)
     if x_ood.shape[1] != vae.x_dim:
         raise PyvaeError(f"{args.ood} images have {x_ood.shape[1]} pixels; the model expects {vae.x_dim}")
     ll_in = log_likelihood(vae, x_in, args.num_samples).log_px

@@ -1,4 +1,6 @@
-"""What a trained VAE learned: generation, interpolation, traversals, embeddings, anomaly scores.
+"""What a trained VAE learned: interpolation, traversals, embeddings, anomaly scores.
+
+Samples from the prior are ``VAE.sample(n, temperature)``.
 
 Every function works with any prior, likelihood and guide: latents come from
 ``vae.prior()`` and ``vae.latent_mean(x)``, images from ``vae.likelihood.mean``.
@@ -15,22 +17,6 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
 from .model import VAE
-
-
-@torch.no_grad()
-def prior_samples(vae: VAE, n: int, temperature: float = 1.0) -> torch.Tensor:
-    """n images E[x|z] for z = m + T (z0 - m), z0 ~ p(z), m the prior's mean (estimated where it has none)."""
-    prior = vae.prior()
-    z = prior.sample((n,))
-    center = _prior_mean(prior)
-    return vae.likelihood.mean(vae.decoder(center + temperature * (z - center)))
-
-
-def _prior_mean(prior) -> torch.Tensor:
-    try:
-        return prior.mean
-    except NotImplementedError:
-        return prior.sample((4096,)).mean(0)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -111,7 +97,6 @@ def anomaly_auc(log_px_in: torch.Tensor, log_px_ood: torch.Tensor) -> float:
 
 
 __all__ = [
-    "prior_samples",
     "slerp",
     "interpolations",
     "traversal",

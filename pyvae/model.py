@@ -165,9 +165,17 @@ class VAE(nn.Module):
 
     # -- conveniences for pictures ----------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int) -> torch.Tensor:
-        """n images E[x|z] with z ~ p(z), shape (n, x_dim)."""
-        z = self.prior().sample((n,))
+    def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
+        """n images E[x|z], shape (n, x_dim), for z = m + T (z0 - m) with z0 ~ p(z) and m the
+        prior's mean (estimated from samples where the prior has none); T = 1 samples p(z)."""
+        prior = self.prior()
+        z = prior.sample((n,))
+        if temperature != 1.0:
+            try:
+                center = prior.mean
+            except NotImplementedError:
+                center = prior.sample((4096,)).mean(0)
+            z = center + temperature * (z - center)
         return self.likelihood.mean(self.decoder(z))
 
     @torch.no_grad()
