@@ -5,12 +5,14 @@
     python examples/mnist_svi.py --config configs/mnist_vampprior.yaml --z-dim 20
     python examples/mnist_svi.py --prior vamp --guide iaf --elbo iwae --num-particles 5
     python examples/mnist_svi.py --resume runs/binarized_mnist-20261121-101500 --epochs 20
+    torchrun --nproc_per_node=4 examples/mnist_svi.py --epochs 20   # data-parallel on 4 GPUs
 
 ELBOs are printed in nats per data point: a lower bound on log p(x), higher is better
 (negative for the default Bernoulli likelihood; the NLL is its negative).
 """
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -20,10 +22,15 @@ from pyvae.cli import run
 from pyvae.config import parse_args
 from pyvae.data import binarize_for, load_train_test, spread
 from pyvae.diagnostics import evaluate
+from pyvae.distributed import init
+from pyvae.train import resolve_device
 
 
 def main(argv):
     config, _ = parse_args(argv, description=__doc__.splitlines()[0])
+    # under torchrun, one of several processes training together (rank 0 writes); else alone
+    world, device = init(resolve_device(config.device))
+    say = print if world.main else lambda *args, **kwargs: None
 
     # 1. data: the requested set, or the offline digits with a notice
     train, test, notice = load_train_test(
@@ -33,11 +40,11 @@ def main(argv):
         fallback=None if config.strict_data else "digits",
     )
     if notice:
-        print(notice, file=sys.stderr)
+        say(notice, file=sys.stderr)
         config.dataset = train.name
     likelihood = pyvae.likelihoods.LIKELIHOODS.resolve(config.likelihood)
     train, test, config.binarize = binarize_for(likelihood, train, test, config.binarize, config.seed)
-    print(f"data: {train.name}, {len(train)} train / {len(test)} test images of {train.image_shape}, binarize={config.binarize}")
+    say(f"data: {train.name}, {len(train)} train / {len(test)} test images of {train.image_shape}, binarize={config.binarize}")
 
     # 2. model: p(z) p(x|z) and q(z|x) as Pyro programs around two MLPs
     torch.manual_seed(config.seed)
@@ -57,8 +64,8 @@ def main(argv):
         )
 
     # 3. inference: SVI on the ELBO, a checkpoint and a metrics line per epoch
-    out = config.output_dir()
-    if not config.resume:
+    out = Path(world.broadcast(str(config.output_dir()) if world.main else None))
+    if world.main and not config.resume:
         (out / "config.yaml").write_text(config.to_yaml())
     history = pyvae.fit(
         vae,
@@ -72,11 +79,14 @@ def main(argv):
         beta=config.beta,
         kl_warmup_epochs=config.kl_warmup_epochs,
         clip_norm=config.clip_norm,
-        device=config.device,
+        device=device,
         seed=config.seed,
         out=out,
         resume=bool(config.resume),
     )
+
+    if not world.main:
+        return
 
     # 4. pictures
     plots.samples(vae, out / "samples.png")

@@ -2,7 +2,7 @@
 
 Layers, from the bottom: :mod:`pyvae.nets` (networks), :mod:`pyvae.priors`,
 :mod:`pyvae.likelihoods`, :mod:`pyvae.guides` (distributions), :mod:`pyvae.model`
-(the Pyro model and guide), :mod:`pyvae.train` (SVI), :mod:`pyvae.importance` (importance
+(the Pyro model and guide), :mod:`pyvae.train` (SVI; :mod:`pyvae.distributed` under torchrun), :mod:`pyvae.importance` (importance
 sampling) and :mod:`pyvae.diagnostics`, :mod:`pyvae.data`, :mod:`pyvae.plots`,
 :mod:`pyvae.config`, :mod:`pyvae.cli`.
 

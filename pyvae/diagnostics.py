@@ -40,7 +40,7 @@ def kl_per_dimension(vae: VAE, x: torch.Tensor, num_samples: int = 100, batch_si
     if not _factorizes(prior):
         return None
     total, n = 0.0, 0
-    for xb in Batches(x, next(vae.parameters()).device).epoch(batch_size, shuffle=False):
+    for xb in Batches(x, next(vae.parameters()).device).in_order(batch_size):
         q = vae.encode(xb)
         if not _factorizes(q):
             return None

@@ -131,7 +131,7 @@ def log_likelihood(
     bar = tqdm(total=n, desc=f"log p(x), K={num_samples}", unit="pt", disable=not progress, leave=False)
     # the data were checked above; re-validating every chunk would only repeat that work
     with pyro.validation_enabled(False):
-        for start, xb in zip(range(0, n, batch_size), batches.epoch(batch_size, shuffle=False)):
+        for start, xb in zip(range(0, n, batch_size), batches.in_order(batch_size)):
             span = slice(start, start + xb.shape[0])
             log_w, z_mean[span] = _log_weights(vae, xb, num_samples, sample_chunk)
             for name, values in _summarize(log_w, sizes).items():

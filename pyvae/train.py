@@ -10,14 +10,16 @@ the minibatch terms by N/M)::
 ``TraceMeanField_ELBO`` replaces E_q[log p(z) - log q(z|x)] by the analytic
 -KL(q(z|x) || p(z)) where one exists (for pairs without one, such as mixture, Vamp
 or flow priors and flow guides, Pyro estimates that term by Monte Carlo: we warn
-and go on, so ``meanfield`` then equals ``trace``). ``RenyiELBO(alpha=0)`` with K
-vectorized particles is the IWAE bound, a log-mean-exp over the K importance
-weights of each data point separately::
+and go on, so ``meanfield`` then equals ``trace``). :class:`IWAE` (Pyro's
+``RenyiELBO`` at alpha = 0) with K vectorized particles is the IWAE bound, a
+log-mean-exp over the K importance weights of each data point separately::
 
     L_K(x) = E[ log (1/K) sum_k p(x, z_k) / q(z_k|x) ],   z_k ~ q(z|x)
 
-Gradients go straight to a torch optimizer over ``vae.parameters()``: no global
-param store is involved.
+The loss is computed by a module, :class:`Objective`, and its gradients go straight to
+a torch optimizer over ``vae.parameters()``: no global param store is involved. Under
+``torchrun`` that module is wrapped in ``DistributedDataParallel`` (see
+:mod:`pyvae.distributed`).
 
 All ELBO numbers that leave this module are in nats per data point: the ELBO bounds
 log p(x) from below (negative for probability masses such as the Bernoulli, possibly
@@ -40,14 +42,16 @@ import numpy as np
 import pyro
 import torch
 from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.util import get_dependent_plate_dims, torch_sum
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import save
 from .data import ImageSet
 from .errors import PyvaeError, positive_int, positive_number
 from .model import VAE
 
-ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "iwae": RenyiELBO}
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -56,8 +60,7 @@ def make_elbo(name: str, num_particles: int = 1) -> pyro.infer.ELBO:
     if name not in ELBOS:
         raise PyvaeError(f"unknown elbo {name!r}; choose from {', '.join(ELBOS)}")
     positive_int("num_particles", num_particles)
-    iwae = {"alpha": 0.0} if name == "iwae" else {}  # Renyi's alpha = 0 is the IWAE bound
-    return ELBOS[name](num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1, **iwae)
+    return ELBOS[name](num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:
@@ -70,32 +73,64 @@ def make_adam(params, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr)
 
 
-class Objective:
-    """A training objective as a loss on the full-data scale: -(estimate of sum_n L(x_n)).
+class IWAE(RenyiELBO):
+    """The IWAE bound, Renyi's alpha = 0, with a :meth:`differentiable_loss` (``RenyiELBO`` only has
+    ``loss_and_grads``, which runs its own backward pass and so cannot sit inside a module that
+    ``DistributedDataParallel`` wraps).
 
-    ``trace`` and ``meanfield`` give a differentiable loss whose plate scale N/M is
-    applied by Pyro. ``iwae`` is different: Pyro's ``RenyiELBO`` multiplies each
-    site's log-density by its scale *before* the log-mean-exp over particles, which
-    with a subsampled plate would give log mean_k exp((N/M) log w_k) instead of
-    (N/M) log mean_k w_k. So the IWAE bound is computed on the minibatch alone
-    (plate of size M, scale 1) and the loss and its gradients are multiplied by N/M here.
+    With K reparameterized particles and log w_k = log p(x, z_k) - log q(z_k|x) per data point,
+    the loss is -sum_n log (1/K) sum_k w_nk; its gradient is the IWAE gradient, the
+    normalized-weight average of the particles' gradients, which Pyro's surrogate also gives.
     """
 
-    def __init__(self, name: str, num_particles: int = 1) -> None:
+    def __init__(self, num_particles: int = 1, **kwargs) -> None:
+        super().__init__(alpha=0.0, num_particles=num_particles, **kwargs)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        log_weights = []
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            sum_dims = get_dependent_plate_dims(model_trace.nodes.values())
+            log_w = 0.0
+            for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+                for site in trace.nodes.values():
+                    if site["type"] != "sample":
+                        continue
+                    if sign < 0 and not site["fn"].has_rsample:
+                        raise NotImplementedError(f"IWAE needs a reparameterized guide; site {site['name']!r} is not")
+                    log_w = log_w + sign * torch_sum(site["log_prob"], sum_dims)
+            log_weights.append(log_w)
+        # vectorized particles arrive as one trace with a leading particle dimension
+        log_w = log_weights[0] if self.vectorize_particles and self.num_particles > 1 else torch.stack(log_weights)
+        return -(torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)).sum()
+
+
+ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "iwae": IWAE}
+
+
+class Objective(torch.nn.Module):
+    """A training objective as a module: ``objective(x, num_data, beta)`` is the loss on the
+    full-data scale, -(estimate of sum_n L(x_n)), differentiable in ``vae``'s parameters.
+
+    Being a module holding ``vae``, it can be wrapped in ``DistributedDataParallel``
+    (Pyro's ``ELBOModule`` idea, for a model and guide that are methods of one module).
+
+    ``trace`` and ``meanfield`` get the plate scale N/M from Pyro. ``iwae`` is different:
+    Pyro's ``RenyiELBO`` multiplies each site's log-density by its scale *before* the
+    log-mean-exp over particles, which with a subsampled plate would give
+    log mean_k exp((N/M) log w_k) instead of (N/M) log mean_k w_k. So the IWAE bound is
+    computed on the minibatch alone (plate of size M, scale 1) and multiplied by N/M here.
+    """
+
+    def __init__(self, vae: VAE, name: str, num_particles: int = 1) -> None:
+        super().__init__()
+        self.vae = vae
         self.name = name
         self.elbo = make_elbo(name, num_particles)
 
-    def loss_and_backward(self, vae: VAE, x: torch.Tensor, num_data: int, beta: float = 1.0) -> torch.Tensor:
-        if self.name != "iwae":
-            loss = self.elbo.differentiable_loss(vae.model, vae.guide, x, num_data, beta)
-            loss.backward()
-            return loss.detach()
-        loss = self.elbo.loss_and_grads(vae.model, vae.guide, x)  # does its own backward
-        scale = num_data / x.shape[0]
-        for p in vae.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
-        return torch.tensor(loss * scale)
+    def forward(self, x: torch.Tensor, num_data: int, beta: float = 1.0) -> torch.Tensor:
+        if self.name == "iwae":
+            return self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x) * (num_data / x.shape[0])
+        return self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x, num_data, beta)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -115,7 +150,7 @@ class Batches:
     """A data set held as one tensor, on the training device when it fits, served in minibatches.
 
     Holding the data on the device avoids a DataLoader round trip per step; a
-    ``dynamic`` set is re-binarized on the device once per epoch.
+    ``dynamic`` set is binarized afresh, on the device, each time a minibatch is served.
     """
 
     def __init__(self, data: torch.Tensor | torch.utils.data.Dataset, device: torch.device) -> None:
@@ -126,14 +161,27 @@ class Batches:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def epoch(self, batch_size: int, shuffle: bool = True):
-        """Yield minibatches covering the data once (a fresh binarization when dynamic)."""
-        images = torch.bernoulli(self.images) if self.dynamic else self.images
-        n = len(self)
-        order = torch.randperm(n, device=images.device) if shuffle else None
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size] if shuffle else slice(start, start + batch_size)
-            yield images[idx].to(self.device, non_blocking=True)
+    def in_order(self, batch_size: int):
+        """Minibatches covering the data once, in order."""
+        for start in range(0, len(self), batch_size):
+            yield self._serve(slice(start, start + batch_size))
+
+    def shard(self, epoch: int, seed: int, world: distributed.World) -> torch.Tensor:
+        """The indices this process trains on in ``epoch``: a ``DistributedSampler``'s share of one
+        permutation drawn from (``seed``, ``epoch``), the same in every process, so the shards are
+        disjoint and equally long (padded by repeating points when the processes do not divide N)."""
+        sampler = DistributedSampler(range(len(self)), num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        return torch.tensor(list(sampler), device=self.images.device)
+
+    def select(self, indices: torch.Tensor, batch_size: int, skip: int = 0):
+        """Minibatches of the points at ``indices`` in that order, after ``skip`` minibatches."""
+        for start in range(skip * batch_size, len(indices), batch_size):
+            yield self._serve(indices[start : start + batch_size])
+
+    def _serve(self, idx) -> torch.Tensor:
+        x = self.images[idx].to(self.device, non_blocking=True)
+        return torch.bernoulli(x) if self.dynamic else x
 
 
 def fit(
@@ -193,10 +241,9 @@ def fit(
             "beta and kl_warmup_epochs do not apply to elbo 'iwae' (a scaled latent site inside the "
             "log-mean-exp is not a beta-weighted bound); use trace or meanfield"
         )
-    objective = Objective(elbo, num_particles)
-    device = resolve_device(device)
-    if seed is not None:
-        pyro.set_rng_seed(seed)
+    objective = Objective(vae, elbo, num_particles)
+    world, device = distributed.init(resolve_device(device))
+    progress = progress and world.main
 
     train_batches = Batches(train, device)
     test_batches = Batches(test, device) if test is not None else None
@@ -207,46 +254,56 @@ def fit(
         raise PyvaeError(f"batch_size {batch_size} is larger than the training set ({len(train_batches)} points)")
     if out is not None:
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        if world.main:
+            out.mkdir(parents=True, exist_ok=True)
 
     vae.to(device)
     bad = [name for name, p in vae.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
         raise PyvaeError(f"parameter {bad[0]} holds NaN or infinite values before training; rebuild or reload the model")
-    if elbo == "meanfield":
+    if elbo == "meanfield" and world.main:
         _warn_if_no_analytic_kl(vae, train_batches.images[:2].to(device))
     optimizer = make_adam(vae.parameters(), lr)
     num_data = len(train_batches)
-    steps_per_epoch = math.ceil(num_data / batch_size)
+    # one permutation of the data per epoch, drawn from (order_seed, epoch) alike in every process
+    order_seed = world.broadcast(seed if seed is not None else int(torch.randint(2**31, ())))
+    if seed is not None or world.size > 1:
+        pyro.set_rng_seed(order_seed + world.rank)  # the processes draw different noise
+    shard_size = len(train_batches.shard(0, order_seed, world))
+    steps_per_epoch = math.ceil(shard_size / batch_size)
     step = 0
     history, resumed = [], {}
     if resume:
         if out is None:
             raise PyvaeError("resume needs out, the run folder whose checkpoint.pt to continue from")
-        history, resumed = _restore(vae, optimizer, out / "checkpoint.pt")
-        step = resumed["step"]
-        with open(out / "metrics.jsonl", "wb") as f:  # exactly the completed epochs: no torn or repeated lines
-            f.write("".join(json.dumps(h) + "\n" for h in history).encode())
+        history, resumed = _restore(vae, optimizer, out / "checkpoint.pt", world)
+        step, order_seed = resumed["step"], resumed["order_seed"]
+        if world.main:
+            with open(out / "metrics.jsonl", "wb") as f:  # exactly the completed epochs: no torn or repeated lines
+                f.write("".join(json.dumps(h) + "\n" for h in history).encode())
+    # the loss as a module, so that DistributedDataParallel can average the gradients of the processes
+    loss_of = objective if world.size == 1 else torch.nn.parallel.DistributedDataParallel(objective)
+
+    def save_state(epoch: int, **partial) -> None:
+        """Rank 0 writes the weights and what resuming needs; every process's generators included."""
+        rngs = world.gather(rng_state())
+        if world.main:
+            training = {"step": step, "order_seed": order_seed, "optimizer": optimizer.state_dict(), "rng": rngs, **partial}
+            save(vae, out / "checkpoint.pt", keep_previous=True, epoch=epoch, history=history, training=training)
+        world.barrier()  # no process exits before the checkpoint is complete
+
     validated = False
     stop = StopOnSignal(enabled=out is not None)
     first_epoch = len(history) + 1
     try:
         for epoch in range(first_epoch, epochs + 1):
             vae.train()
-            # a run stopped by a signal mid-epoch resumes inside it: the epoch's data order and
-            # binarization are drawn again from the generators' state at its start, the batches
-            # already used are skipped, then the generators continue from where they stopped
+            # a run stopped by a signal mid-epoch resumes inside it: the epoch's order is drawn
+            # again, the batches already used are skipped, the generators go on from the stop
             done = resumed.get("step_in_epoch", 0) if epoch == first_epoch else 0
-            if done:
-                set_rng_state(resumed["epoch_rng"])
-            epoch_rng = rng_state() if out is not None else None
             start = time.perf_counter() - (resumed["partial_seconds"] if done else 0.0)
             total = torch.full((), resumed["partial_total"] if done else 0.0, device=device)
-            batches = train_batches.epoch(batch_size)
-            for _ in range(done):
-                next(batches)
-            if done:
-                set_rng_state(resumed["rng"])
+            batches = train_batches.select(train_batches.shard(epoch, order_seed, world), batch_size, skip=done)
             bar = tqdm(
                 batches,
                 total=steps_per_epoch,
@@ -264,35 +321,35 @@ def fit(
                 # constraints), which catches a broken model or part; the data were checked above, so
                 # the remaining steps skip those checks (they cost about 5% of a step on a CPU)
                 with pyro.validation_enabled(not validated and pyro.infer.util.is_validation_enabled()):
-                    loss = objective.loss_and_backward(vae, x, num_data, kl_weight)
+                    loss = loss_of(x, num_data, kl_weight)
+                loss.backward()
+                loss = loss.detach()
                 validated = True
                 grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), clip_norm) if clip_norm else None
-                if not bool(torch.isfinite(loss)) or (grad_norm is not None and not bool(torch.isfinite(grad_norm))):
+                finite = bool(torch.isfinite(loss)) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
+                signum = stop.signum or 0
+                if world.size > 1:  # the processes stop together: on a fault or a signal in any of them
+                    flags = world.max(torch.tensor([int(not finite), signum], device=device)).tolist()
+                    finite, signum = not flags[0], flags[1]
+                if not finite:
                     raise PyvaeError(_numerical_fault(epoch, step - (epoch - 1) * steps_per_epoch, loss, out))
                 optimizer.step()
                 # loss estimates the sum over all N points; weight by M/N so the epoch total sums them once
-                total += loss.to(device) * (x.shape[0] / num_data)
-                if stop.signum is not None:
-                    training = {
-                        "step": step,
-                        "optimizer": optimizer.state_dict(),
-                        "rng": rng_state(),
-                        "epoch_rng": epoch_rng,
-                        "step_in_epoch": in_epoch,
-                        "partial_total": float(total),
-                        "partial_seconds": time.perf_counter() - start,
-                    }
-                    save(vae, out / "checkpoint.pt", keep_previous=True, epoch=epoch - 1, history=history, training=training)
+                total += loss * (x.shape[0] / num_data)
+                if signum:
+                    partial_totals = world.gather(float(total))
+                    save_state(epoch - 1, step_in_epoch=in_epoch, partial_total=partial_totals, partial_seconds=time.perf_counter() - start)
                     raise TrainingStopped(
-                        stop.signum,
-                        f"stopped by {signal.Signals(stop.signum).name} at epoch {epoch}, step {in_epoch}; "
+                        signum,
+                        f"stopped by {signal.Signals(signum).name} at epoch {epoch}, step {in_epoch}; "
                         f"checkpoint written to {out / 'checkpoint.pt'}; continue with --resume {out}",
                     )
-            record = {"epoch": epoch, "train_elbo": -total.item() / num_data, "beta": kl_weight}
+            # each process summed its shard; together they cover the (padded) data set once
+            record = {"epoch": epoch, "train_elbo": -float(world.sum(total)) / (shard_size * world.size), "beta": kl_weight}
             if test_batches is not None:
-                record["test_elbo"] = evaluate_elbo(vae, test_batches, elbo="trace" if elbo == "iwae" else elbo)
+                record["test_elbo"] = _shared_elbo(vae, test_batches, world, "trace" if elbo == "iwae" else elbo)
                 if elbo == "iwae":
-                    record["test_iwae"] = evaluate_elbo(vae, test_batches, elbo="iwae", num_particles=num_particles)
+                    record["test_iwae"] = _shared_elbo(vae, test_batches, world, "iwae", num_particles)
             record["seconds"] = time.perf_counter() - start
             history.append(record)
             if progress:
@@ -305,10 +362,10 @@ def fit(
                     file=sys.stdout,
                 )
             if out is not None:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                training = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}
-                save(vae, out / "checkpoint.pt", keep_previous=True, epoch=epoch, history=history, training=training)
+                if world.main:
+                    with open(out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                save_state(epoch)
     finally:
         stop.restore()  # also when training fails: the caller's Ctrl-C must work again
     return history
@@ -366,19 +423,41 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _restore(vae: VAE, optimizer: torch.optim.Optimizer, path: Path) -> tuple[list[dict], dict]:
+def _restore(vae: VAE, optimizer: torch.optim.Optimizer, path: Path, world: distributed.World) -> tuple[list[dict], dict]:
+    """Load weights, optimizer state and this process's generators; return (history, training state)."""
     from .checkpoint import read
 
     payload = read(path)
-    if "training" not in payload or "history" not in payload:
+    training = payload.get("training")
+    if training is None or "history" not in payload:
         raise PyvaeError(f"{path} holds no training state to resume from (it was not written by fit)")
+    if not isinstance(training.get("rng"), list):
+        raise PyvaeError(f"{path} was written by an older pyvae whose training state cannot be resumed; pyvae.load still reads its weights")
     try:
         vae.load_state_dict(payload["state_dict"])
-        optimizer.load_state_dict(payload["training"]["optimizer"])
+        optimizer.load_state_dict(training["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise PyvaeError(f"{path} does not match this model and optimizer: {str(e).splitlines()[0]}") from e
-    set_rng_state(payload["training"]["rng"])
-    return list(payload["history"]), payload["training"]
+    written_by = len(training["rng"])
+    if written_by == world.size:
+        set_rng_state(training["rng"][world.rank])
+    elif "step_in_epoch" in training:
+        raise PyvaeError(
+            f"{path} was written mid-epoch by {written_by} training process(es); resume it with {written_by}, "
+            f"not {world.size} (each process's place in its shard of the epoch is part of the state)"
+        )
+    else:
+        warnings.warn(
+            f"{path} was written by {written_by} training process(es), resuming in {world.size}: training goes on "
+            "after the last completed epoch, but not bit-identically to an uninterrupted run (the shards and "
+            "each process's random generators differ)",
+            stacklevel=3,
+        )
+        pyro.set_rng_seed(training["order_seed"] + training["step"] + world.rank)
+    training = dict(training)
+    if "partial_total" in training:
+        training["partial_total"] = training["partial_total"][world.rank]
+    return list(payload["history"]), training
 
 
 @torch.no_grad()
@@ -395,15 +474,23 @@ def evaluate_elbo(
 
     With ``elbo="iwae"`` and ``num_particles=K``, the K-sample importance-weighted bound instead.
     """
-    objective = make_elbo(elbo, num_particles)
     if not isinstance(data, Batches):
         device = resolve_device(device or next(vae.parameters()).device)
         data = Batches(data, device)
+    return _shared_elbo(vae, data, distributed.World(), elbo, num_particles, batch_size)
+
+
+@torch.no_grad()
+def _shared_elbo(
+    vae: VAE, data: Batches, world: distributed.World, elbo: str, num_particles: int = 1, batch_size: int = 1000
+) -> float:
+    """:func:`evaluate_elbo` with the points dealt out over the processes of ``world``."""
+    objective = make_elbo(elbo, num_particles)
     vae.eval()
-    total = 0.0
-    for x in data.epoch(batch_size, shuffle=False):
-        total += objective.loss(vae.model, vae.guide, x)  # num_data = batch: the plain sum over the chunk
-    return -total / len(data)
+    mine = torch.arange(world.rank, len(data), world.size, device=data.images.device)
+    total = sum(objective.loss(vae.model, vae.guide, x) for x in data.select(mine, batch_size))  # plain sums per chunk
+    total = world.sum(torch.tensor(float(total), dtype=torch.float64, device=data.device))
+    return -float(total) / len(data)
 
 
 def as_images(data) -> tuple[torch.Tensor, bool]:

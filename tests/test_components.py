@@ -11,7 +11,7 @@ import pyvae
 from pyvae.guides import GUIDES
 from pyvae.likelihoods import LIKELIHOODS
 from pyvae.priors import PRIORS
-from pyvae.train import make_elbo
+from pyvae.train import Objective, make_elbo
 
 PRIOR_NAMES = sorted(PRIORS)
 LIKELIHOOD_NAMES = sorted(LIKELIHOODS)
@@ -240,6 +240,11 @@ def test_every_combination_trains_to_a_finite_improving_loss(guide, prior, likel
     after = pyvae.evaluate_elbo(vae, data, num_particles=4)
     assert math.isfinite(history[0]["train_elbo"]) and math.isfinite(after)
     assert after > before, (before, after)
+    # every parameter gets a gradient from every objective: DistributedDataParallel requires it
+    for name in ("trace", "meanfield", "iwae"):
+        vae.zero_grad(set_to_none=True)
+        Objective(vae, name, 2)(data[:8], len(data)).backward()
+        assert [n for n, p in vae.named_parameters() if p.grad is None] == [], name
 
 
 def test_conv_net_on_28x28_images():
@@ -314,19 +319,25 @@ def test_iwae_is_per_data_point_not_per_batch():
 
 
 def test_iwae_training_loss_is_the_minibatch_bound_scaled_outside_the_log_mean_exp(digits_small):
-    from pyvae.train import Objective
-
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
     x = digits_small[:32]
     pyro.set_rng_seed(6)
     minibatch_bound = -make_elbo("iwae", 5).loss(vae.model, vae.guide, x)
     pyro.set_rng_seed(6)
-    loss = Objective("iwae", 5).loss_and_backward(vae, x, num_data=256)
-    assert float(loss) == pytest.approx(-minibatch_bound * 256 / 32, rel=1e-5)
+    loss = Objective(vae, "iwae", 5)(x, num_data=256)
+    assert loss.item() == pytest.approx(-minibatch_bound * 256 / 32, rel=1e-5)
+    # its gradient is Pyro's IWAE gradient (RenyiELBO's surrogate), scaled by N/M
+    loss.backward()
+    ours = [p.grad.clone() for p in vae.parameters()]
+    vae.zero_grad()
+    pyro.set_rng_seed(6)
+    make_elbo("iwae", 5).loss_and_grads(vae.model, vae.guide, x)
+    for mine, pyros in zip(ours, (p.grad for p in vae.parameters())):
+        assert torch.allclose(mine, pyros * 256 / 32, rtol=1e-4, atol=1e-3)
     # Pyro's RenyiELBO given the subsampled plate would put N/M inside the log-mean-exp: not the IWAE bound
     pyro.set_rng_seed(6)
     inside = make_elbo("iwae", 5).loss(vae.model, vae.guide, x, 256)
-    assert inside != pytest.approx(float(loss), rel=1e-3)
+    assert inside != pytest.approx(loss.item(), rel=1e-3)
 
 
 def test_iwae_training_reports_its_bound(digits_small):

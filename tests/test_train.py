@@ -99,14 +99,14 @@ def test_numerical_fault_stops_with_epoch_step_and_last_good_checkpoint(tmp_path
 
     # the loss turns NaN at the third step of the first epoch, as a diverging run's would
     calls = {"n": 0}
-    real = Objective.loss_and_backward
+    real = Objective.forward
 
     def diverging(self, *args, **kwargs):
         calls["n"] += 1
         loss = real(self, *args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(Objective, "loss_and_backward", diverging)
+    monkeypatch.setattr(Objective, "forward", diverging)
     with pytest.raises(pyvae.PyvaeError, match=r"non-finite loss at epoch 1, step 3; likely causes: .*last good checkpoint: .*checkpoint.pt"):
         pyvae.fit(vae, train, epochs=1, batch_size=256, device="cpu", out=tmp_path, progress=False)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2  # untouched
@@ -132,7 +132,7 @@ def test_clip_norm_bounds_the_update(digits):
     x = train.images[:64]
     from pyvae.train import Objective
 
-    Objective("trace").loss_and_backward(vae, x, len(train))
+    Objective(vae, "trace")(x, len(train)).backward()
     norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), 1e-3)
     assert norm > 1e-3
     assert torch.sqrt(sum((p.grad**2).sum() for p in vae.parameters())) <= 1e-3 * 1.01

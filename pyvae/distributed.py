@@ -1,0 +1,116 @@
+"""Data-parallel training in the processes ``torchrun`` starts.
+
+    torchrun --nproc_per_node=4 examples/mnist_svi.py                 # 4 GPUs (or 4 CPU processes)
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 \\
+        --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 examples/mnist_svi.py   # on each of 2 machines
+
+Every process holds the whole model. In each step each process draws its own minibatch
+from its shard of the data (a ``DistributedSampler``: one permutation per epoch, the same
+in every process, dealt out so the shards are disjoint) and computes the loss of its
+minibatch on the full-data scale, -(N/M) sum_{n in batch} L(x_n). The ELBO runs inside a
+``torch.nn.Module`` wrapped in ``DistributedDataParallel``, which averages the gradients
+of the processes during the backward pass: the average of W unbiased estimates of the
+gradient of the full-data ELBO is one with W times the minibatch. Every process then takes
+the same optimizer step, so the parameters stay identical. ``--batch-size`` is per
+process; an epoch takes 1/W of the steps.
+
+The processes talk over NCCL when training on GPUs (process r uses ``cuda:LOCAL_RANK``)
+and gloo on CPUs. Only rank 0 writes checkpoints, metrics and pictures.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import PyvaeError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the processes training together (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes files and prints progress."""
+        return self.rank == 0
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the processes (in place; itself when alone)."""
+        if self.size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` maximized elementwise over the processes (in place; itself when alone)."""
+        if self.size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def gather(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] in every process."""
+        if self.size == 1:
+            return [obj]
+        objects = [None] * self.size
+        dist.all_gather_object(objects, obj)
+        return objects
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` in every process."""
+        if self.size == 1:
+            return obj
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+
+def launched() -> bool:
+    """Whether this process is one of several started by torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def world() -> World:
+    """The world of the initialized process group, else a world of one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return World()
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+
+
+def init(device: torch.device) -> tuple[World, torch.device]:
+    """Join torchrun's process group (once; a no-op outside torchrun) and return (world, this process's device).
+
+    ``device`` is the device asked for: with CUDA each process takes ``cuda:LOCAL_RANK``
+    and the group talks NCCL; on CPUs it talks gloo.
+    """
+    if not launched():
+        return World(), device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise PyvaeError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs here; "
+                "start at most one process per GPU (--nproc_per_node)"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # addresses from torchrun's environment
+        atexit.register(_shutdown)
+    return world(), device
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,43 @@
+"""One process of the 2-process data-parallel tests: ``torchrun --nproc_per_node=2 tests/ddp_worker.py OUT [OPTIONS]``.
+
+It trains a small VAE with ``pyvae.fit`` (rank 0 writes OUT/run) and leaves each
+process's final parameters in OUT/ranks/<rank>.pt for the test to compare. OPTIONS is
+JSON: arguments of ``fit``, and ``sigterm_rank1_at_step`` to send SIGTERM to rank 1
+alone during that training step.
+"""
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+import pyvae
+
+out = Path(sys.argv[1])
+options = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+rank = int(os.environ["RANK"])
+stop_at = options.pop("sigterm_rank1_at_step", None)
+if stop_at is not None and rank == 1:
+    forward, calls = pyvae.train.Objective.forward, []
+
+    def forward_then_signal(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *args, **kwargs)
+
+    pyvae.train.Objective.forward = forward_then_signal
+g = torch.Generator().manual_seed(1)
+prototypes = (torch.rand(4, 32, generator=g) > 0.5).float()
+data = (prototypes[torch.randint(0, 4, (600,), generator=g)] + (torch.rand(600, 32, generator=g) < 0.05).float()) % 2
+
+torch.manual_seed(rank)  # different initial weights in each process: DistributedDataParallel must align them
+vae = pyvae.VAE(x_dim=32, z_dim=3, hidden=(24,))
+try:
+    pyvae.fit(vae, data[:500], test=data[500:], device="cpu", out=out / "run", progress=False, **{"epochs": 4, "batch_size": 25, "seed": 0, **options})
+finally:
+    (out / "ranks").mkdir(parents=True, exist_ok=True)
+    torch.save(vae.state_dict(), out / "ranks" / f"{rank}.pt")

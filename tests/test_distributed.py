@@ -1,0 +1,98 @@
+"""Data-parallel training: two processes started by torchrun, talking gloo over loopback."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pyvae
+from pyvae.distributed import World
+from pyvae.train import Batches
+
+from .conftest import ROOT
+
+WORKER = ROOT / "tests" / "ddp_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(out, **options):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", str(WORKER), str(out), json.dumps(options)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def params(path):
+    return torch.load(path, weights_only=True)
+
+
+def metrics(run):
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_shards_of_an_epoch_are_disjoint_cover_the_data_and_change_with_the_epoch():
+    batches = Batches(torch.zeros(101, 3), torch.device("cpu"))
+    shards = [batches.shard(1, seed=7, world=World(rank, 3)) for rank in range(3)]
+    assert [len(s) for s in shards] == [34, 34, 34]  # padded to equal length: every process takes the same steps
+    together = torch.cat(shards)
+    assert set(together.tolist()) == set(range(101)) and len(together) - len(set(together.tolist())) == 1
+    assert not torch.equal(shards[0], batches.shard(2, seed=7, world=World(0, 3)))
+    assert torch.equal(shards[0], batches.shard(1, seed=7, world=World(0, 3)))
+
+
+def test_two_processes_train_with_identical_parameters_and_only_rank_0_writes(tmp_path):
+    result = torchrun(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [params(tmp_path / "ranks" / f"{r}.pt") for r in (0, 1)]
+    written = params(tmp_path / "run" / "checkpoint.pt")
+    for name in ranks[0]:  # started from different weights; DistributedDataParallel aligned them and kept them so
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert torch.equal(ranks[0][name], written["state_dict"][name]), name
+    history = metrics(tmp_path / "run")
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # one line per epoch: only rank 0 wrote
+    assert history[-1]["train_elbo"] > history[0]["train_elbo"] + 1 and history[-1]["test_elbo"] > history[0]["test_elbo"] + 1
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt", "metrics.jsonl"]
+    assert len(written["training"]["rng"]) == 2  # each process's generators, for an exact resume
+
+
+def test_a_signal_in_one_process_stops_both_and_resuming_matches_an_uninterrupted_run(tmp_path):
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert torchrun(whole).returncode == 0
+    # SIGTERM reaches rank 1 alone, in epoch 2 (10 steps per epoch per process): both stop after that step
+    result = torchrun(stopped, sigterm_rank1_at_step=15)
+    assert result.returncode != 0 and "stopped by SIGTERM at epoch 2, step 5" in result.stderr
+    checkpoint = params(stopped / "run" / "checkpoint.pt")
+    assert checkpoint["epoch"] == 1 and checkpoint["training"]["step_in_epoch"] == 5
+    assert torch.equal(*[params(stopped / "ranks" / f"{r}.pt")["encoder.0.weight"] for r in (0, 1)])
+    vae = pyvae.VAE(x_dim=32, z_dim=3, hidden=(24,))
+    with pytest.raises(pyvae.PyvaeError, match="written mid-epoch by 2 training process.*resume it with 2, not 1"):
+        pyvae.fit(vae, torch.zeros(500, 32), epochs=4, batch_size=25, out=stopped / "run", resume=True, device="cpu", progress=False)
+    result = torchrun(stopped, resume=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final, reference = params(stopped / "run" / "checkpoint.pt")["state_dict"], params(whole / "run" / "checkpoint.pt")["state_dict"]
+    for name in final:
+        assert torch.equal(final[name], reference[name]), name
+    assert metrics(stopped / "run") == metrics(whole / "run")
+
+
+
+def test_the_example_under_torchrun_writes_one_run_folder(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", str(ROOT / "examples" / "mnist_svi.py"),
+               "--epochs", "2", "--no-download", "--z-dim", "4", "--hidden", "32", "--eval-samples", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYVAE_DATA": str(tmp_path / "empty")}  # the digits fallback
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()  # rank 0 named the folder and told rank 1
+    assert result.stdout.count("epoch   2/2  train ELBO") == 1 and result.stderr.count("Training on 'digits'") == 1
+    assert {"checkpoint.pt", "metrics.jsonl", "config.yaml", "samples.png", "reconstructions.png", "elbo.png"} <= {p.name for p in run.iterdir()}
+    assert len(metrics(run)) == 2
