@@ -22,7 +22,7 @@ from pyvae.cli import run
 from pyvae.config import parse_args
 from pyvae.data import binarize_for, load_train_test, spread
 from pyvae.diagnostics import evaluate
-from pyvae.distributed import init
+from pyvae.distributed import init, shutdown
 from pyvae.train import resolve_device
 
 
@@ -33,12 +33,13 @@ def main(argv):
     say = print if world.main else lambda *args, **kwargs: None
 
     # 1. data: the requested set, or the offline digits with a notice
-    train, test, notice = load_train_test(
-        config.dataset,
-        data_dir=config.data_dir,
-        download=config.download,
-        fallback=None if config.strict_data else "digits",
-    )
+    with world.local_main_first():  # one download per machine
+        train, test, notice = load_train_test(
+            config.dataset,
+            data_dir=config.data_dir,
+            download=config.download,
+            fallback=None if config.strict_data else "digits",
+        )
     if notice:
         say(notice, file=sys.stderr)
         config.dataset = train.name
@@ -85,6 +86,7 @@ def main(argv):
         resume=bool(config.resume),
     )
 
+    shutdown()  # leave torchrun's process group: what follows is rank 0's alone
     if not world.main:
         return
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,16 @@ class World:
         if self.size > 1:
             dist.barrier()
 
+    @contextmanager
+    def local_main_first(self):
+        """Run the block in the first process of each machine, then in the others (so that one
+        process per machine downloads a data set and the others find it there)."""
+        if self.local_rank != 0:
+            self.barrier()
+        yield
+        if self.local_rank == 0:
+            self.barrier()
+
 
 def launched() -> bool:
     """Whether this process is one of several started by torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK)."""
@@ -98,19 +109,29 @@ def init(device: torch.device) -> tuple[World, torch.device]:
         return World(), device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
+        visible = torch.cuda.device_count()
+        if visible == 1:  # a scheduler that shows each process its own GPU
+            local_rank = 0
+        elif local_rank >= visible:
             raise PyvaeError(
-                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs here; "
-                "start at most one process per GPU (--nproc_per_node)"
+                f"LOCAL_RANK {local_rank} but only {visible} GPUs here; start at most one process per GPU (--nproc_per_node)"
             )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # addresses from torchrun's environment
-        atexit.register(_shutdown)
+        atexit.register(_leave)
     return world(), device
 
 
-def _shutdown() -> None:
+def shutdown() -> None:
+    """Leave the process group once every process has arrived here (a no-op outside one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _leave() -> None:
+    # at exit, perhaps after an error in this process alone: waiting for the others could hang
     if dist.is_initialized():
         dist.destroy_process_group()

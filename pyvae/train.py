@@ -252,6 +252,9 @@ def fit(
             _check_data(vae, batches, split)
     if batch_size > len(train_batches):
         raise PyvaeError(f"batch_size {batch_size} is larger than the training set ({len(train_batches)} points)")
+    shapes = world.gather(tuple(train_batches.images.shape))
+    if len(set(shapes)) > 1:
+        raise PyvaeError(f"the training processes hold different data sets, of shapes {shapes}; each must load the same one")
     if out is not None:
         out = Path(out)
         if world.main:
@@ -282,7 +285,11 @@ def fit(
             with open(out / "metrics.jsonl", "wb") as f:  # exactly the completed epochs: no torn or repeated lines
                 f.write("".join(json.dumps(h) + "\n" for h in history).encode())
     # the loss as a module, so that DistributedDataParallel can average the gradients of the processes
-    loss_of = objective if world.size == 1 else torch.nn.parallel.DistributedDataParallel(objective)
+    # (the buffers are constants: no need to broadcast them every step)
+    loss_of = objective if world.size == 1 else torch.nn.parallel.DistributedDataParallel(objective, broadcast_buffers=False)
+
+    def kl_weight_at(step: int) -> float:
+        return beta * min(1.0, step / (kl_warmup_epochs * steps_per_epoch)) if kl_warmup_epochs else beta
 
     def save_state(epoch: int, **partial) -> None:
         """Rank 0 writes the weights and what resuming needs; every process's generators included."""
@@ -315,24 +322,24 @@ def fit(
             )
             for in_epoch, x in enumerate(bar, start=done + 1):
                 step += 1
-                kl_weight = beta * min(1.0, step / (kl_warmup_epochs * steps_per_epoch)) if kl_warmup_epochs else beta
                 optimizer.zero_grad(set_to_none=True)
                 # the first step runs with Pyro's and torch's validation (shapes, supports, parameter
                 # constraints), which catches a broken model or part; the data were checked above, so
                 # the remaining steps skip those checks (they cost about 5% of a step on a CPU)
                 with pyro.validation_enabled(not validated and pyro.infer.util.is_validation_enabled()):
-                    loss = loss_of(x, num_data, kl_weight)
+                    loss = loss_of(x, num_data, kl_weight_at(step))
                 loss.backward()
                 loss = loss.detach()
                 validated = True
                 grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), clip_norm) if clip_norm else None
-                finite = bool(torch.isfinite(loss)) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
+                bad_loss = not bool(torch.isfinite(loss))
+                bad_gradient = grad_norm is not None and not bool(torch.isfinite(grad_norm))
                 signum = stop.signum or 0
                 if world.size > 1:  # the processes stop together: on a fault or a signal in any of them
-                    flags = world.max(torch.tensor([int(not finite), signum], device=device)).tolist()
-                    finite, signum = not flags[0], flags[1]
-                if not finite:
-                    raise PyvaeError(_numerical_fault(epoch, step - (epoch - 1) * steps_per_epoch, loss, out))
+                    flags = torch.tensor([bad_loss, bad_gradient, signum], device=device)
+                    bad_loss, bad_gradient, signum = world.max(flags).tolist()
+                if bad_loss or bad_gradient:
+                    raise PyvaeError(_numerical_fault(epoch, in_epoch, "loss" if bad_loss else "gradient", out))
                 optimizer.step()
                 # loss estimates the sum over all N points; weight by M/N so the epoch total sums them once
                 total += loss * (x.shape[0] / num_data)
@@ -345,7 +352,7 @@ def fit(
                         f"checkpoint written to {out / 'checkpoint.pt'}; continue with --resume {out}",
                     )
             # each process summed its shard; together they cover the (padded) data set once
-            record = {"epoch": epoch, "train_elbo": -float(world.sum(total)) / (shard_size * world.size), "beta": kl_weight}
+            record = {"epoch": epoch, "train_elbo": -float(world.sum(total)) / (shard_size * world.size), "beta": kl_weight_at(step)}
             if test_batches is not None:
                 record["test_elbo"] = _shared_elbo(vae, test_batches, world, "trace" if elbo == "iwae" else elbo)
                 if elbo == "iwae":
@@ -420,7 +427,8 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):  # a machine may have fewer GPUs
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def _restore(vae: VAE, optimizer: torch.optim.Optimizer, path: Path, world: distributed.World) -> tuple[list[dict], dict]:
@@ -450,7 +458,8 @@ def _restore(vae: VAE, optimizer: torch.optim.Optimizer, path: Path, world: dist
         warnings.warn(
             f"{path} was written by {written_by} training process(es), resuming in {world.size}: training goes on "
             "after the last completed epoch, but not bit-identically to an uninterrupted run (the shards and "
-            "each process's random generators differ)",
+            "each process's random generators differ, and a KL warm-up still under way moves to the new "
+            "number of steps per epoch)",
             stacklevel=3,
         )
         pyro.set_rng_seed(training["order_seed"] + training["step"] + world.rank)
@@ -512,8 +521,7 @@ def as_images(data) -> tuple[torch.Tensor, bool]:
     return images, dynamic
 
 
-def _numerical_fault(epoch: int, step: int, loss: torch.Tensor, out: Path | None) -> str:
-    what = "loss" if not bool(torch.isfinite(loss)) else "gradient"
+def _numerical_fault(epoch: int, step: int, what: str, out: Path | None) -> str:
     last = out / "checkpoint.pt" if out is not None and (out / "checkpoint.pt").is_file() else None
     return (
         f"non-finite {what} at epoch {epoch}, step {step}; likely causes: a learning rate too high, "

@@ -2,8 +2,8 @@
 
 It trains a small VAE with ``pyvae.fit`` (rank 0 writes OUT/run) and leaves each
 process's final parameters in OUT/ranks/<rank>.pt for the test to compare. OPTIONS is
-JSON: arguments of ``fit``, and ``sigterm_rank1_at_step`` to send SIGTERM to rank 1
-alone during that training step.
+JSON: arguments of ``fit``; ``sigterm_rank1_at_step`` to send SIGTERM to rank 1
+alone during that training step; ``rank1_points`` to give rank 1 another data set.
 """
 
 import json
@@ -20,6 +20,8 @@ out = Path(sys.argv[1])
 options = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
 rank = int(os.environ["RANK"])
 stop_at = options.pop("sigterm_rank1_at_step", None)
+rank1_points = options.pop("rank1_points", 500)
+points = rank1_points if rank == 1 else 500
 if stop_at is not None and rank == 1:
     forward, calls = pyvae.train.Objective.forward, []
 
@@ -37,7 +39,7 @@ data = (prototypes[torch.randint(0, 4, (600,), generator=g)] + (torch.rand(600, 
 torch.manual_seed(rank)  # different initial weights in each process: DistributedDataParallel must align them
 vae = pyvae.VAE(x_dim=32, z_dim=3, hidden=(24,))
 try:
-    pyvae.fit(vae, data[:500], test=data[500:], device="cpu", out=out / "run", progress=False, **{"epochs": 4, "batch_size": 25, "seed": 0, **options})
+    pyvae.fit(vae, data[:points], test=data[500:], device="cpu", out=out / "run", progress=False, **{"epochs": 4, "batch_size": 25, "seed": 0, **options})
 finally:
     (out / "ranks").mkdir(parents=True, exist_ok=True)
     torch.save(vae.state_dict(), out / "ranks" / f"{rank}.pt")

@@ -96,3 +96,9 @@ def test_the_example_under_torchrun_writes_one_run_folder(tmp_path):
     assert result.stdout.count("epoch   2/2  train ELBO") == 1 and result.stderr.count("Training on 'digits'") == 1
     assert {"checkpoint.pt", "metrics.jsonl", "config.yaml", "samples.png", "reconstructions.png", "elbo.png"} <= {p.name for p in run.iterdir()}
     assert len(metrics(run)) == 2
+
+
+def test_processes_holding_different_data_sets_are_refused(tmp_path):
+    result = torchrun(tmp_path, rank1_points=499)
+    assert result.returncode != 0 and "the training processes hold different data sets, of shapes [(500, 32), (499, 32)]" in result.stderr
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

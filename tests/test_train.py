@@ -155,3 +155,36 @@ def test_resume_needs_a_run_written_by_fit(tmp_path, digits):
     other = pyvae.VAE(x_dim=64, z_dim=5, hidden=(16,))
     with pytest.raises(pyvae.PyvaeError, match="does not match this model and optimizer"):
         pyvae.fit(other, train, epochs=2, resume=True, out=tmp_path, device="cpu", progress=False)
+
+
+def test_a_stop_on_the_last_step_of_an_epoch_resumes_exactly(tmp_path, digits, monkeypatch):
+    import os
+    import signal
+
+    from pyvae.train import Objective, TrainingStopped
+
+    train, _ = digits  # 1437 points, batch 256: 6 steps per epoch
+    settings = dict(epochs=3, batch_size=256, kl_warmup_epochs=2, seed=5, device="cpu", progress=False)
+    torch.manual_seed(0)
+    whole = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    reference = pyvae.fit(whole, train, out=tmp_path / "whole", **settings)
+
+    forward, calls = Objective.forward, []
+
+    def forward_then_interrupt(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 12:  # the last step of epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Objective, "forward", forward_then_interrupt)
+    torch.manual_seed(0)
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    with pytest.raises(TrainingStopped, match="stopped by SIGINT at epoch 2, step 6"):
+        pyvae.fit(vae, train, out=tmp_path / "stopped", **settings)
+    monkeypatch.setattr(Objective, "forward", forward)
+    resumed = pyvae.fit(vae, train, out=tmp_path / "stopped", resume=True, **settings)
+    strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
+    assert strip(resumed) == strip(reference)
+    for p, q in zip(vae.parameters(), whole.parameters()):
+        assert torch.equal(p, q)
