@@ -125,6 +125,20 @@ def test_likelihood_shapes_and_mean(name):
     assert vae.sample(3).shape == (3, 16)
 
 
+def test_bernoulli_log_mass_and_gradient_are_torchs_with_and_without_autograd():
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(4, 6, 10)).requires_grad_()
+    x = (torch.rand(6, 10) > 0.5).float()  # broadcast against 4 particles
+    exact = torch.distributions.Bernoulli(logits=logits).log_prob(x).sum(-1)
+    likelihood = LIKELIHOODS.resolve("bernoulli")
+    trained = likelihood(logits).log_prob(x)  # the fused path autograd takes
+    with torch.no_grad():
+        scored = likelihood(logits).log_prob(x)  # the path importance sampling takes
+    assert torch.allclose(trained, exact, atol=1e-5) and torch.allclose(scored, exact, atol=1e-5)
+    (grad,) = torch.autograd.grad(trained.sum(), logits)
+    assert torch.allclose(grad, x - torch.sigmoid(logits), atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "name, data, message",
     [
