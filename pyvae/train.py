@@ -285,8 +285,8 @@ def fit(
             with open(out / "metrics.jsonl", "wb") as f:  # exactly the completed epochs: no torn or repeated lines
                 f.write("".join(json.dumps(h) + "\n" for h in history).encode())
     # the loss as a module, so that DistributedDataParallel can average the gradients of the processes
-    # (the buffers are constants: no need to broadcast them every step)
-    loss_of = objective if world.size == 1 else torch.nn.parallel.DistributedDataParallel(objective, broadcast_buffers=False)
+    # (it also sends rank 0's buffers each step: a user's network may keep running statistics)
+    loss_of = objective if world.size == 1 else torch.nn.parallel.DistributedDataParallel(objective)
 
     def kl_weight_at(step: int) -> float:
         return beta * min(1.0, step / (kl_warmup_epochs * steps_per_epoch)) if kl_warmup_epochs else beta
