@@ -100,14 +100,16 @@ def world() -> World:
 
 
 def init(device: torch.device) -> tuple[World, torch.device]:
-    """Join torchrun's process group (once; a no-op outside torchrun) and return (world, this process's device).
+    """Join torchrun's process group (once; a no-op outside torchrun and any initialized group)
+    and return (world, this process's device).
 
     ``device`` is the device asked for: with CUDA each process takes ``cuda:LOCAL_RANK``
     and the group talks NCCL; on CPUs it talks gloo.
     """
-    if not launched():
+    joined = dist.is_available() and dist.is_initialized()  # e.g. a group the caller set up itself
+    if not (launched() or joined):
         return World(), device
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank() if joined else 0))
     if device.type == "cuda":
         visible = torch.cuda.device_count()
         if visible == 1:  # a scheduler that shows each process its own GPU
