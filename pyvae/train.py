@@ -166,11 +166,15 @@ class Batches:
         for start in range(0, len(self), batch_size):
             yield self._serve(slice(start, start + batch_size))
 
+    def sampler(self, seed: int, world: distributed.World) -> DistributedSampler:
+        """This process's ``DistributedSampler``: its share of one permutation per epoch, drawn from
+        (``seed``, epoch) alike in every process, so the shards are disjoint and equally long
+        (padded by repeating points when the processes do not divide N); ``len`` is that length."""
+        return DistributedSampler(range(len(self)), num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed)
+
     def shard(self, epoch: int, seed: int, world: distributed.World) -> torch.Tensor:
-        """The indices this process trains on in ``epoch``: a ``DistributedSampler``'s share of one
-        permutation drawn from (``seed``, ``epoch``), the same in every process, so the shards are
-        disjoint and equally long (padded by repeating points when the processes do not divide N)."""
-        sampler = DistributedSampler(range(len(self)), num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed)
+        """The indices this process trains on in ``epoch`` (see :meth:`sampler`)."""
+        sampler = self.sampler(seed, world)
         sampler.set_epoch(epoch)
         return torch.tensor(list(sampler), device=self.images.device)
 
@@ -272,7 +276,7 @@ def fit(
     order_seed = world.broadcast(seed if seed is not None else int(torch.randint(2**31, ())))
     if seed is not None or world.size > 1:
         pyro.set_rng_seed(order_seed + world.rank)  # the processes draw different noise
-    shard_size = len(train_batches.shard(0, order_seed, world))
+    shard_size = len(train_batches.sampler(order_seed, world))
     steps_per_epoch = math.ceil(shard_size / batch_size)
     step = 0
     history, resumed = [], {}
