@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the baselines beside
 
 import pyvae  # noqa: E402
 from pyvae.data import load_dataset  # noqa: E402
-from pyvae.train import resolve_device  # noqa: E402
+from pyvae.batching import resolve_device  # noqa: E402
 
 
 def add_common_arguments(parser):

@@ -1,25 +1,28 @@
 """pyvae: variational autoencoders written as Pyro programs.
 
 Layers, from the bottom: :mod:`pyvae.nets` (networks), :mod:`pyvae.priors`,
-:mod:`pyvae.likelihoods`, :mod:`pyvae.guides` (distributions), :mod:`pyvae.model`
-(the Pyro model and guide), :mod:`pyvae.train` (SVI; :mod:`pyvae.distributed` under torchrun), :mod:`pyvae.importance` (importance
+:mod:`pyvae.likelihoods`, :mod:`pyvae.guides` (distributions), :mod:`pyvae.models`
+(Pyro models and guides; :mod:`pyvae.program` reads any such program), :mod:`pyvae.train` (SVI; :mod:`pyvae.distributed` under torchrun), :mod:`pyvae.importance` (importance
 sampling) and :mod:`pyvae.diagnostics`, :mod:`pyvae.data`, :mod:`pyvae.plots`,
 :mod:`pyvae.config`, :mod:`pyvae.cli`.
 
 All ELBOs and log-likelihoods are in nats per data point; NLL is their negative.
 """
 
-from . import guides, likelihoods, priors
+from . import guides, likelihoods, priors, program
 from .checkpoint import load, save
 from .diagnostics import Evaluation, evaluate
 from .errors import DataNotFound, PyvaeError
 from .importance import LogLikelihood, log_likelihood
-from .model import VAE
+from .models import CVAE, HVAE, M2, VAE
 from .train import evaluate_elbo, fit
 
 __version__ = "0.1.0"
 __all__ = [
     "VAE",
+    "HVAE",
+    "CVAE",
+    "M2",
     "fit",
     "evaluate_elbo",
     "log_likelihood",

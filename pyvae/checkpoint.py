@@ -1,4 +1,8 @@
-"""Checkpoints: the weights plus the constructor arguments, so :func:`load` needs nothing else.
+"""Checkpoints: the weights, the model's class and (for built-in models) its constructor arguments.
+
+:func:`load` rebuilds a built-in model from the checkpoint alone, or loads into an
+instance the caller built (``model=``), checking that the class and every parameter's
+name and shape match; a checkpoint of one class never comes back as another.
 
 Files are written atomically (temporary file in the same folder, flush, fsync,
 rename), so a crash leaves either the old checkpoint or the new one, never half of
@@ -18,7 +22,6 @@ import torch
 from .errors import PyvaeError
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
-from .model import VAE
 from .priors import PRIORS
 
 FORMAT = "pyvae-checkpoint"
@@ -40,8 +43,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[object], None]) -> No
         raise
 
 
-def save(vae: VAE, path: str | os.PathLike, keep_previous: bool = False, **extra) -> None:
-    """Write ``vae`` (weights and constructor arguments) to ``path``; ``extra`` entries are stored alongside.
+def class_name(module: torch.nn.Module) -> str:
+    """``module.qualname`` of the model's class: what a checkpoint records and :func:`load` checks."""
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def save(model: torch.nn.Module, path: str | os.PathLike, keep_previous: bool = False, **extra) -> None:
+    """Write ``model`` (weights, class, constructor arguments if it has ``config``) to ``path``;
+    ``extra`` entries are stored alongside.
 
     With ``keep_previous`` the checkpoint being replaced survives as ``<name>.prev<suffix>``;
     at every moment ``path`` holds a complete checkpoint (the old one, then the new one).
@@ -49,8 +59,9 @@ def save(vae: VAE, path: str | os.PathLike, keep_previous: bool = False, **extra
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "config": vae.config,
-        "state_dict": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
+        "class": class_name(model),
+        "config": getattr(model, "config", None),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }
     path = Path(path)
@@ -83,30 +94,55 @@ def read(path: str | os.PathLike) -> dict:
     return payload
 
 
-def load(path: str | os.PathLike, **components) -> VAE:
-    """Rebuild the VAE saved at ``path``.
+def load(path: str | os.PathLike, model: torch.nn.Module | None = None, **parts) -> torch.nn.Module:
+    """The model saved at ``path``.
 
-    Built-in priors, likelihoods, guides and MLPs are rebuilt from the checkpoint;
-    a model saved with custom parts needs them passed again, e.g.
-    ``load(path, prior=MyPrior(), encoder=my_encoder)``.
+    ``load(path)`` rebuilds a built-in model (:data:`pyvae.models.MODELS`) from the
+    checkpoint; built-in parts (priors, likelihoods, guides, nets) are rebuilt by name, and
+    custom ones are passed again, e.g. ``load(path, prior=MyPrior())``.
+    ``load(path, model=instance)`` loads the weights into ``instance``, which must be of the
+    class that was saved, with the same parameter names and shapes.
     """
+    from .models import MODELS
+
     payload = read(path)
-    kwargs = payload.get("config")
-    parts = ("x_dim", "z_dim", "prior", "likelihood", "guide", "encoder", "decoder")
-    if not isinstance(kwargs, dict) or any(k not in kwargs for k in parts) or "state_dict" not in payload:
+    saved = payload.get("class")
+    config = payload.get("config")
+    if saved is None and isinstance(config, dict) and "x_dim" in config:  # written before models had classes
+        saved, config = "pyvae.models.vae.VAE", {"model": "vae", **config}
+    if "state_dict" not in payload or not isinstance(saved, str):
         raise PyvaeError(f"{path} is a pyvae checkpoint without a complete model description; it cannot be loaded")
-    kwargs = dict(kwargs)
-    for part, registry in (("prior", PRIORS), ("likelihood", LIKELIHOODS), ("guide", GUIDES)):
-        name = kwargs[part]["name"] if isinstance(kwargs[part], dict) else kwargs[part]
-        if name not in registry and part not in components:
-            raise PyvaeError(f"{path} was saved with a custom {part} {name!r}; pass {part}=... to pyvae.load")
-    for part in ("encoder", "decoder"):
-        if kwargs.pop(part) == "custom" and part not in components:
-            raise PyvaeError(f"{path} was saved with a custom {part}; pass {part}=... to pyvae.load")
-    kwargs.update(components)
-    vae = VAE(**kwargs)
-    try:
-        vae.load_state_dict(payload["state_dict"])
-    except RuntimeError as e:
-        raise PyvaeError(f"checkpoint {path} does not match the model it describes: {str(e).splitlines()[0]}") from e
-    return vae
+    if model is None:
+        name = config.get("model") if isinstance(config, dict) else None
+        if name not in MODELS or class_name_of(MODELS[name]) != saved:
+            raise PyvaeError(
+                f"{path} holds a {saved}, not a built-in model; build one and pass it: pyvae.load(path, model=...)"
+            )
+        cls = MODELS[name]
+        if hasattr(cls, "from_config"):
+            model = cls.from_config(config, path=path, **parts)
+        else:
+            model = cls(**{**{k: v for k, v in config.items() if k != "model"}, **parts})
+    elif parts:
+        raise PyvaeError(f"pass either model= or parts ({', '.join(parts)}) to pyvae.load, not both")
+    if class_name(model) != saved:
+        raise PyvaeError(f"{path} holds a {saved}; it cannot be loaded into a {class_name(model)}")
+    load_weights(model, payload["state_dict"], path)
+    return model
+
+
+def class_name_of(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, path) -> None:
+    """``model.load_state_dict`` with a one-line error naming the missing, unexpected and mis-shaped entries."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"missing {', '.join(missing[:5])}" if missing else "", f"unexpected {', '.join(unexpected[:5])}" if unexpected else "",
+                 f"shapes differ (saved vs model): {', '.join(shapes[:5])}" if shapes else ""]
+        raise PyvaeError(f"checkpoint {path} does not match the model: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(state_dict)

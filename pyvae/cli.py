@@ -10,22 +10,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .console import Parser, run, writable_dir
 from .errors import PyvaeError
-
-
-def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
-    """Call ``main(argv)``; a :class:`PyvaeError` becomes ``error: ...`` and exit 2 (a traceback with ``--debug``)."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        main(argv)
-    except PyvaeError as e:
-        if "--debug" in argv:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt as e:
-        print(str(e) or "interrupted", file=sys.stderr)
-        sys.exit(128 + getattr(e, "signum", 2))
 
 
 def load_run(path: str | Path):
@@ -45,7 +31,7 @@ def load_run(path: str | Path):
     return load(checkpoint), config, checkpoint.parent
 
 
-def evaluation_data(vae, config: dict | None, dataset: str | None, split: str, data_dir: str | None):
+def evaluation_data(vae, config: dict | None, dataset: str | None, split: str, data_dir: str | None, download: bool = True):
     """The split a run is evaluated on, binarized as it was trained (one fixed draw where training drew afresh)."""
     from .data import evaluation_split, load_dataset, resolve_binarize
 
@@ -53,58 +39,177 @@ def evaluation_data(vae, config: dict | None, dataset: str | None, split: str, d
     dataset = dataset or config.get("dataset")
     if dataset is None:
         raise PyvaeError("no config.yaml beside the checkpoint says which data set it was trained on; pass --dataset")
-    data = load_dataset(dataset, split, data_dir=data_dir or config.get("data_dir"), download=config.get("download", True))
+    download = download and config.get("download", True)
+    data = load_dataset(dataset, split, data_dir=data_dir or config.get("data_dir"), download=download)
     # another data set than the run's is binarized as the likelihood needs, not as the run's was
     mode = config.get("binarize", "auto") if dataset == config.get("dataset") else "auto"
     mode = resolve_binarize(vae.likelihood, data, mode)
     return evaluation_split(data, mode, config.get("seed", 0))
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit code 2."""
+def scored(model, data):
+    """What a model is scored on: x alone, or (x, y) for a labelled model; m2 scores the images as
+    unlabelled (log p(x), the classes summed exactly), cvae needs the labels (log p(x | y))."""
+    import torch
 
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+    from .program import batch_arity
+
+    if batch_arity(model) == 1:
+        return data.images
+    if hasattr(model, "classify"):
+        return data.images, torch.full((len(data),), -1, dtype=torch.long)
+    if data.labels is None:
+        raise PyvaeError(f"{type(model).__name__} scores labelled images; the {data.name} {data.split} split has no labels")
+    return data.images, data.labels
+
+
+def build_model(config, train, likelihood):
+    """The model ``config.model`` names, sized for ``train``. vae, cvae and m2 take the flags' network
+    settings (--z-dim, --hidden, --activation, --prior, ...); hvae keeps its IWAE-paper layers unless
+    a YAML mapping (``model: {name: hvae, z_dims: [...], hidden: [[...], [...]]}``) says otherwise."""
+    import inspect
+
+    from .models import MODELS
+
+    spec = dict(config.model) if isinstance(config.model, dict) else {"name": config.model}
+    cls = MODELS[spec.pop("name")]
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise PyvaeError(f"unknown setting {unknown[0]!r} for model {config.model!r}; allowed: {', '.join(sorted(allowed))}")
+    flags = {"prior": config.prior, "likelihood": likelihood, "guide": config.guide, "net": config.net}
+    if cls is not MODELS.get("hvae"):
+        flags.update(z_dim=config.z_dim, hidden=config.hidden, activation=config.activation)
+    data = {"x_dim": train.x_dim, "image_shape": train.image_shape}
+    if "num_classes" in allowed:
+        if train.labels is None:
+            raise PyvaeError(f"model {cls.__name__} needs labels; the {train.name} data set has none")
+        data["num_classes"] = int(train.labels.max()) + 1
+    kwargs = {k: v for k, v in {**flags, **data}.items() if k in allowed}
+    return cls(**{**kwargs, **spec})
+
+
+def train_main(argv: list[str]) -> None:
+    """Train a model by SVI: checkpoints, metrics, pictures and the test log-likelihood."""
+    import torch
+
+    from . import likelihoods, plots
+    from .checkpoint import load
+    from .config import parse_args
+    from .data import binarize_for, load_train_test, semi_supervised, spread
+    from .diagnostics import evaluate
+    from .distributed import init, shutdown
+    from .models import MODELS
+    from .train import fit
+    from .batching import resolve_device
+
+    config, _ = parse_args(argv, description="Train a VAE by SVI and write its pictures, metrics and test log-likelihood.")
+    name = config.model["name"] if isinstance(config.model, dict) else config.model
+    if config.num_labels is not None and name != "m2":
+        raise PyvaeError(f"--num-labels is for the semi-supervised model m2; model {name!r} uses every label or none")
+    # under torchrun, one of several processes training together (rank 0 writes); else alone
+    world, device = init(resolve_device(config.device))
+    say = print if world.main else lambda *args, **kwargs: None
+
+    # 1. data: the requested set, or the offline digits with a notice
+    with world.local_main_first():  # one download per machine
+        train, test, notice = load_train_test(
+            config.dataset, data_dir=config.data_dir, download=config.download, fallback=None if config.strict_data else "digits"
+        )
+    if notice:
+        say(notice, file=sys.stderr)
+        config.dataset = train.name
+    likelihood = likelihoods.LIKELIHOODS.resolve(config.likelihood)
+    train, test, config.binarize = binarize_for(likelihood, train, test, config.binarize, config.seed)
+    metrics = {}
+    if name == "m2":
+        # train on num_labels labels (or all); score the test set as unlabelled: log p(x), and its accuracy
+        if config.num_labels is not None:
+            train = semi_supervised(train, config.num_labels, config.seed)
+        x_test, y_test = test.draw(), test.labels
+        metrics["test_accuracy"] = lambda model: model.accuracy(x_test, y_test)
+        test = (x_test, torch.full_like(y_test, -1))
+    say(f"data: {train.name}, {len(train)} train / {len(x_test) if name == 'm2' else len(test)} test images of {train.image_shape}, binarize={config.binarize}")
+
+    # 2. model: Pyro programs around neural networks
+    torch.manual_seed(config.seed)
+    model = load(f"{config.resume}/checkpoint.pt") if config.resume else build_model(config, train, likelihood)
+
+    # 3. inference: SVI on the ELBO, a checkpoint and a metrics line per epoch
+    out = Path(world.broadcast(str(config.output_dir()) if world.main else None))
+    if world.main and not config.resume:
+        (out / "config.yaml").write_text(config.to_yaml())
+    history = fit(
+        model,
+        train,
+        test=test,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        elbo="enum" if name == "m2" and config.elbo == "trace" else config.elbo,
+        num_particles=config.num_particles,
+        beta=config.beta,
+        kl_warmup_epochs=config.kl_warmup_epochs,
+        metrics=metrics,
+        clip_norm=config.clip_norm,
+        device=device,
+        seed=config.seed,
+        out=out,
+        resume=bool(config.resume),
+    )
+    shutdown()  # leave torchrun's process group: what follows is rank 0's alone
+    if not world.main:
+        return
+
+    # 4. pictures
+    x_test = test[0] if isinstance(test, tuple) else test.draw()
+    plots.samples(model, out / "samples.png")
+    plots.reconstructions(model, x_test, out / "reconstructions.png", labels=getattr(test, "labels", None) if name == "cvae" else None)
+    plots.elbo_curves(history, out / "elbo.png")
+
+    # 5. the test log-likelihood by importance sampling (python -m pyvae evaluate for K = 5000)
+    if config.eval_samples:
+        points = spread(torch.arange(len(x_test)), config.eval_points)
+        data = (x_test[points], test[1][points] if isinstance(test, tuple) else test.labels[points]) if name in ("cvae", "m2") else x_test[points]
+        result = evaluate(model, data, config.eval_samples, dataset=train.name, split="test", progress=True)
+        print(result.table())
+        result.write(out / f"eval-{train.name}-test-K{config.eval_samples}")
+    last = history[-1]
+    accuracy = f"; test accuracy {last['test_accuracy']:.3f}" if "test_accuracy" in last else ""
+    print(f"test ELBO {last['test_elbo']:.3f} nats per data point{accuracy}; outputs in {out}/")
 
 
 def evaluate_main(argv: list[str]) -> None:
+    """Importance-sampled log p(x) and guide diagnostics of a trained run."""
     import pyro
+    import torch
 
     from .data import spread
     from .diagnostics import evaluate
 
     parser = run_parser("evaluate", "Importance-sampled log p(x) and guide diagnostics of a trained run.", "RUN/eval-<dataset>-<split>-K<K>")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", choices=["train", "valid", "test"], help="which split to score (default test)")
     parser.add_argument("--num-samples", type=int, default=5000, help="K importance samples per point")
     parser.add_argument("--batch-size", type=int, help="data points per chunk (default: chosen to bound memory)")
     parser.add_argument("--num-points", type=int, help="evaluate this many points, evenly spread over the split")
+    parser.add_argument("--site", help="the latent site the plots show (default: the model's top-level latent)")
     args = parser.parse_args(argv)
     check_positive(args, "num_samples", "batch_size", "num_points", optional=True)
 
     vae, config, run_dir = load_run(args.run)
-    data = evaluation_data(vae, config, args.dataset, args.split, args.data_dir)
-    x = spread(data.images, args.num_points)
+    data = evaluation_data(vae, config, args.dataset, args.split, args.data_dir, not args.no_download)
+    points = spread(torch.arange(len(data)), args.num_points)
+    x = scored(vae, data)
+    x = x[points] if isinstance(x, torch.Tensor) else tuple(t[points] for t in x)
     out = writable_dir(args.out or run_dir / f"eval-{data.name}-{args.split}-K{args.num_samples}")
 
     pyro.set_rng_seed(args.seed)
     result = evaluate(
-        vae, x, args.num_samples, args.batch_size, device=args.device, dataset=data.name, split=args.split, progress=True
+        vae, x, args.num_samples, args.batch_size, site=args.site, device=args.device, dataset=data.name, split=args.split, progress=True
     )
     print(result.table())
     result.write(out)
     print(f"wrote {out}/eval.json, eval.nc, khat.png, iwae_curve.png" + (", kl_per_dim.png" if result.kl_per_dim is not None else ""))
-
-
-def writable_dir(path: str | Path) -> Path:
-    """``path`` as a folder we have just created or checked we can write in; else a clear error."""
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").touch()
-        (out / ".write-test").unlink()
-    except OSError as e:
-        raise PyvaeError(f"cannot write to output folder {out}: {e.strerror or e}") from e
-    return out
 
 
 def run_parser(command: str, description: str, default_out: str = "RUN/explore") -> Parser:
@@ -112,9 +217,10 @@ def run_parser(command: str, description: str, default_out: str = "RUN/explore")
     parser = Parser(prog=f"python -m pyvae {command}", description=description)
     parser.add_argument("run", help="run folder (with checkpoint.pt and config.yaml) or checkpoint file")
     parser.add_argument("--dataset", help="data set (default: the run's)")
-    parser.add_argument("--data-dir")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", help="data root (default: the run's, else $PYVAE_DATA, else ./data)")
+    parser.add_argument("--no-download", action="store_true", help="never fetch missing data files")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute (auto: CUDA when available)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random draws (default 0)")
     parser.add_argument("--out", help=f"output folder (default {default_out})")
     parser.add_argument("--debug", action="store_true")
     return parser
@@ -145,38 +251,43 @@ def held_out_images(vae, config, args, n=None):
     """(the test split as the run was evaluated, n of its images evenly spread on the model's device)."""
     from .data import spread
 
-    data = evaluation_data(vae, config, args.dataset, "test", args.data_dir)
+    data = evaluation_data(vae, config, args.dataset, "test", args.data_dir, not args.no_download)
     device = next(vae.parameters()).device
     return data, spread(data.images, n).to(device)
 
 
 def sample_main(argv: list[str]) -> None:
+    """Images decoded from latents drawn from the prior (--label for cvae, m2)."""
     from . import plots
 
     parser = run_parser("sample", "Images decoded from latents drawn from the prior.")
     parser.add_argument("--n", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=1.0, help="scale of z about the prior mean")
+    parser.add_argument("--temperature", type=float, default=1.0, help="scale of z about the prior mean (vae)")
+    parser.add_argument("--label", type=int, help="class to draw (cvae, m2); default: the classes in turn")
     args = parser.parse_args(argv)
     vae, _, out = explore_setup(args, "n")
     if not args.temperature > 0:
         raise PyvaeError(f"--temperature must be a positive number; got {args.temperature}")
-    plots.save_grid(vae.sample(args.n, args.temperature), vae.image_shape, out / "samples.png", nrow=_side(args.n))
+    plots.samples(vae, out / "samples.png", args.n, args.label, args.temperature)
     print(f"wrote {out}/samples.png")
 
 
 def reconstruct_main(argv: list[str]) -> None:
+    """Test images, each row above its reconstructions."""
     from . import plots
 
     parser = run_parser("reconstruct", "Test images, each row above its reconstructions.")
     parser.add_argument("--n", type=int, default=32, help="images (rows of 8)")
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args, "n")
-    _, x = held_out_images(vae, config, args)
-    plots.reconstructions(vae, x, out / "reconstructions.png", per_row=8, rows=max(1, args.n // 8))
+    data, x = held_out_images(vae, config, args)
+    labels = data.labels if program_arity(vae) == 2 and not hasattr(vae, "classify") else None
+    plots.reconstructions(vae, x, out / "reconstructions.png", per_row=8, rows=max(1, args.n // 8), labels=labels)
     print(f"wrote {out}/reconstructions.png")
 
 
 def interpolate_main(argv: list[str]) -> None:
+    """Decoded paths between test images, linear and spherical in z (vae)."""
     from . import plots
     from .explore import interpolations
 
@@ -185,6 +296,7 @@ def interpolate_main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args, "pairs", "steps")
+    require_vae(vae, "interpolate")
     _, x = held_out_images(vae, config, args, 2 * args.pairs)
     x_from, x_to = x[0::2], x[1::2]
     for kind in ("linear", "spherical"):
@@ -194,19 +306,22 @@ def interpolate_main(argv: list[str]) -> None:
 
 
 def traverse_main(argv: list[str]) -> None:
+    """Each latent dimension swept over the prior's quantiles, by KL (vae)."""
     import torch
 
     from . import plots
-    from .diagnostics import kl_per_dimension
     from .explore import manifold, traversal
+    from .importance import log_likelihood
 
     parser = run_parser("traverse", "Each latent dimension swept over the prior's quantiles, by KL.")
     parser.add_argument("--dims", type=int, default=10, help="how many dimensions, largest KL first")
     parser.add_argument("--steps", type=int, default=9)
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args, "dims", "steps")
+    require_vae(vae, "traverse")
     _, x = held_out_images(vae, config, args, 1000)
-    kl = kl_per_dimension(vae, x)
+    per_dim = log_likelihood(vae, x, num_samples=20).kl_per_dim.get("z")
+    kl = per_dim.mean(0) if per_dim is not None else None
     if kl is None:  # no factorized marginals: rank by how much the latent means vary instead
         kl = vae.latent_mean(x).var(0).cpu()
     order = torch.argsort(kl, descending=True)[: args.dims].tolist()
@@ -218,11 +333,18 @@ def traverse_main(argv: list[str]) -> None:
 
 
 def embed_main(argv: list[str]) -> None:
+    """Latent means of the test set: a scatter, a linear probe, k-means purity."""
     import json
+
+    from dataclasses import replace
+
+    import torch
 
     from . import plots
     from .checkpoint import atomic_write
     from .explore import embedding_2d, linear_probe
+    from .models import VAE
+    from .program import latent_means
 
     parser = run_parser("embed", "Latent means of the test set: a scatter, a linear probe, k-means purity.")
     parser.add_argument("--num-points", type=int, help="test images, evenly spread (default all)")
@@ -234,7 +356,13 @@ def embed_main(argv: list[str]) -> None:
     from .data import spread
 
     x, labels = spread(data.images, args.num_points), spread(data.labels, args.num_points)
-    z = vae.latent_mean(x.to(next(vae.parameters()).device)).cpu().numpy()
+    device = next(vae.parameters()).device
+    if isinstance(vae, VAE):
+        z = vae.latent_mean(x.to(device)).cpu().numpy()
+    else:  # the guide's mean of the model's latent site, m2's images unlabelled
+        batch = scored(vae, replace(data, images=x, labels=labels))
+        batch = tuple(t.to(device) for t in batch) if isinstance(batch, tuple) else (batch.to(device),)
+        z = torch.cat([latent_means(vae, tuple(t[i : i + 500] for t in batch), vae.latent_site) for i in range(0, len(x), 500)]).cpu().numpy()
     result = linear_probe(z, labels.numpy(), seed=args.seed)
     points, axis_name = embedding_2d(z)
     plots.embedding(points, labels.numpy(), axis_name, out / "embedding.png")
@@ -247,6 +375,7 @@ def embed_main(argv: list[str]) -> None:
 
 
 def anomaly_main(argv: list[str]) -> None:
+    """log p(x) as an anomaly score: ROC AUC of test images against another set."""
     import json
 
     from . import plots
@@ -265,8 +394,8 @@ def anomaly_main(argv: list[str]) -> None:
     ood, x_ood = held_out_images(vae, config, ood_args, args.num_points)
     if x_ood.shape[1] != vae.x_dim:
         raise PyvaeError(f"{args.ood} images have {x_ood.shape[1]} pixels; the model expects {vae.x_dim}")
-    ll_in = log_likelihood(vae, x_in, args.num_samples).log_px
-    ll_ood = log_likelihood(vae, x_ood, args.num_samples).log_px
+    ll_in = log_likelihood(vae, _unlabelled(vae, x_in), args.num_samples).log_px
+    ll_ood = log_likelihood(vae, _unlabelled(vae, x_ood), args.num_samples).log_px
     auc = anomaly_auc(ll_in, ll_ood)
     result = {
         "in_distribution": data.name,
@@ -290,11 +419,35 @@ def anomaly_main(argv: list[str]) -> None:
     print(f"wrote {out}/anomaly_hist.png, anomaly.json")
 
 
+def _unlabelled(model, x):
+    """Images as a model scores them without labels: m2 sums the classes; a conditional model cannot."""
+    import torch
+
+    if program_arity(model) == 1:
+        return x
+    if not hasattr(model, "classify"):
+        raise PyvaeError(f"{type(model).__name__} scores labelled images only; anomaly scores need p(x) without labels")
+    return x, torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+
+
+def program_arity(model) -> int:
+    from .program import batch_arity
+
+    return batch_arity(model)
+
+
+def require_vae(model, what: str):
+    from .explore import require_vae as check
+
+    return check(model, what)
+
+
 def _side(n: int) -> int:
     return max(1, round(n**0.5))
 
 
 COMMANDS = {
+    "train": train_main,
     "evaluate": evaluate_main,
     "sample": sample_main,
     "reconstruct": reconstruct_main,
@@ -307,8 +460,12 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        given = repr(argv[0]) if argv else "nothing"
-        print(f"usage: python -m pyvae {{{','.join(COMMANDS)}}} ...; got {given}", file=sys.stderr)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m pyvae COMMAND [flags]   (python -m pyvae COMMAND --help for its flags)\n")
+        for name, command in COMMANDS.items():
+            print(f"  {name:<12}{(command.__doc__ or '').strip().splitlines()[0] if command.__doc__ else ''}")
+        return
+    if argv[0] not in COMMANDS:
+        print(f"usage: python -m pyvae {{{','.join(COMMANDS)}}} ...; got {argv[0]!r}", file=sys.stderr)
         sys.exit(2)
     run(COMMANDS[argv[0]], argv[1:])

@@ -19,13 +19,14 @@ from pathlib import Path
 import yaml
 
 from .data import BINARIZE_MODES, SPLITS
-from .cli import Parser, writable_dir
+from .console import Parser, writable_dir
 from .errors import PyvaeError
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
 from .nets import ACTIVATIONS, NETS
 from .priors import PRIORS
-from .train import DEVICES, ELBOS
+from .batching import DEVICES
+from .objectives import ELBOS
 
 
 def _choices(*values) -> dict:
@@ -43,6 +44,8 @@ class TrainConfig:
     download: bool = field(default=True, metadata={"help": "download missing data files"})
     binarize: str = field(default="auto", metadata=_choices("auto", *BINARIZE_MODES))
     # model
+    model: str | dict = field(default="vae", metadata={"models": True, "help": "vae, hvae, cvae or m2 (in YAML also {name: hvae, z_dims: [100, 50], ...})"})
+    num_labels: int | None = field(default=None, metadata={"min": 1, "help": "m2: labelled training points, class-balanced; the rest unlabelled"})
     z_dim: int = field(default=50, metadata={"min": 1})
     hidden: list[int] = field(default_factory=lambda: [400], metadata={"min": 1})
     activation: str = field(default="softplus", metadata=_choices(*ACTIVATIONS))
@@ -104,6 +107,13 @@ def _check(f: dataclasses.Field, value) -> None:
         except PyvaeError as e:
             raise PyvaeError(f"invalid value {value!r} for {f.name!r}: {e}") from None
         return
+    if "models" in meta:
+        from .models import MODELS
+
+        name = value.get("name") if isinstance(value, dict) else value
+        if name not in MODELS:
+            raise PyvaeError(f"invalid value {value!r} for 'model'; allowed: {', '.join(MODELS)} (in YAML a mapping with 'name')")
+        return
     base = _base(kind)
     if typing.get_origin(base) is list:
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
@@ -139,6 +149,10 @@ def _describe(kind, meta) -> str:
         return ", ".join(meta["choices"])
     if "registry" in meta:
         return ", ".join(meta["registry"])
+    if "models" in meta:
+        from .models import MODELS
+
+        return ", ".join(MODELS)
     base = _base(kind)
     if typing.get_origin(base) is list:
         return "a list of positive integers"
@@ -198,6 +212,10 @@ def build_parser(description: str | None = None) -> Parser:
         help_text = f"{f.metadata.get('help', '')} (default: {default})".strip()
         if "registry" in f.metadata:
             parser.add_argument(flag, choices=sorted(f.metadata["registry"]), help=help_text)
+        elif "models" in f.metadata:
+            from .models import MODELS
+
+            parser.add_argument(flag, choices=list(MODELS), help=help_text)
         elif base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif typing.get_origin(base) is list:

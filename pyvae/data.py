@@ -18,6 +18,7 @@ protocol).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -142,7 +143,8 @@ def _binarized_mnist(root: Path, split: str, download: bool) -> ImageSet:
         if not download:
             raise DataNotFound(_missing("binarized_mnist", split, [path], "downloads are off"))
         try:
-            _download(BINARIZED_MNIST_URL + path.name, path, BINARIZED_MNIST_SHA256[split])
+            with _removed_on_failure(folder):
+                _download(BINARIZED_MNIST_URL + path.name, path, BINARIZED_MNIST_SHA256[split])
         except Exception as e:
             raise DataNotFound(_missing("binarized_mnist", split, [path], f"download failed: {_reason(e)}")) from e
     images = torch.from_numpy(read_amat(path)).float()
@@ -187,7 +189,8 @@ def _torchvision_idx(name: str, root: Path, split: str, download: bool) -> Image
         if not download:
             raise DataNotFound(_missing(name, split, [folder / f for f in wanted], "downloads are off"))
         try:
-            _torchvision_download(name, root, split)
+            with _removed_on_failure(folder):
+                _torchvision_download(name, root, split)
         except Exception as e:
             raise DataNotFound(_missing(name, split, [folder / f for f in wanted], f"download failed: {_reason(e)}")) from e
         paths = [_existing(folder / f) for f in wanted]
@@ -243,6 +246,23 @@ def _digits(split: str) -> ImageSet:
 
 
 # -- helpers ------------------------------------------------------------------------
+@contextlib.contextmanager
+def _removed_on_failure(folder: Path):
+    """Folders on the way to ``folder`` that a failed download created are removed again: a failed
+    load leaves the data root as it found it."""
+    first_new = None
+    for candidate in reversed([folder, *folder.parents]):
+        if not candidate.exists():
+            first_new = candidate
+            break
+    try:
+        yield
+    except BaseException:
+        if first_new is not None and first_new.exists():
+            shutil.rmtree(first_new, ignore_errors=True)
+        raise
+
+
 def _download(url: str, path: Path, sha256: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
@@ -316,3 +336,37 @@ def binarize_for(
     """(train, test, mode used): both splits binarized as ``mode`` says (see :func:`resolve_binarize`)."""
     mode = resolve_binarize(likelihood, train, mode)
     return binarize(train, mode, seed), evaluation_split(test, mode, seed), mode
+
+
+
+def semi_supervised(data: ImageSet, num_labels: int, seed: int = 0) -> ImageSet:
+    """``data`` with ``num_labels`` labels kept, num_labels / C drawn at random (``seed``) from each
+    of its C classes, and every other label set to -1 (unlabelled): Kingma et al. (2014)'s setting,
+    e.g. 100 labels of MNIST = 10 per digit. Points already at -1 stay unlabelled."""
+    if data.labels is None:
+        raise PyvaeError(f"{data.name} {data.split} has no labels; semi_supervised needs labelled data")
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels <= 0:
+        raise PyvaeError(f"num_labels must be a positive integer; got {num_labels!r}")
+    labels = data.labels
+    available = int((labels >= 0).sum())
+    classes = labels[labels >= 0].unique().tolist()
+    if num_labels > available:
+        raise PyvaeError(
+            f"num_labels={num_labels} is more than the {available} labelled points of {data.name} {data.split}"
+        )
+    if num_labels % len(classes):
+        raise PyvaeError(
+            f"num_labels={num_labels} is not divisible by the {len(classes)} classes; use a multiple of {len(classes)}"
+        )
+    per_class = num_labels // len(classes)
+    generator = torch.Generator().manual_seed(seed)
+    kept = torch.full_like(labels, -1)
+    for c in classes:
+        members = (labels == c).nonzero().squeeze(1)
+        if len(members) < per_class:
+            raise PyvaeError(
+                f"class {c} has {len(members)} points, fewer than the {per_class} per class "
+                f"that num_labels={num_labels} asks for"
+            )
+        kept[members[torch.randperm(len(members), generator=generator)[:per_class]]] = c
+    return replace(data, labels=kept)

@@ -18,75 +18,76 @@ import numpy as np
 import pyro
 import torch
 import xarray
-from torch.distributions import Independent, kl_divergence
 
-from .checkpoint import atomic_write
 from .data import spread
-from .importance import LogLikelihood, evaluation_images, khat_threshold, log_likelihood
-from .model import VAE
-from .train import Batches, resolve_device
+from .errors import PyvaeError
+from pyro import poutine
+
+from . import program
+from .batching import Batches, resolve_device
+from .checkpoint import atomic_write
+from .importance import LogLikelihood, evaluation_data, khat_threshold, log_likelihood
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 
 
-@torch.no_grad()
-def kl_per_dimension(vae: VAE, x: torch.Tensor, num_samples: int = 100, batch_size: int = 500) -> torch.Tensor | None:
-    """E_x KL(q(z_d|x) || p(z_d)) for each latent dimension d, in nats; None when q or p does not factorize.
-
-    Analytic where torch knows the KL of the two marginals, else a Monte Carlo
-    average over ``num_samples`` draws of log q_d(z_d|x) - log p_d(z_d).
-    """
-    prior = vae.prior()
-    if not _factorizes(prior):
-        return None
-    total, n = 0.0, 0
-    for xb in Batches(x, next(vae.parameters()).device).in_order(batch_size):
-        q = vae.encode(xb)
-        if not _factorizes(q):
-            return None
-        q_d, p_d = q.base_dist, prior.base_dist.expand(q.base_dist.batch_shape)
-        try:
-            kl = kl_divergence(q_d, p_d)
-        except NotImplementedError:
-            z = q_d.sample((num_samples,))
-            kl = (q_d.log_prob(z) - p_d.log_prob(z)).mean(0)
-        total = total + kl.sum(0)
-        n += xb.shape[0]
-    return (total / n).cpu()
-
-
-def _factorizes(d) -> bool:
-    return isinstance(d, Independent) and d.reinterpreted_batch_ndims == 1 and d.base_dist.event_shape == ()
-
-
 def active_units(z_mean: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> tuple[int, torch.Tensor]:
     """(number of d with Cov_x(E_q[z_d|x]) > threshold, those variances): Burda et al.'s active units."""
-    variance = z_mean.var(0)
+    variance = z_mean.reshape(z_mean.shape[0], -1).var(0)
     return int((variance > threshold).sum()), variance
 
 
 @torch.no_grad()
-def mutual_information(vae: VAE, x: torch.Tensor, max_points: int = 1000, chunk: int = 100) -> float:
-    """I(x; z) under q(z, x) = q(z|x) p_data(x), in nats, from N <= ``max_points`` points.
+def mutual_information(model: torch.nn.Module, data, max_points: int = 1000, chunk: int = 100) -> float | None:
+    """I(x; latents) under q(latents, x) = q(latents|x) p_data(x), in nats, from N <= ``max_points`` points.
 
-    I = E[log q(z|x)] - E[log q(z)], with the aggregate posterior
-    q(z_i) ~ (1/N) sum_j q(z_i|x_j) at one draw z_i ~ q(z|x_i) per point. The
-    estimate is biased (it cannot exceed log N); compare runs at the same N.
+    I = E[log q(v|x)] - E[log q(v)], with the aggregate posterior q(v_i) ~ (1/N) sum_j q(v_i|x_j)
+    at one draw v_i ~ q(.|x_i) per point, every latent site of the guide taken jointly (the
+    guide replayed on x_j with v_i's values). The estimate is biased: the aggregate term
+    averages over only N points, so it cannot exceed log N, and with a guide whose posteriors
+    overlap it can come out slightly below 0; it is reported clamped at 0. None for guides
+    with enumerated sites.
     """
-    device = next(vae.parameters()).device
-    x = spread(x, max_points).to(device)
-    n = x.shape[0]
-    q = vae.encode(x)
-    z = q.sample()  # (N, z_dim)
-    log_q_own = q.log_prob(z)
+    device = next(model.parameters()).device
+    batches = Batches(evaluation_data(data), device, program.batch_arity(model))
+    index = spread(torch.arange(len(batches)), max_points).to(batches.images.device)
+    batch = next(batches.select(index, len(index)))
+    shape = program.structure(model, batch)
+    if shape.enumerated_sites:
+        return None
+    n, nesting = batch[0].shape[0], shape.max_plate_nesting
+    with program.LocalParams():
+        own = poutine.trace(model.guide).get_trace(*batch)
+    log_q_own = _guide_log_prob(own, nesting, n)[0]
     log_q_agg = []
-    # q(z_i|x_j) far from x_j's posterior may overflow a flow's inverse: that density is ~0, not NaN
+    # q(v_i|x_j) far from x_j's posterior may overflow a flow's inverse: that density is ~0, not NaN
     with pyro.validation_enabled(False):
         for start in range(0, n, chunk):
-            zi = z[start : start + chunk].unsqueeze(1).expand(-1, n, -1)  # (c, N, z_dim): z_i against every q(.|x_j)
-            log_q = torch.nan_to_num(q.log_prob(zi), nan=-math.inf)
+            idx = torch.arange(start, min(start + chunk, n), device=batch[0].device)
+            values = {name: _others(site, idx, n, nesting) for name, site in own.nodes.items() if name in shape.latent_sites}
+            with program.LocalParams(), pyro.plate(program.PARTICLES, len(idx), dim=-(nesting + 1)):
+                trace = poutine.trace(poutine.condition(model.guide, data=values)).get_trace(*batch)
+            log_q = torch.nan_to_num(_guide_log_prob(trace, nesting, n), nan=-math.inf)  # (c, N): v_i against q(.|x_j)
             log_q_agg.append(torch.logsumexp(log_q, dim=1) - math.log(n))
-    return float((log_q_own - torch.cat(log_q_agg)).mean())
+    return max(0.0, float((log_q_own - torch.cat(log_q_agg)).mean()))
+
+
+def _guide_log_prob(trace, nesting: int, n: int) -> torch.Tensor:
+    total = 0.0
+    for site in program._sample_sites(trace):
+        total = total + program.site_log_prob(site, nesting, 0, n)
+    return total
+
+
+def _others(site, idx: torch.Tensor, n: int, nesting: int) -> torch.Tensor:
+    """The site's values of points ``idx`` moved to the particle dimension, each repeated over all n points."""
+    value, event = site["value"], len(site["fn"].event_shape)
+    data_dim = next(f.dim for f in site["cond_indep_stack"] if f.name == program.DATA) - event
+    value = value.index_select(data_dim, idx).movedim(data_dim, 0).unsqueeze(data_dim)
+    value = value.reshape(len(idx), *(1,) * (nesting + 1 + event - value.dim()), *value.shape[1:])
+    shape = list(value.shape)
+    shape[data_dim] = n
+    return value.expand(shape)
 
 
 @dataclass
@@ -94,10 +95,8 @@ class Evaluation:
     """The importance-sampled log-likelihood and the posterior diagnostics of one data set."""
 
     ll: LogLikelihood
-    kl_per_dim: torch.Tensor | None
-    active_units: int
-    unit_variance: torch.Tensor
-    mutual_information: float
+    site: str | None  # the latent site the plots and the headline latent numbers are about
+    mutual_information: float | None
     dataset: str = ""
     split: str = ""
     seconds: float = math.nan
@@ -126,12 +125,27 @@ class Evaluation:
             "khat_max": float(ll.khat.max()),
             "ess_mean": float(ll.ess.mean()),
             "ess_min": float(ll.ess.min()),
-            "active_units": self.active_units,
-            "z_dim": int(self.unit_variance.shape[0]),
-            "kl": float(self.kl_per_dim.sum()) if self.kl_per_dim is not None else None,
-            "kl_per_dim": self.kl_per_dim.tolist() if self.kl_per_dim is not None else None,
+            "latent_site": self.site,
+            "latent_sites": {name: self.site_summary(name) for name in ll.latent_means},
             "mutual_information": self.mutual_information,
             "seconds": self.seconds,
+        }
+
+    @property
+    def kl_per_dim(self) -> torch.Tensor | None:
+        """E_x KL(q(z_d|x) || p(z_d)) per dimension d of the chosen site (None if it does not factorize)."""
+        per_dim = self.ll.kl_per_dim.get(self.site)
+        return per_dim.mean(0) if per_dim is not None else None
+
+    def site_summary(self, name: str) -> dict:
+        """KL (mean over points of E_q[log q - log p] of the site), active units and size of one latent site."""
+        count, variance = active_units(self.ll.latent_means[name])
+        per_dim = self.ll.kl_per_dim.get(name)
+        return {
+            "kl": float(self.ll.kl[name].double().mean()),
+            "active_units": count,
+            "dims": int(variance.shape[0]),
+            "kl_per_dim": per_dim.mean(0).tolist() if per_dim is not None else None,
         }
 
     def table(self) -> str:
@@ -147,10 +161,11 @@ class Evaluation:
             f"  Pareto k^  {bands}; above the threshold {s['khat_threshold']:.2f}: "
             f"{100 * s['khat_above_threshold']:.1f}% of points (max {s['khat_max']:.2f})",
             f"  ESS        mean {s['ess_mean']:.1f}, min {s['ess_min']:.1f} of {s['num_samples']}",
-            f"  latent     {s['active_units']} of {s['z_dim']} units active; "
-            + (f"KL(q || p) {s['kl']:.3f}; " if s["kl"] is not None else "")
-            + f"I(x; z) {s['mutual_information']:.3f} nats",
         ]
+        for name, site in s["latent_sites"].items():
+            lines.append(f"  latent {name:<4}{site['active_units']} of {site['dims']} units active; KL(q || p) {site['kl']:.3f} nats")
+        if s["mutual_information"] is not None:
+            lines.append(f"  I(x; latents) {s['mutual_information']:.3f} nats (biased: at most log of the points used)")
         return "\n".join(lines)
 
     def to_inference_data(self) -> arviz.InferenceData:
@@ -161,9 +176,10 @@ class Evaluation:
             name: xarray.DataArray(getattr(ll, name).numpy(), dims=["point"], coords=coords)
             for name in ("log_px", "stderr", "elbo", "khat", "ess")
         }
-        data["z_mean"] = xarray.DataArray(
-            ll.z_mean.numpy(), dims=["point", "latent"], coords={**coords, "latent": np.arange(ll.z_mean.shape[1])}
-        )
+        for name, mean in ll.latent_means.items():
+            flat = mean.reshape(len(ll), -1).numpy()
+            data[f"{name}_mean"] = xarray.DataArray(flat, dims=["point", f"{name}_dim"], coords={**coords, f"{name}_dim": np.arange(flat.shape[1])})
+            data[f"{name}_kl"] = xarray.DataArray(ll.kl[name].numpy(), dims=["point"], coords=coords)
         dataset = xarray.Dataset(data, attrs={"num_samples": ll.num_samples, "dataset": self.dataset, "split": self.split, "units": "nats"})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # 'importance_sampling' is not one of arviz's standard group names
@@ -188,32 +204,28 @@ class Evaluation:
 
 
 def evaluate(
-    vae: VAE,
-    x: torch.Tensor,
+    model: torch.nn.Module,
+    data,
     num_samples: int = 5000,
     batch_size: int | None = None,
     *,
+    site: str | None = None,
     device: str | torch.device | None = None,
     dataset: str = "",
     split: str = "",
     progress: bool = False,
 ) -> Evaluation:
-    """Importance-sampled log p(x) with K = ``num_samples`` plus every posterior diagnostic, for each row of x."""
+    """Importance-sampled log p(x) with K = ``num_samples`` plus the posterior diagnostics of every
+    latent site; ``site`` picks the one the plots show (default: the model's ``latent_site``, else
+    the first continuous latent site the model samples, the top of a hierarchy)."""
     import time
 
     start = time.perf_counter()
-    device = resolve_device(device or next(vae.parameters()).device)
-    x = evaluation_images(x)
-    ll = log_likelihood(vae, x, num_samples, batch_size, device=device, progress=progress)
-    count, variance = active_units(ll.z_mean)
-    result = Evaluation(
-        ll=ll,
-        kl_per_dim=kl_per_dimension(vae, x),
-        active_units=count,
-        unit_variance=variance,
-        mutual_information=mutual_information(vae, x),
-        dataset=dataset,
-        split=split,
-    )
+    device = resolve_device(device or next(model.parameters()).device)
+    ll = log_likelihood(model, data, num_samples, batch_size, device=device, progress=progress)
+    site = site or getattr(model, "latent_site", None) or next(iter(ll.latent_means), None)
+    if site is not None and site not in ll.latent_means:
+        raise PyvaeError(f"site {site!r} is not a per-point continuous latent site; choose from {', '.join(ll.latent_means) or 'none'}")
+    result = Evaluation(ll=ll, site=site, mutual_information=mutual_information(model, data), dataset=dataset, split=split)
     result.seconds = time.perf_counter() - start
     return result

@@ -1,9 +1,9 @@
-"""What a trained VAE learned: interpolation, traversals, embeddings, anomaly scores.
+"""What a trained model learned: prior samples, reconstructions, interpolation, traversals,
+embeddings, anomaly scores.
 
-Samples from the prior are ``VAE.sample(n, temperature)``.
-
-Every function works with any prior, likelihood and guide: latents come from
-``vae.prior()`` and ``vae.latent_mean(x)``, images from ``vae.likelihood.mean``.
+:func:`prior_images` and :func:`reconstructions` run any model's programs (labels for the
+conditional and semi-supervised models); interpolation and traversals decode a single
+latent z and so need the built-in :class:`~pyvae.VAE`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,52 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
-from .model import VAE
+from . import program
+from .errors import PyvaeError
+from .models import VAE
+
+
+@torch.no_grad()
+def prior_images(model: torch.nn.Module, n: int, label: int | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """n images E[x | latents] with the latents drawn from the model; a labelled model draws class
+    ``label`` (default: the classes in turn). ``temperature`` scales z about the prior mean (VAE only)."""
+    labelled = program.batch_arity(model) == 2
+    if label is not None and not labelled:
+        raise PyvaeError(f"--label is for models with labels (cvae, m2); {type(model).__name__} has none")
+    if isinstance(model, VAE):
+        return model.sample(n, temperature)
+    if temperature != 1.0:
+        raise PyvaeError(f"temperature is defined for the vae model's single prior; {type(model).__name__} samples at 1 only")
+    device = next(model.parameters()).device
+    x = torch.zeros(n, model.x_dim, device=device)
+    if not labelled:
+        return program.generate(model, (x,))
+    if label is not None and not 0 <= label < model.num_classes:
+        raise PyvaeError(f"--label {label} is outside the classes 0..{model.num_classes - 1}")
+    y = (torch.full((n,), label) if label is not None else torch.arange(n) % model.num_classes).to(device)
+    latent = "y" in program.structure(model, (x, y)).latent_sites  # m2's class is a latent site, cvae's an input
+    return program.generate(model, (x, y), fixed={"y": y} if latent else None)
+
+
+@torch.no_grad()
+def reconstructions(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """E[x | latents] at latents from the guide (the VAE: at its mean); a labelled model takes the
+    labels ``y`` (m2 without them treats the images as unlabelled)."""
+    if isinstance(model, VAE):
+        return model.reconstruct(x)
+    if program.batch_arity(model) == 1:
+        return program.reconstruct(model, (x,))
+    if y is None:
+        if not hasattr(model, "classify"):
+            raise PyvaeError(f"{type(model).__name__} reconstructs labelled images; the data set has no labels")
+        y = torch.full((x.shape[0],), -1, device=x.device)
+    return program.reconstruct(model, (x, y))
+
+
+def require_vae(model: torch.nn.Module, what: str) -> VAE:
+    if not isinstance(model, VAE):
+        raise PyvaeError(f"{what} decodes a single latent z: it needs the vae model, not {type(model).__name__}")
+    return model
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -97,6 +142,8 @@ def anomaly_auc(log_px_in: torch.Tensor, log_px_ood: torch.Tensor) -> float:
 
 
 __all__ = [
+    "prior_images",
+    "reconstructions",
     "slerp",
     "interpolations",
     "traversal",

@@ -12,15 +12,17 @@ se = sqrt(Var(w) / K) / mean(w), which is itself unreliable when the weights are
 heavy-tailed: the Pareto k^ of the weights (PSIS, Vehtari et al. 2024) says when.
 With k^ above min(1 - 1/log10 K, 0.7) the estimate should not be trusted.
 
-The log-weights come from the same distribution objects the model and guide use
-(``vae.prior()``, ``vae.decode(z)``, ``vae.encode(x)``), so every prior,
-likelihood and guide is supported without a second implementation. Everything is
-in nats per data point; the NLL is the negative of ``log_px``.
+The log-weights come from the model's own Pyro programs (:func:`pyvae.program.log_weights`:
+the guide traced with K vectorized particles, the model replayed against it), so any
+model (any latent sites, labels, nested plates, enumerated discrete guide sites, which
+are summed exactly) is scored as written, with no second implementation of a density.
+Everything is in nats per data point; the NLL is the negative of ``log_px``.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -30,14 +32,15 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from . import program
+from .batching import Batches, as_tensors, check_data, resolve_device
 from .errors import PyvaeError, positive_int
-from .model import VAE
-from .train import Batches, as_images, resolve_device
 
-#: how many floats one chunk's largest tensor may hold: 8 MB in float32 on a CPU, so the
-#: elementwise passes over the decoded images run from cache; 128 MB on a GPU, where
-#: bigger kernels pay off
-CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**25}
+#: how many floats one chunk's rows may hold: 32 MB in float32 on a CPU, 128 MB on a GPU. Each
+#: chunk is one trace of guide and model, whose Pyro bookkeeping costs ~1-2 ms; on a CPU an
+#: 8 MB chunk (cache-sized) made that overhead ~25% of the time, 32 MB makes it small
+#: (benchmarks/RESULTS.md)
+CHUNK_ELEMENTS = {"cpu": 2**23, "cuda": 2**25}
 
 KHAT_BANDS = (("good", -math.inf, 0.5), ("ok", 0.5, 0.7), ("bad", 0.7, 1.0), ("very bad", 1.0, math.inf))
 
@@ -56,7 +59,11 @@ class LogLikelihood:
     estimated from the same K draws; ``khat``: the Pareto shape of the weights;
     ``ess``: 1 / sum_k w~_k^2 with w~ the normalized weights (K when the weights are equal);
     ``iwae``: {K': the IWAE-K' bound} for K' dividing the draws into K/K' groups;
-    ``z_mean``: (N, z_dim) the guide's mean E_q[z|x], estimated from the draws.
+    ``latent_means``: {site: (N, *event) E_q[site|x]} and ``kl``: {site: (N,) E_q[log q - log p]
+    of that site} for every continuous latent site in the data plate alone, ``kl_per_dim``:
+    {site: (N, D)} where guide and model factorize over the site's dimensions; all estimated
+    from the same draws. With enumerated discrete guide sites (C values), ``ess`` counts
+    all C*K weights and ``log_weights`` is (N, C, K) instead of (N, K).
     """
 
     log_px: torch.Tensor
@@ -65,7 +72,9 @@ class LogLikelihood:
     khat: torch.Tensor
     ess: torch.Tensor
     iwae: dict[int, torch.Tensor]
-    z_mean: torch.Tensor
+    latent_means: dict[str, torch.Tensor]
+    kl: dict[str, torch.Tensor]
+    kl_per_dim: dict[str, torch.Tensor]
     num_samples: int
     log_weights: torch.Tensor | None = field(default=None, repr=False)
 
@@ -89,8 +98,8 @@ def iwae_sizes(num_samples: int) -> list[int]:
 
 @torch.no_grad()
 def log_likelihood(
-    vae: VAE,
-    x: torch.Tensor,
+    model: torch.nn.Module,
+    data,
     num_samples: int = 5000,
     batch_size: int | None = None,
     *,
@@ -98,87 +107,131 @@ def log_likelihood(
     keep_log_weights: bool = False,
     progress: bool = False,
 ) -> LogLikelihood:
-    """Importance-sampled log p(x) of every row of ``x`` (shape (N, x_dim)), K = ``num_samples``.
+    """Importance-sampled log p(x) of every data point, K = ``num_samples``, from the model's programs.
 
-    Vectorized over samples and data points and chunked so that memory is bounded by
-    the chunk, not by K x N: ``batch_size`` data points at a time (chosen from
-    :data:`CHUNK_ELEMENTS` when None), their K samples in as few passes as fit.
-    The (N, K) log-weights are kept only with ``keep_log_weights``.
+    ``data`` is a tensor x, a tuple (x, y), an ImageSet (one draw if it binarizes
+    dynamically) or a Dataset, served as the model's signature asks. Vectorized over
+    samples and data points and chunked so that memory is bounded by the chunk, not by
+    K x N: ``batch_size`` points at a time (chosen from :data:`CHUNK_ELEMENTS` when None),
+    their K samples in as few passes as fit. The log-weights are kept only with
+    ``keep_log_weights``.
     """
     positive_int("num_samples", num_samples)
-    x = evaluation_images(x)
-    if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != vae.x_dim:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise PyvaeError(f"x must have shape (N, {vae.x_dim}) with N > 0; got {shape}")
-    device = resolve_device(device or next(vae.parameters()).device)
-    vae.to(device).eval()
-    vae.likelihood.check_support(x)
-    rows = max(1, CHUNK_ELEMENTS.get(device.type, 2**21) // _elements_per_row(vae))
+    device = resolve_device(device or next(model.parameters()).device)
+    model.to(device).eval()
+    batches = Batches(evaluation_data(data), device, program.batch_arity(model))
+    check_data(model, batches, "data")
+    shape = program.structure(model, batches.first(1))
+    strata, per_row = _chunk_shape(model, batches.first(1), shape)
+    rows = max(1, CHUNK_ELEMENTS.get(device.type, 2**21) // per_row)
+    n = len(batches)
     if batch_size is None:
-        batch_size = max(1, min(x.shape[0], rows // num_samples))
+        batch_size = max(1, min(n, rows // num_samples))
     positive_int("batch_size", batch_size)
     sample_chunk = max(1, min(num_samples, rows // batch_size))
     sizes = iwae_sizes(num_samples)
 
     # results go into tensors allocated once: thousands of small per-chunk tensors kept
     # alive between the large chunk buffers fragment the heap until memory grows with N
-    n = x.shape[0]
     out = {name: torch.empty(n) for name in ("log_px", "stderr", "elbo", "khat", "ess")}
     iwae = torch.empty(len(sizes), n)
-    z_mean = torch.empty(n, vae.z_dim)
-    log_weights = torch.empty(n, num_samples) if keep_log_weights else None
-    batches = Batches(x, device)
-    bar = tqdm(total=n, desc=f"log p(x), K={num_samples}", unit="pt", disable=not progress, leave=False)
+    stats = _SiteStats(shape, n)
+    elbo = torch.zeros(n)
+    log_weights = torch.empty(n, strata, num_samples) if keep_log_weights else None
+    # a bar only on a terminal: no carriage-return frames in log files
+    bar = tqdm(total=n, desc=f"log p(x), K={num_samples}", unit="pt", disable=not progress or not sys.stderr.isatty(), leave=False)
     # the data were checked above; re-validating every chunk would only repeat that work
     with pyro.validation_enabled(False):
-        for start, xb in zip(range(0, n, batch_size), batches.in_order(batch_size)):
-            span = slice(start, start + xb.shape[0])
-            log_w, z_mean[span] = _log_weights(vae, xb, num_samples, sample_chunk)
+        for start, batch in zip(range(0, n, batch_size), batches.in_order(batch_size)):
+            span = slice(start, start + batch[0].shape[0])
+            chunks = []
+            for s0 in range(0, num_samples, sample_chunk):
+                w = program.log_weights(model, batch, min(sample_chunk, num_samples - s0), shape)
+                chunks.append(w.per_point())
+                stats.add(w, span, per_dim=s0 == 0)
+                elbo[span] += w.log_w.shape[1] * w.elbo().cpu()
+            log_w = torch.cat(chunks, dim=2)  # (M, C, K)
             for name, values in _summarize(log_w, sizes).items():
                 if name == "iwae":
                     iwae[:, span] = values
                 else:
-                    out[name][span] = values
+                    out[name][span] = values.cpu()
             if keep_log_weights:
-                log_weights[span] = log_w
-            bar.update(xb.shape[0])
+                log_weights[span] = log_w.cpu()
+            bar.update(batch[0].shape[0])
     bar.close()
+    out["elbo"] = elbo / num_samples
+    if log_weights is not None and strata == 1:
+        log_weights = log_weights[:, 0]
     return LogLikelihood(
         **out,
         iwae={size: iwae[i] for i, size in enumerate(sizes)},
-        z_mean=z_mean,
+        **stats.result(),
         num_samples=num_samples,
         log_weights=log_weights,
     )
 
 
-def evaluation_images(x) -> torch.Tensor:
-    """A tensor (N, x_dim) from a tensor, an ImageSet (one draw if it binarizes dynamically) or a Dataset."""
+def evaluation_data(data):
+    """``data`` with a dynamically binarized ImageSet drawn once (every point scored on one fixed image)."""
     from .data import ImageSet
 
-    if isinstance(x, ImageSet):
-        return x.draw()
-    if isinstance(x, torch.utils.data.Dataset) and not isinstance(x, torch.Tensor):
-        return as_images(x)[0]
-    return x
+    if isinstance(data, ImageSet) and data.dynamic:
+        return (data.draw(), data.labels) if data.labels is not None else data.draw()
+    return data
 
 
-def _elements_per_row(vae: VAE) -> int:
-    """Floats held per (sample, data point) row: decoder output and the prior's mixture terms dominate."""
-    components = getattr(vae.prior, "num_components", 1)
-    return vae.x_dim * max(2, vae.likelihood.params_per_pixel) + components * vae.z_dim
+def _chunk_shape(model, batch: tuple, shape: program.Structure) -> tuple[int, int]:
+    """(C, floats held per (sample, point) row): every site's value and parameters, mixtures' components."""
+    with pyro.validation_enabled(False):
+        w = program.log_weights(model, batch, 1, shape)
+    per_row = 0
+    for trace in (w.model_trace, w.guide_trace):
+        for site in program._sample_sites(trace):
+            components = getattr(site["fn"], "_num_component", 1)
+            per_row += 2 * site["value"].numel() * components
+    strata = w.log_w.shape[0]
+    return strata, per_row * strata
 
 
-def _log_weights(vae: VAE, x: torch.Tensor, num_samples: int, sample_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log w of shape (M, K), E_q[z|x] of shape (M, z_dim)) for a chunk of M points."""
-    q = vae.encode(x)
-    prior = vae.prior()
-    log_w, z_sum = [], 0.0
-    for start in range(0, num_samples, sample_chunk):
-        z = q.sample((min(sample_chunk, num_samples - start),))  # (S, M, z_dim)
-        log_w.append(prior.log_prob(z) + vae.decode(z).log_prob(x) - q.log_prob(z))
-        z_sum = z_sum + z.sum(0)
-    return torch.cat(log_w).T.contiguous(), z_sum / num_samples
+class _SiteStats:
+    """Per-site sums over the particles of E_q[site] and of log q - log p; the KL per dimension from
+    each chunk's first sample chunk only (thousands of draws already; it would cost two more
+    density passes per chunk)."""
+
+    def __init__(self, shape: program.Structure, n: int) -> None:
+        self.shape, self.n = shape, n
+        self.sites = list(shape.continuous_sites)
+        self.sums = {"means": {}, "kl": {}, "kl_per_dim": {}}
+        self.counts = {"means": torch.zeros(n), "kl": torch.zeros(n), "kl_per_dim": torch.zeros(n)}
+
+    def add(self, w: program.Weights, span: slice, per_dim: bool) -> None:
+        k, nesting = w.log_w.shape[1], self.shape.max_plate_nesting
+        for name in list(self.sites):
+            try:
+                values = {"means": program.site_mean(w.guide_trace.nodes[name], w, nesting)}
+            except PyvaeError:  # in a nested plate: no per-point summary
+                self.sites.remove(name)
+                continue
+            values["kl"] = program.site_kl(name, w, nesting)
+            if per_dim:
+                values["kl_per_dim"] = program.site_kl(name, w, nesting, per_dim=True)
+            for kind, value in values.items():
+                if value is None:
+                    continue
+                store = self.sums[kind]
+                if name not in store:
+                    store[name] = torch.zeros(self.n, *value.shape[1:])
+                store[name][span] += k * value.cpu()
+        for kind in ("means", "kl") + (("kl_per_dim",) if per_dim else ()):
+            self.counts[kind][span] += k
+
+    def result(self) -> dict:
+        def average(kind):
+            count = self.counts[kind].clamp(min=1)
+            return {name: v / count.reshape(-1, *(1,) * (v.dim() - 1)) for name, v in self.sums[kind].items() if name in self.sites}
+
+        return {"latent_means": average("means"), "kl": average("kl"), "kl_per_dim": average("kl_per_dim")}
 
 
 #: log-weights of a point that span less than this (nats) are equal: ratios within 0.1%
@@ -204,20 +257,26 @@ def pareto_khat(log_w: torch.Tensor) -> torch.Tensor:
 
 
 def _summarize(log_w: torch.Tensor, sizes: list[int]) -> dict[str, torch.Tensor]:
-    """Per-point statistics of log-weights of shape (M, K)."""
-    k = log_w.shape[1]
-    log_px = torch.logsumexp(log_w, dim=1) - math.log(k)
-    normalized = torch.exp(log_w - log_px.unsqueeze(1))  # w_k / mean(w), mean 1
-    second_moment = (normalized**2).mean(1)
+    """Per-point statistics of log-weights of shape (M, C, K): C strata (enumerated values) of K draws.
+
+    p^ = sum_c (1/K) sum_k w_ck; its delta-method standard error sums the strata's variances.
+    """
+    m, c, k = log_w.shape
+    log_px = torch.logsumexp(log_w.reshape(m, -1), dim=1) - math.log(k)
+    scaled = torch.exp(log_w - log_px.reshape(m, 1, 1))  # w_ck / p^, finite
+    variance = ((scaled - scaled.mean(2, keepdim=True)) ** 2).sum(2) / max(k - 1, 1)  # per stratum, (M, C)
+    flat = scaled.reshape(m, -1)
     iwae = []
     for size in sizes:
-        groups = log_w[:, : (k // size) * size].reshape(log_w.shape[0], -1, size)
-        iwae.append((torch.logsumexp(groups, dim=2) - math.log(size)).mean(1))
+        groups = log_w[:, :, : (k // size) * size].reshape(m, c, -1, size)
+        iwae.append((torch.logsumexp(groups, dim=(1, 3)) - math.log(size)).mean(1))
+    finite = log_w.reshape(m, -1)
+    floor = torch.where(torch.isfinite(finite), finite, torch.full_like(finite, math.inf)).min(1, keepdim=True).values
     return {
         "log_px": log_px,
-        "stderr": ((second_moment - 1).clamp(min=0) / max(k - 1, 1)).sqrt(),
-        "elbo": log_w.mean(1),
-        "ess": k / second_moment,
-        "khat": pareto_khat(log_w),
+        "stderr": (variance.sum(1) / k).clamp(min=0).sqrt(),
+        "ess": flat.sum(1) ** 2 / (flat**2).sum(1),
+        # strata of probability 0 hold exact zeros, which lie below any Pareto tail
+        "khat": pareto_khat(torch.where(torch.isfinite(finite), finite, floor - 1e3)),
         "iwae": torch.stack(iwae),
     }

@@ -16,7 +16,6 @@ from torchvision.utils import make_grid, save_image  # noqa: E402
 
 from .checkpoint import atomic_write  # noqa: E402
 from .data import spread  # noqa: E402
-from .model import VAE  # noqa: E402
 
 
 def save_grid(images: torch.Tensor, image_shape: Sequence[int], path: str | Path, nrow: int = 8) -> None:
@@ -32,25 +31,33 @@ def save_figure(fig: plt.Figure, path: str | Path) -> None:
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
-def samples(vae: VAE, path: str | Path, n: int = 64) -> None:
-    """An 8x8 grid of E[x|z] for z drawn from the prior."""
-    vae.eval()
-    save_grid(vae.sample(n), vae.image_shape, path)
+def samples(model: torch.nn.Module, path: str | Path, n: int = 64, label: int | None = None, temperature: float = 1.0) -> None:
+    """A grid of E[x | latents] for latents drawn from the model (class ``label``, or the classes in turn)."""
+    from .explore import prior_images
+
+    model.eval()
+    save_grid(prior_images(model, n, label, temperature), model.image_shape, path, nrow=max(1, round(n**0.5)))
 
 
-def reconstructions(vae: VAE, x: torch.Tensor, path: str | Path, per_row: int = 8, rows: int = 2) -> None:
+def reconstructions(
+    model: torch.nn.Module, x: torch.Tensor, path: str | Path, per_row: int = 8, rows: int = 2, labels: torch.Tensor | None = None
+) -> None:
     """Rows of test images, each above a row of their reconstructions.
 
     The images are spread evenly over ``x``, so a set sorted by class (static
     binarized MNIST's test split is) shows every class.
     """
-    vae.eval()
+    from .explore import reconstructions as reconstruct
+
+    model.eval()
     per_row = min(per_row, x.shape[0])
     rows = max(1, min(rows, x.shape[0] // per_row))
-    x = spread(x, per_row * rows).to(next(vae.parameters()).device)
-    recon = vae.reconstruct(x)
+    device = next(model.parameters()).device
+    y = spread(labels, per_row * rows).to(device) if labels is not None else None
+    x = spread(x, per_row * rows).to(device)
+    recon = reconstruct(model, x, y)
     pairs = torch.stack([x.reshape(rows, per_row, -1), recon.reshape(rows, per_row, -1)], dim=1)
-    save_grid(pairs.reshape(-1, x.shape[1]), vae.image_shape, path, nrow=per_row)
+    save_grid(pairs.reshape(-1, x.shape[1]), model.image_shape, path, nrow=per_row)
 
 
 def elbo_curves(history: list[dict], path: str | Path) -> None:

@@ -11,7 +11,7 @@ import torch
 
 import pyvae
 from pyvae.distributed import World
-from pyvae.train import Batches
+from pyvae.batching import Batches
 
 from .conftest import ROOT
 

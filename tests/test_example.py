@@ -22,7 +22,7 @@ def example_main():
     spec = importlib.util.spec_from_file_location("mnist_svi", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    return module.train_main  # the example is a thin wrapper of python -m pyvae train
 
 
 def test_example_runs_one_epoch_and_writes_every_output(tmp_path):

@@ -91,17 +91,19 @@ def test_anomaly_command(mnist_like_run, tmp_path, capsys):
         (["sample", "RUN", "--n", "0"], "--n must be a positive integer; got 0"),
         (["sample", "RUN", "--temperature", "-1"], "--temperature must be a positive number"),
         (["anomaly", "RUN", "--ood", "binarized_mnist", "--no-such-flag"], "unrecognized arguments"),
-        (["anomaly", "RUN", "--ood", "fashion_mnist", "--data-dir", "nowhere"], "fashion_mnist test split not found"),
+        (["anomaly", "RUN", "--ood", "fashion_mnist", "--data-dir", "TMP/nowhere", "--no-download"], "fashion_mnist test split not found"),
+        (["sample", "RUN", "--label", "3"], "--label is for models with labels (cvae, m2); VAE has none"),
         (["embed", "nowhere"], "nowhere is neither a run folder"),
         (["explode"], "usage: python -m pyvae"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(digits_run, capsys, argv, message):
-    argv = [str(digits_run) if a == "RUN" else a for a in argv]
+def test_bad_input_is_one_line_and_exit_2(digits_run, capsys, tmp_path, argv, message):
+    argv = [str(digits_run) if a == "RUN" else a.replace("TMP", str(tmp_path)) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "nowhere").exists()  # a failed load leaves no folders behind
 
 
 def test_slerp_keeps_the_ends_and_the_norm_of_unit_vectors():

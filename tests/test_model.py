@@ -7,7 +7,7 @@ import torch
 from pyro import poutine
 
 import pyvae
-from pyvae.train import make_elbo
+from pyvae.objectives import make_elbo
 
 
 def traces(vae, x, num_data=None):
@@ -39,7 +39,7 @@ def test_sites_shapes_and_events(binary_data):
 
 def test_vectorized_particles_add_a_leading_dimension(binary_data):
     vae = pyvae.VAE(x_dim=16, z_dim=3, hidden=(8,))
-    elbo = make_elbo("trace", num_particles=7)
+    elbo = make_elbo("trace", num_particles=7, max_plate_nesting=1)
     model_trace, guide_trace = elbo._get_vectorized_trace(vae.model, vae.guide, (binary_data[:5], 64), {})
     assert guide_trace.nodes["z"]["value"].shape == (7, 5, 3)
     assert model_trace.nodes["x"]["fn"].batch_shape == (7, 5)

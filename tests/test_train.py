@@ -89,7 +89,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(digits):
 
 
 def test_numerical_fault_stops_with_epoch_step_and_last_good_checkpoint(tmp_path, digits, monkeypatch):
-    from pyvae.train import Objective
+    from pyvae.objectives import Objective
 
     train, _ = digits
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
@@ -124,21 +124,17 @@ def test_nan_parameters_are_refused_before_training(digits):
 
 
 def test_clip_norm_bounds_the_update(digits):
+    """Adam is nearly scale-invariant, except for its eps (1e-8): gradients clipped to a norm of 1e-12 barely
+    move the parameters, unclipped ones move them by about lr per step. Fails if fit ignores clip_norm."""
     train, _ = digits
-    torch.manual_seed(0)
-    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
-    before = [p.detach().clone() for p in vae.parameters()]
-    # plain SGD-like check through Adam is indirect; instead clip to a tiny norm and compare one step's gradient
-    x = train.images[:64]
-    from pyvae.train import Objective
-
-    Objective(vae, "trace")(x, len(train)).backward()
-    norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), 1e-3)
-    assert norm > 1e-3
-    assert torch.sqrt(sum((p.grad**2).sum() for p in vae.parameters())) <= 1e-3 * 1.01
-    history = pyvae.fit(vae, train, epochs=1, batch_size=64, clip_norm=0.5, device="cpu", progress=False)
-    assert torch.isfinite(torch.tensor(history[0]["train_elbo"]))
-    assert any(not torch.equal(a, b) for a, b in zip(before, vae.parameters()))
+    moved = {}
+    for clip in (None, 1e-12):
+        torch.manual_seed(0)
+        vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+        before = [p.detach().clone() for p in vae.parameters()]
+        pyvae.fit(vae, train, epochs=1, batch_size=64, clip_norm=clip, device="cpu", seed=0, progress=False)
+        moved[clip] = max(float((a - b).abs().max()) for a, b in zip(before, vae.parameters()))
+    assert moved[None] > 1e-2 and moved[1e-12] < 1e-4, moved
     with pytest.raises(pyvae.PyvaeError, match="clip_norm must be a positive number; got 0"):
         pyvae.fit(vae, train, epochs=1, clip_norm=0, device="cpu", progress=False)
 
@@ -161,7 +157,8 @@ def test_a_stop_on_the_last_step_of_an_epoch_resumes_exactly(tmp_path, digits, m
     import os
     import signal
 
-    from pyvae.train import Objective, TrainingStopped
+    from pyvae.objectives import Objective
+    from pyvae.train import TrainingStopped
 
     train, _ = digits  # 1437 points, batch 256: 6 steps per epoch
     settings = dict(epochs=3, batch_size=256, kl_warmup_epochs=2, seed=5, device="cpu", progress=False)

@@ -17,14 +17,14 @@ from collections.abc import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import nn
 
-from .errors import PyvaeError, positive_int
-from .guides import GUIDES, Guide
-from .likelihoods import LIKELIHOODS, Likelihood
-from .nets import NETS, ConvDecoder, ConvEncoder, mlp
-from .priors import PRIORS, Prior
+from ..errors import PyvaeError, positive_int
+from ..guides import GUIDES, Guide
+from ..likelihoods import LIKELIHOODS, Likelihood
+from ..nets import NETS, ConvDecoder, ConvEncoder, mlp
+from ..priors import PRIORS, Prior
+from ..program import data_plate
 
 _instance_ids = itertools.count()
 
@@ -110,6 +110,7 @@ class VAE(nn.Module):
             component.bind(self)
 
         self.config = {
+            "model": "vae",
             "x_dim": x_dim,
             "z_dim": z_dim,
             "hidden": list(hidden),
@@ -123,6 +124,26 @@ class VAE(nn.Module):
             "image_shape": list(self.image_shape) if self.image_shape is not None else None,
         }
         self._pyro_name = f"vae{next(_instance_ids)}"
+        self.latent_site = "z"
+
+    @classmethod
+    def from_config(cls, config: dict, path="checkpoint", **parts) -> VAE:
+        """Rebuild from a checkpoint's ``config``; custom parts (not built-in names) must be in ``parts``."""
+        kwargs = {k: v for k, v in config.items() if k != "model"}
+        needed = ("x_dim", "z_dim", "prior", "likelihood", "guide", "encoder", "decoder")
+        if any(k not in kwargs for k in needed):
+            raise PyvaeError(f"{path} is a pyvae checkpoint without a complete model description; it cannot be loaded")
+        for part, registry in (("prior", PRIORS), ("likelihood", LIKELIHOODS), ("guide", GUIDES)):
+            name = kwargs[part]["name"] if isinstance(kwargs[part], dict) else kwargs[part]
+            if name not in registry and part not in parts:
+                raise PyvaeError(f"{path} was saved with a custom {part} {name!r}; pass {part}=... to pyvae.load")
+        for part in ("encoder", "decoder"):
+            if kwargs.pop(part) == "custom" and part not in parts:
+                raise PyvaeError(f"{path} was saved with a custom {part}; pass {part}=... to pyvae.load")
+        unknown = sorted(set(parts) - {"prior", "likelihood", "guide", "encoder", "decoder"})
+        if unknown:
+            raise PyvaeError(f"unknown part {unknown[0]!r} for pyvae.load; allowed: prior, likelihood, guide, encoder, decoder")
+        return cls(**{**kwargs, **parts})
 
     # -- the four distributions -------------------------------------------------
     def encode(self, x: torch.Tensor) -> dist.TorchDistribution:
@@ -134,34 +155,32 @@ class VAE(nn.Module):
         return self.likelihood(self.decoder(z))
 
     # -- the Pyro programs ------------------------------------------------------
-    def _data_plate(self, x: torch.Tensor, num_data: int | None) -> pyro.plate:
-        # size = the whole data set, subsample = this minibatch: Pyro scales every
-        # log-density in the plate by N/M, so the minibatch loss is an unbiased
-        # estimate of the full-data loss.
-        batch = x.shape[0]
-        subsample = torch.arange(batch, device=x.device)
-        return pyro.plate("data", size=num_data or batch, subsample=subsample, dim=-1)
-
-    def model(self, x: torch.Tensor, num_data: int | None = None, beta: float = 1.0) -> torch.Tensor:
+    def model(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
         """p(z) p_theta(x|z) for a minibatch x of shape (M, x_dim) from a data set of ``num_data`` points.
 
-        ``beta`` scales the latent site (here and in the guide), so the ELBO's
-        E_q[log p(z) - log q(z|x)] = -KL term is weighted by beta: the beta-VAE objective.
+        The data plate has size N = ``num_data`` and the minibatch as subsample, so Pyro
+        scales the log-densities by N/M. (beta and KL warm-up are applied by the trainer,
+        by a handler on the latent site: not an argument here.)
         """
         pyro.module(f"{self._pyro_name}.decoder", self.decoder)
         pyro.module(f"{self._pyro_name}.prior", self.prior)
-        with self._data_plate(x, num_data):
-            with poutine.scale(scale=beta):
-                z = pyro.sample("z", self.prior())
+        with data_plate(x, num_data):
+            z = pyro.sample("z", self.prior())
             pyro.sample("x", self.decode(z), obs=x)
         return z
 
-    def guide(self, x: torch.Tensor, num_data: int | None = None, beta: float = 1.0) -> torch.Tensor:
-        """q_phi(z|x) for the same minibatch; the plate and the beta scale match the model's."""
+    def guide(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
+        """q_phi(z|x) for the same minibatch, in the same plate."""
         pyro.module(f"{self._pyro_name}.encoder", self.encoder)
         pyro.module(f"{self._pyro_name}.posterior", self.posterior)
-        with self._data_plate(x, num_data), poutine.scale(scale=beta):
+        with data_plate(x, num_data):
             return pyro.sample("z", self.encode(x))
+
+    def check_batch(self, x: torch.Tensor) -> None:
+        """Refuse data of the wrong width or outside the likelihood's support (one-line errors)."""
+        if x.ndim != 2 or x.shape[1] != self.x_dim:
+            raise PyvaeError(f"data has {x.shape[-1]} features per point; the VAE expects x_dim={self.x_dim}")
+        self.likelihood.check_support(x)
 
     # -- conveniences for pictures ----------------------------------------------
     @torch.no_grad()

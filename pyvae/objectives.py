@@ -1,0 +1,123 @@
+"""Training objectives: Pyro ELBOs over a model's programs, with the KL weight applied by a handler.
+
+Each step minimizes a negative ELBO estimate for the whole data set (the data plate
+scales the minibatch terms by N/M)::
+
+    loss = -(N/M) * sum_{n in batch} E_q[ log p(x_n, latents) - log q(latents | x_n) ]
+
+``trace`` (``Trace_ELBO``) estimates every term by Monte Carlo with reparameterized
+samples; ``meanfield`` (``TraceMeanField_ELBO``) uses the analytic KL of each latent site
+where torch has one (elsewhere Pyro estimates it by Monte Carlo, so it equals ``trace``);
+``enum`` (``TraceEnum_ELBO``) sums guide sites marked for enumeration exactly (M2's y);
+``iwae`` is the bound of Burda et al. with K vectorized particles::
+
+    L_K(x) = E[ log (1/K) sum_k p(x, z_k) / q(z_k|x) ],   z_k ~ q(z|x)
+
+Any ``pyro.infer.ELBO`` instance works too. The KL weight beta (beta-VAE, KL warm-up)
+multiplies the log-densities of the latent sites in model and guide
+(:class:`pyvae.program.LatentScale`), so E_q[log p(x|z)] - beta * KL is what is optimized:
+no model needs a ``beta`` argument.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import torch
+from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
+from pyro.infer.util import get_dependent_plate_dims, torch_sum
+
+from .errors import PyvaeError, positive_int
+from .program import LatentScale, LocalParams, structure
+
+
+class IWAE(RenyiELBO):
+    """The IWAE bound, Renyi's alpha = 0, with a :meth:`differentiable_loss` (``RenyiELBO`` only has
+    ``loss_and_grads``, which runs its own backward pass and so cannot sit inside a module that
+    ``DistributedDataParallel`` wraps).
+
+    With K reparameterized particles and log w_k = log p(x, z_k) - log q(z_k|x) per data point,
+    the loss is -sum_n log (1/K) sum_k w_nk; its gradient is the IWAE gradient, the
+    normalized-weight average of the particles' gradients, which Pyro's surrogate also gives.
+    """
+
+    def __init__(self, num_particles: int = 1, **kwargs) -> None:
+        super().__init__(alpha=0.0, num_particles=num_particles, **kwargs)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        log_weights = []
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            sum_dims = get_dependent_plate_dims(model_trace.nodes.values())
+            log_w = 0.0
+            for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+                for site in trace.nodes.values():
+                    if site["type"] != "sample":
+                        continue
+                    if sign < 0 and not site["fn"].has_rsample:
+                        raise NotImplementedError(f"IWAE needs a reparameterized guide; site {site['name']!r} is not")
+                    log_w = log_w + sign * torch_sum(site["log_prob"], sum_dims)
+            log_weights.append(log_w)
+        # vectorized particles arrive as one trace with a leading particle dimension
+        log_w = log_weights[0] if self.vectorize_particles and self.num_particles > 1 else torch.stack(log_weights)
+        return -(torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)).sum()
+
+
+ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "iwae": IWAE, "enum": TraceEnum_ELBO}
+
+
+def make_elbo(elbo: str | pyro.infer.ELBO, num_particles: int = 1, max_plate_nesting: float = math.inf) -> pyro.infer.ELBO:
+    """The Pyro ELBO named ``elbo`` with ``num_particles`` vectorized particles, or ``elbo`` itself.
+
+    ``max_plate_nesting`` comes from :func:`pyvae.program.structure` (read off a trace of the
+    program), so models with nested plates need no setting.
+    """
+    if isinstance(elbo, pyro.infer.ELBO):
+        return elbo
+    if elbo not in ELBOS:
+        raise PyvaeError(f"unknown elbo {elbo!r}; choose from {', '.join(ELBOS)} or pass a pyro.infer.ELBO")
+    positive_int("num_particles", num_particles)
+    return ELBOS[elbo](num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=max_plate_nesting)
+
+
+def elbo_name(elbo: str | pyro.infer.ELBO) -> str:
+    return elbo if isinstance(elbo, str) else type(elbo).__name__
+
+
+class Objective(torch.nn.Module):
+    """A training objective as a module: ``objective(batch, num_data, beta)`` is the loss on the
+    full-data scale, -(estimate of sum_n L(x_n)), differentiable in the model's parameters.
+
+    Being a module holding the model, it can be wrapped in ``DistributedDataParallel``
+    (Pyro's ``ELBOModule`` idea, for a model and guide that are methods of one module).
+    ``kl_sites`` names the latent sites beta weights (None: all of them).
+
+    ``iwae`` is special: Pyro's ``RenyiELBO`` multiplies each site's log-density by its scale
+    *before* the log-mean-exp over particles, which with a subsampled plate would give
+    log mean_k exp((N/M) log w_k) instead of (N/M) log mean_k w_k. So the IWAE bound is
+    computed on the minibatch alone (plate of size M, scale 1) and multiplied by N/M here.
+    """
+
+    def __init__(self, module: torch.nn.Module, elbo: str | pyro.infer.ELBO, num_particles: int = 1, kl_sites=None) -> None:
+        super().__init__()
+        self.module = module
+        self.elbo = make_elbo(elbo, num_particles)
+        self.kl_sites = None if kl_sites is None else tuple(kl_sites)
+
+    def forward(self, batch: tuple, num_data: int, beta: float = 1.0) -> torch.Tensor:
+        if self.elbo.max_plate_nesting == math.inf:
+            # as Pyro's constructor does: one more dimension for vectorized particles
+            vectorized = self.elbo.vectorize_particles and self.elbo.num_particles > 1
+            self.elbo.max_plate_nesting = structure(self.module, batch).max_plate_nesting + vectorized
+        model, guide = self.module.model, self.module.guide
+        if beta != 1.0:
+            model, guide = (LatentScale(beta, self.kl_sites)(program) for program in (model, guide))
+        with LocalParams():
+            if isinstance(self.elbo, RenyiELBO):
+                return self.elbo.differentiable_loss(model, guide, *batch) * (num_data / batch[0].shape[0])
+            if hasattr(self.elbo, "differentiable_loss"):
+                return self.elbo.differentiable_loss(model, guide, *batch, num_data=num_data)
+            # TraceGraph_ELBO: its surrogate has the ELBO's gradient (score-function terms included) but
+            # another value; the loss's value with the surrogate's gradient
+            elbo, surrogate = self.elbo._loss_and_surrogate_loss(model, guide, (*batch,), {"num_data": num_data})
+            return surrogate + (-elbo - surrogate.detach())

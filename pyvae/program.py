@@ -1,0 +1,339 @@
+"""Any Pyro program: the traces that training, scoring, diagnostics and pictures share.
+
+A *model* here is a ``torch.nn.Module`` with two Pyro methods::
+
+    model(*batch, num_data=None)     p(x, latents)        batch = (x,) or (x, y)
+    guide(*batch, num_data=None)     q(latents | x)
+
+Per-data-point sites live in a plate named ``"data"`` whose subsample is the minibatch
+(:func:`data_plate` builds it; a bare ``pyro.plate("data", size=num_data or len(x),
+subsample=torch.arange(len(x)))`` is the same). Any number of latent sites, any names,
+nested plates inside ``"data"``.
+
+Everything after training reads the program through :func:`trace_particles`: the guide
+traced with K vectorized particles, the model replayed against it, and per data point n::
+
+    log w_nk = sum_{model sites s} log p(s | ...) - sum_{guide sites s} log q(s | ...)
+
+summed over every dimension of each site except the data dimension (nested plates and
+event dimensions included). No density is written twice.
+
+Discrete guide sites marked ``infer={"enumerate": "parallel"}`` (``config_enumerate``)
+are *summed exactly*: each of their C values is a separate stratum, and
+
+    log p^(x) = log sum_c (1/K) sum_k p(x, c, z_ck) / q(z_ck | x, c),   z_ck ~ q(z | x, c)
+
+over the values c with q(c | x) > 0 (a guide that fixes a labelled point's class puts
+probability 0 on the others, so that point is scored as log p(x, y); the zeros must be
+exact, i.e. logits of -inf: ``Categorical(probs=...)`` clamps zero probabilities). Non-enumerated
+discrete guide sites are sampled like any other: part of the proposal.
+
+Sites made by ``pyro.factor`` (Pyro marks them ``is_auxiliary``) add to the training
+objective only, e.g. M2's classification term; they are not part of log p(x).
+Every site is scored unscaled (no N/M, no beta) but masked.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.messenger import Messenger
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.util import site_is_subsample
+
+from .errors import PyvaeError
+
+DATA = "data"
+PARTICLES = "_pyvae_particles"
+
+
+def data_plate(x: torch.Tensor, num_data: int | None = None) -> pyro.plate:
+    """The plate of data points: size ``num_data`` (the whole data set), subsample = this minibatch.
+
+    Pyro scales every log-density inside it by N/M, so a minibatch loss is an unbiased
+    estimate of the full-data loss; with ``num_data=None`` the minibatch is the data set.
+    """
+    batch = x.shape[0]
+    return pyro.plate(DATA, size=num_data or batch, subsample=torch.arange(batch, device=x.device))
+
+
+def batch_arity(module: torch.nn.Module) -> int:
+    """How many tensors a batch holds for ``module.model``: 1 for ``model(x)``, 2 for ``model(x, y)``."""
+    if not callable(getattr(module, "model", None)) or not callable(getattr(module, "guide", None)):
+        raise PyvaeError(f"{type(module).__name__} is not a pyvae model: it needs Pyro methods model(*batch, num_data=None) and guide(...)")
+    params = [
+        p
+        for p in inspect.signature(module.model).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    return len(params)
+
+
+class LatentScale(Messenger):
+    """Multiply the log-density of latent sample sites by ``scale``: the KL weight beta.
+
+    In the model, latent sites are the unobserved ones; in the guide every sample site is
+    latent. With ``sites`` only those names are scaled. Applied to both programs, the ELBO
+    becomes E_q[log p(x | z)] - beta * E_q[log q(z | x) - log p(z)] (Higgins et al. 2017).
+    """
+
+    def __init__(self, scale: float, sites: tuple[str, ...] | None = None) -> None:
+        super().__init__()
+        self.scale = scale
+        self.sites = None if sites is None else frozenset(sites)
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] != "sample" or msg["is_observed"] or msg["infer"].get("is_auxiliary"):
+            return
+        if self.sites is None or msg["name"] in self.sites:
+            msg["scale"] = self.scale * msg["scale"]
+
+
+class LocalParams(Messenger):
+    """Keep ``pyro.module``'s parameters in their module: a ``pyro.param(name, tensor)`` message is
+    answered with that tensor itself, so Pyro's global param store is never filled (pyvae's
+    optimizers take ``module.parameters()`` directly) and two models never share weights
+    through it. A ``pyro.param(name)`` look-up without a tensor still reaches the store."""
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] == "param" and len(msg["args"]) > 1 and isinstance(msg["args"][1], torch.nn.Parameter):
+            msg["value"] = msg["args"][1]
+            msg["done"] = True
+
+
+# -- traces -------------------------------------------------------------------------
+@dataclass
+class Structure:
+    """What one trace of a program says about its shape: plate nesting, latent and observed sites."""
+
+    max_plate_nesting: int
+    latent_sites: list[str]  # in the order the model samples them (top of a hierarchy first)
+    observed_sites: list[str]
+    enumerated_sites: list[str]
+    continuous_sites: list[str]
+
+
+def structure(module: torch.nn.Module, batch: tuple) -> Structure:
+    """Trace guide and model once on ``batch`` and check the contract; a violation is a :class:`PyvaeError`.
+    The random generators are left as they were."""
+    name = type(module).__name__
+    device = batch[0].device
+    # a look at the program must not move the random streams: resumed runs replay them exactly
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), poutine.block(), LocalParams():
+        guide_trace = poutine.trace(module.guide).get_trace(*batch)
+        model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*batch)
+    nesting = 0
+    for trace in (model_trace, guide_trace):
+        for site in _sample_sites(trace):
+            for frame in site["cond_indep_stack"]:
+                if frame.vectorized:
+                    nesting = max(nesting, -frame.dim)
+    latent, observed = [], []
+    for site in _sample_sites(model_trace):
+        if site["infer"].get("is_auxiliary"):
+            continue
+        if not any(f.name == DATA for f in site["cond_indep_stack"]):
+            raise PyvaeError(
+                f"{name}: site {site['name']!r} is not inside a plate named 'data'; log p(x) per data point needs "
+                "every latent and observed site there (wrap them in pyro.plate('data', ...), see pyvae.data_plate)"
+            )
+        (observed if site["is_observed"] else latent).append(site["name"])
+        if not site["is_observed"] and site["name"] not in guide_trace.nodes:
+            raise PyvaeError(f"{name}: latent site {site['name']!r} of the model has no site of that name in the guide")
+    if not observed:
+        raise PyvaeError(f"{name}: the model observes nothing (no sample site with obs=...) on this batch")
+    enumerated = [s["name"] for s in _sample_sites(guide_trace) if s["infer"].get("enumerate") == "parallel"]
+    continuous = [s for s in latent if not _is_discrete(guide_trace.nodes[s]["fn"])]
+    return Structure(nesting, latent, observed, enumerated, continuous)
+
+
+def trace_particles(module: torch.nn.Module, batch: tuple, num_particles: int, nesting: int):
+    """(model trace, guide trace) with ``num_particles`` vectorized draws from the guide.
+
+    The particle dimension sits left of the plates (dim ``-(nesting + 1)``); enumerated
+    guide sites get dimensions further left. The model is replayed against the guide, so
+    it sees the guide's values of every latent site.
+    """
+    with LocalParams(), pyro.plate(PARTICLES, num_particles, dim=-(nesting + 1)):
+        guide = poutine.enum(module.guide, first_available_dim=-(nesting + 2))
+        guide_trace = poutine.trace(guide).get_trace(*batch)
+        model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*batch)
+    return model_trace, guide_trace
+
+
+@dataclass
+class Weights:
+    """Per-data-point log-weights of one chunk, from :func:`log_weights`.
+
+    ``log_w``: (C, K, M) log p(x, latents) - log q(sampled latents | x, c) for each of the C
+    joint values c of the enumerated guide sites (C = 1 without any), K particles, M points;
+    ``log_q_enum``: (C, 1, M) log q(c | x) (zeros when C = 1); ``enum_shape``: the shape
+    whose product is C. The traces are kept for the diagnostics.
+    """
+
+    log_w: torch.Tensor
+    log_q_enum: torch.Tensor
+    enum_shape: tuple[int, ...]
+    model_trace: object
+    guide_trace: object
+    #: {site: (enum..., K or 1, M) per-point log-density} of every model site and (as "q:<site>") guide site
+    site_log_probs: dict
+
+    def masked(self) -> torch.Tensor:
+        """``log_w`` with the strata that q gives probability 0 set to -inf: they drop out of every sum."""
+        if not self.enum_shape:
+            return self.log_w
+        return self.log_w.masked_fill(self.log_q_enum == -math.inf, -math.inf)
+
+    def per_point(self) -> torch.Tensor:
+        """(M, C, K): the K draws of every stratum of each point; log p^ = logsumexp over (C, K) - log K."""
+        return self.masked().permute(2, 0, 1)
+
+    def elbo(self) -> torch.Tensor:
+        """sum_c q(c|x) (mean_k log w_ck - log q(c|x)) per point, shape (M,): the ELBO from the same draws."""
+        if not self.enum_shape:
+            return self.log_w[0].mean(0)
+        q_c = self.log_q_enum.exp()
+        inner = torch.where(q_c > 0, self.log_w.mean(1, keepdim=True) - self.log_q_enum, torch.zeros_like(q_c))
+        return (q_c * inner).sum((0, 1))
+
+
+def log_weights(module: torch.nn.Module, batch: tuple, num_particles: int, shape: Structure) -> Weights:
+    """The per-point log importance weights of ``module`` on ``batch`` with K = ``num_particles``."""
+    model_trace, guide_trace = trace_particles(module, batch, num_particles, shape.max_plate_nesting)
+    m, nesting, enum_dims = batch[0].shape[0], shape.max_plate_nesting, len(shape.enumerated_sites)
+    total, parts = 0.0, {}
+    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+        for site in _sample_sites(trace):
+            if site["infer"].get("is_auxiliary") or (sign < 0 and site["name"] in shape.enumerated_sites):
+                continue
+            log_p = site_log_prob(site, nesting, enum_dims, m)
+            parts[site["name"] if sign > 0 else "q:" + site["name"]] = log_p
+            total = total + sign * log_p
+    log_q_enum = torch.zeros((1,) * enum_dims + (1, m), device=batch[0].device)
+    for name in shape.enumerated_sites:
+        log_q_enum = log_q_enum + site_log_prob(guide_trace.nodes[name], nesting, enum_dims, m)
+    enum_shape = tuple(torch.broadcast_shapes(total.shape[:enum_dims], log_q_enum.shape[:enum_dims]))
+    c = math.prod(enum_shape)
+    log_w = total.expand(*enum_shape, num_particles, m).reshape(c, num_particles, m)
+    log_q_enum = log_q_enum.expand(*enum_shape, 1, m).reshape(c, 1, m)
+    return Weights(log_w, log_q_enum, enum_shape, model_trace, guide_trace, parts)
+
+
+def site_log_prob(site, nesting: int, enum_dims: int, m: int) -> torch.Tensor:
+    """One site's log-density, unscaled but masked, as (enum..., K or 1, M): every plate but data summed out."""
+    log_p = scale_and_mask(site["fn"].log_prob(site["value"]), 1.0, site["mask"])
+    if not torch.is_tensor(log_p):
+        log_p = torch.as_tensor(log_p)
+    log_p = log_p.reshape((1,) * (nesting + 1 + enum_dims - log_p.dim()) + log_p.shape)
+    data_dim = next(f.dim for f in site["cond_indep_stack"] if f.name == DATA)
+    others = [log_p.dim() + f.dim for f in site["cond_indep_stack"] if f.vectorized and f.name not in (DATA, PARTICLES)]
+    if others:
+        log_p = log_p.sum(others, keepdim=True)
+    log_p = log_p.movedim(log_p.dim() + data_dim, -1)
+    lead = log_p.shape[: log_p.dim() - nesting]  # enum dims and the particle dim; the plates left are size 1
+    return log_p.reshape(*lead, log_p.shape[-1]).expand(*lead, m)
+
+
+def site_mean(site, w: Weights, nesting: int) -> torch.Tensor:
+    """E_q[value | x] of a guide site that lives in the data plate alone, shape (M, *event), from one
+    :class:`Weights`: the average over particles, weighted by q(c | x) over enumerated values."""
+    return _particle_mean(site["value"], len(site["fn"].event_shape), site, w, nesting)
+
+
+def site_kl(name: str, w: Weights, nesting: int, per_dim: bool = False) -> torch.Tensor | None:
+    """E_q[log q(v | ...) - log p(v | ...)] of latent site ``name`` per point, shape (M,), from the particles
+    of one :class:`Weights` (the site's KL, conditional on its parents in a hierarchy). With
+    ``per_dim``, shape (M, D) for a site whose guide and model both factorize over its D
+    dimensions (``Independent`` of a univariate family), else None."""
+    q_site, p_site = w.guide_trace.nodes[name], w.model_trace.nodes[name]
+    if not per_dim:  # the per-point log-densities log_weights already summed
+        diff = w.site_log_probs["q:" + name] - w.site_log_probs[name]
+        return _particle_mean(diff.reshape(diff.shape[:-1] + (1,) * (nesting - 1) + diff.shape[-1:]), 0, q_site, w, nesting)
+    q, p, value = q_site["fn"], p_site["fn"], q_site["value"]
+    if not (_factorizes(q) and _factorizes(p)):
+        return None
+    return _particle_mean(q.base_dist.log_prob(value) - p.base_dist.log_prob(value), 1, q_site, w, nesting)
+
+
+def _factorizes(fn) -> bool:
+    return isinstance(fn, torch.distributions.Independent) and fn.reinterpreted_batch_ndims == 1 and fn.base_dist.event_shape == ()
+
+
+def _particle_mean(value: torch.Tensor, event_ndims: int, site, w: Weights, nesting: int) -> torch.Tensor:
+    if any(f.vectorized and f.name not in (DATA, PARTICLES) for f in site["cond_indep_stack"]):
+        raise PyvaeError(f"site {site['name']!r} sits in plates besides 'data'; pick a per-point latent site")
+    enum_dims = len(w.enum_shape)
+    value = value.reshape((1,) * (enum_dims + 1 + nesting + event_ndims - value.dim()) + value.shape)
+    batch_dims = value.dim() - event_ndims
+    event = value.shape[batch_dims:]
+    data_dim = batch_dims + next(f.dim for f in site["cond_indep_stack"] if f.name == DATA)
+    value = value.movedim(data_dim, batch_dims - 1)
+    m, k = w.log_w.shape[2], w.log_w.shape[1]
+    value = value.expand(*w.enum_shape, k, *value.shape[enum_dims + 1 : batch_dims - 1], m, *event)
+    mean = value.reshape(-1, k, m, *event).float().mean(1)  # (C, M, *event)
+    q = w.log_q_enum.exp().reshape(-1, m, *(1,) * len(event))
+    return (q * mean).sum(0)
+
+
+def _sample_sites(trace):
+    return [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
+
+
+def _is_discrete(fn) -> bool:
+    support = getattr(fn, "support", None)
+    return support is not None and bool(getattr(support, "is_discrete", False))
+
+
+# -- programs run forward: pictures --------------------------------------------------
+def observed_mean(fn) -> torch.Tensor:
+    """E[x] of an observation site's distribution: its ``mean``, else the average of 64 draws."""
+    try:
+        return fn.mean
+    except NotImplementedError:
+        return fn.sample((64,)).mean(0)
+
+
+@torch.no_grad()
+def generate(module: torch.nn.Module, batch: tuple, fixed: dict | None = None, site: str | None = None) -> torch.Tensor:
+    """E[x | latents] with the latents drawn from the model (the prior), except those in ``fixed``.
+
+    ``batch`` fixes the shapes (and the labels of a conditional model); its x is not used.
+    ``site`` is the observation to return (default: the first observed site).
+    """
+    name = site or structure(module, batch).observed_sites[0]
+    # condition outside uncondition: the fixed latents stay fixed while the observations are drawn
+    program = poutine.condition(poutine.uncondition(module.model), data=fixed or {})
+    with LocalParams():
+        trace = poutine.trace(program).get_trace(*batch)
+    if name not in trace.nodes:
+        raise PyvaeError(f"the model has no observed site {name!r}")
+    return observed_mean(trace.nodes[name]["fn"])
+
+
+@torch.no_grad()
+def reconstruct(module: torch.nn.Module, batch: tuple, site: str | None = None, num_samples: int = 1) -> torch.Tensor:
+    """E[x | latents] with the latents drawn from the guide q(latents | x): the average over
+    ``num_samples`` draws, enumerated values weighted by q(c | x). Shape (M, *event)."""
+    shape = structure(module, batch)
+    w = log_weights(module, batch, num_samples, shape)
+    fn = w.model_trace.nodes[site or shape.observed_sites[0]]["fn"]
+    mean = observed_mean(fn)
+    event = mean.shape[mean.dim() - len(fn.event_shape) :]
+    m = batch[0].shape[0]
+    mean = mean.expand(*w.enum_shape, num_samples, *mean.shape[-1 - len(event) :]).reshape(-1, num_samples, m, *event)
+    q = w.log_q_enum.exp().reshape(-1, 1, m, *(1,) * len(event))
+    return (q * mean).sum(0).mean(0)
+
+
+@torch.no_grad()
+def latent_means(module: torch.nn.Module, batch: tuple, site: str, num_samples: int = 64) -> torch.Tensor:
+    """E_q[site | x] per point, shape (M, *event): averaged over ``num_samples`` guide draws."""
+    shape = structure(module, batch)
+    w = log_weights(module, batch, num_samples, shape)
+    return site_mean(w.guide_trace.nodes[site], w, shape.max_plate_nesting)
