@@ -126,7 +126,8 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, **parts)
     elif parts:
         raise PyvaeError(f"pass either model= or parts ({', '.join(parts)}) to pyvae.load, not both")
     if class_name(model) != saved:
-        raise PyvaeError(f"{path} holds a {saved}; it cannot be loaded into a {class_name(model)}")
+        hint = " (a class saved from a script is __main__.<name>: save and load it from the same module)" if "__main__." in saved + class_name(model) else ""
+        raise PyvaeError(f"{path} holds a {saved}; it cannot be loaded into a {class_name(model)}{hint}")
     load_weights(model, payload["state_dict"], path)
     return model
 

@@ -103,7 +103,8 @@ def train_main(argv: list[str]) -> None:
     from .train import fit
     from .batching import resolve_device
 
-    config, _ = parse_args(argv, description="Train a VAE by SVI and write its pictures, metrics and test log-likelihood.")
+    prog = "python -m pyvae train" if sys.argv[0].endswith("__main__.py") else None  # else the example's name
+    config, _ = parse_args(argv, description="Train a VAE by SVI and write its pictures, metrics and test log-likelihood.", prog=prog)
     name = config.model["name"] if isinstance(config.model, dict) else config.model
     if config.num_labels is not None and name != "m2":
         raise PyvaeError(f"--num-labels is for the semi-supervised model m2; model {name!r} uses every label or none")

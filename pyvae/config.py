@@ -199,8 +199,8 @@ def from_yaml(path: str | Path) -> dict:
     return values
 
 
-def build_parser(description: str | None = None) -> Parser:
-    parser = Parser(description=description, argument_default=argparse.SUPPRESS)
+def build_parser(description: str | None = None, prog: str | None = None) -> Parser:
+    parser = Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file of defaults; flags override it")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     hints = typing.get_type_hints(TrainConfig)
@@ -225,9 +225,9 @@ def build_parser(description: str | None = None) -> Parser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None, description: str | None = None) -> tuple[TrainConfig, bool]:
+def parse_args(argv: list[str] | None = None, description: str | None = None, prog: str | None = None) -> tuple[TrainConfig, bool]:
     """(config, debug) from defaults, ``--config FILE`` and flags, in that order of precedence."""
-    args = vars(build_parser(description).parse_args(argv))
+    args = vars(build_parser(description, prog).parse_args(argv))
     debug = args.pop("debug", False)
     values = from_yaml(args.pop("config")) if "config" in args else {}
     if args.get("resume"):

@@ -113,10 +113,15 @@ class Objective(torch.nn.Module):
         if beta != 1.0:
             model, guide = (LatentScale(beta, self.kl_sites)(program) for program in (model, guide))
         with LocalParams():
-            if isinstance(self.elbo, RenyiELBO):
+            if isinstance(self.elbo, IWAE):
                 return self.elbo.differentiable_loss(model, guide, *batch) * (num_data / batch[0].shape[0])
             if hasattr(self.elbo, "differentiable_loss"):
                 return self.elbo.differentiable_loss(model, guide, *batch, num_data=num_data)
+            if not hasattr(self.elbo, "_loss_and_surrogate_loss"):
+                raise PyvaeError(
+                    f"{type(self.elbo).__name__} has no differentiable loss to train with; use elbo 'trace', "
+                    "'meanfield', 'iwae' (pyvae's IWAE for RenyiELBO at alpha 0), 'enum', or an ELBO with differentiable_loss"
+                )
             # TraceGraph_ELBO: its surrogate has the ELBO's gradient (score-function terms included) but
             # another value; the loss's value with the surrogate's gradient
             elbo, surrogate = self.elbo._loss_and_surrogate_loss(model, guide, (*batch,), {"num_data": num_data})

@@ -95,10 +95,11 @@ class LatentScale(Messenger):
 
 
 class LocalParams(Messenger):
-    """Keep ``pyro.module``'s parameters in their module: a ``pyro.param(name, tensor)`` message is
-    answered with that tensor itself, so Pyro's global param store is never filled (pyvae's
-    optimizers take ``module.parameters()`` directly) and two models never share weights
-    through it. A ``pyro.param(name)`` look-up without a tensor still reaches the store."""
+    """Keep ``pyro.module``'s parameters in their module: a ``pyro.param(name, parameter)`` message
+    is answered with that ``nn.Parameter`` itself, so Pyro's global param store is never filled
+    (pyvae's optimizers take ``module.parameters()`` directly) and two models never share weights
+    through it. :func:`structure` refuses any other ``pyro.param`` (a plain tensor, a constraint):
+    it would never be trained."""
 
     def _process_message(self, msg) -> None:
         if msg["type"] == "param" and len(msg["args"]) > 1 and isinstance(msg["args"][1], torch.nn.Parameter):
@@ -147,9 +148,39 @@ def structure(module: torch.nn.Module, batch: tuple) -> Structure:
             raise PyvaeError(f"{name}: latent site {site['name']!r} of the model has no site of that name in the guide")
     if not observed:
         raise PyvaeError(f"{name}: the model observes nothing (no sample site with obs=...) on this batch")
+    for site in _sample_sites(guide_trace):
+        if not any(f.name == DATA for f in site["cond_indep_stack"]):
+            raise PyvaeError(f"{name}: guide site {site['name']!r} is not inside a plate named 'data'")
+        if site["name"] not in latent:
+            raise PyvaeError(f"{name}: guide site {site['name']!r} has no latent site of that name in the model")
     enumerated = [s["name"] for s in _sample_sites(guide_trace) if s["infer"].get("enumerate") == "parallel"]
+    for site_name in enumerated:
+        site = guide_trace.nodes[site_name]
+        if any(f.vectorized and f.name != DATA for f in site["cond_indep_stack"]):
+            # summing c per stratum would make every element of the nested plate take the same value
+            raise PyvaeError(f"{name}: enumerated guide site {site_name!r} sits in a plate nested in 'data'; "
+                             "the importance sampler sums enumerated values per data point only")
+    _check_params(module, list(model_trace.nodes.values()) + list(guide_trace.nodes.values()))
     continuous = [s for s in latent if not _is_discrete(guide_trace.nodes[s]["fn"])]
     return Structure(nesting, latent, observed, enumerated, continuous)
+
+
+def _check_params(module: torch.nn.Module, sites) -> None:
+    """Every ``pyro.param`` of the programs must be a parameter the module owns: pyvae optimizes
+    ``module.parameters()``, so anything else would silently never train."""
+    own = {id(p) for p in module.parameters()}
+    for site in sites:
+        if site["type"] != "param":
+            continue
+        constraint = site["kwargs"].get("constraint")
+        if id(site["value"]) not in own:
+            raise PyvaeError(
+                f"{type(module).__name__}: pyro.param({site['name']!r}) is not a parameter of the module; pyvae "
+                "trains module.parameters(): make it an nn.Parameter of the module (pyro.module registers those)"
+            )
+        if constraint is not None and constraint is not torch.distributions.constraints.real:
+            raise PyvaeError(f"{type(module).__name__}: pyro.param({site['name']!r}) has a constraint; "
+                             "constrain the parameter in the module instead (e.g. softplus of a free one)")
 
 
 def trace_particles(module: torch.nn.Module, batch: tuple, num_particles: int, nesting: int):
@@ -218,6 +249,9 @@ def log_weights(module: torch.nn.Module, batch: tuple, num_particles: int, shape
     log_q_enum = torch.zeros((1,) * enum_dims + (1, m), device=batch[0].device)
     for name in shape.enumerated_sites:
         log_q_enum = log_q_enum + site_log_prob(guide_trace.nodes[name], nesting, enum_dims, m)
+        if log_q_enum.shape[-2] != 1:
+            raise PyvaeError(f"enumerated guide site {name!r} depends on a sampled site; the importance sampler "
+                             "needs q(c | x) to be sampled before the continuous latents (e.g. M2's q(y|x) q(z|x, y))")
     enum_shape = tuple(torch.broadcast_shapes(total.shape[:enum_dims], log_q_enum.shape[:enum_dims]))
     c = math.prod(enum_shape)
     log_w = total.expand(*enum_shape, num_particles, m).reshape(c, num_particles, m)
@@ -252,9 +286,10 @@ def site_kl(name: str, w: Weights, nesting: int, per_dim: bool = False) -> torch
     ``per_dim``, shape (M, D) for a site whose guide and model both factorize over its D
     dimensions (``Independent`` of a univariate family), else None."""
     q_site, p_site = w.guide_trace.nodes[name], w.model_trace.nodes[name]
-    if not per_dim:  # the per-point log-densities log_weights already summed
-        diff = w.site_log_probs["q:" + name] - w.site_log_probs[name]
-        return _particle_mean(diff.reshape(diff.shape[:-1] + (1,) * (nesting - 1) + diff.shape[-1:]), 0, q_site, w, nesting)
+    if not per_dim:  # the per-point log-densities log_weights already summed, data dimension last
+        m, k = w.log_w.shape[2], w.log_w.shape[1]
+        diff = (w.site_log_probs["q:" + name] - w.site_log_probs[name]).expand(*w.enum_shape, k, m)
+        return (w.log_q_enum.exp().reshape(-1, m) * diff.reshape(-1, k, m).mean(1)).sum(0)
     q, p, value = q_site["fn"], p_site["fn"], q_site["value"]
     if not (_factorizes(q) and _factorizes(p)):
         return None
@@ -276,7 +311,8 @@ def _particle_mean(value: torch.Tensor, event_ndims: int, site, w: Weights, nest
     value = value.movedim(data_dim, batch_dims - 1)
     m, k = w.log_w.shape[2], w.log_w.shape[1]
     value = value.expand(*w.enum_shape, k, *value.shape[enum_dims + 1 : batch_dims - 1], m, *event)
-    mean = value.reshape(-1, k, m, *event).float().mean(1)  # (C, M, *event)
+    value = value if value.is_floating_point() else value.to(torch.get_default_dtype())
+    mean = value.reshape(-1, k, m, *event).mean(1)  # (C, M, *event)
     q = w.log_q_enum.exp().reshape(-1, m, *(1,) * len(event))
     return (q * mean).sum(0)
 

@@ -4,7 +4,7 @@ Each step draws a minibatch of M of the N training points and takes an Adam step
 the objective of :mod:`pyvae.objectives` (a negative ELBO for the whole data set, the
 data plate scaling the minibatch terms by N/M). The model is any module with Pyro
 ``model``/``guide`` methods (:mod:`pyvae.program`); its parameters go straight to a torch
-optimizer, and Pyro's ``module_local_params`` setting keeps them out of the global param
+optimizer, and :class:`pyvae.program.LocalParams` keeps them out of Pyro's global param
 store. Under ``torchrun`` the objective module is wrapped in ``DistributedDataParallel``
 (see :mod:`pyvae.distributed`). Checkpoints hold the training state of :mod:`pyvae.state`.
 
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from pyro import poutine
 from tqdm.auto import tqdm
 
 from . import distributed, state
@@ -317,8 +318,10 @@ def _shared_elbo(
     model.eval()
     objective = make_elbo(elbo, num_particles, structure(model, data.first()).max_plate_nesting)
     mine = torch.arange(world.rank, len(data), world.size, device=data.images.device)
+    # the ELBO of the model alone: pyro.factor sites (training-only terms such as m2's classifier) are left out
+    program = poutine.block(model.model, hide_fn=lambda msg: msg["infer"].get("is_auxiliary", False))
     with LocalParams():
-        total = sum(objective.loss(model.model, model.guide, *batch) for batch in data.select(mine, batch_size))  # plain sums
+        total = sum(objective.loss(program, model.guide, *batch) for batch in data.select(mine, batch_size))  # plain sums
     total = world.sum(torch.tensor(float(total), dtype=torch.float64, device=data.device))
     return -float(total) / len(data)
 
@@ -334,7 +337,6 @@ def _numerical_fault(epoch: int, step: int, what: str, out: Path | None) -> str:
 
 def _warn_if_no_analytic_kl(model: torch.nn.Module, batch: tuple) -> None:
     """Say, in words, which latent sites lack an analytic KL (Pyro then estimates it by Monte Carlo)."""
-    from pyro import poutine
     from torch.distributions import kl_divergence
 
     with torch.no_grad(), poutine.block(), LocalParams():

@@ -102,6 +102,10 @@ def test_nested_plates_sum_to_the_same_per_point_weights():
     pyro.set_rng_seed(4)
     ll = pyvae.log_likelihood(nested, x, num_samples=3000)
     assert ((ll.log_px - nested.exact(x).detach()).abs() <= 4 * ll.stderr + 0.05).all()
+    # per-point diagnostics do not depend on where the data plate sits
+    pyro.set_rng_seed(4)
+    ll_flat = pyvae.log_likelihood(flat, x, num_samples=3000)
+    assert torch.allclose(ll.kl["z"], ll_flat.kl["z"], atol=1e-4) and ll.kl["z"].std() > 0.01
 
 
 class TwoLayer(nn.Module):
@@ -178,6 +182,14 @@ def test_save_and_load_a_users_class(tmp_path):
     assert type(pyvae.load(tmp_path / "w.pt", model=Wider(x_dim=4, z_dim=2))) is Wider
 
 
+class PlainParam(LinearGaussian):
+    def model(self, x, num_data=None):
+        shift = pyro.param("shift", torch.zeros(D))  # not a parameter of the module: fit would never train it
+        with pyro.plate("data", size=num_data or len(x), subsample=torch.arange(len(x))):
+            z = pyro.sample("z", dist.Normal(torch.zeros(Z), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ self.W.T + shift, 0.5).to_event(1), obs=x)
+
+
 class NoDataPlate(LinearGaussian):
     def model(self, x, num_data=None):
         z = pyro.sample("z", dist.Normal(torch.zeros(len(x), Z), 1.0).to_event(1))
@@ -201,6 +213,7 @@ class GlobalLatent(LinearGaussian):
     [
         (NoDataPlate(), "site 'z' is not inside a plate named 'data'"),
         (GlobalLatent(), "site 'shift' is not inside a plate named 'data'"),
+        (PlainParam(), r"pyro.param\('shift'\) is not a parameter of the module"),
     ],
 )
 def test_a_model_outside_the_contract_is_a_one_line_error(model, message):
@@ -249,3 +262,20 @@ def test_the_custom_model_example_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "latent z2" in out and "latent z1" in out and "saved and reloaded TwoLevelVAE" in out
     assert (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_the_elbo_leaves_out_training_only_factors():
+    """m2's classification factor shapes training, not the model: its ELBO and log p(x, y) ignore alpha."""
+    torch.manual_seed(5)
+    x, y = torch.rand(12, 16).round(), torch.arange(12) % 3
+    values = []
+    for alpha in (0.0, 10.0):
+        model = pyvae.M2(x_dim=16, num_classes=3, z_dim=2, hidden=(8,), alpha=alpha)
+        model.load_state_dict(values[0][2]) if values else None
+        pyro.set_rng_seed(6)
+        elbo = pyvae.evaluate_elbo(model, (x, y), elbo="enum")
+        pyro.set_rng_seed(6)
+        values.append((elbo, pyvae.log_likelihood(model, (x, y), 50).elbo.mean().item(), model.state_dict()))
+    assert values[0][0] == pytest.approx(values[1][0], rel=1e-6)
+    assert values[0][1] == pytest.approx(values[1][1], rel=1e-6)
+    assert values[0][0] == pytest.approx(values[0][1], abs=1.0)  # one-draw ELBO against the 50-draw mean
