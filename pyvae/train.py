@@ -104,7 +104,7 @@ def fit(
     positive_number("lr", lr)
     if clip_norm is not None:
         positive_number("clip_norm", clip_norm)
-    # poutine.scale needs a scale > 0
+    # a log-density scale must be > 0
     positive_number("beta", beta)
     if isinstance(kl_warmup_epochs, bool) or not isinstance(kl_warmup_epochs, int) or kl_warmup_epochs < 0:
         raise PyvaeError(f"kl_warmup_epochs must be an integer >= 0; got {kl_warmup_epochs!r}")
