@@ -74,7 +74,7 @@ def mutual_information(model: torch.nn.Module, data, max_points: int = 1000, chu
 
 def _guide_log_prob(trace, nesting: int, n: int) -> torch.Tensor:
     total = 0.0
-    for site in program._sample_sites(trace):
+    for site in program.sample_sites(trace):
         total = total + program.site_log_prob(site, nesting, 0, n)
     return total
 

@@ -187,7 +187,7 @@ def _chunk_shape(model, batch: tuple, shape: program.Structure) -> tuple[int, in
         w = program.log_weights(model, batch, 1, shape)
     per_row = 0
     for trace in (w.model_trace, w.guide_trace):
-        for site in program._sample_sites(trace):
+        for site in program.sample_sites(trace):
             components = getattr(site["fn"], "_num_component", 1)
             per_row += 2 * site["value"].numel() * components
     strata = w.log_w.shape[0]

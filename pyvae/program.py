@@ -130,12 +130,12 @@ def structure(module: torch.nn.Module, batch: tuple) -> Structure:
         model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*batch)
     nesting = 0
     for trace in (model_trace, guide_trace):
-        for site in _sample_sites(trace):
+        for site in sample_sites(trace):
             for frame in site["cond_indep_stack"]:
                 if frame.vectorized:
                     nesting = max(nesting, -frame.dim)
     latent, observed = [], []
-    for site in _sample_sites(model_trace):
+    for site in sample_sites(model_trace):
         if site["infer"].get("is_auxiliary"):
             continue
         if not any(f.name == DATA for f in site["cond_indep_stack"]):
@@ -148,12 +148,12 @@ def structure(module: torch.nn.Module, batch: tuple) -> Structure:
             raise PyvaeError(f"{name}: latent site {site['name']!r} of the model has no site of that name in the guide")
     if not observed:
         raise PyvaeError(f"{name}: the model observes nothing (no sample site with obs=...) on this batch")
-    for site in _sample_sites(guide_trace):
+    for site in sample_sites(guide_trace):
         if not any(f.name == DATA for f in site["cond_indep_stack"]):
             raise PyvaeError(f"{name}: guide site {site['name']!r} is not inside a plate named 'data'")
         if site["name"] not in latent:
             raise PyvaeError(f"{name}: guide site {site['name']!r} has no latent site of that name in the model")
-    enumerated = [s["name"] for s in _sample_sites(guide_trace) if s["infer"].get("enumerate") == "parallel"]
+    enumerated = [s["name"] for s in sample_sites(guide_trace) if s["infer"].get("enumerate") == "parallel"]
     for site_name in enumerated:
         site = guide_trace.nodes[site_name]
         if any(f.vectorized and f.name != DATA for f in site["cond_indep_stack"]):
@@ -240,7 +240,7 @@ def log_weights(module: torch.nn.Module, batch: tuple, num_particles: int, shape
     m, nesting, enum_dims = batch[0].shape[0], shape.max_plate_nesting, len(shape.enumerated_sites)
     total, parts = 0.0, {}
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-        for site in _sample_sites(trace):
+        for site in sample_sites(trace):
             if site["infer"].get("is_auxiliary") or (sign < 0 and site["name"] in shape.enumerated_sites):
                 continue
             log_p = site_log_prob(site, nesting, enum_dims, m)
@@ -317,7 +317,8 @@ def _particle_mean(value: torch.Tensor, event_ndims: int, site, w: Weights, nest
     return (q * mean).sum(0)
 
 
-def _sample_sites(trace):
+def sample_sites(trace) -> list:
+    """The sample sites of a trace, without the subsample sites of plates."""
     return [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
 
 

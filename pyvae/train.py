@@ -35,7 +35,7 @@ from .batching import Batches, check_data, resolve_device
 from .checkpoint import save
 from .errors import PyvaeError, positive_int, positive_number
 from .objectives import Objective, elbo_name, make_elbo
-from .program import LocalParams, _sample_sites, batch_arity, structure
+from .program import LocalParams, sample_sites, batch_arity, structure
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:
@@ -248,7 +248,7 @@ def fit(
                     test_part += f"  test IWAE-{num_particles} {record['test_iwae']:9.3f}"
                 tqdm.write(
                     f"epoch {epoch:3d}/{epochs}  train ELBO {record['train_elbo']:9.3f}{test_part}  "
-                    f"nats/point  ({record['seconds']:.1f} s)",
+                    f"nats/point{''.join(f'  {name} {record[name]:.3f}' for name in metrics or {})}  ({record['seconds']:.1f} s)",
                     file=sys.stdout,
                 )
             if out is not None:
@@ -343,7 +343,7 @@ def _warn_if_no_analytic_kl(model: torch.nn.Module, batch: tuple) -> None:
         guide_trace = poutine.trace(model.guide).get_trace(*batch)
         model_trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(*batch)
     missing = []
-    for site in _sample_sites(model_trace):
+    for site in sample_sites(model_trace):
         name = site["name"]
         if site["is_observed"] or name not in guide_trace.nodes:
             continue
