@@ -32,6 +32,7 @@ __all__ = [
     "save",
     "load",
     "priors",
+    "program",
     "likelihoods",
     "guides",
     "PyvaeError",

@@ -20,9 +20,6 @@ from pathlib import Path
 import torch
 
 from .errors import PyvaeError
-from .guides import GUIDES
-from .likelihoods import LIKELIHOODS
-from .priors import PRIORS
 
 FORMAT = "pyvae-checkpoint"
 FORMAT_VERSION = 1

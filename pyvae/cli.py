@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from .console import Parser, run, writable_dir
@@ -50,17 +49,32 @@ def evaluation_data(vae, config: dict | None, dataset: str | None, split: str, d
 def scored(model, data):
     """What a model is scored on: x alone, or (x, y) for a labelled model; m2 scores the images as
     unlabelled (log p(x), the classes summed exactly), cvae needs the labels (log p(x | y))."""
+    if needs_labels(model):
+        if data.labels is None:
+            raise PyvaeError(f"{type(model).__name__} scores labelled images; the {data.name} {data.split} split has no labels")
+        return data.images, data.labels
+    return unlabelled(model, data.images)
+
+
+def needs_labels(model) -> bool:
+    """A model whose batches are (x, y) and that has no classifier of its own to sum y with (cvae)."""
+    from .program import batch_arity
+
+    return batch_arity(model) == 2 and not hasattr(model, "classify")
+
+
+def unlabelled(model, x):
+    """Images as a model scores them without labels: x, or (x, -1) for m2, which sums the classes;
+    a model that needs labels cannot."""
     import torch
 
     from .program import batch_arity
 
     if batch_arity(model) == 1:
-        return data.images
-    if hasattr(model, "classify"):
-        return data.images, torch.full((len(data),), -1, dtype=torch.long)
-    if data.labels is None:
-        raise PyvaeError(f"{type(model).__name__} scores labelled images; the {data.name} {data.split} split has no labels")
-    return data.images, data.labels
+        return x
+    if needs_labels(model):
+        raise PyvaeError(f"{type(model).__name__} scores labelled images only; anomaly scores need p(x) without labels")
+    return x, torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
 
 
 def build_model(config, train, likelihood):
@@ -99,7 +113,6 @@ def train_main(argv: list[str]) -> None:
     from .data import binarize_for, load_train_test, semi_supervised, spread
     from .diagnostics import evaluate
     from .distributed import init, shutdown
-    from .models import MODELS
     from .train import fit
     from .batching import resolve_device
 
@@ -282,7 +295,7 @@ def reconstruct_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args, "n")
     data, x = held_out_images(vae, config, args)
-    labels = data.labels if program_arity(vae) == 2 and not hasattr(vae, "classify") else None
+    labels = data.labels if needs_labels(vae) else None
     plots.reconstructions(vae, x, out / "reconstructions.png", per_row=8, rows=max(1, args.n // 8), labels=labels)
     print(f"wrote {out}/reconstructions.png")
 
@@ -290,7 +303,7 @@ def reconstruct_main(argv: list[str]) -> None:
 def interpolate_main(argv: list[str]) -> None:
     """Decoded paths between test images, linear and spherical in z (vae)."""
     from . import plots
-    from .explore import interpolations
+    from .explore import interpolations, require_vae
 
     parser = run_parser("interpolate", "Decoded paths between test images, linear and spherical in z.")
     parser.add_argument("--pairs", type=int, default=8)
@@ -311,7 +324,7 @@ def traverse_main(argv: list[str]) -> None:
     import torch
 
     from . import plots
-    from .explore import manifold, traversal
+    from .explore import manifold, require_vae, traversal
     from .importance import log_likelihood
 
     parser = run_parser("traverse", "Each latent dimension swept over the prior's quantiles, by KL.")
@@ -395,8 +408,8 @@ def anomaly_main(argv: list[str]) -> None:
     ood, x_ood = held_out_images(vae, config, ood_args, args.num_points)
     if x_ood.shape[1] != vae.x_dim:
         raise PyvaeError(f"{args.ood} images have {x_ood.shape[1]} pixels; the model expects {vae.x_dim}")
-    ll_in = log_likelihood(vae, _unlabelled(vae, x_in), args.num_samples).log_px
-    ll_ood = log_likelihood(vae, _unlabelled(vae, x_ood), args.num_samples).log_px
+    ll_in = log_likelihood(vae, unlabelled(vae, x_in), args.num_samples).log_px
+    ll_ood = log_likelihood(vae, unlabelled(vae, x_ood), args.num_samples).log_px
     auc = anomaly_auc(ll_in, ll_ood)
     result = {
         "in_distribution": data.name,
@@ -418,29 +431,6 @@ def anomaly_main(argv: list[str]) -> None:
             "any density model, whatever it was trained on."
         )
     print(f"wrote {out}/anomaly_hist.png, anomaly.json")
-
-
-def _unlabelled(model, x):
-    """Images as a model scores them without labels: m2 sums the classes; a conditional model cannot."""
-    import torch
-
-    if program_arity(model) == 1:
-        return x
-    if not hasattr(model, "classify"):
-        raise PyvaeError(f"{type(model).__name__} scores labelled images only; anomaly scores need p(x) without labels")
-    return x, torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
-
-
-def program_arity(model) -> int:
-    from .program import batch_arity
-
-    return batch_arity(model)
-
-
-def require_vae(model, what: str):
-    from .explore import require_vae as check
-
-    return check(model, what)
 
 
 def _side(n: int) -> int:

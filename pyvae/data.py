@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataNotFound, PyvaeError
+from .errors import DataNotFound, PyvaeError, positive_int
 
 SPLITS = {
     "binarized_mnist": ("train", "valid", "test"),
@@ -338,15 +338,13 @@ def binarize_for(
     return binarize(train, mode, seed), evaluation_split(test, mode, seed), mode
 
 
-
 def semi_supervised(data: ImageSet, num_labels: int, seed: int = 0) -> ImageSet:
     """``data`` with ``num_labels`` labels kept, num_labels / C drawn at random (``seed``) from each
     of its C classes, and every other label set to -1 (unlabelled): Kingma et al. (2014)'s setting,
     e.g. 100 labels of MNIST = 10 per digit. Points already at -1 stay unlabelled."""
     if data.labels is None:
         raise PyvaeError(f"{data.name} {data.split} has no labels; semi_supervised needs labelled data")
-    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels <= 0:
-        raise PyvaeError(f"num_labels must be a positive integer; got {num_labels!r}")
+    positive_int("num_labels", num_labels)
     labels = data.labels
     available = int((labels >= 0).sum())
     classes = labels[labels >= 0].unique().tolist()

@@ -26,7 +26,7 @@ from pyro import poutine
 from . import program
 from .batching import Batches, resolve_device
 from .checkpoint import atomic_write
-from .importance import LogLikelihood, evaluation_data, khat_threshold, log_likelihood
+from .importance import LogLikelihood, drawn_once, khat_threshold, log_likelihood
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 
@@ -49,7 +49,7 @@ def mutual_information(model: torch.nn.Module, data, max_points: int = 1000, chu
     with enumerated sites.
     """
     device = next(model.parameters()).device
-    batches = Batches(evaluation_data(data), device, program.batch_arity(model))
+    batches = Batches(drawn_once(data), device, program.batch_arity(model))
     index = spread(torch.arange(len(batches)), max_points).to(batches.images.device)
     batch = next(batches.select(index, len(index)))
     shape = program.structure(model, batch)

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import program
-from .batching import Batches, as_tensors, check_data, resolve_device
+from .batching import Batches, check_data, resolve_device
 from .errors import PyvaeError, positive_int
 
 #: how many floats one chunk's rows may hold: 32 MB in float32 on a CPU, 128 MB on a GPU. Each
@@ -119,7 +119,7 @@ def log_likelihood(
     positive_int("num_samples", num_samples)
     device = resolve_device(device or next(model.parameters()).device)
     model.to(device).eval()
-    batches = Batches(evaluation_data(data), device, program.batch_arity(model))
+    batches = Batches(drawn_once(data), device, program.batch_arity(model))
     check_data(model, batches, "data")
     shape = program.structure(model, batches.first(1))
     strata, per_row = _chunk_shape(model, batches.first(1), shape)
@@ -172,7 +172,7 @@ def log_likelihood(
     )
 
 
-def evaluation_data(data):
+def drawn_once(data):
     """``data`` with a dynamically binarized ImageSet drawn once (every point scored on one fixed image)."""
     from .data import ImageSet
 

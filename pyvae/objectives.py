@@ -80,10 +80,6 @@ def make_elbo(elbo: str | pyro.infer.ELBO, num_particles: int = 1, max_plate_nes
     return ELBOS[elbo](num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=max_plate_nesting)
 
 
-def elbo_name(elbo: str | pyro.infer.ELBO) -> str:
-    return elbo if isinstance(elbo, str) else type(elbo).__name__
-
-
 class Objective(torch.nn.Module):
     """A training objective as a module: ``objective(batch, num_data, beta)`` is the loss on the
     full-data scale, -(estimate of sum_n L(x_n)), differentiable in the model's parameters.
@@ -104,11 +100,17 @@ class Objective(torch.nn.Module):
         self.elbo = make_elbo(elbo, num_particles)
         self.kl_sites = None if kl_sites is None else tuple(kl_sites)
 
+    def fill_plate_nesting(self, nesting: int) -> None:
+        """Give an ELBO without a ``max_plate_nesting`` the program's (:attr:`pyvae.program.Structure.max_plate_nesting`),
+        plus one for vectorized particles as Pyro's constructor adds; one that has it keeps it. Unfilled,
+        the first call reads it off a trace."""
+        if self.elbo.max_plate_nesting == math.inf:
+            vectorized = self.elbo.vectorize_particles and self.elbo.num_particles > 1
+            self.elbo.max_plate_nesting = nesting + vectorized
+
     def forward(self, batch: tuple, num_data: int, beta: float = 1.0) -> torch.Tensor:
         if self.elbo.max_plate_nesting == math.inf:
-            # as Pyro's constructor does: one more dimension for vectorized particles
-            vectorized = self.elbo.vectorize_particles and self.elbo.num_particles > 1
-            self.elbo.max_plate_nesting = structure(self.module, batch).max_plate_nesting + vectorized
+            self.fill_plate_nesting(structure(self.module, batch).max_plate_nesting)
         model, guide = self.module.model, self.module.guide
         if beta != 1.0:
             model, guide = (LatentScale(beta, self.kl_sites)(program) for program in (model, guide))

@@ -119,15 +119,22 @@ class Structure:
     continuous_sites: list[str]
 
 
-def structure(module: torch.nn.Module, batch: tuple) -> Structure:
-    """Trace guide and model once on ``batch`` and check the contract; a violation is a :class:`PyvaeError`.
-    The random generators are left as they were."""
-    name = type(module).__name__
+def trace_once(module: torch.nn.Module, batch: tuple):
+    """(model trace, guide trace) of one draw from the guide on ``batch``, the model replayed against it,
+    hidden from outer handlers and without gradients. The random generators are left as they were:
+    a look at the program must not move the streams that resumed runs replay exactly."""
     device = batch[0].device
-    # a look at the program must not move the random streams: resumed runs replay them exactly
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), poutine.block(), LocalParams():
         guide_trace = poutine.trace(module.guide).get_trace(*batch)
         model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*batch)
+    return model_trace, guide_trace
+
+
+def structure(module: torch.nn.Module, batch: tuple) -> Structure:
+    """Trace guide and model once on ``batch`` (:func:`trace_once`) and check the contract; a violation
+    is a :class:`PyvaeError`."""
+    name = type(module).__name__
+    model_trace, guide_trace = trace_once(module, batch)
     nesting = 0
     for trace in (model_trace, guide_trace):
         for site in sample_sites(trace):
@@ -359,13 +366,8 @@ def reconstruct(module: torch.nn.Module, batch: tuple, site: str | None = None, 
     ``num_samples`` draws, enumerated values weighted by q(c | x). Shape (M, *event)."""
     shape = structure(module, batch)
     w = log_weights(module, batch, num_samples, shape)
-    fn = w.model_trace.nodes[site or shape.observed_sites[0]]["fn"]
-    mean = observed_mean(fn)
-    event = mean.shape[mean.dim() - len(fn.event_shape) :]
-    m = batch[0].shape[0]
-    mean = mean.expand(*w.enum_shape, num_samples, *mean.shape[-1 - len(event) :]).reshape(-1, num_samples, m, *event)
-    q = w.log_q_enum.exp().reshape(-1, 1, m, *(1,) * len(event))
-    return (q * mean).sum(0).mean(0)
+    observed = w.model_trace.nodes[site or shape.observed_sites[0]]
+    return _particle_mean(observed_mean(observed["fn"]), len(observed["fn"].event_shape), observed, w, shape.max_plate_nesting)
 
 
 @torch.no_grad()

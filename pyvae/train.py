@@ -34,8 +34,8 @@ from . import distributed, state
 from .batching import Batches, check_data, resolve_device
 from .checkpoint import save
 from .errors import PyvaeError, positive_int, positive_number
-from .objectives import Objective, elbo_name, make_elbo
-from .program import LocalParams, sample_sites, batch_arity, structure
+from .objectives import Objective, make_elbo
+from .program import LocalParams, batch_arity, sample_sites, structure, trace_once
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:
@@ -108,12 +108,12 @@ def fit(
     positive_number("beta", beta)
     if isinstance(kl_warmup_epochs, bool) or not isinstance(kl_warmup_epochs, int) or kl_warmup_epochs < 0:
         raise PyvaeError(f"kl_warmup_epochs must be an integer >= 0; got {kl_warmup_epochs!r}")
-    if elbo_name(elbo) in ("iwae", "RenyiELBO", "IWAE") and (beta != 1 or kl_warmup_epochs):
+    objective = Objective(model, elbo, num_particles, kl_sites)
+    if isinstance(objective.elbo, pyro.infer.RenyiELBO) and (beta != 1 or kl_warmup_epochs):
         raise PyvaeError(
             "beta and kl_warmup_epochs do not apply to elbo 'iwae' (a scaled latent site inside the "
             "log-mean-exp is not a beta-weighted bound); use trace or meanfield"
         )
-    objective = Objective(model, elbo, num_particles, kl_sites)
     world, device = distributed.init(resolve_device(device))
     progress = progress and world.main
 
@@ -141,9 +141,10 @@ def fit(
     if kl_sites is not None and set(kl_sites) - set(shape.latent_sites):
         unknown = sorted(set(kl_sites) - set(shape.latent_sites))[0]
         raise PyvaeError(f"kl_sites names {unknown!r}, which is not a latent site of the model; its latent sites: {', '.join(shape.latent_sites)}")
-    if shape.enumerated_sites and elbo_name(elbo) != "enum" and not isinstance(objective.elbo, pyro.infer.TraceEnum_ELBO):
+    if shape.enumerated_sites and not isinstance(objective.elbo, pyro.infer.TraceEnum_ELBO):
         raise PyvaeError(f"the guide enumerates {', '.join(shape.enumerated_sites)}; train it with elbo 'enum' (TraceEnum_ELBO)")
-    if elbo_name(elbo) == "meanfield" and world.main:
+    objective.fill_plate_nesting(shape.max_plate_nesting)
+    if isinstance(objective.elbo, pyro.infer.TraceMeanField_ELBO) and world.main:
         _warn_if_no_analytic_kl(model, train_batches.first())
     optimizer = make_adam(model.parameters(), lr)
     num_data = len(train_batches)
@@ -233,9 +234,10 @@ def fit(
             # each process summed its shard; together they cover the (padded) data set once
             record = {"epoch": epoch, "train_elbo": -float(world.sum(total)) / (shard_size * world.size), "beta": kl_weight_at(step)}
             if test_batches is not None:
-                record["test_elbo"] = _shared_elbo(model, test_batches, world, "trace" if elbo == "iwae" else elbo)
+                nesting = shape.max_plate_nesting
+                record["test_elbo"] = _shared_elbo(model, test_batches, world, "trace" if elbo == "iwae" else elbo, nesting=nesting)
                 if elbo == "iwae":
-                    record["test_iwae"] = _shared_elbo(model, test_batches, world, "iwae", num_particles)
+                    record["test_iwae"] = _shared_elbo(model, test_batches, world, "iwae", num_particles, nesting=nesting)
             for name, metric in (metrics or {}).items():
                 model.eval()
                 with torch.no_grad():
@@ -312,11 +314,20 @@ def evaluate_elbo(
 
 @torch.no_grad()
 def _shared_elbo(
-    model: torch.nn.Module, data: Batches, world: distributed.World, elbo, num_particles: int = 1, batch_size: int = 1000
+    model: torch.nn.Module,
+    data: Batches,
+    world: distributed.World,
+    elbo,
+    num_particles: int = 1,
+    batch_size: int = 1000,
+    nesting: int | None = None,
 ) -> float:
-    """:func:`evaluate_elbo` with the points dealt out over the processes of ``world``."""
+    """:func:`evaluate_elbo` with the points dealt out over the processes of ``world``; ``nesting`` is the
+    program's plate nesting when the caller has traced it already."""
     model.eval()
-    objective = make_elbo(elbo, num_particles, structure(model, data.first()).max_plate_nesting)
+    if nesting is None:
+        nesting = structure(model, data.first()).max_plate_nesting
+    objective = make_elbo(elbo, num_particles, nesting)
     mine = torch.arange(world.rank, len(data), world.size, device=data.images.device)
     # the ELBO of the model alone: pyro.factor sites (training-only terms such as m2's classifier) are left out
     program = poutine.block(model.model, hide_fn=lambda msg: msg["infer"].get("is_auxiliary", False))
@@ -339,9 +350,7 @@ def _warn_if_no_analytic_kl(model: torch.nn.Module, batch: tuple) -> None:
     """Say, in words, which latent sites lack an analytic KL (Pyro then estimates it by Monte Carlo)."""
     from torch.distributions import kl_divergence
 
-    with torch.no_grad(), poutine.block(), LocalParams():
-        guide_trace = poutine.trace(model.guide).get_trace(*batch)
-        model_trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(*batch)
+    model_trace, guide_trace = trace_once(model, batch)
     missing = []
     for site in sample_sites(model_trace):
         name = site["name"]

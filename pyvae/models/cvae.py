@@ -17,7 +17,7 @@ from ..likelihoods import LIKELIHOODS, Likelihood
 from ..nets import mlp
 from ..priors import Prior
 from ..program import data_plate
-from .hvae import check_x, image_shape_for, resolve_prior
+from .parts import check_x, image_shape_for, resolve_prior
 
 _instance_ids = itertools.count()
 

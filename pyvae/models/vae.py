@@ -25,6 +25,7 @@ from ..likelihoods import LIKELIHOODS, Likelihood
 from ..nets import NETS, ConvDecoder, ConvEncoder, mlp
 from ..priors import PRIORS, Prior
 from ..program import data_plate
+from .parts import image_shape_for
 
 _instance_ids = itertools.count()
 
@@ -78,9 +79,7 @@ class VAE(nn.Module):
         hidden = tuple(hidden)
         for h in hidden:
             positive_int("each hidden width", h)
-        self.image_shape = tuple(image_shape) if image_shape is not None else _square_image(x_dim)
-        if self.image_shape is not None and _prod(self.image_shape) != x_dim:
-            raise PyvaeError(f"image_shape {self.image_shape} does not hold x_dim={x_dim} pixels")
+        self.image_shape = image_shape_for(x_dim, image_shape)
 
         self.prior = PRIORS.resolve(prior)
         self.likelihood = LIKELIHOODS.resolve(likelihood)
@@ -210,15 +209,3 @@ class VAE(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """E[x|z] at the guide's mean z = E_q[z|x], shape like x."""
         return self.likelihood.mean(self.decoder(self.latent_mean(x)))
-
-
-def _prod(shape: Sequence[int]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
-
-
-def _square_image(x_dim: int) -> tuple[int, int, int] | None:
-    side = int(round(x_dim**0.5))
-    return (1, side, side) if side * side == x_dim else None
