@@ -194,36 +194,65 @@ def train_main(argv: list[str]) -> None:
 
 
 def evaluate_main(argv: list[str]) -> None:
-    """Importance-sampled log p(x) and guide diagnostics of a trained run."""
+    """log p(x) by importance sampling or AIS, and guide diagnostics of a trained run."""
     import pyro
     import torch
 
+    from . import distributed
+    from .batching import resolve_device
     from .data import spread
     from .diagnostics import evaluate
 
-    parser = run_parser("evaluate", "Importance-sampled log p(x) and guide diagnostics of a trained run.", "RUN/eval-<dataset>-<split>-K<K>")
+    parser = run_parser("evaluate", "log p(x) by importance sampling (or AIS) and guide diagnostics of a trained run.",
+                        "RUN/eval-<dataset>-<split>-K<K>, with AIS RUN/eval-<dataset>-<split>-ais-T<T>-C<C>")
     parser.add_argument("--split", default="test", choices=["train", "valid", "test"], help="which split to score (default test)")
     parser.add_argument("--num-samples", type=int, default=5000, help="K importance samples per point")
     parser.add_argument("--batch-size", type=int, help="data points per chunk (default: chosen to bound memory)")
     parser.add_argument("--num-points", type=int, help="evaluate this many points, evenly spread over the split")
     parser.add_argument("--site", help="the latent site the plots show (default: the model's top-level latent)")
+    parser.add_argument("--method", default="is", choices=["is", "ais"], help="is: importance sampling with the guide; "
+                        "ais: annealed importance sampling (HMC), IS kept beside it (default is)")
+    ais_flags(parser)
     args = parser.parse_args(argv)
     check_positive(args, "num_samples", "batch_size", "num_points", optional=True)
+    ais = ais_settings(args) if args.method == "ais" else None
 
+    world, device = distributed.init(resolve_device(args.device))
     vae, config, run_dir = load_run(args.run)
     data = evaluation_data(vae, config, args.dataset, args.split, args.data_dir, not args.no_download)
     points = spread(torch.arange(len(data)), args.num_points)
     x = scored(vae, data)
     x = x[points] if isinstance(x, torch.Tensor) else tuple(t[points] for t in x)
-    out = writable_dir(args.out or run_dir / f"eval-{data.name}-{args.split}-K{args.num_samples}")
+    name = f"ais-T{args.num_steps}-C{args.num_chains}" if ais else f"K{args.num_samples}"
+    out = writable_dir(args.out or run_dir / f"eval-{data.name}-{args.split}-{name}", create=False)
 
     pyro.set_rng_seed(args.seed)
-    result = evaluate(
-        vae, x, args.num_samples, args.batch_size, site=args.site, device=args.device, dataset=data.name, split=args.split, progress=True
-    )
-    print(result.table())
-    result.write(out)
-    print(f"wrote {out}/eval.json, eval.nc, khat.png, iwae_curve.png" + (", kl_per_dim.png" if result.kl_per_dim is not None else ""))
+    result = evaluate(vae, x, args.num_samples, args.batch_size, site=args.site, device=device, dataset=data.name,
+                      split=args.split, progress=world.main, seed=args.seed, ais=ais, world=world)
+    if world.main:
+        print(result.table())
+        result.write(out)
+        written = ["eval.json", "eval.nc", "khat.png", "iwae_curve.png"] + (["kl_per_dim.png"] if result.kl_per_dim is not None else [])
+        print(f"wrote {out}/" + ", ".join(written + (["ais.png"] if ais else [])))
+    distributed.shutdown()
+
+
+def ais_flags(parser) -> None:
+    """The flags of annealed importance sampling, shared by evaluate, bdmc and gap."""
+    from .ais import SCHEDULES, STARTS
+
+    parser.add_argument("--num-steps", type=int, default=1000, help="T, intermediate distributions of AIS (default 1000)")
+    parser.add_argument("--num-chains", type=int, default=16, help="AIS chains per point (default 16)")
+    parser.add_argument("--leapfrog-steps", type=int, default=10, help="HMC leapfrog steps per AIS transition (default 10)")
+    parser.add_argument("--schedule", default="sigmoid", choices=SCHEDULES, help="the annealing schedule (default sigmoid)")
+    parser.add_argument("--ais-start", default="guide", choices=STARTS, help="where the path starts: q(z|x) or the prior (default guide)")
+
+
+def ais_settings(args) -> dict:
+    """The keyword arguments of :func:`pyvae.ais.ais_log_likelihood` the flags ask for."""
+    check_positive(args, "num_steps", "num_chains", "leapfrog_steps")
+    return {"num_steps": args.num_steps, "num_chains": args.num_chains, "leapfrog_steps": args.leapfrog_steps,
+            "schedule": args.schedule, "start": args.ais_start}
 
 
 def run_parser(command: str, description: str, default_out: str = "RUN/explore") -> Parser:

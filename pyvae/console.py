@@ -6,6 +6,7 @@ Bad input is one line on stderr and exit code 2 (a traceback with ``--debug``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,9 +36,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def writable_dir(path: str | Path) -> Path:
-    """``path`` as a folder we have just created or checked we can write in; else a clear error."""
+def writable_dir(path: str | Path, create: bool = True) -> Path:
+    """``path`` as a folder we have just created or checked we can write in; else a clear error.
+
+    With ``create=False`` nothing is made yet (no stray folder if the work fails): the folder,
+    or the nearest folder above it that exists, must be writable.
+    """
     out = Path(path)
+    if not create:
+        existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise PyvaeError(f"cannot write to output folder {out}: {existing} is not a writable folder")
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / ".write-test").touch()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import arviz
@@ -19,13 +19,14 @@ import pyro
 import torch
 import xarray
 
-from .data import spread
-from .errors import PyvaeError
 from pyro import poutine
 
-from . import program
-from .batching import Batches, resolve_device
+from . import distributed, program
+from .ais import AISResult, point_seed
+from .batching import Batches, as_tensors, resolve_device
 from .checkpoint import atomic_write
+from .data import spread
+from .errors import PyvaeError, positive_int
 from .importance import LogLikelihood, drawn_once, khat_threshold, log_likelihood
 
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -100,6 +101,12 @@ class Evaluation:
     dataset: str = ""
     split: str = ""
     seconds: float = math.nan
+    #: {T: AIS result}, the largest T the headline; empty when scored by importance sampling alone
+    ais: dict = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return "ais" if self.ais else "is"
 
     def summary(self) -> dict:
         """The numbers of ``eval.json``: means over data points, nats per data point."""
@@ -129,6 +136,30 @@ class Evaluation:
             "latent_sites": {name: self.site_summary(name) for name in ll.latent_means},
             "mutual_information": self.mutual_information,
             "seconds": self.seconds,
+            "method": self.method,
+            **(self.ais_summary(log_px, elbo) if self.ais else {}),
+        }
+
+    def ais_summary(self, log_px_is: torch.Tensor, elbo: torch.Tensor) -> dict:
+        """The AIS headline replacing IS's: log p(x), its errors, the gap, and IS's figures kept as ``log_px_is``."""
+        top = self.ais[max(self.ais)]
+        log_px, n = top.log_px.double(), len(top)
+        return {
+            "log_px": float(log_px.mean()),
+            "log_px_mc_stderr": float(top.stderr.double().pow(2).sum().sqrt() / n),
+            "log_px_data_stderr": float(log_px.std() / math.sqrt(n)) if n > 1 else math.nan,
+            "nll": float(-log_px.mean()),
+            "gap": float((log_px - elbo).mean()),
+            "log_px_is": float(log_px_is.mean()),
+            "ais_minus_is": float((log_px - log_px_is).mean()),
+            "ais": {
+                **top.settings,
+                "acceptance_mean": float(top.acceptance.mean()),
+                "divergences": int(top.divergences.sum()),
+                "failed_chains": int(top.failed_chains.sum()),
+                "seconds": top.seconds,
+                "log_px_by_num_steps": {str(t): float(r.log_px.double().mean()) for t, r in sorted(self.ais.items())},
+            },
         }
 
     @property
@@ -151,11 +182,22 @@ class Evaluation:
     def table(self) -> str:
         s = self.summary()
         bands = ", ".join(f"{name} {100 * frac:.1f}%" for name, frac in s["khat_bands"].items())
+        how = f"AIS with T = {s['ais']['num_steps']}, {s['ais']['num_chains']} chains; " if self.ais else ""
         lines = [
-            f"{s['dataset']} {s['split']}: {s['num_points']} points, K = {s['num_samples']} importance samples "
+            f"{s['dataset']} {s['split']}: {s['num_points']} points, {how}K = {s['num_samples']} importance samples "
             f"({s['seconds']:.1f} s)",
             f"  log p(x)   {s['log_px']:10.3f} ± {s['log_px_mc_stderr']:.3f} (Monte Carlo) "
             f"± {s['log_px_data_stderr']:.3f} (over points)   nats per point; NLL {s['nll']:.3f}",
+        ]
+        if self.ais:
+            a = s["ais"]
+            ladder = "  ".join(f"T={t}: {v:.3f}" for t, v in a["log_px_by_num_steps"].items())
+            lines += [
+                f"  AIS by T   {ladder}; acceptance {a['acceptance_mean']:.2f}, {a['divergences']} divergent proposals"
+                + (f", {a['failed_chains']} failed chains left out" if a["failed_chains"] else ""),
+                f"  IS         {s['log_px_is']:10.3f} (K = {s['num_samples']}): AIS - IS = {s['ais_minus_is']:.3f}",
+            ]
+        lines += [
             f"  ELBO       {s['elbo']:10.3f}    gap log p - ELBO {s['gap']:.3f} (~ KL(q(z|x) || p(z|x)))",
             "  IWAE-K     " + "  ".join(f"K={k}: {v:.3f}" for k, v in s["iwae"].items()),
             f"  Pareto k^  {bands}; above the threshold {s['khat_threshold']:.2f}: "
@@ -180,13 +222,19 @@ class Evaluation:
             flat = mean.reshape(len(ll), -1).numpy()
             data[f"{name}_mean"] = xarray.DataArray(flat, dims=["point", f"{name}_dim"], coords={**coords, f"{name}_dim": np.arange(flat.shape[1])})
             data[f"{name}_kl"] = xarray.DataArray(ll.kl[name].numpy(), dims=["point"], coords=coords)
-        dataset = xarray.Dataset(data, attrs={"num_samples": ll.num_samples, "dataset": self.dataset, "split": self.split, "units": "nats"})
+        if self.ais:
+            top = self.ais[max(self.ais)]
+            data["log_px_is"], data["stderr_is"] = data["log_px"], data["stderr"]
+            for name in ("log_px", "stderr", "acceptance", "divergences", "failed_chains"):
+                data[name if name in ("log_px", "stderr") else f"ais_{name}"] = xarray.DataArray(getattr(top, name).numpy(), dims=["point"], coords=coords)
+            data["ais_log_weights"] = xarray.DataArray(top.log_weights.numpy(), dims=["point", "chain"], coords={**coords, "chain": np.arange(top.num_chains)})
+        dataset = xarray.Dataset(data, attrs={"method": self.method, "num_samples": ll.num_samples, "dataset": self.dataset, "split": self.split, "units": "nats"})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # 'importance_sampling' is not one of arviz's standard group names
             return arviz.InferenceData(importance_sampling=dataset)
 
     def write(self, out: str | Path) -> None:
-        """``eval.json``, ``eval.nc`` (InferenceData), ``khat.png``, ``iwae_curve.png``, ``kl_per_dim.png``."""
+        """``eval.json``, ``eval.nc`` (InferenceData), ``khat.png``, ``iwae_curve.png``, ``kl_per_dim.png``, ``ais.png``."""
         from . import plots
 
         out = Path(out)
@@ -201,6 +249,12 @@ class Evaluation:
         plots.iwae_curve(summary["iwae"], out / "iwae_curve.png")
         if self.kl_per_dim is not None:
             plots.kl_per_dim(self.kl_per_dim, out / "kl_per_dim.png")
+        if self.ais:
+            plots.ais(self.ais, summary["log_px_is"], out / "ais.png")
+
+
+#: points per chunk of the evaluation's fixed grid, on which IS draws are seeded and processes share work
+GRID = {"cpu": 64, "cuda": 512}
 
 
 def evaluate(
@@ -214,18 +268,80 @@ def evaluate(
     dataset: str = "",
     split: str = "",
     progress: bool = False,
-) -> Evaluation:
+    seed: int = 0,
+    ais: dict | None = None,
+    world: distributed.World | None = None,
+) -> Evaluation | None:
     """Importance-sampled log p(x) with K = ``num_samples`` plus the posterior diagnostics of every
     latent site; ``site`` picks the one the plots show (default: the model's ``latent_site``, else
-    the first continuous latent site the model samples, the top of a hierarchy)."""
+    the first continuous latent site the model samples, the top of a hierarchy).
+
+    With ``ais`` (the keyword arguments of :func:`pyvae.ais.ais_log_likelihood`: ``num_steps`` T,
+    ``num_chains``, ...) the headline log p(x) is annealed importance sampling's, also run at
+    T/100 and T/10 (those >= 10) to show whether it still moves with T; IS stays beside it.
+
+    Random draws are seeded from ``seed`` per chunk of :data:`GRID` points (IS) and per point
+    (AIS), so the numbers do not depend on the global random state or on ``world``: under
+    torchrun the chunks are shared out among the processes and the result is gathered on
+    rank 0 (the others get None).
+    """
     import time
 
+    from .ais import ais_log_likelihood, check
+
     start = time.perf_counter()
+    world = world or distributed.World()
     device = resolve_device(device or next(model.parameters()).device)
-    ll = log_likelihood(model, data, num_samples, batch_size, device=device, progress=progress)
+    data = tensors(data)
+    n, grid = (data if isinstance(data, torch.Tensor) else data[0]).shape[0], GRID.get(device.type, 64)
+    if ais:  # before any work: a model AIS cannot run fails now, not after the importance sampling
+        check(model.to(device), tuple(t.to(device) for t in Batches(take(data, 0, 1), torch.device("cpu"), program.batch_arity(model)).first(1)), **ais)
+
+    def importance(first, stop):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(point_seed(seed, first))
+            return log_likelihood(model, take(data, first, stop), num_samples, batch_size, device=device, progress=progress)
+
+    parts = distributed.sharded(importance, n, grid, world)
+    runs = {}
+    for steps in ais_ladder(ais["num_steps"]) if ais else ():
+        settings = {**ais, "num_steps": steps}
+        runs[steps] = distributed.sharded(
+            lambda first, stop: ais_log_likelihood(
+                model, take(data, first, stop), **settings, seed=seed, point_ids=torch.arange(first, stop), device=device, progress=progress
+            ),
+            n, grid, world,
+        )
+    if not world.main:
+        return None
+    ll = LogLikelihood.concat(parts)
     site = site or getattr(model, "latent_site", None) or next(iter(ll.latent_means), None)
     if site is not None and site not in ll.latent_means:
         raise PyvaeError(f"site {site!r} is not a per-point continuous latent site; choose from {', '.join(ll.latent_means) or 'none'}")
-    result = Evaluation(ll=ll, site=site, mutual_information=mutual_information(model, data), dataset=dataset, split=split)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        information = mutual_information(model, data)
+    result = Evaluation(ll=ll, site=site, mutual_information=information, dataset=dataset, split=split,
+                        ais={steps: AISResult.concat(p) for steps, p in runs.items()})
     result.seconds = time.perf_counter() - start
     return result
+
+
+def ais_ladder(num_steps: int) -> list[int]:
+    """T/100, T/10 and T, keeping those >= 10 (and T itself always)."""
+    positive_int("num_steps", num_steps)
+    return sorted({t for t in (num_steps // 100, num_steps // 10) if t >= 10} | {num_steps})
+
+
+def tensors(data):
+    """``data`` as a tensor x or a tuple (x, y), a dynamically binarized set drawn once."""
+    data = drawn_once(data)
+    if isinstance(data, torch.Tensor) or (isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data)):
+        return data
+    images, labels, _ = as_tensors(data)
+    return images if labels is None else (images, labels)
+
+
+def take(data, first: int, stop: int):
+    """Points first..stop-1 of a tensor x or a tuple (x, y)."""
+    return data[first:stop] if isinstance(data, torch.Tensor) else tuple(t[first:stop] for t in data)

@@ -87,6 +87,21 @@ class World:
             self.barrier()
 
 
+def sharded(fn, n: int, chunk: int, world: World) -> list | None:
+    """``fn(start, stop)`` for the chunks [0, chunk), [chunk, 2 chunk), ... of n points, dealt out to the
+    processes in turn; the results of all chunks in order on rank 0, None on the others.
+
+    The chunk grid does not depend on the number of processes, so results seeded per chunk
+    or per point are the same, bit for bit, with one process or many.
+    """
+    starts = range(0, n, chunk)
+    mine = [(s, fn(s, min(s + chunk, n))) for i, s in enumerate(starts) if i % world.size == world.rank]
+    gathered = world.gather(mine)
+    if not world.main:
+        return None
+    return [result for _, result in sorted((pair for part in gathered for pair in part), key=lambda pair: pair[0])]
+
+
 def launched() -> bool:
     """Whether this process is one of several started by torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

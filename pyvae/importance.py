@@ -81,6 +81,20 @@ class LogLikelihood:
     def __len__(self) -> int:
         return self.log_px.shape[0]
 
+    @staticmethod
+    def concat(parts: list["LogLikelihood"]) -> "LogLikelihood":
+        """The results of consecutive chunks of points as one."""
+        first = parts[0]
+        cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        per_site = lambda name: {k: torch.cat([getattr(p, name)[k] for p in parts]) for k in getattr(first, name)}  # noqa: E731
+        return LogLikelihood(
+            **{name: cat(name) for name in ("log_px", "stderr", "elbo", "khat", "ess")},
+            iwae={k: torch.cat([p.iwae[k] for p in parts]) for k in first.iwae},
+            **{name: per_site(name) for name in ("latent_means", "kl", "kl_per_dim")},
+            num_samples=first.num_samples,
+            log_weights=None if first.log_weights is None else cat("log_weights"),
+        )
+
     def khat_bands(self) -> dict[str, float]:
         """Fraction of points whose k^ is good (< 0.5), ok (< 0.7), bad (< 1) and very bad (>= 1)."""
         k = self.khat

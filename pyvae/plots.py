@@ -141,3 +141,28 @@ def anomaly_histogram(log_px_in, log_px_ood, names: tuple[str, str], auc: float,
     ax.set_title(f"anomaly score -log p(x): ROC AUC {auc:.3f}")
     ax.legend()
     save_figure(fig, path)
+
+
+def ais(runs: dict, log_px_is: float, path: str | Path) -> None:
+    """AIS: acceptance and step size along the annealing path of the largest T, and log p^ against T
+    (mean over points) beside importance sampling's."""
+    top = runs[max(runs)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"wspace": 0.5})
+    steps = range(1, len(top.acceptance_by_step) + 1)
+    left.plot(steps, top.acceptance_by_step.numpy(), color="C0", lw=1)
+    left.set_xlabel(f"annealing step t (T = {top.num_steps}, {top.schedule} schedule)")
+    left.set_ylabel("acceptance probability", color="C0")
+    left.set_ylim(0, 1.02)
+    twin = left.twinx()
+    twin.plot(steps, top.step_size_by_step.numpy(), color="C1", lw=1)
+    twin.set_ylabel("mean step size", color="C1")
+    ts = sorted(runs)
+    right.plot(ts, [float(runs[t].log_px.double().mean()) for t in ts], marker="o", label=f"AIS, {top.num_chains} chains")
+    right.axhline(log_px_is, color="C3", lw=1, ls="--", label="importance sampling")
+    right.set_xscale("log")
+    right.set_xlabel("T (intermediate distributions)")
+    right.set_ylabel("log p(x) (nats per point)")
+    right.legend(fontsize=7)
+    right.grid(alpha=0.3)
+    save_figure(fig, path)
+

@@ -1,0 +1,178 @@
+"""Annealed importance sampling against closed forms: probabilistic PCA and a two-layer linear-Gaussian hierarchy."""
+
+import json
+import math
+
+import arviz
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+import pyvae
+from pyvae.ais import ais_log_likelihood, reverse_ais, schedule
+from pyvae.cli import main
+
+from .test_evaluate import exact_log_px, ppca, sample_data
+from .test_program import TwoLayer
+
+FAST = {"num_chains": 8, "leapfrog_steps": 5}
+
+
+def errors(result, exact):
+    return (result.log_px - exact).abs()
+
+
+def test_agrees_with_probabilistic_pca_and_its_error_shrinks_with_t():
+    vae = ppca(orthogonal=False)  # a random encoder: a poor proposal, so annealing has work to do
+    x = sample_data(vae, 12)
+    exact = exact_log_px(vae, x)
+    coarse = ais_log_likelihood(vae, x, num_steps=5, **FAST)
+    fine = ais_log_likelihood(vae, x, num_steps=300, **FAST)
+    assert (errors(fine, exact) <= 4 * fine.stderr + 0.05).all(), errors(fine, exact).max()
+    assert errors(fine, exact).mean() < errors(coarse, exact).mean() / 3
+    # a stochastic lower bound: on average below the truth, never far above it
+    assert (coarse.log_px - exact).mean() < 0
+    # a step size near the edge of stability diverges now and then: rejected, counted, rare
+    assert fine.acceptance.min() > 0.3 and fine.divergences.sum() < 0.01 * 300 * 8 and fine.failed_chains.sum() == 0
+    ll = pyvae.log_likelihood(vae, x, num_samples=500)
+    assert errors(fine, exact).mean() < errors(ll, exact).mean()  # better than IS with this guide
+
+
+def test_the_prior_path_and_a_hierarchy_with_a_dependent_guide():
+    torch.manual_seed(3)
+    vae = ppca(orthogonal=False)
+    x = sample_data(vae, 8)
+    prior = ais_log_likelihood(vae, x, num_steps=300, start="prior", **FAST)
+    assert (errors(prior, exact_log_px(vae, x)) <= 4 * prior.stderr + 0.05).all()
+    model = TwoLayer()  # q(z1|x) q(z2|z1): the guide is run again at every step
+    x = torch.randn(8, 5)
+    result = ais_log_likelihood(model, x, num_steps=300, **FAST)
+    exact = model.exact(x).detach()
+    assert (errors(result, exact) <= 4 * result.stderr + 0.05).all(), errors(result, exact).max()
+
+
+def test_reverse_ais_from_exact_draws_bounds_log_px_from_above():
+    vae = ppca(orthogonal=False)
+    torch.manual_seed(1)
+    z = torch.randn(10, vae.z_dim)
+    with torch.no_grad():
+        x = vae.decoder(z) + 0.5 * torch.randn(10, vae.x_dim)
+    exact = exact_log_px(vae, x)
+    lower = ais_log_likelihood(vae, x, num_steps=20, **FAST)
+    upper = reverse_ais(vae, x, {"z": z}, num_steps=20, **FAST)
+    assert (lower.log_px - exact).mean() < 0 < (upper.log_px - exact).mean()
+    close = reverse_ais(vae, x, {"z": z}, num_steps=300, **FAST)
+    assert (close.log_px - exact).mean() < (upper.log_px - exact).mean()
+
+
+def test_results_depend_on_the_point_not_on_its_chunk():
+    vae = ppca(orthogonal=False)
+    x = sample_data(vae, 10)
+    whole = ais_log_likelihood(vae, x, num_steps=20, **FAST)
+    chunked = ais_log_likelihood(vae, x, num_steps=20, batch_size=3, **FAST)
+    assert torch.allclose(whole.log_px, chunked.log_px, atol=1e-4)
+    alone = ais_log_likelihood(vae, x[4:7], num_steps=20, point_ids=torch.arange(4, 7), **FAST)
+    assert torch.allclose(whole.log_px[4:7], alone.log_px, atol=1e-4)
+    other_seed = ais_log_likelihood(vae, x, num_steps=20, seed=1, **FAST)
+    assert not torch.allclose(whole.log_weights, other_seed.log_weights)
+
+
+class Cliff(nn.Module):
+    """z ~ N(0, 2^2); x ~ N(z, 1), but the likelihood is NaN where z > 3: chains that start there fail."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def model(self, x, num_data=None):
+        with pyvae.program.data_plate(x, num_data):
+            z = pyro.sample("z", dist.Normal(torch.zeros(1), 2.0).to_event(1))
+            loc = torch.where(z > 3, torch.full_like(z, math.nan), z)
+            with pyro.validation_enabled(False):
+                pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+
+    def guide(self, x, num_data=None):
+        with pyvae.program.data_plate(x, num_data):
+            pyro.sample("z", dist.Normal(torch.zeros(1), 2.0).to_event(1))
+
+
+def test_failed_chains_are_reported_not_averaged_in():
+    result = ais_log_likelihood(Cliff(), torch.zeros(6, 1), num_steps=10, num_chains=16, leapfrog_steps=3)
+    assert result.failed_chains.sum() > 0 and torch.isfinite(result.log_px).all()
+    finite = torch.isfinite(result.log_weights)
+    expected = torch.logsumexp(result.log_weights.masked_fill(~finite, -math.inf), 1) - finite.sum(1).log()
+    assert torch.allclose(result.log_px, expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_steps": 0}, "num_steps must be a positive integer; got 0"),
+        ({"num_chains": -1}, "num_chains must be a positive integer; got -1"),
+        ({"schedule": "cosine"}, "unknown AIS schedule 'cosine'; choose from sigmoid, linear"),
+        ({"start": "posterior"}, "unknown AIS start 'posterior'; choose from guide, prior"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(kwargs, message):
+    vae = ppca()
+    with pytest.raises(pyvae.PyvaeError, match=message):
+        ais_log_likelihood(vae, torch.zeros(2, 6), **{"num_steps": 5, **kwargs})
+
+
+def test_a_model_with_discrete_latents_is_sent_to_importance_sampling():
+    m2 = pyvae.M2(x_dim=16, num_classes=3, z_dim=2, hidden=(8,))
+    x = (torch.rand(4, 16) > 0.5).float(), torch.full((4,), -1)
+    with pytest.raises(pyvae.PyvaeError, match="site 'y' is discrete: score this model by importance sampling"):
+        ais_log_likelihood(m2, x, num_steps=5)
+
+
+def test_the_sigmoid_schedule():
+    b = schedule(100)
+    assert b[0] == 0 and b[-1] == 1 and (b[1:] > b[:-1]).all()
+    assert b[1] - b[0] < 1 / 100 and b[51] - b[50] > 1 / 100  # small steps at the ends
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    from pyvae.data import binarize, load_dataset
+
+    out = tmp_path_factory.mktemp("run")
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(32,))
+    pyvae.fit(vae, binarize(load_dataset("digits", "train"), "static"), epochs=2, batch_size=64, device="cpu", out=out, progress=False)
+    (out / "config.yaml").write_text("dataset: digits\nbinarize: dynamic\nseed: 0\n")
+    return out
+
+
+def test_the_evaluate_command_scores_by_ais_beside_is(run_folder, capsys):
+    out = run_folder / "ais"
+    main(["evaluate", str(run_folder), "--method", "ais", "--num-steps", "100", "--num-chains", "4", "--leapfrog-steps", "3",
+          "--num-samples", "200", "--num-points", "12", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "AIS with T = 100, 4 chains" in printed and "AIS by T   T=10:" in printed
+    summary = json.loads((out / "eval.json").read_text())
+    assert summary["method"] == "ais" and set(summary["ais"]["log_px_by_num_steps"]) == {"10", "100"}
+    assert summary["log_px"] == summary["ais"]["log_px_by_num_steps"]["100"] and summary["log_px"] > summary["elbo"]
+    assert math.isfinite(summary["log_px_is"]) and summary["ais"]["num_chains"] == 4
+    data = arviz.from_netcdf(out / "eval.nc").importance_sampling
+    assert data["ais_log_weights"].shape == (12, 4) and "log_px_is" in data
+    assert (out / "ais.png").stat().st_size > 0
+
+
+def test_the_evaluate_command_refuses_ais_it_cannot_run(tmp_path, capsys):
+    from pyvae.data import load_dataset
+
+    m2 = pyvae.M2(x_dim=64, num_classes=10, z_dim=2, hidden=(8,))
+    pyvae.save(m2, tmp_path / "checkpoint.pt")
+    (tmp_path / "config.yaml").write_text("dataset: digits\nbinarize: static\nseed: 0\n")
+    load_dataset("digits", "test")
+    for flags, message in [
+        (["--method", "ais"], "site 'y' is discrete"),
+        (["--method", "ais", "--num-steps", "0"], "--num-steps must be a positive integer; got 0"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            main(["evaluate", str(tmp_path), "--num-points", "4", *flags])
+        err = capsys.readouterr().err.strip()
+        assert info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not any(p.is_dir() for p in tmp_path.iterdir())  # no half-made output folder
