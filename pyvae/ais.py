@@ -195,9 +195,13 @@ def check(model: torch.nn.Module, batch: tuple, **settings) -> program.Structure
     return shape
 
 
-def point_seed(seed: int, index: int) -> int:
-    """The seed of data point ``index``'s random stream: independent streams for every (seed, index)."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
+#: what a seed is for: independent streams for every (seed, point index, purpose)
+STREAMS = {"ais": 0, "simulate": 1, "importance": 2, "local": 3}
+
+
+def point_seed(seed: int, index: int, purpose: str = "ais") -> int:
+    """The seed of data point ``index``'s random stream for ``purpose`` (a key of :data:`STREAMS`)."""
+    return int(np.random.SeedSequence([seed, index, STREAMS[purpose]]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class _Layout:

@@ -237,6 +237,80 @@ def evaluate_main(argv: list[str]) -> None:
     distributed.shutdown()
 
 
+def bdmc_main(argv: list[str]) -> None:
+    """BDMC: forward and reverse AIS on data simulated from the model, a sandwich around log p(x)."""
+    import json
+
+    import torch
+
+    from . import distributed, plots
+    from .batching import resolve_device
+    from .bdmc import bdmc
+    from .checkpoint import atomic_write
+    from .data import spread
+
+    parser = run_parser("bdmc", "Bidirectional Monte Carlo: how far AIS at T steps can be from log p(x).", "RUN/bdmc-T<T>-C<C>")
+    parser.add_argument("--num-points", type=int, default=20, help="points simulated from the model (default 20)")
+    ais_flags(parser)
+    args = parser.parse_args(argv)
+    check_positive(args, "num_points")
+    ais = ais_settings(args)
+    world, device = distributed.init(resolve_device(args.device))
+    vae, config, run_dir = load_run(args.run)
+    vae.to(device)
+    data = evaluation_data(vae, config, args.dataset, "test", args.data_dir, not args.no_download)
+    template = scored(vae, data)
+    template = tuple(spread(t, args.num_points).to(device) for t in ((template,) if isinstance(template, torch.Tensor) else template))
+    out = writable_dir(args.out or run_dir / f"bdmc-T{args.num_steps}-C{args.num_chains}", create=False)
+    result = bdmc(vae, template, seed=args.seed, world=world, **ais)
+    if world.main:
+        print(result.table())
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "bdmc.json", lambda f: f.write(json.dumps(result.summary(), indent=2).encode()))
+        plots.bdmc(result.summary(), out / "bdmc.png")
+        print(f"wrote {out}/bdmc.json, bdmc.png")
+    distributed.shutdown()
+
+
+def gap_main(argv: list[str]) -> None:
+    """The inference gap split into approximation and amortization gaps (AIS and per-point guides)."""
+    import json
+
+    import torch
+
+    from . import distributed
+    from .batching import resolve_device
+    from .checkpoint import atomic_write
+    from .data import spread
+    from .gap import inference_gap
+
+    parser = run_parser("gap", "The inference gap log p(x) - ELBO split into approximation and amortization gaps.", "RUN/gap-T<T>")
+    parser.add_argument("--num-points", type=int, default=20, help="test points, evenly spread (default 20)")
+    parser.add_argument("--num-samples", type=int, default=1000, help="draws for each ELBO (default 1000)")
+    parser.add_argument("--local-steps", type=int, default=2000, help="at most this many Adam steps per point's guide (default 2000)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the per-point guides (default 1e-3)")
+    ais_flags(parser)
+    args = parser.parse_args(argv)
+    check_positive(args, "num_points", "num_samples", "local_steps")
+    ais = ais_settings(args)
+    world, device = distributed.init(resolve_device(args.device))
+    vae, config, run_dir = load_run(args.run)
+    vae.to(device)
+    data = evaluation_data(vae, config, args.dataset, "test", args.data_dir, not args.no_download)
+    x = scored(vae, data)
+    x = spread(x, args.num_points) if isinstance(x, torch.Tensor) else tuple(spread(t, args.num_points) for t in x)
+    out = writable_dir(args.out or run_dir / f"gap-T{args.num_steps}", create=False)
+    result = inference_gap(vae, x, ais=ais, num_samples=args.num_samples, local_steps=args.local_steps, lr=args.lr,
+                           seed=args.seed, world=world)
+    if world.main:
+        print(result.table())
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "gap.json", lambda f: f.write(json.dumps(result.summary(), indent=2).encode()))
+        result.to_netcdf(out / "eval.nc")
+        print(f"wrote {out}/gap.json, eval.nc")
+    distributed.shutdown()
+
+
 def ais_flags(parser) -> None:
     """The flags of annealed importance sampling, shared by evaluate, bdmc and gap."""
     from .ais import SCHEDULES, STARTS
@@ -469,6 +543,8 @@ def _side(n: int) -> int:
 COMMANDS = {
     "train": train_main,
     "evaluate": evaluate_main,
+    "bdmc": bdmc_main,
+    "gap": gap_main,
     "sample": sample_main,
     "reconstruct": reconstruct_main,
     "interpolate": interpolate_main,

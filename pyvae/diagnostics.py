@@ -299,7 +299,7 @@ def evaluate(
 
     def importance(first, stop):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(point_seed(seed, first))
+            torch.manual_seed(point_seed(seed, first, "importance"))
             return log_likelihood(model, take(data, first, stop), num_samples, batch_size, device=device, progress=progress)
 
     parts = distributed.sharded(importance, n, grid, world)

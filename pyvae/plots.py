@@ -166,3 +166,23 @@ def ais(runs: dict, log_px_is: float, path: str | Path) -> None:
     right.grid(alpha=0.3)
     save_figure(fig, path)
 
+
+def bdmc(summary: dict, path: str | Path) -> None:
+    """BDMC: the forward (lower) and reverse (upper) AIS bounds and their gap against T."""
+    rows = summary["by_num_steps"]
+    ts = [int(t) for t in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5), gridspec_kw={"wspace": 0.35})
+    left.plot(ts, [rows[str(t)]["lower"] for t in ts], marker="o", label="forward AIS (lower)")
+    left.plot(ts, [rows[str(t)]["upper"] for t in ts], marker="o", label="reverse AIS (upper)")
+    left.set_ylabel("log p(x) (nats per point)")
+    left.legend(fontsize=7)
+    right.plot(ts, [max(rows[str(t)]["gap"], 1e-4) for t in ts], marker="o", color="C2")
+    right.set_yscale("log")
+    right.set_ylabel("BDMC gap upper - lower (nats)")
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xlabel("T (intermediate distributions)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{summary['num_points']} points simulated from the model, {summary['num_chains']} chains", fontsize=9)
+    save_figure(fig, path)
+

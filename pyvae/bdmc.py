@@ -1,0 +1,108 @@
+"""Bidirectional Monte Carlo (Grosse et al. 2015; Wu et al. 2017): how far AIS can be from log p(x).
+
+On data simulated from the model itself, (z, x) ~ p(z) p(x|z), the z that made x is an exact
+draw from p(z | x). Forward AIS from f_0 on x gives a stochastic lower bound on log p(x);
+reverse AIS started at that z gives a stochastic upper bound (:func:`pyvae.ais.reverse_ais`).
+The truth lies between them in expectation, so their gap certifies the accuracy of AIS (and
+of anything scoring below it, like importance sampling) at that T, on data like the model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pyro import poutine
+
+from . import distributed, program
+from .ais import AISResult, ais_log_likelihood, check, data_dim, point_seed, reverse_ais
+from .diagnostics import GRID, ais_ladder, take
+from .errors import PyvaeError
+
+
+@torch.no_grad()
+def simulate(model: torch.nn.Module, batch: tuple, seed: int = 0) -> tuple[tuple, dict]:
+    """(the batch with x replaced by draws x ~ p(x | z), {latent site: the z ~ p(z) that made them}).
+
+    ``batch`` gives the number of points and their shapes (and the labels of a conditional
+    model, which are kept); its x is not used. The model must observe one site.
+    """
+    shape = program.structure(model, batch)
+    if len(shape.observed_sites) != 1:
+        raise PyvaeError(f"simulating data needs a model with one observed site; {type(model).__name__} has {shape.observed_sites}")
+    device = batch[0].device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), program.LocalParams():
+        torch.manual_seed(point_seed(seed, 0, "simulate"))
+        trace = poutine.trace(poutine.uncondition(model.model)).get_trace(*batch)
+    x = trace.nodes[shape.observed_sites[0]]["value"].reshape(batch[0].shape)
+    return (x, *batch[1:]), {name: trace.nodes[name]["value"] for name in shape.continuous_sites}
+
+
+@dataclass
+class BDMCResult:
+    """{T: (forward AIS, reverse AIS)} on the same simulated points; ``lower``/``upper`` per point are
+    their ``log_px``. The gap upper - lower >= 0 in expectation."""
+
+    runs: dict
+
+    def summary(self) -> dict:
+        by_t = {}
+        for steps, (lower, upper) in sorted(self.runs.items()):
+            low, up = float(lower.log_px.double().mean()), float(upper.log_px.double().mean())
+            by_t[str(steps)] = {"lower": low, "upper": up, "gap": up - low, "seconds": lower.seconds + upper.seconds}
+        top_t = max(self.runs)
+        lower, upper = self.runs[top_t]
+        return {
+            "num_points": len(lower),
+            **{k: lower.settings[k] for k in ("num_steps", "num_chains", "leapfrog_steps", "schedule", "start")},
+            **by_t[str(top_t)],
+            "units": "nats per point; lower: forward AIS, a stochastic lower bound on log p(x); upper: reverse AIS from the "
+                     "simulating z, a stochastic upper bound",
+            "by_num_steps": by_t,
+            "acceptance_mean": {"forward": float(lower.acceptance.mean()), "reverse": float(upper.acceptance.mean())},
+            "failed_chains": int(lower.failed_chains.sum() + upper.failed_chains.sum()),
+            "per_point": {"lower": lower.log_px.tolist(), "upper": upper.log_px.tolist()},
+        }
+
+    def table(self) -> str:
+        s = self.summary()
+        lines = [f"BDMC on {s['num_points']} points simulated from the model; {s['num_chains']} chains, {s['leapfrog_steps']} "
+                 f"leapfrog steps, {s['schedule']} schedule (nats per point)"]
+        for steps, row in s["by_num_steps"].items():
+            lines.append(f"  T={steps:<7} lower {row['lower']:10.3f}   upper {row['upper']:10.3f}   gap {row['gap']:.3f}   ({row['seconds']:.0f} s)")
+        return "\n".join(lines)
+
+
+def bdmc(
+    model: torch.nn.Module,
+    template: tuple,
+    *,
+    num_steps: int = 1000,
+    seed: int = 0,
+    world: distributed.World | None = None,
+    ladder: bool = True,
+    **settings,
+) -> BDMCResult | None:
+    """Forward and reverse AIS on data simulated from ``model`` with ``template``'s shapes (its labels kept),
+    at T = ``num_steps`` (and T/100, T/10 with ``ladder``); ``settings`` as :func:`pyvae.ais.ais_log_likelihood`.
+    Under torchrun the points are shared out; rank 0 gets the result, the others None."""
+    world = world or distributed.World()
+    device = template[0].device
+    check(model, take(template, 0, 1), num_steps=num_steps, **settings)
+    data, latents = simulate(model, template, seed)
+    n = data[0].shape[0]
+    data = data[0] if len(data) == 1 else data
+    _, guide_trace = program.trace_once(model, take(template, 0, 1))
+    dims = {name: data_dim(guide_trace, name) for name in latents}
+    runs = {}
+    for steps in ais_ladder(num_steps) if ladder else [num_steps]:
+        def both(first, stop, steps=steps):
+            common = dict(num_steps=steps, seed=seed, point_ids=torch.arange(first, stop), device=device, **settings)
+            part = {k: v.narrow(dims[k], first, stop - first) for k, v in latents.items()}
+            return ais_log_likelihood(model, take(data, first, stop), **common), reverse_ais(model, take(data, first, stop), part, **common)
+
+        parts = distributed.sharded(both, n, GRID.get(device.type, 64), world)
+        if parts is not None:
+            runs[steps] = tuple(AISResult.concat([p[i] for p in parts]) for i in (0, 1))
+    return BDMCResult(runs) if world.main else None
+

@@ -1,0 +1,97 @@
+"""BDMC and the inference-gap decomposition against probabilistic PCA's closed form."""
+
+import json
+
+import pytest
+import torch
+
+import pyvae
+from pyvae.bdmc import bdmc, simulate
+from pyvae.cli import main
+from pyvae.gap import inference_gap
+
+from .test_evaluate import exact_log_px, ppca
+
+FAST = {"num_chains": 8, "leapfrog_steps": 5}
+
+
+def test_simulated_data_come_from_the_model():
+    vae = ppca()
+    (x,), latents = simulate(vae, (torch.zeros(4000, 6),), seed=0)
+    w, b = vae.decoder[0].weight.detach(), vae.decoder[0].bias.detach()
+    assert latents["z"].shape == (4000, 2) and torch.allclose(latents["z"].std(0), torch.ones(2), atol=0.05)
+    assert torch.allclose(x.mean(0), b, atol=0.1) and torch.allclose(torch.cov(x.T), w @ w.T + 0.25 * torch.eye(6), atol=0.25)
+    again, _ = simulate(vae, (torch.zeros(4000, 6),), seed=0)
+    assert torch.equal(x, again[0])
+
+
+def test_bdmc_sandwiches_the_exact_log_likelihood_and_closes_with_t():
+    vae = ppca(orthogonal=False)  # a random encoder: the forward path starts far from the posterior
+    result = bdmc(vae, (torch.zeros(10, 6),), num_steps=300, **FAST)
+    (x,), _ = simulate(vae, (torch.zeros(10, 6),), seed=0)
+    exact = exact_log_px(vae, x).mean()
+    s = result.summary()
+    assert set(s["by_num_steps"]) == {"30", "300"}
+    coarse, fine = s["by_num_steps"]["30"], s["by_num_steps"]["300"]
+    assert coarse["lower"] < exact < coarse["upper"]
+    assert 0 <= fine["gap"] < coarse["gap"] / 2 and fine["lower"] - 0.05 < exact < fine["upper"] + 0.05
+    assert len(s["per_point"]["lower"]) == 10
+
+
+def test_the_gap_splits_into_approximation_and_amortization():
+    # W with orthogonal columns: the exact posterior is a diagonal Normal, a member of the guide's family,
+    # so the best guide for each point is exact (approximation gap 0) and the random encoder's whole
+    # gap is amortization
+    vae = ppca(orthogonal=True)
+    (x,), _ = simulate(vae, (torch.zeros(3, 6),), seed=0)
+    result = inference_gap(vae, x, ais={"num_steps": 200, **FAST}, num_samples=2000, local_steps=3000, lr=2e-2)
+    s = result.summary()
+    exact = exact_log_px(vae, x)
+    assert torch.allclose(result.elbo_local, exact, atol=0.05), (result.elbo_local - exact)
+    assert abs(s["approximation_gap"]) < 0.1 and s["amortization_gap"] > 1
+    assert s["inference_gap"] == pytest.approx(s["approximation_gap"] + s["amortization_gap"], abs=1e-6)
+    assert (result.elbo_amortized < result.elbo_local).all()
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    from pyvae.data import binarize, load_dataset
+
+    out = tmp_path_factory.mktemp("run")
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(32,))
+    pyvae.fit(vae, binarize(load_dataset("digits", "train"), "static"), epochs=2, batch_size=64, device="cpu", out=out, progress=False)
+    (out / "config.yaml").write_text("dataset: digits\nbinarize: dynamic\nseed: 0\n")
+    return out
+
+
+def test_the_bdmc_and_gap_commands(run_folder, capsys):
+    main(["bdmc", str(run_folder), "--num-points", "6", "--num-steps", "100", "--num-chains", "4", "--leapfrog-steps", "3"])
+    printed = capsys.readouterr().out
+    assert "BDMC on 6 points simulated from the model" in printed and "T=100" in printed
+    summary = json.loads((run_folder / "bdmc-T100-C4" / "bdmc.json").read_text())
+    assert summary["upper"] >= summary["lower"] - 0.5 and summary["gap"] == pytest.approx(summary["upper"] - summary["lower"])
+    assert (run_folder / "bdmc-T100-C4" / "bdmc.png").stat().st_size > 0
+    main(["gap", str(run_folder), "--num-points", "2", "--num-steps", "50", "--num-chains", "4", "--local-steps", "400",
+          "--num-samples", "200", "--out", str(run_folder / "gap")])
+    assert "approximation gap" in capsys.readouterr().out
+    summary = json.loads((run_folder / "gap" / "gap.json").read_text())
+    assert summary["num_points"] == 2 and summary["amortization_gap"] > -0.5
+    assert (run_folder / "gap" / "eval.nc").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bdmc", "RUN", "--num-steps", "0"], "--num-steps must be a positive integer; got 0"),
+        (["gap", "RUN", "--num-chains", "0"], "--num-chains must be a positive integer; got 0"),
+        (["bdmc", "nowhere"], "nowhere is neither a run folder with checkpoint.pt nor a checkpoint file"),
+        (["gap", "RUN", "--local-steps", "-3"], "--local-steps must be a positive integer; got -3"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(run_folder, tmp_path, capsys, argv, message):
+    argv = [str(run_folder) if a == "RUN" else a for a in argv]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
