@@ -6,10 +6,12 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import pyvae
+import pyvae.cli
 from pyvae.distributed import World
 from pyvae.batching import Batches
 
@@ -102,3 +104,42 @@ def test_processes_holding_different_data_sets_are_refused(tmp_path):
     result = torchrun(tmp_path, rank1_points=499)
     assert result.returncode != 0 and "the training processes hold different data sets, of shapes [(500, 32), (499, 32)]" in result.stderr
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_evaluation_bdmc_and_gap_shared_among_processes_equal_one_process(tmp_path):
+    from pyvae.data import binarize, load_dataset
+
+    run = tmp_path / "run"
+    vae = pyvae.VAE(x_dim=64, z_dim=3, hidden=(16,))
+    pyvae.fit(vae, binarize(load_dataset("digits", "train"), "static"), epochs=1, batch_size=64, device="cpu", out=run, progress=False)
+    (run / "config.yaml").write_text("dataset: digits\nbinarize: static\nseed: 0\n")
+    ais = ["--num-steps", "20", "--num-chains", "4", "--leapfrog-steps", "2"]
+    commands = {
+        "evaluate": ["--method", "ais", "--num-samples", "40", "--num-points", "70", *ais],  # two chunks of the grid of 64
+        "bdmc": ["--num-points", "70", *ais],
+        "gap": ["--num-points", "9", "--local-steps", "40", "--num-samples", "20", *ais],  # two chunks of 8
+    }
+    outputs = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in each torchrun process: the same arithmetic, bit for bit
+    try:
+        for name, flags in commands.items():
+            outputs[name, 1] = tmp_path / f"{name}-1"
+            pyvae.cli.main([name, str(run), *flags, "--out", str(outputs[name, 1]), "--no-download"])
+    finally:
+        torch.set_num_threads(threads)
+    for name, flags in commands.items():
+        outputs[name, 2] = tmp_path / f"{name}-2"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                   f"--master_port={free_port()}", "-m", "pyvae", name, str(run), *flags, "--out", str(outputs[name, 2]), "--no-download"]
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("wrote ") == 1  # rank 0 alone reports and writes
+    import arviz
+
+    for group, name in (("importance_sampling", "evaluate"), ("inference_gap", "gap")):
+        one, two = (getattr(arviz.from_netcdf(outputs[name, p] / "eval.nc"), group) for p in (1, 2))
+        for var in one.data_vars:
+            assert np.array_equal(one[var].values, two[var].values), (name, var)
+    one, two = (json.loads((outputs["bdmc", p] / "bdmc.json").read_text()) for p in (1, 2))
+    assert one["per_point"] == two["per_point"] and len(one["per_point"]["lower"]) == 70
