@@ -3,7 +3,8 @@
 Layers, from the bottom: :mod:`pyvae.nets` (networks), :mod:`pyvae.priors`,
 :mod:`pyvae.likelihoods`, :mod:`pyvae.guides` (distributions), :mod:`pyvae.models`
 (Pyro models and guides; :mod:`pyvae.program` reads any such program), :mod:`pyvae.train` (SVI; :mod:`pyvae.distributed` under torchrun), :mod:`pyvae.importance` (importance
-sampling) and :mod:`pyvae.diagnostics`, :mod:`pyvae.data`, :mod:`pyvae.plots`,
+sampling), :mod:`pyvae.ais` (annealed importance sampling), :mod:`pyvae.bdmc`, :mod:`pyvae.gap`
+and :mod:`pyvae.diagnostics`, :mod:`pyvae.data`, :mod:`pyvae.plots`,
 :mod:`pyvae.config`, :mod:`pyvae.cli`.
 
 All ELBOs and log-likelihoods are in nats per data point; NLL is their negative.
@@ -16,6 +17,8 @@ from .errors import DataNotFound, PyvaeError
 from .importance import LogLikelihood, log_likelihood
 from .models import CVAE, HVAE, M2, VAE
 from .train import evaluate_elbo, fit
+from . import ais, bdmc, gap  # noqa: E402  (after diagnostics, which they build on)
+from .ais import AISResult, ais_log_likelihood
 
 __version__ = "0.1.0"
 __all__ = [
@@ -26,6 +29,11 @@ __all__ = [
     "fit",
     "evaluate_elbo",
     "log_likelihood",
+    "ais_log_likelihood",
+    "AISResult",
+    "ais",
+    "bdmc",
+    "gap",
     "LogLikelihood",
     "evaluate",
     "Evaluation",

@@ -1,0 +1,138 @@
+"""AIS speed: time per point per 1000 annealing steps against the arithmetic floor of its gradient evaluations.
+
+    python benchmarks/ais_speed.py --run runs/binarized_mnist-... --num-points 20 --num-chains 8 --num-steps 200
+
+Without ``--run`` it first trains the quickstart's default model (``--epochs``, default 20) on
+static binarized MNIST. In one process it then reports:
+
+* the floor: every matrix product (mm, addmm, bmm, convolution) that one gradient evaluation of
+  the AIS potential performs, forward and backward, through the model's and the guide's programs,
+  recorded by a dispatch mode and then timed alone, back to back, with the same shapes
+  (the best of ``--floor-repeats``);
+* AIS: ``pyvae.ais.ais_log_likelihood`` on ``--num-points`` test images with ``--num-chains`` chains
+  and ``--num-steps`` steps of ``--leapfrog-steps`` leapfrog steps, its time per gradient
+  evaluation, per point per 1000 steps, and the ratio to the floor;
+
+``--repeats`` times (median and spread). The floor is what the arithmetic itself costs; the ratio
+is what Pyro's bookkeeping, the elementwise densities and the sampler add on top.
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+from common import add_common_arguments, setup, static_mnist, sync
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import pyvae
+from pyvae.ais import _Chains, _Sampler, _settings
+from pyvae.data import spread
+
+MATMULS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward"}
+
+
+class RecordMatmuls(TorchDispatchMode):
+    """Records (op, input shapes) of every matrix product dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in MATMULS:
+            self.calls.append((func, [a.shape if torch.is_tensor(a) else a for a in args], kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def floor_seconds(calls, device, repeats):
+    """The best time of the recorded products, replayed on random tensors of the same shapes."""
+    replay = [(func, [torch.randn(a, device=device) if isinstance(a, torch.Size) else a for a in args], kwargs)
+              for func, args, kwargs in calls]
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        for func, args, kwargs in replay:
+            func(*args, **kwargs)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def flops(calls):
+    total = 0
+    for func, args, _ in calls:
+        name = func.overloadpacket.__name__
+        if name == "mm":
+            total += 2 * args[0][0] * args[0][1] * args[1][1]
+        elif name == "addmm":
+            total += 2 * args[1][0] * args[1][1] * args[2][1]
+        elif name in ("bmm", "baddbmm"):
+            a, b = args[-2], args[-1]
+            total += 2 * a[0] * a[1] * a[2] * b[2]
+    return total
+
+
+def default_model(epochs, device, data_dir):
+    out = tempfile.mkdtemp(prefix="ais-speed-")
+    vae = pyvae.VAE(784, 50)
+    pyvae.fit(vae, static_mnist("train", data_dir), epochs=epochs, batch_size=128, device=device, out=out, seed=0)
+    return vae
+
+
+def main():
+    parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument("--run", help="a run folder (default: train the quickstart's model for --epochs)")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--num-points", type=int, default=20)
+    parser.add_argument("--num-chains", type=int, default=8)
+    parser.add_argument("--num-steps", type=int, default=200)
+    parser.add_argument("--leapfrog-steps", type=int, default=10)
+    parser.add_argument("--start", default="guide", choices=["guide", "prior"])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--floor-repeats", type=int, default=20)
+    args = parser.parse_args()
+    device = setup(args)
+    vae = pyvae.load(f"{args.run}/checkpoint.pt") if args.run else default_model(args.epochs, device, args.data_dir)
+    vae.to(device).eval()
+    x = spread(static_mnist("test", args.data_dir), args.num_points).to(device)
+    settings = _settings(num_steps=args.num_steps, num_chains=args.num_chains, leapfrog_steps=args.leapfrog_steps, start=args.start)
+
+    # one gradient evaluation on the same rows AIS runs, its matrix products recorded
+    sampler = _Sampler.build(vae, x, args.num_chains, device, None, None)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    chains = _Chains(vae, (x,), sampler.shape, torch.arange(len(x)), 0, settings, args.num_chains)
+    u = chains.layout.unconstrain(chains._initial(None))
+    chains.guide_sites = chains.constant_guide(u) if args.start == "guide" else None
+    chains.evaluate(u)
+    with RecordMatmuls() as recorder:
+        chains.evaluate(u)
+    for p in vae.parameters():
+        p.requires_grad_(True)
+    evaluations = (args.num_steps - 1) * args.leapfrog_steps + 1
+    print(f"{len(x)} points x {args.num_chains} chains = {len(x) * args.num_chains} rows; T = {args.num_steps}, "
+          f"{args.leapfrog_steps} leapfrog steps: {evaluations} gradient evaluations; "
+          f"{len(recorder.calls)} matrix products, {flops(recorder.calls) / 1e6:.1f} MFLOP per evaluation (mm/addmm)")
+    rows = []
+    for repeat in range(args.repeats):
+        floor = floor_seconds(recorder.calls, device, args.floor_repeats)
+        sync(device)
+        start = time.perf_counter()
+        result = pyvae.ais.ais_log_likelihood(vae, x, **settings, device=device)
+        sync(device)
+        seconds = time.perf_counter() - start
+        per_eval = seconds / evaluations
+        per_point_1000 = seconds / len(x) * 1000 / args.num_steps
+        rows.append(per_eval / floor)
+        print(f"run {repeat + 1}: floor {1e3 * floor:.2f} ms per evaluation ({flops(recorder.calls) / floor / 1e9:.0f} GFLOP/s); "
+              f"AIS {1e3 * per_eval:.2f} ms per evaluation, {seconds:.1f} s, {per_point_1000:.1f} s per point per 1000 steps; "
+              f"ratio to floor {per_eval / floor:.2f}; log p^ {float(result.log_px.mean()):.3f}")
+    print(f"ratio to floor: median {statistics.median(rows):.2f}, spread {min(rows):.2f}-{max(rows):.2f} over {len(rows)} runs")
+
+
+if __name__ == "__main__":
+    main()
