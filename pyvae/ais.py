@@ -354,21 +354,30 @@ class _Chains:
         return total
 
     def evaluate(self, u: torch.Tensor) -> dict:
-        """log f_0, log p(x, z) and log |J| per row at u, and the gradients of (log f_0 + log|J|), (log p + log|J|)."""
+        """log f_0, log p(x, z) and log |J| per row at u, and the gradients of (log f_0 + log|J|), (log p + log|J|).
+
+        The two densities see two leaves holding the same u, so one backward pass gives both gradients.
+        """
         with torch.enable_grad():
-            u = u.detach().requires_grad_(True)
-            values, log_jac = self.layout.constrain(u)
+            u0, u1 = u.detach().requires_grad_(True), u.detach().requires_grad_(True)
+            values, log_jac = self.layout.constrain(u1)
             with program.LocalParams():
                 model_trace = poutine.trace(poutine.condition(self.model.model, data=values)).get_trace(*self.batch)
                 log_joint = self._log_prob(model_trace)
                 if self.settings["start"] == "prior":
                     log_f0 = self._log_prob(model_trace, set(self.shape.latent_sites))
-                elif self.guide_sites is not None:
-                    log_f0 = self._log_prob({name: {**site, "value": values[name]} for name, site in self.guide_sites.items()})
+                    values0, log_jac0 = values, log_jac
                 else:
-                    log_f0 = self._log_prob(self._guide_trace(values))
-            g0 = torch.autograd.grad((log_f0 + log_jac).sum(), u, retain_graph=True)[0]
-            g1 = torch.autograd.grad((log_joint + log_jac).sum(), u)[0]
+                    values0, log_jac0 = self.layout.constrain(u0)
+                    if self.guide_sites is not None:
+                        log_f0 = self._log_prob({name: {**site, "value": values0[name]} for name, site in self.guide_sites.items()})
+                    else:
+                        log_f0 = self._log_prob(self._guide_trace(values0))
+            if self.settings["start"] == "prior":  # f_0 is part of the model's trace: a second pass
+                g0 = torch.autograd.grad((log_f0 + log_jac).sum(), u1, retain_graph=True)[0]
+                g1 = torch.autograd.grad((log_joint + log_jac).sum(), u1)[0]
+            else:
+                g0, g1 = torch.autograd.grad((log_f0 + log_jac0).sum() + (log_joint + log_jac).sum(), (u0, u1))
         return {"u": u.detach(), "f0": log_f0.detach(), "joint": log_joint.detach(), "jac": log_jac.detach(), "g0": g0, "g1": g1}
 
     @staticmethod
