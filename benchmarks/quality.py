@@ -34,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 
 import matplotlib
+import torch
 import yaml
 from common import add_common_arguments, setup
 
@@ -188,8 +189,8 @@ def main():
         parser.error(f"--num-points must be >= 0; got {args.num_points}")
     papers = {recipe: published(recipe) for recipe in args.recipes}  # every header checked before any training
     device = setup(args)
-    device_name = (f"{__import__('torch').cuda.get_device_name(device)}" if device.type == "cuda"
-                   else f"cpu ({os.cpu_count()} cores)")
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu, {torch.get_num_threads()} of {os.cpu_count()} cores")
     out = args.out or Path(f"runs/quality-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
 

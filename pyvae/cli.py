@@ -236,7 +236,7 @@ def train_main(argv: list[str]) -> None:
     chosen = checkpoint_file(out, None if config.eval_checkpoint == "best" else "last")
     payload = read(chosen)
     load_weights(model, payload["state_dict"], chosen)
-    print(f"evaluating {describe_checkpoint(chosen)}")
+    print(f"final model: {describe_checkpoint(chosen)}")
     evaluated = history[payload["epoch"] - 1]
     x_test = test[0] if isinstance(test, tuple) else test.draw()
     plots.samples(model, out / "samples.png")

@@ -88,8 +88,8 @@ def fit(
     ``valid`` is held-out data (served like ``test``) scored after every epoch: ``valid_elbo``
     (and ``valid_iwae`` for ``iwae``), and with ``valid_samples`` = K > 0 ``valid_log_px``, the
     importance-sampled log p(x) with K samples on at most :data:`VALID_IS_POINTS` points evenly
-    spread over ``valid``. The highest of them in that order of preference is the validation
-    objective (:mod:`pyvae.protocol`): with ``out``, ``best.pt`` holds the weights of the epoch
+    spread over ``valid``. The validation objective (:mod:`pyvae.protocol`) is ``valid_log_px`` when
+    computed, else ``valid_iwae`` when computed, else ``valid_elbo``: with ``out``, ``best.pt`` holds the weights of the epoch
     where it was highest (the earliest on ties), written atomically before that epoch's
     ``checkpoint.pt``; with ``patience`` = P training stops once the best is P epochs old.
     ``lr_schedule`` is ``none``, ``iwae`` (Burda et al.'s 3^i-epoch stages at lr·10^(-i/7)),

@@ -246,7 +246,7 @@ def test_train_can_evaluate_the_last_epoch(tmp_path, capsys):
     from pyvae.cli import main
 
     main([*TRAIN, "--epochs", "2", "--valid-fraction", "0.2", "--eval-checkpoint", "last", "--out", str(tmp_path / "run")])
-    assert f"evaluating {tmp_path / 'run' / 'checkpoint.pt'} (epoch 2, the last)" in capsys.readouterr().out
+    assert f"final model: {tmp_path / 'run' / 'checkpoint.pt'} (epoch 2, the last)" in capsys.readouterr().out
     assert (tmp_path / "run" / "best.pt").is_file()
 
 
