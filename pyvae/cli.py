@@ -13,21 +13,65 @@ from .console import Parser, run, writable_dir
 from .errors import PyvaeError
 
 
-def load_run(path: str | Path):
-    """(vae, config dict or None, run folder) from a run folder or a checkpoint file."""
+def load_run(path: str | Path, which: str | None = None):
+    """(vae, config dict or None, run folder) from a run folder or a checkpoint file.
+
+    In a run folder ``which`` picks ``best`` (``best.pt``, the epoch with the best validation
+    objective) or ``last`` (``checkpoint.pt``); None takes best.pt when there is one. Which file
+    was loaded is said on stdout (by rank 0 under torchrun).
+    """
+    import os
+
     from .checkpoint import load
 
-    path = Path(path)
-    checkpoint = path / "checkpoint.pt" if path.is_dir() else path
-    if not checkpoint.is_file():
-        raise PyvaeError(f"{path} is neither a run folder with checkpoint.pt nor a checkpoint file")
+    checkpoint = checkpoint_file(Path(path), which)
     from .config import read_yaml
 
     config_path = checkpoint.parent / "config.yaml"
     config = read_yaml(config_path, "run config") if config_path.is_file() else None
     if config is not None and not isinstance(config, dict):
         raise PyvaeError(f"run config {config_path} must be a mapping of keys to values; got {type(config).__name__}")
-    return load(checkpoint), config, checkpoint.parent
+    model = load(checkpoint)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"checkpoint: {describe_checkpoint(checkpoint)}")
+    return model, config, checkpoint.parent
+
+
+CHECKPOINTS = ("best", "last")
+
+
+def checkpoint_file(path: Path, which: str | None = None) -> Path:
+    """The checkpoint file of a run folder ``path`` (see :func:`load_run`), or ``path`` itself when it is a file."""
+    if which not in (None, *CHECKPOINTS):
+        raise PyvaeError(f"unknown checkpoint {which!r}; choose from {', '.join(CHECKPOINTS)}")
+    if not path.is_dir():
+        if not path.is_file():
+            raise PyvaeError(f"{path} is neither a run folder with checkpoint.pt nor a checkpoint file")
+        if which is not None:
+            raise PyvaeError(f"--checkpoint {which} picks a file of a run folder; {path} is a checkpoint file already")
+        return path
+    best, last = path / "best.pt", path / "checkpoint.pt"
+    if not last.is_file():
+        raise PyvaeError(f"{path} is neither a run folder with checkpoint.pt nor a checkpoint file")
+    if which == "best" and not best.is_file():
+        raise PyvaeError(f"{path} has no best.pt (it was trained without validation data); use --checkpoint last")
+    return best if which != "last" and best.is_file() else last
+
+
+def describe_checkpoint(path: Path) -> str:
+    """``RUN/best.pt (epoch 37 of 50: the best validation ELBO, -88.123)`` or ``RUN/checkpoint.pt (epoch 50, the last)``."""
+    from .checkpoint import read
+    from .protocol import LABELS
+
+    payload = read(path)
+    epoch, history = payload.get("epoch"), payload.get("history")
+    objective = payload.get("objective")
+    if isinstance(objective, dict) and len(objective) == 1:
+        (key, value), = objective.items()
+        return f"{path} (epoch {epoch}: the best validation {LABELS.get(key, key)}, {value:.3f})"
+    if epoch is not None and history is not None:
+        return f"{path} (epoch {epoch}, the last)"
+    return str(path)
 
 
 def evaluation_data(vae, config: dict | None, dataset: str | None, split: str, data_dir: str | None, download: bool = True):
@@ -110,7 +154,9 @@ def train_main(argv: list[str]) -> None:
     from . import likelihoods, plots
     from .checkpoint import load
     from .config import parse_args
-    from .data import binarize_for, load_train_test, semi_supervised, spread
+    from .checkpoint import load_weights, read
+    from .data import binarize_for, evaluation_split, load_train_test, semi_supervised, spread
+    from .protocol import check
     from .diagnostics import evaluate
     from .distributed import init, shutdown
     from .train import fit
@@ -133,8 +179,13 @@ def train_main(argv: list[str]) -> None:
     if notice:
         say(notice, file=sys.stderr)
         config.dataset = train.name
+    with world.local_main_first():
+        train, valid = validation_data(config, train, say)
+    # before anything is written
+    check(config.patience, config.lr_schedule, valid is not None, f"{train.name} has no valid split; hold out part of the training set with --valid-fraction F")
     likelihood = likelihoods.LIKELIHOODS.resolve(config.likelihood)
     train, test, config.binarize = binarize_for(likelihood, train, test, config.binarize, config.seed)
+    valid = evaluation_split(valid, config.binarize, config.seed) if valid is not None else None
     metrics = {}
     if name == "m2":
         # train on num_labels labels (or all); score the test set as unlabelled: log p(x), and its accuracy
@@ -143,7 +194,9 @@ def train_main(argv: list[str]) -> None:
         x_test, y_test = test.draw(), test.labels
         metrics["test_accuracy"] = lambda model: model.accuracy(x_test, y_test)
         test = (x_test, torch.full_like(y_test, -1))
-    say(f"data: {train.name}, {len(train)} train / {len(x_test) if name == 'm2' else len(test)} test images of {train.image_shape}, binarize={config.binarize}")
+        valid = (valid.draw(), torch.full((len(valid),), -1, dtype=torch.long)) if valid is not None else None
+    held = f" / {len(valid[0]) if name == 'm2' else len(valid)} valid ({valid_origin(config)})" if valid is not None else ""
+    say(f"data: {train.name}, {len(train)} train{held} / {len(x_test) if name == 'm2' else len(test)} test images of {train.image_shape}, binarize={config.binarize}")
 
     # 2. model: Pyro programs around neural networks
     torch.manual_seed(config.seed)
@@ -157,9 +210,13 @@ def train_main(argv: list[str]) -> None:
         model,
         train,
         test=test,
+        valid=valid,
         epochs=config.epochs,
         batch_size=config.batch_size,
         lr=config.lr,
+        lr_schedule=config.lr_schedule,
+        patience=config.patience,
+        valid_samples=config.valid_samples,
         elbo="enum" if name == "m2" and config.elbo == "trace" else config.elbo,
         num_particles=config.num_particles,
         beta=config.beta,
@@ -175,7 +232,12 @@ def train_main(argv: list[str]) -> None:
     if not world.main:
         return
 
-    # 4. pictures
+    # 4. pictures, of the checkpoint evaluated: best.pt unless --eval-checkpoint last
+    chosen = checkpoint_file(out, None if config.eval_checkpoint == "best" else "last")
+    payload = read(chosen)
+    load_weights(model, payload["state_dict"], chosen)
+    print(f"final model: {describe_checkpoint(chosen)}")
+    evaluated = history[payload["epoch"] - 1]
     x_test = test[0] if isinstance(test, tuple) else test.draw()
     plots.samples(model, out / "samples.png")
     plots.reconstructions(model, x_test, out / "reconstructions.png", labels=getattr(test, "labels", None) if name == "cvae" else None)
@@ -188,9 +250,28 @@ def train_main(argv: list[str]) -> None:
         result = evaluate(model, data, config.eval_samples, dataset=train.name, split="test", progress=True)
         print(result.table())
         result.write(out / f"eval-{train.name}-test-K{config.eval_samples}")
-    last = history[-1]
-    accuracy = f"; test accuracy {last['test_accuracy']:.3f}" if "test_accuracy" in last else ""
-    print(f"test ELBO {last['test_elbo']:.3f} nats per data point{accuracy}; outputs in {out}/")
+    accuracy = f"; test accuracy {evaluated['test_accuracy']:.3f}" if "test_accuracy" in evaluated else ""
+    print(f"test ELBO {evaluated['test_elbo']:.3f} nats per data point (epoch {evaluated['epoch']}){accuracy}; outputs in {out}/")
+
+
+def validation_data(config, train, say):
+    """(train, valid or None) as ``config`` asks (:func:`pyvae.data.validation_split`). A data set's own
+    valid split that cannot be found is a notice, and training goes on without validation, unless
+    patience or the plateau schedule needs it."""
+    from .data import validation_split
+    from .errors import DataNotFound
+
+    try:
+        return validation_split(train, config.valid_fraction, config.seed, data_dir=config.data_dir, download=config.download)
+    except DataNotFound as e:
+        if config.patience is not None or config.lr_schedule == "plateau":
+            raise
+        say(f"notice: {e}. Training without validation data.", file=sys.stderr)
+        return train, None
+
+
+def valid_origin(config) -> str:
+    return f"{config.valid_fraction:g} of train held out, seed {config.seed}" if config.valid_fraction else "the valid split"
 
 
 def evaluate_main(argv: list[str]) -> None:
@@ -218,7 +299,7 @@ def evaluate_main(argv: list[str]) -> None:
     ais = ais_settings(args) if args.method == "ais" else None
 
     world, device = distributed.init(resolve_device(args.device))
-    vae, config, run_dir = load_run(args.run)
+    vae, config, run_dir = load_run(args.run, args.checkpoint)
     data = evaluation_data(vae, config, args.dataset, args.split, args.data_dir, not args.no_download)
     points = spread(torch.arange(len(data)), args.num_points)
     x = scored(vae, data)
@@ -256,7 +337,7 @@ def bdmc_main(argv: list[str]) -> None:
     check_positive(args, "num_points")
     ais = ais_settings(args)
     world, device = distributed.init(resolve_device(args.device))
-    vae, config, run_dir = load_run(args.run)
+    vae, config, run_dir = load_run(args.run, args.checkpoint)
     vae.to(device)
     data = evaluation_data(vae, config, args.dataset, "test", args.data_dir, not args.no_download)
     template = scored(vae, data)
@@ -294,7 +375,7 @@ def gap_main(argv: list[str]) -> None:
     check_positive(args, "num_points", "num_samples", "local_steps")
     ais = ais_settings(args)
     world, device = distributed.init(resolve_device(args.device))
-    vae, config, run_dir = load_run(args.run)
+    vae, config, run_dir = load_run(args.run, args.checkpoint)
     vae.to(device)
     data = evaluation_data(vae, config, args.dataset, "test", args.data_dir, not args.no_download)
     x = scored(vae, data)
@@ -339,6 +420,8 @@ def run_parser(command: str, description: str, default_out: str = "RUN/explore")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute (auto: CUDA when available)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the random draws (default 0)")
     parser.add_argument("--out", help=f"output folder (default {default_out})")
+    parser.add_argument("--checkpoint", choices=CHECKPOINTS, help="in a run folder: best.pt, the best validation epoch, or "
+                        "checkpoint.pt, the last (default: best.pt when there is one)")
     parser.add_argument("--debug", action="store_true")
     return parser
 
@@ -358,7 +441,7 @@ def explore_setup(args, *positive: str):
     from .train import resolve_device
 
     check_positive(args, *positive)
-    vae, config, run_dir = load_run(args.run)
+    vae, config, run_dir = load_run(args.run, args.checkpoint)
     vae.to(resolve_device(args.device)).eval()
     pyro.set_rng_seed(args.seed)
     return vae, config, writable_dir(args.out or run_dir / "explore")

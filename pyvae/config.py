@@ -23,10 +23,11 @@ from .console import Parser, writable_dir
 from .errors import PyvaeError
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
-from .nets import ACTIVATIONS, NETS
+from .nets import MLP_ACTIVATIONS, NETS
 from .priors import PRIORS
 from .batching import DEVICES
 from .objectives import ELBOS
+from .protocol import SCHEDULES
 
 
 def _choices(*values) -> dict:
@@ -43,12 +44,13 @@ class TrainConfig:
     strict_data: bool = field(default=False, metadata={"help": "fail instead of falling back to digits"})
     download: bool = field(default=True, metadata={"help": "download missing data files"})
     binarize: str = field(default="auto", metadata=_choices("auto", *BINARIZE_MODES))
+    valid_fraction: float | None = field(default=None, metadata={"open_unit": True, "help": "hold out this fraction of the training set for validation (default: the data set's valid split, if any)"})
     # model
     model: str | dict = field(default="vae", metadata={"models": True, "help": "vae, hvae, cvae or m2 (in YAML also {name: hvae, z_dims: [100, 50], ...})"})
     num_labels: int | None = field(default=None, metadata={"min": 1, "help": "m2: labelled training points, class-balanced; the rest unlabelled"})
     z_dim: int = field(default=50, metadata={"min": 1})
     hidden: list[int] = field(default_factory=lambda: [400], metadata={"min": 1})
-    activation: str = field(default="softplus", metadata=_choices(*ACTIVATIONS))
+    activation: str = field(default="softplus", metadata=_choices(*MLP_ACTIVATIONS))
     net: str = field(default="mlp", metadata=_choices(*NETS))
     # a name, or in YAML a mapping such as {name: vamp, num_components: 100}
     prior: str | dict = field(default="normal", metadata={"registry": PRIORS})
@@ -63,11 +65,15 @@ class TrainConfig:
     epochs: int = field(default=10, metadata={"min": 1})
     batch_size: int = field(default=128, metadata={"min": 1})
     lr: float = field(default=1e-3, metadata={"positive": True})
+    lr_schedule: str = field(default="none", metadata={**_choices(*SCHEDULES), "help": "none; iwae: Burda et al.'s 3^i-epoch stages at lr*10^(-i/7); plateau: halve on a stalled validation objective; cosine over the epochs"})
+    patience: int | None = field(default=None, metadata={"min": 1, "help": "stop when the validation objective has not improved for this many epochs"})
+    valid_samples: int = field(default=0, metadata={"min": 0, "help": "K: also the validation log p(x) by importance sampling (1000 points at most), then the objective; 0 skips it"})
     device: str = field(default="auto", metadata=_choices(*DEVICES))
     seed: int = field(default=0, metadata={"min": 0})
     # evaluation after training
     eval_samples: int = field(default=1000, metadata={"min": 0, "help": "K for the test log-likelihood at the end; 0 skips it"})
     eval_points: int = field(default=1000, metadata={"min": 0, "help": "test points for it, evenly spread; 0 means all"})
+    eval_checkpoint: str = field(default="best", metadata={**_choices("best", "last"), "help": "evaluate best.pt (the best validation epoch; last when there is none) or the last epoch"})
     # output
     resume: str | None = field(default=None, metadata={"help": "continue the run in this folder after its last completed epoch"})
     out: str | None = field(default=None, metadata={"help": "run folder (default runs/<dataset>-<timestamp>)"})
@@ -132,6 +138,8 @@ def _check(f: dataclasses.Field, value) -> None:
             raise bad
         if (meta.get("positive") and value <= 0) or value < meta.get("min", -math.inf):
             raise bad
+        if meta.get("open_unit") and not 0 < value < 1:
+            raise bad
     elif base is str:
         if not isinstance(value, str) or ("choices" in meta and value not in meta["choices"]):
             raise bad
@@ -161,6 +169,8 @@ def _describe(kind, meta) -> str:
         words += f" >= {meta['min']}"
     if meta.get("positive"):
         words = "a positive number"
+    if meta.get("open_unit"):
+        words = "a number in (0, 1)"
     if type(None) in typing.get_args(kind):
         words += " or null"
     return words

@@ -338,6 +338,38 @@ def binarize_for(
     return binarize(train, mode, seed), evaluation_split(test, mode, seed), mode
 
 
+def hold_out(data: ImageSet, fraction: float, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """(rest, held): a random ``fraction`` of ``data`` (round(fraction * N) points, at least one, and
+    at least one left) held out as a ``valid`` split, drawn from ``seed``; the two are disjoint and
+    together are ``data``. Each keeps the order the points had in ``data``."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise PyvaeError(f"valid_fraction must be a number in (0, 1); got {fraction!r}")
+    n = len(data)
+    if n < 2:
+        raise PyvaeError(f"{data.name} {data.split} has {n} point; holding out a validation fraction needs at least 2")
+    held = min(max(1, round(fraction * n)), n - 1)
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:held]] = True
+
+    def part(mask: torch.Tensor, split: str) -> ImageSet:
+        labels = data.labels[mask] if data.labels is not None else None
+        return replace(data, images=data.images[mask], labels=labels, split=split)
+
+    return part(~chosen, data.split), part(chosen, "valid")
+
+
+def validation_split(
+    train: ImageSet, fraction: float | None = None, seed: int = 0, *, data_dir=None, download: bool = True
+) -> tuple[ImageSet, ImageSet | None]:
+    """(train, valid): with ``fraction``, a held-out part of ``train`` (:func:`hold_out`); else the
+    data set's own ``valid`` split where it has one (binarized MNIST's 10,000 images), else None."""
+    if fraction is not None:
+        return hold_out(train, fraction, seed)
+    if "valid" in SPLITS.get(train.name, ()):
+        return train, load_dataset(train.name, "valid", data_dir=data_dir, download=download)
+    return train, None
+
+
 def semi_supervised(data: ImageSet, num_labels: int, seed: int = 0) -> ImageSet:
     """``data`` with ``num_labels`` labels kept, num_labels / C drawn at random (``seed``) from each
     of its C classes, and every other label set to -1 (unlabelled): Kingma et al. (2014)'s setting,

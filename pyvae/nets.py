@@ -28,13 +28,43 @@ ACTIVATIONS = {
 }
 
 
+#: activations that are layers of their own (the gate has weights), not a function between linear layers
+GATED = "gated"
+MLP_ACTIVATIONS = (*ACTIVATIONS, GATED)
+
+
+class GatedDense(nn.Module):
+    """A gated dense layer (Dauphin et al. 2017; VampPrior's ``GatedDense``, Tomczak & Welling 2018)::
+
+        h = (W1 x + b1) * sigmoid(W2 x + b2)
+
+    the sigmoid gate deciding, per unit and per input, how much of the linear part passes.
+    Acts on the last dimension only, so a leading particle dimension is fine.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.h = nn.Linear(in_dim, out_dim)
+        self.g = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h(x) * torch.sigmoid(self.g(x))
+
+
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: str = "softplus") -> nn.Sequential:
-    """Linear layers of the given widths with ``activation`` between them; ``hidden=()`` is one linear layer."""
-    if activation not in ACTIVATIONS:
-        raise PyvaeError(f"unknown activation {activation!r}; choose from {', '.join(sorted(ACTIVATIONS))}")
+    """Linear layers of the given widths with ``activation`` between them; ``hidden=()`` is one linear layer.
+
+    ``activation="gated"`` makes every hidden layer a :class:`GatedDense` (no further nonlinearity),
+    the output layer staying linear: VampPrior's 784-300-300 gated networks are ``hidden=(300, 300)``.
+    """
+    if activation not in MLP_ACTIVATIONS:
+        raise PyvaeError(f"unknown activation {activation!r}; choose from {', '.join(sorted(MLP_ACTIVATIONS))}")
     widths = [in_dim, *hidden, out_dim]
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        if activation == GATED:
+            layers.append(GatedDense(a, b) if i < len(widths) - 2 else nn.Linear(a, b))
+            continue
         if i > 0:
             layers.append(ACTIVATIONS[activation]())
         layers.append(nn.Linear(a, b))
@@ -51,7 +81,7 @@ class ConvEncoder(nn.Module):
         super().__init__()
         self.image_shape = tuple(image_shape)
         c, h, w = _checked_image_shape(self.image_shape)
-        act = ACTIVATIONS[activation]
+        act = _conv_activation(activation)
         self.net = nn.Sequential(
             nn.Conv2d(c, 32, 4, stride=2, padding=1),
             act(),
@@ -76,7 +106,7 @@ class ConvDecoder(nn.Module):
     def __init__(self, z_dim: int, image_shape: Sequence[int], params_per_pixel: int = 1, activation: str = "softplus") -> None:
         super().__init__()
         c, h, w = _checked_image_shape(tuple(image_shape))
-        act = ACTIVATIONS[activation]
+        act = _conv_activation(activation)
         self.start = (64, h // 4, w // 4)
         self.net = nn.Sequential(
             nn.Linear(z_dim, 64 * (h // 4) * (w // 4)),
@@ -91,6 +121,14 @@ class ConvDecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         lead = z.shape[:-1]
         return self.net(z.reshape(-1, z.shape[-1])).reshape(*lead, -1)
+
+
+def _conv_activation(activation: str) -> type[nn.Module]:
+    if activation == GATED:
+        raise PyvaeError("activation 'gated' is for MLPs (net mlp); net 'conv' takes relu, softplus, elu, tanh, leaky_relu or gelu")
+    if activation not in ACTIVATIONS:
+        raise PyvaeError(f"unknown activation {activation!r}; choose from {', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[activation]
 
 
 def _checked_image_shape(image_shape: tuple) -> tuple[int, int, int]:

@@ -47,8 +47,10 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(cuda_state, index)
 
 
-def restore(module: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path, world: distributed.World) -> tuple[list[dict], dict]:
-    """Load weights, optimizer state and this process's generators; return (history, training state)."""
+def restore(module: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path, world: distributed.World, schedule=None) -> tuple[list[dict], dict]:
+    """Load weights, optimizer state, the learning-rate ``schedule``'s state (a :class:`pyvae.protocol.Schedule`;
+    a different schedule is an error, raised before anything is loaded) and this process's generators;
+    return (history, training state)."""
     from .checkpoint import read
 
     payload = read(path)
@@ -57,6 +59,8 @@ def restore(module: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Pat
         raise PyvaeError(f"{path} holds no training state to resume from (it was not written by fit)")
     if training.get("version") != VERSION:
         raise PyvaeError(f"{path} was written by an older pyvae whose training state cannot be resumed; pyvae.load still reads its weights")
+    if schedule is not None:
+        schedule.load_state_dict(training.get("schedule"), path)
     try:
         module.load_state_dict(payload["state_dict"])
         optimizer.load_state_dict(training["optimizer"])

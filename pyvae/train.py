@@ -30,7 +30,7 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from . import distributed, state
+from . import distributed, protocol, state
 from .batching import Batches, check_data, resolve_device
 from .checkpoint import save
 from .errors import PyvaeError, positive_int, positive_number
@@ -53,9 +53,13 @@ def fit(
     train,
     *,
     test=None,
+    valid=None,
     epochs: int,
     batch_size: int = 128,
     lr: float = 1e-3,
+    lr_schedule: str = "none",
+    patience: int | None = None,
+    valid_samples: int = 0,
     elbo: str | pyro.infer.ELBO = "trace",
     num_particles: int = 1,
     beta: float = 1.0,
@@ -81,6 +85,17 @@ def fit(
     over that many epochs. ``metrics`` maps names to functions of the model computed after
     every epoch (e.g. a test accuracy) and recorded with the ELBOs.
 
+    ``valid`` is held-out data (served like ``test``) scored after every epoch: ``valid_elbo``
+    (and ``valid_iwae`` for ``iwae``), and with ``valid_samples`` = K > 0 ``valid_log_px``, the
+    importance-sampled log p(x) with K samples on at most :data:`VALID_IS_POINTS` points evenly
+    spread over ``valid``. The validation objective (:mod:`pyvae.protocol`) is ``valid_log_px`` when
+    computed, else ``valid_iwae`` when computed, else ``valid_elbo``: with ``out``, ``best.pt`` holds the weights of the epoch
+    where it was highest (the earliest on ties), written atomically before that epoch's
+    ``checkpoint.pt``; with ``patience`` = P training stops once the best is P epochs old.
+    ``lr_schedule`` is ``none``, ``iwae`` (Burda et al.'s 3^i-epoch stages at lr·10^(-i/7)),
+    ``plateau`` (halved when the validation objective stalls) or ``cosine`` (over ``epochs``),
+    stepped after every epoch; ``lr`` in each record is the rate the epoch trained with.
+
     Each dict has ``epoch``, ``train_elbo`` (the average of the minibatch values of
     the training objective during the epoch: the beta-weighted ELBO when beta is not 1,
     the IWAE bound for ``iwae``), ``beta`` (the KL weight at the end of the epoch),
@@ -95,9 +110,11 @@ def fit(
     parameters are then not saved, so no checkpoint ever holds NaNs.
 
     With ``resume`` (and ``out``), training continues after the last completed epoch of
-    ``out/checkpoint.pt``: weights, optimizer state, step counter (the warm-up schedule),
-    history and the random number generators of python, numpy and torch are restored, so
-    an interrupted and resumed run reaches the same parameters as an uninterrupted one.
+    ``out/checkpoint.pt``: weights, optimizer and learning-rate schedule state, step counter
+    (the warm-up schedule), history and the random number generators of python, numpy and
+    torch are restored, so an interrupted and resumed run reaches the same parameters as an
+    uninterrupted one (and stops early where it does). Resuming with another ``lr_schedule``
+    is an error.
     """
     positive_int("epochs", epochs)
     positive_int("batch_size", batch_size)
@@ -108,6 +125,9 @@ def fit(
     positive_number("beta", beta)
     if isinstance(kl_warmup_epochs, bool) or not isinstance(kl_warmup_epochs, int) or kl_warmup_epochs < 0:
         raise PyvaeError(f"kl_warmup_epochs must be an integer >= 0; got {kl_warmup_epochs!r}")
+    if isinstance(valid_samples, bool) or not isinstance(valid_samples, int) or valid_samples < 0:
+        raise PyvaeError(f"valid_samples must be an integer >= 0; got {valid_samples!r}")
+    protocol.check(patience, lr_schedule, valid is not None)
     objective = Objective(model, elbo, num_particles, kl_sites)
     if isinstance(objective.elbo, pyro.infer.RenyiELBO) and (beta != 1 or kl_warmup_epochs):
         raise PyvaeError(
@@ -120,7 +140,8 @@ def fit(
     arity = batch_arity(model)
     train_batches = Batches(train, device, arity, "training data")
     test_batches = Batches(test, device, arity, "test data") if test is not None else None
-    for batches, split in ((train_batches, "training data"), (test_batches, "test data")):
+    valid_batches = Batches(valid, device, arity, "validation data") if valid is not None else None
+    for batches, split in ((train_batches, "training data"), (test_batches, "test data"), (valid_batches, "validation data")):
         if batches is not None:
             check_data(model, batches, split)
     if batch_size > len(train_batches):
@@ -147,6 +168,8 @@ def fit(
     if isinstance(objective.elbo, pyro.infer.TraceMeanField_ELBO) and world.main:
         _warn_if_no_analytic_kl(model, train_batches.first())
     optimizer = make_adam(model.parameters(), lr)
+    schedule = protocol.Schedule(lr_schedule, optimizer, epochs)  # before a resumed optimizer state: it sets the rate
+    objective_key = protocol.objective_key(elbo, valid_samples)
     num_data = len(train_batches)
     # one permutation of the data per epoch, drawn from (order_seed, epoch) alike in every process
     order_seed = world.broadcast(seed if seed is not None else int(torch.randint(2**31, ())))
@@ -159,7 +182,7 @@ def fit(
     if resume:
         if out is None:
             raise PyvaeError("resume needs out, the run folder whose checkpoint.pt to continue from")
-        history, resumed = state.restore(model, optimizer, out / "checkpoint.pt", world)
+        history, resumed = state.restore(model, optimizer, out / "checkpoint.pt", world, schedule)
         step, order_seed = resumed["step"], resumed["order_seed"]
         if world.main:
             with open(out / "metrics.jsonl", "wb") as f:  # exactly the completed epochs: no torn or repeated lines
@@ -175,7 +198,8 @@ def fit(
         """Rank 0 writes the weights and what resuming needs; every process's generators included."""
         rngs = world.gather(state.rng_state())
         if world.main:
-            training = {"version": state.VERSION, "step": step, "order_seed": order_seed, "optimizer": optimizer.state_dict(), "rng": rngs, **partial}
+            training = {"version": state.VERSION, "step": step, "order_seed": order_seed, "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "rng": rngs, **partial}
             save(model, out / "checkpoint.pt", keep_previous=True, epoch=epoch, history=history, training=training)
         world.barrier()  # no process exits before the checkpoint is complete
 
@@ -184,7 +208,12 @@ def fit(
     first_epoch = len(history) + 1
     try:
         for epoch in range(first_epoch, epochs + 1):
+            if protocol.stalled(history, objective_key, patience):
+                if progress:
+                    _say_stopped_early(history, objective_key, patience)
+                break
             model.train()
+            epoch_lr = schedule.lr
             # a run stopped by a signal mid-epoch resumes inside it: the epoch's order is drawn
             # again, the batches already used are skipped, the generators go on from the stop
             done = resumed.get("step_in_epoch", 0) if epoch == first_epoch else 0
@@ -238,29 +267,74 @@ def fit(
                 record["test_elbo"] = _shared_elbo(model, test_batches, world, "trace" if elbo == "iwae" else elbo, nesting=nesting)
                 if elbo == "iwae":
                     record["test_iwae"] = _shared_elbo(model, test_batches, world, "iwae", num_particles, nesting=nesting)
+            if valid_batches is not None:
+                record.update(_validation(model, valid_batches, world, elbo, num_particles, valid_samples, shape.max_plate_nesting))
             for name, metric in (metrics or {}).items():
                 model.eval()
                 with torch.no_grad():
                     record[name] = float(metric(model))
+            record["lr"] = epoch_lr
+            schedule.step(record.get(objective_key))
             record["seconds"] = time.perf_counter() - start
             history.append(record)
             if progress:
-                test_part = f"  test ELBO {record['test_elbo']:9.3f}" if "test_elbo" in record else ""
-                if "test_iwae" in record:
-                    test_part += f"  test IWAE-{num_particles} {record['test_iwae']:9.3f}"
-                tqdm.write(
-                    f"epoch {epoch:3d}/{epochs}  train ELBO {record['train_elbo']:9.3f}{test_part}  "
-                    f"nats/point{''.join(f'  {name} {record[name]:.3f}' for name in metrics or {})}  ({record['seconds']:.1f} s)",
-                    file=sys.stdout,
-                )
+                tqdm.write(_epoch_line(record, epochs, num_particles, metrics), file=sys.stdout)
             if out is not None:
                 if world.main:
+                    if protocol.best_epoch(history, objective_key) == (epoch, record.get(objective_key)):
+                        # before checkpoint.pt: a run killed between the two redoes this epoch and writes it again
+                        save(model, out / "best.pt", epoch=epoch, objective={objective_key: record[objective_key]})
                     with open(out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(record) + "\n")
                 save_state(epoch)
     finally:
         stop.restore()  # also when training fails: the caller's Ctrl-C must work again
     return history
+
+
+#: the validation log p(x) by importance sampling (``valid_samples``) uses at most this many points
+VALID_IS_POINTS = 1000
+#: numbers (points x samples x pixels) per chunk of that estimate, which bounds its memory
+VALID_IS_CHUNK = 2**23
+
+
+def _validation(model, valid: Batches, world, elbo, num_particles: int, valid_samples: int, nesting: int) -> dict:
+    """The validation numbers of one epoch (nats per point, beta = 1): ``valid_elbo``, for ``iwae``
+    ``valid_iwae``, and with ``valid_samples`` = K ``valid_log_px`` = mean_n log (1/K) sum_k w_nk on
+    :data:`VALID_IS_POINTS` points evenly spread, which is the K-sample bound's estimate."""
+    scores = {"valid_elbo": _shared_elbo(model, valid, world, "trace" if elbo == "iwae" else elbo, nesting=nesting)}
+    if elbo == "iwae":
+        scores["valid_iwae"] = _shared_elbo(model, valid, world, "iwae", num_particles, nesting=nesting)
+    if valid_samples:
+        points = torch.linspace(0, len(valid) - 1, min(len(valid), VALID_IS_POINTS), device=valid.images.device).long()
+        chunk = max(1, VALID_IS_CHUNK // (valid_samples * valid.images.shape[1]))
+        scores["valid_log_px"] = _shared_elbo(model, valid, world, "iwae", valid_samples, chunk, nesting, points)
+    return scores
+
+
+def _epoch_line(record: dict, epochs: int, num_particles: int, metrics: dict | None) -> str:
+    """``epoch   5/10  train ELBO ...  test ELBO ...  valid ELBO ...  nats/point  lr ...  (4.4 s)``."""
+    parts = [f"epoch {record['epoch']:3d}/{epochs}  train ELBO {record['train_elbo']:9.3f}"]
+    for split in ("test", "valid"):
+        if f"{split}_elbo" in record:
+            parts.append(f"{split} ELBO {record[f'{split}_elbo']:9.3f}")
+        if f"{split}_iwae" in record:
+            parts.append(f"{split} IWAE-{num_particles} {record[f'{split}_iwae']:9.3f}")
+    if "valid_log_px" in record:
+        parts.append(f"valid log p(x) {record['valid_log_px']:9.3f}")
+    parts.append("nats/point")
+    parts += [f"{name} {record[name]:.3f}" for name in metrics or {}]
+    parts.append(f"lr {record['lr']:.3g}  ({record['seconds']:.1f} s)")
+    return "  ".join(parts)
+
+
+def _say_stopped_early(history: list[dict], key: str, patience: int) -> None:
+    epoch, value = protocol.best_epoch(history, key)
+    tqdm.write(
+        f"early stop after epoch {history[-1]['epoch']}: the validation {protocol.LABELS[key]} has not improved for "
+        f"{history[-1]['epoch'] - epoch} epochs (patience {patience}); the best, {value:.3f} nats/point, was epoch {epoch}",
+        file=sys.stdout,
+    )
 
 
 class TrainingStopped(KeyboardInterrupt):
@@ -321,20 +395,22 @@ def _shared_elbo(
     num_particles: int = 1,
     batch_size: int = 1000,
     nesting: int | None = None,
+    points: torch.Tensor | None = None,
 ) -> float:
     """:func:`evaluate_elbo` with the points dealt out over the processes of ``world``; ``nesting`` is the
-    program's plate nesting when the caller has traced it already."""
+    program's plate nesting when the caller has traced it already; ``points`` the indices to score (default all)."""
     model.eval()
     if nesting is None:
         nesting = structure(model, data.first()).max_plate_nesting
     objective = make_elbo(elbo, num_particles, nesting)
-    mine = torch.arange(world.rank, len(data), world.size, device=data.images.device)
+    points = torch.arange(len(data), device=data.images.device) if points is None else points
+    mine = points[world.rank :: world.size]
     # the ELBO of the model alone: pyro.factor sites (training-only terms such as m2's classifier) are left out
     program = poutine.block(model.model, hide_fn=lambda msg: msg["infer"].get("is_auxiliary", False))
     with LocalParams():
         total = sum(objective.loss(program, model.guide, *batch) for batch in data.select(mine, batch_size))  # plain sums
     total = world.sum(torch.tensor(float(total), dtype=torch.float64, device=data.device))
-    return -float(total) / len(data)
+    return -float(total) / len(points)
 
 
 def _numerical_fault(epoch: int, step: int, what: str, out: Path | None) -> str:

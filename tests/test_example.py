@@ -38,7 +38,7 @@ def test_example_runs_one_epoch_and_writes_every_output(tmp_path):
     for name in ("checkpoint.pt", "metrics.jsonl", "samples.png", "reconstructions.png", "elbo.png", "config.yaml"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert record.keys() == {"epoch", "train_elbo", "beta", "test_elbo", "seconds"} and record["test_elbo"] < 0
+    assert record.keys() == {"epoch", "train_elbo", "beta", "test_elbo", "lr", "seconds"} and record["test_elbo"] < 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["dataset"] == "digits" and saved["z_dim"] == 4 and saved["binarize"] == "dynamic"
     # config.yaml reruns the same configuration

@@ -16,7 +16,7 @@ from .conftest import ROOT
 
 EXAMPLE = ROOT / "examples" / "mnist_svi.py"
 ARGS = ["--dataset", "digits", "--z-dim", "4", "--hidden", "32", "--batch-size", "4", "--kl-warmup-epochs", "2",
-        "--eval-samples", "0", "--no-download", "--seed", "3"]
+        "--eval-samples", "0", "--no-download", "--seed", "3", "--valid-fraction", "0.1", "--lr-schedule", "cosine", "--patience", "5"]
 
 
 def example(out, *extra, wait=True):
@@ -37,6 +37,8 @@ def same_run(a, b):
         assert torch.equal(p, q), name
     strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in path.read_text().splitlines()]  # noqa: E731
     assert strip(a / "metrics.jsonl") == strip(b / "metrics.jsonl")  # no repeated or torn lines
+    for (name, p), q in zip(pyvae.load(a / "best.pt").state_dict().items(), pyvae.load(b / "best.pt").state_dict().values()):
+        assert torch.equal(p, q), name
 
 
 def interrupt_during_epoch_2(out, sig):

@@ -153,15 +153,19 @@ def test_resume_needs_a_run_written_by_fit(tmp_path, digits):
         pyvae.fit(other, train, epochs=2, resume=True, out=tmp_path, device="cpu", progress=False)
 
 
-def test_a_stop_on_the_last_step_of_an_epoch_resumes_exactly(tmp_path, digits, monkeypatch):
+@pytest.mark.parametrize("protocol", ["none", "cosine", "plateau"])
+def test_a_stop_on_the_last_step_of_an_epoch_resumes_exactly(tmp_path, digits, monkeypatch, protocol):
+    """Also with a learning-rate schedule, validation data, early stopping and best.pt."""
     import os
     import signal
 
     from pyvae.objectives import Objective
     from pyvae.train import TrainingStopped
 
-    train, _ = digits  # 1437 points, batch 256: 6 steps per epoch
+    train, test = digits  # 1437 points, batch 256: 6 steps per epoch
     settings = dict(epochs=3, batch_size=256, kl_warmup_epochs=2, seed=5, device="cpu", progress=False)
+    if protocol != "none":
+        settings.update(lr_schedule=protocol, valid=test, valid_samples=10, patience=2)
     torch.manual_seed(0)
     whole = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
     reference = pyvae.fit(whole, train, out=tmp_path / "whole", **settings)
@@ -185,3 +189,5 @@ def test_a_stop_on_the_last_step_of_an_epoch_resumes_exactly(tmp_path, digits, m
     assert strip(resumed) == strip(reference)
     for p, q in zip(vae.parameters(), whole.parameters()):
         assert torch.equal(p, q)
+    if protocol != "none":
+        assert torch.load(tmp_path / "stopped" / "best.pt", weights_only=True)["epoch"] == torch.load(tmp_path / "whole" / "best.pt", weights_only=True)["epoch"]
