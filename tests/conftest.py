@@ -40,3 +40,17 @@ def binary_data():
     which = torch.randint(0, 2, (64,), generator=g)
     flips = (torch.rand(64, 16, generator=g) < 0.05).float()
     return (protos[which] + flips) % 2
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    """A run folder of a small VAE trained 2 epochs on the static digits (config says evaluate them dynamically)."""
+    import pyvae
+    from pyvae.data import binarize, load_dataset
+
+    out = tmp_path_factory.mktemp("run")
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(32,))
+    pyvae.fit(vae, binarize(load_dataset("digits", "train"), "static"), epochs=2, batch_size=64, device="cpu", out=out, progress=False)
+    (out / "config.yaml").write_text("dataset: digits\nbinarize: dynamic\nseed: 0\n")
+    return out
+

@@ -134,17 +134,6 @@ def test_the_sigmoid_schedule():
     assert b[1] - b[0] < 1 / 100 and b[51] - b[50] > 1 / 100  # small steps at the ends
 
 
-@pytest.fixture(scope="module")
-def run_folder(tmp_path_factory):
-    from pyvae.data import binarize, load_dataset
-
-    out = tmp_path_factory.mktemp("run")
-    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(32,))
-    pyvae.fit(vae, binarize(load_dataset("digits", "train"), "static"), epochs=2, batch_size=64, device="cpu", out=out, progress=False)
-    (out / "config.yaml").write_text("dataset: digits\nbinarize: dynamic\nseed: 0\n")
-    return out
-
-
 def test_the_evaluate_command_scores_by_ais_beside_is(run_folder, capsys):
     out = run_folder / "ais"
     main(["evaluate", str(run_folder), "--method", "ais", "--num-steps", "100", "--num-chains", "4", "--leapfrog-steps", "3",

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-import pyvae
 from pyvae.bdmc import bdmc, simulate
 from pyvae.cli import main
 from pyvae.gap import inference_gap
@@ -51,17 +50,6 @@ def test_the_gap_splits_into_approximation_and_amortization():
     assert abs(s["approximation_gap"]) < 0.1 and s["amortization_gap"] > 1
     assert s["inference_gap"] == pytest.approx(s["approximation_gap"] + s["amortization_gap"], abs=1e-6)
     assert (result.elbo_amortized < result.elbo_local).all()
-
-
-@pytest.fixture(scope="module")
-def run_folder(tmp_path_factory):
-    from pyvae.data import binarize, load_dataset
-
-    out = tmp_path_factory.mktemp("run")
-    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(32,))
-    pyvae.fit(vae, binarize(load_dataset("digits", "train"), "static"), epochs=2, batch_size=64, device="cpu", out=out, progress=False)
-    (out / "config.yaml").write_text("dataset: digits\nbinarize: dynamic\nseed: 0\n")
-    return out
 
 
 def test_the_bdmc_and_gap_commands(run_folder, capsys):
