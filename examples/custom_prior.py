@@ -1,17 +1,22 @@
 """A prior of your own in a few lines: a Gaussian mixture whose components sit on a circle.
 
     python examples/custom_prior.py --epochs 5
+    python -m pyvae evaluate runs/custom_prior --parts examples/custom_prior.py   # and every other command
 
 A prior is any ``pyvae.priors.Prior``: ``bind`` makes its parameters once z_dim is
 known, ``forward`` returns a Pyro distribution over z with event shape (z_dim,).
-The model asks it for p(z) at every step, so nothing else changes.
+The model asks it for p(z) at every step, so nothing else changes. The run folder it writes
+(checkpoint.pt, metrics.jsonl, config.yaml) is what ``python -m pyvae`` commands read; they
+rebuild the ring from this file, named by ``--parts``.
 """
 
 import argparse
 import math
+from pathlib import Path
 
 import pyro.distributions as dist
 import torch
+import yaml
 
 import pyvae
 from pyvae.cli import run
@@ -45,17 +50,25 @@ def main(argv):
     parser.add_argument("--dataset", default="binarized_mnist")
     parser.add_argument("--data-dir")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-download", action="store_true")
+    parser.add_argument("--out", default="runs/custom_prior", help="the run folder (default runs/custom_prior)")
     args = parser.parse_args(argv)
 
-    train, test, notice = load_train_test(args.dataset, data_dir=args.data_dir)
+    train, test, notice = load_train_test(args.dataset, data_dir=args.data_dir, download=not args.no_download)
     if notice:
         print(notice)
-    train, test, _ = binarize_for(pyvae.likelihoods.Bernoulli(), train, test)
+    train, test, binarized = binarize_for(pyvae.likelihoods.Bernoulli(), train, test)
     torch.manual_seed(0)
     vae = pyvae.VAE(x_dim=train.x_dim, z_dim=2, hidden=(256,), prior=RingPrior(), image_shape=train.image_shape)
-    pyvae.fit(vae, train, test=test, epochs=args.epochs, device=args.device, seed=0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pyvae.fit(vae, train, test=test, epochs=args.epochs, device=args.device, seed=0, out=out)
+    # what the python -m pyvae commands need to find the same data again
+    run = {"dataset": train.name, "binarize": binarized, "seed": 0, **({"data_dir": args.data_dir} if args.data_dir else {})}
+    (out / "config.yaml").write_text(yaml.safe_dump(run))
     print(f"learned ring radius: {vae.prior.log_radius.exp().item():.2f}")
     print(f"test ELBO: {pyvae.evaluate_elbo(vae, test, num_particles=10):.2f} nats per data point")
+    print(f"run folder {out}/; next: python -m pyvae evaluate {out} --parts {__file__}")
 
 
 if __name__ == "__main__":

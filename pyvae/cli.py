@@ -5,7 +5,6 @@ Bad input is one line on stderr and exit code 2 (a traceback with ``--debug``).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from .console import Parser, run, writable_dir
 from .errors import PyvaeError
 
 
-def load_run(path: str | Path, which: str | None = None):
+def load_run(path: str | Path, which: str | None = None, parts: str | None = None):
     """(vae, config dict or None, run folder) from a run folder or a checkpoint file.
 
     In a run folder ``which`` picks ``best`` (``best.pt``, the epoch with the best validation
@@ -22,16 +21,16 @@ def load_run(path: str | Path, which: str | None = None):
     """
     import os
 
-    from .checkpoint import load
-
-    checkpoint = checkpoint_file(Path(path), which)
+    from .checkpoint import load, read
+    from .components import custom_parts
     from .config import read_yaml
 
+    checkpoint = checkpoint_file(Path(path), which)
     config_path = checkpoint.parent / "config.yaml"
     config = read_yaml(config_path, "run config") if config_path.is_file() else None
     if config is not None and not isinstance(config, dict):
         raise PyvaeError(f"run config {config_path} must be a mapping of keys to values; got {type(config).__name__}")
-    model = load(checkpoint)
+    model = load(checkpoint, **custom_parts(read(checkpoint).get("config") or {}, parts, str(checkpoint)))
     if os.environ.get("RANK", "0") == "0":
         print(f"checkpoint: {describe_checkpoint(checkpoint)}")
     return model, config, checkpoint.parent
@@ -76,6 +75,12 @@ def describe_checkpoint(path: Path) -> str:
 
 def evaluation_data(vae, config: dict | None, dataset: str | None, split: str, data_dir: str | None, download: bool = True):
     """The split a run is evaluated on, binarized as it was trained (one fixed draw where training drew afresh)."""
+    return binarized_evaluation_data(vae, config, dataset, split, data_dir, download)[0]
+
+
+def binarized_evaluation_data(vae, config, dataset, split, data_dir, download=True):
+    """(:func:`evaluation_data`, how it was binarized: ``static``, ``none`` or ``dynamic``, the last
+    evaluated as one fixed draw)."""
     from .data import evaluation_split, load_dataset, resolve_binarize
 
     config = config or {}
@@ -87,7 +92,7 @@ def evaluation_data(vae, config: dict | None, dataset: str | None, split: str, d
     # another data set than the run's is binarized as the likelihood needs, not as the run's was
     mode = config.get("binarize", "auto") if dataset == config.get("dataset") else "auto"
     mode = resolve_binarize(vae.likelihood, data, mode)
-    return evaluation_split(data, mode, config.get("seed", 0))
+    return evaluation_split(data, mode, config.get("seed", 0)), mode
 
 
 def scored(model, data):
@@ -299,7 +304,7 @@ def evaluate_main(argv: list[str]) -> None:
     ais = ais_settings(args) if args.method == "ais" else None
 
     world, device = distributed.init(resolve_device(args.device))
-    vae, config, run_dir = load_run(args.run, args.checkpoint)
+    vae, config, run_dir = load_run(args.run, args.checkpoint, args.parts)
     data = evaluation_data(vae, config, args.dataset, args.split, args.data_dir, not args.no_download)
     points = spread(torch.arange(len(data)), args.num_points)
     x = scored(vae, data)
@@ -337,7 +342,7 @@ def bdmc_main(argv: list[str]) -> None:
     check_positive(args, "num_points")
     ais = ais_settings(args)
     world, device = distributed.init(resolve_device(args.device))
-    vae, config, run_dir = load_run(args.run, args.checkpoint)
+    vae, config, run_dir = load_run(args.run, args.checkpoint, args.parts)
     vae.to(device)
     data = evaluation_data(vae, config, args.dataset, "test", args.data_dir, not args.no_download)
     template = scored(vae, data)
@@ -375,7 +380,7 @@ def gap_main(argv: list[str]) -> None:
     check_positive(args, "num_points", "num_samples", "local_steps")
     ais = ais_settings(args)
     world, device = distributed.init(resolve_device(args.device))
-    vae, config, run_dir = load_run(args.run, args.checkpoint)
+    vae, config, run_dir = load_run(args.run, args.checkpoint, args.parts)
     vae.to(device)
     data = evaluation_data(vae, config, args.dataset, "test", args.data_dir, not args.no_download)
     x = scored(vae, data)
@@ -422,7 +427,9 @@ def run_parser(command: str, description: str, default_out: str = "RUN/explore")
     parser.add_argument("--out", help=f"output folder (default {default_out})")
     parser.add_argument("--checkpoint", choices=CHECKPOINTS, help="in a run folder: best.pt, the best validation epoch, or "
                         "checkpoint.pt, the last (default: best.pt when there is one)")
-    parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--parts", metavar="FILE.py", help="the Python file defining the run's custom prior, likelihood "
+                        "or guide (imported; its __main__ block is not run)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser
 
 
@@ -441,7 +448,7 @@ def explore_setup(args, *positive: str):
     from .train import resolve_device
 
     check_positive(args, *positive)
-    vae, config, run_dir = load_run(args.run, args.checkpoint)
+    vae, config, run_dir = load_run(args.run, args.checkpoint, args.parts)
     vae.to(resolve_device(args.device)).eval()
     pyro.set_rng_seed(args.seed)
     return vae, config, writable_dir(args.out or run_dir / "explore")
@@ -461,7 +468,7 @@ def sample_main(argv: list[str]) -> None:
     from . import plots
 
     parser = run_parser("sample", "Images decoded from latents drawn from the prior.")
-    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--n", type=int, default=64, help="how many images (default 64)")
     parser.add_argument("--temperature", type=float, default=1.0, help="scale of z about the prior mean (vae)")
     parser.add_argument("--label", type=int, help="class to draw (cvae, m2); default: the classes in turn")
     args = parser.parse_args(argv)
@@ -492,8 +499,8 @@ def interpolate_main(argv: list[str]) -> None:
     from .explore import interpolations, require_vae
 
     parser = run_parser("interpolate", "Decoded paths between test images, linear and spherical in z.")
-    parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--pairs", type=int, default=8, help="pairs of test images, one row each (default 8)")
+    parser.add_argument("--steps", type=int, default=10, help="images along each path, ends included (default 10)")
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args, "pairs", "steps")
     require_vae(vae, "interpolate")
@@ -515,7 +522,7 @@ def traverse_main(argv: list[str]) -> None:
 
     parser = run_parser("traverse", "Each latent dimension swept over the prior's quantiles, by KL.")
     parser.add_argument("--dims", type=int, default=10, help="how many dimensions, largest KL first")
-    parser.add_argument("--steps", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=9, help="quantiles of the prior per dimension (default 9)")
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args, "dims", "steps")
     require_vae(vae, "traverse")
@@ -574,12 +581,20 @@ def embed_main(argv: list[str]) -> None:
     print(f"wrote {out}/embedding.png, embed.json")
 
 
+BINARIZED = {
+    "none": "scored as stored (no binarization)",
+    "static": "binarized by one fixed Bernoulli draw of its grey levels",
+    "dynamic": "binarized by one fixed Bernoulli draw of its grey levels (training drew afresh)",
+}
+
+
 def anomaly_main(argv: list[str]) -> None:
     """log p(x) as an anomaly score: ROC AUC of test images against another set."""
     import json
 
     from . import plots
     from .checkpoint import atomic_write
+    from .data import spread
     from .explore import anomaly_auc
     from .importance import log_likelihood
 
@@ -589,9 +604,10 @@ def anomaly_main(argv: list[str]) -> None:
     parser.add_argument("--num-points", type=int, default=1000, help="images of each set, evenly spread")
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args, "num_samples", "num_points")
-    data, x_in = held_out_images(vae, config, args, args.num_points)
-    ood_args = argparse.Namespace(**{**vars(args), "dataset": args.ood})
-    ood, x_ood = held_out_images(vae, config, ood_args, args.num_points)
+    device = next(vae.parameters()).device
+    sets = [binarized_evaluation_data(vae, config, name, "test", args.data_dir, not args.no_download) for name in (args.dataset, args.ood)]
+    (data, mode_in), (ood, mode_ood) = sets
+    x_in, x_ood = (spread(d.images, args.num_points).to(device) for d, _ in sets)
     if x_ood.shape[1] != vae.x_dim:
         raise PyvaeError(f"{args.ood} images have {x_ood.shape[1]} pixels; the model expects {vae.x_dim}")
     ll_in = log_likelihood(vae, unlabelled(vae, x_in), args.num_samples).log_px
@@ -602,13 +618,17 @@ def anomaly_main(argv: list[str]) -> None:
         "out_of_distribution": ood.name,
         "num_points": len(x_in),
         "num_samples": args.num_samples,
+        "binarization": {data.name: BINARIZED[mode_in], ood.name: BINARIZED[mode_ood]},
         "roc_auc": auc,
         "log_px_in": float(ll_in.mean()),
         "log_px_ood": float(ll_ood.mean()),
     }
-    plots.anomaly_histogram(ll_in, ll_ood, (data.name, ood.name), auc, out / "anomaly_hist.png")
+    plots.anomaly_histogram(ll_in, ll_ood, (data.name, ood.name), auc, args.num_samples, out / "anomaly_hist.png")
     atomic_write(out / "anomaly.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(f"ROC AUC of -log p(x), {data.name} (in) vs {ood.name} (out): {auc:.3f}")
+    print(f"  {len(x_in)} test images of each, evenly spread; log p(x) by importance sampling, K = {args.num_samples}")
+    for name, how in result["binarization"].items():
+        print(f"  {name}: {how}")
     print(f"  mean log p(x): in {result['log_px_in']:.2f}, out {result['log_px_ood']:.2f} nats")
     if auc < 0.5:
         print(

@@ -9,7 +9,10 @@ component by name (see :func:`resolve`).
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import sys
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -34,8 +37,11 @@ class Component(torch.nn.Module):
         A class that does not set ``name`` itself (a user's subclass of a built-in, say)
         is recorded by its class name, so loading never silently rebuilds the parent.
         """
-        own_name = type(self).__dict__.get("name")
-        return {"name": own_name or type(self).__name__, **self.hparams}
+        spec = {"name": recorded_name(type(self)), **self.hparams}
+        source = source_of(type(self))
+        if source and not type(self).__module__.startswith("pyvae."):  # a user's part: say where it lives
+            spec["source"] = source
+        return spec
 
 
 class Registry(dict):
@@ -73,3 +79,64 @@ class Registry(dict):
                 f"allowed: {', '.join(sorted(allowed)) or 'none'}"
             )
         return cls(**kwargs)
+
+
+def recorded_name(cls: type[Component]) -> str:
+    """The name a checkpoint records a part under: its own ``name``, else its class name."""
+    return cls.__dict__.get("name") or cls.__name__
+
+
+def source_of(cls: type) -> str | None:
+    """``/path/file.py:Class`` for a class a file defines at top level, else None (a notebook's, a function's)."""
+    if "<locals>" in cls.__qualname__:
+        return None
+    # its methods' code knows the file even when the module was loaded by path, outside sys.modules
+    files = [f.__code__.co_filename for f in vars(cls).values() if inspect.isfunction(f)]
+    if not files or not Path(files[0]).is_file():
+        return None
+    return f"{Path(files[0]).resolve()}:{cls.__qualname__}"
+
+
+def import_parts(path: str | Path) -> dict[str, type[Component]]:
+    """The parts (:class:`Component` subclasses) a user's Python file defines, by recorded name.
+
+    The file is run once as a module named after it (its ``if __name__ == "__main__"`` block
+    is not); the CLI's ``--parts FILE`` asks for this explicitly, since a checkpoint never runs code.
+    """
+    path = Path(path)
+    if path.suffix != ".py" or not path.is_file():
+        raise PyvaeError(f"--parts must be a Python file defining the run's custom parts; got {str(path)!r}")
+    name = f"pyvae_parts_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise PyvaeError(f"cannot import --parts {path}: {type(e).__name__}: {e}") from e
+    sys.modules[name] = module
+    return {recorded_name(c): c for c in vars(module).values()
+            if inspect.isclass(c) and issubclass(c, Component) and c.__module__ == name}
+
+
+def custom_parts(config: dict, parts_file: str | Path | None, where: str = "the checkpoint") -> dict[str, Component]:
+    """The prior, likelihood and guide of a saved model's ``config`` that are no built-in, built from
+    the classes ``parts_file`` defines with their recorded settings ({} when all are built in)."""
+    from .guides import GUIDES
+    from .likelihoods import LIKELIHOODS
+    from .priors import PRIORS
+
+    custom = {part: spec for part, registry in (("prior", PRIORS), ("likelihood", LIKELIHOODS), ("guide", GUIDES))
+              if isinstance(spec := config.get(part), dict) and spec.get("name") not in registry}
+    if not custom:
+        return {}
+    if parts_file is None:
+        named = ", ".join(f"{part} {s['name']}" + (f" (defined in {s['source'].rsplit(':', 1)[0]})" if s.get("source") else "")
+                          for part, s in custom.items())
+        raise PyvaeError(f"{where} was trained with a custom {named}; pass --parts FILE.py, the file that defines it")
+    classes = import_parts(parts_file)
+    built = {}
+    for part, spec in custom.items():
+        if spec["name"] not in classes:
+            raise PyvaeError(f"--parts {parts_file} defines no {part} {spec['name']!r}; it defines {', '.join(classes) or 'no parts'}")
+        built[part] = classes[spec["name"]](**{k: v for k, v in spec.items() if k not in ("name", "source")})
+    return built

@@ -1,12 +1,14 @@
 """How every command-line entry point talks to the user: one-line errors, exit codes, output folders.
 
-Bad input is one line on stderr and exit code 2 (a traceback with ``--debug``).
+Bad input is one line on stderr and exit code 2; any other failure (a bug, an allocation
+that does not fit) is one line too, with exit code 1. ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,18 +17,35 @@ from .errors import PyvaeError
 
 
 def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
-    """Call ``main(argv)``; a :class:`PyvaeError` becomes ``error: ...`` and exit 2 (a traceback with ``--debug``)."""
+    """Call ``main(argv)``: a :class:`PyvaeError` becomes ``error: ...`` and exit 2, any other
+    exception one line and exit 1; ``--debug`` in ``argv`` re-raises instead (the traceback)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         main(argv)
-    except PyvaeError as e:
-        if "--debug" in argv:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt as e:
         print(str(e) or "interrupted", file=sys.stderr)
         sys.exit(128 + getattr(e, "signum", 2))
+    except Exception as e:
+        if "--debug" in argv:
+            raise
+        if isinstance(e, PyvaeError):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(f"error: {describe_failure(e)} (run with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+def describe_failure(e: Exception) -> str:
+    """One line for an exception nobody anticipated; an allocation failure says how much and what to lower."""
+    text = " ".join(str(e).split())
+    wanted = re.search(r"tried to allocate (\d+) bytes", text) or re.search(r"Tried to allocate ([\d.]+ [KMGT]i?B)", text)
+    if isinstance(e, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text:
+        size = wanted.group(1) if wanted else None
+        size = f"{int(size) / 2**30:.1f} GiB" if size and size.isdigit() else size
+        return (f"out of memory{f' allocating {size}' if size else ''} ({type(e).__name__}); "
+                "lower --batch-size, --num-particles or --num-samples, or use a machine with more memory")
+    first = text[:300] + ("..." if len(text) > 300 else "")
+    return f"unexpected {type(e).__name__}: {first or 'no message'}"
 
 
 class Parser(argparse.ArgumentParser):

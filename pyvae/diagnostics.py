@@ -30,6 +30,8 @@ from .errors import PyvaeError, positive_int
 from .importance import LogLikelihood, drawn_once, khat_threshold, log_likelihood
 
 ACTIVE_UNIT_THRESHOLD = 0.01
+#: the share of points with k^ above the threshold beyond which importance sampling's headline is flagged
+UNTRUSTED_SHARE = 0.1
 
 
 def active_units(z_mean: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> tuple[int, torch.Tensor]:
@@ -130,6 +132,7 @@ class Evaluation:
             "khat_bands": ll.khat_bands(),
             "khat_above_threshold": float((ll.khat > khat_threshold(ll.num_samples)).float().mean()),
             "khat_max": float(ll.khat.max()),
+            "warning": self.warning(),
             "ess_mean": float(ll.ess.mean()),
             "ess_min": float(ll.ess.min()),
             "latent_site": self.site,
@@ -162,6 +165,18 @@ class Evaluation:
             },
         }
 
+    def warning(self) -> str | None:
+        """Why IS's headline is not to be trusted, or None: more than :data:`UNTRUSTED_SHARE` of the
+        points have Pareto k^ above the threshold, where the weights' variance may be infinite, the
+        delta-method ± understates the error and log p^ is likely well below log p(x). None under AIS,
+        whose headline does not rest on these weights."""
+        above = float((self.ll.khat > khat_threshold(self.ll.num_samples)).float().mean())
+        if self.ais or above <= UNTRUSTED_SHARE:
+            return None
+        return (f"Pareto k^ > {khat_threshold(self.ll.num_samples):.2f} on {100 * above:.1f}% of points: the ± (Monte Carlo) "
+                "is not to be trusted and log p(x) is likely too low; AIS does not rest on the guide: "
+                "python -m pyvae evaluate RUN --method ais")
+
     @property
     def kl_per_dim(self) -> torch.Tensor | None:
         """E_x KL(q(z_d|x) || p(z_d)) per dimension d of the chosen site (None if it does not factorize)."""
@@ -189,6 +204,8 @@ class Evaluation:
             f"  log p(x)   {s['log_px']:10.3f} ± {s['log_px_mc_stderr']:.3f} (Monte Carlo) "
             f"± {s['log_px_data_stderr']:.3f} (over points)   nats per point; NLL {s['nll']:.3f}",
         ]
+        if s["warning"]:
+            lines.append(f"  WARNING    {s['warning']}")
         if self.ais:
             a = s["ais"]
             ladder = "  ".join(f"T={t}: {v:.3f}" for t, v in a["log_px_by_num_steps"].items())

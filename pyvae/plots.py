@@ -61,12 +61,15 @@ def reconstructions(
 
 
 def elbo_curves(history: list[dict], path: str | Path) -> None:
-    """Train and test ELBO (nats per data point) against epoch."""
+    """Train, validation and test ELBO (nats per data point) against epoch (whole epochs on the axis)."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(5, 3.5))
     epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, [h["train_elbo"] for h in history], marker="o", label="train")
-    if all("test_elbo" in h for h in history):
-        ax.plot(epochs, [h["test_elbo"] for h in history], marker="o", label="test")
+    for key, label in (("train_elbo", "train"), ("valid_elbo", "validation"), ("test_elbo", "test")):
+        if all(key in h for h in history):
+            ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("ELBO (nats per data point)")
     ax.grid(alpha=0.3)
@@ -129,7 +132,7 @@ def embedding(points, labels, axis_name: str, path: str | Path) -> None:
     save_figure(fig, path)
 
 
-def anomaly_histogram(log_px_in, log_px_ood, names: tuple[str, str], auc: float, path: str | Path) -> None:
+def anomaly_histogram(log_px_in, log_px_ood, names: tuple[str, str], auc: float, num_samples: int, path: str | Path) -> None:
     """Histograms of log p(x) for in-distribution and out-of-distribution images."""
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     values = torch.cat([log_px_in, log_px_ood])
@@ -138,7 +141,8 @@ def anomaly_histogram(log_px_in, log_px_ood, names: tuple[str, str], auc: float,
     ax.hist(log_px_ood.numpy(), bins=bins, alpha=0.6, density=True, label=f"{names[1]} (out)")
     ax.set_xlabel("log p(x) (nats)")
     ax.set_ylabel("density")
-    ax.set_title(f"anomaly score -log p(x): ROC AUC {auc:.3f}")
+    ax.set_title(f"log p(x) (IS, K = {num_samples}), {len(log_px_in)} + {len(log_px_ood)} images: "
+                 f"ROC AUC of -log p(x) {auc:.3f}", fontsize=9)
     ax.legend()
     save_figure(fig, path)
 

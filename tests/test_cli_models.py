@@ -73,3 +73,50 @@ def test_bad_model_flags_are_one_line_errors(tmp_path, capsys, flags, message):
 def test_label_for_a_model_without_labels(tmp_path, capsys):
     run = train(tmp_path, "vae", "--z-dim", "2", "--hidden", "16")
     assert "--label is for models with labels (cvae, m2); VAE has none" in exits_2(["sample", str(run), "--label", "1"], capsys)
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["-h"]])
+def test_help_lists_every_command_and_exits_0(argv, capsys):
+    from pyvae.cli import COMMANDS
+
+    main(argv)  # returns: exit status 0
+    out = capsys.readouterr().out
+    assert all(f"  {name}" in out for name in COMMANDS)
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "bdmc", "gap", "sample", "reconstruct", "interpolate", "traverse", "embed", "anomaly"])
+def test_every_flag_of_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0
+    lines = [line for line in out.split("options:")[1].splitlines() if line.strip()]
+    undocumented = [
+        line.strip() for line, after in zip(lines, lines[1:] + [""])
+        # an option's help is beside it (after two spaces) or on the more indented line below
+        if line.startswith("  -") and "  " not in line.strip() and not (after.startswith("    ") and not after.lstrip().startswith("-"))
+    ]
+    assert not undocumented, undocumented
+
+
+@pytest.mark.parametrize(
+    "failure, expected",
+    [
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                      "you tried to allocate 123480309760 bytes. Error code 12"), "error: out of memory allocating 115.0 GiB (RuntimeError); lower --batch-size"),
+        (ValueError("shapes (3,) and (4,)\ndo not match"), "error: unexpected ValueError: shapes (3,) and (4,) do not match"),
+    ],
+)
+def test_an_unexpected_failure_is_one_line_and_exit_1(failure, expected, capsys):
+    from pyvae.console import run
+
+    def command(argv):
+        raise failure
+
+    with pytest.raises(SystemExit) as info:
+        run(command, [])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith(expected) and err.strip().endswith("(run with --debug for the traceback)")
+    with pytest.raises(type(failure)):
+        run(command, ["--debug"])

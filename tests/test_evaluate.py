@@ -122,6 +122,18 @@ def test_poor_guide_is_flagged_by_khat_and_ess():
     assert ll.khat_bands()["very bad"] + ll.khat_bands()["bad"] > 0.9
 
 
+def test_a_headline_resting_on_bad_weights_says_so():
+    vae = ppca(orthogonal=False)
+    with torch.no_grad():  # the poor guide above: k^ > threshold on nearly every point
+        vae.encoder[0].weight.zero_()
+        vae.encoder[0].bias.copy_(torch.tensor([1.5, -1.0, -4.0, -4.0]))
+    result = evaluate(vae, sample_data(vae, 40), num_samples=500, dataset="ppca", split="test")
+    warning = result.summary()["warning"]
+    assert warning.startswith(f"Pareto k^ > {khat_threshold(500):.2f} on") and "not to be trusted" in warning and "--method ais" in warning
+    headline, flagged = result.table().splitlines()[1:3]
+    assert headline.lstrip().startswith("log p(x)") and flagged.lstrip().startswith("WARNING")
+
+
 def test_a_stochastic_lower_bound_that_rises_with_k():
     vae = ppca(orthogonal=False)
     with torch.no_grad():
@@ -225,6 +237,10 @@ def test_posterior_diagnostics():
     assert active_units(z_mean)[0] == 2
     mi = mutual_information(vae, x, max_points=400)
     assert 0 < mi < math.log(400)
+    # a guide that ignores x carries no information: the estimate is 0, never negative
+    with torch.no_grad():
+        vae.encoder[0].weight.zero_()
+    assert 0 <= mutual_information(vae, x, max_points=400) < 1e-6
     # no factorized marginals: no per-dimension KL
     lowrank = log_likelihood(pyvae.VAE(x_dim=6, z_dim=2, guide="lowrank"), torch.rand(4, 6).round(), num_samples=10)
     assert "z" not in lowrank.kl_per_dim and "z" in lowrank.kl
@@ -239,6 +255,7 @@ def test_evaluation_report_and_files(tmp_path):
     assert summary["log_px"] == pytest.approx(float(exact_log_px(vae, x).mean()), abs=1e-3)
     assert summary["gap"] == pytest.approx(0, abs=1e-3) and summary["latent_sites"]["z"]["active_units"] == 2
     assert "log p(x)" in result.table() and "Pareto k^" in result.table()
+    assert summary["warning"] is None and "WARNING" not in result.table()
     result.write(tmp_path)
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["num_samples"] == 100 and saved["khat_bands"]["good"] == 1.0

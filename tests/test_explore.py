@@ -82,7 +82,11 @@ def test_anomaly_command(mnist_like_run, tmp_path, capsys):
     result = json.loads((tmp_path / "anomaly.json").read_text())
     assert result["roc_auc"] > 0.9 and result["log_px_in"] > result["log_px_ood"]
     assert (tmp_path / "anomaly_hist.png").stat().st_size > 0
-    assert "ROC AUC" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ROC AUC" in out and "40 test images of each" in out and "K = 20" in out
+    # both generated sets are 0/255 already: scored as stored, and the output says so
+    assert result["binarization"] == {"mnist": "scored as stored (no binarization)", "fashion_mnist": "scored as stored (no binarization)"}
+    assert "fashion_mnist: scored as stored" in out
 
 
 @pytest.mark.parametrize(
