@@ -282,11 +282,8 @@ def valid_origin(config) -> str:
 def evaluate_main(argv: list[str]) -> None:
     """log p(x) by importance sampling or AIS, and guide diagnostics of a trained run."""
     import pyro
-    import torch
 
     from . import distributed
-    from .batching import resolve_device
-    from .data import spread
     from .diagnostics import evaluate
 
     parser = run_parser("evaluate", "log p(x) by importance sampling (or AIS) and guide diagnostics of a trained run.",
@@ -303,14 +300,9 @@ def evaluate_main(argv: list[str]) -> None:
     check_positive(args, "num_samples", "batch_size", "num_points", optional=True)
     ais = ais_settings(args) if args.method == "ais" else None
 
-    world, device = distributed.init(resolve_device(args.device))
-    vae, config, run_dir = load_run(args.run, args.checkpoint, args.parts)
-    data = evaluation_data(vae, config, args.dataset, args.split, args.data_dir, not args.no_download)
-    points = spread(torch.arange(len(data)), args.num_points)
-    x = scored(vae, data)
-    x = x[points] if isinstance(x, torch.Tensor) else tuple(t[points] for t in x)
+    world, device, vae, run_dir, data, x = scored_run(args, args.split, args.num_points)
     name = f"ais-T{args.num_steps}-C{args.num_chains}" if ais else f"K{args.num_samples}"
-    out = writable_dir(args.out or run_dir / f"eval-{data.name}-{args.split}-{name}", create=False)
+    out = writable_dir(args.out or run_dir / f"eval-{data.name}-{args.split}-{name}{last_suffix(args)}", create=False)
 
     pyro.set_rng_seed(args.seed)
     result = evaluate(vae, x, args.num_samples, args.batch_size, site=args.site, device=device, dataset=data.name,
@@ -327,13 +319,10 @@ def bdmc_main(argv: list[str]) -> None:
     """BDMC: forward and reverse AIS on data simulated from the model, a sandwich around log p(x)."""
     import json
 
-    import torch
 
     from . import distributed, plots
-    from .batching import resolve_device
     from .bdmc import bdmc
     from .checkpoint import atomic_write
-    from .data import spread
 
     parser = run_parser("bdmc", "Bidirectional Monte Carlo: how far AIS at T steps can be from log p(x).", "RUN/bdmc-T<T>-C<C>")
     parser.add_argument("--num-points", type=int, default=20, help="points simulated from the model (default 20)")
@@ -341,14 +330,9 @@ def bdmc_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     check_positive(args, "num_points")
     ais = ais_settings(args)
-    world, device = distributed.init(resolve_device(args.device))
-    vae, config, run_dir = load_run(args.run, args.checkpoint, args.parts)
-    vae.to(device)
-    data = evaluation_data(vae, config, args.dataset, "test", args.data_dir, not args.no_download)
-    template = scored(vae, data)
-    template = tuple(spread(t, args.num_points).to(device) for t in ((template,) if isinstance(template, torch.Tensor) else template))
-    out = writable_dir(args.out or run_dir / f"bdmc-T{args.num_steps}-C{args.num_chains}", create=False)
-    result = bdmc(vae, template, seed=args.seed, world=world, **ais)
+    world, _, vae, run_dir, _, template = scored_run(args, "test", args.num_points)
+    out = writable_dir(args.out or run_dir / f"bdmc-T{args.num_steps}-C{args.num_chains}{last_suffix(args)}", create=False)
+    result = bdmc(vae, template if isinstance(template, tuple) else (template,), seed=args.seed, world=world, **ais)
     if world.main:
         print(result.table())
         out.mkdir(parents=True, exist_ok=True)
@@ -362,12 +346,9 @@ def gap_main(argv: list[str]) -> None:
     """The inference gap split into approximation and amortization gaps (AIS and per-point guides)."""
     import json
 
-    import torch
 
     from . import distributed
-    from .batching import resolve_device
     from .checkpoint import atomic_write
-    from .data import spread
     from .gap import inference_gap
 
     parser = run_parser("gap", "The inference gap log p(x) - ELBO split into approximation and amortization gaps.", "RUN/gap-T<T>")
@@ -379,13 +360,8 @@ def gap_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     check_positive(args, "num_points", "num_samples", "local_steps")
     ais = ais_settings(args)
-    world, device = distributed.init(resolve_device(args.device))
-    vae, config, run_dir = load_run(args.run, args.checkpoint, args.parts)
-    vae.to(device)
-    data = evaluation_data(vae, config, args.dataset, "test", args.data_dir, not args.no_download)
-    x = scored(vae, data)
-    x = spread(x, args.num_points) if isinstance(x, torch.Tensor) else tuple(spread(t, args.num_points) for t in x)
-    out = writable_dir(args.out or run_dir / f"gap-T{args.num_steps}", create=False)
+    world, _, vae, run_dir, _, x = scored_run(args, "test", args.num_points)
+    out = writable_dir(args.out or run_dir / f"gap-T{args.num_steps}{last_suffix(args)}", create=False)
     result = inference_gap(vae, x, ais=ais, num_samples=args.num_samples, local_steps=args.local_steps, lr=args.lr,
                            seed=args.seed, world=world)
     if world.main:
@@ -395,6 +371,30 @@ def gap_main(argv: list[str]) -> None:
         result.to_netcdf(out / "eval.nc")
         print(f"wrote {out}/gap.json, eval.nc")
     distributed.shutdown()
+
+
+def scored_run(args, split: str, num_points: int | None):
+    """What evaluate, bdmc and gap start from: (world, device, the run's model on it, run folder,
+    the data set, its ``num_points`` scored points evenly spread, on the device: x or (x, y))."""
+    import torch
+
+    from . import distributed
+    from .batching import resolve_device
+    from .data import spread
+
+    world, device = distributed.init(resolve_device(args.device))
+    vae, config, run_dir = load_run(args.run, args.checkpoint, args.parts)
+    vae.to(device)
+    data = evaluation_data(vae, config, args.dataset, split, args.data_dir, not args.no_download)
+    x = scored(vae, data)
+    x = spread(x, num_points).to(device) if isinstance(x, torch.Tensor) else tuple(spread(t, num_points).to(device) for t in x)
+    return world, device, vae, run_dir, data, x
+
+
+def last_suffix(args) -> str:
+    """``-last`` in the default output folder's name when ``--checkpoint last`` asked for the last epoch,
+    so that it does not overwrite the evaluation of best.pt."""
+    return "-last" if args.checkpoint == "last" else ""
 
 
 def ais_flags(parser) -> None:

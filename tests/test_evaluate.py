@@ -289,6 +289,9 @@ def test_evaluate_command(trained_run, capsys):
     assert set(summary["khat_bands"]) == {"good", "ok", "bad", "very bad"}
     for name in ("eval.nc", "khat.png", "iwae_curve.png", "kl_per_dim.png"):
         assert (out / name).is_file()
+    # the last epoch's evaluation gets its own default folder: it never overwrites best.pt's
+    run(evaluate_main, [str(trained_run), "--num-samples", "5", "--num-points", "4", "--checkpoint", "last"])
+    assert (trained_run / "eval-digits-test-K5-last" / "eval.json").is_file()
 
 
 def test_evaluate_accepts_image_sets():
