@@ -28,6 +28,9 @@ CONFIGS = {
     "relu512-lr2e-3": dict(hidden=(512,), activation="relu", elbo="trace", lr=2e-3, batch_size=128),
     "softplus400-lr2e-3": dict(hidden=(400,), activation="softplus", elbo="trace", lr=2e-3, batch_size=128),
     "relu512-meanfield": dict(hidden=(512,), activation="relu", elbo="meanfield", lr=1e-3, batch_size=128),
+    "relu512-cosine-lr2e-3": dict(hidden=(512,), activation="relu", elbo="trace", lr=2e-3, batch_size=128, lr_schedule="cosine"),
+    "relu512-meanfield-cosine-lr2e-3": dict(hidden=(512,), activation="relu", elbo="meanfield", lr=2e-3, batch_size=128,
+                                            lr_schedule="cosine"),
 }
 
 
@@ -38,7 +41,7 @@ def run(name, settings, data, args, device, seed):
     sync(device)
     start = time.perf_counter()
     history = pyvae.fit(vae, train, test=test, valid=valid, epochs=args.epochs, batch_size=settings["batch_size"], lr=settings["lr"],
-                        elbo=settings["elbo"], device=device, seed=seed, progress=False)
+                        lr_schedule=settings.get("lr_schedule", "none"), elbo=settings["elbo"], device=device, seed=seed, progress=False)
     sync(device)
     seconds = time.perf_counter() - start
     torch.manual_seed(seed)
@@ -75,7 +78,8 @@ def main():
     for name in names:
         mine = [r for r in results if r["name"] == name]
         s = CONFIGS[name]
-        settings = f"784-{'-'.join(map(str, s['hidden']))}-{args.z_dim} {s['activation']}, {s['elbo']}, lr {s['lr']:g}, batch {s['batch_size']}"
+        settings = (f"784-{'-'.join(map(str, s['hidden']))}-{args.z_dim} {s['activation']}, {s['elbo']}, lr {s['lr']:g}"
+                    f"{' ' + s['lr_schedule'] if 'lr_schedule' in s else ''}, batch {s['batch_size']}")
 
         def cell(key, digits=2):
             values = [r[key] for r in mine]
