@@ -289,3 +289,29 @@ def test_resume_with_another_schedule_and_missing_best_are_one_line_errors(proto
     with pytest.raises(SystemExit):
         main(["sample", str(tmp_path), "--checkpoint", "best"])
     assert "has no best.pt (it was trained without validation data); use --checkpoint last" in capsys.readouterr().err
+
+
+def test_the_quality_table_is_one_command(tmp_path):
+    """benchmarks/quality.py trains a recipe by its protocol, scores its best checkpoint and tabulates it
+    against the recipe's published number."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    recipe = tmp_path / "recipe_tiny.yaml"
+    recipe.write_text("# published log p(x): -20.5\ndataset: digits\nbinarize: static\nz_dim: 2\nhidden: [16]\n"
+                      "epochs: 3\nvalid_fraction: 0.2\npatience: 2\nbatch_size: 64\n")
+    out = tmp_path / "quality"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), str(recipe), "--epochs", "2", "--num-samples", "20",
+         "--num-points", "40", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads((out / "quality.json").read_text())
+    assert row["published"] == -20.5 and row["difference"] == pytest.approx(row["log_px"] - (-20.5))
+    assert row["log_px"] > row["test_elbo"] and row["epochs"] == 2 and row["evaluated"].startswith("best")
+    table = (out / "quality.md").read_text()
+    assert "recipe_tiny" in table and table.count("\n|") >= 2  # header, rule and the recipe's row
+    assert (out / "curves.png").stat().st_size > 0 and (out / "recipe_tiny" / "best.pt").is_file()
