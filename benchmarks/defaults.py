@@ -31,6 +31,8 @@ CONFIGS = {
     "relu512-cosine-lr2e-3": dict(hidden=(512,), activation="relu", elbo="trace", lr=2e-3, batch_size=128, lr_schedule="cosine"),
     "relu512-meanfield-cosine-lr2e-3": dict(hidden=(512,), activation="relu", elbo="meanfield", lr=2e-3, batch_size=128,
                                             lr_schedule="cosine"),
+    "relu512-meanfield-cosine-lr3e-3": dict(hidden=(512,), activation="relu", elbo="meanfield", lr=3e-3, batch_size=128,
+                                            lr_schedule="cosine"),
 }
 
 
@@ -54,7 +56,8 @@ def run(name, settings, data, args, device, seed):
 def main():
     parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=2, help="rounds; round r uses seed r")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds; round r uses seed r (plus --first-seed)")
+    parser.add_argument("--first-seed", type=int, default=0, help="the seed of the first round (default 0)")
     parser.add_argument("--z-dim", type=int, default=50)
     parser.add_argument("--num-samples", type=int, default=5000)
     parser.add_argument("--num-points", type=int, default=1000, help="test images, evenly spread; 0 = all")
@@ -64,7 +67,7 @@ def main():
     data = tuple(static_mnist(split, args.data_dir) for split in ("train", "valid", "test"))
     names = args.only or list(CONFIGS)
     results = []
-    for seed in range(args.rounds):
+    for seed in range(args.first_seed, args.first_seed + args.rounds):
         baseline = None
         for name in names:
             r = run(name, CONFIGS[name], data, args, device, seed)
