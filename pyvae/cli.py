@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .console import Parser, run, writable_dir
 from .errors import PyvaeError
+from .sources import is_path
 
 
 def load_run(path: str | Path, which: str | None = None, parts: str | None = None):
@@ -88,11 +89,17 @@ def binarized_evaluation_data(vae, config, dataset, split, data_dir, download=Tr
     if dataset is None:
         raise PyvaeError("no config.yaml beside the checkpoint says which data set it was trained on; pass --dataset")
     download = download and config.get("download", True)
-    data = load_dataset(dataset, split, data_dir=data_dir or config.get("data_dir"), download=download)
+    data = load_dataset(dataset, split, data_dir=data_dir or config.get("data_dir"), download=download,
+                        **(data_options(config) if dataset == config.get("dataset") else {}))
     # another data set than the run's is binarized as the likelihood needs, not as the run's was
     mode = config.get("binarize", "auto") if dataset == config.get("dataset") else "auto"
     mode = resolve_binarize(vae.likelihood, data, mode)
     return evaluation_split(data, mode, config.get("seed", 0)), mode
+
+
+def data_options(config: dict) -> dict:
+    """How a PATH data set is split and sized, as a run's configuration recorded it."""
+    return {"test_fraction": config.get("test_fraction", 0.1), "image_size": config.get("image_size")}
 
 
 def scored(model, data):
@@ -177,9 +184,14 @@ def train_main(argv: list[str]) -> None:
     say = print if world.main else lambda *args, **kwargs: None
 
     # 1. data: the requested set, or the offline digits with a notice
+    if is_path(config.dataset):  # the run's config.yaml must find it again from anywhere
+        config.dataset = str(Path(config.dataset).expanduser().resolve())
+    elif config.image_size is not None:
+        raise PyvaeError(f"--image-size resizes the images of a PATH data set; {config.dataset!r} is built in")
     with world.local_main_first():  # one download per machine
         train, test, notice = load_train_test(
-            config.dataset, data_dir=config.data_dir, download=config.download, fallback=None if config.strict_data else "digits"
+            config.dataset, data_dir=config.data_dir, download=config.download, fallback=None if config.strict_data else "digits",
+            **data_options(config.__dict__),
         )
     if notice:
         say(notice, file=sys.stderr)
@@ -209,8 +221,6 @@ def train_main(argv: list[str]) -> None:
 
     # 3. inference: SVI on the ELBO, a checkpoint and a metrics line per epoch
     out = Path(world.broadcast(str(config.output_dir()) if world.main else None))
-    if world.main and not config.resume:
-        (out / "config.yaml").write_text(config.to_yaml())
     history = fit(
         model,
         train,
@@ -231,6 +241,7 @@ def train_main(argv: list[str]) -> None:
         device=device,
         seed=config.seed,
         out=out,
+        out_files=None if config.resume else {"config.yaml": config.to_yaml()},
         resume=bool(config.resume),
     )
     shutdown()  # leave torchrun's process group: what follows is rank 0's alone

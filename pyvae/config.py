@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from .data import BINARIZE_MODES, SPLITS
+from .sources import is_path
 from .console import Parser, writable_dir
 from .errors import PyvaeError
 from .guides import GUIDES
@@ -39,7 +40,9 @@ class TrainConfig:
     """Everything a training run needs; ``config.yaml`` in a run folder is one of these."""
 
     # data
-    dataset: str = field(default="binarized_mnist", metadata=_choices(*SPLITS))
+    dataset: str = field(default="binarized_mnist", metadata={"dataset": True, "help": f"{', '.join(SPLITS)}, or the path of an image folder, .npz or .npy"})
+    test_fraction: float = field(default=0.1, metadata={"open_unit": True, "help": "a PATH data set without a test split: hold out this fraction as test"})
+    image_size: int | None = field(default=None, metadata={"min": 1, "help": "a PATH image data set: resize and centre-crop every image to S x S"})
     data_dir: str | None = field(default=None, metadata={"help": "data root (else $PYVAE_DATA, else ./data)"})
     strict_data: bool = field(default=False, metadata={"help": "fail instead of falling back to digits"})
     download: bool = field(default=True, metadata={"help": "download missing data files"})
@@ -84,8 +87,10 @@ class TrainConfig:
         return self
 
     def output_dir(self) -> Path:
-        """The run folder, created; an unusable path is a clear error."""
-        return writable_dir(self.out or f"runs/{self.dataset}-{datetime.now():%Y%m%d-%H%M%S}")
+        """The run folder, checked to be writable but not made yet (training makes it once its
+        input is checked); an unusable path is a clear error."""
+        name = Path(self.dataset).stem if is_path(self.dataset) else self.dataset
+        return writable_dir(self.out or f"runs/{name}-{datetime.now():%Y%m%d-%H%M%S}", create=False)
 
     def to_yaml(self) -> str:
         """YAML that reruns this configuration (``out`` left empty so a rerun gets a new folder)."""
@@ -112,6 +117,10 @@ def _check(f: dataclasses.Field, value) -> None:
             meta["registry"].resolve(value)
         except PyvaeError as e:
             raise PyvaeError(f"invalid value {value!r} for {f.name!r}: {e}") from None
+        return
+    if "dataset" in meta:
+        if not isinstance(value, str) or (value not in SPLITS and not (is_path(value) and Path(value).expanduser().exists())):
+            raise bad
         return
     if "models" in meta:
         from .models import MODELS
@@ -153,6 +162,8 @@ def _base(kind):
 
 
 def _describe(kind, meta) -> str:
+    if "dataset" in meta:
+        return f"{', '.join(SPLITS)}, or the path of an existing image folder, .npz or .npy"
     if "choices" in meta:
         return ", ".join(meta["choices"])
     if "registry" in meta:

@@ -7,6 +7,8 @@ binarized_mnist    train 50k, valid 10k, test   Larochelle & Murray's static bin
 mnist              train 60k, test 10k          torchvision's ``MNIST/raw`` IDX files, grayscale
 fashion_mnist      train 60k, test 10k          torchvision's ``FashionMNIST/raw`` IDX files
 digits             train 1437, test 360         scikit-learn's 8x8 digits, always available offline
+photos             train 416, test 104          32x32 colour patches of scikit-learn's two photographs
+PATH               train, test                  your image folder, .npz or .npy (:mod:`pyvae.sources`)
 =================  ===========================  ===================================================
 
 The data root is ``data_dir``, else ``$PYVAE_DATA``, else ``./data``. Files found
@@ -39,6 +41,7 @@ SPLITS = {
     "mnist": ("train", "test"),
     "fashion_mnist": ("train", "test"),
     "digits": ("train", "test"),
+    "photos": ("train", "test"),
 }
 BINARIZE_MODES = ("none", "static", "dynamic")
 
@@ -108,11 +111,20 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def load_dataset(
-    name: str, split: str = "train", *, data_dir: str | os.PathLike | None = None, download: bool = True
+    name: str, split: str = "train", *, data_dir: str | os.PathLike | None = None, download: bool = True,
+    test_fraction: float = 0.1, image_size: int | None = None,
 ) -> ImageSet:
-    """One split of a data set; raises :class:`DataNotFound` when it is neither on disk nor downloadable."""
+    """One split of a data set; raises :class:`DataNotFound` when it is neither on disk nor downloadable.
+
+    ``name`` is a built-in data set or the path of your own (:func:`pyvae.sources.load_path`, which
+    takes ``test_fraction`` and ``image_size``).
+    """
+    from . import sources
+
     if name not in SPLITS:
-        raise PyvaeError(f"unknown dataset {name!r}; choose from {', '.join(SPLITS)}")
+        if sources.is_path(name):
+            return sources.load_path(name, split, test_fraction, image_size)
+        raise PyvaeError(f"unknown dataset {name!r}; choose from {', '.join(SPLITS)}, or give the path of an image folder, .npz or .npy")
     if split not in SPLITS[name]:
         raise PyvaeError(f"dataset {name!r} has no split {split!r}; choose from {', '.join(SPLITS[name])}")
     root = data_root(data_dir)
@@ -120,6 +132,8 @@ def load_dataset(
         return _binarized_mnist(root, split, download)
     if name == "digits":
         return _digits(split)
+    if name == "photos":
+        return sources.photo_patches(split)
     return _torchvision_idx(name, root, split, download)
 
 
@@ -296,8 +310,10 @@ def load_train_test(
     data_dir: str | os.PathLike | None = None,
     download: bool = True,
     fallback: str | None = "digits",
+    **options,
 ) -> tuple[ImageSet, ImageSet, str | None]:
-    """(train, test, notice): the train and test splits of ``name``.
+    """(train, test, notice): the train and test splits of ``name`` (``options``: ``test_fraction``,
+    ``image_size`` for a path, see :func:`load_dataset`).
 
     When they cannot be found or downloaded and ``fallback`` is set, the splits of
     ``fallback`` are returned instead with a ``notice`` that says what was looked
@@ -305,8 +321,8 @@ def load_train_test(
     """
     try:
         return (
-            load_dataset(name, "train", data_dir=data_dir, download=download),
-            load_dataset(name, "test", data_dir=data_dir, download=download),
+            load_dataset(name, "train", data_dir=data_dir, download=download, **options),
+            load_dataset(name, "test", data_dir=data_dir, download=download, **options),
             None,
         )
     except DataNotFound as e:

@@ -41,6 +41,18 @@ def active_units(z_mean: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD)
 
 
 @torch.no_grad()
+def bits_per_dim(log_px: float, dims: int) -> float:
+    """-log p(x) / (D ln 2): nats per point as bits per pixel, for a mass over discrete pixel values."""
+    return -log_px / (dims * math.log(2))
+
+
+def coding(model) -> tuple[int, int] | None:
+    """(pixels, values per pixel) of a model whose likelihood is a mass (``levels``), else None."""
+    likelihood, dims = getattr(model, "likelihood", None), getattr(model, "x_dim", None)
+    levels = getattr(likelihood, "levels", None)
+    return (dims, levels) if levels and dims else None
+
+
 def mutual_information(model: torch.nn.Module, data, max_points: int = 1000, chunk: int = 100) -> float | None:
     """I(x; latents) under q(latents, x) = q(latents|x) p_data(x), in nats, from N <= ``max_points`` points.
 
@@ -105,6 +117,8 @@ class Evaluation:
     seconds: float = math.nan
     #: {T: AIS result}, the largest T the headline; empty when scored by importance sampling alone
     ais: dict = field(default_factory=dict)
+    #: (pixels per point, values per pixel) when the likelihood is a mass over discrete pixel values
+    coding: tuple[int, int] | None = None
 
     @property
     def method(self) -> str:
@@ -114,7 +128,7 @@ class Evaluation:
         """The numbers of ``eval.json``: means over data points, nats per data point."""
         ll, n = self.ll, len(self.ll)
         log_px, elbo = ll.log_px.double(), ll.elbo.double()
-        return {
+        summary = {
             "dataset": self.dataset,
             "split": self.split,
             "num_points": n,
@@ -142,6 +156,11 @@ class Evaluation:
             "method": self.method,
             **(self.ais_summary(log_px, elbo) if self.ais else {}),
         }
+        if self.coding:  # from the headline log p(x), IS's or AIS's
+            summary["bits_per_dim"] = bits_per_dim(summary["log_px"], self.coding[0])
+            summary["elbo_bits_per_dim"] = bits_per_dim(summary["elbo"], self.coding[0])
+            summary["bits_per_dim_levels"] = self.coding[1]
+        return summary
 
     def ais_summary(self, log_px_is: torch.Tensor, elbo: torch.Tensor) -> dict:
         """The AIS headline replacing IS's: log p(x), its errors, the gap, and IS's figures kept as ``log_px_is``."""
@@ -206,6 +225,9 @@ class Evaluation:
         ]
         if s["warning"]:
             lines.append(f"  WARNING    {s['warning']}")
+        if "bits_per_dim" in s:
+            lines.append(f"  bits/dim   {s['bits_per_dim']:.4f} (ELBO {s['elbo_bits_per_dim']:.4f}): -log2 p(x) / {self.coding[0]} "
+                         f"pixels, p(x) a mass over {s['bits_per_dim_levels']} values per pixel")
         if self.ais:
             a = s["ais"]
             ladder = "  ".join(f"T={t}: {v:.3f}" for t, v in a["log_px_by_num_steps"].items())
@@ -339,7 +361,7 @@ def evaluate(
         torch.manual_seed(seed)
         information = mutual_information(model, data)
     result = Evaluation(ll=ll, site=site, mutual_information=information, dataset=dataset, split=split,
-                        ais={steps: AISResult.concat(p) for steps, p in runs.items()})
+                        ais={steps: AISResult.concat(p) for steps, p in runs.items()}, coding=coding(model))
     result.seconds = time.perf_counter() - start
     return result
 

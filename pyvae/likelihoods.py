@@ -29,6 +29,9 @@ class Likelihood(Component):
     params_per_pixel: int = 1
     #: whether the data must be 0/1 (grayscale data then gets binarized by default)
     binary_data: bool = False
+    #: the number of values per pixel of a probability *mass* (2 for 0/1, 256 for 8-bit); None for a
+    #: density, whose log p(x) is not a code length, so no bits per dimension are reported for it
+    levels: int | None = None
 
     def bind(self, vae: torch.nn.Module) -> None:
         self.x_dim = vae.x_dim
@@ -87,6 +90,7 @@ class Bernoulli(Likelihood):
 
     name = "bernoulli"
     binary_data = True
+    levels = 2
 
     def forward(self, logits: torch.Tensor) -> dist.TorchDistribution:
         return BernoulliPixels(dist.Bernoulli(logits=logits), 1)
@@ -360,7 +364,7 @@ class DiscretizedLogistic(Likelihood):
         super().__init__(num_levels=num_levels)
         if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
             raise PyvaeError(f"discretized_logistic num_levels must be an integer >= 2; got {num_levels!r}")
-        self.num_levels = num_levels
+        self.num_levels = self.levels = num_levels
 
     def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
         loc, raw_scale = out.chunk(2, dim=-1)

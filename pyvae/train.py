@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, protocol, state
 from .batching import Batches, check_data, resolve_device
-from .checkpoint import save
+from .checkpoint import atomic_write, save
 from .errors import PyvaeError, positive_int, positive_number
 from .objectives import Objective, make_elbo
 from .program import LocalParams, batch_arity, sample_sites, structure, trace_once
@@ -70,6 +70,7 @@ def fit(
     device: str | torch.device = "auto",
     seed: int | None = None,
     out: str | Path | None = None,
+    out_files: dict[str, str] | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> list[dict]:
@@ -103,7 +104,8 @@ def fit(
     for ``iwae`` also ``test_iwae``, the K-sample bound) and ``seconds``. All are in
     nats per data point. With ``out``, ``metrics.jsonl`` gets one line per epoch and
     ``checkpoint.pt`` is rewritten atomically after each, the one before kept as
-    ``checkpoint.prev.pt``.
+    ``checkpoint.prev.pt``. The folder is made only once the input has been checked, together
+    with ``out_files`` ({name: text}, e.g. the CLI's ``config.yaml``): a refused run writes nothing.
 
     ``clip_norm`` rescales the gradient to at most that total norm. A non-finite loss or
     gradient stops training with a :class:`PyvaeError` naming the epoch and step; the
@@ -149,10 +151,12 @@ def fit(
     shapes = world.gather(tuple(train_batches.images.shape))
     if len(set(shapes)) > 1:
         raise PyvaeError(f"the training processes hold different data sets, of shapes {shapes}; each must load the same one")
-    if out is not None:
+    if out is not None:  # made only now that the input is known to be good: a refused run leaves nothing
         out = Path(out)
         if world.main:
             out.mkdir(parents=True, exist_ok=True)
+            for name, text in (out_files or {}).items():
+                atomic_write(out / name, lambda f, text=text: f.write(text.encode()))
 
     model.to(device)
     bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]

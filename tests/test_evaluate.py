@@ -327,3 +327,17 @@ def test_evaluate_command_bad_input(trained_run, capsys, argv, message):
         run(evaluate_main, argv)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_bits_per_dimension_for_likelihoods_that_are_masses():
+    from pyvae.diagnostics import bits_per_dim
+
+    assert bits_per_dim(-64 * math.log(256), 64) == pytest.approx(8.0)  # a uniform mass over 8-bit pixels
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (12, 16)).float() / 255
+    eight_bit = pyvae.VAE(x_dim=16, z_dim=2, hidden=(8,), likelihood="discretized_logistic")
+    s = evaluate(eight_bit, x, num_samples=20).summary()
+    assert s["bits_per_dim"] == pytest.approx(-s["log_px"] / (16 * math.log(2))) and s["bits_per_dim_levels"] == 256
+    assert "bits/dim" in evaluate(eight_bit, x, num_samples=20).table()
+    # a density on [0, 1] is not a code length: no bits per dimension
+    assert "bits_per_dim" not in evaluate(pyvae.VAE(x_dim=16, z_dim=2, hidden=(8,), likelihood="normal"), x, num_samples=20).summary()

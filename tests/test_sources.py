@@ -1,0 +1,118 @@
+"""Your own data: image folders, .npz and .npy files, and the photos patches, through load_dataset and the CLI."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pyvae
+from pyvae.cli import main
+from pyvae.data import load_dataset, load_train_test
+
+
+def save_images(folder, n, size=(6, 5), mode="L", seed=0, bright=False):
+    """n random images of ``size`` (width, height) in ``folder``; bright ones have a white top row."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    channels = {"L": (), "RGB": (3,)}[mode]
+    for i in range(n):
+        pixels = rng.integers(0, 256, (size[1], size[0], *channels), dtype=np.uint8)
+        if bright:
+            pixels[0] = 255
+        Image.fromarray(pixels, mode).save(folder / f"{i:03d}.png")
+
+
+def test_an_image_folder_in_class_folders_gives_labels_and_a_seeded_split(tmp_path):
+    save_images(tmp_path / "shapes" / "b_square", 12, bright=True)
+    save_images(tmp_path / "shapes" / "a_circle", 8, seed=1)
+    train, test, _ = load_train_test(str(tmp_path / "shapes"), test_fraction=0.25)
+    assert (len(train), len(test)) == (15, 5) and train.image_shape == (1, 5, 6) and train.name == "shapes"
+    # labels are the sorted class folders' indices; every image lands in exactly one split
+    assert sorted(torch.cat([train.labels, test.labels]).tolist()) == [0] * 8 + [1] * 12
+    assert torch.equal(train.images[train.labels == 1][:, :6], torch.ones(int((train.labels == 1).sum()), 6))
+    reread = Image.open(tmp_path / "shapes" / "a_circle" / "000.png")
+    assert any(torch.allclose(row, torch.from_numpy(np.asarray(reread, dtype=np.float32) / 255).flatten())
+               for row in torch.cat([train.images, test.images]))
+    again = load_dataset(str(tmp_path / "shapes"), "test", test_fraction=0.25)
+    assert torch.equal(again.images, test.images)  # what evaluate finds again
+
+
+def test_train_and_test_folders_flat_colour_images_and_resizing(tmp_path):
+    save_images(tmp_path / "d" / "train", 7, mode="RGB")
+    save_images(tmp_path / "d" / "test", 3, mode="RGB", seed=2)
+    train = load_dataset(str(tmp_path / "d"), "train")
+    test = load_dataset(str(tmp_path / "d"), "test")
+    assert (len(train), len(test)) == (7, 3) and train.labels is None and train.image_shape == (3, 5, 6)
+    assert 0 <= float(train.images.min()) and float(train.images.max()) <= 1
+    sized = load_dataset(str(tmp_path / "d"), "train", image_size=4)
+    assert sized.image_shape == (3, 4, 4) and sized.x_dim == 48
+
+
+def test_mixed_sizes_need_image_size_and_the_error_names_a_file(tmp_path):
+    save_images(tmp_path / "mixed", 3)
+    Image.fromarray(np.zeros((9, 9), np.uint8)).save(tmp_path / "mixed" / "odd.png")
+    with pytest.raises(pyvae.PyvaeError, match=r"odd.png is 9x9 but .*000.png is 6x5: give --image-size"):
+        load_dataset(str(tmp_path / "mixed"), "train")
+    assert load_dataset(str(tmp_path / "mixed"), "train", image_size=3).image_shape == (1, 3, 3)
+
+
+def test_npz_and_npy_arrays_in_every_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    nhwc = rng.integers(0, 256, (10, 4, 5, 3), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", x_train=nhwc, x_test=nhwc[:4], y_train=np.arange(10) % 3, y_test=np.arange(4) % 3)
+    train = load_dataset(str(tmp_path / "a.npz"), "train")
+    assert train.image_shape == (3, 4, 5) and train.labels.tolist() == (np.arange(10) % 3).tolist()
+    assert torch.allclose(train.images[0], torch.from_numpy(nhwc[0].transpose(2, 0, 1).reshape(-1) / 255.0).float())
+    floats = rng.random((20, 3, 4, 4)).astype(np.float32)  # NCHW floats in [0, 1], kept as they are
+    np.save(tmp_path / "b.npy", floats)
+    train, test, _ = load_train_test(str(tmp_path / "b.npy"), test_fraction=0.25)
+    assert (len(train), len(test)) == (15, 5) and test.labels is None and train.image_shape == (3, 4, 4)
+    assert sorted(torch.cat([train.images, test.images])[:, 0].tolist()) == sorted(floats[:, 0, 0, 0].tolist())
+
+
+def test_the_photos_are_colour_patches_offline():
+    train, test, _ = load_train_test("photos")
+    assert (len(train), len(test)) == (416, 104) and train.image_shape == (3, 32, 32)
+    assert float(train.images.std()) > 0.1 and 0 <= float(train.images.min()) and float(train.images.max()) <= 1
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: (p / "empty").mkdir(), r"no images in .*empty \(looked for .png"),
+        (lambda p: (p / "bad").mkdir() or (p / "bad" / "x.png").write_bytes(b"not a png"), r"cannot read image .*bad/x.png"),
+        (lambda p: np.savez(p / "n.npz", x_test=np.zeros((2, 3, 3))), r"has no array 'x_train' \(it holds x_test\)"),
+        (lambda p: np.savez(p / "n.npz", x_train=np.zeros((3, 2, 2)), x_test=np.zeros((1, 2, 2)), y_train=np.zeros(2, int)),
+         r"y_train must hold 3 non-negative integer labels"),
+        (lambda p: np.save(p / "n.npy", np.full((4, 2, 2), 2.5)), r"float64 values in \[2.5, 2.5\]; floats must lie in \[0, 1\]"),
+    ],
+)
+def test_bad_data_is_a_one_line_error(make, message, tmp_path):
+    make(tmp_path)
+    path = next(p for p in tmp_path.iterdir())
+    with pytest.raises(pyvae.PyvaeError, match=message):
+        load_dataset(str(path), "train")
+
+
+def test_a_labelled_folder_trains_a_conditional_model_and_bad_input_writes_nothing(tmp_path, capsys):
+    save_images(tmp_path / "shapes" / "a", 24, bright=True)
+    save_images(tmp_path / "shapes" / "b", 24, seed=1)
+    out = tmp_path / "run"
+    common = ["--epochs", "1", "--batch-size", "16", "--eval-samples", "5", "--z-dim", "2", "--hidden", "8"]
+    main(["train", "--dataset", str(tmp_path / "shapes"), "--model", "cvae", *common, "--out", str(out)])
+    assert (out / "checkpoint.pt").is_file() and str(tmp_path / "shapes") in (out / "config.yaml").read_text()
+    capsys.readouterr()
+    for argv, message in [
+        (["--dataset", str(tmp_path / "nowhere")], "invalid value .*nowhere.* for 'dataset'; allowed: .*or the path of an existing image folder"),
+        (["--dataset", str(tmp_path / "shapes"), "--image-size", "0"], "invalid value 0 for 'image_size'"),
+        (["--dataset", "digits", "--image-size", "8"], "--image-size resizes the images of a PATH data set"),
+        (["--dataset", str(tmp_path / "shapes"), "--batch-size", "999"], "batch_size 999 is larger than the training set"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            main(["train", *argv, "--epochs", "1", "--out", str(tmp_path / "refused")])
+        err = capsys.readouterr().err.strip()
+        assert info.value.code == 2 and len(err.splitlines()) == 1
+        assert re.search(message, err), err
+        assert not (tmp_path / "refused").exists()
