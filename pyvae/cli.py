@@ -173,6 +173,7 @@ def train_main(argv: list[str]) -> None:
     from .distributed import init, shutdown
     from .train import fit
     from .batching import resolve_device
+    from .tensorboard import TensorBoard
 
     prog = "python -m pyvae train" if sys.argv[0].endswith("__main__.py") else None  # else the example's name
     config, _ = parse_args(argv, description="Train a VAE by SVI and write its pictures, metrics and test log-likelihood.", prog=prog)
@@ -221,6 +222,10 @@ def train_main(argv: list[str]) -> None:
 
     # 3. inference: SVI on the ELBO, a checkpoint and a metrics line per epoch
     out = Path(world.broadcast(str(config.output_dir()) if world.main else None))
+    board = None
+    if config.tensorboard and world.main:
+        x_test = test[0] if isinstance(test, tuple) else test.draw()
+        board = TensorBoard(out / "tensorboard", x_test, getattr(test, "labels", None) if name == "cvae" else None)
     history = fit(
         model,
         train,
@@ -243,6 +248,7 @@ def train_main(argv: list[str]) -> None:
         out=out,
         out_files=None if config.resume else {"config.yaml": config.to_yaml()},
         resume=bool(config.resume),
+        tensorboard=board,
     )
     shutdown()  # leave torchrun's process group: what follows is rank 0's alone
     if not world.main:
@@ -266,6 +272,10 @@ def train_main(argv: list[str]) -> None:
         result = evaluate(model, data, config.eval_samples, dataset=train.name, split="test", progress=True)
         print(result.table())
         result.write(out / f"eval-{train.name}-test-K{config.eval_samples}")
+        if board is not None:
+            board.evaluation(result.summary(), result.table(), evaluated["epoch"])
+    if board is not None:
+        board.close()
     accuracy = f"; test accuracy {evaluated['test_accuracy']:.3f}" if "test_accuracy" in evaluated else ""
     print(f"test ELBO {evaluated['test_elbo']:.3f} nats per data point (epoch {evaluated['epoch']}){accuracy}; outputs in {out}/")
 

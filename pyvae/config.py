@@ -78,6 +78,7 @@ class TrainConfig:
     eval_points: int = field(default=1000, metadata={"min": 0, "help": "test points for it, evenly spread; 0 means all"})
     eval_checkpoint: str = field(default="best", metadata={**_choices("best", "last"), "help": "evaluate best.pt (the best validation epoch; last when there is none) or the last epoch"})
     # output
+    tensorboard: bool = field(default=False, metadata={"help": "write TensorBoard events into RUN/tensorboard (tensorboard --logdir runs/)"})
     resume: str | None = field(default=None, metadata={"help": "continue the run in this folder after its last completed epoch"})
     out: str | None = field(default=None, metadata={"help": "run folder (default runs/<dataset>-<timestamp>)"})
 

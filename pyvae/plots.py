@@ -18,10 +18,15 @@ from .checkpoint import atomic_write  # noqa: E402
 from .data import spread  # noqa: E402
 
 
+def grid(images: torch.Tensor, image_shape: Sequence[int], nrow: int = 8) -> torch.Tensor:
+    """Flat images (n, x_dim) in [0, 1] as one (C, H, W) picture with ``nrow`` images per row."""
+    return make_grid(images.detach().cpu().clamp(0, 1).reshape(-1, *image_shape), nrow=nrow, padding=2, pad_value=1.0)
+
+
 def save_grid(images: torch.Tensor, image_shape: Sequence[int], path: str | Path, nrow: int = 8) -> None:
-    """Flat images (n, x_dim) in [0, 1] as a PNG grid with ``nrow`` images per row."""
-    grid = make_grid(images.detach().cpu().clamp(0, 1).reshape(-1, *image_shape), nrow=nrow, padding=2, pad_value=1.0)
-    atomic_write(path, lambda f: save_image(grid, f, format="png"))
+    """:func:`grid` as a PNG."""
+    picture = grid(images, image_shape, nrow)
+    atomic_write(path, lambda f: save_image(picture, f, format="png"))
 
 
 def save_figure(fig: plt.Figure, path: str | Path) -> None:
@@ -42,7 +47,14 @@ def samples(model: torch.nn.Module, path: str | Path, n: int = 64, label: int | 
 def reconstructions(
     model: torch.nn.Module, x: torch.Tensor, path: str | Path, per_row: int = 8, rows: int = 2, labels: torch.Tensor | None = None
 ) -> None:
-    """Rows of test images, each above a row of their reconstructions.
+    """Rows of test images, each above a row of their reconstructions (:func:`reconstruction_pairs`)."""
+    per_row = min(per_row, x.shape[0])
+    save_grid(reconstruction_pairs(model, x, per_row, rows, labels), model.image_shape, path, nrow=per_row)
+
+
+def reconstruction_pairs(model: torch.nn.Module, x: torch.Tensor, per_row: int = 8, rows: int = 2,
+                         labels: torch.Tensor | None = None) -> torch.Tensor:
+    """(2 * rows * per_row, x_dim): rows of test images, each followed by the row of their reconstructions.
 
     The images are spread evenly over ``x``, so a set sorted by class (static
     binarized MNIST's test split is) shows every class.
@@ -56,8 +68,7 @@ def reconstructions(
     y = spread(labels, per_row * rows).to(device) if labels is not None else None
     x = spread(x, per_row * rows).to(device)
     recon = reconstruct(model, x, y)
-    pairs = torch.stack([x.reshape(rows, per_row, -1), recon.reshape(rows, per_row, -1)], dim=1)
-    save_grid(pairs.reshape(-1, x.shape[1]), model.image_shape, path, nrow=per_row)
+    return torch.stack([x.reshape(rows, per_row, -1), recon.reshape(rows, per_row, -1)], dim=1).reshape(-1, x.shape[1])
 
 
 def elbo_curves(history: list[dict], path: str | Path) -> None:

@@ -73,6 +73,7 @@ def fit(
     out_files: dict[str, str] | None = None,
     resume: bool = False,
     progress: bool = True,
+    tensorboard=None,
 ) -> list[dict]:
     """Train ``model`` in place by SVI with Adam; return one dict per epoch.
 
@@ -254,6 +255,8 @@ def fit(
                 if bad_loss or bad_gradient:
                     raise PyvaeError(_numerical_fault(epoch, in_epoch, "loss" if bad_loss else "gradient", out))
                 optimizer.step()
+                if tensorboard is not None and world.main:
+                    tensorboard.step(step, loss, num_data)
                 # loss estimates the sum over all N points; weight by M/N so the epoch total sums them once
                 total += loss * (batch[0].shape[0] / num_data)
                 if signum:
@@ -281,6 +284,8 @@ def fit(
             schedule.step(record.get(objective_key))
             record["seconds"] = time.perf_counter() - start
             history.append(record)
+            if tensorboard is not None and world.main:
+                tensorboard.epoch(record, model)
             if progress:
                 tqdm.write(_epoch_line(record, epochs, num_particles, metrics), file=sys.stdout)
             if out is not None:

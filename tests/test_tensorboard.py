@@ -1,0 +1,33 @@
+"""--tensorboard: a run's numbers and pictures as TensorBoard events, continued by --resume."""
+
+import json
+
+import pytest
+
+from pyvae.cli import main
+
+
+def events(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_tensorboard_events_hold_the_epochs_the_pictures_and_the_evaluation(tmp_path):
+    out = tmp_path / "run"
+    common = ["--dataset", "digits", "--batch-size", "64", "--z-dim", "4", "--eval-points", "40", "--eval-samples", "20"]
+    main(["train", *common, "--epochs", "2", "--tensorboard", "--valid-fraction", "0.2", "--out", str(out)])
+    board = events(out / "tensorboard")
+    tags = board.Tags()
+    assert {"elbo/train", "elbo/test", "elbo/valid", "kl_weight", "lr", "loss/train", "eval/log_px", "eval/bits_per_dim"} <= set(tags["scalars"])
+    assert {"samples", "reconstructions"} <= set(tags["images"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(e.step, e.value) for e in board.Scalars("elbo/test")] == [(r["epoch"], pytest.approx(r["test_elbo"])) for r in records]
+    assert len(board.Images("samples")) == 2
+    summary = json.loads(next(out.glob("eval-*/eval.json")).read_text())
+    assert board.Scalars("eval/log_px")[0].value == pytest.approx(summary["log_px"])
+
+    main(["train", "--resume", str(out), "--epochs", "3"])  # the same stream goes on
+    assert [e.step for e in events(out / "tensorboard").Scalars("elbo/train")] == [1, 2, 3]
