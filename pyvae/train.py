@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pyro
 import torch
+import pyro.distributions as dist
 from pyro import poutine
 from tqdm.auto import tqdm
 
@@ -431,6 +432,13 @@ def _numerical_fault(epoch: int, step: int, what: str, out: Path | None) -> str:
     )
 
 
+def _family(d) -> str:
+    """A distribution's name without the wrappers that shape it (Independent, an expansion)."""
+    while isinstance(d, (dist.Independent, dist.ExpandedDistribution)):
+        d = d.base_dist
+    return type(d).__name__
+
+
 def _warn_if_no_analytic_kl(model: torch.nn.Module, batch: tuple) -> None:
     """Say, in words, which latent sites lack an analytic KL (Pyro then estimates it by Monte Carlo)."""
     from torch.distributions import kl_divergence
@@ -445,7 +453,7 @@ def _warn_if_no_analytic_kl(model: torch.nn.Module, batch: tuple) -> None:
         try:
             kl_divergence(q, p.expand(q.batch_shape) if p.batch_shape != q.batch_shape else p)
         except NotImplementedError:
-            missing.append(f"{name} ({type(q).__name__} against {type(p).__name__})")
+            missing.append(f"{name} (the guide's {_family(q)} against the prior's {_family(p)})")
     if missing:
         message = (
             f"elbo 'meanfield': torch has no analytic KL for latent site {', '.join(missing)}; that term is "

@@ -238,7 +238,7 @@ def test_analytic_kl_equals_monte_carlo_kl(guide, prior):
 
 def test_meanfield_without_analytic_kl_warns_and_falls_back(digits_small):
     vae = pyvae.VAE(x_dim=64, z_dim=2, hidden=(8,), prior="mog")
-    with pytest.warns(UserWarning, match=r"no analytic KL for latent site z \(Independent against MixtureSameFamily\); .* Monte Carlo"):
+    with pytest.warns(UserWarning, match=r"no analytic KL for latent site z \(the guide's Normal against the prior's MixtureSameFamily\); .* Monte Carlo"):
         pyvae.fit(vae, digits_small, epochs=1, batch_size=64, elbo="meanfield", device="cpu", progress=False)
 
 
