@@ -71,7 +71,7 @@ def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: str = "sof
     return nn.Sequential(*layers)
 
 
-NETS = ("mlp", "conv")
+NETS = ("mlp", "conv", "resnet")
 
 
 class ConvEncoder(nn.Module):
@@ -135,3 +135,74 @@ def _checked_image_shape(image_shape: tuple) -> tuple[int, int, int]:
     if len(image_shape) != 3 or image_shape[1] % 4 or image_shape[2] % 4:
         raise PyvaeError(f"net 'conv' needs images (C, H, W) with H and W divisible by 4; got {image_shape}")
     return image_shape
+
+
+# -- residual networks that scale with the image ----------------------------------------------
+class ResidualBlock(nn.Module):
+    """x + conv(act(conv(act(x)))): two 3x3 convolutions, pre-activation (He et al. 2016)."""
+
+    def __init__(self, channels: int, act: type[nn.Module]) -> None:
+        super().__init__()
+        self.body = nn.Sequential(act(), nn.Conv2d(channels, channels, 3, padding=1), act(), nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def residual_stages(height: int, width: int, base: int = 32, widest: int = 128) -> list[tuple[int, int]]:
+    """(in, out) channels of each stride-2 stage: one per halving while both sides are even and
+    above 4 (28: 2 stages to 7x7; 32: 3 to 4x4; 64: 4 to 4x4), doubling from ``base`` up to ``widest``."""
+    stages, channels = [], base
+    while height % 2 == 0 and width % 2 == 0 and min(height, width) > 4:
+        stages.append((channels, min(2 * channels, widest)))
+        channels, height, width = min(2 * channels, widest), height // 2, width // 2
+    return stages
+
+
+class ResidualEncoder(nn.Module):
+    """A 3x3 stem, then per stage a residual block and a stride-2 convolution, then a linear layer:
+    (..., C*H*W) -> (..., out_dim). Depth follows the image size (:func:`residual_stages`)."""
+
+    def __init__(self, image_shape: Sequence[int], out_dim: int, activation: str = "softplus") -> None:
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        c, h, w = self.image_shape
+        act = _conv_activation(activation)
+        stages = residual_stages(h, w)
+        if not stages:
+            raise PyvaeError(f"net 'resnet' needs images (C, H, W) with even H and W above 4; got {self.image_shape}")
+        layers: list[nn.Module] = [nn.Conv2d(c, stages[0][0], 3, padding=1)]
+        for a, b in stages:
+            layers += [ResidualBlock(a, act), act(), nn.Conv2d(a, b, 4, stride=2, padding=1)]
+        scale = 2 ** len(stages)
+        layers += [ResidualBlock(stages[-1][1], act), act(), nn.Flatten(), nn.Linear(stages[-1][1] * (h // scale) * (w // scale), out_dim)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        return self.net(x.reshape(-1, *self.image_shape)).reshape(*lead, -1)
+
+
+class ResidualDecoder(nn.Module):
+    """The encoder mirrored: a linear layer, then per stage a residual block and a stride-2 transposed
+    convolution, then a 3x3 convolution to ``params_per_pixel`` channels per image channel:
+    (..., z_dim) -> (..., params_per_pixel*C*H*W), channel-major like :class:`ConvDecoder`."""
+
+    def __init__(self, z_dim: int, image_shape: Sequence[int], params_per_pixel: int = 1, activation: str = "softplus") -> None:
+        super().__init__()
+        c, h, w = tuple(image_shape)
+        act = _conv_activation(activation)
+        stages = residual_stages(h, w)
+        if not stages:
+            raise PyvaeError(f"net 'resnet' needs images (C, H, W) with even H and W above 4; got {tuple(image_shape)}")
+        scale = 2 ** len(stages)
+        start = (stages[-1][1], h // scale, w // scale)
+        layers: list[nn.Module] = [nn.Linear(z_dim, start[0] * start[1] * start[2]), nn.Unflatten(1, start)]
+        for a, b in reversed(stages):
+            layers += [ResidualBlock(b, act), act(), nn.ConvTranspose2d(b, a, 4, stride=2, padding=1)]
+        layers += [ResidualBlock(stages[0][0], act), act(), nn.Conv2d(stages[0][0], c * params_per_pixel, 3, padding=1), nn.Flatten()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        lead = z.shape[:-1]
+        return self.net(z.reshape(-1, z.shape[-1])).reshape(*lead, -1)

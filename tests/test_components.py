@@ -411,3 +411,26 @@ def test_kl_warmup_rises_linearly_to_beta(digits_small):
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
     history = pyvae.fit(vae, digits_small, epochs=3, batch_size=64, beta=2.0, kl_warmup_epochs=2, device="cpu", progress=False)
     assert [h["beta"] for h in history] == [pytest.approx(1.0), pytest.approx(2.0), pytest.approx(2.0)]
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (3, 64, 64)])
+def test_residual_nets_scale_with_the_image(shape):
+    x_dim = math.prod(shape)
+    vae = pyvae.VAE(x_dim=x_dim, z_dim=6, net="resnet", image_shape=shape, likelihood="discretized_logistic")
+    assert vae.encoder(torch.rand(3, x_dim)).shape == (3, 12)
+    assert vae.decoder(torch.randn(2, 3, 6)).shape == (2, 3, 2 * x_dim)  # a particle dimension may lead
+    stages = pyvae.nets.residual_stages(shape[1], shape[2])
+    assert len(stages) == {28: 2, 32: 3, 64: 4}[shape[1]]
+
+
+def test_a_residual_vae_learns_colour_photo_patches():
+    from pyvae.data import load_dataset
+
+    torch.manual_seed(0)
+    x = load_dataset("photos", "train").images[:128]
+    vae = pyvae.VAE(x_dim=3072, z_dim=8, net="resnet", image_shape=(3, 32, 32), likelihood="discretized_logistic")
+    before = pyvae.evaluate_elbo(vae, x, num_particles=2)
+    pyvae.fit(vae, x, epochs=4, batch_size=32, lr=1e-3, device="cpu", seed=0, progress=False)
+    assert pyvae.evaluate_elbo(vae, x, num_particles=2) > before + 500  # nats per 3072-pixel patch (about 2000 here)
+    with pytest.raises(pyvae.PyvaeError, match="net 'resnet' needs images .* with even H and W above 4"):
+        pyvae.VAE(x_dim=27, z_dim=2, net="resnet", image_shape=(3, 3, 3))

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import PyvaeError, positive_int
 from ..guides import GUIDES, Guide
 from ..likelihoods import LIKELIHOODS, Likelihood
-from ..nets import NETS, ConvDecoder, ConvEncoder, mlp
+from ..nets import NETS, ConvDecoder, ConvEncoder, ResidualDecoder, ResidualEncoder, mlp
 from ..priors import PRIORS, Prior
 from ..program import data_plate
 from .parts import image_shape_for
@@ -46,7 +46,7 @@ class VAE(nn.Module):
         x_dim: number of pixels (data are flat float tensors of shape (batch, x_dim)).
         z_dim: number of latent dimensions.
         hidden: widths of the MLP hidden layers of encoder and decoder (mirrored); ``()`` is linear.
-            Unused by ``net="conv"``.
+            Unused by ``net="conv"`` and ``net="resnet"`` (residual blocks whose depth follows the image size).
         prior, likelihood, guide: a built-in name, a spec dict ``{"name": ..., **settings}``
             or an object from :mod:`pyvae.priors`, :mod:`pyvae.likelihoods`, :mod:`pyvae.guides`.
         encoder, decoder: optional custom ``nn.Module`` replacing the MLPs (contract in :mod:`pyvae.nets`).
@@ -88,21 +88,21 @@ class VAE(nn.Module):
 
         if net not in NETS:
             raise PyvaeError(f"unknown net {net!r}; choose from {', '.join(NETS)}")
-        if net == "conv" and self.image_shape is None:
-            raise PyvaeError(f"net 'conv' needs image_shape; x_dim={x_dim} is not a square image")
+        if net != "mlp" and self.image_shape is None:
+            raise PyvaeError(f"net {net!r} needs image_shape; x_dim={x_dim} is not a square image")
         custom = {"encoder": encoder is not None, "decoder": decoder is not None}
         encoder_outputs = self.posterior.encoder_outputs(z_dim)
         if encoder is None:
             encoder = (
                 mlp(x_dim, hidden, encoder_outputs, activation)
                 if net == "mlp"
-                else ConvEncoder(self.image_shape, encoder_outputs, activation)
+                else {"conv": ConvEncoder, "resnet": ResidualEncoder}[net](self.image_shape, encoder_outputs, activation)
             )
         if decoder is None:
             decoder = (
                 mlp(z_dim, hidden[::-1], self.likelihood.params_per_pixel * x_dim, activation)
                 if net == "mlp"
-                else ConvDecoder(z_dim, self.image_shape, self.likelihood.params_per_pixel, activation)
+                else {"conv": ConvDecoder, "resnet": ResidualDecoder}[net](z_dim, self.image_shape, self.likelihood.params_per_pixel, activation)
             )
         self.encoder, self.decoder = encoder, decoder
         for component in (self.likelihood, self.posterior, self.prior):
