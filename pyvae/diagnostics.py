@@ -28,6 +28,7 @@ from .checkpoint import atomic_write
 from .data import spread
 from .errors import PyvaeError, positive_int
 from .importance import LogLikelihood, drawn_once, khat_threshold, log_likelihood
+from .likelihoods import bits_per_dim, coding
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 #: the share of points with k^ above the threshold beyond which importance sampling's headline is flagged
@@ -41,18 +42,6 @@ def active_units(z_mean: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD)
 
 
 @torch.no_grad()
-def bits_per_dim(log_px: float, dims: int) -> float:
-    """-log p(x) / (D ln 2): nats per point as bits per pixel, for a mass over discrete pixel values."""
-    return -log_px / (dims * math.log(2))
-
-
-def coding(model) -> tuple[int, int] | None:
-    """(pixels, values per pixel) of a model whose likelihood is a mass (``levels``), else None."""
-    likelihood, dims = getattr(model, "likelihood", None), getattr(model, "x_dim", None)
-    levels = getattr(likelihood, "levels", None)
-    return (dims, levels) if levels and dims else None
-
-
 def mutual_information(model: torch.nn.Module, data, max_points: int = 1000, chunk: int = 100) -> float | None:
     """I(x; latents) under q(latents, x) = q(latents|x) p_data(x), in nats, from N <= ``max_points`` points.
 

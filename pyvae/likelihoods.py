@@ -47,6 +47,19 @@ class Likelihood(Component):
         """Raise :class:`PyvaeError` when ``x`` lies outside this likelihood's support."""
 
 
+def bits_per_dim(log_px: float, dims: int) -> float:
+    """-log p(x) / (D ln 2): nats per point as bits per pixel, for a mass over discrete pixel values."""
+    return -log_px / (dims * math.log(2))
+
+
+def coding(model) -> tuple[int, int] | None:
+    """(pixels, values per pixel) of a model whose likelihood is a mass over 8-bit-like pixel values
+    (``levels`` > 2: the discretized logistic), where bits per dimension are the usual unit; else None."""
+    likelihood, dims = getattr(model, "likelihood", None), getattr(model, "x_dim", None)
+    levels = getattr(likelihood, "levels", None)
+    return (dims, levels) if levels and levels > 2 and dims else None
+
+
 def value_range(x: torch.Tensor) -> str:
     return f"[{x.min().item():.4g}, {x.max().item():.4g}]"
 

@@ -35,6 +35,7 @@ from . import distributed, protocol, state
 from .batching import Batches, check_data, resolve_device
 from .checkpoint import atomic_write, save
 from .errors import PyvaeError, positive_int, positive_number
+from .likelihoods import bits_per_dim, coding
 from .objectives import Objective, make_elbo
 from .program import LocalParams, batch_arity, sample_sites, structure, trace_once
 
@@ -281,6 +282,8 @@ def fit(
                 model.eval()
                 with torch.no_grad():
                     record[name] = float(metric(model))
+            if (pixels := coding(model)) is not None:  # 8-bit images: the ELBOs also in bits per dimension
+                record.update({f"{k}_bpd": bits_per_dim(record[k], pixels[0]) for k in BPD_KEYS if k in record})
             record["lr"] = epoch_lr
             schedule.step(record.get(objective_key))
             record["seconds"] = time.perf_counter() - start
@@ -322,6 +325,10 @@ def _validation(model, valid: Batches, world, elbo, num_particles: int, valid_sa
     return scores
 
 
+#: the per-epoch numbers also given in bits per dimension for an 8-bit likelihood
+BPD_KEYS = ("train_elbo", "test_elbo", "valid_elbo", "test_iwae", "valid_iwae", "valid_log_px")
+
+
 def _epoch_line(record: dict, epochs: int, num_particles: int, metrics: dict | None) -> str:
     """``epoch   5/10  train ELBO ...  test ELBO ...  valid ELBO ...  nats/point  lr ...  (4.4 s)``."""
     parts = [f"epoch {record['epoch']:3d}/{epochs}  train ELBO {record['train_elbo']:9.3f}"]
@@ -333,6 +340,8 @@ def _epoch_line(record: dict, epochs: int, num_particles: int, metrics: dict | N
     if "valid_log_px" in record:
         parts.append(f"valid log p(x) {record['valid_log_px']:9.3f}")
     parts.append("nats/point")
+    if "test_elbo_bpd" in record:
+        parts.append(f"(test ELBO {record['test_elbo_bpd']:.4f} bits/dim)")
     parts += [f"{name} {record[name]:.3f}" for name in metrics or {}]
     parts.append(f"lr {record['lr']:.3g}  ({record['seconds']:.1f} s)")
     return "  ".join(parts)

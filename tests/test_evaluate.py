@@ -329,8 +329,8 @@ def test_evaluate_command_bad_input(trained_run, capsys, argv, message):
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
 
 
-def test_bits_per_dimension_for_likelihoods_that_are_masses():
-    from pyvae.diagnostics import bits_per_dim
+def test_bits_per_dimension_for_8_bit_likelihoods():
+    from pyvae.likelihoods import bits_per_dim
 
     assert bits_per_dim(-64 * math.log(256), 64) == pytest.approx(8.0)  # a uniform mass over 8-bit pixels
     torch.manual_seed(0)
@@ -339,5 +339,9 @@ def test_bits_per_dimension_for_likelihoods_that_are_masses():
     s = evaluate(eight_bit, x, num_samples=20).summary()
     assert s["bits_per_dim"] == pytest.approx(-s["log_px"] / (16 * math.log(2))) and s["bits_per_dim_levels"] == 256
     assert "bits/dim" in evaluate(eight_bit, x, num_samples=20).table()
-    # a density on [0, 1] is not a code length: no bits per dimension
+    # every epoch's ELBOs too
+    (record,) = pyvae.fit(eight_bit, x, test=x, epochs=1, batch_size=4, device="cpu", progress=False)
+    assert record["test_elbo_bpd"] == pytest.approx(-record["test_elbo"] / (16 * math.log(2)))
+    # a density on [0, 1] is not a code length, and binary images are not reported in bits: none
     assert "bits_per_dim" not in evaluate(pyvae.VAE(x_dim=16, z_dim=2, hidden=(8,), likelihood="normal"), x, num_samples=20).summary()
+    assert "bits_per_dim" not in evaluate(pyvae.VAE(x_dim=16, z_dim=2, hidden=(8,)), x.round(), num_samples=20).summary()
