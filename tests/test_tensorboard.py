@@ -21,7 +21,7 @@ def test_tensorboard_events_hold_the_epochs_the_pictures_and_the_evaluation(tmp_
     main(["train", *common, "--epochs", "2", "--tensorboard", "--valid-fraction", "0.2", "--out", str(out)])
     board = events(out / "tensorboard")
     tags = board.Tags()
-    assert {"elbo/train", "elbo/test", "elbo/valid", "kl_weight", "lr", "loss/train", "eval/log_px", "eval/bits_per_dim"} <= set(tags["scalars"])
+    assert {"elbo/train", "elbo/test", "elbo/valid", "kl_weight", "lr", "loss/train", "eval/log_px", "eval/gap"} <= set(tags["scalars"])
     assert {"samples", "reconstructions"} <= set(tags["images"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(e.step, e.value) for e in board.Scalars("elbo/test")] == [(r["epoch"], pytest.approx(r["test_elbo"])) for r in records]
