@@ -8,6 +8,8 @@ mnist              train 60k, test 10k          torchvision's ``MNIST/raw`` IDX 
 fashion_mnist      train 60k, test 10k          torchvision's ``FashionMNIST/raw`` IDX files
 digits             train 1437, test 360         scikit-learn's 8x8 digits, always available offline
 photos             train 416, test 104          32x32 colour patches of scikit-learn's two photographs
+cifar10, cifar100  train 50k, test 10k          torchvision's ``cifar-10-batches-py`` / ``cifar-100-python``
+svhn               train 73k, test 26k          torchvision's ``train_32x32.mat``, ``test_32x32.mat``
 PATH               train, test                  your image folder, .npz or .npy (:mod:`pyvae.sources`)
 =================  ===========================  ===================================================
 
@@ -42,6 +44,15 @@ SPLITS = {
     "fashion_mnist": ("train", "test"),
     "digits": ("train", "test"),
     "photos": ("train", "test"),
+    "cifar10": ("train", "test"),
+    "cifar100": ("train", "test"),
+    "svhn": ("train", "test"),
+}
+#: colour data sets read through torchvision's own classes: (class name, its keyword for each split)
+TORCHVISION_ARRAYS = {
+    "cifar10": ("CIFAR10", {"train": {"train": True}, "test": {"train": False}}),
+    "cifar100": ("CIFAR100", {"train": {"train": True}, "test": {"train": False}}),
+    "svhn": ("SVHN", {"train": {"split": "train"}, "test": {"split": "test"}}),
 }
 BINARIZE_MODES = ("none", "static", "dynamic")
 
@@ -134,6 +145,8 @@ def load_dataset(
         return _digits(split)
     if name == "photos":
         return sources.photo_patches(split)
+    if name in TORCHVISION_ARRAYS:
+        return _torchvision_arrays(name, root, split, download)
     return _torchvision_idx(name, root, split, download)
 
 
@@ -245,6 +258,35 @@ def _torchvision_download(name: str, root: Path, split: str) -> None:
 
     cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
     cls(str(root), train=split == "train", download=True)
+
+
+# -- CIFAR and SVHN through torchvision ------------------------------------------------
+def _torchvision_arrays(name: str, root: Path, split: str, download: bool) -> ImageSet:
+    """A torchvision data set held as one uint8 array (``data``: CIFAR's (N, H, W, C), SVHN's (N, C, H, W))
+    with integer labels (``targets`` or ``labels``): found under the data root, else downloaded
+    (torchvision checks its md5), else a :class:`DataNotFound` naming where it looked."""
+    from torchvision import datasets
+
+    class_name, splits = TORCHVISION_ARRAYS[name]
+    cls = getattr(datasets, class_name)
+    try:
+        found = cls(str(root), download=False, **splits[split])
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        if not download:
+            raise DataNotFound(f"{name} {split} split not found under {root} (torchvision's {class_name} layout; downloads "
+                               "are off); put the files there, or point --data-dir / $PYVAE_DATA at a folder that has them") from e
+        try:
+            with _removed_on_failure(root):
+                found = cls(str(root), download=True, **splits[split])
+        except Exception as e:
+            raise DataNotFound(f"{name} {split} split not found under {root} and its download failed: {_reason(e)}") from e
+    images = np.asarray(found.data)
+    if images.ndim == 4 and images.shape[-1] == 3:  # CIFAR: channels last
+        images = images.transpose(0, 3, 1, 2)
+    labels = np.asarray(found.targets if hasattr(found, "targets") else found.labels)  # CIFAR's name, SVHN's
+    n, c, h, w = images.shape
+    x = torch.from_numpy(np.ascontiguousarray(images).reshape(n, c * h * w).astype(np.float32) / 255.0)
+    return ImageSet(x, torch.from_numpy(labels.astype(np.int64)), (c, h, w), name, split)
 
 
 # -- scikit-learn digits ------------------------------------------------------------

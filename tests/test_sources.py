@@ -116,3 +116,30 @@ def test_a_labelled_folder_trains_a_conditional_model_and_bad_input_writes_nothi
         assert info.value.code == 2 and len(err.splitlines()) == 1
         assert re.search(message, err), err
         assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("name, layout", [("cifar10", "NHWC"), ("svhn", "NCHW")])
+def test_torchvision_colour_sets_by_name(name, layout, tmp_path, monkeypatch):
+    """CIFAR and SVHN come through torchvision's own classes (stand-ins here: no files, no network)."""
+    import torchvision.datasets
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (6, 32, 32, 3) if layout == "NHWC" else (6, 3, 32, 32), dtype=np.uint8)
+
+    class StandIn:
+        def __init__(self, root, download=False, **split):
+            assert not download and root == str(tmp_path)
+            self.data = pixels
+            setattr(self, "targets" if layout == "NHWC" else "labels", list(range(6)))
+
+    monkeypatch.setattr(torchvision.datasets, {"cifar10": "CIFAR10", "svhn": "SVHN"}[name], StandIn)
+    data = load_dataset(name, "test", data_dir=tmp_path, download=False)
+    assert data.image_shape == (3, 32, 32) and data.labels.tolist() == list(range(6))
+    channels_first = pixels.transpose(0, 3, 1, 2) if layout == "NHWC" else pixels
+    assert torch.allclose(data.images[1], torch.from_numpy(channels_first[1].reshape(-1) / 255.0).float())
+
+
+def test_a_torchvision_set_not_under_the_data_root_is_a_clear_notice(tmp_path):
+    with pytest.raises(pyvae.DataNotFound, match=r"cifar10 train split not found under .*downloads are off"):
+        load_dataset("cifar10", "train", data_dir=tmp_path / "nothing", download=False)
+    assert not (tmp_path / "nothing").exists()
