@@ -4,9 +4,11 @@ Written into ``RUN/tensorboard/`` by rank 0, all numbers in nats per data point:
 
 * every ``every`` steps: ``loss/train`` (the minibatch's -ELBO estimate, beta-weighted as trained);
 * every epoch: ``elbo/train``, ``elbo/test``, ``elbo/valid`` (and ``iwae/...``, ``log_px/valid``,
-  any extra metric such as ``accuracy/test``), ``kl_weight`` (beta), ``lr``, and the pictures
+  any extra metric such as ``accuracy/test``), ``kl_weight`` (beta), ``lr``, ``kl/<site>`` (each latent
+  site's E_q[log q - log p] on up to 500 test images, 8 draws each), and the pictures
   ``samples`` (decoded from the prior) and ``reconstructions`` (test images above their
-  reconstructions), so the grids can be followed epoch by epoch;
+  reconstructions), so the grids can be followed epoch by epoch; their draws come from a forked
+  random stream, so a run with events trains exactly as one without;
 * after training, the evaluation's ``eval/...`` numbers (log p(x), ELBO, their gap, bits/dim) and its
   table as text.
 
@@ -21,7 +23,10 @@ from pathlib import Path
 import torch
 
 from . import plots
+from .data import spread
 from .explore import prior_images
+from .importance import log_likelihood
+from .program import batch_arity
 
 #: record keys and the tag they are shown under
 TAGS = {"train_elbo": "elbo/train", "test_elbo": "elbo/test", "valid_elbo": "elbo/valid", "test_iwae": "iwae/test",
@@ -49,10 +54,20 @@ class TensorBoard:
             self.writer.add_scalar("loss/train", float(loss) / num_data, step)
 
     def epoch(self, record: dict, model: torch.nn.Module) -> None:
+        """The epoch's numbers, the KL of each latent site, and the picture grids; the draws these take
+        come from a forked random stream, so a run with events trains exactly as one without."""
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            self._epoch(record, model)
+        self.writer.flush()
+
+    def _epoch(self, record: dict, model: torch.nn.Module) -> None:
         epoch = record["epoch"]
         for key, value in record.items():
             if key != "epoch":
                 self.writer.add_scalar(TAGS.get(key, f"{key.split('_', 1)[-1]}/{key.split('_', 1)[0]}"), value, epoch)
+        for site, value in self.kl(model).items():
+            self.writer.add_scalar(f"kl/{site}", value, epoch)
         shape, n = model.image_shape, min(8, self.images.shape[0])
         if shape is not None:
             was_training = model.training
@@ -60,7 +75,17 @@ class TensorBoard:
             pairs = plots.reconstruction_pairs(model, self.images, n, 2, self.labels)
             self.writer.add_image("reconstructions", plots.grid(pairs, shape, nrow=n), epoch)
             model.train(was_training)
-        self.writer.flush()
+
+    def kl(self, model: torch.nn.Module) -> dict[str, float]:
+        """{latent site: mean KL(q || p) term} on up to 500 test images ({} for a labelled model without labels)."""
+        x = spread(self.images, 500)
+        if batch_arity(model) == 2:
+            if self.labels is None and not hasattr(model, "classify"):
+                return {}
+            y = spread(self.labels, 500) if self.labels is not None else torch.full((len(x),), -1)  # m2: unlabelled
+            x = (x, y.to(x.device))
+        ll = log_likelihood(model, x, num_samples=8)
+        return {site: float(value.double().mean()) for site, value in ll.kl.items()}
 
     def evaluation(self, summary: dict, table: str, epoch: int) -> None:
         """The final evaluation's headline numbers (``eval.json``'s) and its table."""

@@ -21,13 +21,18 @@ def test_tensorboard_events_hold_the_epochs_the_pictures_and_the_evaluation(tmp_
     main(["train", *common, "--epochs", "2", "--tensorboard", "--valid-fraction", "0.2", "--out", str(out)])
     board = events(out / "tensorboard")
     tags = board.Tags()
-    assert {"elbo/train", "elbo/test", "elbo/valid", "kl_weight", "lr", "loss/train", "eval/log_px", "eval/gap"} <= set(tags["scalars"])
+    assert {"elbo/train", "elbo/test", "elbo/valid", "kl_weight", "lr", "loss/train", "kl/z", "eval/log_px", "eval/gap"} <= set(tags["scalars"])
     assert {"samples", "reconstructions"} <= set(tags["images"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(e.step, e.value) for e in board.Scalars("elbo/test")] == [(r["epoch"], pytest.approx(r["test_elbo"])) for r in records]
     assert len(board.Images("samples")) == 2
     summary = json.loads(next(out.glob("eval-*/eval.json")).read_text())
     assert board.Scalars("eval/log_px")[0].value == pytest.approx(summary["log_px"])
+
+    # the KL draws and pictures do not touch training's random stream: the same run without events is identical
+    main(["train", *common, "--epochs", "2", "--valid-fraction", "0.2", "--out", str(tmp_path / "plain")])
+    plain = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_elbo"] for r in plain] == [r["train_elbo"] for r in records]
 
     main(["train", "--resume", str(out), "--epochs", "3"])  # the same stream goes on
     assert [e.step for e in events(out / "tensorboard").Scalars("elbo/train")] == [1, 2, 3]
