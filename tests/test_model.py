@@ -178,3 +178,13 @@ def test_unreadable_checkpoints_are_clear_errors(tmp_path):
         pyvae.load(tmp_path / "other.pt")
     with pytest.raises(pyvae.PyvaeError, match="no checkpoint at"):
         pyvae.load(tmp_path / "missing.pt")
+
+
+def test_a_checkpoint_that_does_not_match_names_the_entries(tmp_path):
+    pyvae.save(pyvae.VAE(x_dim=16, z_dim=2, hidden=(8,)), tmp_path / "one.pt")
+    with pytest.raises(pyvae.PyvaeError) as info:  # one more hidden layer, and z_dim 3
+        pyvae.load(tmp_path / "one.pt", model=pyvae.VAE(x_dim=16, z_dim=3, hidden=(8, 8)))
+    message = str(info.value)
+    assert "\n" not in message and "does not match the model" in message
+    assert "missing decoder.4.bias, decoder.4.weight, encoder.4.bias, encoder.4.weight;" in message
+    assert "shapes differ (saved vs model): prior.loc (2,) vs (3,)" in message and "encoder.2.weight (4, 8) vs (8, 8)" in message
