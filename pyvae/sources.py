@@ -165,6 +165,8 @@ def _read_images(files: list[Path], image_size: int | None) -> tuple[torch.Tenso
     """(N, C*H*W) in [0, 1] and (C, H, W): grey when every image is grey, else colour (RGB)."""
     from PIL import Image, UnidentifiedImageError
 
+    _check_fits(files, image_size)
+
     opened = []
     for f in files:
         try:
@@ -182,6 +184,35 @@ def _read_images(files: list[Path], image_size: int | None) -> tuple[torch.Tenso
                              "give --image-size S to resize and crop every image to S x S")
     stack = torch.from_numpy(np.stack(arrays))
     return stack.reshape(len(stack), -1), tuple(int(d) for d in first)
+
+
+def _check_fits(files: list[Path], image_size: int | None) -> None:
+    """Refuse, before reading, a folder whose images as float32 would take more than half the memory
+    available: data sets are held in memory (streaming from disk is not built yet)."""
+    from PIL import Image
+
+    try:
+        with Image.open(files[0]) as first:
+            w, h = (image_size, image_size) if image_size else first.size
+            channels = 1 if first.mode in ("1", "L", "I;16", "I") else 3
+    except Exception:  # unreadable: the reading below names it
+        return
+    need, have = len(files) * channels * w * h * 4, available_memory()
+    if have and need > have / 2:
+        raise PyvaeError(f"{files[0].parent}: {len(files)} images of {channels}x{h}x{w} need about {need / 2**30:.1f} GB as "
+                         f"float32, more than half the {have / 2**30:.1f} GB available; pyvae holds a data set in memory "
+                         "(streaming is not built yet): shrink them with --image-size or use a subset")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux's MemAvailable), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _pixels(image, grey: bool, image_size: int | None) -> np.ndarray:

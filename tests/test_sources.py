@@ -143,3 +143,14 @@ def test_a_torchvision_set_not_under_the_data_root_is_a_clear_notice(tmp_path):
     with pytest.raises(pyvae.DataNotFound, match=r"cifar10 train split not found under .*downloads are off"):
         load_dataset("cifar10", "train", data_dir=tmp_path / "nothing", download=False)
     assert not (tmp_path / "nothing").exists()
+
+
+def test_a_folder_too_large_for_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    import pyvae.sources
+
+    save_images(tmp_path / "big", 4, mode="RGB")
+    monkeypatch.setattr(pyvae.sources, "available_memory", lambda: 400)  # bytes: 4 images of 3x5x6 floats need 1440
+    with pytest.raises(pyvae.PyvaeError, match=r"4 images of 3x5x6 need about 0.0 GB as float32, more than half .* --image-size"):
+        load_dataset(str(tmp_path / "big"), "train")
+    monkeypatch.setattr(pyvae.sources, "available_memory", lambda: 10**9)
+    assert len(load_dataset(str(tmp_path / "big"), "train")) == 3
