@@ -78,9 +78,8 @@ def main(argv):
     torch.manual_seed(0)
     vae = pyvae.VAE(x_dim=train.x_dim, z_dim=4, hidden=(128,), likelihood=Binomial16(), image_shape=train.image_shape)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    pyvae.fit(vae, train, test=test, epochs=args.epochs, device=args.device, seed=0, out=out)
-    (out / "config.yaml").write_text(yaml.safe_dump({"dataset": "digits", "binarize": "none", "seed": 0}))
+    pyvae.fit(vae, train, test=test, epochs=args.epochs, device=args.device, seed=0, out=out,
+              out_files={"config.yaml": yaml.safe_dump({"dataset": "digits", "binarize": "none", "seed": 0})})
     print(f"test ELBO: {pyvae.evaluate_elbo(vae, test, num_particles=10):.2f} nats per data point")
     print(f"run folder {out}/; next: python -m pyvae evaluate {out} --parts {__file__}")
 

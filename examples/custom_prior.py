@@ -60,12 +60,12 @@ def main(argv):
     train, test, binarized = binarize_for(pyvae.likelihoods.Bernoulli(), train, test)
     torch.manual_seed(0)
     vae = pyvae.VAE(x_dim=train.x_dim, z_dim=2, hidden=(256,), prior=RingPrior(), image_shape=train.image_shape)
+    # config.yaml says which data the python -m pyvae commands should find again; fit writes it with the
+    # run folder once the input is checked
+    where = {"dataset": train.name, "binarize": binarized, "seed": 0, **({"data_dir": args.data_dir} if args.data_dir else {})}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    pyvae.fit(vae, train, test=test, epochs=args.epochs, device=args.device, seed=0, out=out)
-    # what the python -m pyvae commands need to find the same data again
-    run = {"dataset": train.name, "binarize": binarized, "seed": 0, **({"data_dir": args.data_dir} if args.data_dir else {})}
-    (out / "config.yaml").write_text(yaml.safe_dump(run))
+    pyvae.fit(vae, train, test=test, epochs=args.epochs, device=args.device, seed=0, out=out,
+              out_files={"config.yaml": yaml.safe_dump(where)})
     print(f"learned ring radius: {vae.prior.log_radius.exp().item():.2f}")
     print(f"test ELBO: {pyvae.evaluate_elbo(vae, test, num_particles=10):.2f} nats per data point")
     print(f"run folder {out}/; next: python -m pyvae evaluate {out} --parts {__file__}")

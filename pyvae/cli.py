@@ -31,9 +31,10 @@ def load_run(path: str | Path, which: str | None = None, parts: str | None = Non
     config = read_yaml(config_path, "run config") if config_path.is_file() else None
     if config is not None and not isinstance(config, dict):
         raise PyvaeError(f"run config {config_path} must be a mapping of keys to values; got {type(config).__name__}")
-    model = load(checkpoint, **custom_parts(read(checkpoint).get("config") or {}, parts, str(checkpoint)))
+    payload = read(checkpoint)
+    model = load(checkpoint, **custom_parts(payload.get("config") or {}, parts, str(checkpoint)))
     if os.environ.get("RANK", "0") == "0":
-        print(f"checkpoint: {describe_checkpoint(checkpoint)}")
+        print(f"checkpoint: {describe_checkpoint(checkpoint, payload)}")
     return model, config, checkpoint.parent
 
 
@@ -58,12 +59,13 @@ def checkpoint_file(path: Path, which: str | None = None) -> Path:
     return best if which != "last" and best.is_file() else last
 
 
-def describe_checkpoint(path: Path) -> str:
-    """``RUN/best.pt (epoch 37 of 50: the best validation ELBO, -88.123)`` or ``RUN/checkpoint.pt (epoch 50, the last)``."""
+def describe_checkpoint(path: Path, payload: dict | None = None) -> str:
+    """``RUN/best.pt (epoch 37 of 50: the best validation ELBO, -88.123)`` or ``RUN/checkpoint.pt (epoch 50, the last)``;
+    ``payload``: the checkpoint already read, if the caller has it."""
     from .checkpoint import read
     from .protocol import LABELS
 
-    payload = read(path)
+    payload = payload if payload is not None else read(path)
     epoch, history = payload.get("epoch"), payload.get("history")
     objective = payload.get("objective")
     if isinstance(objective, dict) and len(objective) == 1:
@@ -258,7 +260,7 @@ def train_main(argv: list[str]) -> None:
     chosen = checkpoint_file(out, None if config.eval_checkpoint == "best" else "last")
     payload = read(chosen)
     load_weights(model, payload["state_dict"], chosen)
-    print(f"final model: {describe_checkpoint(chosen)}")
+    print(f"final model: {describe_checkpoint(chosen, payload)}")
     evaluated = history[payload["epoch"] - 1]
     x_test = test[0] if isinstance(test, tuple) else test.draw()
     plots.samples(model, out / "samples.png")
@@ -340,7 +342,6 @@ def bdmc_main(argv: list[str]) -> None:
     """BDMC: forward and reverse AIS on data simulated from the model, a sandwich around log p(x)."""
     import json
 
-
     from . import distributed, plots
     from .bdmc import bdmc
     from .checkpoint import atomic_write
@@ -366,7 +367,6 @@ def bdmc_main(argv: list[str]) -> None:
 def gap_main(argv: list[str]) -> None:
     """The inference gap split into approximation and amortization gaps (AIS and per-point guides)."""
     import json
-
 
     from . import distributed
     from .checkpoint import atomic_write

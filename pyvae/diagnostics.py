@@ -133,7 +133,7 @@ class Evaluation:
             "iwae": {str(k): float(v.double().mean()) for k, v in ll.iwae.items()},
             "khat_threshold": khat_threshold(ll.num_samples),
             "khat_bands": ll.khat_bands(),
-            "khat_above_threshold": float((ll.khat > khat_threshold(ll.num_samples)).float().mean()),
+            "khat_above_threshold": self.khat_above_threshold,
             "khat_max": float(ll.khat.max()),
             "warning": self.warning(),
             "ess_mean": float(ll.ess.mean()),
@@ -173,12 +173,17 @@ class Evaluation:
             },
         }
 
+    @property
+    def khat_above_threshold(self) -> float:
+        """The share of points whose Pareto k^ is above the reliability threshold for K draws."""
+        return float((self.ll.khat > khat_threshold(self.ll.num_samples)).float().mean())
+
     def warning(self) -> str | None:
         """Why IS's headline is not to be trusted, or None: more than :data:`UNTRUSTED_SHARE` of the
         points have Pareto k^ above the threshold, where the weights' variance may be infinite, the
         delta-method ± understates the error and log p^ is likely well below log p(x). None under AIS,
         whose headline does not rest on these weights."""
-        above = float((self.ll.khat > khat_threshold(self.ll.num_samples)).float().mean())
+        above = self.khat_above_threshold
         if self.ais or above <= UNTRUSTED_SHARE:
             return None
         return (f"Pareto k^ > {khat_threshold(self.ll.num_samples):.2f} on {100 * above:.1f}% of points: the ± (Monte Carlo) "
