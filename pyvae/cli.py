@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .console import Parser, run, writable_dir
 from .errors import PyvaeError
+from .data import SPLITS
 from .sources import is_path
 
 
@@ -187,8 +188,9 @@ def train_main(argv: list[str]) -> None:
     # 1. data: the requested set, or the offline digits with a notice
     if is_path(config.dataset):  # the run's config.yaml must find it again from anywhere
         config.dataset = str(Path(config.dataset).expanduser().resolve())
-    elif config.image_size is not None:
-        raise PyvaeError(f"--image-size resizes the images of a PATH data set; {config.dataset!r} is built in")
+    elif config.image_size is not None and config.dataset in SPLITS:
+        raise PyvaeError(f"--image-size resizes the images of a PATH data set or a torchvision one read image by image "
+                         f"(celeba, stl10, ...); {config.dataset!r} is built in")
     with world.local_main_first():  # one download per machine
         train, test, notice = load_train_test(
             config.dataset, data_dir=config.data_dir, download=config.download, fallback=None if config.strict_data else "digits",
@@ -397,8 +399,6 @@ def gap_main(argv: list[str]) -> None:
 def scored_run(args, split: str, num_points: int | None):
     """What evaluate, bdmc and gap start from: (world, device, the run's model on it, run folder,
     the data set, its ``num_points`` scored points evenly spread, on the device: x or (x, y))."""
-    import torch
-
     from . import distributed
     from .batching import resolve_device
     from .data import spread
@@ -408,7 +408,7 @@ def scored_run(args, split: str, num_points: int | None):
     vae.to(device)
     data = evaluation_data(vae, config, args.dataset, split, args.data_dir, not args.no_download)
     x = scored(vae, data)
-    x = spread(x, num_points).to(device) if isinstance(x, torch.Tensor) else tuple(spread(t, num_points).to(device) for t in x)
+    x = tuple(spread(t, num_points).to(device) for t in x) if isinstance(x, tuple) else spread(x, num_points).to(device)
     return world, device, vae, run_dir, data, x
 
 
