@@ -169,6 +169,7 @@ def train_main(argv: list[str]) -> None:
     from .config import parse_args
     from .checkpoint import load_weights, read
     from .data import binarize_for, evaluation_split, load_train_test, semi_supervised, spread
+    from .streaming import StreamedImages
     from .protocol import check
     from .diagnostics import evaluate
     from .distributed import init, shutdown
@@ -212,11 +213,14 @@ def train_main(argv: list[str]) -> None:
         if config.num_labels is not None:
             train = semi_supervised(train, config.num_labels, config.seed)
         x_test, y_test = test.draw(), test.labels
+        x_test = x_test[:] if isinstance(x_test, StreamedImages) else x_test  # read whole: its accuracy takes one tensor
         metrics["test_accuracy"] = lambda model: model.accuracy(x_test, y_test)
         test = (x_test, torch.full_like(y_test, -1))
         valid = (valid.draw(), torch.full((len(valid),), -1, dtype=torch.long)) if valid is not None else None
     held = f" / {len(valid[0]) if name == 'm2' else len(valid)} valid ({valid_origin(config)})" if valid is not None else ""
-    say(f"data: {train.name}, {len(train)} train{held} / {len(x_test) if name == 'm2' else len(test)} test images of {train.image_shape}, binarize={config.binarize}")
+    streamed = ", streamed from disk (too large for memory)" if isinstance(train.images, StreamedImages) else ""
+    say(f"data: {train.name}, {len(train)} train{held} / {len(x_test) if name == 'm2' else len(test)} test images of {train.image_shape}, "
+        f"binarize={config.binarize}{streamed}")
 
     # 2. model: Pyro programs around neural networks
     torch.manual_seed(config.seed)

@@ -97,8 +97,10 @@ class StreamedImages(torch.utils.data.Dataset):
         :func:`workers` processes."""
         every = torch.arange(len(self))
         batches = [every[chunk].reshape(-1).tolist() for chunk in chunks]
-        loader = torch.utils.data.DataLoader(self, batch_sampler=batches, num_workers=workers(),
-                                             collate_fn=torch.stack, pin_memory=torch.cuda.is_available())
+        # a generator of its own: the loader's draw of a worker seed leaves the global random stream as it was,
+        # so a streamed set trains exactly as the same set held in memory (reading draws nothing)
+        loader = torch.utils.data.DataLoader(self, batch_sampler=batches, num_workers=workers(), collate_fn=torch.stack,
+                                             pin_memory=torch.cuda.is_available(), generator=torch.Generator())
         try:
             yield from loader
         except PyvaeError as e:  # raised in a worker: its message is the original's traceback
