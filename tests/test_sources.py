@@ -109,6 +109,9 @@ def test_a_labelled_folder_trains_a_conditional_model_and_bad_input_writes_nothi
         (["--dataset", str(tmp_path / "shapes"), "--image-size", "0"], "invalid value 0 for 'image_size'"),
         (["--dataset", "digits", "--image-size", "8"], "--image-size resizes the images of a PATH data set"),
         (["--dataset", str(tmp_path / "shapes"), "--batch-size", "999"], "batch_size 999 is larger than the training set"),
+        (["--dataset", "celeba", "--data-dir", str(tmp_path / "none"), "--no-download", "--strict-data"],
+         r"celeba train split not found under .*none \(torchvision's CelebA layout; downloads are off\)"),
+        (["--dataset", "no_such_set"], "invalid value 'no_such_set' for 'dataset'; allowed: .*a torchvision data set by name"),
     ]:
         with pytest.raises(SystemExit) as info:
             main(["train", *argv, "--epochs", "1", "--out", str(tmp_path / "refused")])
