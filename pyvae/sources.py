@@ -16,7 +16,8 @@ A source without its own test split is split by ``test_fraction`` (a seeded perm
 evaluation commands find the same test points). Images are grey or colour, 8-bit (scaled by
 1/255) or float in [0, 1]; arrays are (N, H, W), (N, H, W, C) or (N, C, H, W) with C in {1, 3},
 or (N, D). ``image_size`` S resizes each image's shorter side to S and crops the centre S x S;
-without it, images of different sizes are an error naming one of them.
+without it, images of different sizes are an error naming one of them. An image folder too large for
+memory is streamed from disk (:mod:`pyvae.streaming`).
 """
 
 from __future__ import annotations

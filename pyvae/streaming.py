@@ -21,6 +21,8 @@ from .errors import PyvaeError
 
 #: the share of the memory available now that one split may take as float32 before it is streamed
 MEMORY_SHARE = 0.5
+#: a set held in memory with more images than this is read by worker processes, not one by one
+READ_IN_PARALLEL = 4096
 
 
 def available_memory() -> int | None:
@@ -42,11 +44,15 @@ def fits_in_memory(n: int, shape: tuple[int, ...]) -> bool:
 
 
 def held_or_streamed(read: Callable[[int], torch.Tensor], n: int, shape: tuple[int, int, int]):
-    """The ``n`` rows ``read(0..n-1)``: stacked into one (n, C*H*W) tensor when they fit in memory, else a
-    :class:`StreamedImages` that reads them when asked."""
-    if fits_in_memory(n, shape):
+    """The ``n`` rows ``read(0..n-1)``: one (n, C*H*W) tensor when they fit in memory (read by the
+    DataLoader's workers when there are more than :data:`READ_IN_PARALLEL`), else a :class:`StreamedImages`
+    that reads them when asked."""
+    streamed = StreamedImages(read, torch.arange(n), math.prod(shape))
+    if not fits_in_memory(n, shape):
+        return streamed
+    if n <= READ_IN_PARALLEL:
         return torch.stack([read(i) for i in range(n)])
-    return StreamedImages(read, torch.arange(n), math.prod(shape))
+    return torch.cat(list(streamed.stream([slice(start, start + 1024) for start in range(0, n, 1024)])))
 
 
 class StreamedImages(torch.utils.data.Dataset):

@@ -191,6 +191,8 @@ def test_a_set_too_large_for_memory_is_streamed_with_the_same_numbers(tmp_path, 
     save_images(tmp_path / "big" / "a", 6, mode="RGB", bright=True)
     save_images(tmp_path / "big" / "b", 4, mode="RGB", seed=1)
     held = load_train_test(str(tmp_path / "big"), test_fraction=0.3)[:2]
+    monkeypatch.setattr(pyvae.streaming, "READ_IN_PARALLEL", 2)  # held, but read by the DataLoader's workers
+    assert torch.equal(load_train_test(str(tmp_path / "big"), test_fraction=0.3)[0].images, held[0].images)
     monkeypatch.setattr(pyvae.streaming, "available_memory", lambda: 1000)  # bytes: 10 images of 3x5x6 floats need 3600
     streamed = load_train_test(str(tmp_path / "big"), test_fraction=0.3)[:2]
     for h, s in zip(held, streamed):
