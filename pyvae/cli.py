@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .console import Parser, run, writable_dir
 from .errors import PyvaeError
+from .data import SPLITS
 from .sources import is_path
 
 
@@ -170,6 +171,7 @@ def train_main(argv: list[str]) -> None:
     from .config import parse_args
     from .checkpoint import load_weights, read
     from .data import binarize_for, evaluation_split, load_train_test, semi_supervised, spread
+    from .streaming import StreamedImages
     from .protocol import check
     from .diagnostics import evaluate
     from .distributed import init, shutdown
@@ -189,8 +191,9 @@ def train_main(argv: list[str]) -> None:
     # 1. data: the requested set, or the offline digits with a notice
     if is_path(config.dataset):  # the run's config.yaml must find it again from anywhere
         config.dataset = str(Path(config.dataset).expanduser().resolve())
-    elif config.image_size is not None:
-        raise PyvaeError(f"--image-size resizes the images of a PATH data set; {config.dataset!r} is built in")
+    elif config.image_size is not None and config.dataset in SPLITS:
+        raise PyvaeError(f"--image-size resizes the images of a PATH data set or a torchvision one read image by image "
+                         f"(celeba, stl10, ...); {config.dataset!r} is built in")
     with world.local_main_first():  # one download per machine
         train, test, notice = load_train_test(
             config.dataset, data_dir=config.data_dir, download=config.download, fallback=None if config.strict_data else "digits",
@@ -212,11 +215,14 @@ def train_main(argv: list[str]) -> None:
         if config.num_labels is not None:
             train = semi_supervised(train, config.num_labels, config.seed)
         x_test, y_test = test.draw(), test.labels
+        x_test = x_test[:] if isinstance(x_test, StreamedImages) else x_test  # read whole: its accuracy takes one tensor
         metrics["test_accuracy"] = lambda model: model.accuracy(x_test, y_test)
         test = (x_test, torch.full_like(y_test, -1))
         valid = (valid.draw(), torch.full((len(valid),), -1, dtype=torch.long)) if valid is not None else None
     held = f" / {len(valid[0]) if name == 'm2' else len(valid)} valid ({valid_origin(config)})" if valid is not None else ""
-    say(f"data: {train.name}, {len(train)} train{held} / {len(x_test) if name == 'm2' else len(test)} test images of {train.image_shape}, binarize={config.binarize}")
+    streamed = ", streamed from disk (too large for memory)" if isinstance(train.images, StreamedImages) else ""
+    say(f"data: {train.name}, {len(train)} train{held} / {len(x_test) if name == 'm2' else len(test)} test images of {train.image_shape}, "
+        f"binarize={config.binarize}{streamed}")
 
     # 2. model: Pyro programs around neural networks
     torch.manual_seed(config.seed)
@@ -397,8 +403,6 @@ def gap_main(argv: list[str]) -> None:
 def scored_run(args, split: str, num_points: int | None):
     """What evaluate, bdmc and gap start from: (world, device, the run's model on it, run folder,
     the data set, its ``num_points`` scored points evenly spread, on the device: x or (x, y))."""
-    import torch
-
     from . import distributed
     from .batching import resolve_device
     from .data import spread
@@ -408,7 +412,7 @@ def scored_run(args, split: str, num_points: int | None):
     vae.to(device)
     data = evaluation_data(vae, config, args.dataset, split, args.data_dir, not args.no_download)
     x = scored(vae, data)
-    x = spread(x, num_points).to(device) if isinstance(x, torch.Tensor) else tuple(spread(t, num_points).to(device) for t in x)
+    x = tuple(spread(t, num_points).to(device) for t in x) if isinstance(x, tuple) else spread(x, num_points).to(device)
     return world, device, vae, run_dir, data, x
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .data import BINARIZE_MODES, SPLITS
+from .data import BINARIZE_MODES, SPLITS, torchvision_class
 from .sources import is_path
 from .console import Parser, writable_dir
 from .errors import PyvaeError
@@ -40,9 +40,9 @@ class TrainConfig:
     """Everything a training run needs; ``config.yaml`` in a run folder is one of these."""
 
     # data
-    dataset: str = field(default="binarized_mnist", metadata={"dataset": True, "help": f"{', '.join(SPLITS)}, or the path of an image folder, .npz or .npy"})
-    test_fraction: float = field(default=0.1, metadata={"open_unit": True, "help": "a PATH data set without a test split: hold out this fraction as test"})
-    image_size: int | None = field(default=None, metadata={"min": 1, "help": "a PATH image data set: resize and centre-crop every image to S x S"})
+    dataset: str = field(default="binarized_mnist", metadata={"dataset": True, "help": f"{', '.join(SPLITS)}, any image set of torchvision.datasets by name (celeba, stl10, ...), or the path of an image folder, .npz or .npy"})
+    test_fraction: float = field(default=0.1, metadata={"open_unit": True, "help": "a PATH or torchvision data set without a test split: hold out this fraction as test"})
+    image_size: int | None = field(default=None, metadata={"min": 1, "help": "a PATH image data set or a torchvision one read image by image: resize the shorter side to S and centre-crop S x S"})
     data_dir: str | None = field(default=None, metadata={"help": "data root (else $PYVAE_DATA, else ./data)"})
     strict_data: bool = field(default=False, metadata={"help": "fail instead of falling back to digits"})
     download: bool = field(default=True, metadata={"help": "download missing data files"})
@@ -120,7 +120,8 @@ def _check(f: dataclasses.Field, value) -> None:
             raise PyvaeError(f"invalid value {value!r} for {f.name!r}: {e}") from None
         return
     if "dataset" in meta:
-        if not isinstance(value, str) or (value not in SPLITS and not (is_path(value) and Path(value).expanduser().exists())):
+        if not isinstance(value, str) or (value not in SPLITS and not (is_path(value) and Path(value).expanduser().exists())
+                                          and torchvision_class(value) is None):
             raise bad
         return
     if "models" in meta:
@@ -164,7 +165,7 @@ def _base(kind):
 
 def _describe(kind, meta) -> str:
     if "dataset" in meta:
-        return f"{', '.join(SPLITS)}, or the path of an existing image folder, .npz or .npy"
+        return f"{', '.join(SPLITS)}, a torchvision data set by name (celeba, stl10, ...), or the path of an existing image folder, .npz or .npy"
     if "choices" in meta:
         return ", ".join(meta["choices"])
     if "registry" in meta:

@@ -10,6 +10,7 @@ digits             train 1437, test 360         scikit-learn's 8x8 digits, alway
 photos             train 416, test 104          32x32 colour patches of scikit-learn's two photographs
 cifar10, cifar100  train 50k, test 10k          torchvision's ``cifar-10-batches-py`` / ``cifar-100-python``
 svhn               train 73k, test 26k          torchvision's ``train_32x32.mat``, ``test_32x32.mat``
+celeba, stl10 ...  its own, or test_fraction    any other image set of ``torchvision.datasets``, by name
 PATH               train, test                  your image folder, .npz or .npy (:mod:`pyvae.sources`)
 =================  ===========================  ===================================================
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import inspect
 import os
 import shutil
 import struct
@@ -37,6 +39,7 @@ import numpy as np
 import torch
 
 from .errors import DataNotFound, PyvaeError, positive_int
+from .streaming import StreamedImages, held_or_streamed, rows
 
 SPLITS = {
     "binarized_mnist": ("train", "valid", "test"),
@@ -74,7 +77,8 @@ TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
 @dataclass
 class ImageSet(torch.utils.data.Dataset):
-    """Images as a float tensor (N, x_dim) in [0, 1], with labels when the source has them.
+    """Images as a float tensor (N, x_dim) in [0, 1], with labels when the source has them; a set too
+    large to hold in memory has a :class:`~pyvae.streaming.StreamedImages` standing for that tensor.
 
     With ``dynamic=True`` the images are grayscale probabilities and every read is a
     fresh Bernoulli draw (:meth:`draw` for the whole set at once).
@@ -100,17 +104,24 @@ class ImageSet(torch.utils.data.Dataset):
 
     def draw(self) -> torch.Tensor:
         """All images: a fresh binarization if dynamic, the stored tensor otherwise."""
+        if self.dynamic and isinstance(self.images, StreamedImages):
+            return self.images.binarized(int(torch.randint(2**31, ())))
         return torch.bernoulli(self.images) if self.dynamic else self.images
 
     def is_binary(self) -> bool:
-        return self.dynamic or bool(((self.images == 0) | (self.images == 1)).all())
+        """Whether every value is 0 or 1 (of a streamed set: of 256 images spread over it)."""
+        x = spread(self.images, 256) if isinstance(self.images, StreamedImages) else self.images
+        return self.dynamic or bool(((x == 0) | (x == 1)).all())
 
 
 def spread(x: torch.Tensor, n: int | None) -> torch.Tensor:
     """``n`` rows evenly spaced over ``x`` (all of it when n is None, 0 or >= len(x)).
 
-    Static binarized MNIST's test split is sorted by class: its first rows are all zeros.
+    Static binarized MNIST's test split is sorted by class: its first rows are all zeros. A streamed
+    set's rows are read (:class:`~pyvae.streaming.StreamedImages`).
     """
+    if isinstance(x, StreamedImages):
+        return x[spread(torch.arange(len(x)), n)]
     if not n or n >= x.shape[0]:
         return x
     return x[torch.linspace(0, x.shape[0] - 1, n).long()]
@@ -135,7 +146,12 @@ def load_dataset(
     if name not in SPLITS:
         if sources.is_path(name):
             return sources.load_path(name, split, test_fraction, image_size)
-        raise PyvaeError(f"unknown dataset {name!r}; choose from {', '.join(SPLITS)}, or give the path of an image folder, .npz or .npy")
+        if torchvision_class(name) is None:
+            raise PyvaeError(f"unknown dataset {name!r}; choose from {', '.join(SPLITS)}, a data set of torchvision.datasets "
+                             "by name, or give the path of an image folder, .npz or .npy")
+        if split not in ("train", "test"):
+            raise PyvaeError(f"dataset {name!r} has the splits train and test; got {split!r}")
+        return _torchvision_items(name, data_root(data_dir), split, download, test_fraction, image_size)
     if split not in SPLITS[name]:
         raise PyvaeError(f"dataset {name!r} has no split {split!r}; choose from {', '.join(SPLITS[name])}")
     root = data_root(data_dir)
@@ -158,6 +174,8 @@ def binarize(data: ImageSet, mode: str, seed: int = 0) -> ImageSet:
         return data
     if mode == "dynamic":
         return replace(data, dynamic=True)
+    if isinstance(data.images, StreamedImages):
+        return replace(data, images=data.images.binarized(seed), dynamic=False)
     generator = torch.Generator().manual_seed(seed)
     return replace(data, images=torch.bernoulli(data.images, generator=generator), dynamic=False)
 
@@ -268,18 +286,7 @@ def _torchvision_arrays(name: str, root: Path, split: str, download: bool) -> Im
     from torchvision import datasets
 
     class_name, splits = TORCHVISION_ARRAYS[name]
-    cls = getattr(datasets, class_name)
-    try:
-        found = cls(str(root), download=False, **splits[split])
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
-        if not download:
-            raise DataNotFound(f"{name} {split} split not found under {root} (torchvision's {class_name} layout; downloads "
-                               "are off); put the files there, or point --data-dir / $PYVAE_DATA at a folder that has them") from e
-        try:
-            with _removed_on_failure(root):
-                found = cls(str(root), download=True, **splits[split])
-        except Exception as e:
-            raise DataNotFound(f"{name} {split} split not found under {root} and its download failed: {_reason(e)}") from e
+    found = _torchvision_instance(getattr(datasets, class_name), name, root, split, download, splits[split])
     images = np.asarray(found.data)
     if images.ndim == 4 and images.shape[-1] == 3:  # CIFAR: channels last
         images = images.transpose(0, 3, 1, 2)
@@ -287,6 +294,79 @@ def _torchvision_arrays(name: str, root: Path, split: str, download: bool) -> Im
     n, c, h, w = images.shape
     x = torch.from_numpy(np.ascontiguousarray(images).reshape(n, c * h * w).astype(np.float32) / 255.0)
     return ImageSet(x, torch.from_numpy(labels.astype(np.int64)), (c, h, w), name, split)
+
+
+# -- any other torchvision data set, read image by image ------------------------------
+#: names in torchvision.datasets that are not a data set of their own
+NOT_TORCHVISION_SETS = ("VisionDataset", "ImageFolder", "DatasetFolder", "FakeData", "wrap_dataset_for_transforms_v2")
+
+
+def torchvision_class(name: str):
+    """torchvision's data set class called ``name``, case and underscores aside (``celeba``, ``stl10``,
+    ``oxford_iiit_pet``), or None."""
+    from torchvision import datasets
+
+    key = name.replace("_", "").lower()
+    return next((getattr(datasets, c) for c in datasets.__all__ if c.lower() == key and c not in NOT_TORCHVISION_SETS), None)
+
+
+def _torchvision_items(name: str, root: Path, split: str, download: bool, test_fraction: float, image_size: int | None) -> ImageSet:
+    """A torchvision data set of (PIL image, target) items, each read through the same
+    :class:`~pyvae.sources.ImageReader` as an image folder's: held in memory when it fits, else streamed.
+    Its own split where its class takes ``train`` or ``split`` (CelebA, STL10, ...), else the whole set
+    split by ``test_fraction``; integer labels where it keeps them (``targets``, ``labels``)."""
+    from . import sources
+
+    cls = torchvision_class(name)
+    params = inspect.signature(cls).parameters
+    own = {"train": split == "train"} if "train" in params else {"split": split} if "split" in params else {}
+    found = _torchvision_instance(cls, name, root, split, download, own)
+    first = found[0][0] if len(found) else None
+    if not hasattr(first, "mode"):
+        raise PyvaeError(f"{name} under {root}: its items are not (image, target) pairs of PIL images; pyvae reads image data sets")
+    grey = first.mode in sources.GREY_MODES
+    shape = (1 if grey else 3, *((image_size, image_size) if image_size else first.size[::-1]))
+    images = held_or_streamed(sources.ImageReader(found, grey, image_size, shape), len(found), shape)
+    labels = _integer_labels(found)
+    if not own:
+        images, labels, shape = sources.split_by_fraction(images, shape, labels, split, test_fraction)
+    return ImageSet(images, labels, shape, name, split)
+
+
+def _integer_labels(found) -> torch.Tensor | None:
+    """One class index per item, where the data set keeps them as a list (CelebA's targets are attributes: none)."""
+    for attribute in ("targets", "labels", "_labels"):
+        y = np.asarray(getattr(found, attribute, None))
+        if y.ndim == 1 and len(y) == len(found) and np.issubdtype(y.dtype, np.integer) and (y >= 0).all():
+            return torch.from_numpy(y.astype(np.int64))
+    return None
+
+
+def _torchvision_instance(cls, name: str, root: Path, split: str, download: bool, kwargs: dict):
+    """``cls(root, **kwargs)`` found under the data root, else downloaded (torchvision checks its md5),
+    else a :class:`DataNotFound` naming where it looked."""
+    takes_download = "download" in inspect.signature(cls).parameters
+    try:
+        return _construct(cls, name, root, split, **kwargs, **({"download": False} if takes_download else {}))
+    except (RuntimeError, FileNotFoundError) as e:  # torchvision: "Dataset not found or corrupted"
+        if not download or not takes_download:
+            raise DataNotFound(f"{name} {split} split not found under {root} (torchvision's {cls.__name__} layout; "
+                               f"{'downloads are off' if takes_download else 'it cannot be downloaded'}); put the files "
+                               "there, or point --data-dir / $PYVAE_DATA at a folder that has them") from e
+    try:
+        with _removed_on_failure(root):
+            return _construct(cls, name, root, split, download=True, **kwargs)
+    except PyvaeError:
+        raise
+    except Exception as e:
+        raise DataNotFound(f"{name} {split} split not found under {root} and its download failed: {_reason(e)}") from e
+
+
+def _construct(cls, name: str, root: Path, split: str, /, **kwargs):
+    try:
+        return cls(str(root), **kwargs)
+    except (ValueError, TypeError) as e:  # torchvision: "Unknown value 'test' for argument split. Valid values are ..."
+        raise PyvaeError(f"{name}: torchvision's {cls.__name__} cannot give its {split!r} split: {_reason(e)}") from e
 
 
 # -- scikit-learn digits ------------------------------------------------------------
@@ -411,7 +491,7 @@ def hold_out(data: ImageSet, fraction: float, seed: int = 0) -> tuple[ImageSet, 
 
     def part(mask: torch.Tensor, split: str) -> ImageSet:
         labels = data.labels[mask] if data.labels is not None else None
-        return replace(data, images=data.images[mask], labels=labels, split=split)
+        return replace(data, images=rows(data.images, mask), labels=labels, split=split)
 
     return part(~chosen, data.split), part(chosen, "valid")
 

@@ -16,7 +16,8 @@ A source without its own test split is split by ``test_fraction`` (a seeded perm
 evaluation commands find the same test points). Images are grey or colour, 8-bit (scaled by
 1/255) or float in [0, 1]; arrays are (N, H, W), (N, H, W, C) or (N, C, H, W) with C in {1, 3},
 or (N, D). ``image_size`` S resizes each image's shorter side to S and crops the centre S x S;
-without it, images of different sizes are an error naming one of them.
+without it, images of different sizes are an error naming one of them. An image folder too large for
+memory is streamed from disk (:mod:`pyvae.streaming`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import PyvaeError
+from .streaming import held_or_streamed, rows
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -51,7 +53,7 @@ def load_path(path: str | Path, split: str, test_fraction: float = 0.1, image_si
     if path.suffix == ".npz":
         images, labels, shape = _npz(path, split)
     elif path.suffix == ".npy":
-        images, labels, shape = _split(*_array(np.load(path), path), None, split, test_fraction, seed)
+        images, labels, shape = split_by_fraction(*_array(np.load(path), path), None, split, test_fraction, seed)
     elif path.is_dir():
         images, labels, shape = _folder(path, split, test_fraction, image_size, seed)
     else:
@@ -108,7 +110,7 @@ def _labels(y: np.ndarray, n: int, path: Path, what: str) -> torch.Tensor:
     return torch.from_numpy(y.astype(np.int64))
 
 
-def _split(images, shape, labels, split: str, test_fraction: float, seed: int):
+def split_by_fraction(images, shape, labels, split: str, test_fraction: float, seed: int = 0):
     """The train or test part of a source without its own test split: a seeded permutation."""
     if not 0 < test_fraction < 1:
         raise PyvaeError(f"test_fraction must lie in (0, 1); got {test_fraction!r}")
@@ -118,7 +120,7 @@ def _split(images, shape, labels, split: str, test_fraction: float, seed: int):
     n_test = min(n - 1, max(1, round(test_fraction * n)))
     order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
     index = order[n_test:].sort().values if split == "train" else order[:n_test].sort().values
-    return images[index], labels[index] if labels is not None else None, shape
+    return rows(images, index), labels[index] if labels is not None else None, shape
 
 
 # -- image folders -----------------------------------------------------------------------
@@ -130,7 +132,7 @@ def _folder(root: Path, split: str, test_fraction: float, image_size: int | None
         return images, labels, shape
     files, labels = _listing(root, _classes(root))
     images, shape = _read_images(files, image_size)
-    return _split(images, shape, labels, split, test_fraction, seed)
+    return split_by_fraction(images, shape, labels, split, test_fraction, seed)
 
 
 def _classes(folder: Path) -> list[str]:
@@ -161,76 +163,77 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
 
 
-def _read_images(files: list[Path], image_size: int | None) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """(N, C*H*W) in [0, 1] and (C, H, W): grey when every image is grey, else colour (RGB)."""
+GREY_MODES = ("1", "L", "I;16", "I")
+
+
+def _read_images(files: list[Path], image_size: int | None):
+    """(N, C*H*W) in [0, 1], held or streamed (:func:`pyvae.streaming.held_or_streamed`), and (C, H, W):
+    grey when every image is grey, else colour (RGB). Every file's header is read first, so a file that
+    is not an image, or sizes that differ without ``image_size``, are found before any pixel is."""
     from PIL import Image, UnidentifiedImageError
 
-    _check_fits(files, image_size)
-
-    opened = []
+    modes, sizes = [], []
     for f in files:
         try:
             with Image.open(f) as image:
-                image.load()
-                opened.append(image.copy())
+                modes.append(image.mode)
+                sizes.append(image.size)
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise PyvaeError(f"cannot read image {f}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    grey = all(image.mode in ("1", "L", "I;16", "I") for image in opened)
-    arrays = [_pixels(image, grey, image_size) for image in opened]
-    first = arrays[0].shape
-    for f, a in zip(files, arrays):
-        if a.shape != first:
-            raise PyvaeError(f"{f} is {a.shape[2]}x{a.shape[1]} but {files[0]} is {first[2]}x{first[1]}: "
+            raise _unreadable(f, e) from e
+        if image_size is None and sizes[-1] != sizes[0]:
+            raise PyvaeError(f"{f} is {sizes[-1][0]}x{sizes[-1][1]} but {files[0]} is {sizes[0][0]}x{sizes[0][1]}: "
                              "give --image-size S to resize and crop every image to S x S")
-    stack = torch.from_numpy(np.stack(arrays))
-    return stack.reshape(len(stack), -1), tuple(int(d) for d in first)
+    grey = all(mode in GREY_MODES for mode in modes)
+    w, h = (image_size, image_size) if image_size else sizes[0]
+    shape = (1 if grey else 3, h, w)
+    return held_or_streamed(ImageReader(files, grey, image_size, shape), len(files), shape), shape
 
 
-def _check_fits(files: list[Path], image_size: int | None) -> None:
-    """Refuse, before reading, a folder whose images as float32 would take more than half the memory
-    available: data sets are held in memory (streaming from disk is not built yet)."""
-    from PIL import Image
-
-    try:
-        with Image.open(files[0]) as first:
-            w, h = (image_size, image_size) if image_size else first.size
-            channels = 1 if first.mode in ("1", "L", "I;16", "I") else 3
-    except Exception:  # unreadable: the reading below names it
-        return
-    need, have = len(files) * channels * w * h * 4, available_memory()
-    if have and need > have / 2:
-        raise PyvaeError(f"{files[0].parent}: {len(files)} images of {channels}x{h}x{w} need about {need / 2**30:.1f} GB as "
-                         f"float32, more than half the {have / 2**30:.1f} GB available; pyvae holds a data set in memory "
-                         "(streaming is not built yet): shrink them with --image-size or use a subset")
+def _unreadable(what, e: BaseException) -> PyvaeError:
+    return PyvaeError(f"cannot read image {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available now (Linux's MemAvailable), or None where it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+class ImageReader:
+    """Image i of ``source`` (a list of files, or a torchvision data set of (PIL image, target) items) as a
+    float (C*H*W,) tensor in [0, 1]: grey or RGB, resized and cropped to ``image_size`` when given, and
+    checked to have ``shape``. One function for the images held in memory and those streamed."""
+
+    def __init__(self, source, grey: bool, image_size: int | None, shape: tuple[int, int, int]) -> None:
+        self.source, self.grey, self.image_size, self.shape = source, grey, image_size, shape
+
+    def __call__(self, i: int) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        item = self.source[i]
+        what = item if isinstance(item, Path) else f"{i} of {type(self.source).__name__}"
+        try:
+            if isinstance(item, Path):
+                with Image.open(item) as image:
+                    x = _pixels(image, self.grey, self.image_size)
+            else:
+                x = _pixels(item[0], self.grey, self.image_size)
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise _unreadable(what, e) from e
+        if x.shape != self.shape:
+            raise PyvaeError(f"image {what} is {x.shape[2]}x{x.shape[1]} but the first is {self.shape[2]}x{self.shape[1]}: "
+                             "give --image-size S to resize and crop every image to S x S")
+        return torch.from_numpy(x.reshape(-1))
 
 
 def _pixels(image, grey: bool, image_size: int | None) -> np.ndarray:
     """One image as a (C, H, W) float32 array in [0, 1], resized and cropped when asked."""
     from PIL import Image
 
-    if grey and image.mode in ("I;16", "I"):
-        x, scale = np.asarray(image, dtype=np.float32), 65535.0
-    else:
-        image = image.convert("L" if grey else "RGB")
-        if image_size is not None:
-            w, h = image.size
-            ratio = image_size / min(w, h)
-            image = image.resize((max(image_size, round(w * ratio)), max(image_size, round(h * ratio))), Image.BILINEAR)
-            w, h = image.size
-            left, top = (w - image_size) // 2, (h - image_size) // 2
-            image = image.crop((left, top, left + image_size, top + image_size))
-        x, scale = np.asarray(image, dtype=np.float32), 255.0
+    deep = grey and image.mode in ("I;16", "I")  # 16-bit grey keeps its depth: as 32-bit integers, scaled by 1/65535
+    image = image.convert("I" if deep else "L" if grey else "RGB")
+    if image_size is not None:
+        w, h = image.size
+        ratio = image_size / min(w, h)
+        image = image.resize((max(image_size, round(w * ratio)), max(image_size, round(h * ratio))), Image.BILINEAR)
+        w, h = image.size
+        left, top = (w - image_size) // 2, (h - image_size) // 2
+        image = image.crop((left, top, left + image_size, top + image_size))
+    x, scale = np.asarray(image, dtype=np.float32), 65535.0 if deep else 255.0
     x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
     return x / scale
 
@@ -250,5 +253,5 @@ def photo_patches(split: str, size: int = 32, seed: int = 0):
         grid = image[:h, :w].reshape(h // size, size, w // size, size, 3).transpose(0, 2, 4, 1, 3)
         patches.append(grid.reshape(-1, 3, size, size))
     x = torch.from_numpy(np.concatenate(patches).astype(np.float32) / 255.0).reshape(-1, 3 * size * size)
-    images, _, shape = _split(x, (3, size, size), None, split, 0.2, seed)
+    images, _, shape = split_by_fraction(x, (3, size, size), None, split, 0.2, seed)
     return ImageSet(images, None, shape, "photos", split)

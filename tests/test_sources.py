@@ -109,6 +109,9 @@ def test_a_labelled_folder_trains_a_conditional_model_and_bad_input_writes_nothi
         (["--dataset", str(tmp_path / "shapes"), "--image-size", "0"], "invalid value 0 for 'image_size'"),
         (["--dataset", "digits", "--image-size", "8"], "--image-size resizes the images of a PATH data set"),
         (["--dataset", str(tmp_path / "shapes"), "--batch-size", "999"], "batch_size 999 is larger than the training set"),
+        (["--dataset", "celeba", "--data-dir", str(tmp_path / "none"), "--no-download", "--strict-data"],
+         r"celeba train split not found under .*none \(torchvision's CelebA layout; downloads are off\)"),
+        (["--dataset", "no_such_set"], "invalid value 'no_such_set' for 'dataset'; allowed: .*a torchvision data set by name"),
     ]:
         with pytest.raises(SystemExit) as info:
             main(["train", *argv, "--epochs", "1", "--out", str(tmp_path / "refused")])
@@ -145,12 +148,95 @@ def test_a_torchvision_set_not_under_the_data_root_is_a_clear_notice(tmp_path):
     assert not (tmp_path / "nothing").exists()
 
 
-def test_a_folder_too_large_for_memory_is_refused_before_reading(tmp_path, monkeypatch):
-    import pyvae.sources
+def test_a_torchvision_set_by_name_read_image_by_image(tmp_path):
+    """EuroSAT through torchvision's own class (an ImageFolder of RGB JPEGs under eurosat/2750): labels
+    from its targets, no split of its own so split by test_fraction, --image-size applied."""
+    for k, name in enumerate(["Forest", "River"]):
+        save_images(tmp_path / "eurosat" / "2750" / name, 5 + k, size=(8, 6), mode="RGB", seed=k)
+    train, test, _ = load_train_test("eurosat", data_dir=tmp_path, download=False, test_fraction=0.25, image_size=4)
+    assert (len(train), len(test)) == (8, 3) and train.image_shape == (3, 4, 4) and train.name == "eurosat"
+    assert sorted(torch.cat([train.labels, test.labels]).tolist()) == [0] * 5 + [1] * 6
+    assert torch.equal(load_dataset("EuroSAT", "test", data_dir=tmp_path, download=False, test_fraction=0.25,
+                                    image_size=4).images, test.images)
+    with pytest.raises(pyvae.DataNotFound, match=r"celeba train split not found under .*CelebA layout; downloads are off"):
+        load_dataset("celeba", "train", data_dir=tmp_path / "nothing", download=False)
+    assert not (tmp_path / "nothing").exists()
 
-    save_images(tmp_path / "big", 4, mode="RGB")
-    monkeypatch.setattr(pyvae.sources, "available_memory", lambda: 400)  # bytes: 4 images of 3x5x6 floats need 1440
-    with pytest.raises(pyvae.PyvaeError, match=r"4 images of 3x5x6 need about 0.0 GB as float32, more than half .* --image-size"):
-        load_dataset(str(tmp_path / "big"), "train")
-    monkeypatch.setattr(pyvae.sources, "available_memory", lambda: 10**9)
-    assert len(load_dataset(str(tmp_path / "big"), "train")) == 3
+
+def test_a_torchvision_set_with_splits_of_its_own(tmp_path, monkeypatch):
+    """A class taking ``split`` (CelebA's) is asked for train or test; attribute targets give no labels."""
+    import torchvision.datasets
+
+    class StandIn(torch.utils.data.Dataset):
+        def __init__(self, root, split="train", download=False):
+            if split not in ("train", "valid", "test"):
+                raise ValueError(f"Unknown value '{split}' for argument split")
+            self.n = {"train": 5, "test": 2}[split]
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            return Image.fromarray(np.full((218, 178, 3), 10 * i, np.uint8)), torch.zeros(40)
+
+    monkeypatch.setattr(torchvision.datasets, "CelebA", StandIn)
+    test = load_dataset("celeba", "test", data_dir=tmp_path, download=False, image_size=8)
+    assert len(test) == 2 and test.labels is None and test.image_shape == (3, 8, 8)
+    assert torch.allclose(test.images[1], torch.full((192,), 10 / 255))
+
+
+def test_a_set_too_large_for_memory_is_streamed_with_the_same_numbers(tmp_path, monkeypatch):
+    import pyvae.streaming
+
+    save_images(tmp_path / "big" / "a", 6, mode="RGB", bright=True)
+    save_images(tmp_path / "big" / "b", 4, mode="RGB", seed=1)
+    held = load_train_test(str(tmp_path / "big"), test_fraction=0.3)[:2]
+    monkeypatch.setattr(pyvae.streaming, "READ_IN_PARALLEL", 2)  # held, but read by the DataLoader's workers
+    assert torch.equal(load_train_test(str(tmp_path / "big"), test_fraction=0.3)[0].images, held[0].images)
+    monkeypatch.setattr(pyvae.streaming, "available_memory", lambda: 1000)  # bytes: 10 images of 3x5x6 floats need 3600
+    streamed = load_train_test(str(tmp_path / "big"), test_fraction=0.3)[:2]
+    for h, s in zip(held, streamed):
+        assert isinstance(s.images, pyvae.streaming.StreamedImages) and s.images.shape == h.images.shape
+        assert torch.equal(s.images[:], h.images) and torch.equal(s.labels, h.labels)
+    rest, valid = pyvae.data.hold_out(streamed[0], 0.3)
+    assert torch.equal(valid.images[:], pyvae.data.hold_out(held[0], 0.3)[1].images)
+    # a static binarization of a streamed set is one fixed draw per image, the same in any subset
+    binary = pyvae.data.binarize(streamed[0], "static", seed=3)
+    assert torch.equal(binary.images[[2, 4]], binary.images.subset([2, 4])[:]) and binary.is_binary()
+
+
+def test_a_corrupt_image_in_a_streamed_set_is_one_line_naming_it(tmp_path, monkeypatch):
+    import pyvae.streaming
+    from pyvae.batching import Batches
+
+    save_images(tmp_path / "big", 8)
+    whole = (tmp_path / "big" / "005.png").read_bytes()
+    (tmp_path / "big" / "005.png").write_bytes(whole[: len(whole) // 2])  # its header is whole, its pixels not
+    monkeypatch.setattr(pyvae.streaming, "available_memory", lambda: 100)
+    train = load_dataset(str(tmp_path / "big"), "train", test_fraction=0.25)
+    with pytest.raises(pyvae.PyvaeError) as info:
+        list(Batches(train, torch.device("cpu")).in_order(2))
+    assert re.fullmatch(r"cannot read image .*big/005.png: OSError: .*", str(info.value))
+
+
+def test_a_streamed_folder_trains_exactly_as_held_and_evaluate_finds_it_again(tmp_path, monkeypatch, capsys):
+    """The same colour folder held in memory and forced to stream (a DataLoader with workers): the same
+    minibatches, so the same ELBOs to the last digit; then ``evaluate RUN`` reads it again."""
+    import json
+
+    import pyvae.streaming
+
+    save_images(tmp_path / "pics" / "a", 20, size=(6, 6), mode="RGB", bright=True)
+    save_images(tmp_path / "pics" / "b", 20, size=(6, 6), mode="RGB", seed=1)
+    flags = ["--dataset", str(tmp_path / "pics"), "--epochs", "2", "--batch-size", "8", "--eval-samples", "4", "--z-dim", "2",
+             "--hidden", "8", "--valid-fraction", "0.2", "--likelihood", "discretized_logistic", "--no-download"]
+    main(["train", *flags, "--out", str(tmp_path / "held")])
+    monkeypatch.setattr(pyvae.streaming, "available_memory", lambda: 1000)  # 40 images of 3x6x6 floats need 17,280 bytes
+    capsys.readouterr()
+    main(["train", *flags, "--out", str(tmp_path / "streamed")])
+    assert "binarize=none, streamed from disk (too large for memory)" in capsys.readouterr().out
+    held, streamed = ([{k: v for k, v in json.loads(line).items() if "time" not in k and "second" not in k}
+                       for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("held", "streamed"))
+    assert held == streamed and len(held) == 2
+    main(["evaluate", str(tmp_path / "streamed"), "--num-samples", "4", "--out", str(tmp_path / "e")])
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["num_points"] == 4  # 0.1 of 40 held out as test
