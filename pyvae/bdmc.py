@@ -18,6 +18,7 @@ from . import distributed, program
 from .ais import AISResult, ais_log_likelihood, check, data_dim, point_seed, reverse_ais
 from .diagnostics import GRID, ais_ladder, take
 from .errors import PyvaeError
+from .likelihoods import bits_per_dim, coding
 
 
 @torch.no_grad()
@@ -44,12 +45,16 @@ class BDMCResult:
     their ``log_px``. The gap upper - lower >= 0 in expectation."""
 
     runs: dict
+    #: (pixels per point, values per pixel) when the likelihood is a mass over 8-bit-like pixel values
+    coding: tuple[int, int] | None = None
 
     def summary(self) -> dict:
         by_t = {}
         for steps, (lower, upper) in sorted(self.runs.items()):
             low, up = float(lower.log_px.double().mean()), float(upper.log_px.double().mean())
             by_t[str(steps)] = {"lower": low, "upper": up, "gap": up - low, "seconds": lower.seconds + upper.seconds}
+            if self.coding:  # the sandwich in bits per dimension: the upper bound on log p(x) is the lower one in bits
+                by_t[str(steps)]["bits_per_dim"] = {k: bits_per_dim(v, self.coding[0]) for k, v in (("lower", low), ("upper", up))}
         top_t = max(self.runs)
         lower, upper = self.runs[top_t]
         return {
@@ -69,7 +74,9 @@ class BDMCResult:
         lines = [f"BDMC on {s['num_points']} points simulated from the model; {s['num_chains']} chains, {s['leapfrog_steps']} "
                  f"leapfrog steps, {s['schedule']} schedule (nats per point)"]
         for steps, row in s["by_num_steps"].items():
-            lines.append(f"  T={steps:<7} lower {row['lower']:10.3f}   upper {row['upper']:10.3f}   gap {row['gap']:.3f}   ({row['seconds']:.0f} s)")
+            bits = row.get("bits_per_dim")
+            lines.append(f"  T={steps:<7} lower {row['lower']:10.3f}   upper {row['upper']:10.3f}   gap {row['gap']:.3f}   ({row['seconds']:.0f} s)"
+                         + (f"   bits/dim ({self.coding[1]} levels) {bits['upper']:.4f} to {bits['lower']:.4f}" if bits else ""))
         return "\n".join(lines)
 
 
@@ -104,5 +111,5 @@ def bdmc(
         parts = distributed.sharded(both, n, GRID.get(device.type, 64), world)
         if parts is not None:
             runs[steps] = tuple(AISResult.concat([p[i] for p in parts]) for i in (0, 1))
-    return BDMCResult(runs) if world.main else None
+    return BDMCResult(runs, coding(model)) if world.main else None
 

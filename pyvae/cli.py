@@ -175,6 +175,7 @@ def train_main(argv: list[str]) -> None:
     from .protocol import check
     from .diagnostics import evaluate
     from .distributed import init, shutdown
+    from .likelihoods import coding
     from .train import fit
     from .batching import resolve_device
     from .tensorboard import TensorBoard
@@ -285,7 +286,8 @@ def train_main(argv: list[str]) -> None:
     if board is not None:
         board.close()
     accuracy = f"; test accuracy {evaluated['test_accuracy']:.3f}" if "test_accuracy" in evaluated else ""
-    print(f"test ELBO {evaluated['test_elbo']:.3f} nats per data point (epoch {evaluated['epoch']}){accuracy}; outputs in {out}/")
+    bits = f", {evaluated['test_elbo_bpd']:.4f} bits/dim ({coding(model)[1]} levels)" if "test_elbo_bpd" in evaluated else ""
+    print(f"test ELBO {evaluated['test_elbo']:.3f} nats per data point{bits} (epoch {evaluated['epoch']}){accuracy}; outputs in {out}/")
 
 
 def validation_data(config, train, say):

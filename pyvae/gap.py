@@ -25,6 +25,7 @@ from .ais import AISResult, ais_log_likelihood, check, point_seed
 from .diagnostics import take
 from .errors import positive_int, positive_number
 from .importance import LogLikelihood, log_likelihood
+from .likelihoods import bits_per_dim, coding
 
 
 class LocalGuide(torch.nn.Module):
@@ -72,6 +73,10 @@ def local_optimum(model: torch.nn.Module, batch: tuple, *, steps: int = 2000, nu
             p.requires_grad_(True)
 
 
+#: the numbers also reported in bits per dimension for an 8-bit likelihood, and their labels
+BITS = {"log_px": "log p(x)", "elbo_local": "ELBO local", "elbo_amortized": "ELBO amortized"}
+
+
 @dataclass
 class GapResult:
     """Per point (N,): ``log_px`` (AIS), ``elbo_amortized``, ``elbo_local`` (the best guide for that point),
@@ -85,6 +90,8 @@ class GapResult:
     local_steps: torch.Tensor
     ais: AISResult
     num_samples: int
+    #: (pixels per point, values per pixel) when the likelihood is a mass over 8-bit-like pixel values
+    coding: tuple[int, int] | None = None
 
     def summary(self) -> dict:
         mean = lambda t: float(t.double().mean())  # noqa: E731
@@ -105,6 +112,8 @@ class GapResult:
             "local_steps_mean": mean(self.local_steps),
             "per_point": {"log_px": self.log_px.tolist(), "elbo_amortized": self.elbo_amortized.tolist(),
                           "elbo_local": self.elbo_local.tolist()},
+            **({"bits_per_dim": {k: bits_per_dim(mean(getattr(self, k)), self.coding[0]) for k in BITS},
+                "bits_per_dim_levels": self.coding[1]} if self.coding else {}),
         }
 
     def to_netcdf(self, path) -> None:
@@ -137,6 +146,8 @@ class GapResult:
             f"  inference gap       {s['inference_gap']:10.3f}   (= approximation + amortization)",
             f"  IS (K = {s['num_samples']})      amortized {s['log_px_is_amortized']:.3f}, local {s['log_px_is_local']:.3f};"
             f" local fits took {s['local_steps_mean']:.0f} Adam steps on average",
+            *([f"  bits/dim ({s['bits_per_dim_levels']} levels)  " + "  ".join(f"{BITS[k]} {v:.4f}" for k, v in s["bits_per_dim"].items())]
+              if "bits_per_dim" in s else []),
         ])
 
 
@@ -185,6 +196,7 @@ def inference_gap(
     return GapResult(
         log_px=annealed.log_px, elbo_amortized=amortized.elbo, elbo_local=fitted.elbo, log_px_is=amortized.log_px,
         log_px_is_local=fitted.log_px, local_steps=torch.tensor([float(r[2]) for r in rows]), ais=annealed, num_samples=num_samples,
+        coding=coding(model),
     )
 
 

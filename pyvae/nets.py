@@ -159,6 +159,22 @@ def residual_stages(height: int, width: int, base: int = 32, widest: int = 128) 
     return stages
 
 
+def _init_residual(net: nn.Module) -> None:
+    """He initialization of the convolutions (fan-in, ReLU gain; He et al. 2015) and residual branches that
+    start at zero, so each block starts as the identity (Goyal et al. 2017; Zhang et al. 2019's Fixup).
+    With PyTorch's default initialization every layer shrank the signal, and at 32x32 the decoder's
+    output hardly depended on z (40 times less than the two-layer conv net's) nor the encoder's on x:
+    training collapsed the posterior (on the photos, 0 of 50 units active, 8.08 bits/dim)."""
+    for layer in net.modules():
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+    for block in net.modules():
+        if isinstance(block, ResidualBlock):
+            nn.init.zeros_(block.body[-1].weight)
+            nn.init.zeros_(block.body[-1].bias)
+
+
 class ResidualEncoder(nn.Module):
     """A 3x3 stem, then per stage a residual block and a stride-2 convolution, then a linear layer:
     (..., C*H*W) -> (..., out_dim). Depth follows the image size (:func:`residual_stages`)."""
@@ -177,6 +193,7 @@ class ResidualEncoder(nn.Module):
         scale = 2 ** len(stages)
         layers += [ResidualBlock(stages[-1][1], act), act(), nn.Flatten(), nn.Linear(stages[-1][1] * (h // scale) * (w // scale), out_dim)]
         self.net = nn.Sequential(*layers)
+        _init_residual(self.net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -202,6 +219,7 @@ class ResidualDecoder(nn.Module):
             layers += [ResidualBlock(b, act), act(), nn.ConvTranspose2d(b, a, 4, stride=2, padding=1)]
         layers += [ResidualBlock(stages[0][0], act), act(), nn.Conv2d(stages[0][0], c * params_per_pixel, 3, padding=1), nn.Flatten()]
         self.net = nn.Sequential(*layers)
+        _init_residual(self.net)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         lead = z.shape[:-1]

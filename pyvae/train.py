@@ -282,8 +282,8 @@ def fit(
                 model.eval()
                 with torch.no_grad():
                     record[name] = float(metric(model))
-            if (pixels := coding(model)) is not None:  # 8-bit images: the ELBOs also in bits per dimension
-                record.update({f"{k}_bpd": bits_per_dim(record[k], pixels[0]) for k in BPD_KEYS if k in record})
+            if (coded := coding(model)) is not None:  # 8-bit images: the ELBOs also in bits per dimension
+                record.update({f"{k}_bpd": bits_per_dim(record[k], coded[0]) for k in BPD_KEYS if k in record})
             record["lr"] = epoch_lr
             schedule.step(record.get(objective_key))
             record["seconds"] = time.perf_counter() - start
@@ -291,7 +291,7 @@ def fit(
             if tensorboard is not None and world.main:
                 tensorboard.epoch(record, model)
             if progress:
-                tqdm.write(_epoch_line(record, epochs, num_particles, metrics), file=sys.stdout)
+                tqdm.write(_epoch_line(record, epochs, num_particles, metrics, coded), file=sys.stdout)
             if out is not None:
                 if world.main:
                     if protocol.best_epoch(history, objective_key) == (epoch, record.get(objective_key)):
@@ -326,11 +326,14 @@ def _validation(model, valid: Batches, world, elbo, num_particles: int, valid_sa
 
 
 #: the per-epoch numbers also given in bits per dimension for an 8-bit likelihood
-BPD_KEYS = ("train_elbo", "test_elbo", "valid_elbo", "test_iwae", "valid_iwae", "valid_log_px")
+#: the numbers an epoch also reports in bits per dimension, and their labels in the epoch line
+BPD_KEYS = {"train_elbo": "train", "test_elbo": "test", "test_iwae": "test IWAE", "valid_elbo": "valid",
+            "valid_iwae": "valid IWAE", "valid_log_px": "valid log p(x)"}
 
 
-def _epoch_line(record: dict, epochs: int, num_particles: int, metrics: dict | None) -> str:
-    """``epoch   5/10  train ELBO ...  test ELBO ...  valid ELBO ...  nats/point  lr ...  (4.4 s)``."""
+def _epoch_line(record: dict, epochs: int, num_particles: int, metrics: dict | None, coded: tuple[int, int] | None = None) -> str:
+    """``epoch   5/10  train ELBO ...  test ELBO ...  valid ELBO ...  nats/point  lr ...  (4.4 s)``; for a
+    likelihood that is a mass over ``coded`` = (pixels, levels), the same numbers in bits/dim after them."""
     parts = [f"epoch {record['epoch']:3d}/{epochs}  train ELBO {record['train_elbo']:9.3f}"]
     for split in ("test", "valid"):
         if f"{split}_elbo" in record:
@@ -340,8 +343,8 @@ def _epoch_line(record: dict, epochs: int, num_particles: int, metrics: dict | N
     if "valid_log_px" in record:
         parts.append(f"valid log p(x) {record['valid_log_px']:9.3f}")
     parts.append("nats/point")
-    if "test_elbo_bpd" in record:
-        parts.append(f"(test ELBO {record['test_elbo_bpd']:.4f} bits/dim)")
+    if coded is not None:
+        parts.append(f"bits/dim ({coded[1]} levels) " + "  ".join(f"{label} {record[f'{k}_bpd']:.4f}" for k, label in BPD_KEYS.items() if k in record))
     parts += [f"{name} {record[name]:.3f}" for name in metrics or {}]
     parts.append(f"lr {record['lr']:.3g}  ({record['seconds']:.1f} s)")
     return "  ".join(parts)

@@ -132,6 +132,16 @@ def test_likelihood_is_normalized(name, out):
     assert mass.item() == pytest.approx(1.0, abs=2e-3)
 
 
+def test_discretized_logistic_mean_is_the_masses_weighted_sum():
+    from pyvae.likelihoods import DiscretizedLogisticDistribution
+
+    torch.manual_seed(0)
+    loc, scale = 1.4 * torch.rand(5, 7, dtype=torch.float64) - 0.2, 0.3 * torch.rand(5, 7, dtype=torch.float64) + 1e-3
+    p = DiscretizedLogisticDistribution(loc, scale, num_levels=256)
+    grid = torch.linspace(0, 1, 256, dtype=torch.float64).reshape(256, 1, 1)
+    assert torch.allclose(p.mean, (p.log_prob(grid).exp() * grid).sum(0), atol=1e-10)
+
+
 @pytest.mark.parametrize("name", LIKELIHOOD_NAMES)
 def test_likelihood_shapes_and_mean(name):
     vae = pyvae.VAE(x_dim=16, z_dim=3, hidden=(8,), likelihood=name)

@@ -329,7 +329,7 @@ def test_evaluate_command_bad_input(trained_run, capsys, argv, message):
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
 
 
-def test_bits_per_dimension_for_8_bit_likelihoods():
+def test_bits_per_dimension_for_8_bit_likelihoods(capsys):
     from pyvae.likelihoods import bits_per_dim
 
     assert bits_per_dim(-64 * math.log(256), 64) == pytest.approx(8.0)  # a uniform mass over 8-bit pixels
@@ -339,9 +339,14 @@ def test_bits_per_dimension_for_8_bit_likelihoods():
     s = evaluate(eight_bit, x, num_samples=20).summary()
     assert s["bits_per_dim"] == pytest.approx(-s["log_px"] / (16 * math.log(2))) and s["bits_per_dim_levels"] == 256
     assert "bits/dim" in evaluate(eight_bit, x, num_samples=20).table()
-    # every epoch's ELBOs too
-    (record,) = pyvae.fit(eight_bit, x, test=x, epochs=1, batch_size=4, device="cpu", progress=False)
-    assert record["test_elbo_bpd"] == pytest.approx(-record["test_elbo"] / (16 * math.log(2)))
+    # every epoch's ELBOs and log p(x) too, saved and printed
+    (record,) = pyvae.fit(eight_bit, x, test=x, valid=x[:6], valid_samples=10, epochs=1, batch_size=4, device="cpu")
+    for key in ("train_elbo", "test_elbo", "valid_elbo", "valid_log_px"):
+        assert record[f"{key}_bpd"] == pytest.approx(-record[key] / (16 * math.log(2)))
+    printed = capsys.readouterr().out
+    bits = "  ".join(f"{label} {record[f'{key}_bpd']:.4f}" for key, label in
+                     [("train_elbo", "train"), ("test_elbo", "test"), ("valid_elbo", "valid"), ("valid_log_px", "valid log p(x)")])
+    assert f"nats/point  bits/dim (256 levels) {bits}  lr" in printed, printed
     # a density on [0, 1] is not a code length, and binary images are not reported in bits: none
     assert "bits_per_dim" not in evaluate(pyvae.VAE(x_dim=16, z_dim=2, hidden=(8,), likelihood="normal"), x, num_samples=20).summary()
     assert "bits_per_dim" not in evaluate(pyvae.VAE(x_dim=16, z_dim=2, hidden=(8,)), x.round(), num_samples=20).summary()

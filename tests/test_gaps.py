@@ -52,6 +52,25 @@ def test_the_gap_splits_into_approximation_and_amortization():
     assert (result.elbo_amortized < result.elbo_local).all()
 
 
+def test_bdmc_and_the_gap_of_an_8_bit_likelihood_also_in_bits_per_dimension():
+    import math
+
+    import pyvae
+
+    torch.manual_seed(0)
+    vae = pyvae.VAE(x_dim=16, z_dim=2, hidden=(8,), likelihood="discretized_logistic")
+    in_bits = lambda nats: pytest.approx(-nats / (16 * math.log(2)))  # noqa: E731
+    s = bdmc(vae, (torch.zeros(4, 16),), num_steps=20, ladder=False, **FAST).summary()
+    assert s["bits_per_dim"] == {"lower": in_bits(s["lower"]), "upper": in_bits(s["upper"])}
+    assert "bits/dim (256 levels)" in bdmc(vae, (torch.zeros(4, 16),), num_steps=20, ladder=False, **FAST).table()
+    x = torch.randint(0, 256, (2, 16)).float() / 255
+    result = inference_gap(vae, x, ais={"num_steps": 20, **FAST}, num_samples=50, local_steps=20)
+    s = result.summary()
+    assert s["bits_per_dim"] == {k: in_bits(s[k]) for k in ("log_px", "elbo_local", "elbo_amortized")}
+    assert s["bits_per_dim_levels"] == 256 and "bits/dim (256 levels)  log p(x)" in result.table()
+    assert "bits_per_dim" not in bdmc(ppca(), (torch.zeros(2, 6),), num_steps=10, ladder=False, **FAST).summary()  # a density
+
+
 def test_the_bdmc_and_gap_commands(run_folder, capsys):
     main(["bdmc", str(run_folder), "--num-points", "6", "--num-steps", "100", "--num-chains", "4", "--leapfrog-steps", "3"])
     printed = capsys.readouterr().out

@@ -36,3 +36,26 @@ def test_tensorboard_events_hold_the_epochs_the_pictures_and_the_evaluation(tmp_
 
     main(["train", "--resume", str(out), "--epochs", "3"])  # the same stream goes on
     assert [e.step for e in events(out / "tensorboard").Scalars("elbo/train")] == [1, 2, 3]
+
+
+def test_a_colour_8_bit_run_with_a_residual_net_reports_bits_per_dimension(tmp_path, capsys):
+    import math
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "colour.npz", x_train=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8),
+             x_test=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    out = tmp_path / "run"
+    main(["train", "--dataset", str(tmp_path / "colour.npz"), "--net", "resnet", "--likelihood", "discretized_logistic",
+          "--z-dim", "4", "--epochs", "1", "--batch-size", "8", "--eval-points", "4", "--eval-samples", "5", "--tensorboard", "--out", str(out)])
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert record["test_elbo_bpd"] == pytest.approx(-record["test_elbo"] / (3 * 32 * 32 * math.log(2)))
+    printed = capsys.readouterr().out
+    assert f"bits/dim (256 levels) train {record['train_elbo_bpd']:.4f}  test {record['test_elbo_bpd']:.4f}" in printed
+    assert f"{record['test_elbo_bpd']:.4f} bits/dim (256 levels) (epoch 1)" in printed
+    board = events(out / "tensorboard")
+    assert {"elbo_bpd/train", "elbo_bpd/test", "eval/bits_per_dim"} <= set(board.Tags()["scalars"])
+    summary = json.loads(next(out.glob("eval-*/eval.json")).read_text())
+    assert board.Scalars("eval/bits_per_dim")[0].value == pytest.approx(summary["bits_per_dim"])
+    assert board.Images("samples")[0].width == 8 * 32 + 9 * 2  # a grid of 8 x 8 colour images, 2-pixel gaps
