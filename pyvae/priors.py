@@ -168,7 +168,7 @@ class VampMixture(dist.TorchDistribution):
     the particles and K. A flow guide's log q(z|h_k) at a z it did not draw inverts the flow one
     dimension at a time, whose intermediate values for every pair would otherwise all be held (about
     100 KB per pair for a 2-step IAF on z_dim = 50: 32 GB for a minibatch of 128, K = 500 and 5
-    particles); a diagonal Normal's pair holds about 1 KB, still gigabytes with IWAE's 50 particles.
+    particles); a diagonal Normal's pair holds about 400 bytes, still gigabytes with IWAE's 50 particles.
     What a pair holds is measured (:func:`_bytes_per_pair`), so a custom guide family is bounded too.
     The result is the same sum; the price, where the pairs do not fit one chunk, is one more forward
     pass. A component whose flow overflows far from its own posterior counts as density 0.
