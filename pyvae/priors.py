@@ -16,6 +16,7 @@ Fixed tensors are buffers (they follow ``.to(device)``), learnable ones paramete
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import pyro.distributions as dist
@@ -160,16 +161,18 @@ class VampPrior(Prior):
 class VampMixture(dist.TorchDistribution):
     """(1/K) sum_k q(z | h_k): the guide family ``family`` at K encoder outputs ``h`` (K, P).
 
-    ``log_prob`` takes the components a chunk of :data:`VAMP_CHUNK` (data points x components) at a
-    time, without keeping any chunk's intermediate values: the backward pass recomputes each chunk
-    (:class:`_Recomputed`). That is for flow families (a ``TransformedDistribution``); a diagonal or
-    low-rank Normal's pairs cost a few z_dim-sized tensors, in chunks of :data:`VAMP_CHUNK_NORMAL` with
-    nothing recomputed. A flow guide's log q(z|h_k) at a z it did not draw inverts the flow one
-    dimension at a time, whose intermediate values for every (point, component) pair would
-    otherwise all be held (about 100 KB per pair for a 2-step IAF on z_dim = 50: 32 GB for a
-    minibatch of 128, K = 500 and 5 particles). The result is the same sum; the price is one more
-    forward pass of the components. A component whose flow overflows far from its own posterior
-    counts as density 0. ``parameters``: the family's own (a flow's), which the gradient must reach.
+    ``log_prob`` scores every z against every component with the family's own ``log_prob``, on a grid
+    of (z, component) chunks each within :data:`VAMP_CHUNK_BYTES`; with gradients, no chunk's
+    intermediate values are kept: the backward pass recomputes each chunk (:class:`_Recomputed`).
+    Memory is one chunk plus the (z, component) log-densities, 4 bytes a pair, whatever the batch,
+    the particles and K. A flow guide's log q(z|h_k) at a z it did not draw inverts the flow one
+    dimension at a time, whose intermediate values for every pair would otherwise all be held (about
+    100 KB per pair for a 2-step IAF on z_dim = 50: 32 GB for a minibatch of 128, K = 500 and 5
+    particles); a diagonal Normal's pair holds about 400 bytes, still gigabytes with IWAE's 50 particles.
+    What a pair holds is measured (:func:`_bytes_per_pair`), so a custom guide family is bounded too.
+    The result is the same sum; the price, where the pairs do not fit one chunk, is one more forward
+    pass. A component whose flow overflows far from its own posterior counts as density 0.
+    ``parameters``: the family's own (a flow's), which the gradient must reach.
     """
 
     arg_constraints = {}
@@ -177,9 +180,7 @@ class VampMixture(dist.TorchDistribution):
 
     def __init__(self, h: torch.Tensor, family, parameters=()) -> None:
         self.h, self.family, self.parameters = h, family, [p for p in parameters if p.requires_grad]
-        one = family(h[:1])
-        self.flow = isinstance(one, torch.distributions.TransformedDistribution)
-        super().__init__(torch.Size(), one.event_shape, validate_args=False)
+        super().__init__(torch.Size(), family(h[:1]).event_shape, validate_args=False)
 
     def expand(self, batch_shape, _instance=None):
         return dist.ExpandedDistribution(self, batch_shape)  # log_prob broadcasts already
@@ -190,48 +191,124 @@ class VampMixture(dist.TorchDistribution):
             return self.family(self.h[k]).sample()
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        size = max(1, (VAMP_CHUNK if self.flow else VAMP_CHUNK_NORMAL) // max(1, z[..., 0].numel()))
-        if not self.flow:
-            parts = [self._component_log_probs(h, z) for h in self.h.split(size)]
-        elif size >= len(self.h):
-            parts = [self._component_log_probs(self.h, z)]
+        rows = z.reshape(-1, z.shape[-1])
+        n, k = len(rows), len(self.h)
+        budget = VAMP_CHUNK_BYTES.get(z.device.type, VAMP_CHUNK_BYTES["cpu"])
+        pairs = max(1, budget // _bytes_per_pair(self._component_log_probs, self.h, rows))
+        if n * k <= pairs:
+            log_q = self._component_log_probs(self.h, rows)
         else:
-            parts = [_Recomputed.apply(self._component_log_probs, h, z, *self.parameters) for h in self.h.split(size)]
-        return torch.logsumexp(torch.cat(parts, dim=-1), dim=-1) - math.log(len(self.h))
+            columns = min(k, max(1, pairs // n))
+            height = min(n, max(1, pairs // columns))
+            grid = [(slice(c, c + columns), slice(r, r + height)) for r in range(0, n, height) for c in range(0, k, columns)]
+            if torch.is_grad_enabled():
+                log_q = _Recomputed.apply(self._component_log_probs, grid, self.h, rows, *self.parameters)
+            else:
+                log_q = _in_chunks(self._component_log_probs, grid, self.h, rows)
+        return (torch.logsumexp(log_q, dim=-1) - math.log(k)).reshape(z.shape[:-1])
 
     def _component_log_probs(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """log q(z | h_k) for the components h (k, P): shape (..., k)."""
-        padded = z.unsqueeze(-2).expand(*z.shape[:-1], len(h), z.shape[-1])
+        """log q(z_i | h_k) for the components h (k, P) and the rows z (r, D): shape (r, k)."""
+        padded = z.unsqueeze(-2).expand(len(z), len(h), z.shape[-1])
         return _nan_to_neg_inf(self.family(h).log_prob(padded))
 
 
+#: bytes of intermediate values one chunk of the VampPrior's density may hold: on a CPU, a few
+#: components of a flow guide at batch 128; larger on a GPU, where each chunk costs kernel launches
+VAMP_CHUNK_BYTES = {"cpu": 2**27, "cuda": 2**30}
+
+
+def _in_chunks(fn, grid, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The (rows, components) values of ``fn(h, z)``, a chunk of ``grid`` at a time, into one tensor."""
+    out = None
+    for components, rows in grid:
+        values = fn(h[components], z[rows])
+        if out is None:
+            out = values.new_empty(len(z), len(h))
+        out[rows, components] = values
+        del values
+        _release_free_memory(z.device)
+    return out
+
+
 class _Recomputed(torch.autograd.Function):
-    """``fn(h, z)`` computed without keeping its graph; the backward pass runs it again, with
-    gradients, for h, z and the ``parameters`` it reads. Unlike ``torch.utils.checkpoint`` (which
-    keeps about 300 MB per chunk of the IAF inverse's bookkeeping, or, re-entrant, refuses
-    ``torch.autograd.grad``), nothing of a chunk outlives its forward pass."""
+    """:func:`_in_chunks` that keeps no chunk's graph: the backward pass runs each chunk again, with
+    gradients, for h, z and the ``parameters`` it reads (inputs of this node, so each one's gradient
+    leaves it once, as ``DistributedDataParallel``'s hooks expect). Unlike ``torch.utils.checkpoint``
+    (which keeps about 300 MB per chunk of the IAF inverse's bookkeeping, or, re-entrant, refuses
+    ``torch.autograd.grad``), nothing of a chunk outlives it."""
 
     @staticmethod
-    def forward(ctx, fn, h, z, *parameters):
-        ctx.fn = fn
+    def forward(ctx, fn, grid, h, z, *parameters):
+        ctx.fn, ctx.grid = fn, grid
         ctx.save_for_backward(h, z, *parameters)
-        with torch.no_grad():
-            return fn(h, z)
+        return _in_chunks(fn, grid, h, z)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         h, z, *parameters = ctx.saved_tensors
-        with torch.enable_grad():
-            h_, z_ = h.detach().requires_grad_(ctx.needs_input_grad[1]), z.detach().requires_grad_(ctx.needs_input_grad[2])
-            wanted = [t for t, need in zip((h_, z_, *parameters), ctx.needs_input_grad[1:]) if need]
-            grads = iter(torch.autograd.grad(ctx.fn(h_, z_), wanted, grad_output, allow_unused=True))
-        return (None, *(next(grads) if need else None for need in ctx.needs_input_grad[1:]))
+        needs = ctx.needs_input_grad[2:]
+        grads = [torch.zeros_like(t) if need else None for t, need in zip((h, z, *parameters), needs)]
+        for components, rows in ctx.grid:
+            with torch.enable_grad():
+                inputs = (h[components].detach().requires_grad_(needs[0]), z[rows].detach().requires_grad_(needs[1]))
+                values = ctx.fn(*inputs)
+            wanted = [(i, t) for i, t in enumerate((*inputs, *parameters)) if needs[i]]
+            chunk = torch.autograd.grad(values, [t for _, t in wanted], grad_output[rows, components], allow_unused=True)
+            for (i, _), g in zip(wanted, chunk):
+                if g is not None:
+                    (grads[0][components] if i == 0 else grads[1][rows] if i == 1 else grads[i]).add_(g)
+            del values, chunk
+            _release_free_memory(z.device)
+        return (None, None, *grads)
 
 
-#: (data points x components) per chunk of the VampPrior's density with a flow guide (about 200 MB)
-VAMP_CHUNK = 2**11
-#: the same with a Normal guide, whose chunks are kept for the backward pass (about 250 MB at z_dim = 50)
-VAMP_CHUNK_NORMAL = 2**18
+def _release_free_memory(device: torch.device) -> None:
+    """Hand the heap's free pages back to the system after a chunk (glibc's ``malloc_trim``; elsewhere nothing).
+
+    glibc keeps a chunk's freed buffers, and the smaller tensors allocated between them (gradients,
+    Adam's state) keep them from being merged and reused: one step of vamp + iaf + trace at batch
+    128 peaked at 1.7 GB without trimming, 1.2 GB with it. A trim costs about a millisecond.
+    """
+    if device.type == "cpu" and _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, Windows, musl)
+        return None
+
+
+_LIBC = _glibc()
+
+
+def _bytes_per_pair(fn, h: torch.Tensor, z: torch.Tensor) -> int:
+    """Bytes autograd keeps for one more (z, component) pair of ``fn(h, z)``: two rows less one, so that
+    what every call keeps once (a flow's masked weights) is not counted per pair. Without gradients
+    a chunk's temporaries are at most its graph, so the same bound serves."""
+    if len(z) >= 2:
+        return max(1, _saved_bytes(fn, h[:1], z[:2]) - _saved_bytes(fn, h[:1], z[:1]))
+    if len(h) >= 2:
+        return max(1, _saved_bytes(fn, h[:2], z[:1]) - _saved_bytes(fn, h[:1], z[:1]))
+    return 1  # a single pair: nothing to chunk
+
+
+def _saved_bytes(fn, h: torch.Tensor, z: torch.Tensor) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        # an expanded tensor holds its storage once; a slice of a larger one only its own elements
+        total += min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(h.detach().requires_grad_(), z.detach().requires_grad_())
+    return total
 
 
 def _nan_to_neg_inf(t: torch.Tensor) -> torch.Tensor:

@@ -60,8 +60,9 @@ def test_vamp_prior_is_the_mixture_of_the_guide_at_the_pseudo_inputs():
     assert torch.allclose(vae.prior().log_prob(z), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("guide", ["normal", "iaf"])
-def test_the_vamp_density_in_chunks_is_the_same_sum_with_the_same_gradients(guide, monkeypatch):
+@pytest.mark.parametrize("guide", ["normal", "lowrank", "iaf"])
+@pytest.mark.parametrize("pairs", [6, 45, 1000])
+def test_the_vamp_density_in_chunks_is_the_same_sum_with_the_same_gradients(guide, pairs, monkeypatch):
     torch.manual_seed(0)
     vae = pyvae.VAE(x_dim=16, z_dim=3, hidden=(8,), guide=guide, prior=pyvae.priors.VampPrior(num_components=7))
     z = torch.randn(5, 4, 3, requires_grad=True)
@@ -69,14 +70,18 @@ def test_the_vamp_density_in_chunks_is_the_same_sum_with_the_same_gradients(guid
     q = vae.encode(vae.prior.pseudo_inputs.clamp(0, 1))
     whole = torch.logsumexp(q.log_prob(z.unsqueeze(-2).expand(5, 4, 7, 3)), dim=-1) - math.log(7)
     expected = torch.autograd.grad(whole.sum(), wrt)
-    monkeypatch.setattr(pyvae.priors, "VAMP_CHUNK", 40)  # 20 points: chunks of 2 components, recomputed
-    monkeypatch.setattr(pyvae.priors, "VAMP_CHUNK_NORMAL", 60)  # chunks of 3
+    # 20 z rows x 7 components; a chunk of 6 pairs: 1 component x 6 rows (rows split 6, 6, 6, 2),
+    # of 45: 2 components x all 20 rows (components split 2, 2, 2, 1), of 1000: one chunk, nothing recomputed
+    monkeypatch.setattr(pyvae.priors, "_bytes_per_pair", lambda fn, h, z: 1)
+    monkeypatch.setattr(pyvae.priors, "VAMP_CHUNK_BYTES", {"cpu": pairs})
     chunked = vae.prior().log_prob(z)
     assert torch.allclose(chunked, whole, atol=1e-5)
     for a, b in zip(torch.autograd.grad(chunked.sum(), wrt), expected):
         assert torch.allclose(a, b, atol=1e-5)
-    # and under torch.autograd.grad alone (AIS asks for the gradient in z only)
+    # under torch.autograd.grad alone (AIS asks for the gradient in z only), and without gradients
     assert torch.allclose(torch.autograd.grad(vae.prior().log_prob(z).sum(), z)[0], expected[0], atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(vae.prior().log_prob(z), whole, atol=1e-5)
 
 
 def test_learnable_priors_have_parameters_fixed_ones_do_not():

@@ -1,6 +1,8 @@
 """Every built-in combination trains in bounded memory: the worst, a VampPrior of 500 pseudo-inputs
 with an IAF guide under IWAE, at MNIST size (its density inverts the flow at every (point, component)
-pair; kept whole for the backward pass that took 3.3 GB at batch 8, and the kernel's OOM killer at 128)."""
+pair; kept whole for the backward pass that took 3.3 GB at batch 8, and the kernel's OOM killer at 128).
+The density is summed a chunk of pairs at a time, each chunk's saved values at most 128 MB
+(``pyvae.priors.VAMP_CHUNK_BYTES``), so the extra memory does not grow with the batch or the particles."""
 
 import json
 import subprocess
@@ -39,5 +41,6 @@ def test_the_worst_combination_trains_in_bounded_memory():
     baseline = peak_mb("normal", "normal", "trace")
     worst = peak_mb("vamp", "iaf", "iwae")
     assert worst["elbo"] == worst["elbo"]  # a finite number came out, not a NaN
-    # the chunked, recomputed density holds one chunk (2048 pairs, about 200 MB) at a time
-    assert worst["peak_mb"] - baseline["peak_mb"] < 1200, (baseline, worst)
+    # one chunk at a time: 128 MB of saved values, about three times that while its backward pass runs
+    # (measured: 470 MB above the baseline; 730 MB with chunks over components alone, 2.5 GB unchunked)
+    assert worst["peak_mb"] - baseline["peak_mb"] < 800, (baseline, worst)
