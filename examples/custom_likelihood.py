@@ -12,7 +12,7 @@ cannot score; ``params_per_pixel`` and ``binary_data`` say what the decoder outp
 grey data must be binarized first.
 """
 
-import argparse
+import math
 from pathlib import Path
 
 import pyro.distributions as dist
@@ -21,7 +21,7 @@ import yaml
 from torch.distributions import constraints
 
 import pyvae
-from pyvae.cli import run
+from pyvae.console import Parser, run
 from pyvae.data import load_train_test
 
 
@@ -39,8 +39,10 @@ class Counts(dist.TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         return Counts(self.base.expand(batch_shape), self.n)
 
-    def log_prob(self, x):
-        return self.base.log_prob((x * self.n).round())
+    def log_prob(self, x):  # mass on the grid 0, 1/n, ..., 1 and none elsewhere
+        k = x * self.n
+        on_grid = (k - k.round()).abs() < 1e-4
+        return torch.where(on_grid, self.base.log_prob(k.round().clamp(0, self.n)), -math.inf)
 
     def sample(self, sample_shape=torch.Size()):
         return self.base.sample(sample_shape) / self.n
@@ -55,6 +57,7 @@ class Binomial16(pyvae.likelihoods.Likelihood):
 
     params_per_pixel = 1  # the logit l_i
     binary_data = False  # grey levels are scored as they are, not binarized
+    levels = 17  # a mass over the 17 values 0, 1/16, ..., 1: log p(x) is a code length, so bits/dim too
 
     def forward(self, logits):
         return Counts(dist.Binomial(16, logits=logits), 16).to_event(1)
@@ -68,10 +71,11 @@ class Binomial16(pyvae.likelihoods.Likelihood):
 
 # --- train it, and leave a run folder the python -m pyvae commands can follow ----------------------
 def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--device", default="auto")
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=5, help="passes over the training set (default 5)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train (auto: CUDA when available)")
     parser.add_argument("--out", default="runs/custom_likelihood", help="the run folder (default runs/custom_likelihood)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out up to --epochs in all")
     args = parser.parse_args(argv)
 
     train, test, _ = load_train_test("digits")
@@ -79,7 +83,8 @@ def main(argv):
     vae = pyvae.VAE(x_dim=train.x_dim, z_dim=4, hidden=(128,), likelihood=Binomial16(), image_shape=train.image_shape)
     out = Path(args.out)
     pyvae.fit(vae, train, test=test, epochs=args.epochs, device=args.device, seed=0, out=out,
-              out_files={"config.yaml": yaml.safe_dump({"dataset": "digits", "binarize": "none", "seed": 0})})
+              resume=args.resume,
+              out_files=None if args.resume else {"config.yaml": yaml.safe_dump({"dataset": "digits", "binarize": "none", "seed": 0})})
     print(f"test ELBO: {pyvae.evaluate_elbo(vae, test, num_particles=10):.2f} nats per data point")
     print(f"run folder {out}/; next: python -m pyvae evaluate {out} --parts {__file__}")
 

@@ -7,7 +7,6 @@ pyvae trains, scores, diagnoses and saves exactly this program: the contract is 
 per-data-point sites sit in a plate named "data" (``pyvae.program`` has the details).
 """
 
-import argparse
 
 import pyro
 import pyro.distributions as dist
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 import pyvae
-from pyvae.cli import run
+from pyvae.console import Parser, run
 from pyvae.data import binarize_for, load_train_test
 
 
@@ -48,10 +47,10 @@ class TwoLevelVAE(nn.Module):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5)
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=5, help="passes over the training set (default 5)")
     parser.add_argument("--dataset", default="digits", help="digits ships with scikit-learn: no download")
-    parser.add_argument("--data-dir")
+    parser.add_argument("--data-dir", help="data root (default $PYVAE_DATA, else ./data)")
     parser.add_argument("--out", default="runs/custom_model", help="where the checkpoint goes")
     args = parser.parse_args(argv)
 

@@ -10,7 +10,6 @@ The model asks it for p(z) at every step, so nothing else changes. The run folde
 rebuild the ring from this file, named by ``--parts``.
 """
 
-import argparse
 import math
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 import yaml
 
 import pyvae
-from pyvae.cli import run
+from pyvae.console import Parser, run
 from pyvae.data import binarize_for, load_train_test
 
 
@@ -45,13 +44,14 @@ class RingPrior(pyvae.priors.Prior):
 
 # --- train and evaluate it ---------------------------------------------------------------
 def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--dataset", default="binarized_mnist")
-    parser.add_argument("--data-dir")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--no-download", action="store_true")
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=5, help="passes over the training set (default 5)")
+    parser.add_argument("--dataset", default="binarized_mnist", help="data set name or PATH (default binarized_mnist)")
+    parser.add_argument("--data-dir", help="data root (default $PYVAE_DATA, else ./data)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train (auto: CUDA when available)")
+    parser.add_argument("--no-download", action="store_true", help="never fetch missing data files")
     parser.add_argument("--out", default="runs/custom_prior", help="the run folder (default runs/custom_prior)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out up to --epochs in all")
     args = parser.parse_args(argv)
 
     train, test, notice = load_train_test(args.dataset, data_dir=args.data_dir, download=not args.no_download)
@@ -65,7 +65,8 @@ def main(argv):
     where = {"dataset": train.name, "binarize": binarized, "seed": 0, **({"data_dir": args.data_dir} if args.data_dir else {})}
     out = Path(args.out)
     pyvae.fit(vae, train, test=test, epochs=args.epochs, device=args.device, seed=0, out=out,
-              out_files={"config.yaml": yaml.safe_dump(where)})
+              resume=args.resume,
+              out_files=None if args.resume else {"config.yaml": yaml.safe_dump(where)})
     print(f"learned ring radius: {vae.prior.log_radius.exp().item():.2f}")
     print(f"test ELBO: {pyvae.evaluate_elbo(vae, test, num_particles=10):.2f} nats per data point")
     print(f"run folder {out}/; next: python -m pyvae evaluate {out} --parts {__file__}")

@@ -15,7 +15,7 @@ from .sources import is_path
 
 
 def load_run(path: str | Path, which: str | None = None, parts: str | None = None):
-    """(vae, config dict or None, run folder) from a run folder or a checkpoint file.
+    """(vae, config dict or None, the checkpoint file loaded) from a run folder or a checkpoint file.
 
     In a run folder ``which`` picks ``best`` (``best.pt``, the epoch with the best validation
     objective) or ``last`` (``checkpoint.pt``); None takes best.pt when there is one. Which file
@@ -36,7 +36,7 @@ def load_run(path: str | Path, which: str | None = None, parts: str | None = Non
     model = load(checkpoint, **custom_parts(payload.get("config") or {}, parts, str(checkpoint)))
     if os.environ.get("RANK", "0") == "0":
         print(f"checkpoint: {describe_checkpoint(checkpoint, payload)}")
-    return model, config, checkpoint.parent
+    return model, config, checkpoint
 
 
 CHECKPOINTS = ("best", "last")
@@ -280,7 +280,7 @@ def train_main(argv: list[str]) -> None:
         data = (x_test[points], test[1][points] if isinstance(test, tuple) else test.labels[points]) if name in ("cvae", "m2") else x_test[points]
         result = evaluate(model, data, config.eval_samples, dataset=train.name, split="test", progress=True)
         print(result.table())
-        result.write(out / f"eval-{train.name}-test-K{config.eval_samples}")
+        result.write(out / f"eval-{train.name}-test-K{config.eval_samples}{last_suffix(chosen)}")
         if board is not None:
             board.evaluation(result.summary(), result.table(), evaluated["epoch"])
     if board is not None:
@@ -331,9 +331,9 @@ def evaluate_main(argv: list[str]) -> None:
     check_positive(args, "num_samples", "batch_size", "num_points", optional=True)
     ais = ais_settings(args) if args.method == "ais" else None
 
-    world, device, vae, run_dir, data, x = scored_run(args, args.split, args.num_points)
+    world, device, vae, checkpoint, data, x = scored_run(args, args.split, args.num_points)
     name = f"ais-T{args.num_steps}-C{args.num_chains}" if ais else f"K{args.num_samples}"
-    out = writable_dir(args.out or run_dir / f"eval-{data.name}-{args.split}-{name}{last_suffix(args)}", create=False)
+    out = writable_dir(args.out or checkpoint.parent / f"eval-{data.name}-{args.split}-{name}{last_suffix(checkpoint)}", create=False)
 
     pyro.set_rng_seed(args.seed)
     result = evaluate(vae, x, args.num_samples, args.batch_size, site=args.site, device=device, dataset=data.name,
@@ -360,8 +360,8 @@ def bdmc_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     check_positive(args, "num_points")
     ais = ais_settings(args)
-    world, _, vae, run_dir, _, template = scored_run(args, "test", args.num_points)
-    out = writable_dir(args.out or run_dir / f"bdmc-T{args.num_steps}-C{args.num_chains}{last_suffix(args)}", create=False)
+    world, _, vae, checkpoint, _, template = scored_run(args, "test", args.num_points)
+    out = writable_dir(args.out or checkpoint.parent / f"bdmc-T{args.num_steps}-C{args.num_chains}{last_suffix(checkpoint)}", create=False)
     result = bdmc(vae, template if isinstance(template, tuple) else (template,), seed=args.seed, world=world, **ais)
     if world.main:
         print(result.table())
@@ -389,8 +389,8 @@ def gap_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     check_positive(args, "num_points", "num_samples", "local_steps")
     ais = ais_settings(args)
-    world, _, vae, run_dir, _, x = scored_run(args, "test", args.num_points)
-    out = writable_dir(args.out or run_dir / f"gap-T{args.num_steps}{last_suffix(args)}", create=False)
+    world, _, vae, checkpoint, _, x = scored_run(args, "test", args.num_points)
+    out = writable_dir(args.out or checkpoint.parent / f"gap-T{args.num_steps}{last_suffix(checkpoint)}", create=False)
     result = inference_gap(vae, x, ais=ais, num_samples=args.num_samples, local_steps=args.local_steps, lr=args.lr,
                            seed=args.seed, world=world)
     if world.main:
@@ -403,25 +403,26 @@ def gap_main(argv: list[str]) -> None:
 
 
 def scored_run(args, split: str, num_points: int | None):
-    """What evaluate, bdmc and gap start from: (world, device, the run's model on it, run folder,
+    """What evaluate, bdmc and gap start from: (world, device, the run's model on it, its checkpoint file,
     the data set, its ``num_points`` scored points evenly spread, on the device: x or (x, y))."""
     from . import distributed
     from .batching import resolve_device
     from .data import spread
 
     world, device = distributed.init(resolve_device(args.device))
-    vae, config, run_dir = load_run(args.run, args.checkpoint, args.parts)
+    vae, config, checkpoint = load_run(args.run, args.checkpoint, args.parts)
     vae.to(device)
     data = evaluation_data(vae, config, args.dataset, split, args.data_dir, not args.no_download)
     x = scored(vae, data)
     x = tuple(spread(t, num_points).to(device) for t in x) if isinstance(x, tuple) else spread(x, num_points).to(device)
-    return world, device, vae, run_dir, data, x
+    return world, device, vae, checkpoint, data, x
 
 
-def last_suffix(args) -> str:
-    """``-last`` in the default output folder's name when ``--checkpoint last`` asked for the last epoch,
+def last_suffix(checkpoint: Path) -> str:
+    """``-last`` in the default output folder's name when the last epoch's checkpoint of a run that keeps
+    a best.pt too was loaded (``--checkpoint last``, RUN/checkpoint.pt, ``--eval-checkpoint last``),
     so that it does not overwrite the evaluation of best.pt."""
-    return "-last" if args.checkpoint == "last" else ""
+    return "-last" if checkpoint.name == "checkpoint.pt" and (checkpoint.parent / "best.pt").is_file() else ""
 
 
 def ais_flags(parser) -> None:
@@ -456,7 +457,6 @@ def run_parser(command: str, description: str, default_out: str = "RUN/explore")
                         "checkpoint.pt, the last (default: best.pt when there is one)")
     parser.add_argument("--parts", metavar="FILE.py", help="the Python file defining the run's custom prior, likelihood "
                         "or guide (imported; its __main__ block is not run)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser
 
 
@@ -475,19 +475,20 @@ def explore_setup(args, *positive: str):
     from .train import resolve_device
 
     check_positive(args, *positive)
-    vae, config, run_dir = load_run(args.run, args.checkpoint, args.parts)
+    vae, config, checkpoint = load_run(args.run, args.checkpoint, args.parts)
     vae.to(resolve_device(args.device)).eval()
     pyro.set_rng_seed(args.seed)
-    return vae, config, writable_dir(args.out or run_dir / "explore")
+    return vae, config, writable_dir(args.out or checkpoint.parent / f"explore{last_suffix(checkpoint)}")
 
 
-def held_out_images(vae, config, args, n=None):
-    """(the test split as the run was evaluated, n of its images evenly spread on the model's device)."""
+def held_out_images(vae, config, args, n=None, dataset=None):
+    """(the test split of ``dataset`` (default: the run's) as the run was evaluated, n of its images evenly
+    spread on the model's device, how it was binarized: see :func:`binarized_evaluation_data`)."""
     from .data import spread
 
-    data = evaluation_data(vae, config, args.dataset, "test", args.data_dir, not args.no_download)
+    data, mode = binarized_evaluation_data(vae, config, dataset or args.dataset, "test", args.data_dir, not args.no_download)
     device = next(vae.parameters()).device
-    return data, spread(data.images, n).to(device)
+    return data, spread(data.images, n).to(device), mode
 
 
 def sample_main(argv: list[str]) -> None:
@@ -514,7 +515,7 @@ def reconstruct_main(argv: list[str]) -> None:
     parser.add_argument("--n", type=int, default=32, help="images (rows of 8)")
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args, "n")
-    data, x = held_out_images(vae, config, args)
+    data, x, _ = held_out_images(vae, config, args)
     labels = data.labels if needs_labels(vae) else None
     plots.reconstructions(vae, x, out / "reconstructions.png", per_row=8, rows=max(1, args.n // 8), labels=labels)
     print(f"wrote {out}/reconstructions.png")
@@ -531,7 +532,7 @@ def interpolate_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args, "pairs", "steps")
     require_vae(vae, "interpolate")
-    _, x = held_out_images(vae, config, args, 2 * args.pairs)
+    _, x, _ = held_out_images(vae, config, args, 2 * args.pairs)
     x_from, x_to = x[0::2], x[1::2]
     for kind in ("linear", "spherical"):
         images = interpolations(vae, x_from, x_to, args.steps, spherical=kind == "spherical")
@@ -553,7 +554,7 @@ def traverse_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args, "dims", "steps")
     require_vae(vae, "traverse")
-    _, x = held_out_images(vae, config, args, 1000)
+    _, x, _ = held_out_images(vae, config, args, 1000)
     per_dim = log_likelihood(vae, x, num_samples=20).kl_per_dim.get("z")
     kl = per_dim.mean(0) if per_dim is not None else None
     if kl is None:  # no factorized marginals: rank by how much the latent means vary instead
@@ -584,7 +585,7 @@ def embed_main(argv: list[str]) -> None:
     parser.add_argument("--num-points", type=int, help="test images, evenly spread (default all)")
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args)
-    data, _ = held_out_images(vae, config, args)
+    data, _, _ = held_out_images(vae, config, args)
     if data.labels is None:
         raise PyvaeError(f"the {data.name} test split has no labels; pass --dataset with a labelled set")
     from .data import spread
@@ -621,7 +622,6 @@ def anomaly_main(argv: list[str]) -> None:
 
     from . import plots
     from .checkpoint import atomic_write
-    from .data import spread
     from .explore import anomaly_auc
     from .importance import log_likelihood
 
@@ -631,10 +631,8 @@ def anomaly_main(argv: list[str]) -> None:
     parser.add_argument("--num-points", type=int, default=1000, help="images of each set, evenly spread")
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args, "num_samples", "num_points")
-    device = next(vae.parameters()).device
-    sets = [binarized_evaluation_data(vae, config, name, "test", args.data_dir, not args.no_download) for name in (args.dataset, args.ood)]
-    (data, mode_in), (ood, mode_ood) = sets
-    x_in, x_ood = (spread(d.images, args.num_points).to(device) for d, _ in sets)
+    data, x_in, mode_in = held_out_images(vae, config, args, args.num_points)
+    ood, x_ood, mode_ood = held_out_images(vae, config, args, args.num_points, dataset=args.ood)
     if x_ood.shape[1] != vae.x_dim:
         raise PyvaeError(f"{args.ood} images have {x_ood.shape[1]} pixels; the model expects {vae.x_dim}")
     ll_in = log_likelihood(vae, unlabelled(vae, x_in), args.num_samples).log_px
@@ -645,7 +643,8 @@ def anomaly_main(argv: list[str]) -> None:
         "out_of_distribution": ood.name,
         "num_points": len(x_in),
         "num_samples": args.num_samples,
-        "binarization": {data.name: BINARIZED[mode_in], ood.name: BINARIZED[mode_ood]},
+        # only the run's own set was drawn afresh in training; another set is one fixed draw, nothing more
+        "binarization": {data.name: BINARIZED[mode_in], ood.name: BINARIZED["static" if mode_ood == "dynamic" else mode_ood]},
         "roc_auc": auc,
         "log_px_in": float(ll_in.mean()),
         "log_px_ood": float(ll_ood.mean()),

@@ -68,6 +68,9 @@ class Registry(dict):
             )
         kwargs = dict(value)
         name = kwargs.pop("name")
+        if "source" in kwargs:  # recorded by Component.spec for a user's class, even one named like a built-in
+            raise PyvaeError(f"{self.kind} {name!r} is a custom part defined in {kwargs['source'].rsplit(':', 1)[0]}; "
+                             f"pass an instance ({self.kind}=...) or, from the command line, --parts FILE.py")
         if name not in self:
             raise PyvaeError(f"unknown {self.kind} {name!r}; choose from {', '.join(sorted(self))}")
         cls = self[name]
@@ -90,18 +93,21 @@ def source_of(cls: type) -> str | None:
     """``/path/file.py:Class`` for a class a file defines at top level, else None (a notebook's, a function's)."""
     if "<locals>" in cls.__qualname__:
         return None
-    # its methods' code knows the file even when the module was loaded by path, outside sys.modules
-    files = [f.__code__.co_filename for f in vars(cls).values() if inspect.isfunction(f)]
+    # its methods' code knows the file even when the module was loaded by path, outside sys.modules;
+    # a decorated method (``@torch.no_grad()``) is a wrapper whose code lives in torch: unwrap it
+    methods = [inspect.unwrap(f) for f in vars(cls).values() if inspect.isfunction(f)]
+    files = [f.__code__.co_filename for f in methods if hasattr(f, "__code__")]
     if not files or not Path(files[0]).is_file():
         return None
     return f"{Path(files[0]).resolve()}:{cls.__qualname__}"
 
 
-def import_parts(path: str | Path) -> dict[str, type[Component]]:
-    """The parts (:class:`Component` subclasses) a user's Python file defines, by recorded name.
+def import_parts(path: str | Path) -> list[type[Component]]:
+    """The parts (:class:`Component` subclasses) a user's Python file defines.
 
     The file is run once as a module named after it (its ``if __name__ == "__main__"`` block
-    is not); the CLI's ``--parts FILE`` asks for this explicitly, since a checkpoint never runs code.
+    is not), with its folder on ``sys.path`` so that it can import the modules beside it; the CLI's
+    ``--parts FILE`` asks for this explicitly, since a checkpoint never runs code.
     """
     path = Path(path)
     if path.suffix != ".py" or not path.is_file():
@@ -109,24 +115,29 @@ def import_parts(path: str | Path) -> dict[str, type[Component]]:
     name = f"pyvae_parts_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    sys.modules[name] = module  # before running it, as ``import`` does: dataclasses and pickling look it up
     try:
         spec.loader.exec_module(module)
     except Exception as e:
+        del sys.modules[name]
         raise PyvaeError(f"cannot import --parts {path}: {type(e).__name__}: {e}") from e
-    sys.modules[name] = module
-    return {recorded_name(c): c for c in vars(module).values()
-            if inspect.isclass(c) and issubclass(c, Component) and c.__module__ == name}
+    return [c for c in vars(module).values() if inspect.isclass(c) and issubclass(c, Component) and c.__module__ == name]
 
 
 def custom_parts(config: dict, parts_file: str | Path | None, where: str = "the checkpoint") -> dict[str, Component]:
     """The prior, likelihood and guide of a saved model's ``config`` that are no built-in, built from
     the classes ``parts_file`` defines with their recorded settings ({} when all are built in)."""
-    from .guides import GUIDES
-    from .likelihoods import LIKELIHOODS
-    from .priors import PRIORS
+    from .guides import GUIDES, Guide
+    from .likelihoods import LIKELIHOODS, Likelihood
+    from .priors import PRIORS, Prior
 
-    custom = {part: spec for part, registry in (("prior", PRIORS), ("likelihood", LIKELIHOODS), ("guide", GUIDES))
-              if isinstance(spec := config.get(part), dict) and spec.get("name") not in registry}
+    kinds = {"prior": (PRIORS, Prior), "likelihood": (LIKELIHOODS, Likelihood), "guide": (GUIDES, Guide)}
+    # a recorded source marks a user's part even when it took a built-in's name
+    custom = {part: spec for part, (registry, _) in kinds.items()
+              if isinstance(spec := config.get(part), dict) and (spec.get("name") not in registry or "source" in spec)}
     if not custom:
         return {}
     if parts_file is None:
@@ -136,7 +147,9 @@ def custom_parts(config: dict, parts_file: str | Path | None, where: str = "the 
     classes = import_parts(parts_file)
     built = {}
     for part, spec in custom.items():
-        if spec["name"] not in classes:
-            raise PyvaeError(f"--parts {parts_file} defines no {part} {spec['name']!r}; it defines {', '.join(classes) or 'no parts'}")
-        built[part] = classes[spec["name"]](**{k: v for k, v in spec.items() if k not in ("name", "source")})
+        of_kind = {recorded_name(c): c for c in classes if issubclass(c, kinds[part][1])}
+        if spec["name"] not in of_kind:
+            raise PyvaeError(f"--parts {parts_file} defines no {part} {spec['name']!r}; "
+                             f"its {part}s: {', '.join(of_kind) or 'none'}")
+        built[part] = of_kind[spec["name"]](**{k: v for k, v in spec.items() if k not in ("name", "source")})
     return built

@@ -225,7 +225,6 @@ def from_yaml(path: str | Path) -> dict:
 def build_parser(description: str | None = None, prog: str | None = None) -> Parser:
     parser = Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file of defaults; flags override it")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     hints = typing.get_type_hints(TrainConfig)
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")

@@ -35,21 +35,35 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
         sys.exit(1)
 
 
+#: what allocation failures say: torch on Linux and Windows, CUDA, numpy
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory", "unable to allocate")
+
+
 def describe_failure(e: Exception) -> str:
     """One line for an exception nobody anticipated; an allocation failure says how much and what to lower."""
     text = " ".join(str(e).split())
-    wanted = re.search(r"tried to allocate (\d+) bytes", text) or re.search(r"Tried to allocate ([\d.]+ [KMGT]i?B)", text)
-    if isinstance(e, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text:
+    if isinstance(e, MemoryError) or any(s in text.lower() for s in OUT_OF_MEMORY):
+        wanted = (re.search(r"tried to allocate (\d+) bytes", text)
+                  or re.search(r"(?:Tried to allocate|Unable to allocate) ([\d.]+ [KMGT]i?B)", text))
         size = wanted.group(1) if wanted else None
-        size = f"{int(size) / 2**30:.1f} GiB" if size and size.isdigit() else size
+        size = _bytes(int(size)) if size and size.isdigit() else size
         return (f"out of memory{f' allocating {size}' if size else ''} ({type(e).__name__}); "
                 "lower --batch-size, --num-particles or --num-samples, or use a machine with more memory")
     first = text[:300] + ("..." if len(text) > 300 else "")
     return f"unexpected {type(e).__name__}: {first or 'no message'}"
 
 
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit code 2."""
+    """argparse, but a bad flag is one line on stderr and exit code 2, and every command takes
+    ``--debug`` (read by :func:`run`: the traceback instead of one line)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -27,7 +27,7 @@ from .batching import Batches, as_tensors, resolve_device
 from .checkpoint import atomic_write
 from .data import spread
 from .errors import PyvaeError, positive_int
-from .importance import LogLikelihood, drawn_once, khat_threshold, log_likelihood
+from .importance import MIN_KHAT_SAMPLES, LogLikelihood, drawn_once, khat_threshold, log_likelihood
 from .likelihoods import bits_per_dim, coding
 
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -183,11 +183,16 @@ class Evaluation:
         points have Pareto k^ above the threshold, where the weights' variance may be infinite, the
         delta-method ± understates the error and log p^ is likely well below log p(x). None under AIS,
         whose headline does not rest on these weights."""
+        if self.ais:
+            return None
+        if self.ll.num_samples < MIN_KHAT_SAMPLES:
+            return (f"Pareto k^ cannot be estimated from {self.ll.num_samples} draws per point (it needs {MIN_KHAT_SAMPLES}): "
+                    "the ± (Monte Carlo) is unchecked and may understate the error; evaluate with more --num-samples")
         above = self.khat_above_threshold
-        if self.ais or above <= UNTRUSTED_SHARE:
+        if above <= UNTRUSTED_SHARE:
             return None
         return (f"Pareto k^ > {khat_threshold(self.ll.num_samples):.2f} on {100 * above:.1f}% of points: the ± (Monte Carlo) "
-                "is not to be trusted and log p(x) is likely too low; AIS does not rest on the guide: "
+                "is not to be trusted and log p(x) is likely too low; AIS does not need the guide to cover the posterior: "
                 "python -m pyvae evaluate RUN --method ais")
 
     @property

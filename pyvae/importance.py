@@ -45,6 +45,10 @@ CHUNK_ELEMENTS = {"cpu": 2**23, "cuda": 2**25}
 KHAT_BANDS = (("good", -math.inf, 0.5), ("ok", 0.5, 0.7), ("bad", 0.7, 1.0), ("very bad", 1.0, math.inf))
 
 
+#: the fewest draws whose weights have a tail of 5 for arviz's Pareto fit: ceil(min(0.2 K, 3 sqrt K)) >= 5
+MIN_KHAT_SAMPLES = 21
+
+
 def khat_threshold(num_samples: int) -> float:
     """The sample-size dependent reliability threshold min(1 - 1/log10 K, 0.7) of Vehtari et al."""
     return min(1 - 1 / math.log10(num_samples), 0.7) if num_samples > 10 else 0.0
@@ -259,7 +263,7 @@ def pareto_khat(log_w: torch.Tensor) -> torch.Tensor:
     :data:`CONSTANT_WEIGHTS` have no tail (k^ = 0, where arviz returns inf), and with
     too few samples for a tail of 5 (K <= 20) k^ is not estimated (NaN).
     """
-    if math.ceil(min(0.2 * log_w.shape[1], 3 * math.sqrt(log_w.shape[1]))) < 5:
+    if log_w.shape[1] < MIN_KHAT_SAMPLES:
         return torch.full((log_w.shape[0],), math.nan)
     with warnings.catch_warnings():
         # arviz warns about large k^; we report every point's k^ and the bands ourselves

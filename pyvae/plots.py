@@ -99,6 +99,8 @@ def khat(ll, path: str | Path) -> None:
         # arviz prefers ELPDData from a posterior; ours are per-point importance weights
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", matplotlib.MatplotlibDeprecationWarning)
+        # with K < 21 every k^ is NaN (not estimable) and arviz's histogram of them divides 0 by 0
+        warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
         arviz.plot_khat(ll.khat.numpy(), ax=ax, show_hlines=True, show_bins=True, markersize=2)
     ax.axhline(khat_threshold(ll.num_samples), color="C3", lw=1, label=f"threshold for K = {ll.num_samples}")
     ax.legend(loc="lower right", fontsize=7)

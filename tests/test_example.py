@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import re
 import os
 import subprocess
@@ -134,6 +135,7 @@ def test_the_readme_likelihood_is_a_normalized_mass_with_the_data_scale_mean():
     mass = torch.stack([p_x.base_dist.log_prob(torch.full((3, 5), v)).exp() for v in levels]).sum(0)
     assert torch.allclose(mass, torch.ones(3, 5), atol=1e-5)
     assert torch.allclose(p_x.mean, torch.sigmoid(logits))  # E[x|z] on [0, 1], not 16 p
+    assert torch.isneginf(p_x.base_dist.log_prob(torch.full((3, 5), 0.5 / 16))).all()  # no mass off the grid
     with pytest.raises(pyvae_error(), match="multiples of 1/16"):
         example.Binomial16().check_support(torch.tensor([[0.5, 0.3]]))
 
@@ -158,4 +160,26 @@ def test_custom_part_examples_leave_run_folders_the_commands_follow(name, extra,
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "pass --parts FILE.py" in err and f"examples/{name}.py" in err
     run(evaluate_main, [str(out), "--num-samples", "10", "--no-download", "--parts", example.__file__, "--out", str(tmp_path / "eval")])
-    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["log_px"] < 0
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert evaluated["log_px"] < 0
+    if name == "custom_likelihood":  # levels = 17: a code length, so bits/dim too
+        assert evaluated["bits_per_dim"] == pytest.approx(-evaluated["log_px"] / (64 * math.log(2)))
+    run(example.main, ["--epochs", "2", "--out", str(out), "--resume", *extra])  # the script resumes its own run
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize("name", ["custom_prior", "custom_likelihood", "custom_model"])
+def test_the_examples_document_their_flags_and_take_debug(name, tmp_path, capsys):
+    from pyvae import PyvaeError
+
+    from .test_cli_models import undocumented_flags
+
+    example = example_module(name)
+    with pytest.raises(SystemExit) as info:
+        example.main(["--help"])
+    assert info.value.code == 0 and "--debug" in (out := capsys.readouterr().out) and not undocumented_flags(out)
+    extra = ["--dataset", "digits"] if name != "custom_likelihood" else []
+    with pytest.raises(PyvaeError, match="epochs"):  # --debug: the error itself, traceback and all
+        run(example.main, ["--epochs", "0", "--debug", "--out", str(tmp_path / "run"), *extra])
+    assert not (tmp_path / "run").exists()
+

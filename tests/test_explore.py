@@ -89,6 +89,17 @@ def test_anomaly_command(mnist_like_run, tmp_path, capsys):
     assert "fashion_mnist: scored as stored" in out
 
 
+def test_anomaly_says_the_run_s_own_set_alone_was_drawn_afresh(digits_run, tmp_path, capsys):
+    from pyvae.cli import anomaly_main
+
+    rng = np.random.default_rng(1)  # grey 8x8 images: binarized for the Bernoulli likelihood, one fixed draw
+    np.savez(tmp_path / "grey.npz", x_train=rng.random((30, 8, 8), dtype=np.float32), x_test=rng.random((30, 8, 8), dtype=np.float32))
+    run(anomaly_main, [str(digits_run), "--ood", str(tmp_path / "grey.npz"), "--num-samples", "5", "--num-points", "30", "--out", str(tmp_path / "out")])
+    binarization = json.loads((tmp_path / "out" / "anomaly.json").read_text())["binarization"]
+    assert binarization["digits"].endswith("(training drew afresh)")
+    assert [how for name, how in binarization.items() if name != "digits"] == ["binarized by one fixed Bernoulli draw of its grey levels"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

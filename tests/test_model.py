@@ -188,3 +188,53 @@ def test_a_checkpoint_that_does_not_match_names_the_entries(tmp_path):
     assert "\n" not in message and "does not match the model" in message
     assert "missing decoder.4.bias, decoder.4.weight, encoder.4.bias, encoder.4.weight;" in message
     assert "shapes differ (saved vs model): prior.loc (2,) vs (3,)" in message and "encoder.2.weight (4, 8) vs (8, 8)" in message
+
+
+PARTS_FILE = '''
+import torch
+import pyro.distributions as dist
+import pyvae
+from shifts import SHIFT  # a module beside this file
+
+
+class MyNormal(pyvae.priors.Prior):
+    name = "normal"  # a built-in's name: the recorded source still marks it as the user's
+
+    @torch.no_grad()
+    def describe(self):
+        return "shifted"
+
+    def forward(self):
+        return dist.Normal(torch.full((self.z_dim,), SHIFT), 1.0).to_event(1)
+
+    def bind(self, vae):
+        self.z_dim = vae.z_dim
+
+
+class MyBernoulli(pyvae.likelihoods.Likelihood):
+    name = "normal"  # the same name as the prior above: parts are looked up per kind
+    binary_data = True
+
+    def forward(self, logits):
+        return dist.Bernoulli(logits=logits).to_event(1)
+'''
+
+
+def test_a_parts_file_rebuilds_its_parts_by_kind_even_under_built_in_names(tmp_path):
+    from pyvae.components import custom_parts, import_parts
+
+    (tmp_path / "shifts.py").write_text("SHIFT = 0.5\n")
+    (tmp_path / "parts.py").write_text(PARTS_FILE)
+    classes = {c.__name__: c for c in import_parts(tmp_path / "parts.py")}
+    vae = pyvae.VAE(x_dim=16, z_dim=3, prior=classes["MyNormal"](), likelihood=classes["MyBernoulli"]())
+    spec = vae.config["prior"]
+    assert spec["name"] == "normal" and spec["source"] == f"{(tmp_path / 'parts.py').resolve()}:MyNormal"  # not torch's file
+    pyvae.save(vae, tmp_path / "vae.pt")
+    with pytest.raises(pyvae.PyvaeError, match="custom prior 'normal'; pass prior="):
+        pyvae.load(tmp_path / "vae.pt")  # never silently the built-in N(0, I)
+    parts = custom_parts(vae.config, tmp_path / "parts.py")
+    assert type(parts["prior"]).__name__ == "MyNormal" and type(parts["likelihood"]).__name__ == "MyBernoulli"
+    loaded = pyvae.load(tmp_path / "vae.pt", **parts)
+    assert torch.allclose(loaded.prior().mean, torch.full((3,), 0.5))
+    with pytest.raises(pyvae.PyvaeError, match="defines no guide 'MyGuide'; its guides: none"):
+        custom_parts({"guide": {"name": "MyGuide", "source": "x.py:MyGuide"}}, tmp_path / "parts.py")

@@ -248,6 +248,17 @@ def test_train_can_evaluate_the_last_epoch(tmp_path, capsys):
     main([*TRAIN, "--epochs", "2", "--valid-fraction", "0.2", "--eval-checkpoint", "last", "--out", str(tmp_path / "run")])
     assert f"final model: {tmp_path / 'run' / 'checkpoint.pt'} (epoch 2, the last)" in capsys.readouterr().out
     assert (tmp_path / "run" / "best.pt").is_file()
+    assert (tmp_path / "run" / "eval-digits-test-K20-last" / "eval.json").is_file()  # not best.pt's folder
+
+
+@pytest.mark.parametrize("how", [["--checkpoint", "last"], ["checkpoint.pt"]])
+def test_the_last_epoch_s_evaluation_never_overwrites_the_best_s(protocol_run, how):
+    from pyvae.cli import main
+
+    target = protocol_run / how[0] if how[0].endswith(".pt") else protocol_run
+    main(["evaluate", str(target), "--num-samples", "5", "--num-points", "4", *(how if how[0].startswith("--") else [])])
+    evaluated = json.loads((protocol_run / "eval-digits-test-K5-last" / "eval.json").read_text())
+    assert evaluated["num_points"] == 4 and not (protocol_run / "eval-digits-test-K5").exists()
 
 
 @pytest.mark.parametrize(

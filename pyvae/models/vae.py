@@ -133,8 +133,9 @@ class VAE(nn.Module):
         if any(k not in kwargs for k in needed):
             raise PyvaeError(f"{path} is a pyvae checkpoint without a complete model description; it cannot be loaded")
         for part, registry in (("prior", PRIORS), ("likelihood", LIKELIHOODS), ("guide", GUIDES)):
-            name = kwargs[part]["name"] if isinstance(kwargs[part], dict) else kwargs[part]
-            if name not in registry and part not in parts:
+            spec = kwargs[part] if isinstance(kwargs[part], dict) else {"name": kwargs[part]}
+            name = spec["name"]
+            if (name not in registry or "source" in spec) and part not in parts:
                 raise PyvaeError(f"{path} was saved with a custom {part} {name!r}; pass {part}=... to pyvae.load")
         for part in ("encoder", "decoder"):
             if kwargs.pop(part) == "custom" and part not in parts:
