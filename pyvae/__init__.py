@@ -13,7 +13,7 @@ All ELBOs and log-likelihoods are in nats per data point; NLL is their negative.
 from . import guides, likelihoods, priors, program
 from .checkpoint import load, save
 from .diagnostics import Evaluation, evaluate
-from .errors import DataNotFound, PyvaeError
+from .errors import DataNotFound, PyvaeError, PyvaeWarning
 from .importance import LogLikelihood, log_likelihood
 from .models import CVAE, HVAE, M2, VAE
 from .train import evaluate_elbo, fit
@@ -44,5 +44,6 @@ __all__ = [
     "likelihoods",
     "guides",
     "PyvaeError",
+    "PyvaeWarning",
     "DataNotFound",
 ]

@@ -7,13 +7,15 @@ that does not fit) is one line too, with exit code 1. ``--debug`` shows the trac
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import PyvaeError
+from .errors import PyvaeError, PyvaeWarning
 
 
 def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
@@ -21,7 +23,9 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
     exception one line and exit 1; ``--debug`` in ``argv`` re-raises instead (the traceback)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        main(argv)
+        with warnings.catch_warnings():  # restores the display in place before
+            warnings.showwarning = functools.partial(_show_warning, shown=warnings.showwarning)
+            main(argv)
     except KeyboardInterrupt as e:
         print(str(e) or "interrupted", file=sys.stderr)
         sys.exit(128 + getattr(e, "signum", 2))
@@ -33,6 +37,14 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
             sys.exit(2)
         print(f"error: {describe_failure(e)} (run with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, *, shown) -> None:
+    """A :class:`PyvaeWarning` as one ``warning: ...`` line; any other warning as ``shown`` shows it."""
+    if issubclass(category, PyvaeWarning):
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        shown(message, category, filename, lineno, file, line)
 
 
 #: what allocation failures say: torch on Linux and Windows, CUDA, numpy

@@ -9,6 +9,11 @@ class PyvaeError(ValueError):
     """Bad input from the user: the message names the value and what is allowed."""
 
 
+class PyvaeWarning(UserWarning):
+    """Something the user should know that does not stop the work; the CLI prints it as one
+    ``warning: ...`` line, without Python's file and line prefix."""
+
+
 class DataNotFound(PyvaeError):
     """A data set is neither on disk nor downloadable; the message says where we looked."""
 

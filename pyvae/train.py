@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from . import distributed, protocol, state
 from .batching import Batches, check_data, resolve_device
 from .checkpoint import atomic_write, save
-from .errors import PyvaeError, positive_int, positive_number
+from .errors import PyvaeError, PyvaeWarning, positive_int, positive_number
 from .likelihoods import bits_per_dim, coding
 from .objectives import Objective, make_elbo
 from .program import LocalParams, batch_arity, sample_sites, structure, trace_once
@@ -471,4 +471,4 @@ def _warn_if_no_analytic_kl(model: torch.nn.Module, batch: tuple) -> None:
             f"elbo 'meanfield': torch has no analytic KL for latent site {', '.join(missing)}; that term is "
             "estimated by Monte Carlo, exactly as elbo 'trace' does"
         )
-        warnings.warn_explicit(message, UserWarning, "pyvae", 0)
+        warnings.warn_explicit(message, PyvaeWarning, "pyvae", 0)

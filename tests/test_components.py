@@ -257,6 +257,16 @@ def test_meanfield_without_analytic_kl_warns_and_falls_back(digits_small):
         pyvae.fit(vae, digits_small, epochs=1, batch_size=64, elbo="meanfield", device="cpu", progress=False)
 
 
+def test_the_cli_prints_the_meanfield_warning_as_one_line_of_words(tmp_path, capsys):
+    from pyvae.cli import main
+
+    main(["train", "--dataset", "digits", "--no-download", "--prior", "mog", "--elbo", "meanfield", "--epochs", "1",
+          "--z-dim", "2", "--hidden", "8", "--eval-samples", "0", "--device", "cpu", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert "warning: elbo 'meanfield': torch has no analytic KL for latent site z (the guide's Normal" in err
+    assert "UserWarning" not in err and "PyvaeWarning" not in err
+
+
 # -- every combination trains ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_small():
