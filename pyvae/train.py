@@ -154,13 +154,6 @@ def fit(
     shapes = world.gather(tuple(train_batches.images.shape))
     if len(set(shapes)) > 1:
         raise PyvaeError(f"the training processes hold different data sets, of shapes {shapes}; each must load the same one")
-    if out is not None:  # made only now that the input is known to be good: a refused run leaves nothing
-        out = Path(out)
-        if world.main:
-            out.mkdir(parents=True, exist_ok=True)
-            for name, text in (out_files or {}).items():
-                atomic_write(out / name, lambda f, text=text: f.write(text.encode()))
-
     model.to(device)
     bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
@@ -172,8 +165,16 @@ def fit(
     if shape.enumerated_sites and not isinstance(objective.elbo, pyro.infer.TraceEnum_ELBO):
         raise PyvaeError(f"the guide enumerates {', '.join(shape.enumerated_sites)}; train it with elbo 'enum' (TraceEnum_ELBO)")
     objective.fill_plate_nesting(shape.max_plate_nesting)
-    if isinstance(objective.elbo, pyro.infer.TraceMeanField_ELBO) and world.main:
-        _warn_if_no_analytic_kl(model, train_batches.first())
+    if isinstance(objective.elbo, pyro.infer.TraceMeanField_ELBO):
+        _require_mean_field_guide(model, train_batches.first())
+        if world.main:
+            _warn_if_no_analytic_kl(model, train_batches.first())
+    if out is not None:  # made only now that the input is known to be good: a refused run leaves nothing
+        out = Path(out)
+        if world.main:
+            out.mkdir(parents=True, exist_ok=True)
+            for name, text in (out_files or {}).items():
+                atomic_write(out / name, lambda f, text=text: f.write(text.encode()))
     optimizer = make_adam(model.parameters(), lr)
     schedule = protocol.Schedule(lr_schedule, optimizer, epochs)  # before a resumed optimizer state: it sets the rate
     objective_key = protocol.objective_key(elbo, valid_samples)
@@ -449,6 +450,31 @@ def _family(d) -> str:
     while isinstance(d, (dist.Independent, dist.ExpandedDistribution)):
         d = d.base_dist
     return type(d).__name__
+
+
+def _require_mean_field_guide(model: torch.nn.Module, batch: tuple) -> None:
+    """Refuse ``meanfield`` for a guide whose latent sites depend on each other (q(z1|x) q(z2|z1)).
+
+    ``TraceMeanField_ELBO`` replaces E_q[log q(z_s) - log p(z_s|...)] by KL(q(z_s|x) || p(z_s|...)) at the
+    other sites' draws; when q(z_s) itself depends on a draw, that is no longer the ELBO (Pyro only
+    warns when model and guide order their sites differently). The dependence is found by autograd:
+    the guide is run with its latent values held fixed, and a site whose log-density at its own value
+    has a gradient with respect to another site's value depends on it."""
+    _, guide_trace = trace_once(model, batch)
+    names = [s["name"] for s in sample_sites(guide_trace) if not s["is_observed"]]
+    with torch.random.fork_rng(devices=[batch[0].device] if batch[0].device.type == "cuda" else []), \
+            torch.enable_grad(), poutine.block(), LocalParams():
+        values = {name: guide_trace.nodes[name]["value"].detach().requires_grad_() for name in names}
+        trace = poutine.trace(poutine.condition(model.guide, data=values)).get_trace(*batch)
+        for name in names:
+            fn, others = trace.nodes[name]["fn"], [values[k] for k in names if k != name]
+            log_q = fn.log_prob(values[name].detach()).sum()
+            used = torch.autograd.grad(log_q, others, allow_unused=True) if others and log_q.requires_grad else []
+            parents = [k for k, g in zip([k for k in names if k != name], used) if g is not None]
+            if parents:
+                raise PyvaeError(f"elbo 'meanfield' needs a mean-field guide, whose latent sites are independent given x; "
+                                 f"this guide draws {name} given {', '.join(parents)}, so its analytic KL would not be "
+                                 "the ELBO: use elbo 'trace'")
 
 
 def _warn_if_no_analytic_kl(model: torch.nn.Module, batch: tuple) -> None:

@@ -257,6 +257,18 @@ def test_meanfield_without_analytic_kl_warns_and_falls_back(digits_small):
         pyvae.fit(vae, digits_small, epochs=1, batch_size=64, elbo="meanfield", device="cpu", progress=False)
 
 
+def test_meanfield_refuses_a_guide_whose_latents_depend_on_each_other(tmp_path, capsys):
+    from pyvae.cli import main
+
+    with pytest.raises(SystemExit) as info:  # hvae's guide is q(z1|x) q(z2|z1): analytic KLs are not its ELBO
+        main(["train", "--dataset", "digits", "--no-download", "--model", "hvae", "--elbo", "meanfield", "--epochs", "1",
+              "--eval-samples", "0", "--device", "cpu", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1
+    assert "elbo 'meanfield' needs a mean-field guide" in err and "draws z2 given z1" in err and "use elbo 'trace'" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_cli_prints_the_meanfield_warning_as_one_line_of_words(tmp_path, capsys):
     from pyvae.cli import main
 
