@@ -142,7 +142,7 @@ def table(rows: list[dict]) -> str:
                  f"{r['test_elbo']:.2f}", f"{r['log_px']:.2f} ± {r['log_px_stderr']:.2f}"]
         if ais:
             cells.append(f"{r['log_px_ais']:.2f} ± {r['log_px_ais_stderr']:.2f}" if r["log_px_ais"] is not None else "")
-        bands = " / ".join(f"{100 * v:.0f}%" for v in r["khat_bands"].values())
+        bands = " / ".join(f"{100 * v:.0f}%" for v in (r["khat_bands"] or {}).values())
         cells += [bands, f"{r['published']:.2f}", f"{r['difference']:+.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     r = rows[0]

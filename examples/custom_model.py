@@ -7,7 +7,6 @@ pyvae trains, scores, diagnoses and saves exactly this program: the contract is 
 per-data-point sites sit in a plate named "data" (``pyvae.program`` has the details).
 """
 
-
 import pyro
 import pyro.distributions as dist
 import torch

@@ -144,9 +144,7 @@ def check_data(module: torch.nn.Module, batches: Batches, what: str) -> None:
 
 
 def _place(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    if t is None or device.type != "cuda":
-        return t
-    if t.is_cuda:  # on a GPU already (pinning is for host memory)
-        return t.to(device)
+    if t is None or device.type != "cuda" or t.is_cuda:  # pinning is for host memory bound for a GPU
+        return t if t is None else t.to(device)
     free, _ = torch.cuda.mem_get_info(device)
     return t.to(device) if t.numel() * t.element_size() < free // 4 else t.pin_memory()

@@ -38,9 +38,9 @@ class Component(torch.nn.Module):
         is recorded by its class name, so loading never silently rebuilds the parent.
         """
         spec = {"name": recorded_name(type(self)), **self.hparams}
-        source = source_of(type(self))
-        if source and not type(self).__module__.startswith("pyvae."):  # a user's part: say where it lives
-            spec["source"] = source
+        cls = type(self)
+        if not cls.__module__.startswith("pyvae."):  # a user's part, marked so even under a built-in's name
+            spec["source"] = source_of(cls) or f"{cls.__module__}:{cls.__qualname__}"  # its file, else where it lived
         return spec
 
 
@@ -124,7 +124,9 @@ def import_parts(path: str | Path) -> list[type[Component]]:
     except Exception as e:
         del sys.modules[name]
         raise PyvaeError(f"cannot import --parts {path}: {type(e).__name__}: {e}") from e
-    return [c for c in vars(module).values() if inspect.isclass(c) and issubclass(c, Component) and c.__module__ == name]
+    # its own classes and those it imports from its neighbours; pyvae's built-ins are found by name anyway
+    return [c for c in vars(module).values()
+            if inspect.isclass(c) and issubclass(c, Component) and not c.__module__.startswith("pyvae.")]
 
 
 def custom_parts(config: dict, parts_file: str | Path | None, where: str = "the checkpoint") -> dict[str, Component]:

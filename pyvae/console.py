@@ -23,9 +23,12 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
     exception one line and exit 1; ``--debug`` in ``argv`` re-raises instead (the traceback)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        with warnings.catch_warnings():  # restores the display in place before
-            warnings.showwarning = functools.partial(_show_warning, shown=warnings.showwarning)
+        formatted = warnings.formatwarning  # only the wording: a handler recording warnings (pytest's) still gets them
+        warnings.formatwarning = functools.partial(_format_warning, formatted=formatted)
+        try:
             main(argv)
+        finally:
+            warnings.formatwarning = formatted
     except KeyboardInterrupt as e:
         print(str(e) or "interrupted", file=sys.stderr)
         sys.exit(128 + getattr(e, "signum", 2))
@@ -39,26 +42,25 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
         sys.exit(1)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None, *, shown) -> None:
-    """A :class:`PyvaeWarning` as one ``warning: ...`` line; any other warning as ``shown`` shows it."""
+def _format_warning(message, category, filename, lineno, line=None, *, formatted) -> str:
+    """A :class:`PyvaeWarning` as one ``warning: ...`` line; any other warning as ``formatted`` words it."""
     if issubclass(category, PyvaeWarning):
-        print(f"warning: {message}", file=file or sys.stderr)
-    else:
-        shown(message, category, filename, lineno, file, line)
+        return f"warning: {message}\n"
+    return formatted(message, category, filename, lineno, line)
 
 
 #: what allocation failures say: torch on Linux and Windows, CUDA, numpy
-OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory", "unable to allocate")
+OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|not enough memory|Unable to allocate [\d.]+ [KMGT]i?B", re.I)
 
 
 def describe_failure(e: Exception) -> str:
     """One line for an exception nobody anticipated; an allocation failure says how much and what to lower."""
     text = " ".join(str(e).split())
-    if isinstance(e, MemoryError) or any(s in text.lower() for s in OUT_OF_MEMORY):
+    if isinstance(e, MemoryError) or OUT_OF_MEMORY.search(text):
         wanted = (re.search(r"tried to allocate (\d+) bytes", text)
                   or re.search(r"(?:Tried to allocate|Unable to allocate) ([\d.]+ [KMGT]i?B)", text))
         size = wanted.group(1) if wanted else None
-        size = _bytes(int(size)) if size and size.isdigit() else size
+        size = _bytes(int(size)) if size and size.isdigit() else size and size.replace(". ", " ")  # numpy's "728. TiB"
         return (f"out of memory{f' allocating {size}' if size else ''} ({type(e).__name__}); "
                 "lower --batch-size, --num-particles or --num-samples, or use a machine with more memory")
     first = text[:300] + ("..." if len(text) > 300 else "")

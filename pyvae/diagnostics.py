@@ -131,10 +131,10 @@ class Evaluation:
             "elbo": float(elbo.mean()),
             "gap": float((log_px - elbo).mean()),
             "iwae": {str(k): float(v.double().mean()) for k, v in ll.iwae.items()},
-            "khat_threshold": khat_threshold(ll.num_samples),
-            "khat_bands": ll.khat_bands(),
-            "khat_above_threshold": self.khat_above_threshold,
-            "khat_max": float(ll.khat.max()),
+            # null where K is too small for k^ to be estimated (MIN_KHAT_SAMPLES)
+            **({"khat_threshold": khat_threshold(ll.num_samples), "khat_bands": ll.khat_bands(),
+                "khat_above_threshold": self.khat_above_threshold, "khat_max": float(ll.khat.max())}
+               if self.khat_estimated else dict.fromkeys(("khat_threshold", "khat_bands", "khat_above_threshold", "khat_max"))),
             "warning": self.warning(),
             "ess_mean": float(ll.ess.mean()),
             "ess_min": float(ll.ess.min()),
@@ -173,6 +173,18 @@ class Evaluation:
             },
         }
 
+    def _khat_line(self, s: dict) -> str:
+        if not self.khat_estimated:
+            return f"not estimated (K = {s['num_samples']} < {MIN_KHAT_SAMPLES})"
+        bands = ", ".join(f"{name} {100 * frac:.1f}%" for name, frac in s["khat_bands"].items())
+        return (f"{bands}; above the threshold {s['khat_threshold']:.2f}: "
+                f"{100 * s['khat_above_threshold']:.1f}% of points (max {s['khat_max']:.2f})")
+
+    @property
+    def khat_estimated(self) -> bool:
+        """Whether K is large enough for a Pareto fit to the weights' tail (:data:`MIN_KHAT_SAMPLES`)."""
+        return self.ll.num_samples >= MIN_KHAT_SAMPLES
+
     @property
     def khat_above_threshold(self) -> float:
         """The share of points whose Pareto k^ is above the reliability threshold for K draws."""
@@ -185,7 +197,7 @@ class Evaluation:
         whose headline does not rest on these weights."""
         if self.ais:
             return None
-        if self.ll.num_samples < MIN_KHAT_SAMPLES:
+        if not self.khat_estimated:
             return (f"Pareto k^ cannot be estimated from {self.ll.num_samples} draws per point (it needs {MIN_KHAT_SAMPLES}): "
                     "the ± (Monte Carlo) is unchecked and may understate the error; evaluate with more --num-samples")
         above = self.khat_above_threshold
@@ -214,7 +226,6 @@ class Evaluation:
 
     def table(self) -> str:
         s = self.summary()
-        bands = ", ".join(f"{name} {100 * frac:.1f}%" for name, frac in s["khat_bands"].items())
         how = f"AIS with T = {s['ais']['num_steps']}, {s['ais']['num_chains']} chains; " if self.ais else ""
         lines = [
             f"{s['dataset']} {s['split']}: {s['num_points']} points, {how}K = {s['num_samples']} importance samples "
@@ -238,8 +249,7 @@ class Evaluation:
         lines += [
             f"  ELBO       {s['elbo']:10.3f}    gap log p - ELBO {s['gap']:.3f} (~ KL(q(z|x) || p(z|x)))",
             "  IWAE-K     " + "  ".join(f"K={k}: {v:.3f}" for k, v in s["iwae"].items()),
-            f"  Pareto k^  {bands}; above the threshold {s['khat_threshold']:.2f}: "
-            f"{100 * s['khat_above_threshold']:.1f}% of points (max {s['khat_max']:.2f})",
+            f"  Pareto k^  {self._khat_line(s)}",
             f"  ESS        mean {s['ess_mean']:.1f}, min {s['ess_min']:.1f} of {s['num_samples']}",
         ]
         for name, site in s["latent_sites"].items():

@@ -461,12 +461,17 @@ def _require_mean_field_guide(model: torch.nn.Module, batch: tuple) -> None:
     the guide is run with its latent values held fixed, and a site whose log-density at its own value
     has a gradient with respect to another site's value depends on it."""
     _, guide_trace = trace_once(model, batch)
-    names = [s["name"] for s in sample_sites(guide_trace) if not s["is_observed"]]
+    latent = [s for s in sample_sites(guide_trace) if not s["is_observed"]]
+    for site in latent:
+        if not site["fn"].has_rsample:
+            raise PyvaeError(f"elbo 'meanfield' needs reparameterized latent sites (TraceMeanField_ELBO assumes them); "
+                             f"guide site {site['name']} is a {type(site['fn']).__name__}: use elbo 'trace'")
+    names = [s["name"] for s in latent]
     with torch.random.fork_rng(devices=[batch[0].device] if batch[0].device.type == "cuda" else []), \
             torch.enable_grad(), poutine.block(), LocalParams():
         values = {name: guide_trace.nodes[name]["value"].detach().requires_grad_() for name in names}
         trace = poutine.trace(poutine.condition(model.guide, data=values)).get_trace(*batch)
-        for name in names:
+        for name in (name for name in names if name in trace.nodes):  # a site drawn only on some runs may be absent
             fn, others = trace.nodes[name]["fn"], [values[k] for k in names if k != name]
             log_q = fn.log_prob(values[name].detach()).sum()
             used = torch.autograd.grad(log_q, others, allow_unused=True) if others and log_q.requires_grad else []

@@ -110,6 +110,8 @@ def undocumented_flags(help_text: str) -> list[str]:
          "error: out of memory allocating 1.0 MiB (RuntimeError)"),
         (MemoryError("Unable to allocate 7.45 GiB for an array with shape (1000000000,) and data type float64"),  # numpy
          "error: out of memory allocating 7.45 GiB (MemoryError)"),
+        (MemoryError("Unable to allocate 728. TiB for an array with shape (10000000000000,)"), "error: out of memory allocating 728 TiB"),
+        (RuntimeError("unable to allocate a shared memory segment name"), "error: unexpected RuntimeError: unable to allocate"),
         (ValueError("shapes (3,) and (4,)\ndo not match"), "error: unexpected ValueError: shapes (3,) and (4,) do not match"),
     ],
 )

@@ -134,6 +134,7 @@ def test_a_headline_resting_on_bad_weights_says_so():
     assert headline.lstrip().startswith("log p(x)") and flagged.lstrip().startswith("WARNING")
     few = evaluate(vae, sample_data(vae, 40), num_samples=10, dataset="ppca", split="test")  # k^ needs 21 draws
     assert "cannot be estimated from 10 draws" in few.summary()["warning"] and "WARNING" in few.table()
+    assert few.summary()["khat_bands"] is None and "Pareto k^  not estimated (K = 10 < 21)" in few.table()
 
 
 def test_a_stochastic_lower_bound_that_rises_with_k():

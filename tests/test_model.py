@@ -236,5 +236,22 @@ def test_a_parts_file_rebuilds_its_parts_by_kind_even_under_built_in_names(tmp_p
     assert type(parts["prior"]).__name__ == "MyNormal" and type(parts["likelihood"]).__name__ == "MyBernoulli"
     loaded = pyvae.load(tmp_path / "vae.pt", **parts)
     assert torch.allclose(loaded.prior().mean, torch.full((3,), 0.5))
+    (tmp_path / "reexport.py").write_text("from parts import MyNormal, MyBernoulli\n")  # parts kept in a neighbour
+    assert set(custom_parts(vae.config, tmp_path / "reexport.py")) == {"prior", "likelihood"}
     with pytest.raises(pyvae.PyvaeError, match="defines no guide 'MyGuide'; its guides: none"):
         custom_parts({"guide": {"name": "MyGuide", "source": "x.py:MyGuide"}}, tmp_path / "parts.py")
+
+
+def test_a_notebook_s_part_named_like_a_built_in_is_never_rebuilt_as_the_built_in(tmp_path):
+    class Normal(pyvae.priors.StandardNormal):  # defined in a function, as in a notebook: no file to record
+        name = "normal"
+
+        def forward(self):
+            return dist.Normal(self.loc + 1, self.scale).to_event(1)
+
+    vae = pyvae.VAE(x_dim=16, z_dim=3, prior=Normal())
+    assert vae.config["prior"]["source"].endswith("<locals>.Normal")
+    pyvae.save(vae, tmp_path / "vae.pt")
+    with pytest.raises(pyvae.PyvaeError, match="custom prior 'normal'; pass prior="):
+        pyvae.load(tmp_path / "vae.pt")
+
