@@ -246,7 +246,7 @@ def train_main(argv: list[str]) -> None:
         lr_schedule=config.lr_schedule,
         patience=config.patience,
         valid_samples=config.valid_samples,
-        elbo="enum" if name == "m2" and config.elbo == "trace" else config.elbo,
+        elbo=config.elbo,
         num_particles=config.num_particles,
         beta=config.beta,
         kl_warmup_epochs=config.kl_warmup_epochs,

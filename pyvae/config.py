@@ -27,7 +27,7 @@ from .likelihoods import LIKELIHOODS
 from .nets import MLP_ACTIVATIONS, NETS
 from .priors import PRIORS
 from .batching import DEVICES
-from .objectives import ELBOS
+from .objectives import ELBO_CHOICES
 from .protocol import SCHEDULES
 
 
@@ -52,23 +52,23 @@ class TrainConfig:
     model: str | dict = field(default="vae", metadata={"models": True, "help": "vae, hvae, cvae or m2 (in YAML also {name: hvae, z_dims: [100, 50], ...})"})
     num_labels: int | None = field(default=None, metadata={"min": 1, "help": "m2: labelled training points, class-balanced; the rest unlabelled"})
     z_dim: int = field(default=50, metadata={"min": 1})
-    hidden: list[int] = field(default_factory=lambda: [400], metadata={"min": 1})
-    activation: str = field(default="softplus", metadata=_choices(*MLP_ACTIVATIONS))
+    hidden: list[int] = field(default_factory=lambda: [512], metadata={"min": 1})
+    activation: str = field(default="relu", metadata=_choices(*MLP_ACTIVATIONS))
     net: str = field(default="mlp", metadata=_choices(*NETS))
     # a name, or in YAML a mapping such as {name: vamp, num_components: 100}
     prior: str | dict = field(default="normal", metadata={"registry": PRIORS})
     likelihood: str | dict = field(default="bernoulli", metadata={"registry": LIKELIHOODS})
     guide: str | dict = field(default="normal", metadata={"registry": GUIDES})
     # inference
-    elbo: str = field(default="trace", metadata=_choices(*ELBOS))
+    elbo: str = field(default="auto", metadata={**_choices(*ELBO_CHOICES), "help": "auto: the analytic KL (meanfield) where it is exact and torch has it, enum for enumerated guide sites (m2), else trace"})
     num_particles: int = field(default=1, metadata={"min": 1, "help": "samples of z per point (K for iwae)"})
     beta: float = field(default=1.0, metadata={"positive": True, "help": "weight of the KL term (beta-VAE)"})
     kl_warmup_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of linear KL warm-up from 0 to beta"})
     clip_norm: float | None = field(default=None, metadata={"positive": True, "help": "clip the gradient's total norm"})
     epochs: int = field(default=10, metadata={"min": 1})
     batch_size: int = field(default=128, metadata={"min": 1})
-    lr: float = field(default=1e-3, metadata={"positive": True})
-    lr_schedule: str = field(default="none", metadata={**_choices(*SCHEDULES), "help": "none; iwae: Burda et al.'s 3^i-epoch stages at lr*10^(-i/7); plateau: halve on a stalled validation objective; cosine over the epochs"})
+    lr: float = field(default=2e-3, metadata={"positive": True})
+    lr_schedule: str = field(default="cosine", metadata={**_choices(*SCHEDULES), "help": "none; iwae: Burda et al.'s 3^i-epoch stages at lr*10^(-i/7); plateau: halve on a stalled validation objective; cosine over the epochs"})
     patience: int | None = field(default=None, metadata={"min": 1, "help": "stop when the validation objective has not improved for this many epochs"})
     valid_samples: int = field(default=0, metadata={"min": 0, "help": "K: also the validation log p(x) by importance sampling (1000 points at most), then the objective; 0 skips it"})
     device: str = field(default="auto", metadata=_choices(*DEVICES))

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pyro
 import torch
-import pyro.distributions as dist
 from pyro import poutine
 from tqdm.auto import tqdm
 
@@ -36,8 +35,8 @@ from .batching import Batches, check_data, resolve_device
 from .checkpoint import atomic_write, save
 from .errors import PyvaeError, PyvaeWarning, positive_int, positive_number
 from .likelihoods import bits_per_dim, coding
-from .objectives import Objective, make_elbo
-from .program import LocalParams, batch_arity, sample_sites, structure, trace_once
+from .objectives import Objective, choose_elbo, make_elbo, mean_field_violation, sites_without_analytic_kl
+from .program import LocalParams, batch_arity, structure
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:
@@ -62,7 +61,7 @@ def fit(
     lr_schedule: str = "none",
     patience: int | None = None,
     valid_samples: int = 0,
-    elbo: str | pyro.infer.ELBO = "trace",
+    elbo: str | pyro.infer.ELBO = "auto",
     num_particles: int = 1,
     beta: float = 1.0,
     kl_warmup_epochs: int = 0,
@@ -83,7 +82,9 @@ def fit(
     (:mod:`pyvae.program`); ``train``/``test`` are a tensor x, a tuple (x, y), an ImageSet or
     a Dataset, served as ``(x,)`` or ``(x, y)`` as the model's signature asks.
     ``elbo`` is ``trace``, ``meanfield``, ``iwae`` (with ``num_particles`` = K), ``enum``
-    (``TraceEnum_ELBO``, for enumerated discrete guide sites) or a ``pyro.infer.ELBO``.
+    (``TraceEnum_ELBO``, for enumerated discrete guide sites), a ``pyro.infer.ELBO``, or ``auto``
+    (:func:`pyvae.objectives.choose_elbo`: meanfield where the analytic KL is exact and available,
+    enum for enumerated sites, else trace; said on stdout with ``progress``).
     ``beta`` weights the KL terms (beta-VAE) of all latent sites, or of ``kl_sites``; with
     ``kl_warmup_epochs`` > 0 the weight rises linearly, step by step, from 0 to ``beta``
     over that many epochs. ``metrics`` maps names to functions of the model computed after
@@ -133,7 +134,7 @@ def fit(
     if isinstance(valid_samples, bool) or not isinstance(valid_samples, int) or valid_samples < 0:
         raise PyvaeError(f"valid_samples must be an integer >= 0; got {valid_samples!r}")
     protocol.check(patience, lr_schedule, valid is not None)
-    objective = Objective(model, elbo, num_particles, kl_sites)
+    objective = Objective(model, "trace" if elbo == "auto" else elbo, num_particles, kl_sites)  # auto: chosen below
     if isinstance(objective.elbo, pyro.infer.RenyiELBO) and (beta != 1 or kl_warmup_epochs):
         raise PyvaeError(
             "beta and kl_warmup_epochs do not apply to elbo 'iwae' (a scaled latent site inside the "
@@ -162,13 +163,22 @@ def fit(
     if kl_sites is not None and set(kl_sites) - set(shape.latent_sites):
         unknown = sorted(set(kl_sites) - set(shape.latent_sites))[0]
         raise PyvaeError(f"kl_sites names {unknown!r}, which is not a latent site of the model; its latent sites: {', '.join(shape.latent_sites)}")
+    if elbo == "auto":
+        elbo, why = choose_elbo(model, train_batches.first(), shape)
+        objective.elbo = make_elbo(elbo, num_particles)
+        if world.main and progress:
+            print(f"elbo auto: {elbo}, {why}")
     if shape.enumerated_sites and not isinstance(objective.elbo, pyro.infer.TraceEnum_ELBO):
         raise PyvaeError(f"the guide enumerates {', '.join(shape.enumerated_sites)}; train it with elbo 'enum' (TraceEnum_ELBO)")
     objective.fill_plate_nesting(shape.max_plate_nesting)
     if isinstance(objective.elbo, pyro.infer.TraceMeanField_ELBO):
-        _require_mean_field_guide(model, train_batches.first())
-        if world.main:
-            _warn_if_no_analytic_kl(model, train_batches.first())
+        violation = mean_field_violation(model, train_batches.first())
+        if violation:
+            raise PyvaeError(f"elbo 'meanfield' needs {violation}: use elbo 'trace'")
+        missing = sites_without_analytic_kl(model, train_batches.first())
+        if missing and world.main:
+            warnings.warn_explicit(f"elbo 'meanfield': torch has no analytic KL for latent site {', '.join(missing)}; that "
+                                   "term is estimated by Monte Carlo, exactly as elbo 'trace' does", PyvaeWarning, "pyvae", 0)
     if out is not None:  # made only now that the input is known to be good: a refused run leaves nothing
         out = Path(out)
         if world.main:
@@ -392,7 +402,7 @@ def evaluate_elbo(
     model: torch.nn.Module,
     data,
     *,
-    elbo: str | pyro.infer.ELBO = "trace",
+    elbo: str | pyro.infer.ELBO = "auto",
     num_particles: int = 1,
     batch_size: int = 1000,
     device: str | torch.device | None = None,
@@ -445,61 +455,3 @@ def _numerical_fault(epoch: int, step: int, what: str, out: Path | None) -> str:
     )
 
 
-def _family(d) -> str:
-    """A distribution's name without the wrappers that shape it (Independent, an expansion)."""
-    while isinstance(d, (dist.Independent, dist.ExpandedDistribution)):
-        d = d.base_dist
-    return type(d).__name__
-
-
-def _require_mean_field_guide(model: torch.nn.Module, batch: tuple) -> None:
-    """Refuse ``meanfield`` for a guide whose latent sites depend on each other (q(z1|x) q(z2|z1)).
-
-    ``TraceMeanField_ELBO`` replaces E_q[log q(z_s) - log p(z_s|...)] by KL(q(z_s|x) || p(z_s|...)) at the
-    other sites' draws; when q(z_s) itself depends on a draw, that is no longer the ELBO (Pyro only
-    warns when model and guide order their sites differently). The dependence is found by autograd:
-    the guide is run with its latent values held fixed, and a site whose log-density at its own value
-    has a gradient with respect to another site's value depends on it."""
-    _, guide_trace = trace_once(model, batch)
-    latent = [s for s in sample_sites(guide_trace) if not s["is_observed"]]
-    for site in latent:
-        if not site["fn"].has_rsample:
-            raise PyvaeError(f"elbo 'meanfield' needs reparameterized latent sites (TraceMeanField_ELBO assumes them); "
-                             f"guide site {site['name']} is a {type(site['fn']).__name__}: use elbo 'trace'")
-    names = [s["name"] for s in latent]
-    with torch.random.fork_rng(devices=[batch[0].device] if batch[0].device.type == "cuda" else []), \
-            torch.enable_grad(), poutine.block(), LocalParams():
-        values = {name: guide_trace.nodes[name]["value"].detach().requires_grad_() for name in names}
-        trace = poutine.trace(poutine.condition(model.guide, data=values)).get_trace(*batch)
-        for name in (name for name in names if name in trace.nodes):  # a site drawn only on some runs may be absent
-            fn, others = trace.nodes[name]["fn"], [values[k] for k in names if k != name]
-            log_q = fn.log_prob(values[name].detach()).sum()
-            used = torch.autograd.grad(log_q, others, allow_unused=True) if others and log_q.requires_grad else []
-            parents = [k for k, g in zip([k for k in names if k != name], used) if g is not None]
-            if parents:
-                raise PyvaeError(f"elbo 'meanfield' needs a mean-field guide, whose latent sites are independent given x; "
-                                 f"this guide draws {name} given {', '.join(parents)}, so its analytic KL would not be "
-                                 "the ELBO: use elbo 'trace'")
-
-
-def _warn_if_no_analytic_kl(model: torch.nn.Module, batch: tuple) -> None:
-    """Say, in words, which latent sites lack an analytic KL (Pyro then estimates it by Monte Carlo)."""
-    from torch.distributions import kl_divergence
-
-    model_trace, guide_trace = trace_once(model, batch)
-    missing = []
-    for site in sample_sites(model_trace):
-        name = site["name"]
-        if site["is_observed"] or name not in guide_trace.nodes:
-            continue
-        q, p = guide_trace.nodes[name]["fn"], site["fn"]
-        try:
-            kl_divergence(q, p.expand(q.batch_shape) if p.batch_shape != q.batch_shape else p)
-        except NotImplementedError:
-            missing.append(f"{name} (the guide's {_family(q)} against the prior's {_family(p)})")
-    if missing:
-        message = (
-            f"elbo 'meanfield': torch has no analytic KL for latent site {', '.join(missing)}; that term is "
-            "estimated by Monte Carlo, exactly as elbo 'trace' does"
-        )
-        warnings.warn_explicit(message, PyvaeWarning, "pyvae", 0)

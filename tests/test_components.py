@@ -257,6 +257,18 @@ def test_meanfield_without_analytic_kl_warns_and_falls_back(digits_small):
         pyvae.fit(vae, digits_small, epochs=1, batch_size=64, elbo="meanfield", device="cpu", progress=False)
 
 
+@pytest.mark.parametrize("build, chosen", [
+    (lambda: pyvae.VAE(x_dim=64, z_dim=2, hidden=(8,)), "meanfield, the analytic KL of every latent site"),
+    (lambda: pyvae.VAE(x_dim=64, z_dim=2, hidden=(8,), prior="mog"), "trace, Monte Carlo KL: torch has no analytic KL for latent site z"),
+    (lambda: pyvae.HVAE(x_dim=64, z_dims=(4, 2), hidden=((8,), (8,))), "trace, Monte Carlo KL: an analytic KL needs a mean-field guide"),
+    (lambda: pyvae.VAE(x_dim=64, z_dim=2, hidden=(8,), guide="iaf"), "trace, Monte Carlo KL: torch has no analytic KL"),
+])
+def test_elbo_auto_takes_the_analytic_kl_only_where_it_is_exact(digits_small, build, chosen, capsys):
+    torch.manual_seed(0)
+    pyvae.fit(build(), digits_small, epochs=1, batch_size=64, device="cpu", progress=True)  # elbo="auto", the default
+    assert f"elbo auto: {chosen}" in capsys.readouterr().out
+
+
 def test_meanfield_refuses_a_guide_whose_latents_depend_on_each_other(tmp_path, capsys):
     from pyvae.cli import main
 
