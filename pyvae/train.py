@@ -402,7 +402,7 @@ def evaluate_elbo(
     model: torch.nn.Module,
     data,
     *,
-    elbo: str | pyro.infer.ELBO = "auto",
+    elbo: str | pyro.infer.ELBO = "trace",
     num_particles: int = 1,
     batch_size: int = 1000,
     device: str | torch.device | None = None,
