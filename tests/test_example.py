@@ -62,7 +62,7 @@ def errors_of(argv, capsys):
         ("epochs: 2\nlearning_rate: 0.1\n", "unknown config key 'learning_rate' in .*; allowed: dataset, "),
         ("epochs: two\n", "invalid value 'two' for 'epochs'; allowed: an integer >= 1"),
         ("epochs: 0\n", "invalid value 0 for 'epochs'; allowed: an integer >= 1"),
-        ("elbo: renyi\n", "invalid value 'renyi' for 'elbo'; allowed: trace, meanfield"),
+        ("elbo: renyi\n", "invalid value 'renyi' for 'elbo'; allowed: auto, trace, meanfield"),
         ("lr: -1\n", "invalid value -1 for 'lr'; allowed: a positive number"),
         ("hidden: [400, 0]\n", "invalid value \\[400, 0\\] for 'hidden'; allowed: a list of positive integers"),
         ("- epochs\n", "must be a mapping"),

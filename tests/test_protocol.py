@@ -202,7 +202,7 @@ def test_gated_model_saves_and_loads(tmp_path):
 
 
 # -- the command line --------------------------------------------------------------------
-TRAIN = ["train", "--dataset", "digits", "--no-download", "--z-dim", "4", "--batch-size", "256", "--eval-samples", "20",
+TRAIN = ["train", "--dataset", "digits", "--no-download", "--z-dim", "4", "--batch-size", "256", "--lr", "1e-3", "--eval-samples", "20",
          "--eval-points", "20", "--device", "cpu"]
 
 

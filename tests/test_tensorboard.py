@@ -17,7 +17,8 @@ def events(folder):
 
 def test_tensorboard_events_hold_the_epochs_the_pictures_and_the_evaluation(tmp_path):
     out = tmp_path / "run"
-    common = ["--dataset", "digits", "--batch-size", "64", "--z-dim", "4", "--eval-points", "40", "--eval-samples", "20"]
+    # no cosine: the run is resumed to more epochs below
+    common = ["--dataset", "digits", "--batch-size", "64", "--z-dim", "4", "--eval-points", "40", "--eval-samples", "20", "--lr-schedule", "none"]
     main(["train", *common, "--epochs", "2", "--tensorboard", "--valid-fraction", "0.2", "--out", str(out)])
     board = events(out / "tensorboard")
     tags = board.Tags()
