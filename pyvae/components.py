@@ -84,6 +84,11 @@ class Registry(dict):
         return cls(**kwargs)
 
 
+def is_custom(spec: dict, registry: Registry) -> bool:
+    """Whether a recorded part is a user's: a name no built-in has, or the source :meth:`Component.spec` records."""
+    return spec.get("name") not in registry or "source" in spec
+
+
 def recorded_name(cls: type[Component]) -> str:
     """The name a checkpoint records a part under: its own ``name``, else its class name."""
     return cls.__dict__.get("name") or cls.__name__
@@ -137,9 +142,8 @@ def custom_parts(config: dict, parts_file: str | Path | None, where: str = "the 
     from .priors import PRIORS, Prior
 
     kinds = {"prior": (PRIORS, Prior), "likelihood": (LIKELIHOODS, Likelihood), "guide": (GUIDES, Guide)}
-    # a recorded source marks a user's part even when it took a built-in's name
     custom = {part: spec for part, (registry, _) in kinds.items()
-              if isinstance(spec := config.get(part), dict) and (spec.get("name") not in registry or "source" in spec)}
+              if isinstance(spec := config.get(part), dict) and is_custom(spec, registry)}
     if not custom:
         return {}
     if parts_file is None:

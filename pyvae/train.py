@@ -163,7 +163,8 @@ def fit(
     if kl_sites is not None and set(kl_sites) - set(shape.latent_sites):
         unknown = sorted(set(kl_sites) - set(shape.latent_sites))[0]
         raise PyvaeError(f"kl_sites names {unknown!r}, which is not a latent site of the model; its latent sites: {', '.join(shape.latent_sites)}")
-    if elbo == "auto":
+    chosen = elbo == "auto"  # choose_elbo takes meanfield only where the checks below pass: not run twice
+    if chosen:
         elbo, why = choose_elbo(model, train_batches.first(), shape)
         objective.elbo = make_elbo(elbo, num_particles)
         if world.main and progress:
@@ -171,7 +172,7 @@ def fit(
     if shape.enumerated_sites and not isinstance(objective.elbo, pyro.infer.TraceEnum_ELBO):
         raise PyvaeError(f"the guide enumerates {', '.join(shape.enumerated_sites)}; train it with elbo 'enum' (TraceEnum_ELBO)")
     objective.fill_plate_nesting(shape.max_plate_nesting)
-    if isinstance(objective.elbo, pyro.infer.TraceMeanField_ELBO):
+    if isinstance(objective.elbo, pyro.infer.TraceMeanField_ELBO) and not chosen:
         violation = mean_field_violation(model, train_batches.first())
         if violation:
             raise PyvaeError(f"elbo 'meanfield' needs {violation}: use elbo 'trace'")

@@ -19,6 +19,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from ..components import is_custom
 from ..errors import PyvaeError, positive_int
 from ..guides import GUIDES, Guide
 from ..likelihoods import LIKELIHOODS, Likelihood
@@ -134,9 +135,8 @@ class VAE(nn.Module):
             raise PyvaeError(f"{path} is a pyvae checkpoint without a complete model description; it cannot be loaded")
         for part, registry in (("prior", PRIORS), ("likelihood", LIKELIHOODS), ("guide", GUIDES)):
             spec = kwargs[part] if isinstance(kwargs[part], dict) else {"name": kwargs[part]}
-            name = spec["name"]
-            if (name not in registry or "source" in spec) and part not in parts:
-                raise PyvaeError(f"{path} was saved with a custom {part} {name!r}; pass {part}=... to pyvae.load")
+            if is_custom(spec, registry) and part not in parts:
+                raise PyvaeError(f"{path} was saved with a custom {part} {spec['name']!r}; pass {part}=... to pyvae.load")
         for part in ("encoder", "decoder"):
             if kwargs.pop(part) == "custom" and part not in parts:
                 raise PyvaeError(f"{path} was saved with a custom {part}; pass {part}=... to pyvae.load")
