@@ -11,7 +11,9 @@ static binarized MNIST. In one process it then reports:
   (the best of ``--floor-repeats``);
 * AIS: ``pyvae.ais.ais_log_likelihood`` on ``--num-points`` test images with ``--num-chains`` chains
   and ``--num-steps`` steps of ``--leapfrog-steps`` leapfrog steps, its time per gradient
-  evaluation, per point per 1000 steps, and the ratio to the floor;
+  evaluation, per point per 1000 steps, and the ratio to the floor, both as the program runs
+  (``compile=False``) and compiled (``compile=True``; its one-off compilation is timed apart, and
+  the recording per chunk is in the timed runs);
 
 ``--repeats`` times (median and spread). The floor is what the arithmetic itself costs; the ratio
 is what Pyro's bookkeeping, the elementwise densities and the sampler add on top.
@@ -100,6 +102,7 @@ def main():
     vae.to(device).eval()
     x = spread(static_mnist("test", args.data_dir), args.num_points).to(device)
     settings = _settings(num_steps=args.num_steps, num_chains=args.num_chains, leapfrog_steps=args.leapfrog_steps, start=args.start)
+    settings.pop("compile")  # each run below says
 
     # one gradient evaluation on the same rows AIS runs, its matrix products recorded
     sampler = _Sampler.build(vae, x, args.num_chains, device, None, None)
@@ -117,22 +120,31 @@ def main():
     print(f"{len(x)} points x {args.num_chains} chains = {len(x) * args.num_chains} rows; T = {args.num_steps}, "
           f"{args.leapfrog_steps} leapfrog steps: {evaluations} gradient evaluations; "
           f"{len(recorder.calls)} matrix products, {flops(recorder.calls) / 1e6:.1f} MFLOP per evaluation (mm/addmm)")
-    rows = []
+    # the one-off compilation of this chunk size, so that the timed runs below find it compiled
+    start = time.perf_counter()
+    pyvae.ais.ais_log_likelihood(vae, x, **{**settings, "num_steps": 2}, compile=True, device=device)
+    print(f"compile=True: recording and compiling the densities took {time.perf_counter() - start:.1f} s (once per chunk size)")
+    ratios = {False: [], True: []}
     for repeat in range(args.repeats):
         floor = floor_seconds(recorder.calls, device, args.floor_repeats)
-        sync(device)
-        start = time.perf_counter()
-        result = pyvae.ais.ais_log_likelihood(vae, x, **settings, device=device)
-        sync(device)
-        seconds = time.perf_counter() - start
-        per_eval = seconds / evaluations
-        per_point_1000 = seconds / len(x) * 1000 / args.num_steps
-        rows.append(per_eval / floor)
-        print(f"run {repeat + 1}: floor {1e3 * floor:.2f} ms per evaluation ({flops(recorder.calls) / floor / 1e9:.0f} GFLOP/s); "
-              f"AIS {1e3 * per_eval:.2f} ms per evaluation, {seconds:.1f} s, {per_point_1000:.1f} s per point per 1000 steps; "
-              f"ratio to floor {per_eval / floor:.2f}; log p^ {float(result.log_px.mean()):.3f}")
-    print(f"ratio to floor: median {statistics.median(rows):.2f}, spread {min(rows):.2f}-{max(rows):.2f} over {len(rows)} runs")
-
+        print(f"run {repeat + 1}: floor {1e3 * floor:.2f} ms per evaluation ({flops(recorder.calls) / floor / 1e9:.0f} GFLOP/s)")
+        for compiled in (False, True):
+            sync(device)
+            start = time.perf_counter()
+            result = pyvae.ais.ais_log_likelihood(vae, x, **settings, compile=compiled, device=device)
+            sync(device)
+            seconds = time.perf_counter() - start
+            per_eval = seconds / evaluations
+            per_point_1000 = seconds / len(x) * 1000 / args.num_steps
+            ratios[compiled].append(per_eval / floor)
+            print(f"  compile={compiled}: {1e3 * per_eval:.2f} ms per evaluation, {seconds:.1f} s, {per_point_1000:.2f} s per "
+                  f"point per 1000 steps; ratio to floor {per_eval / floor:.2f}; log p^ {float(result.log_px.mean()):.3f}")
+    for compiled, rows in ratios.items():
+        print(f"compile={compiled}: ratio to floor median {statistics.median(rows):.2f}, spread {min(rows):.2f}-{max(rows):.2f} "
+              f"over {len(rows)} runs")
+    speedup = [a / b for a, b in zip(ratios[False], ratios[True])]
+    print(f"compiled against the program as written: {statistics.median(speedup):.2f}x faster "
+          f"(spread {min(speedup):.2f}-{max(speedup):.2f})")
 
 if __name__ == "__main__":
     main()

@@ -59,7 +59,7 @@ class BDMCResult:
         lower, upper = self.runs[top_t]
         return {
             "num_points": len(lower),
-            **{k: lower.settings[k] for k in ("num_steps", "num_chains", "leapfrog_steps", "schedule", "start")},
+            **{k: lower.settings[k] for k in ("num_steps", "num_chains", "leapfrog_steps", "schedule", "start", "compile")},
             **by_t[str(top_t)],
             "units": "nats per point; lower: forward AIS, a stochastic lower bound on log p(x); upper: reverse AIS from the "
                      "simulating z, a stochastic upper bound",

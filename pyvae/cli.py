@@ -434,13 +434,15 @@ def ais_flags(parser) -> None:
     parser.add_argument("--leapfrog-steps", type=int, default=10, help="HMC leapfrog steps per AIS transition (default 10)")
     parser.add_argument("--schedule", default="sigmoid", choices=SCHEDULES, help="the annealing schedule (default sigmoid)")
     parser.add_argument("--ais-start", default="guide", choices=STARTS, help="where the path starts: q(z|x) or the prior (default guide)")
+    parser.add_argument("--compile", action="store_true", help="record the densities and their gradients once as a graph and "
+                        "compile it (torch.compile): about 2x faster per step on a CPU, after seconds to a minute of compiling")
 
 
 def ais_settings(args) -> dict:
     """The keyword arguments of :func:`pyvae.ais.ais_log_likelihood` the flags ask for."""
     check_positive(args, "num_steps", "num_chains", "leapfrog_steps")
     return {"num_steps": args.num_steps, "num_chains": args.num_chains, "leapfrog_steps": args.leapfrog_steps,
-            "schedule": args.schedule, "start": args.ais_start}
+            "schedule": args.schedule, "start": args.ais_start, "compile": args.compile}
 
 
 def run_parser(command: str, description: str, default_out: str = "RUN/explore") -> Parser:

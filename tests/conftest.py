@@ -25,6 +25,12 @@ def require_files(*relative: str) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True, scope="session")
+def compiler_cache(tmp_path_factory):
+    """torch.compile's cache (AIS with compile=True) under pytest's folders, not the system's temporary one."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
+
+
 @pytest.fixture(autouse=True)
 def seeded():
     pyro.set_rng_seed(0)

@@ -98,6 +98,72 @@ class Cliff(nn.Module):
             pyro.sample("z", dist.Normal(torch.zeros(1), 2.0).to_event(1))
 
 
+class Switch(nn.Module):
+    """PPCA-like, but the model's Python branches on the latents' value: a recorded graph would freeze one branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def model(self, x, num_data=None):
+        with pyvae.program.data_plate(x, num_data):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            loc = z * self.w if z.sum() > 0 else -z * self.w
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+
+    def guide(self, x, num_data=None):
+        with pyvae.program.data_plate(x, num_data):
+            pyro.sample("z", dist.Normal(x / 2, 0.8).to_event(1))
+
+
+@pytest.mark.parametrize("case", ["guide", "prior", "dependent guide"])
+def test_compiled_ais_gives_the_programs_numbers(case, recwarn):
+    torch.manual_seed(4)
+    if case == "dependent guide":
+        model, x, start = TwoLayer(), torch.randn(6, 5), "guide"
+        exact = model.exact(x).detach()
+    else:
+        model, start = ppca(orthogonal=False), case
+        x = sample_data(model, 6)
+        exact = exact_log_px(model, x)
+    compiled = ais_log_likelihood(model, x, num_steps=200, start=start, compile=True, **FAST)
+    as_written = ais_log_likelihood(model, x, num_steps=200, start=start, **FAST)
+    assert not [w for w in recwarn if issubclass(w.category, pyvae.PyvaeWarning)]  # it did compile
+    assert compiled.settings["compile"] and not as_written.settings["compile"]
+    # the same chains to float rounding (fusion reorders sums), so the same estimate
+    assert torch.allclose(compiled.log_px, as_written.log_px, atol=1e-3), (compiled.log_px - as_written.log_px).abs().max()
+    assert (errors(compiled, exact) <= 4 * compiled.stderr + 0.05).all()
+
+
+def test_a_program_whose_python_reads_its_latents_runs_uncompiled_and_says_so():
+    x = torch.randn(5, 2)
+    with pytest.warns(pyvae.PyvaeWarning, match="AIS runs the program uncompiled: its Python reads the value of a tensor it computed"):
+        compiled = ais_log_likelihood(Switch(), x, num_steps=10, compile=True, **FAST)
+    as_written = ais_log_likelihood(Switch(), x, num_steps=10, **FAST)
+    assert torch.equal(compiled.log_weights, as_written.log_weights)
+
+
+def test_compile_function_reuses_one_compilation_for_the_same_code():
+    from pyvae import compiled
+
+    weight = torch.randn(3, 4)
+
+    def energy(u, data):
+        u = u.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = torch.nn.functional.softplus(u @ weight).sum(1) - (u * data).sum(1)
+            return value.detach(), torch.autograd.grad(value.sum(), u)[0]
+
+    u, ones, twos = torch.randn(5, 3), torch.ones(5, 3), torch.full((5, 3), 2.0)
+    first = compiled.compile_function(lambda v: energy(v, ones), u)
+    before = len(compiled._compiled)
+    other = compiled.compile_function(lambda v: energy(v, twos), u)  # other data: an input of the same graph, not baked in
+    assert len(compiled._compiled) == before
+    for fn, data in ((first, ones), (other, twos)):
+        for mine, theirs in zip(fn(u), energy(u, data)):
+            assert torch.allclose(mine, theirs, atol=1e-5)
+
+
 def test_failed_chains_are_reported_not_averaged_in():
     result = ais_log_likelihood(Cliff(), torch.zeros(6, 1), num_steps=10, num_chains=16, leapfrog_steps=3)
     assert result.failed_chains.sum() > 0 and torch.isfinite(result.log_px).all()
@@ -113,6 +179,7 @@ def test_failed_chains_are_reported_not_averaged_in():
         ({"num_chains": -1}, "num_chains must be a positive integer; got -1"),
         ({"schedule": "cosine"}, "unknown AIS schedule 'cosine'; choose from sigmoid, linear"),
         ({"start": "posterior"}, "unknown AIS start 'posterior'; choose from guide, prior"),
+        ({"compile": "yes"}, "compile must be True or False; got 'yes'"),
     ],
 )
 def test_bad_settings_are_one_line_errors(kwargs, message):
@@ -137,13 +204,13 @@ def test_the_sigmoid_schedule():
 def test_the_evaluate_command_scores_by_ais_beside_is(run_folder, capsys):
     out = run_folder / "ais"
     main(["evaluate", str(run_folder), "--method", "ais", "--num-steps", "100", "--num-chains", "4", "--leapfrog-steps", "3",
-          "--num-samples", "200", "--num-points", "12", "--out", str(out)])
+          "--num-samples", "200", "--num-points", "12", "--compile", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "AIS with T = 100, 4 chains" in printed and "AIS by T   T=10:" in printed
     summary = json.loads((out / "eval.json").read_text())
     assert summary["method"] == "ais" and set(summary["ais"]["log_px_by_num_steps"]) == {"10", "100"}
     assert summary["log_px"] == summary["ais"]["log_px_by_num_steps"]["100"] and summary["log_px"] > summary["elbo"]
-    assert math.isfinite(summary["log_px_is"]) and summary["ais"]["num_chains"] == 4
+    assert math.isfinite(summary["log_px_is"]) and summary["ais"]["num_chains"] == 4 and summary["ais"]["compile"]
     data = arviz.from_netcdf(out / "eval.nc").importance_sampling
     assert data["ais_log_weights"].shape == (12, 4) and "log_px_is" in data
     assert (out / "ais.png").stat().st_size > 0
