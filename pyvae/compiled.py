@@ -12,19 +12,20 @@ The program stays the single source of truth: the graph is what it executed, not
 A recorded graph is faithful as long as the program's Python does not read the value of a tensor
 it computed (``if z.sum() > 0``, ``.item()``, indexing by a tensor): ``make_fx`` refuses such a
 read, and the caller runs the program as written. Pyro's inverse of an autoregressive flow is
-one (it indexes by the permutation's entries), so AIS from an IAF guide runs uncompiled; from the
-prior (``start="prior"``) it compiles. A graph's code spells out every shape and every Python number the
-run used, so two calls whose code is the same compute the same function of their lifted inputs:
+one (it indexes by the permutation's entries), so AIS from an IAF guide runs uncompiled; from
+the prior (``start="prior"``) it compiles. A graph's code spells out every shape and every
+Python number the run used, so two calls whose code is the same compute the same function of their lifted inputs:
 they share one compiled function (:data:`CACHE_SIZE` kept per process), and a second chunk of
 points of the same size costs a recording (about 0.3 s), not a compilation (seconds to a minute).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -58,7 +59,7 @@ def compile_function(fn: Callable, *inputs: torch.Tensor) -> Callable:
     (take them inside ``fn`` with ``torch.autograd.grad``): the compiled function runs without autograd."""
     try:
         graph, constants = record(fn, *inputs)
-    except RuntimeError as error:
+    except Exception as error:  # noqa: BLE001 - whatever make_fx cannot record runs as written (and fails there if it must)
         if "data-dependent" in str(error) or "_local_scalar_dense" in str(error):
             raise NotCompiled("its Python reads the value of a tensor it computed (control flow or indexing on a tensor)") from error
         raise NotCompiled(f"recording it failed: {_first_line(error)}") from error
@@ -82,18 +83,16 @@ def _run(compiled: Callable, constants: list[torch.Tensor], *inputs: torch.Tenso
         return compiled(*constants, *inputs)
 
 
-class _quiet:
-    """A logger silenced below ERROR for the duration."""
-
-    def __init__(self, name: str) -> None:
-        self.logger = logging.getLogger(name)
-
-    def __enter__(self) -> None:
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc) -> None:
-        self.logger.setLevel(self.level)
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Logger ``name`` silenced below ERROR for the duration."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _first_line(error: BaseException) -> str:
