@@ -23,6 +23,7 @@ import argparse
 import statistics
 import tempfile
 import time
+import warnings
 
 import torch
 from common import add_common_arguments, setup, static_mnist, sync
@@ -103,6 +104,7 @@ def main():
     x = spread(static_mnist("test", args.data_dir), args.num_points).to(device)
     settings = _settings(num_steps=args.num_steps, num_chains=args.num_chains, leapfrog_steps=args.leapfrog_steps, start=args.start)
     settings.pop("compile")  # each run below says
+    warnings.simplefilter("error", pyvae.PyvaeWarning)  # a compiled run that fell back must stop here, not be timed as compiled
 
     # one gradient evaluation on the same rows AIS runs, its matrix products recorded
     sampler = _Sampler.build(vae, x, args.num_chains, device, None, None)

@@ -15,7 +15,7 @@ import torch
 from pyro import poutine
 
 from . import distributed, program
-from .ais import AISResult, ais_log_likelihood, check, data_dim, point_seed, reverse_ais
+from .ais import AISResult, ais_log_likelihood, check, compile_session, data_dim, point_seed, reverse_ais
 from .diagnostics import GRID, ais_ladder, take
 from .errors import PyvaeError
 from .likelihoods import bits_per_dim, coding
@@ -66,6 +66,7 @@ class BDMCResult:
             "by_num_steps": by_t,
             "acceptance_mean": {"forward": float(lower.acceptance.mean()), "reverse": float(upper.acceptance.mean())},
             "failed_chains": int(lower.failed_chains.sum() + upper.failed_chains.sum()),
+            "compiled_points": {"forward": int(lower.compiled.sum()), "reverse": int(upper.compiled.sum())},
             "per_point": {"lower": lower.log_px.tolist(), "upper": upper.log_px.tolist()},
         }
 
@@ -102,14 +103,16 @@ def bdmc(
     _, guide_trace = program.trace_once(model, take(template, 0, 1))
     dims = {name: data_dim(guide_trace, name) for name in latents}
     runs = {}
-    for steps in ais_ladder(num_steps) if ladder else [num_steps]:
-        def both(first, stop, steps=steps):
-            common = dict(num_steps=steps, seed=seed, point_ids=torch.arange(first, stop), device=device, **settings)
-            part = {k: v.narrow(dims[k], first, stop - first) for k, v in latents.items()}
-            return ais_log_likelihood(model, take(data, first, stop), **common), reverse_ais(model, take(data, first, stop), part, **common)
+    with compile_session():  # a program that cannot be compiled is warned about once, not per chunk and T
+        for steps in ais_ladder(num_steps) if ladder else [num_steps]:
+            def both(first, stop, steps=steps):
+                common = dict(num_steps=steps, seed=seed, point_ids=torch.arange(first, stop), device=device, **settings)
+                part = {k: v.narrow(dims[k], first, stop - first) for k, v in latents.items()}
+                return (ais_log_likelihood(model, take(data, first, stop), **common),
+                        reverse_ais(model, take(data, first, stop), part, **common))
 
-        parts = distributed.sharded(both, n, GRID.get(device.type, 64), world)
-        if parts is not None:
-            runs[steps] = tuple(AISResult.concat([p[i] for p in parts]) for i in (0, 1))
+            parts = distributed.sharded(both, n, GRID.get(device.type, 64), world)
+            if parts is not None:
+                runs[steps] = tuple(AISResult.concat([p[i] for p in parts]) for i in (0, 1))
     return BDMCResult(runs, coding(model)) if world.main else None
 

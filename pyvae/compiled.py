@@ -9,14 +9,18 @@ module's parameters, the data, the guide's fixed parameters) to an input, and ha
 ``torch.compile`` (inductor), which fuses the elementwise kernels around the matrix products.
 The program stays the single source of truth: the graph is what it executed, nothing re-derived.
 
-A recorded graph is faithful as long as the program's Python does not read the value of a tensor
-it computed (``if z.sum() > 0``, ``.item()``, indexing by a tensor): ``make_fx`` refuses such a
-read, and the caller runs the program as written. Pyro's inverse of an autoregressive flow is
-one (it indexes by the permutation's entries), so AIS from an IAF guide runs uncompiled; from
-the prior (``start="prior"``) it compiles. A graph's code spells out every shape and every
-Python number the run used, so two calls whose code is the same compute the same function of their lifted inputs:
-they share one compiled function (:data:`CACHE_SIZE` kept per process), and a second chunk of
-points of the same size costs a recording (about 0.3 s), not a compilation (seconds to a minute).
+The recording runs the function on fake inputs (shapes and dtypes, no data), so a graph cannot
+freeze a value computed from them: a Python decision on one (``if z.sum() > 0``, ``float(z)``,
+``.tolist()``, ``.numpy()``, ``len(z[mask])``) raises, :class:`NotCompiled` says so, and the
+caller runs the program as written. (An ``.item()`` or a mask's ``.shape`` that only feeds tensor
+arithmetic is recorded symbolically, which is faithful.) Pyro's inverse of an autoregressive flow
+decides by its permutation's entries, so AIS from an IAF guide runs uncompiled; from the prior
+(``start="prior"``) it compiles. Tensors the function reads without computing them (parameters,
+data) are real and may be read freely: they are the recording's constants, passed again on
+every call. Two recordings with the same code (every view's shape and Python number written
+out) share one compiled function (:data:`CACHE_SIZE` kept per process; ``torch.compile`` guards
+on the inputs' shapes and dtypes and recompiles if they differ), so a second chunk of points of
+the same size costs a recording (about 0.3 s), not a compilation (about 5-10 s on the default model).
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 import torch
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 #: compiled graphs kept per process, by their code
 CACHE_SIZE = 8
@@ -41,14 +47,21 @@ class NotCompiled(Exception):
 
 def record(fn: Callable, *inputs: torch.Tensor) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
     """``fn`` at ``inputs`` as (a graph taking (*constants, *inputs), the constants it read)."""
-    graph = make_fx(lambda *args: fn(*args))(*inputs)  # a plain function: make_fx counts a method's self
-    constants, first = [], next(n for n in graph.graph.nodes if n.op == "placeholder")
+    # fake mode: the inputs are recorded as values without data, so a read of anything computed from
+    # them (.item(), .tolist(), .numpy(), a mask's count) cannot be frozen into the graph: it raises
+    traced = make_fx(lambda *args: fn(*args), tracing_mode="fake", _allow_non_fake_inputs=True)  # a plain function: make_fx counts a method's self
+    graph = traced(*inputs)
+    first = next(n for n in graph.graph.nodes if n.op == "placeholder")
+    lifted: dict[str, torch.fx.Node] = {}
     for node in [n for n in graph.graph.nodes if n.op == "get_attr"]:
-        with graph.graph.inserting_before(first):
-            lifted = graph.graph.placeholder(f"constant{len(constants)}")
-        node.replace_all_uses_with(lifted)
-        constants.append(getattr(graph, node.target))
+        if node.target not in lifted:
+            with graph.graph.inserting_before(first):
+                lifted[node.target] = graph.graph.placeholder(f"constant{len(lifted)}")
+        node.replace_all_uses_with(lifted[node.target])
         graph.graph.erase_node(node)
+    constants = [getattr(graph, target) for target in lifted]
+    for target in lifted:
+        delattr(graph, target)  # a cached graph must not keep this chunk's tensors alive
     graph.recompile()
     return graph, constants
 
@@ -60,8 +73,9 @@ def compile_function(fn: Callable, *inputs: torch.Tensor) -> Callable:
     try:
         graph, constants = record(fn, *inputs)
     except Exception as error:  # noqa: BLE001 - whatever make_fx cannot record runs as written (and fails there if it must)
-        if "data-dependent" in str(error) or "_local_scalar_dense" in str(error):
-            raise NotCompiled("its Python reads the value of a tensor it computed (control flow or indexing on a tensor)") from error
+        if _reads_values(error):
+            raise NotCompiled("its Python reads the value of a tensor it computed (control flow, .item(), .tolist(), "
+                              ".numpy() or indexing on a tensor)") from error
         raise NotCompiled(f"recording it failed: {_first_line(error)}") from error
     key = graph.code
     if key not in _compiled:
@@ -93,6 +107,13 @@ def _quiet(name: str) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+def _reads_values(error: BaseException) -> bool:
+    """Whether a recording failed because the function's Python needed a computed tensor's value."""
+    if isinstance(error, (GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException)):
+        return True
+    return ".numpy() is not supported for tensor subclasses" in str(error) or "data-dependent" in str(error)
 
 
 def _first_line(error: BaseException) -> str:

@@ -168,6 +168,7 @@ class Evaluation:
                 "acceptance_mean": float(top.acceptance.mean()),
                 "divergences": int(top.divergences.sum()),
                 "failed_chains": int(top.failed_chains.sum()),
+                "compiled_points": int(top.compiled.sum()),
                 "seconds": top.seconds,
                 "log_px_by_num_steps": {str(t): float(r.log_px.double().mean()) for t, r in sorted(self.ais.items())},
             },
@@ -224,9 +225,16 @@ class Evaluation:
             "kl_per_dim": per_dim.mean(0).tolist() if per_dim is not None else None,
         }
 
+    @staticmethod
+    def _compiled_words(s: dict) -> str:
+        if not s["ais"]["compile"]:
+            return ""
+        done, n = s["ais"]["compiled_points"], s["num_points"]
+        return " (compiled)" if done == n else f" (compiled for {done} of {n} points)"
+
     def table(self) -> str:
         s = self.summary()
-        how = f"AIS with T = {s['ais']['num_steps']}, {s['ais']['num_chains']} chains; " if self.ais else ""
+        how = f"AIS with T = {s['ais']['num_steps']}, {s['ais']['num_chains']} chains{self._compiled_words(s)}; " if self.ais else ""
         lines = [
             f"{s['dataset']} {s['split']}: {s['num_points']} points, {how}K = {s['num_samples']} importance samples "
             f"({s['seconds']:.1f} s)",
@@ -335,7 +343,7 @@ def evaluate(
     """
     import time
 
-    from .ais import ais_log_likelihood, check
+    from .ais import ais_log_likelihood, check, compile_session
 
     start = time.perf_counter()
     world = world or distributed.World()
@@ -352,14 +360,15 @@ def evaluate(
 
     parts = distributed.sharded(importance, n, grid, world)
     runs = {}
-    for steps in ais_ladder(ais["num_steps"]) if ais else ():
-        settings = {**ais, "num_steps": steps}
-        runs[steps] = distributed.sharded(
-            lambda first, stop: ais_log_likelihood(
-                model, take(data, first, stop), **settings, seed=seed, point_ids=torch.arange(first, stop), device=device, progress=progress
-            ),
-            n, grid, world,
-        )
+    with compile_session():  # a program that cannot be compiled is warned about once, not per chunk and T
+        for steps in ais_ladder(ais["num_steps"]) if ais else ():
+            settings = {**ais, "num_steps": steps}
+            runs[steps] = distributed.sharded(
+                lambda first, stop: ais_log_likelihood(
+                    model, take(data, first, stop), **settings, seed=seed, point_ids=torch.arange(first, stop), device=device, progress=progress
+                ),
+                n, grid, world,
+            )
     if not world.main:
         return None
     ll = LogLikelihood.concat(parts)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed, program
-from .ais import AISResult, ais_log_likelihood, check, point_seed
+from .ais import AISResult, ais_log_likelihood, check, compile_session, point_seed
 from .diagnostics import take
 from .errors import positive_int, positive_number
 from .importance import LogLikelihood, log_likelihood
@@ -187,7 +187,8 @@ def inference_gap(
         annealed = ais_log_likelihood(model, x, **ais, seed=seed, point_ids=torch.arange(first, stop), device=device)
         return rows, annealed
 
-    parts = distributed.sharded(per_point, n, 8, world)
+    with compile_session():  # a program that cannot be compiled is warned about once, not per chunk
+        parts = distributed.sharded(per_point, n, 8, world)
     if parts is None:
         return None
     rows = [row for part, _ in parts for row in part]

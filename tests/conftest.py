@@ -28,7 +28,13 @@ def require_files(*relative: str) -> Path:
 @pytest.fixture(autouse=True, scope="session")
 def compiler_cache(tmp_path_factory):
     """torch.compile's cache (AIS with compile=True) under pytest's folders, not the system's temporary one."""
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
+    yield
+    if before is None:
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 
 import arviz
 import pyro
@@ -98,18 +99,25 @@ class Cliff(nn.Module):
             pyro.sample("z", dist.Normal(torch.zeros(1), 2.0).to_event(1))
 
 
-class Switch(nn.Module):
-    """PPCA-like, but the model's Python branches on the latents' value: a recorded graph would freeze one branch."""
+class Reads(nn.Module):
+    """PPCA-like, but the model's Python reads the latents' values: a recorded graph would freeze what it read."""
 
-    def __init__(self):
+    READS = {
+        "a branch": lambda z: z if z.sum() > 0 else -z,
+        "float()": lambda z: z + 0.1 * float(z.detach().sum()),  # (an .item() that only feeds tensor arithmetic is recorded)
+        ".tolist()": lambda z: z + 0.1 * torch.tensor(z.sum(1).tolist())[:, None],
+        ".numpy()": lambda z: z + 0.1 * torch.from_numpy(z.detach().numpy().copy()),
+        "len() of a mask": lambda z: z + 0.1 * len(z[z > 0]),  # (a .shape that only feeds arithmetic is recorded)
+    }
+
+    def __init__(self, how="a branch"):
         super().__init__()
-        self.w = nn.Parameter(torch.ones(2))
+        self.w, self.read = nn.Parameter(torch.ones(2)), self.READS[how]
 
     def model(self, x, num_data=None):
         with pyvae.program.data_plate(x, num_data):
             z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-            loc = z * self.w if z.sum() > 0 else -z * self.w
-            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+            pyro.sample("x", dist.Normal(self.read(z) * self.w, 1.0).to_event(1), obs=x)
 
     def guide(self, x, num_data=None):
         with pyvae.program.data_plate(x, num_data):
@@ -130,17 +138,49 @@ def test_compiled_ais_gives_the_programs_numbers(case, recwarn):
     as_written = ais_log_likelihood(model, x, num_steps=200, start=start, **FAST)
     assert not [w for w in recwarn if issubclass(w.category, pyvae.PyvaeWarning)]  # it did compile
     assert compiled.settings["compile"] and not as_written.settings["compile"]
+    assert compiled.compiled.all() and not as_written.compiled.any()
     # the same chains to float rounding (fusion reorders sums), so the same estimate
     assert torch.allclose(compiled.log_px, as_written.log_px, atol=1e-3), (compiled.log_px - as_written.log_px).abs().max()
     assert (errors(compiled, exact) <= 4 * compiled.stderr + 0.05).all()
 
 
-def test_a_program_whose_python_reads_its_latents_runs_uncompiled_and_says_so():
+@pytest.mark.parametrize("how", list(Reads.READS))
+def test_a_program_whose_python_reads_its_latents_runs_uncompiled_and_says_so(how):
     x = torch.randn(5, 2)
     with pytest.warns(pyvae.PyvaeWarning, match="AIS runs the program uncompiled: its Python reads the value of a tensor it computed"):
-        compiled = ais_log_likelihood(Switch(), x, num_steps=10, compile=True, **FAST)
-    as_written = ais_log_likelihood(Switch(), x, num_steps=10, **FAST)
-    assert torch.equal(compiled.log_weights, as_written.log_weights)
+        compiled = ais_log_likelihood(Reads(how), x, num_steps=10, compile=True, **FAST)
+    as_written = ais_log_likelihood(Reads(how), x, num_steps=10, **FAST)
+    assert torch.equal(compiled.log_weights, as_written.log_weights) and not compiled.compiled.any()
+
+
+def pyvae_warnings(call):
+    """(call(), the PyvaeWarnings it issued, repeats included)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = call()
+    return value, [w for w in caught if issubclass(w.category, pyvae.PyvaeWarning)]
+
+
+def test_a_program_that_cannot_compile_is_warned_about_once_per_evaluation():
+    x = torch.randn(70, 2)  # two chunks of the evaluation grid, at T = 10 and 100
+    result, said = pyvae_warnings(lambda: pyvae.evaluate(Reads(".tolist()"), x, num_samples=20, ais={"num_steps": 100, "compile": True, **FAST}))
+    assert len(said) == 1 and "uncompiled" in str(said[0].message)
+    summary = result.summary()
+    assert summary["ais"]["compile"] and summary["ais"]["compiled_points"] == 0  # asked for, and what happened
+    assert "(compiled for 0 of 70 points)" in result.table()
+    sandwich, said = pyvae_warnings(lambda: pyvae.bdmc.bdmc(Reads(".tolist()"), (torch.zeros(6, 2),), num_steps=100, compile=True, **FAST))
+    assert len(said) == 1  # forward and reverse, T = 10 and 100
+    assert sandwich.summary()["compiled_points"] == {"forward": 0, "reverse": 0}
+
+
+def test_without_a_c_compiler_ais_runs_as_written_and_says_why():
+    model = ppca(x_dim=7, orthogonal=False)  # a shape no other test compiles: no compiled graph to reuse
+    x = sample_data(model, 3)
+    no_compiler = torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)})
+    with no_compiler, pytest.warns(pyvae.PyvaeWarning, match=r"AIS runs the program uncompiled: torch.compile failed: .*C\+\+ compiler"):
+        compiled = ais_log_likelihood(model, x, num_steps=10, compile=True, **FAST)
+    as_written = ais_log_likelihood(model, x, num_steps=10, **FAST)
+    assert torch.equal(compiled.log_weights, as_written.log_weights) and not compiled.compiled.any()
 
 
 def test_compile_function_reuses_one_compilation_for_the_same_code():
