@@ -437,7 +437,7 @@ class _Chains:
         if "uncompiled" in session:
             return self.densities
         try:
-            compiled = compile_function(self.densities, u)
+            compiled = compile_function(self.densities, u, frozen=[*self.model.parameters(), *self.model.buffers()])
             if not all(map(_same, compiled(u), self.densities(u))):
                 raise NotCompiled("its compiled densities differ from the program's")
         except NotCompiled as why:

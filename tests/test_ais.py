@@ -204,6 +204,19 @@ def test_compile_function_reuses_one_compilation_for_the_same_code():
             assert torch.allclose(mine, theirs, atol=1e-5)
 
 
+def test_compiled_ais_follows_the_model_s_weights_when_they_change(recwarn):
+    model = ppca(orthogonal=False)
+    x = sample_data(model, 6)
+    before = ais_log_likelihood(model, x, num_steps=20, compile=True, **FAST)
+    with torch.no_grad():  # as a training step would: in place
+        model.decoder[0].weight.mul_(1.5)
+    after = ais_log_likelihood(model, x, num_steps=20, compile=True, **FAST)
+    as_written = ais_log_likelihood(model, x, num_steps=20, **FAST)
+    assert not [w for w in recwarn if issubclass(w.category, pyvae.PyvaeWarning)] and after.compiled.all()
+    assert torch.allclose(after.log_px, as_written.log_px, atol=1e-3)
+    assert (after.log_px - before.log_px).abs().min() > 0.01  # not the weights compiled in before
+
+
 @pytest.mark.parametrize("compile", [False, True])
 def test_failed_chains_are_reported_not_averaged_in(compile, recwarn):
     result = ais_log_likelihood(Cliff(), torch.zeros(6, 1), num_steps=10, num_chains=16, leapfrog_steps=3, compile=compile)
