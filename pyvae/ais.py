@@ -179,7 +179,7 @@ def ais_log_likelihood(
     they would get there. Vectorized over points and chains, ``batch_size`` points at a time
     (chosen to bound memory when None). ``compile`` records one evaluation of the densities and
     their gradients as a graph and compiles it (:mod:`pyvae.compiled`): 1.3-2x faster per
-    evaluation on a CPU, for a one-off compilation of about 5-10 s per chunk size; ``compiled``
+    evaluation on a CPU, for a one-off compilation of about 15-30 s per chunk size; ``compiled``
     in the result says which points ran compiled.
     """
     sampler = _Sampler.build(model, data, num_chains, device, batch_size, point_ids)
