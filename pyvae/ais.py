@@ -332,8 +332,8 @@ class _Sampler:
         for p in frozen:
             p.requires_grad_(False)
         try:
-            with pyro.validation_enabled(False), compile_session() as session:
-                parts = self._chunks(seed, settings, exact, bar, session)
+            with pyro.validation_enabled(False), compile_session():
+                parts = self._chunks(seed, settings, exact, bar)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -343,12 +343,12 @@ class _Sampler:
         result.settings = settings
         return result
 
-    def _chunks(self, seed: int, settings: dict, exact: dict | None, bar, session: dict) -> list[AISResult]:
+    def _chunks(self, seed: int, settings: dict, exact: dict | None, bar) -> list[AISResult]:
         parts, n = [], len(self.batches)
         for first, batch in zip(range(0, n, self.batch_size), self.batches.in_order(self.batch_size)):
             ids = self.point_ids[first : first + batch[0].shape[0]]
             chains = _Chains(self.model, batch, self.shape, ids, seed, settings, self.chains)
-            parts.append(chains.anneal(None if exact is None else chains.points(exact, first), session))
+            parts.append(chains.anneal(None if exact is None else chains.points(exact, first)))
             bar.update(batch[0].shape[0])
         return parts
 
@@ -430,10 +430,11 @@ class _Chains:
                 g0, g1 = torch.autograd.grad((log_f0 + log_jac0).sum() + (log_joint + log_jac).sum(), (u0, u1))
         return log_f0.detach(), log_joint.detach(), log_jac.detach(), g0, g1
 
-    def compile(self, u: torch.Tensor, session: dict):
+    def compile(self, u: torch.Tensor):
         """:meth:`densities` compiled at u (:func:`pyvae.compiled.compile_function`) if it gives the
         program's numbers there (to float rounding: fusion reorders sums); else the program as
         written, with a warning saying why the first time in the :func:`compile_session`."""
+        session = _session.get()
         if "uncompiled" in session:
             return self.densities
         try:
@@ -483,14 +484,14 @@ class _Chains:
         return {k: torch.cat([v for v, _ in parts], dim=parts[0][1]) for k, parts in values.items()}
 
     # -- the annealing loop -----------------------------------------------------------
-    def anneal(self, known: dict | None, session: dict) -> AISResult:
+    def anneal(self, known: dict | None) -> AISResult:
         s = self.settings
         betas = schedule(s["num_steps"], s["schedule"]).tolist()
         if known is not None:
             betas = betas[::-1]
         u = self.layout.unconstrain(self._initial(known))
         self.guide_sites = self.constant_guide(u) if s["start"] == "guide" else None
-        self.potential = self.compile(u, session) if s["compile"] else self.densities
+        self.potential = self.compile(u) if s["compile"] else self.densities
         state = self.evaluate(u)
         eps = torch.full((self.rows,), s["step_size"], device=self.device)
         log_w = torch.zeros(self.rows, dtype=torch.float64, device=self.device)

@@ -60,8 +60,8 @@ class NotCompiled(Exception):
 def record(fn: Callable, *inputs: torch.Tensor, keep: Collection[torch.Tensor] = ()) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
     """``fn`` at ``inputs`` as (a graph taking (*constants, *inputs), the constants it read); the tensors
     in ``keep`` (by identity) that it read stay attributes of the graph instead."""
-    # fake mode: the inputs are recorded as values without data, so a read of anything computed from
-    # them (.item(), .tolist(), .numpy(), a mask's count) cannot be frozen into the graph: it raises
+    # fake mode: the inputs are recorded as values without data, so a Python decision on anything
+    # computed from them (float(), .tolist(), .numpy(), len() of a mask) cannot be frozen into the graph: it raises
     traced = make_fx(lambda *args: fn(*args), tracing_mode="fake", _allow_non_fake_inputs=True)  # a plain function: make_fx counts a method's self
     graph = traced(*inputs)
     first = next(n for n in graph.graph.nodes if n.op == "placeholder")
