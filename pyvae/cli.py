@@ -435,7 +435,7 @@ def ais_flags(parser) -> None:
     parser.add_argument("--schedule", default="sigmoid", choices=SCHEDULES, help="the annealing schedule (default sigmoid)")
     parser.add_argument("--ais-start", default="guide", choices=STARTS, help="where the path starts: q(z|x) or the prior (default guide)")
     parser.add_argument("--compile", action="store_true", help="record the densities and their gradients once as a graph and "
-                        "compile it (torch.compile): 1.3-2x faster per step on a CPU, after about 15-30 s of compiling")
+                        "compile it (torch.compile): about 2x faster per step on a CPU, after about 30-45 s of compiling")
 
 
 def ais_settings(args) -> dict:

@@ -13,7 +13,7 @@ On a CPU the model's weights are compiled in as constants (inductor's freezing) 
 times its own packed matrix-product kernels against MKL's for each product, keeping the faster:
 on the default model its kernels win for the decoder's large layers and the elementwise work
 around them is fused in (AIS 1.1-1.3x faster than compiled without it; ``benchmarks/RESULTS.md``).
-The price is a longer one-off compilation (15-35 s instead of 3-13 s) and a compiled function
+The price is a longer one-off compilation (15-35 s instead of 3-13 s per graph) and a compiled function
 tied to the weights' values: it is compiled again when they change in place (by a training step).
 
 The recording runs the function on fake inputs (shapes and dtypes, no data), so a graph cannot
