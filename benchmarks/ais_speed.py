@@ -128,7 +128,7 @@ def main():
     # the one-off compilation of this chunk size, so that the timed runs below find it compiled
     start = time.perf_counter()
     pyvae.ais.ais_log_likelihood(vae, x, **{**settings, "num_steps": 2}, compile=True, device=device)
-    print(f"compile=True: recording and compiling the densities took {time.perf_counter() - start:.1f} s (once per chunk size)")
+    print(f"compile=True: recording and compiling the densities and the gradients-only graph took {time.perf_counter() - start:.1f} s (once per chunk size)")
     floors, per_eval = [], {False: [], True: []}
     for repeat in range(args.repeats):
         floors.append(floor_seconds(recorder.calls, device, args.floor_repeats))

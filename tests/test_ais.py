@@ -144,6 +144,36 @@ def test_compiled_ais_gives_the_programs_numbers(case, recwarn):
     assert (errors(compiled, exact) <= 4 * compiled.stderr + 0.05).all()
 
 
+def test_compiled_ais_runs_the_program_only_to_record_and_check_it(monkeypatch, recwarn):
+    """Every leapfrog step, inside a trajectory (gradients alone) or at its end, calls a compiled graph."""
+    calls = []
+    densities = pyvae.ais._Chains.densities
+    monkeypatch.setattr(pyvae.ais._Chains, "densities", lambda self, u: calls.append(1) or densities(self, u))
+    model = ppca(orthogonal=False)
+    result = ais_log_likelihood(model, sample_data(model, 4), num_steps=50, compile=True, **FAST)
+    assert result.compiled.all() and not [w for w in recwarn if issubclass(w.category, pyvae.PyvaeWarning)]
+    assert len(calls) <= 4  # two recordings and one check, against 49 x 5 evaluations as written
+
+
+def test_a_gradients_graph_that_cannot_compile_leaves_the_chains_as_written(monkeypatch):
+    from pyvae.compiled import NotCompiled
+
+    compile_function = pyvae.ais.compile_function
+
+    def refuse_gradients(fn, *args, **kwargs):
+        if fn.__name__ == "densities_gradients":
+            raise NotCompiled("refused by the test")
+        return compile_function(fn, *args, **kwargs)
+
+    monkeypatch.setattr(pyvae.ais, "compile_function", refuse_gradients)
+    model = ppca(orthogonal=False)
+    x = sample_data(model, 4)
+    with pytest.warns(pyvae.PyvaeWarning, match="AIS runs the program uncompiled: refused by the test"):
+        compiled = ais_log_likelihood(model, x, num_steps=10, compile=True, **FAST)
+    as_written = ais_log_likelihood(model, x, num_steps=10, **FAST)
+    assert torch.equal(compiled.log_weights, as_written.log_weights) and not compiled.compiled.any()
+
+
 @pytest.mark.parametrize("how", list(Reads.READS))
 def test_a_program_whose_python_reads_its_latents_runs_uncompiled_and_says_so(how):
     x = torch.randn(5, 2)
