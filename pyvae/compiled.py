@@ -15,6 +15,12 @@ on the default model its kernels win for the decoder's large layers and the elem
 around them is fused in (AIS 1.1-1.3x faster than compiled without it; ``benchmarks/RESULTS.md``).
 The price is a longer one-off compilation (15-35 s instead of 3-13 s per graph) and a compiled function
 tied to the weights' values: it is compiled again when they change in place (by a training step).
+Also on a CPU, ``log1p`` is recorded as Kahan's formula from ``log`` (:func:`log1p`), and the ops that
+inductor would expand into a ``log1p`` (softplus, log-sigmoid, the Bernoulli log-mass, logaddexp, mish)
+are expanded at the recording so that theirs is too: ATen's vectorized ``log1p`` on a CPU is about ten
+times slower than its ``log``, and on the default model the decoder's softplus and the likelihood's
+log-mass spent a third of each evaluation in it. The expansions act below autograd, on the values
+only: the gradients' formulas are the ops' own.
 
 The recording runs the function on fake inputs (shapes and dtypes, no data), so a graph cannot
 freeze a value computed from them: a Python decision on one (``if z.sum() > 0``, ``float(z)``,
@@ -41,6 +47,7 @@ from collections.abc import Callable, Collection, Iterator
 
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+from torch._decomp import get_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
@@ -54,16 +61,39 @@ CPU_OPTIONS = {"freezing": True, "max_autotune": True, "autotune_num_choices_dis
                "max_autotune_report_choices_stats": False}
 
 
+def log1p(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + x) from ``log`` by Kahan's trick (Goldberg 1991, Theorem 4): with u = 1 + x rounded,
+    log(u) * x / (u - 1) cancels the rounding of u (u - 1 is exact), and where u rounds to 1, log1p(x)
+    is x to within an ulp. Within 1.41 eps of float64's log1p over 1e-40..3e38 and -1..-1e-40
+    (``torch.log1p``: 1.18 eps), inf, -1 and nan kept."""
+    u = 1 + x
+    d = u - 1
+    return torch.where(d == 0, x, torch.where(torch.isinf(u), u, torch.log(u) * (x / d)))
+
+
+_aten = torch.ops.aten
+#: the recording's expansions on a CPU (see the module's docstring): ops into whose ``log1p`` inductor
+#: would expand them, by torch's own decompositions, and ``log1p`` itself by :func:`log1p`
+CPU_DECOMPOSITIONS = {
+    **get_decompositions([_aten.softplus, _aten.log_sigmoid_forward, _aten.binary_cross_entropy_with_logits,
+                          _aten.logaddexp, _aten.mish]),
+    _aten.log1p.default: log1p,
+}
+
+
 class NotCompiled(Exception):
     """Why a function could not be recorded or compiled, in words for a one-line warning."""
 
 
-def record(fn: Callable, *inputs: torch.Tensor, keep: Collection[torch.Tensor] = ()) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
+def record(fn: Callable, *inputs: torch.Tensor, keep: Collection[torch.Tensor] = (),
+           decompositions: dict | None = None) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
     """``fn`` at ``inputs`` as (a graph taking (*constants, *inputs), the constants it read); the tensors
-    in ``keep`` (by identity) that it read stay attributes of the graph instead."""
+    in ``keep`` (by identity) that it read stay attributes of the graph instead; the ops in
+    ``decompositions`` recorded as what it maps them to."""
     # fake mode: the inputs are recorded as values without data, so a Python decision on anything
     # computed from them (float(), .tolist(), .numpy(), len() of a mask) cannot be frozen into the graph: it raises
-    traced = make_fx(lambda *args: fn(*args), tracing_mode="fake", _allow_non_fake_inputs=True)  # a plain function: make_fx counts a method's self
+    traced = make_fx(lambda *args: fn(*args), decomposition_table=decompositions, tracing_mode="fake",
+                     _allow_non_fake_inputs=True)  # a plain function: make_fx counts a method's self
     graph = traced(*inputs)
     first = next(n for n in graph.graph.nodes if n.op == "placeholder")
     lifted: dict[str, torch.fx.Node] = {}
@@ -88,10 +118,11 @@ def compile_function(fn: Callable, *inputs: torch.Tensor, frozen: Collection[tor
 
     On a CPU the tensors in ``frozen`` that ``fn`` reads (a model's parameters) are compiled in as
     constants (:data:`CPU_OPTIONS`): the function is then one of those tensors' values, and is compiled
-    again for other tensors or once they change in place (a training step)."""
+    again for other tensors or once they change in place (a training step); and ``log1p`` is computed
+    from ``log`` (:data:`CPU_DECOMPOSITIONS`)."""
     cpu = inputs[0].device.type == "cpu"
     try:
-        graph, constants = record(fn, *inputs, keep=frozen if cpu else ())
+        graph, constants = record(fn, *inputs, keep=frozen if cpu else (), decompositions=CPU_DECOMPOSITIONS if cpu else None)
     except Exception as error:  # noqa: BLE001 - whatever make_fx cannot record runs as written (and fails there if it must)
         if _reads_values(error):
             raise NotCompiled("its Python reads the value of a tensor it computed (control flow, .item(), .tolist(), "

@@ -234,6 +234,40 @@ def test_compile_function_reuses_one_compilation_for_the_same_code():
             assert torch.allclose(mine, theirs, atol=1e-5)
 
 
+def test_compiled_graphs_on_a_cpu_compute_log1p_from_log_to_float_rounding():
+    from pyvae import compiled
+
+    x = torch.cat([torch.logspace(-40, 38, 20001), -torch.logspace(-40, 0, 10001)[:-1]])
+    exact = torch.log1p(x.double())
+    assert ((compiled.log1p(x).double() - exact).abs() <= 2 * torch.finfo(torch.float32).eps * exact.abs()).all()
+    specials = torch.tensor([0.0, -1.0, math.inf, math.nan, -2.0])
+    assert torch.allclose(compiled.log1p(specials), torch.log1p(specials), equal_nan=True)
+    weight, x01 = torch.randn(3, 6), (torch.rand(5, 6) < 0.4).float()
+
+    def energy(u):  # softplus, the Bernoulli log-mass, logaddexp and log1p itself: values and gradients
+        u = u.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = torch.nn.functional.softplus(u @ weight) - 1
+            value = dist.Bernoulli(logits=logits, validate_args=False).log_prob(x01).sum(1) + torch.logaddexp(u, -u).sum(1) + torch.log1p(u**2).sum(1)
+            return value.detach(), torch.autograd.grad(value.sum(), u)[0]
+
+    u = torch.randn(5, 3)
+    graph, _ = compiled.record(energy, u, decompositions=compiled.CPU_DECOMPOSITIONS)
+    assert "log1p" not in graph.code and "softplus.default" not in graph.code and "softplus_backward" in graph.code  # the gradients' own formulas
+    for mine, theirs in zip(compiled.compile_function(energy, u)(u), energy(u)):
+        assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_ais_of_a_softplus_bernoulli_vae_gives_the_programs_numbers(recwarn):
+    torch.manual_seed(5)
+    model = pyvae.VAE(12, 3, hidden=(8,))
+    x = (torch.rand(5, 12) < 0.4).float()
+    compiled = ais_log_likelihood(model, x, num_steps=100, compile=True, **FAST)
+    as_written = ais_log_likelihood(model, x, num_steps=100, **FAST)
+    assert compiled.compiled.all() and not [w for w in recwarn if issubclass(w.category, pyvae.PyvaeWarning)]
+    assert torch.allclose(compiled.log_px, as_written.log_px, atol=1e-3), (compiled.log_px - as_written.log_px).abs().max()
+
+
 def test_compiled_ais_follows_the_model_s_weights_when_they_change(recwarn):
     model = ppca(orthogonal=False)
     x = sample_data(model, 6)
