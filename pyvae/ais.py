@@ -181,7 +181,7 @@ def ais_log_likelihood(
     they would get there. Vectorized over points and chains, ``batch_size`` points at a time
     (chosen to bound memory when None). ``compile`` records one evaluation of the densities and
     their gradients as a graph (and the gradients alone as a second) and compiles them
-    (:mod:`pyvae.compiled`): about 2x faster per evaluation on a CPU, for a one-off compilation of
+    (:mod:`pyvae.compiled`): about 2.5-3x faster per evaluation on a CPU, for a one-off compilation of
     about 30-45 s per chunk size; ``compiled`` in the result says which points ran compiled.
     """
     sampler = _Sampler.build(model, data, num_chains, device, batch_size, point_ids)
