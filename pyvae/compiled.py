@@ -16,11 +16,11 @@ around them is fused in (AIS 1.1-1.3x faster than compiled without it; ``benchma
 The price is a longer one-off compilation (15-35 s instead of 3-13 s per graph) and a compiled function
 tied to the weights' values: it is compiled again when they change in place (by a training step).
 Also on a CPU, ``log1p`` is recorded as Kahan's formula from ``log`` (:func:`log1p`), and the ops that
-inductor would expand into a ``log1p`` (softplus, log-sigmoid, the Bernoulli log-mass, logaddexp, mish)
-are expanded at the recording so that theirs is too: ATen's vectorized ``log1p`` on a CPU is about ten
-times slower than its ``log``, and on the default model the decoder's softplus and the likelihood's
-log-mass spent a third of each evaluation in it. The expansions act below autograd, on the values
-only: the gradients' formulas are the ops' own.
+inductor would expand into a ``log1p`` (softplus, log-sigmoid, the Bernoulli log-mass, logaddexp)
+are expanded at the recording so that theirs is too (others, such as mish, keep ATen's): ATen's
+vectorized ``log1p`` on a CPU is about ten times slower than its ``log``, and on the default model the
+decoder's softplus and the likelihood's log-mass spent a third of each evaluation in it. The
+expansions act below autograd, on the values only: the gradients' formulas are the ops' own.
 
 The recording runs the function on fake inputs (shapes and dtypes, no data), so a graph cannot
 freeze a value computed from them: a Python decision on one (``if z.sum() > 0``, ``float(z)``,
@@ -42,10 +42,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
 
 import torch
+import torch._inductor.config
 from torch._decomp import get_decompositions
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -57,28 +59,34 @@ _compiled: OrderedDict[tuple, Callable] = OrderedDict()
 #: inductor's settings on a CPU: the frozen tensors (the weights) become constants of the code, so that
 #: max-autotune may pack them for its own matrix-product kernels (on the default model 1.6x faster than
 #: MKL's for the decoder's layers) and fuse the elementwise work into them; its tables kept off stderr
+#: whether this torch's inductor can be told not to reassociate float arithmetic (:func:`log1p` needs it)
+_EXACT_MATH = hasattr(torch._inductor.config.cpp, "enable_unsafe_math_opt_flag")
 CPU_OPTIONS = {"freezing": True, "max_autotune": True, "autotune_num_choices_displayed": 0,
-               "max_autotune_report_choices_stats": False}
+               "max_autotune_report_choices_stats": False,
+               **({"cpp.enable_unsafe_math_opt_flag": False} if _EXACT_MATH else {})}
 
 
 def log1p(x: torch.Tensor) -> torch.Tensor:
     """log(1 + x) from ``log`` by Kahan's trick (Goldberg 1991, Theorem 4): with u = 1 + x rounded,
-    log(u) * x / (u - 1) cancels the rounding of u (u - 1 is exact), and where u rounds to 1, log1p(x)
-    is x to within an ulp. Within 1.41 eps of float64's log1p over 1e-40..3e38 and -1..-1e-40
-    (``torch.log1p``: 1.18 eps), inf, -1 and nan kept."""
+    log(u) * x / (u - 1) cancels the rounding of u (u - 1 is exact while u < 2^24; beyond, the
+    rounding does no harm), and where u rounds to 1, log1p(x) is x to within an ulp. Within 1.5 eps
+    of float64's log1p over every float32 (subnormals included, which ATen's rounds to 0); 0, -1,
+    below -1, inf, -inf and nan as ``torch.log1p``. It rests on the compiler not rewriting
+    (1 + x) - 1 as x: inductor's default flags forbid it, and :data:`CPU_OPTIONS` pins them."""
     u = 1 + x
     d = u - 1
-    return torch.where(d == 0, x, torch.where(torch.isinf(u), u, torch.log(u) * (x / d)))
+    return torch.where(d == 0, x, torch.where(u == math.inf, u, torch.log(u) * (x / d)))
 
 
 _aten = torch.ops.aten
 #: the recording's expansions on a CPU (see the module's docstring): ops into whose ``log1p`` inductor
-#: would expand them, by torch's own decompositions, and ``log1p`` itself by :func:`log1p`
+#: would expand them, by torch's own decompositions, and ``log1p`` itself by :func:`log1p`; none where
+#: the compiler's float arithmetic cannot be kept as written
 CPU_DECOMPOSITIONS = {
     **get_decompositions([_aten.softplus, _aten.log_sigmoid_forward, _aten.binary_cross_entropy_with_logits,
-                          _aten.logaddexp, _aten.mish]),
+                          _aten.logaddexp]),
     _aten.log1p.default: log1p,
-}
+} if _EXACT_MATH else {}
 
 
 class NotCompiled(Exception):
