@@ -56,11 +56,12 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 #: compiled graphs kept per process (AIS compiles two per chunk size), by their code (and the identity and version of their frozen tensors)
 CACHE_SIZE = 16
 _compiled: OrderedDict[tuple, Callable] = OrderedDict()
-#: inductor's settings on a CPU: the frozen tensors (the weights) become constants of the code, so that
-#: max-autotune may pack them for its own matrix-product kernels (on the default model 1.6x faster than
-#: MKL's for the decoder's layers) and fuse the elementwise work into them; its tables kept off stderr
 #: whether this torch's inductor can be told not to reassociate float arithmetic (:func:`log1p` needs it)
 _EXACT_MATH = hasattr(torch._inductor.config.cpp, "enable_unsafe_math_opt_flag")
+#: inductor's settings on a CPU: the frozen tensors (the weights) become constants of the code, so that
+#: max-autotune may pack them for its own matrix-product kernels (on the default model 1.6x faster than
+#: MKL's for the decoder's layers) and fuse the elementwise work into them; its tables kept off stderr;
+#: float arithmetic kept as written
 CPU_OPTIONS = {"freezing": True, "max_autotune": True, "autotune_num_choices_displayed": 0,
                "max_autotune_report_choices_stats": False,
                **({"cpp.enable_unsafe_math_opt_flag": False} if _EXACT_MATH else {})}
