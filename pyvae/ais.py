@@ -251,11 +251,11 @@ class _Layout:
     transform sees its event dimensions last and every row's coordinates are contiguous.
     """
 
-    def __init__(self, trace, sites: list[str], rows: int) -> None:
+    def __init__(self, trace, sites: list[str], rows: int, plate: str) -> None:
         self.sites = []
         for name in sites:
             site = trace.nodes[name]
-            dim, transform = data_dim(trace, name), biject_to(site["fn"].support)
+            dim, transform = data_dim(trace, name, plate), biject_to(site["fn"].support)
             rest = transform.inv(site["value"].movedim(dim, 0)).shape[1:]
             self.sites.append((name, dim, transform, rest, math.prod(rest)))
         self.rows, self.dim = rows, sum(s[-1] for s in self.sites)
@@ -285,11 +285,10 @@ def _is_identity(transform) -> bool:
     return isinstance(transform, torch.distributions.transforms.ComposeTransform) and not transform.parts
 
 
-def data_dim(trace, name: str) -> int:
-    """The dimension of site ``name``'s value that indexes the data points."""
+def data_dim(trace, name: str, plate: str) -> int:
+    """The dimension of site ``name``'s value that indexes the data points (the plate ``plate``)."""
     site = trace.nodes[name]
-    frame = next(f.dim for f in site["cond_indep_stack"] if f.name == program.DATA)
-    return site["value"].dim() - len(site["fn"].event_shape) + frame
+    return site["value"].dim() - len(site["fn"].event_shape) + program.data_dim(site, plate)
 
 
 def _same(mine: torch.Tensor, program_s: torch.Tensor) -> bool:
@@ -312,7 +311,7 @@ class _Sampler:
         self.model, self.chains = model, num_chains
         self.device = resolve_device(device or next(model.parameters()).device)
         model.to(self.device).eval()
-        self.batches = Batches(drawn_once(data), self.device, program.batch_arity(model))
+        self.batches = Batches(drawn_once(data), self.device, model)
         check_data(model, self.batches, "data")
         self.shape = check(model, self.batches.first(1))
         n = len(self.batches)
@@ -320,7 +319,7 @@ class _Sampler:
         if self.point_ids.shape[0] != n:
             raise PyvaeError(f"point_ids must hold one index per data point ({n}); got {self.point_ids.shape[0]}")
         if batch_size is None:
-            rows = max(64, min(4096, CHUNK_ELEMENTS.get(self.device.type, 2**21) // (8 * self.batches.images.shape[1])))
+            rows = max(64, min(4096, CHUNK_ELEMENTS.get(self.device.type, 2**21) // (8 * self.batches.images[0].numel())))
             batch_size = max(1, rows // num_chains)
         self.batch_size = positive_int("batch_size", batch_size)
         return self
@@ -367,7 +366,7 @@ class _Chains:
         self.device = batch[0].device
         self.nesting = shape.max_plate_nesting
         self.trace = program.trace_once(model, self.batch)[1]  # the guide's: every latent site, its shape
-        self.layout = _Layout(self.trace, shape.continuous_sites, self.rows)
+        self.layout = _Layout(self.trace, shape.continuous_sites, self.rows, shape.data_plate)
         # set by anneal: constant_guide, compile
         self.guide_sites, self.potential, self.gradients = None, self.densities, self.densities_gradients
 
@@ -376,7 +375,7 @@ class _Chains:
         missing = set(self.shape.continuous_sites) - set(values)
         if missing:
             raise PyvaeError(f"exact latents lack site {sorted(missing)[0]!r}")
-        return {k: v.narrow(data_dim(self.trace, k), first, self.m).to(self.device) for k, v in values.items() if k in self.shape.continuous_sites}
+        return {k: v.narrow(data_dim(self.trace, k, self.shape.data_plate), first, self.m).to(self.device) for k, v in values.items() if k in self.shape.continuous_sites}
 
     # -- densities ------------------------------------------------------------------
     def _guide_trace(self, values: dict):
@@ -402,7 +401,7 @@ class _Chains:
         for site in sites:
             if site["infer"].get("is_auxiliary") or (names is not None and site["name"] not in names):
                 continue
-            total = total + program.site_log_prob(site, self.nesting, 0, self.rows)[0]
+            total = total + program.site_log_prob(site, self.nesting, 0, self.rows, self.shape.data_plate)[0]
         return total
 
     def densities(self, u: torch.Tensor) -> tuple:
@@ -484,7 +483,7 @@ class _Chains:
     def _initial(self, known: dict | None) -> dict:
         """Site values to start from: exact draws repeated over the chains, else draws from f_0 per point."""
         if known is not None:
-            return {k: v.repeat_interleave(self.chains, dim=data_dim(self.trace, k)) for k, v in known.items()}
+            return {k: v.repeat_interleave(self.chains, dim=data_dim(self.trace, k, self.shape.data_plate)) for k, v in known.items()}
         start_program = self.model.guide if self.settings["start"] == "guide" else self.model.model
         values = {}
         for p, g in enumerate(self.generators):
@@ -493,7 +492,7 @@ class _Chains:
                 torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))
                 trace = poutine.trace(start_program).get_trace(*(t[rows] for t in self.batch))
             for name in self.shape.continuous_sites:
-                values.setdefault(name, []).append((trace.nodes[name]["value"], data_dim(trace, name)))
+                values.setdefault(name, []).append((trace.nodes[name]["value"], data_dim(trace, name, self.shape.data_plate)))
         return {k: torch.cat([v for v, _ in parts], dim=parts[0][1]) for k, parts in values.items()}
 
     # -- the annealing loop -----------------------------------------------------------

@@ -1,15 +1,19 @@
-"""Devices, and data sets served as the minibatches a model's programs take: ``(x,)`` or ``(x, y)``.
+"""Devices, and data sets served as the minibatches a model's programs take: ``(x,)``, ``(x, y)``, ...
 
 Used by training and by evaluation alike, so evaluation needs nothing from training.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from . import distributed
 from .errors import PyvaeError
+from .program import batch_arity, batch_slots, label_site
 from .streaming import StreamedImages
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -30,58 +34,81 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    """(images (N, x_dim) float, labels (N,) int64 or None, dynamic) from a tensor, a tuple (x, y),
-    an :class:`~pyvae.data.ImageSet` or any map-style Dataset of images or (image, label) pairs.
-    Streamed images (:class:`~pyvae.streaming.StreamedImages`) stand for their tensor and stay on disk."""
+def as_tensors(data) -> tuple[tuple, bool]:
+    """((x, *others), dynamic) from a tensor, a tuple of tensors, an :class:`~pyvae.data.ImageSet` or any
+    map-style Dataset whose items are tensors or tuples of them. x may have any shape (N, ...) (flat,
+    (N, 28, 28), (N, C, H, W)); the other tensors (labels as integers, one-hot or with -1 for
+    unlabelled points, float conditioning inputs, ...) hold one row per point of x and are served
+    as they are. Streamed images (:class:`~pyvae.streaming.StreamedImages`) stand for their tensor
+    and stay on disk."""
     from .data import ImageSet
 
-    labels, dynamic = None, False
+    dynamic = False
     if isinstance(data, ImageSet):
-        images, labels, dynamic = data.images, data.labels, data.dynamic
+        tensors, dynamic = (data.images,) + ((data.labels,) if data.labels is not None else ()), data.dynamic
     elif isinstance(data, (torch.Tensor, StreamedImages)):
-        images = data
-    elif (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (torch.Tensor, StreamedImages))
-          and isinstance(data[1], torch.Tensor)):
-        images, labels = data
+        tensors = (data,)
+    elif isinstance(data, (tuple, list)) and data and all(isinstance(t, (torch.Tensor, StreamedImages)) for t in data):
+        tensors = tuple(data)
     elif isinstance(data, torch.utils.data.Dataset):
-        items = [data[i] for i in range(len(data))]
-        pairs = all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items)
-        images = torch.stack([item[0] if pairs else item for item in items])
-        labels = torch.as_tensor([int(item[1]) for item in items]) if pairs else None
+        tensors = _stacked([data[i] for i in range(len(data))])
     else:
-        raise PyvaeError(f"data must be a tensor (N, x_dim), a tuple (x, y) or a Dataset; got {type(data).__name__}")
-    if images.ndim != 2 or images.shape[0] == 0:
-        raise PyvaeError(f"data must have shape (N, x_dim) with N > 0; got {tuple(images.shape)}")
-    if labels is not None:
-        labels = torch.as_tensor(labels)
-        if labels.shape != (images.shape[0],) or labels.is_floating_point():
-            raise PyvaeError(f"labels must be integers of shape ({images.shape[0]},), one per image; got {labels.dtype} {tuple(labels.shape)}")
-        labels = labels.long()
-    if isinstance(images, torch.Tensor) and not images.is_floating_point():
-        images = images.float()
-    return images, labels, dynamic
+        raise PyvaeError(f"data must be a tensor (N, ...), a tuple of tensors (x, y, ...) or a Dataset; "
+                         f"got {type(data).__name__}")
+    x = tensors[0]
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise PyvaeError(f"data must hold at least one point: shape (N, ...) with N > 0; got {tuple(x.shape)}")
+    for i, t in enumerate(tensors[1:], start=1):
+        if t.ndim < 1 or t.shape[0] != x.shape[0]:
+            raise PyvaeError(f"tensor {i} of the data has shape {tuple(t.shape)}; it needs one row per point "
+                             f"of x ({x.shape[0]})")
+    if isinstance(x, torch.Tensor) and not x.is_floating_point():
+        x = x.float()
+    return (x, *tensors[1:]), dynamic
+
+
+def _stacked(items: list) -> tuple:
+    """A Dataset's items (tensors, numbers, or tuples of them) as one tensor per position."""
+    if not all(isinstance(item, (tuple, list)) for item in items):
+        return (torch.stack([torch.as_tensor(item) for item in items]),)
+    if len({len(item) for item in items}) != 1:
+        raise PyvaeError("the Dataset's items hold different numbers of tensors; each must hold the same")
+    return tuple(torch.stack([torch.as_tensor(item[i]) for item in items]) for i in range(len(items[0])))
+
+
+def is_label(t: torch.Tensor) -> bool:
+    """Whether a batch tensor holds class labels: integers, one per point (a float tensor never does)."""
+    return t.ndim == 1 and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
 
 
 class Batches:
-    """A data set held as tensors, on the device when it fits, served as tuples of ``arity`` tensors.
+    """A data set held as tensors, on the device when it fits, served as the tuples the model's
+    programs take: positionally, as many tensors as its signature accepts (``model(x)``: x alone,
+    ``model(xs, ys=None)``: both), in the shapes they have.
 
-    ``arity`` 1 serves ``(x,)``; 2 serves ``(x, y)`` and needs labels. Holding the data on
-    the device avoids a DataLoader round trip per step; a set too large for memory
-    (:class:`~pyvae.streaming.StreamedImages`) is read by a DataLoader's workers instead, in the same
-    minibatches. A ``dynamic`` set is binarized afresh, on the device, each time a minibatch is served.
+    Holding the data on the device avoids a DataLoader round trip per step; a set too large for
+    memory (:class:`~pyvae.streaming.StreamedImages`) is read by a DataLoader's workers instead, in
+    the same minibatches. A ``dynamic`` set is binarized afresh, on the device, each time a minibatch
+    is served.
     """
 
-    def __init__(self, data, device: torch.device, arity: int = 1, what: str = "data") -> None:
-        images, labels, self.dynamic = as_tensors(data)
-        if arity not in (1, 2):
-            raise PyvaeError(f"a model's batch is (x,) or (x, y); this model's takes {arity} tensors")
-        if arity == 2 and labels is None:
-            raise PyvaeError(f"the model takes labelled batches (x, y) but the {what} has no labels")
-        self.device, self.arity = device, arity
-        self.streamed = isinstance(images, StreamedImages)
-        self.images = images if self.streamed else _place(images, device)
-        self.labels = _place(labels, device) if arity == 2 else None
+    def __init__(self, data, device: torch.device, model: torch.nn.Module, what: str = "data") -> None:
+        tensors, self.dynamic = as_tensors(data)
+        needed, slots = batch_arity(model), batch_slots(model)
+        if len(tensors) < needed:
+            missing = "labelled batches (x, y)" if needed == 2 else f"batches of {needed} tensors"
+            raise PyvaeError(f"{type(model).__name__}.model takes {missing} but the {what} "
+                             f"{'has no labels' if len(tensors) == 1 else f'holds {len(tensors)} tensor(s)'}")
+        tensors = tensors[: min(len(tensors), slots)]
+        self.device, self.arity = device, len(tensors)
+        self.streamed = isinstance(tensors[0], StreamedImages)
+        self.images = tensors[0] if self.streamed else _place(tensors[0], device)
+        self.others = tuple(_place(t, device) for t in tensors[1:])
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """The second tensor when it holds class labels (-1: unlabelled), else None."""
+        return self.others[0] if self.others and is_label(self.others[0]) else None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -119,9 +146,12 @@ class Batches:
     def _serve(self, idx, x: torch.Tensor | None = None) -> tuple:
         x = (self.images[idx] if x is None else x).to(self.device, non_blocking=True)
         x = torch.bernoulli(x) if self.dynamic else x
-        if self.labels is None:
-            return (x,)
-        return x, self.labels[idx].to(self.device, non_blocking=True)
+        return (x, *(t[_on(idx, t)].to(self.device, non_blocking=True) for t in self.others))
+
+
+def _on(idx, t: torch.Tensor):
+    """Indices ``idx`` usable on ``t``: a streamed set's indices may live on another device."""
+    return idx.to(t.device) if torch.is_tensor(idx) else idx
 
 
 def check_data(module: torch.nn.Module, batches: Batches, what: str) -> None:
@@ -132,13 +162,13 @@ def check_data(module: torch.nn.Module, batches: Batches, what: str) -> None:
     check = getattr(module, "check_batch", None)
     if check is None:
         return
-    x, labels = batches.images, batches.labels
+    x, others = batches.images, batches.others
     if batches.streamed:
         points = spread(torch.arange(len(batches)), CHECKED_WHEN_STREAMED)
-        x, labels = x[points], labels[points.to(labels.device)] if labels is not None else None
+        x, others = x[points], tuple(t[_on(points, t)] for t in others)
     x = torch.bernoulli(x) if batches.dynamic else x
     try:
-        check(x, labels) if batches.arity == 2 else check(x)
+        check(x, *others)
     except PyvaeError as e:
         raise PyvaeError(f"{what}: {e}") from None
 
@@ -148,3 +178,120 @@ def _place(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
         return t if t is None else t.to(device)
     free, _ = torch.cuda.mem_get_info(device)
     return t.to(device) if t.numel() * t.element_size() < free // 4 else t.pin_memory()
+
+
+# -- how a training set is served: the calls of each step ---------------------------------------
+@dataclass
+class Call:
+    """One call of the programs in a training step: ``args`` as the programs take them, standing for
+    ``num_data`` points of the data set (the objective scales its minibatch terms by num_data / M)."""
+
+    args: tuple
+    num_data: int
+    kind: str = "all"
+
+
+#: the kinds of call a step makes, in the order of the objective's accumulators
+KINDS = ("all", "labelled", "unlabelled")
+
+
+class Whole:
+    """Every step one call on a minibatch of the whole set (each process its shard of a permutation)."""
+
+    def __init__(self, batches: Batches, batch_size: int, world: distributed.World, encode=None) -> None:
+        self.batches, self.batch_size, self.world, self.encode = batches, batch_size, world, encode
+        self.sizes = {"all": len(batches)}
+
+    def steps(self, seed: int) -> int:
+        return math.ceil(len(self.batches.sampler(seed, self.world)) / self.batch_size)
+
+    def probes(self) -> list[tuple]:
+        """A small batch of each kind of call, for reading the program's structure."""
+        return [self._encoded(self.batches.first())]
+
+    def _encoded(self, batch: tuple) -> tuple:
+        return batch if self.encode is None else (*batch[:-1], self.encode(batch[-1]))
+
+    def epoch(self, epoch: int, seed: int, skip: int):
+        """The steps of ``epoch`` after ``skip`` of them, each a list of :class:`Call`."""
+        order = self.batches.shard(epoch, seed, self.world)
+        for batch in self.batches.select(order, self.batch_size, skip):
+            yield [Call(self._encoded(batch), len(self.batches))]
+
+
+class Split:
+    """Semi-supervised data for a program with an optional label (``model(xs, ys=None)``): every step
+    holds a fixed share of labelled points, given to the programs as one call with their labels
+    (encoded as the program's label site asks) and the unlabelled points as another without them.
+    An epoch is one pass over the unlabelled points; the labelled ones are dealt from a fresh
+    permutation whenever they run out. Each call's terms are scaled to its own group, so the
+    objective is the unbiased estimate of sum_labelled L(x, y) + sum_unlabelled U(x) whatever the
+    share."""
+
+    def __init__(self, batches: Batches, batch_size: int, world: distributed.World, share: float,
+                 encode) -> None:
+        labels = batches.others[-1]
+        self.batches, self.world, self.encode = batches, world, encode
+        self.labelled = torch.nonzero(labels >= 0).reshape(-1).to(batches.images.device)
+        self.unlabelled = torch.nonzero(labels < 0).reshape(-1).to(batches.images.device)
+        if batch_size < 2:
+            raise PyvaeError(f"batch_size {batch_size}: semi-supervised steps hold labelled and unlabelled points; use >= 2")
+        self.m_l = min(batch_size - 1, max(1, round(share * batch_size)))
+        self.m_u = batch_size - self.m_l
+        self.sizes = {"labelled": len(self.labelled), "unlabelled": len(self.unlabelled)}
+
+    def probes(self) -> list[tuple]:
+        """Two labelled points with their labels and two unlabelled ones without."""
+        lab = self.batches._serve(self.labelled[:2])
+        return [(*lab[:-1], self.encode(lab[-1])), self.batches._serve(self.unlabelled[:2])[:-1]]
+
+    def steps(self, seed: int) -> int:
+        return math.ceil(len(self._sampler(len(self.unlabelled), seed)) / self.m_u)
+
+    def _sampler(self, n: int, seed: int) -> DistributedSampler:
+        return DistributedSampler(range(n), num_replicas=self.world.size, rank=self.world.rank, shuffle=True, seed=seed)
+
+    def _order(self, group: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+        sampler = self._sampler(len(group), seed)
+        sampler.set_epoch(epoch)
+        return group[torch.tensor(list(sampler), device=group.device)]
+
+    def epoch(self, epoch: int, seed: int, skip: int):
+        unlabelled = self._order(self.unlabelled, seed, epoch)
+        steps = self.steps(seed)
+        # enough labelled points for every step: permutations drawn from (seed, epoch, round)
+        rounds = math.ceil(steps * self.m_l / max(1, len(self._sampler(len(self.labelled), seed))))
+        labelled = torch.cat([self._order(self.labelled, seed + 7919 * (r + 1), epoch) for r in range(rounds)])
+        n_l, n_u, y_pos = len(self.labelled), len(self.unlabelled), len(self.batches.others)
+        for step in range(skip, steps):
+            u = next(self.batches.select(unlabelled[step * self.m_u : (step + 1) * self.m_u], self.m_u))
+            lab = next(self.batches.select(labelled[step * self.m_l : (step + 1) * self.m_l], self.m_l))
+            yield [Call((*lab[:y_pos], self.encode(lab[y_pos])), n_l, "labelled"),
+                   Call(u[:y_pos], n_u, "unlabelled")]
+
+
+def serving(module: torch.nn.Module, batches: Batches, batch_size: int, world: distributed.World,
+            labelled_share: float | None = None):
+    """How ``batches`` are served to ``module`` in training: :class:`Split` when the data's last tensor is
+    labels with -1 for unlabelled points and the program takes them as an optional argument
+    (``model(xs, ys=None)``), else :class:`Whole`. Labels go to the program in the encoding its label
+    site asks for (:func:`pyvae.program.label_site`); ``labelled_share`` is the labelled part of every
+    minibatch (default: their share of the data, so each is used about once per epoch)."""
+    labels = batches.others[-1] if batches.others and is_label(batches.others[-1]) else None
+    if labels is None or len(batches.others) < batch_arity(module):  # no labels, or the program needs them
+        if labelled_share is not None:
+            raise PyvaeError("labelled_share is for semi-supervised data (labels with -1 for unlabelled points) "
+                             "served to a program with an optional label, model(xs, ys=None)")
+        return Whole(batches, batch_size, world)
+    labelled = int((labels >= 0).sum())
+    if labelled == 0:
+        raise PyvaeError("the training data's labels are all -1 (unlabelled); pass the images alone")
+    x_probe = batches._serve(torch.nonzero(labels < 0).reshape(-1)[:2])[:-1] if labelled < len(labels) else None
+    name, classes = label_site(module, x_probe if x_probe is not None else batches.first(2)[:-1])
+    encode = (lambda y: torch.nn.functional.one_hot(y, classes).to(batches.images.dtype)) if classes else (lambda y: y)
+    if labelled == len(labels):
+        return Whole(batches, batch_size, world, encode)
+    share = labelled / len(labels) if labelled_share is None else labelled_share
+    if not 0 < share < 1:
+        raise PyvaeError(f"labelled_share must be a fraction strictly between 0 and 1; got {labelled_share!r}")
+    return Split(batches, batch_size, world, share, encode)

@@ -96,12 +96,12 @@ def bdmc(
     Under torchrun the points are shared out; rank 0 gets the result, the others None."""
     world = world or distributed.World()
     device = template[0].device
-    check(model, take(template, 0, 1), num_steps=num_steps, **settings)
+    shape = check(model, take(template, 0, 1), num_steps=num_steps, **settings)
     data, latents = simulate(model, template, seed)
     n = data[0].shape[0]
     data = data[0] if len(data) == 1 else data
     _, guide_trace = program.trace_once(model, take(template, 0, 1))
-    dims = {name: data_dim(guide_trace, name) for name in latents}
+    dims = {name: data_dim(guide_trace, name, shape.data_plate) for name in latents}
     runs = {}
     with compile_session():  # a program that cannot be compiled is warned about once, not per chunk and T
         for steps in ais_ladder(num_steps) if ladder else [num_steps]:

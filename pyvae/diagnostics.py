@@ -53,7 +53,7 @@ def mutual_information(model: torch.nn.Module, data, max_points: int = 1000, chu
     with enumerated sites.
     """
     device = next(model.parameters()).device
-    batches = Batches(drawn_once(data), device, program.batch_arity(model))
+    batches = Batches(drawn_once(data), device, model)
     index = spread(torch.arange(len(batches)), max_points).to(batches.images.device)
     batch = next(batches.select(index, len(index)))
     shape = program.structure(model, batch)
@@ -62,31 +62,32 @@ def mutual_information(model: torch.nn.Module, data, max_points: int = 1000, chu
     n, nesting = batch[0].shape[0], shape.max_plate_nesting
     with program.LocalParams():
         own = poutine.trace(model.guide).get_trace(*batch)
-    log_q_own = _guide_log_prob(own, nesting, n)[0]
+    log_q_own = _guide_log_prob(own, nesting, n, shape.data_plate)[0]
     log_q_agg = []
     # q(v_i|x_j) far from x_j's posterior may overflow a flow's inverse: that density is ~0, not NaN
     with pyro.validation_enabled(False):
         for start in range(0, n, chunk):
             idx = torch.arange(start, min(start + chunk, n), device=batch[0].device)
-            values = {name: _others(site, idx, n, nesting) for name, site in own.nodes.items() if name in shape.latent_sites}
+            values = {name: _others(site, idx, n, nesting, shape.data_plate)
+                      for name, site in own.nodes.items() if name in shape.latent_sites}
             with program.LocalParams(), pyro.plate(program.PARTICLES, len(idx), dim=-(nesting + 1)):
                 trace = poutine.trace(poutine.condition(model.guide, data=values)).get_trace(*batch)
-            log_q = torch.nan_to_num(_guide_log_prob(trace, nesting, n), nan=-math.inf)  # (c, N): v_i against q(.|x_j)
+            log_q = torch.nan_to_num(_guide_log_prob(trace, nesting, n, shape.data_plate), nan=-math.inf)  # (c, N): v_i against q(.|x_j)
             log_q_agg.append(torch.logsumexp(log_q, dim=1) - math.log(n))
     return max(0.0, float((log_q_own - torch.cat(log_q_agg)).mean()))
 
 
-def _guide_log_prob(trace, nesting: int, n: int) -> torch.Tensor:
+def _guide_log_prob(trace, nesting: int, n: int, plate: str) -> torch.Tensor:
     total = 0.0
     for site in program.sample_sites(trace):
-        total = total + program.site_log_prob(site, nesting, 0, n)
+        total = total + program.site_log_prob(site, nesting, 0, n, plate)
     return total
 
 
-def _others(site, idx: torch.Tensor, n: int, nesting: int) -> torch.Tensor:
+def _others(site, idx: torch.Tensor, n: int, nesting: int, plate: str) -> torch.Tensor:
     """The site's values of points ``idx`` moved to the particle dimension, each repeated over all n points."""
     value, event = site["value"], len(site["fn"].event_shape)
-    data_dim = next(f.dim for f in site["cond_indep_stack"] if f.name == program.DATA) - event
+    data_dim = program.data_dim(site, plate) - event
     value = value.index_select(data_dim, idx).movedim(data_dim, 0).unsqueeze(data_dim)
     value = value.reshape(len(idx), *(1,) * (nesting + 1 + event - value.dim()), *value.shape[1:])
     shape = list(value.shape)
@@ -261,7 +262,8 @@ class Evaluation:
             f"  ESS        mean {s['ess_mean']:.1f}, min {s['ess_min']:.1f} of {s['num_samples']}",
         ]
         for name, site in s["latent_sites"].items():
-            lines.append(f"  latent {name:<4}{site['active_units']} of {site['dims']} units active; KL(q || p) {site['kl']:.3f} nats")
+            lines.append(f"  site {name!r}: {site['active_units']} of {site['dims']} latent units active; "
+                         f"KL(q || p) {site['kl']:.3f} nats")
         if s["mutual_information"] is not None:
             lines.append(f"  I(x; latents) {s['mutual_information']:.3f} nats (biased: at most log of the points used)")
         return "\n".join(lines)
@@ -351,7 +353,7 @@ def evaluate(
     data = tensors(data)
     n, grid = (data if isinstance(data, torch.Tensor) else data[0]).shape[0], GRID.get(device.type, 64)
     if ais:  # before any work: a model AIS cannot run fails now, not after the importance sampling
-        check(model.to(device), tuple(t.to(device) for t in Batches(take(data, 0, 1), torch.device("cpu"), program.batch_arity(model)).first(1)), **ais)
+        check(model.to(device), tuple(t.to(device) for t in Batches(take(data, 0, 1), torch.device("cpu"), model).first(1)), **ais)
 
     def importance(first, stop):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -391,12 +393,12 @@ def ais_ladder(num_steps: int) -> list[int]:
 
 
 def tensors(data):
-    """``data`` as a tensor x or a tuple (x, y), a dynamically binarized set drawn once."""
+    """``data`` as a tensor x or a tuple (x, y, ...), a dynamically binarized set drawn once."""
     data = drawn_once(data)
     if isinstance(data, torch.Tensor) or (isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data)):
         return data
-    images, labels, _ = as_tensors(data)
-    return images if labels is None else (images, labels)
+    found, _ = as_tensors(data)
+    return found[0] if len(found) == 1 else found
 
 
 def take(data, first: int, stop: int):

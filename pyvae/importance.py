@@ -61,13 +61,14 @@ class LogLikelihood:
     ``log_px``: log (1/K) sum_k w_k, the IWAE-K estimate of log p(x);
     ``stderr``: its Monte Carlo standard error; ``elbo``: mean_k log w_k, the ELBO
     estimated from the same K draws; ``khat``: the Pareto shape of the weights;
-    ``ess``: 1 / sum_k w~_k^2 with w~ the normalized weights (K when the weights are equal);
+    ``ess``: 1 / sum_k w~_k^2 with w~ the normalized weights (K when the weights are equal; with
+    enumerated values, the average of each value's ESS weighted by its share of p^, never above K);
     ``iwae``: {K': the IWAE-K' bound} for K' dividing the draws into K/K' groups;
     ``latent_means``: {site: (N, *event) E_q[site|x]} and ``kl``: {site: (N,) E_q[log q - log p]
     of that site} for every continuous latent site in the data plate alone, ``kl_per_dim``:
     {site: (N, D)} where guide and model factorize over the site's dimensions; all estimated
-    from the same draws. With enumerated discrete guide sites (C values), ``ess`` counts
-    all C*K weights and ``log_weights`` is (N, C, K) instead of (N, K).
+    from the same draws. With enumerated discrete guide sites (C values), ``log_weights`` is
+    (N, C, K) instead of (N, K).
     """
 
     log_px: torch.Tensor
@@ -137,7 +138,7 @@ def log_likelihood(
     positive_int("num_samples", num_samples)
     device = resolve_device(device or next(model.parameters()).device)
     model.to(device).eval()
-    batches = Batches(drawn_once(data), device, program.batch_arity(model))
+    batches = Batches(drawn_once(data), device, model)
     check_data(model, batches, "data")
     shape = program.structure(model, batches.first(1))
     strata, per_row = _chunk_shape(model, batches.first(1), shape)
@@ -252,6 +253,16 @@ class _SiteStats:
         return {"latent_means": average("means"), "kl": average("kl"), "kl_per_dim": average("kl_per_dim")}
 
 
+def _ess(scaled: torch.Tensor) -> torch.Tensor:
+    """The effective sample size of the K draws of each point, from weights (M, C, K): per stratum c
+    (an enumerated value summed exactly) ess_c = (sum_k w_ck)^2 / sum_k w_ck^2, averaged over the strata
+    with their share of p^ as weights. It lies in [1, K] (K when the weights are equal): the C*K
+    weights are not C*K draws."""
+    sums, squares = scaled.sum(2), (scaled**2).sum(2)
+    per_stratum = torch.where(sums > 0, sums**2 / squares.clamp(min=torch.finfo(scaled.dtype).tiny), torch.zeros_like(sums))
+    return (sums * per_stratum).sum(1) / sums.sum(1)
+
+
 #: log-weights of a point that span less than this (nats) are equal: ratios within 0.1%
 CONSTANT_WEIGHTS = 1e-3
 
@@ -283,7 +294,6 @@ def _summarize(log_w: torch.Tensor, sizes: list[int]) -> dict[str, torch.Tensor]
     log_px = torch.logsumexp(log_w.reshape(m, -1), dim=1) - math.log(k)
     scaled = torch.exp(log_w - log_px.reshape(m, 1, 1))  # w_ck / p^, finite
     variance = ((scaled - scaled.mean(2, keepdim=True)) ** 2).sum(2) / max(k - 1, 1)  # per stratum, (M, C)
-    flat = scaled.reshape(m, -1)
     iwae = []
     for size in sizes:
         groups = log_w[:, :, : (k // size) * size].reshape(m, c, -1, size)
@@ -293,7 +303,7 @@ def _summarize(log_w: torch.Tensor, sizes: list[int]) -> dict[str, torch.Tensor]
     return {
         "log_px": log_px,
         "stderr": (variance.sum(1) / k).clamp(min=0).sqrt(),
-        "ess": flat.sum(1) ** 2 / (flat**2).sum(1),
+        "ess": _ess(scaled),
         # strata of probability 0 hold exact zeros, which lie below any Pareto tail
         "khat": pareto_khat(torch.where(torch.isfinite(finite), finite, floor - 1e3)),
         "iwae": torch.stack(iwae),

@@ -27,12 +27,14 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
+from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO, config_enumerate
 from pyro.infer.util import get_dependent_plate_dims, torch_sum
 from torch.distributions import kl_divergence
 
 from .errors import PyvaeError, positive_int
-from .program import LatentScale, LocalParams, sample_sites, structure, trace_once
+from .batching import Call
+from .program import (LatentScale, LocalParams, accepts_num_data, bound, plate_full_size, sample_sites,
+                      structure, trace_once)
 
 
 class IWAE(RenyiELBO):
@@ -86,12 +88,21 @@ def make_elbo(elbo: str | pyro.infer.ELBO, num_particles: int = 1, max_plate_nes
 
 
 class Objective(torch.nn.Module):
-    """A training objective as a module: ``objective(batch, num_data, beta)`` is the loss on the
-    full-data scale, -(estimate of sum_n L(x_n)), differentiable in the model's parameters.
+    """A training objective as a module: ``objective(calls, beta)`` is the loss of one step's calls
+    (:class:`pyvae.batching.Call`) on the full-data scale, -(estimate of sum_n L(x_n)), differentiable
+    in the model's parameters; :meth:`loss` is that of a single batch.
+
+    Each call's terms are scaled by N_c / M_c (its group's points over the call's), whether the
+    program's data plate is sized by ``num_data`` with the minibatch as subsample (Pyro scales then;
+    ``num_data`` is passed only to programs that take it) or by the minibatch, or implicitly
+    (pyvae scales then): every form optimizes the same unbiased full-data objective. Programs in
+    ``auxiliary`` ((model, guide) pairs, e.g. Pyro's auxiliary classifier loss) add their ELBO
+    losses on the same calls, scaled alike. ``kl_sites`` names the latent sites beta weights
+    (None: all of them); ``enumerate`` marks the guide's discrete sites for parallel enumeration
+    (``config_enumerate``), as ``elbo="auto"`` does for a guide that samples a finite discrete site.
 
     Being a module holding the model, it can be wrapped in ``DistributedDataParallel``
     (Pyro's ``ELBOModule`` idea, for a model and guide that are methods of one module).
-    ``kl_sites`` names the latent sites beta weights (None: all of them).
 
     ``iwae`` is special: Pyro's ``RenyiELBO`` multiplies each site's log-density by its scale
     *before* the log-mean-exp over particles, which with a subsampled plate would give
@@ -99,11 +110,16 @@ class Objective(torch.nn.Module):
     computed on the minibatch alone (plate of size M, scale 1) and multiplied by N/M here.
     """
 
-    def __init__(self, module: torch.nn.Module, elbo: str | pyro.infer.ELBO, num_particles: int = 1, kl_sites=None) -> None:
+    def __init__(self, module: torch.nn.Module, elbo: str | pyro.infer.ELBO, num_particles: int = 1, kl_sites=None,
+                 auxiliary=()) -> None:
         super().__init__()
         self.module = module
         self.elbo = make_elbo(elbo, num_particles)
         self.kl_sites = None if kl_sites is None else tuple(kl_sites)
+        self.auxiliary = [(model, guide) for model, guide in auxiliary]
+        self.enumerate = False
+        #: whether the program's data plate scales by N/M itself when given num_data (None: not yet read)
+        self.self_scaled: bool | None = None
 
     def fill_plate_nesting(self, nesting: int) -> None:
         """Give an ELBO without a ``max_plate_nesting`` the program's (:attr:`pyvae.program.Structure.max_plate_nesting`),
@@ -113,26 +129,61 @@ class Objective(torch.nn.Module):
             vectorized = self.elbo.vectorize_particles and self.elbo.num_particles > 1
             self.elbo.max_plate_nesting = nesting + vectorized
 
-    def forward(self, batch: tuple, num_data: int, beta: float = 1.0) -> torch.Tensor:
+    def read_scaling(self, call: Call, plate: str) -> None:
+        """Whether the program scales by N/M itself: its data plate's declared size when called with
+        ``num_data`` is N (a subsampled plate) or the batch's M (pyvae scales); anything else is an error."""
+        m, n = call.args[0].shape[0], call.num_data
+        if not accepts_num_data(self.module.model) or m == n:
+            self.self_scaled = False
+            return
+        size = plate_full_size(self.module, call.args, n, plate)
+        if size not in (m, n):
+            raise PyvaeError(f"{type(self.module).__name__}: plate {plate!r} has size {size} when called with a "
+                             f"minibatch of {m} of {n} points and num_data={n}; size it num_data (with the "
+                             "minibatch as subsample) or the minibatch")
+        self.self_scaled = size == n
+
+    def forward(self, calls: list, beta: float = 1.0) -> torch.Tensor:
+        """(2, C): the model's loss and the auxiliary programs' loss of each of the C calls."""
+        return torch.stack([torch.stack(self._call_losses(call, beta)) for call in calls], dim=1)
+
+    def loss(self, batch: tuple, num_data: int, beta: float = 1.0) -> torch.Tensor:
+        """The loss of one batch standing for ``num_data`` points (the model's and the auxiliary ones)."""
+        return self([Call(batch, num_data)], beta).sum()
+
+    def _call_losses(self, call: Call, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, num_data, m = call.args, call.num_data, call.args[0].shape[0]
         if self.elbo.max_plate_nesting == math.inf:
             self.fill_plate_nesting(structure(self.module, batch).max_plate_nesting)
-        model, guide = self.module.model, self.module.guide
+        if self.self_scaled is None:
+            self.read_scaling(call, structure(self.module, batch).data_plate)
+        iwae = isinstance(self.elbo, IWAE)
+        given = num_data if self.self_scaled and not iwae else None  # the IWAE bound is on the minibatch alone
+        scale = 1.0 if given is not None else num_data / m
+        model, guide = bound(self.module.model, given), bound(self.module.guide, given)
+        if self.enumerate:
+            guide = config_enumerate(guide, "parallel")
         if beta != 1.0:
             model, guide = (LatentScale(beta, self.kl_sites)(program) for program in (model, guide))
         with LocalParams():
-            if isinstance(self.elbo, IWAE):
-                return self.elbo.differentiable_loss(model, guide, *batch) * (num_data / batch[0].shape[0])
-            if hasattr(self.elbo, "differentiable_loss"):
-                return self.elbo.differentiable_loss(model, guide, *batch, num_data=num_data)
-            if not hasattr(self.elbo, "_loss_and_surrogate_loss"):
-                raise PyvaeError(
-                    f"{type(self.elbo).__name__} has no differentiable loss to train with; use elbo 'trace', "
-                    "'meanfield', 'iwae' (pyvae's IWAE for RenyiELBO at alpha 0), 'enum', or an ELBO with differentiable_loss"
-                )
-            # TraceGraph_ELBO: its surrogate has the ELBO's gradient (score-function terms included) but
-            # another value; the loss's value with the surrogate's gradient
-            elbo, surrogate = self.elbo._loss_and_surrogate_loss(model, guide, (*batch,), {"num_data": num_data})
-            return surrogate + (-elbo - surrogate.detach())
+            main = self._elbo_loss(self.elbo, model, guide, batch) * scale
+            aux = sum((torch.as_tensor(Trace_ELBO().differentiable_loss(a_model, a_guide, *batch))
+                       for a_model, a_guide in self.auxiliary), torch.zeros(())) * (num_data / m)
+        return main, aux.to(main)
+
+    @staticmethod
+    def _elbo_loss(elbo, model, guide, batch: tuple) -> torch.Tensor:
+        if hasattr(elbo, "differentiable_loss"):
+            return elbo.differentiable_loss(model, guide, *batch)
+        if not hasattr(elbo, "_loss_and_surrogate_loss"):
+            raise PyvaeError(
+                f"{type(elbo).__name__} has no differentiable loss to train with; use elbo 'trace', "
+                "'meanfield', 'iwae' (pyvae's IWAE for RenyiELBO at alpha 0), 'enum', or an ELBO with differentiable_loss"
+            )
+        # TraceGraph_ELBO: its surrogate has the ELBO's gradient (score-function terms included) but
+        # another value; the loss's value with the surrogate's gradient
+        value, surrogate = elbo._loss_and_surrogate_loss(model, guide, (*batch,), {})
+        return surrogate + (-value - surrogate.detach())
 
 
 # -- which ELBO a program allows ------------------------------------------------------
@@ -144,6 +195,9 @@ def choose_elbo(module: torch.nn.Module, batch: tuple, shape) -> tuple[str, str]
     MNIST 0.1 to 0.4 nats better in 20 epochs, benchmarks/RESULTS.md)."""
     if shape.enumerated_sites:
         return "enum", f"the guide enumerates {', '.join(shape.enumerated_sites)}"
+    discrete = enumerable_sites(module, batch)
+    if discrete:
+        return "enum", f"the guide's discrete site {', '.join(discrete)} is summed exactly (config_enumerate)"
     violation = mean_field_violation(module, batch)
     if violation:
         return "trace", f"Monte Carlo KL: an analytic KL needs {violation}"
@@ -151,6 +205,14 @@ def choose_elbo(module: torch.nn.Module, batch: tuple, shape) -> tuple[str, str]
     if missing:
         return "trace", f"Monte Carlo KL: torch has no analytic KL for latent site {', '.join(missing)}"
     return "meanfield", "the analytic KL of every latent site (TraceMeanField_ELBO)"
+
+
+def enumerable_sites(module: torch.nn.Module, batch: tuple) -> list[str]:
+    """The guide's discrete sites with a finite support not marked for enumeration: ``elbo="auto"`` sums
+    them exactly (what Pyro's examples do with ``config_enumerate`` outside the class)."""
+    _, guide_trace = trace_once(module, batch)
+    return [s["name"] for s in sample_sites(guide_trace)
+            if s["fn"].has_enumerate_support and "enumerate" not in s["infer"]]
 
 
 def mean_field_violation(module: torch.nn.Module, batch: tuple) -> str | None:

@@ -35,11 +35,13 @@ Every site is scored unscaled (no N/M, no beta) but masked.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
@@ -50,6 +52,7 @@ from .errors import PyvaeError
 
 DATA = "data"
 PARTICLES = "_pyvae_particles"
+NUM_DATA = "num_data"
 
 
 def data_plate(x: torch.Tensor, num_data: int | None = None) -> pyro.plate:
@@ -62,16 +65,54 @@ def data_plate(x: torch.Tensor, num_data: int | None = None) -> pyro.plate:
     return pyro.plate(DATA, size=num_data or batch, subsample=torch.arange(batch, device=x.device))
 
 
+def _positional(fn) -> list[inspect.Parameter]:
+    """The positional parameters a program takes its batch by (``num_data`` is no batch tensor)."""
+    return [p for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != NUM_DATA]
+
+
 def batch_arity(module: torch.nn.Module) -> int:
-    """How many tensors a batch holds for ``module.model``: 1 for ``model(x)``, 2 for ``model(x, y)``."""
+    """How many tensors a batch must hold for ``module.model``: 1 for ``model(x)`` and
+    ``model(xs, ys=None)``, 2 for ``model(x, y)``."""
     if not callable(getattr(module, "model", None)) or not callable(getattr(module, "guide", None)):
-        raise PyvaeError(f"{type(module).__name__} is not a pyvae model: it needs Pyro methods model(*batch, num_data=None) and guide(...)")
-    params = [
-        p
-        for p in inspect.signature(module.model).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-    ]
-    return len(params)
+        raise PyvaeError(f"{type(module).__name__} is not a pyvae model: it needs Pyro methods "
+                         "model(*batch) and guide(*batch)")
+    return sum(p.default is p.empty for p in _positional(module.model))
+
+
+def batch_slots(module: torch.nn.Module) -> int:
+    """How many tensors ``module.model`` can take: its positional parameters, optional ones included
+    (``model(xs, ys=None)`` takes 2); a data set's further tensors are not served to it."""
+    batch_arity(module)
+    if any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(module.model).parameters.values()):
+        return math.inf
+    return len(_positional(module.model))
+
+
+def accepts_num_data(fn) -> bool:
+    """Whether a program takes the keyword ``num_data`` (by name or through ``**kwargs``)."""
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == NUM_DATA or p.kind == p.VAR_KEYWORD for p in params)
+
+
+def bound(fn, num_data: int | None):
+    """``fn`` as pyvae calls it: with ``num_data=`` only if it takes that keyword and one is given;
+    pyvae never passes an argument a program does not accept."""
+    if num_data is None or not accepts_num_data(fn):
+        return fn
+    return functools.partial(fn, num_data=num_data)
+
+
+def check_call(module: torch.nn.Module, batch: tuple, num_data: int | None = None) -> None:
+    """Refuse, in one line naming the method and the argument, a batch the programs cannot take."""
+    for method in ("model", "guide"):
+        fn = bound(getattr(module, method), num_data)
+        try:
+            inspect.signature(fn).bind(*batch)
+        except TypeError as e:
+            raise PyvaeError(f"{type(module).__name__}.{method}() cannot be called with a batch of "
+                             f"{len(batch)} tensor(s){' and num_data' if fn is not getattr(module, method) else ''}: "
+                             f"{e}") from None
 
 
 class LatentScale(Messenger):
@@ -110,30 +151,35 @@ class LocalParams(Messenger):
 # -- traces -------------------------------------------------------------------------
 @dataclass
 class Structure:
-    """What one trace of a program says about its shape: plate nesting, latent and observed sites."""
+    """What one trace of a program says about its shape: plate nesting, latent and observed sites,
+    and the plate over the data points, whatever its name."""
 
     max_plate_nesting: int
     latent_sites: list[str]  # in the order the model samples them (top of a hierarchy first)
     observed_sites: list[str]
     enumerated_sites: list[str]
     continuous_sites: list[str]
+    data_plate: str = DATA
 
 
-def trace_once(module: torch.nn.Module, batch: tuple):
+def trace_once(module: torch.nn.Module, batch: tuple, num_data: int | None = None):
     """(model trace, guide trace) of one draw from the guide on ``batch``, the model replayed against it,
     hidden from outer handlers and without gradients. The random generators are left as they were:
     a look at the program must not move the streams that resumed runs replay exactly."""
     device = batch[0].device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), poutine.block(), LocalParams():
-        guide_trace = poutine.trace(module.guide).get_trace(*batch)
-        model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*batch)
+    model, guide = bound(module.model, num_data), bound(module.guide, num_data)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
+            poutine.block(), LocalParams():
+        guide_trace = poutine.trace(guide).get_trace(*batch)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*batch)
     return model_trace, guide_trace
 
 
 def structure(module: torch.nn.Module, batch: tuple) -> Structure:
-    """Trace guide and model once on ``batch`` (:func:`trace_once`) and check the contract; a violation
-    is a :class:`PyvaeError`."""
+    """Trace guide and model once on ``batch`` (:func:`trace_once`), as pyvae calls them, and check the
+    contract; a violation is a :class:`PyvaeError`."""
     name = type(module).__name__
+    check_call(module, batch)
     model_trace, guide_trace = trace_once(module, batch)
     nesting = 0
     for trace in (model_trace, guide_trace):
@@ -141,35 +187,111 @@ def structure(module: torch.nn.Module, batch: tuple) -> Structure:
             for frame in site["cond_indep_stack"]:
                 if frame.vectorized:
                     nesting = max(nesting, -frame.dim)
-    latent, observed = [], []
-    for site in sample_sites(model_trace):
-        if site["infer"].get("is_auxiliary"):
-            continue
-        if not any(f.name == DATA for f in site["cond_indep_stack"]):
-            raise PyvaeError(
-                f"{name}: site {site['name']!r} is not inside a plate named 'data'; log p(x) per data point needs "
-                "every latent and observed site there (wrap them in pyro.plate('data', ...), see pyvae.data_plate)"
-            )
-        (observed if site["is_observed"] else latent).append(site["name"])
-        if not site["is_observed"] and site["name"] not in guide_trace.nodes:
-            raise PyvaeError(f"{name}: latent site {site['name']!r} of the model has no site of that name in the guide")
+    model_sites = [s for s in sample_sites(model_trace) if not s["infer"].get("is_auxiliary")]
+    observed = [s["name"] for s in model_sites if s["is_observed"]]
     if not observed:
-        raise PyvaeError(f"{name}: the model observes nothing (no sample site with obs=...) on this batch")
+        raise PyvaeError(f"{name}: the model observes nothing (no sample site with obs=... other than "
+                         f"pyro.deterministic) on this batch of {len(batch)} tensor(s); log p(x) needs data")
+    plate = find_data_plate(module, model_sites + sample_sites(guide_trace), batch[0].shape[0])
+    latent = [s["name"] for s in model_sites if not s["is_observed"]]
+    for site_name in latent:
+        if site_name not in guide_trace.nodes:
+            raise PyvaeError(f"{name}: latent site {site_name!r} of the model has no site of that name in the guide")
     for site in sample_sites(guide_trace):
-        if not any(f.name == DATA for f in site["cond_indep_stack"]):
-            raise PyvaeError(f"{name}: guide site {site['name']!r} is not inside a plate named 'data'")
         if site["name"] not in latent:
             raise PyvaeError(f"{name}: guide site {site['name']!r} has no latent site of that name in the model")
     enumerated = [s["name"] for s in sample_sites(guide_trace) if s["infer"].get("enumerate") == "parallel"]
     for site_name in enumerated:
         site = guide_trace.nodes[site_name]
-        if any(f.vectorized and f.name != DATA for f in site["cond_indep_stack"]):
+        if any(f.vectorized and f.name != plate for f in site["cond_indep_stack"]):
             # summing c per stratum would make every element of the nested plate take the same value
-            raise PyvaeError(f"{name}: enumerated guide site {site_name!r} sits in a plate nested in 'data'; "
+            raise PyvaeError(f"{name}: enumerated guide site {site_name!r} sits in a plate nested in {plate!r}; "
                              "the importance sampler sums enumerated values per data point only")
     _check_params(module, list(model_trace.nodes.values()) + list(guide_trace.nodes.values()))
     continuous = [s for s in latent if not _is_discrete(guide_trace.nodes[s]["fn"])]
-    return Structure(nesting, latent, observed, enumerated, continuous)
+    return Structure(nesting, latent, observed, enumerated, continuous, plate)
+
+
+def find_data_plate(module: torch.nn.Module, sites: list, m: int) -> str:
+    """The name of the plate over the data points: the outermost vectorized plate of size ``m`` (the
+    batch's points) around every latent and observed site, whatever it is called; a module's
+    ``data_plate`` attribute names it where that is ambiguous. Sized by the minibatch
+    (``pyro.plate("data", len(x))``), implicitly (``pyro.plate("data")``) or by ``num_data`` with the
+    minibatch as subsample, all the same here."""
+    name, wanted = type(module).__name__, getattr(module, "data_plate", None)
+    candidates = [wanted] if wanted else [f.name for f in sites[0]["cond_indep_stack"] if f.vectorized]
+    sized = [p for p in candidates if wanted or _sized(sites, p, m)]
+    for plate in sized:
+        if all(_in_plate(site, plate) for site in sites):
+            return plate
+    outside = next((s for s in sites if not sized or not _in_plate(s, sized[0])), sites[0])
+    raise PyvaeError(_outside_message(name, outside, wanted, m))
+
+
+def _in_plate(site, plate: str) -> bool:
+    return any(f.vectorized and f.name == plate for f in site["cond_indep_stack"])
+
+
+def _sized(sites: list, plate: str, m: int) -> bool:
+    """Whether ``plate`` spans the batch's ``m`` points at every site inside it (1: broadcast)."""
+    sizes = {_plate_size(site, plate) for site in sites if _in_plate(site, plate)}
+    return m in sizes and sizes <= {m, 1}
+
+
+def _outside_message(name: str, site, wanted: str | None, m: int) -> str:
+    where = f"the plate {wanted!r} (the module's data_plate)" if wanted else f"a plate of size {m}, the batch's points,"
+    what = "latent" if not site["is_observed"] else "observed"
+    return (f"{name}: {what} site {site['name']!r} is not inside {where} around every latent and observed "
+            "site; log p(x) per data point needs per-point latents (a global latent, e.g. a PyroSample "
+            "weight, has no per-point density): wrap the sites in pyro.plate('data', len(x)), or set "
+            "data_plate = 'NAME' on the module where several plates could be it")
+
+
+def _plate_size(site, plate: str) -> int:
+    """The size of ``plate`` at ``site``: the plate's own, else (an implicitly sized plate) the site's
+    batch shape there."""
+    frame = next(f for f in site["cond_indep_stack"] if f.name == plate)
+    if frame.size != -1:
+        return frame.size
+    shape = site["fn"].batch_shape
+    return shape[frame.dim] if len(shape) >= -frame.dim else 1
+
+
+def data_dim(site, plate: str) -> int:
+    """The (negative) batch dimension of ``site`` that indexes the data points."""
+    return next(f.dim for f in site["cond_indep_stack"] if f.name == plate)
+
+
+def plate_full_size(module: torch.nn.Module, batch: tuple, num_data: int, plate: str) -> int:
+    """The size the data plate declares when called with ``num_data``: ``num_data`` when the program
+    scales its minibatch terms by N/M itself (a subsampled plate), the batch's M when it does not."""
+    model_trace, _ = trace_once(module, batch, num_data)
+    site = next(s for s in sample_sites(model_trace) if s["is_observed"])
+    frame = next(f for f in site["cond_indep_stack"] if f.name == plate)
+    return frame.full_size if frame.full_size not in (None, -1) else _plate_size(site, plate)
+
+
+def label_site(module: torch.nn.Module, unlabelled: tuple) -> tuple[str, int | None]:
+    """(name, C) of the label site of a program with an optional label (``model(xs, ys=None)``): the one
+    discrete latent site its model samples when called without the label. C is the number of classes
+    of a ``OneHotCategorical`` (labels go to it one-hot), None for a ``Categorical`` (as integers)."""
+    model_trace, _ = trace_once(module, unlabelled)
+    found = [s for s in sample_sites(model_trace)
+             if not s["is_observed"] and not s["infer"].get("is_auxiliary") and _is_discrete(s["fn"])]
+    name = type(module).__name__
+    if len(found) != 1:
+        raise PyvaeError(f"{name}: called without its optional label, the model samples "
+                         f"{len(found)} discrete latent sites ({', '.join(s['name'] for s in found) or 'none'}); "
+                         "unlabelled points (-1) need exactly one, the label")
+    fn = found[0]["fn"]
+    while isinstance(fn, (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)):
+        fn = fn.base_dist
+    if isinstance(fn, dist.OneHotCategorical):
+        return found[0]["name"], fn.event_shape[-1]
+    if isinstance(fn, dist.Categorical):
+        return found[0]["name"], None
+    raise PyvaeError(f"{name}: label site {found[0]['name']!r} is a {type(fn).__name__}; a label is a "
+                     "Categorical (integer labels) or a OneHotCategorical (one-hot labels)")
 
 
 def _check_params(module: torch.nn.Module, sites) -> None:
@@ -221,6 +343,8 @@ class Weights:
     guide_trace: object
     #: {site: (enum..., K or 1, M) per-point log-density} of every model site and (as "q:<site>") guide site
     site_log_probs: dict
+    #: the name of the plate over the data points
+    data_plate: str = DATA
 
     def masked(self) -> torch.Tensor:
         """``log_w`` with the strata that q gives probability 0 set to -inf: they drop out of every sum."""
@@ -250,12 +374,12 @@ def log_weights(module: torch.nn.Module, batch: tuple, num_particles: int, shape
         for site in sample_sites(trace):
             if site["infer"].get("is_auxiliary") or (sign < 0 and site["name"] in shape.enumerated_sites):
                 continue
-            log_p = site_log_prob(site, nesting, enum_dims, m)
+            log_p = site_log_prob(site, nesting, enum_dims, m, shape.data_plate)
             parts[site["name"] if sign > 0 else "q:" + site["name"]] = log_p
             total = total + sign * log_p
     log_q_enum = torch.zeros((1,) * enum_dims + (1, m), device=batch[0].device)
     for name in shape.enumerated_sites:
-        log_q_enum = log_q_enum + site_log_prob(guide_trace.nodes[name], nesting, enum_dims, m)
+        log_q_enum = log_q_enum + site_log_prob(guide_trace.nodes[name], nesting, enum_dims, m, shape.data_plate)
         if log_q_enum.shape[-2] != 1:
             raise PyvaeError(f"enumerated guide site {name!r} depends on a sampled site; the importance sampler "
                              "needs q(c | x) to be sampled before the continuous latents (e.g. M2's q(y|x) q(z|x, y))")
@@ -263,20 +387,21 @@ def log_weights(module: torch.nn.Module, batch: tuple, num_particles: int, shape
     c = math.prod(enum_shape)
     log_w = total.expand(*enum_shape, num_particles, m).reshape(c, num_particles, m)
     log_q_enum = log_q_enum.expand(*enum_shape, 1, m).reshape(c, 1, m)
-    return Weights(log_w, log_q_enum, enum_shape, model_trace, guide_trace, parts)
+    return Weights(log_w, log_q_enum, enum_shape, model_trace, guide_trace, parts, shape.data_plate)
 
 
-def site_log_prob(site, nesting: int, enum_dims: int, m: int) -> torch.Tensor:
-    """One site's log-density, unscaled but masked, as (enum..., K or 1, M): every plate but data summed out."""
+def site_log_prob(site, nesting: int, enum_dims: int, m: int, plate: str) -> torch.Tensor:
+    """One site's log-density, unscaled but masked, as (enum..., K or 1, M): every plate but the data
+    points' (``plate``) summed out."""
     log_p = scale_and_mask(site["fn"].log_prob(site["value"]), 1.0, site["mask"])
     if not torch.is_tensor(log_p):
         log_p = torch.as_tensor(log_p)
     log_p = log_p.reshape((1,) * (nesting + 1 + enum_dims - log_p.dim()) + log_p.shape)
-    data_dim = next(f.dim for f in site["cond_indep_stack"] if f.name == DATA)
-    others = [log_p.dim() + f.dim for f in site["cond_indep_stack"] if f.vectorized and f.name not in (DATA, PARTICLES)]
+    others = [log_p.dim() + f.dim for f in site["cond_indep_stack"]
+              if f.vectorized and f.name not in (plate, PARTICLES)]
     if others:
         log_p = log_p.sum(others, keepdim=True)
-    log_p = log_p.movedim(log_p.dim() + data_dim, -1)
+    log_p = log_p.movedim(log_p.dim() + data_dim(site, plate), -1)
     lead = log_p.shape[: log_p.dim() - nesting]  # enum dims and the particle dim; the plates left are size 1
     return log_p.reshape(*lead, log_p.shape[-1]).expand(*lead, m)
 
@@ -308,14 +433,14 @@ def _factorizes(fn) -> bool:
 
 
 def _particle_mean(value: torch.Tensor, event_ndims: int, site, w: Weights, nesting: int) -> torch.Tensor:
-    if any(f.vectorized and f.name not in (DATA, PARTICLES) for f in site["cond_indep_stack"]):
-        raise PyvaeError(f"site {site['name']!r} sits in plates besides 'data'; pick a per-point latent site")
+    if any(f.vectorized and f.name not in (w.data_plate, PARTICLES) for f in site["cond_indep_stack"]):
+        raise PyvaeError(f"site {site['name']!r} sits in plates besides {w.data_plate!r}; "
+                         "pick a per-point latent site")
     enum_dims = len(w.enum_shape)
     value = value.reshape((1,) * (enum_dims + 1 + nesting + event_ndims - value.dim()) + value.shape)
     batch_dims = value.dim() - event_ndims
     event = value.shape[batch_dims:]
-    data_dim = batch_dims + next(f.dim for f in site["cond_indep_stack"] if f.name == DATA)
-    value = value.movedim(data_dim, batch_dims - 1)
+    value = value.movedim(batch_dims + data_dim(site, w.data_plate), batch_dims - 1)
     m, k = w.log_w.shape[2], w.log_w.shape[1]
     value = value.expand(*w.enum_shape, k, *value.shape[enum_dims + 1 : batch_dims - 1], m, *event)
     value = value if value.is_floating_point() else value.to(torch.get_default_dtype())
@@ -325,8 +450,10 @@ def _particle_mean(value: torch.Tensor, event_ndims: int, site, w: Weights, nest
 
 
 def sample_sites(trace) -> list:
-    """The sample sites of a trace, without the subsample sites of plates."""
-    return [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
+    """The sample sites of a trace, without the subsample sites of plates and ``pyro.deterministic``'s
+    records (observed in Pyro's bookkeeping, but no data and no density)."""
+    return [s for s in trace.nodes.values()
+            if s["type"] == "sample" and not site_is_subsample(s) and not s["infer"].get("_deterministic")]
 
 
 def _is_discrete(fn) -> bool:

@@ -31,12 +31,13 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from . import distributed, protocol, state
-from .batching import Batches, check_data, resolve_device
+from .batching import KINDS, Batches, check_data, resolve_device, serving
 from .checkpoint import atomic_write, save
 from .errors import PyvaeError, PyvaeWarning, positive_int, positive_number
 from .likelihoods import bits_per_dim, coding
-from .objectives import Objective, choose_elbo, make_elbo, mean_field_violation, sites_without_analytic_kl
-from .program import LocalParams, batch_arity, structure
+from .objectives import (Objective, choose_elbo, enumerable_sites, make_elbo, mean_field_violation,
+                         sites_without_analytic_kl)
+from .program import LocalParams, structure
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:
@@ -75,6 +76,8 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     tensorboard=None,
+    auxiliary=(),
+    labelled_share: float | None = None,
 ) -> list[dict]:
     """Train ``model`` in place by SVI with Adam; return one dict per epoch.
 
@@ -134,7 +137,7 @@ def fit(
     if isinstance(valid_samples, bool) or not isinstance(valid_samples, int) or valid_samples < 0:
         raise PyvaeError(f"valid_samples must be an integer >= 0; got {valid_samples!r}")
     protocol.check(patience, lr_schedule, valid is not None)
-    objective = Objective(model, "trace" if elbo == "auto" else elbo, num_particles, kl_sites)  # auto: chosen below
+    objective = Objective(model, "trace" if elbo == "auto" else elbo, num_particles, kl_sites, auxiliary)  # auto: below
     if isinstance(objective.elbo, pyro.infer.RenyiELBO) and (beta != 1 or kl_warmup_epochs):
         raise PyvaeError(
             "beta and kl_warmup_epochs do not apply to elbo 'iwae' (a scaled latent site inside the "
@@ -143,10 +146,9 @@ def fit(
     world, device = distributed.init(resolve_device(device))
     progress = progress and world.main
 
-    arity = batch_arity(model)
-    train_batches = Batches(train, device, arity, "training data")
-    test_batches = Batches(test, device, arity, "test data") if test is not None else None
-    valid_batches = Batches(valid, device, arity, "validation data") if valid is not None else None
+    train_batches = Batches(train, device, model, "training data")
+    test_batches = Batches(test, device, model, "test data") if test is not None else None
+    valid_batches = Batches(valid, device, model, "validation data") if valid is not None else None
     for batches, split in ((train_batches, "training data"), (test_batches, "test data"), (valid_batches, "validation data")):
         if batches is not None:
             check_data(model, batches, split)
@@ -159,24 +161,30 @@ def fit(
     bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
         raise PyvaeError(f"parameter {bad[0]} holds NaN or infinite values before training; rebuild or reload the model")
-    shape = structure(model, train_batches.first())  # the contract, checked before any step
+    plan = serving(model, train_batches, batch_size, world, labelled_share)
+    # the contract, checked before any step on each kind of call; the one with the most latents leads
+    probes = plan.probes()
+    shapes = [structure(model, probe) for probe in probes]
+    probe, shape = max(zip(probes, shapes), key=lambda pair: len(pair[1].latent_sites))
+    shape.max_plate_nesting = max(s.max_plate_nesting for s in shapes)
     if kl_sites is not None and set(kl_sites) - set(shape.latent_sites):
         unknown = sorted(set(kl_sites) - set(shape.latent_sites))[0]
         raise PyvaeError(f"kl_sites names {unknown!r}, which is not a latent site of the model; its latent sites: {', '.join(shape.latent_sites)}")
     chosen = elbo == "auto"  # choose_elbo takes meanfield only where the checks below pass: not run twice
     if chosen:
-        elbo, why = choose_elbo(model, train_batches.first(), shape)
+        elbo, why = choose_elbo(model, probe, shape)
         objective.elbo = make_elbo(elbo, num_particles)
+        objective.enumerate = bool(enumerable_sites(model, probe))
         if world.main and progress:
             print(f"elbo auto: {elbo}, {why}")
     if shape.enumerated_sites and not isinstance(objective.elbo, pyro.infer.TraceEnum_ELBO):
         raise PyvaeError(f"the guide enumerates {', '.join(shape.enumerated_sites)}; train it with elbo 'enum' (TraceEnum_ELBO)")
     objective.fill_plate_nesting(shape.max_plate_nesting)
     if isinstance(objective.elbo, pyro.infer.TraceMeanField_ELBO) and not chosen:
-        violation = mean_field_violation(model, train_batches.first())
+        violation = mean_field_violation(model, probe)
         if violation:
             raise PyvaeError(f"elbo 'meanfield' needs {violation}: use elbo 'trace'")
-        missing = sites_without_analytic_kl(model, train_batches.first())
+        missing = sites_without_analytic_kl(model, probe)
         if missing and world.main:
             warnings.warn_explicit(f"elbo 'meanfield': torch has no analytic KL for latent site {', '.join(missing)}; that "
                                    "term is estimated by Monte Carlo, exactly as elbo 'trace' does", PyvaeWarning, "pyvae", 0)
@@ -194,8 +202,7 @@ def fit(
     order_seed = world.broadcast(seed if seed is not None else int(torch.randint(2**31, ())))
     if seed is not None or world.size > 1:
         pyro.set_rng_seed(order_seed + world.rank)  # the processes draw different noise
-    shard_size = len(train_batches.sampler(order_seed, world))
-    steps_per_epoch = math.ceil(shard_size / batch_size)
+    steps_per_epoch = plan.steps(order_seed)
     step = 0
     history, resumed = [], {}
     if resume:
@@ -237,10 +244,9 @@ def fit(
             # again, the batches already used are skipped, the generators go on from the stop
             done = resumed.get("step_in_epoch", 0) if epoch == first_epoch else 0
             start = time.perf_counter() - (resumed["partial_seconds"] if done else 0.0)
-            total = torch.full((), resumed["partial_total"] if done else 0.0, device=device)
-            batches = train_batches.select(train_batches.shard(epoch, order_seed, world), batch_size, skip=done)
+            sums = torch.tensor(resumed["partial_total"], device=device) if done else torch.zeros(len(KINDS), 3, device=device)
             bar = tqdm(
-                batches,
+                plan.epoch(epoch, order_seed, done),
                 total=steps_per_epoch,
                 initial=done,
                 desc=f"epoch {epoch}/{epochs}",
@@ -248,16 +254,17 @@ def fit(
                 disable=not progress or not sys.stderr.isatty(),  # no carriage-return frames in log files
                 file=sys.stderr,
             )
-            for in_epoch, batch in enumerate(bar, start=done + 1):
+            for in_epoch, calls in enumerate(bar, start=done + 1):
                 step += 1
                 optimizer.zero_grad(set_to_none=True)
                 # the first step runs with Pyro's and torch's validation (shapes, supports, parameter
                 # constraints), which catches a broken model or part; the data were checked above, so
                 # the remaining steps skip those checks (they cost about 5% of a step on a CPU)
                 with pyro.validation_enabled(not validated and pyro.infer.util.is_validation_enabled()):
-                    loss = loss_of(batch, num_data, kl_weight_at(step))
+                    losses = loss_of(calls, kl_weight_at(step))  # (model's, auxiliary) x calls
+                loss = losses.sum()
                 loss.backward()
-                loss = loss.detach()
+                loss, losses = loss.detach(), losses.detach()
                 validated = True
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm) if clip_norm else None
                 bad_loss = not bool(torch.isfinite(loss))
@@ -271,10 +278,9 @@ def fit(
                 optimizer.step()
                 if tensorboard is not None and world.main:
                     tensorboard.step(step, loss, num_data)
-                # loss estimates the sum over all N points; weight by M/N so the epoch total sums them once
-                total += loss * (batch[0].shape[0] / num_data)
+                tally(sums, calls, losses)
                 if signum:
-                    partial_totals = world.gather(float(total))
+                    partial_totals = world.gather(sums.tolist())
                     save_state(epoch - 1, step_in_epoch=in_epoch, partial_total=partial_totals, partial_seconds=time.perf_counter() - start)
                     raise TrainingStopped(
                         signum,
@@ -282,7 +288,7 @@ def fit(
                         f"checkpoint written to {out / 'checkpoint.pt'}; continue with --resume {out}",
                     )
             # each process summed its shard; together they cover the (padded) data set once
-            record = {"epoch": epoch, "train_elbo": -float(world.sum(total)) / (shard_size * world.size), "beta": kl_weight_at(step)}
+            record = {"epoch": epoch, **train_elbos(world.sum(sums), plan.sizes), "beta": kl_weight_at(step)}
             if test_batches is not None:
                 nesting = shape.max_plate_nesting
                 record["test_elbo"] = _shared_elbo(model, test_batches, world, "trace" if elbo == "iwae" else elbo, nesting=nesting)
@@ -317,6 +323,30 @@ def fit(
     return history
 
 
+def tally(sums: torch.Tensor, calls: list, losses: torch.Tensor) -> None:
+    """Add one step to ``sums`` (kinds x [objective, model's loss, points], :data:`~pyvae.batching.KINDS`):
+    each call's losses, which estimate the sum over its group's N_c points, weighted by M_c / N_c,
+    so that over an epoch they sum the per-point losses of the points served."""
+    for i, call in enumerate(calls):
+        weight = call.args[0].shape[0] / call.num_data
+        row = sums[KINDS.index(call.kind)]
+        row[0] += losses[:, i].sum() * weight
+        row[1] += losses[0, i] * weight
+        row[2] += call.args[0].shape[0]
+
+
+def train_elbos(sums: torch.Tensor, sizes: dict) -> dict:
+    """The epoch's ``train_elbo`` per point of the data set, sum_c N_c (objective per point of c) / N, and
+    for semi-supervised steps ``train_elbo_labelled``/``_unlabelled``: the model's ELBO per point of
+    each group (auxiliary losses left out)."""
+    total = sum(sizes.values())
+    means = {kind: sums[KINDS.index(kind)] for kind in sizes}
+    record = {"train_elbo": -sum(n * float(means[k][0] / means[k][2]) for k, n in sizes.items()) / total}
+    if len(sizes) > 1:
+        record.update({f"train_elbo_{k}": -float(means[k][1] / means[k][2]) for k in sizes})
+    return record
+
+
 #: the validation log p(x) by importance sampling (``valid_samples``) uses at most this many points
 VALID_IS_POINTS = 1000
 #: numbers (points x samples x pixels) per chunk of that estimate, which bounds its memory
@@ -332,7 +362,7 @@ def _validation(model, valid: Batches, world, elbo, num_particles: int, valid_sa
         scores["valid_iwae"] = _shared_elbo(model, valid, world, "iwae", num_particles, nesting=nesting)
     if valid_samples:
         points = torch.linspace(0, len(valid) - 1, min(len(valid), VALID_IS_POINTS), device=valid.images.device).long()
-        chunk = max(1, VALID_IS_CHUNK // (valid_samples * valid.images.shape[1]))
+        chunk = max(1, VALID_IS_CHUNK // (valid_samples * valid.images[0].numel()))
         scores["valid_log_px"] = _shared_elbo(model, valid, world, "iwae", valid_samples, chunk, nesting, points)
     return scores
 
@@ -415,7 +445,7 @@ def evaluate_elbo(
     """
     if not isinstance(data, Batches):
         device = resolve_device(device or next(model.parameters()).device)
-        data = Batches(data, device, batch_arity(model))
+        data = Batches(data, device, model)
         check_data(model, data, "data")
     return _shared_elbo(model, data, distributed.World(), elbo, num_particles, batch_size)
 

@@ -1,0 +1,246 @@
+"""Pyro code as Pyro's tutorials write it runs unchanged: minibatch-sized and implicitly sized data
+plates, no ``num_data``, ``ys=None`` with one-hot labels and an auxiliary loss, float conditioning
+inputs, ``pyro.deterministic``. Checked against the ``num_data`` form and closed-form marginals."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+import pyvae
+from pyvae.objectives import Objective
+
+D, Z, C = 5, 2, 3
+
+
+class Subsampled(nn.Module):
+    """z ~ N(0, I), x | z ~ N(W z + b, 0.5^2): the plate sized by num_data, the minibatch as subsample."""
+
+    def __init__(self):
+        super().__init__()
+        self.W, self.b = nn.Parameter(torch.randn(D, Z)), nn.Parameter(torch.randn(D))
+        self.enc = nn.Linear(D, 2 * Z)
+
+    def plate(self, x, num_data=None):
+        return pyro.plate("data", size=num_data or len(x), subsample=torch.arange(len(x)))
+
+    def model(self, x, num_data=None):
+        with self.plate(x, num_data):
+            z = pyro.sample("z", dist.Normal(torch.zeros(len(x), Z), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ self.W.T + self.b, 0.5).to_event(1), obs=x)
+
+    def guide(self, x, num_data=None):
+        loc, raw = self.enc(x).chunk(2, -1)
+        with self.plate(x, num_data):
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 0.05).to_event(1))
+
+
+class MinibatchPlate(Subsampled):
+    """The same program as Pyro's VAE tutorial writes it: model(x), plate sized by the minibatch."""
+
+    def plate(self, x, num_data=None):
+        return pyro.plate("data", x.shape[0])
+
+    def model(self, x):
+        super().model(x)
+
+    def guide(self, x):
+        super().guide(x)
+
+
+class ImplicitPlate(MinibatchPlate):
+    """pyro.plate("batch") with no size, named otherwise: its size comes from the sites inside it."""
+
+    def plate(self, x, num_data=None):
+        return pyro.plate("batch")
+
+
+@pytest.mark.parametrize("form", [MinibatchPlate, ImplicitPlate])
+def test_minibatch_and_implicit_plates_optimize_the_full_data_objective(form):
+    torch.manual_seed(0)
+    reference, other = Subsampled(), form()
+    other.load_state_dict(reference.state_dict())
+    x = torch.randn(8, D)
+    grads = {}
+    for model in (reference, other):
+        pyro.set_rng_seed(3)
+        loss = Objective(model, "trace").loss((x,), num_data=200)
+        loss.backward()
+        grads[type(model)] = (loss.item(), [p.grad.clone() for p in model.parameters()])
+    (a, ga), (b, gb) = grads.values()
+    assert a == pytest.approx(b, rel=1e-5)  # the N/M scaling, whoever applies it
+    assert all(torch.allclose(u, v, rtol=1e-4, atol=1e-5) for u, v in zip(ga, gb))
+
+
+@pytest.mark.parametrize("form", [Subsampled, MinibatchPlate, ImplicitPlate])
+def test_the_reported_train_elbo_is_per_data_point_in_every_form(form):
+    torch.manual_seed(1)
+    x = torch.randn(300, D) * 2
+    model = form()
+    # a learning rate too small to move the weights: the epoch's average is the ELBO of these weights
+    history = pyvae.fit(model, x, epochs=1, batch_size=50, lr=1e-9, seed=0, progress=False, device="cpu")
+    pyro.set_rng_seed(0)
+    independent = pyvae.log_likelihood(model, x, num_samples=20).elbo.mean().item()
+    assert history[0]["train_elbo"] == pytest.approx(independent, abs=0.05 * abs(independent))
+
+
+class SemiSupervised(nn.Module):
+    """Pyro's SS-VAE idiom, linear-Gaussian: y ~ Cat(1/C) (one-hot), z ~ N(0, I),
+    x | y, z ~ N(W z + mu_y, 0.5^2); q(y | x) a softmax classifier, q(z | x, y) Gaussian.
+    Called as model(xs, ys=None); the classifier is also trained by an auxiliary program."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(0.3 * torch.randn(D, Z))
+        self.mu = nn.Parameter(0.1 * torch.randn(C, D))
+        self.classifier = nn.Linear(D, C)
+        self.enc = nn.Linear(D + C, 2 * Z)
+
+    def model(self, xs, ys=None):
+        pyro.module("ss", self)
+        with pyro.plate("data"):
+            prior = torch.full((xs.shape[0], C), 1.0 / C)
+            ys = pyro.sample("y", dist.OneHotCategorical(prior), obs=ys)
+            z = pyro.sample("z", dist.Normal(torch.zeros(xs.shape[0], Z), 1.0).to_event(1))
+            loc = z @ self.W.T + ys @ self.mu
+            pyro.sample("x", dist.Normal(loc, 0.5).to_event(1), obs=xs)
+
+    def guide(self, xs, ys=None):
+        with pyro.plate("data"):
+            if ys is None:
+                ys = pyro.sample("y", dist.OneHotCategorical(logits=self.classifier(xs)))
+            lead = torch.broadcast_shapes(ys.shape[:-1], xs.shape[:-1])
+            inputs = torch.cat([xs.expand(*lead, D), ys.expand(*lead, C)], -1)
+            loc, raw = self.enc(inputs).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 0.05).to_event(1))
+
+    def model_classify(self, xs, ys=None):
+        with pyro.plate("data"):
+            if ys is not None:
+                with pyro.poutine.scale(scale=10.0):
+                    pyro.sample("y_aux", dist.OneHotCategorical(logits=self.classifier(xs)), obs=ys)
+
+    def guide_classify(self, xs, ys=None):
+        pass
+
+    def exact(self, x):
+        """log p(x) = logsumexp_y [log 1/C + log N(x; mu_y, W W^T + 0.25 I)]."""
+        cov = self.W @ self.W.T + 0.25 * torch.eye(D)
+        per_class = torch.stack([torch.distributions.MultivariateNormal(m, cov).log_prob(x) for m in self.mu], -1)
+        return torch.logsumexp(per_class, -1) - math.log(C)
+
+
+def clusters(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[4.0, 0, 0, 0, 0], [0, 4.0, 0, 0, 0], [0, 0, 4.0, 0, 0]])
+    y = torch.randint(C, (n,), generator=g)
+    return centres[y] + 0.5 * torch.randn(n, D, generator=g), y  # the model's noise: no misfit to exploit
+
+
+def test_a_semi_supervised_program_learns_from_its_labels_and_auxiliary_loss():
+    torch.manual_seed(2)
+    x, y = clusters(600)
+    labels = torch.full_like(y, -1)
+    labels[:30] = y[:30]  # 30 labelled points of 600
+    model = SemiSupervised()
+    history = pyvae.fit(model, (x, labels), epochs=10, batch_size=60, lr=5e-2, seed=0, progress=False,
+                        device="cpu", auxiliary=[(model.model_classify, model.guide_classify)],
+                        labelled_share=0.25)
+    last = history[-1]
+    assert {"train_elbo_labelled", "train_elbo_unlabelled"} <= set(last)
+    x_test, y_test = clusters(300, seed=1)
+    accuracy = (model.classifier(x_test).argmax(-1) == y_test).float().mean().item()
+    assert accuracy > 0.9  # chance is 1/3: the labels were used
+
+
+def test_a_semi_supervised_program_s_log_px_is_the_exact_sum_over_classes():
+    torch.manual_seed(3)
+    model = SemiSupervised()
+    with torch.no_grad():  # orthogonal columns: a diagonal posterior, which the guide is set to (widened)
+        q, _ = torch.linalg.qr(torch.randn(D, Z))
+        model.W.copy_(q * torch.tensor([0.8, 0.5]))
+        precision = (model.W**2).sum(0) / 0.25 + 1
+        gain = model.W.T / 0.25 / precision.unsqueeze(1)  # (Z, D): posterior mean gain (x - mu_y)
+        model.enc.weight.copy_(torch.cat([torch.cat([gain, -gain @ model.mu.T], 1), torch.zeros(Z, D + C)]))
+        std = 1.2 / precision.sqrt() - 0.05
+        model.enc.bias.copy_(torch.cat([torch.zeros(Z), std + torch.log(-torch.expm1(-std))]))
+    x, _ = clusters(10)
+    pyro.set_rng_seed(0)
+    enumerated = pyro.infer.config_enumerate(model.guide, "parallel")
+    model.guide = enumerated  # y summed exactly in the importance sampler
+    ll = pyvae.log_likelihood(model, x, num_samples=3000)
+    exact = model.exact(x).detach()
+    assert ((ll.log_px - exact).abs() <= 4 * ll.stderr + 0.05).all(), (ll.log_px - exact)
+    assert (ll.ess <= 3000 + 1e-3).all()  # the ESS of the K draws, never above K
+
+
+class Conditional(nn.Module):
+    """Pyro's CVAE idiom: a float input xs (-1 for hidden pixels), a target ys, boolean-mask
+    indexing, and pyro.deterministic when ys is None."""
+
+    def __init__(self):
+        super().__init__()
+        self.prior_net = nn.Linear(D, 2 * Z)
+        self.dec = nn.Linear(Z + D, D)
+        self.enc = nn.Linear(2 * D, 2 * Z)
+
+    def model(self, xs, ys=None):
+        pyro.module("cvae", self)
+        with pyro.plate("data"):
+            loc, raw = self.prior_net(xs).chunk(2, -1)
+            z = pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 0.1).to_event(1))
+            mean = self.dec(torch.cat([z, xs.expand(*z.shape[:-1], D)], -1))
+            if ys is None:
+                pyro.deterministic("y", mean)
+            else:
+                visible = xs[0] == -1  # the pixels to predict: boolean-mask indexing
+                pyro.sample("y", dist.Normal(mean[..., visible], 1.0).to_event(1), obs=ys[..., visible])
+
+    def guide(self, xs, ys=None):
+        with pyro.plate("data"):
+            inputs = torch.cat([xs, ys if ys is not None else torch.zeros_like(xs)], -1)
+            loc, raw = self.enc(inputs).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 0.1).to_event(1))
+
+
+def test_a_conditional_program_with_float_inputs_and_a_deterministic_site():
+    torch.manual_seed(4)
+    target = torch.randn(40, D)
+    xs = target.clone()
+    xs[:, :2] = -1.0  # two hidden pixels, their values the target
+    model = Conditional()
+    pyvae.fit(model, (xs, target), epochs=2, batch_size=20, seed=0, progress=False, device="cpu")
+    pyro.set_rng_seed(0)
+    ll = pyvae.log_likelihood(model, (xs, target), num_samples=200)
+    assert torch.isfinite(ll.log_px).all()
+    # with nothing observed the program has no log p: one line, never a 0
+    with pytest.raises(pyvae.PyvaeError, match="observes nothing") as info:
+        pyvae.log_likelihood(model, xs, num_samples=10)
+    assert "\n" not in str(info.value)
+
+
+def test_image_shaped_data_is_served_as_it_is():
+    torch.manual_seed(5)
+
+    class Images(MinibatchPlate):
+        def model(self, x):
+            super().model(x.reshape(-1, D))
+
+        def guide(self, x):
+            super().guide(x.reshape(-1, D))
+
+    x = torch.randn(40, 1, D)  # (N, C, W): never refused for not being flat
+    history = pyvae.fit(Images(), x, epochs=1, batch_size=20, seed=0, progress=False, device="cpu")
+    assert math.isfinite(history[0]["train_elbo"])
+
+
+def test_an_argument_the_program_does_not_take_is_a_one_line_error():
+    class NoLabels(MinibatchPlate):
+        def guide(self, x, y):
+            super().guide(x)
+
+    with pytest.raises(pyvae.PyvaeError, match=r"NoLabels.guide\(\) cannot be called .*missing a required argument: 'y'"):
+        pyvae.fit(NoLabels(), torch.randn(10, D), epochs=1, batch_size=5, progress=False, device="cpu")
