@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from . import program
 from .batching import Batches, check_data, resolve_device
-from .errors import PyvaeError, positive_int
+from .errors import PyvaeError, PyvaeWarning, positive_int
 
 #: how many floats one chunk's rows may hold: 32 MB in float32 on a CPU, 128 MB on a GPU. Each
 #: chunk is one trace of guide and model, whose Pyro bookkeeping costs ~1-2 ms; on a CPU an
@@ -145,9 +145,11 @@ def log_likelihood(
     rows = max(1, CHUNK_ELEMENTS.get(device.type, 2**21) // per_row)
     n = len(batches)
     if batch_size is None:
-        batch_size = max(1, min(n, rows // num_samples))
+        batch_size = max(1, min(n, rows // (num_samples if shape.vectorized else 1)))
     positive_int("batch_size", batch_size)
-    sample_chunk = max(1, min(num_samples, rows // batch_size))
+    sample_chunk = max(1, min(num_samples, rows // batch_size)) if shape.vectorized else 1
+    if not shape.vectorized and num_samples > 1:
+        _say_one_at_a_time(model)
     sizes = iwae_sizes(num_samples)
 
     # results go into tensors allocated once: thousands of small per-chunk tensors kept
@@ -189,6 +191,12 @@ def log_likelihood(
         num_samples=num_samples,
         log_weights=log_weights,
     )
+
+
+def _say_one_at_a_time(model) -> None:
+    warnings.warn_explicit(f"{type(model).__name__} cannot run with particles as a batch dimension (e.g. "
+                           "boolean-mask indexing): its samples are drawn one at a time, the same estimate, slower",
+                           PyvaeWarning, "pyvae", 0)
 
 
 def drawn_once(data):

@@ -73,8 +73,10 @@ ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "iwae": IWAE, "e
 ELBO_CHOICES = ("auto", *ELBOS)
 
 
-def make_elbo(elbo: str | pyro.infer.ELBO, num_particles: int = 1, max_plate_nesting: float = math.inf) -> pyro.infer.ELBO:
-    """The Pyro ELBO named ``elbo`` with ``num_particles`` vectorized particles, or ``elbo`` itself.
+def make_elbo(elbo: str | pyro.infer.ELBO, num_particles: int = 1, max_plate_nesting: float = math.inf,
+              vectorize: bool = True) -> pyro.infer.ELBO:
+    """The Pyro ELBO named ``elbo`` with ``num_particles`` particles, vectorized unless the program cannot
+    be (:attr:`pyvae.program.Structure.vectorized`: then Pyro draws them in a loop), or ``elbo`` itself.
 
     ``max_plate_nesting`` comes from :func:`pyvae.program.structure` (read off a trace of the
     program), so models with nested plates need no setting.
@@ -84,7 +86,8 @@ def make_elbo(elbo: str | pyro.infer.ELBO, num_particles: int = 1, max_plate_nes
     if elbo not in ELBOS:
         raise PyvaeError(f"unknown elbo {elbo!r}; choose from {', '.join(ELBOS)} or pass a pyro.infer.ELBO")
     positive_int("num_particles", num_particles)
-    return ELBOS[elbo](num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=max_plate_nesting)
+    return ELBOS[elbo](num_particles=num_particles, vectorize_particles=vectorize and num_particles > 1,
+                       max_plate_nesting=max_plate_nesting)
 
 
 class Objective(torch.nn.Module):

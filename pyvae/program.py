@@ -35,6 +35,7 @@ Every site is scored unscaled (no N/M, no beta) but masked.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -160,6 +161,9 @@ class Structure:
     enumerated_sites: list[str]
     continuous_sites: list[str]
     data_plate: str = DATA
+    #: whether the programs run with particles as a leading batch dimension (not so with boolean-mask
+    #: indexing or data-dependent shapes): then particles are drawn one at a time
+    vectorized: bool = True
 
 
 def trace_once(module: torch.nn.Module, batch: tuple, num_data: int | None = None):
@@ -209,7 +213,19 @@ def structure(module: torch.nn.Module, batch: tuple) -> Structure:
                              "the importance sampler sums enumerated values per data point only")
     _check_params(module, list(model_trace.nodes.values()) + list(guide_trace.nodes.values()))
     continuous = [s for s in latent if not _is_discrete(guide_trace.nodes[s]["fn"])]
-    return Structure(nesting, latent, observed, enumerated, continuous, plate)
+    return Structure(nesting, latent, observed, enumerated, continuous, plate, _vectorizes(module, batch, nesting))
+
+
+def _vectorizes(module: torch.nn.Module, batch: tuple, nesting: int) -> bool:
+    """Whether the programs run with two particles in a leading plate, as they ran without it."""
+    device = batch[0].device
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
+                poutine.block():
+            trace_particles(module, batch, 2, nesting)
+    except (IndexError, RuntimeError, ValueError):
+        return False
+    return True
 
 
 def find_data_plate(module: torch.nn.Module, sites: list, m: int) -> str:
@@ -312,14 +328,16 @@ def _check_params(module: torch.nn.Module, sites) -> None:
                              "constrain the parameter in the module instead (e.g. softplus of a free one)")
 
 
-def trace_particles(module: torch.nn.Module, batch: tuple, num_particles: int, nesting: int):
-    """(model trace, guide trace) with ``num_particles`` vectorized draws from the guide.
+def trace_particles(module: torch.nn.Module, batch: tuple, num_particles: int | None, nesting: int):
+    """(model trace, guide trace) with ``num_particles`` vectorized draws from the guide (None: one
+    draw without a particle plate, for programs that are not :attr:`Structure.vectorized`).
 
     The particle dimension sits left of the plates (dim ``-(nesting + 1)``); enumerated
     guide sites get dimensions further left. The model is replayed against the guide, so
     it sees the guide's values of every latent site.
     """
-    with LocalParams(), pyro.plate(PARTICLES, num_particles, dim=-(nesting + 1)):
+    particles = pyro.plate(PARTICLES, num_particles, dim=-(nesting + 1)) if num_particles else contextlib.nullcontext()
+    with LocalParams(), particles:
         guide = poutine.enum(module.guide, first_available_dim=-(nesting + 2))
         guide_trace = poutine.trace(guide).get_trace(*batch)
         model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*batch)
@@ -366,8 +384,13 @@ class Weights:
 
 
 def log_weights(module: torch.nn.Module, batch: tuple, num_particles: int, shape: Structure) -> Weights:
-    """The per-point log importance weights of ``module`` on ``batch`` with K = ``num_particles``."""
-    model_trace, guide_trace = trace_particles(module, batch, num_particles, shape.max_plate_nesting)
+    """The per-point log importance weights of ``module`` on ``batch`` with K = ``num_particles``; a
+    program that is not :attr:`Structure.vectorized` takes one particle at a time."""
+    if not shape.vectorized and num_particles > 1:
+        raise PyvaeError(f"{type(module).__name__} cannot run with particles as a batch dimension; "
+                         "draw them one at a time (num_particles=1)")
+    model_trace, guide_trace = trace_particles(module, batch, num_particles if shape.vectorized else None,
+                                               shape.max_plate_nesting)
     m, nesting, enum_dims = batch[0].shape[0], shape.max_plate_nesting, len(shape.enumerated_sites)
     total, parts = 0.0, {}
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):

@@ -173,10 +173,15 @@ def fit(
     chosen = elbo == "auto"  # choose_elbo takes meanfield only where the checks below pass: not run twice
     if chosen:
         elbo, why = choose_elbo(model, probe, shape)
-        objective.elbo = make_elbo(elbo, num_particles)
+        objective.elbo = make_elbo(elbo, num_particles, vectorize=shape.vectorized)
         objective.enumerate = bool(enumerable_sites(model, probe))
         if world.main and progress:
             print(f"elbo auto: {elbo}, {why}")
+    elif not shape.vectorized and num_particles > 1 and isinstance(elbo, str):
+        objective.elbo = make_elbo(elbo, num_particles, vectorize=False)
+    if not shape.vectorized and num_particles > 1 and progress:
+        print(f"{type(model).__name__} cannot run with particles as a batch dimension: its {num_particles} "
+              "particles are drawn one at a time")
     if shape.enumerated_sites and not isinstance(objective.elbo, pyro.infer.TraceEnum_ELBO):
         raise PyvaeError(f"the guide enumerates {', '.join(shape.enumerated_sites)}; train it with elbo 'enum' (TraceEnum_ELBO)")
     objective.fill_plate_nesting(shape.max_plate_nesting)
@@ -290,12 +295,11 @@ def fit(
             # each process summed its shard; together they cover the (padded) data set once
             record = {"epoch": epoch, **train_elbos(world.sum(sums), plan.sizes), "beta": kl_weight_at(step)}
             if test_batches is not None:
-                nesting = shape.max_plate_nesting
-                record["test_elbo"] = _shared_elbo(model, test_batches, world, "trace" if elbo == "iwae" else elbo, nesting=nesting)
+                record["test_elbo"] = _shared_elbo(model, test_batches, world, "trace" if elbo == "iwae" else elbo, shape=shape)
                 if elbo == "iwae":
-                    record["test_iwae"] = _shared_elbo(model, test_batches, world, "iwae", num_particles, nesting=nesting)
+                    record["test_iwae"] = _shared_elbo(model, test_batches, world, "iwae", num_particles, shape=shape)
             if valid_batches is not None:
-                record.update(_validation(model, valid_batches, world, elbo, num_particles, valid_samples, shape.max_plate_nesting))
+                record.update(_validation(model, valid_batches, world, elbo, num_particles, valid_samples, shape))
             for name, metric in (metrics or {}).items():
                 model.eval()
                 with torch.no_grad():
@@ -353,17 +357,17 @@ VALID_IS_POINTS = 1000
 VALID_IS_CHUNK = 2**23
 
 
-def _validation(model, valid: Batches, world, elbo, num_particles: int, valid_samples: int, nesting: int) -> dict:
+def _validation(model, valid: Batches, world, elbo, num_particles: int, valid_samples: int, shape) -> dict:
     """The validation numbers of one epoch (nats per point, beta = 1): ``valid_elbo``, for ``iwae``
     ``valid_iwae``, and with ``valid_samples`` = K ``valid_log_px`` = mean_n log (1/K) sum_k w_nk on
     :data:`VALID_IS_POINTS` points evenly spread, which is the K-sample bound's estimate."""
-    scores = {"valid_elbo": _shared_elbo(model, valid, world, "trace" if elbo == "iwae" else elbo, nesting=nesting)}
+    scores = {"valid_elbo": _shared_elbo(model, valid, world, "trace" if elbo == "iwae" else elbo, shape=shape)}
     if elbo == "iwae":
-        scores["valid_iwae"] = _shared_elbo(model, valid, world, "iwae", num_particles, nesting=nesting)
+        scores["valid_iwae"] = _shared_elbo(model, valid, world, "iwae", num_particles, shape=shape)
     if valid_samples:
         points = torch.linspace(0, len(valid) - 1, min(len(valid), VALID_IS_POINTS), device=valid.images.device).long()
         chunk = max(1, VALID_IS_CHUNK // (valid_samples * valid.images[0].numel()))
-        scores["valid_log_px"] = _shared_elbo(model, valid, world, "iwae", valid_samples, chunk, nesting, points)
+        scores["valid_log_px"] = _shared_elbo(model, valid, world, "iwae", valid_samples, chunk, shape, points)
     return scores
 
 
@@ -458,15 +462,15 @@ def _shared_elbo(
     elbo,
     num_particles: int = 1,
     batch_size: int = 1000,
-    nesting: int | None = None,
+    shape=None,
     points: torch.Tensor | None = None,
 ) -> float:
-    """:func:`evaluate_elbo` with the points dealt out over the processes of ``world``; ``nesting`` is the
-    program's plate nesting when the caller has traced it already; ``points`` the indices to score (default all)."""
+    """:func:`evaluate_elbo` with the points dealt out over the processes of ``world``; ``shape`` is the
+    program's :class:`~pyvae.program.Structure` when the caller has traced it already; ``points`` the
+    indices to score (default all)."""
     model.eval()
-    if nesting is None:
-        nesting = structure(model, data.first()).max_plate_nesting
-    objective = make_elbo(elbo, num_particles, nesting)
+    shape = shape or structure(model, data.first())
+    objective = make_elbo(elbo, num_particles, shape.max_plate_nesting, vectorize=shape.vectorized)
     points = torch.arange(len(data), device=data.images.device) if points is None else points
     mine = points[world.rank :: world.size]
     # the ELBO of the model alone: pyro.factor sites (training-only terms such as m2's classifier) are left out
