@@ -381,6 +381,8 @@ def _epoch_line(record: dict, epochs: int, num_particles: int, metrics: dict | N
     """``epoch   5/10  train ELBO ...  test ELBO ...  valid ELBO ...  nats/point  lr ...  (4.4 s)``; for a
     likelihood that is a mass over ``coded`` = (pixels, levels), the same numbers in bits/dim after them."""
     parts = [f"epoch {record['epoch']:3d}/{epochs}  train ELBO {record['train_elbo']:9.3f}"]
+    if "train_elbo_labelled" in record:
+        parts.append(f"(labelled {record['train_elbo_labelled']:.3f}, unlabelled {record['train_elbo_unlabelled']:.3f})")
     for split in ("test", "valid"):
         if f"{split}_elbo" in record:
             parts.append(f"{split} ELBO {record[f'{split}_elbo']:9.3f}")
