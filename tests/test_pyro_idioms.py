@@ -8,6 +8,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
 import pyvae
@@ -273,3 +274,40 @@ def test_an_argument_the_program_does_not_take_is_a_one_line_error():
 
     with pytest.raises(pyvae.PyvaeError, match=r"NoLabels.guide\(\) cannot be called .*missing a required argument: 'y'"):
         pyvae.fit(NoLabels(), torch.randn(10, D), epochs=1, batch_size=5, progress=False, device="cpu")
+
+
+class PyroModuleVAE(PyroModule):
+    """Networks written as PyroModules; optionally a Bayesian decoder weight (PyroSample)."""
+
+    def __init__(self, bayesian=False):
+        super().__init__()
+        self.enc = PyroModule[nn.Linear](D, 2 * Z)
+        self.dec = PyroModule[nn.Linear](Z, D)
+        if bayesian:
+            self.dec.weight = PyroSample(dist.Normal(0.0, 1.0).expand([D, Z]).to_event(2))
+
+    def model(self, x):
+        data = pyro.plate("data", x.shape[0])
+        with data:
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], Z), 1.0).to_event(1))
+        loc = self.dec(z)  # a PyroSample weight is drawn here, outside the plate, as Pyro's BNNs do
+        with data:
+            pyro.sample("x", dist.Normal(loc, 0.5).to_event(1), obs=x)
+
+    def guide(self, x):
+        loc, raw = self.enc(x).chunk(2, -1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 0.05).to_event(1))
+
+
+def test_pyro_module_networks_train_and_a_pyro_sample_weight_is_refused():
+    torch.manual_seed(6)
+    x = torch.randn(60, D)
+    model = PyroModuleVAE()
+    before = model.dec.weight.detach().clone()
+    pyvae.fit(model, x, epochs=2, batch_size=20, seed=0, progress=False, device="cpu")
+    assert not torch.equal(before, model.dec.weight.detach())  # its parameters were trained
+    assert torch.isfinite(pyvae.log_likelihood(model, x, num_samples=20).log_px).all()
+    with pytest.raises(pyvae.PyvaeError, match="site 'dec.weight' is not inside a plate .*a global latent") as info:
+        pyvae.fit(PyroModuleVAE(bayesian=True), x, epochs=1, batch_size=20, progress=False, device="cpu")
+    assert "\n" not in str(info.value)
