@@ -89,10 +89,12 @@ class Batches:
     Holding the data on the device avoids a DataLoader round trip per step; a set too large for
     memory (:class:`~pyvae.streaming.StreamedImages`) is read by a DataLoader's workers instead, in
     the same minibatches. A ``dynamic`` set is binarized afresh, on the device, each time a minibatch
-    is served.
+    is served. Labels a program takes as an optional argument are encoded as its label site asks
+    (:func:`label_encoder`), unless ``semi_supervised`` data are to be split by :func:`serving`.
     """
 
-    def __init__(self, data, device: torch.device, model: torch.nn.Module, what: str = "data") -> None:
+    def __init__(self, data, device: torch.device, model: torch.nn.Module, what: str = "data",
+                 semi_supervised: bool = False) -> None:
         tensors, self.dynamic = as_tensors(data)
         needed, slots = batch_arity(model), batch_slots(model)
         if len(tensors) < needed:
@@ -104,6 +106,12 @@ class Batches:
         self.streamed = isinstance(tensors[0], StreamedImages)
         self.images = tensors[0] if self.streamed else _place(tensors[0], device)
         self.others = tuple(_place(t, device) for t in tensors[1:])
+        labels = optional_labels(model, self)
+        if labels is not None and not semi_supervised:  # scored as given: labelled points only
+            if bool((labels < 0).any()):
+                raise PyvaeError(f"the {what} holds unlabelled points (label -1) for {type(model).__name__}'s "
+                                 "optional label; score them without labels (x alone) and the labelled ones apart")
+            self.others = (*self.others[:-1], label_encoder(model, self)(labels))
 
     @property
     def labels(self) -> torch.Tensor | None:
@@ -277,21 +285,34 @@ def serving(module: torch.nn.Module, batches: Batches, batch_size: int, world: d
     (``model(xs, ys=None)``), else :class:`Whole`. Labels go to the program in the encoding its label
     site asks for (:func:`pyvae.program.label_site`); ``labelled_share`` is the labelled part of every
     minibatch (default: their share of the data, so each is used about once per epoch)."""
-    labels = batches.others[-1] if batches.others and is_label(batches.others[-1]) else None
-    if labels is None or len(batches.others) < batch_arity(module):  # no labels, or the program needs them
+    labels = optional_labels(module, batches)
+    if labels is None or bool((labels >= 0).all()):
         if labelled_share is not None:
             raise PyvaeError("labelled_share is for semi-supervised data (labels with -1 for unlabelled points) "
                              "served to a program with an optional label, model(xs, ys=None)")
-        return Whole(batches, batch_size, world)
-    labelled = int((labels >= 0).sum())
-    if labelled == 0:
+        return Whole(batches, batch_size, world, label_encoder(module, batches) if labels is not None else None)
+    if not bool((labels >= 0).any()):
         raise PyvaeError("the training data's labels are all -1 (unlabelled); pass the images alone")
-    x_probe = batches._serve(torch.nonzero(labels < 0).reshape(-1)[:2])[:-1] if labelled < len(labels) else None
-    name, classes = label_site(module, x_probe if x_probe is not None else batches.first(2)[:-1])
-    encode = (lambda y: torch.nn.functional.one_hot(y, classes).to(batches.images.dtype)) if classes else (lambda y: y)
-    if labelled == len(labels):
-        return Whole(batches, batch_size, world, encode)
-    share = labelled / len(labels) if labelled_share is None else labelled_share
+    encode = label_encoder(module, batches)
+    share = int((labels >= 0).sum()) / len(labels) if labelled_share is None else labelled_share
     if not 0 < share < 1:
         raise PyvaeError(f"labelled_share must be a fraction strictly between 0 and 1; got {labelled_share!r}")
     return Split(batches, batch_size, world, share, encode)
+
+
+def optional_labels(module: torch.nn.Module, batches: Batches) -> torch.Tensor | None:
+    """The labels a program takes as its optional last argument (``ys`` of ``model(xs, ys=None)``),
+    when the data's last served tensor holds class labels; else None."""
+    if batches.others and is_label(batches.others[-1]) and len(batches.others) >= batch_arity(module):
+        return batches.others[-1]
+    return None
+
+
+def label_encoder(module: torch.nn.Module, batches: Batches):
+    """The function that turns integer labels into what the program's label site takes: one-hot
+    vectors for a ``OneHotCategorical``, the integers for a ``Categorical`` (read from a trace of the
+    program called on two points without labels)."""
+    _, classes = label_site(module, batches.first(2)[:-1])
+    if classes is None:
+        return lambda y: y
+    return lambda y: torch.nn.functional.one_hot(y, classes).to(batches.images.dtype)

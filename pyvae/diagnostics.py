@@ -50,14 +50,14 @@ def mutual_information(model: torch.nn.Module, data, max_points: int = 1000, chu
     guide replayed on x_j with v_i's values). The estimate is biased: the aggregate term
     averages over only N points, so it cannot exceed log N, and with a guide whose posteriors
     overlap it can come out slightly below 0; it is reported clamped at 0. None for guides
-    with enumerated sites.
+    with enumerated sites and for programs that cannot run with particles as a batch dimension.
     """
     device = next(model.parameters()).device
     batches = Batches(drawn_once(data), device, model)
     index = spread(torch.arange(len(batches)), max_points).to(batches.images.device)
     batch = next(batches.select(index, len(index)))
     shape = program.structure(model, batch)
-    if shape.enumerated_sites:
+    if shape.enumerated_sites or not shape.vectorized:
         return None
     n, nesting = batch[0].shape[0], shape.max_plate_nesting
     with program.LocalParams():

@@ -146,7 +146,7 @@ def fit(
     world, device = distributed.init(resolve_device(device))
     progress = progress and world.main
 
-    train_batches = Batches(train, device, model, "training data")
+    train_batches = Batches(train, device, model, "training data", semi_supervised=True)
     test_batches = Batches(test, device, model, "test data") if test is not None else None
     valid_batches = Batches(valid, device, model, "validation data") if valid is not None else None
     for batches, split in ((train_batches, "training data"), (test_batches, "test data"), (valid_batches, "validation data")):

@@ -157,10 +157,9 @@ def test_a_semi_supervised_program_learns_from_its_labels_and_auxiliary_loss():
     assert accuracy > 0.9  # chance is 1/3: the labels were used
 
 
-def test_a_semi_supervised_program_s_log_px_is_the_exact_sum_over_classes():
-    torch.manual_seed(3)
-    model = SemiSupervised()
-    with torch.no_grad():  # orthogonal columns: a diagonal posterior, which the guide is set to (widened)
+def exact_guide(model: SemiSupervised) -> SemiSupervised:
+    """W with orthogonal columns, so that p(z | x, y) is diagonal, and q(z | x, y) set to it (widened)."""
+    with torch.no_grad():
         q, _ = torch.linalg.qr(torch.randn(D, Z))
         model.W.copy_(q * torch.tensor([0.8, 0.5]))
         precision = (model.W**2).sum(0) / 0.25 + 1
@@ -168,6 +167,12 @@ def test_a_semi_supervised_program_s_log_px_is_the_exact_sum_over_classes():
         model.enc.weight.copy_(torch.cat([torch.cat([gain, -gain @ model.mu.T], 1), torch.zeros(Z, D + C)]))
         std = 1.2 / precision.sqrt() - 0.05
         model.enc.bias.copy_(torch.cat([torch.zeros(Z), std + torch.log(-torch.expm1(-std))]))
+    return model
+
+
+def test_a_semi_supervised_program_s_log_px_is_the_exact_sum_over_classes():
+    torch.manual_seed(3)
+    model = exact_guide(SemiSupervised())
     x, _ = clusters(10)
     pyro.set_rng_seed(0)
     enumerated = pyro.infer.config_enumerate(model.guide, "parallel")
@@ -311,3 +316,20 @@ def test_pyro_module_networks_train_and_a_pyro_sample_weight_is_refused():
     with pytest.raises(pyvae.PyvaeError, match="site 'dec.weight' is not inside a plate .*a global latent") as info:
         pyvae.fit(PyroModuleVAE(bayesian=True), x, epochs=1, batch_size=20, progress=False, device="cpu")
     assert "\n" not in str(info.value)
+
+
+def test_evaluation_encodes_labels_and_refuses_unlabelled_points_for_an_optional_label():
+    torch.manual_seed(7)
+    model = exact_guide(SemiSupervised())
+    x, y = clusters(30)
+    # integer labels, served one-hot to the program's OneHotCategorical label site: log p(x, y) exactly
+    ll = pyvae.log_likelihood(model, (x, y), num_samples=500)
+    cov = model.W @ model.W.T + 0.25 * torch.eye(D)
+    exact = torch.distributions.MultivariateNormal(model.mu[y], cov).log_prob(x) - math.log(C)
+    assert ((ll.log_px - exact.detach()).abs() <= 4 * ll.stderr + 0.02).all()
+    result = pyvae.evaluate(model, x, num_samples=50)
+    assert result.summary()["num_points"] == 30
+    mixed = y.clone()
+    mixed[:5] = -1
+    with pytest.raises(pyvae.PyvaeError, match="unlabelled points .*score them without labels"):
+        pyvae.log_likelihood(model, (x, mixed), num_samples=10)
