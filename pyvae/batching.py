@@ -84,7 +84,7 @@ def is_label(t: torch.Tensor) -> bool:
 class Batches:
     """A data set held as tensors, on the device when it fits, served as the tuples the model's
     programs take: positionally, as many tensors as its signature accepts (``model(x)``: x alone,
-    ``model(xs, ys=None)``: both), in the shapes they have.
+    ``model(xs, ys=None)``: both; without a ``model``, all of them), in the shapes they have.
 
     Holding the data on the device avoids a DataLoader round trip per step; a set too large for
     memory (:class:`~pyvae.streaming.StreamedImages`) is read by a DataLoader's workers instead, in
@@ -93,10 +93,10 @@ class Batches:
     (:func:`label_encoder`), unless ``semi_supervised`` data are to be split by :func:`serving`.
     """
 
-    def __init__(self, data, device: torch.device, model: torch.nn.Module, what: str = "data",
+    def __init__(self, data, device: torch.device, model: torch.nn.Module | None = None, what: str = "data",
                  semi_supervised: bool = False) -> None:
         tensors, self.dynamic = as_tensors(data)
-        needed, slots = batch_arity(model), batch_slots(model)
+        needed, slots = (batch_arity(model), batch_slots(model)) if model is not None else (1, len(tensors))
         if len(tensors) < needed:
             missing = "labelled batches (x, y)" if needed == 2 else f"batches of {needed} tensors"
             raise PyvaeError(f"{type(model).__name__}.model takes {missing} but the {what} "
@@ -106,7 +106,7 @@ class Batches:
         self.streamed = isinstance(tensors[0], StreamedImages)
         self.images = tensors[0] if self.streamed else _place(tensors[0], device)
         self.others = tuple(_place(t, device) for t in tensors[1:])
-        labels = optional_labels(model, self)
+        labels = optional_labels(model, self) if model is not None else None
         if labels is not None and not semi_supervised:  # scored as given: labelled points only
             if bool((labels < 0).any()):
                 raise PyvaeError(f"the {what} holds unlabelled points (label -1) for {type(model).__name__}'s "
