@@ -23,6 +23,9 @@ from .errors import PyvaeError
 
 FORMAT = "pyvae-checkpoint"
 FORMAT_VERSION = 1
+#: the attribute of a model built from a user's file (``--model FILE.py:Class``) holding its
+#: record: file, class, args, sha256 and the data's shape; saved as a checkpoint's ``user_model``
+USER_MODEL = "pyvae_user_model"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[object], None]) -> None:
@@ -48,7 +51,8 @@ def class_name(module: torch.nn.Module) -> str:
 
 def save(model: torch.nn.Module, path: str | os.PathLike, keep_previous: bool = False, **extra) -> None:
     """Write ``model`` (weights, class, constructor arguments if it has ``config``) to ``path``;
-    ``extra`` entries are stored alongside.
+    ``extra`` entries are stored alongside, and so is the record of a model built from a user's
+    file (:data:`USER_MODEL`): what rebuilds it by importing that file again (no code is saved).
 
     With ``keep_previous`` the checkpoint being replaced survives as ``<name>.prev<suffix>``;
     at every moment ``path`` holds a complete checkpoint (the old one, then the new one).
@@ -61,6 +65,8 @@ def save(model: torch.nn.Module, path: str | os.PathLike, keep_previous: bool = 
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }
+    if getattr(model, USER_MODEL, None) is not None:
+        payload["user_model"] = getattr(model, USER_MODEL)
     path = Path(path)
     if keep_previous and path.is_file():
         previous = path.with_name(f"{path.stem}.prev{path.suffix}")
@@ -109,6 +115,12 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, **parts)
         saved, config = "pyvae.models.vae.VAE", {"model": "vae", **config}
     if "state_dict" not in payload or not isinstance(saved, str):
         raise PyvaeError(f"{path} is a pyvae checkpoint without a complete model description; it cannot be loaded")
+    record = payload.get("user_model")
+    if model is None and isinstance(record, dict):
+        cls, file = record.get("class"), record.get("file")
+        raise PyvaeError(f"{path} holds {cls} from {file}, a class of your own: pyvae.load needs "
+                         f"an instance, pyvae.load(path, model={cls}(...)) (python -m pyvae "
+                         "commands import the file themselves)")
     if model is None:
         name = config.get("model") if isinstance(config, dict) else None
         if name not in MODELS or class_name_of(MODELS[name]) != saved:
@@ -122,6 +134,9 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, **parts)
             model = cls(**{**{k: v for k, v in config.items() if k != "model"}, **parts})
     elif parts:
         raise PyvaeError(f"pass either model= or parts ({', '.join(parts)}) to pyvae.load, not both")
+    if isinstance(record, dict) and type(model).__qualname__ == record.get("class"):
+        # imported from its file under a module name of pyvae's: the class's own name decides
+        saved = class_name(model)
     if class_name(model) != saved:
         hint = " (a class saved from a script is __main__.<name>: save and load it from the same module)" if "__main__." in saved + class_name(model) else ""
         raise PyvaeError(f"{path} holds a {saved}; it cannot be loaded into a {class_name(model)}{hint}")

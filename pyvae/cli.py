@@ -23,8 +23,7 @@ def load_run(path: str | Path, which: str | None = None, parts: str | None = Non
     """
     import os
 
-    from .checkpoint import load, read
-    from .components import custom_parts
+    from .checkpoint import read
     from .config import read_yaml
 
     checkpoint = checkpoint_file(Path(path), which)
@@ -33,10 +32,23 @@ def load_run(path: str | Path, which: str | None = None, parts: str | None = Non
     if config is not None and not isinstance(config, dict):
         raise PyvaeError(f"run config {config_path} must be a mapping of keys to values; got {type(config).__name__}")
     payload = read(checkpoint)
-    model = load(checkpoint, **custom_parts(payload.get("config") or {}, parts, str(checkpoint)))
+    model = checkpoint_model(checkpoint, payload, parts)
     if os.environ.get("RANK", "0") == "0":
         print(f"checkpoint: {describe_checkpoint(checkpoint, payload)}")
     return model, config, checkpoint
+
+
+def checkpoint_model(checkpoint: Path, payload: dict, parts: str | None = None):
+    """The model of a checkpoint file (``payload``: its contents, read): a class of the user's own
+    is imported again from the file it recorded, which must be there and unchanged; a built-in
+    model is rebuilt from the checkpoint, with its custom parts from ``parts`` (--parts FILE.py)."""
+    from .checkpoint import load
+    from .components import custom_parts, rebuild_user_model
+
+    record = payload.get("user_model")
+    if isinstance(record, dict):
+        return load(checkpoint, model=rebuild_user_model(record, str(checkpoint)))
+    return load(checkpoint, **custom_parts(payload.get("config") or {}, parts, str(checkpoint)))
 
 
 CHECKPOINTS = ("best", "last")
@@ -96,8 +108,18 @@ def binarized_evaluation_data(vae, config, dataset, split, data_dir, download=Tr
                         **(data_options(config) if dataset == config.get("dataset") else {}))
     # another data set than the run's is binarized as the likelihood needs, not as the run's was
     mode = config.get("binarize", "auto") if dataset == config.get("dataset") else "auto"
-    mode = resolve_binarize(vae.likelihood, data, mode)
+    mode = resolve_binarize(likelihood_of(vae, config), data, mode)
     return evaluation_split(data, mode, config.get("seed", 0)), mode
+
+
+def likelihood_of(vae, config: dict):
+    """The model's likelihood; for a class of the user's own without one, the run's --likelihood
+    (bernoulli by default), which decided how its data were binarized."""
+    from .likelihoods import LIKELIHOODS
+
+    if hasattr(vae, "likelihood"):
+        return vae.likelihood
+    return LIKELIHOODS.resolve(config.get("likelihood", "bernoulli"))
 
 
 def data_options(config: dict) -> dict:
@@ -162,12 +184,45 @@ def build_model(config, train, likelihood):
     return cls(**{**kwargs, **spec})
 
 
+def model_name(model) -> str:
+    """A built-in model's name, or ``FILE.py:Class`` for a class of the user's own."""
+    from .components import is_model_file, model_file_spec
+
+    if is_model_file(model):
+        spec = model_file_spec(model)
+        return f"{spec['file']}:{spec['class']}"
+    return model["name"] if isinstance(model, dict) else model
+
+
+def user_model_class(config):
+    """(class, record) of ``--model FILE.py:Class``, imported and checked before the data are read
+    (a bad file, class or argument leaves no run folder), or None for a built-in model."""
+    from .components import is_model_file, model_class, model_file_spec
+
+    if not is_model_file(config.model):
+        return None
+    run = f"run {config.resume}" if config.resume else None
+    return model_class(model_file_spec(config.model), run)
+
+
+def build_user_model(user, config, train):
+    """The user's class built for ``train`` (:func:`pyvae.components.build_user_model`);
+    ``config.model`` becomes its record for config.yaml: the absolute file, its sha256, the args."""
+    from .components import build_user_model as build
+
+    cls, record = user
+    data = {"x_dim": train.x_dim, "image_shape": list(train.image_shape)}
+    if train.labels is not None:
+        data["num_classes"] = int(train.labels.max()) + 1
+    config.model = record
+    return build(cls, record, data)
+
+
 def train_main(argv: list[str]) -> None:
     """Train a model by SVI: checkpoints, metrics, pictures and the test log-likelihood."""
     import torch
 
     from . import likelihoods, plots
-    from .checkpoint import load
     from .config import parse_args
     from .checkpoint import load_weights, read
     from .data import binarize_for, evaluation_split, load_train_test, semi_supervised, spread
@@ -182,7 +237,8 @@ def train_main(argv: list[str]) -> None:
 
     prog = "python -m pyvae train" if sys.argv[0].endswith("__main__.py") else None  # else the example's name
     config, _ = parse_args(argv, description="Train a VAE by SVI and write its pictures, metrics and test log-likelihood.", prog=prog)
-    name = config.model["name"] if isinstance(config.model, dict) else config.model
+    name = model_name(config.model)
+    user = user_model_class(config)
     if config.num_labels is not None and name != "m2":
         raise PyvaeError(f"--num-labels is for the semi-supervised model m2; model {name!r} uses every label or none")
     # under torchrun, one of several processes training together (rank 0 writes); else alone
@@ -227,14 +283,21 @@ def train_main(argv: list[str]) -> None:
 
     # 2. model: Pyro programs around neural networks
     torch.manual_seed(config.seed)
-    model = load(f"{config.resume}/checkpoint.pt") if config.resume else build_model(config, train, likelihood)
+    if config.resume:
+        resumed = Path(config.resume) / "checkpoint.pt"
+        model = checkpoint_model(resumed, read(resumed))
+    elif user:
+        model = build_user_model(user, config, train)
+    else:
+        model = build_model(config, train, likelihood)
 
     # 3. inference: SVI on the ELBO, a checkpoint and a metrics line per epoch
     out = Path(world.broadcast(str(config.output_dir()) if world.main else None))
     board = None
     if config.tensorboard and world.main:
         x_test = test[0] if isinstance(test, tuple) else test.draw()
-        board = TensorBoard(out / "tensorboard", x_test, getattr(test, "labels", None) if name == "cvae" else None)
+        labels = getattr(test, "labels", None) if needs_labels(model) else None
+        board = TensorBoard(out / "tensorboard", x_test, labels)
     history = fit(
         model,
         train,
@@ -271,13 +334,16 @@ def train_main(argv: list[str]) -> None:
     evaluated = history[payload["epoch"] - 1]
     x_test = test[0] if isinstance(test, tuple) else test.draw()
     plots.samples(model, out / "samples.png")
-    plots.reconstructions(model, x_test, out / "reconstructions.png", labels=getattr(test, "labels", None) if name == "cvae" else None)
+    labels = getattr(test, "labels", None) if needs_labels(model) else None
+    plots.reconstructions(model, x_test, out / "reconstructions.png", labels=labels)
     plots.elbo_curves(history, out / "elbo.png")
 
     # 5. the test log-likelihood by importance sampling (python -m pyvae evaluate for K = 5000)
     if config.eval_samples:
         points = spread(torch.arange(len(x_test)), config.eval_points)
-        data = (x_test[points], test[1][points] if isinstance(test, tuple) else test.labels[points]) if name in ("cvae", "m2") else x_test[points]
+        data = x_test[points]
+        if isinstance(test, tuple) or needs_labels(model):  # m2's (x, -1), cvae's (x, y)
+            data = (data, test[1][points] if isinstance(test, tuple) else test.labels[points])
         result = evaluate(model, data, config.eval_samples, dataset=train.name, split="test", progress=True)
         print(result.table())
         result.write(out / f"eval-{train.name}-test-K{config.eval_samples}{last_suffix(chosen)}")
@@ -582,7 +648,7 @@ def embed_main(argv: list[str]) -> None:
     from .checkpoint import atomic_write
     from .explore import embedding_2d, linear_probe
     from .models import VAE
-    from .program import latent_means
+    from .program import latent_means, structure
 
     parser = run_parser("embed", "Latent means of the test set: a scatter, a linear probe, k-means purity.")
     parser.add_argument("--num-points", type=int, help="test images, evenly spread (default all)")
@@ -600,7 +666,11 @@ def embed_main(argv: list[str]) -> None:
     else:  # the guide's mean of the model's latent site, m2's images unlabelled
         batch = scored(vae, replace(data, images=x, labels=labels))
         batch = tuple(t.to(device) for t in batch) if isinstance(batch, tuple) else (batch.to(device),)
-        z = torch.cat([latent_means(vae, tuple(t[i : i + 500] for t in batch), vae.latent_site) for i in range(0, len(x), 500)]).cpu().numpy()
+        site = getattr(vae, "latent_site", None)
+        if site is None:  # a class of the user's own: its first latent site, evaluate's default too
+            site = structure(vae, tuple(t[:2] for t in batch)).latent_sites[0]
+        z = torch.cat([latent_means(vae, tuple(t[i : i + 500] for t in batch), site)
+                       for i in range(0, len(x), 500)]).cpu().numpy()
     result = linear_probe(z, labels.numpy(), seed=args.seed)
     points, axis_name = embedding_2d(z)
     plots.embedding(points, labels.numpy(), axis_name, out / "embedding.png")

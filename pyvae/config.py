@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .data import BINARIZE_MODES, SPLITS, torchvision_class
 from .sources import is_path
 from .console import Parser, writable_dir
 from .errors import PyvaeError
+from .components import is_model_file, model_file_spec, plain
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
 from .nets import MLP_ACTIVATIONS, NETS
@@ -29,6 +31,12 @@ from .priors import PRIORS
 from .batching import DEVICES
 from .objectives import ELBO_CHOICES
 from .protocol import SCHEDULES
+
+
+MODEL_HELP = ("vae, hvae, cvae or m2 (in YAML also {name: hvae, z_dims: [100, 50], ...}), or "
+              "FILE.py:Class, a model class of your own: a torch.nn.Module with Pyro methods "
+              "model and guide (in YAML {file: FILE.py, class: Class, args: {z_dim: 10}}); every "
+              "command that follows the run imports that file again, and refuses it once changed")
 
 
 def _choices(*values) -> dict:
@@ -49,7 +57,7 @@ class TrainConfig:
     binarize: str = field(default="auto", metadata=_choices("auto", *BINARIZE_MODES))
     valid_fraction: float | None = field(default=None, metadata={"open_unit": True, "help": "hold out this fraction of the training set for validation (default: the data set's valid split, if any)"})
     # model
-    model: str | dict = field(default="vae", metadata={"models": True, "help": "vae, hvae, cvae or m2 (in YAML also {name: hvae, z_dims: [100, 50], ...})"})
+    model: str | dict = field(default="vae", metadata={"models": True, "help": MODEL_HELP})
     num_labels: int | None = field(default=None, metadata={"min": 1, "help": "m2: labelled training points, class-balanced; the rest unlabelled"})
     z_dim: int = field(default=50, metadata={"min": 1})
     hidden: list[int] = field(default_factory=lambda: [512], metadata={"min": 1})
@@ -127,9 +135,14 @@ def _check(f: dataclasses.Field, value) -> None:
     if "models" in meta:
         from .models import MODELS
 
+        if is_model_file(value):  # a class of the user's own: its file is imported by training
+            model_file_spec(value)
+            return
         name = value.get("name") if isinstance(value, dict) else value
         if name not in MODELS:
-            raise PyvaeError(f"invalid value {value!r} for 'model'; allowed: {', '.join(MODELS)} (in YAML a mapping with 'name')")
+            raise PyvaeError(f"invalid value {value!r} for 'model'; allowed: {', '.join(MODELS)} "
+                             "(in YAML a mapping with 'name'), or FILE.py:Class (in YAML a "
+                             "mapping with 'file' and 'class')")
         return
     base = _base(kind)
     if typing.get_origin(base) is list:
@@ -173,7 +186,7 @@ def _describe(kind, meta) -> str:
     if "models" in meta:
         from .models import MODELS
 
-        return ", ".join(MODELS)
+        return ", ".join([*MODELS, "FILE.py:Class"])
     base = _base(kind)
     if typing.get_origin(base) is list:
         return "a list of positive integers"
@@ -237,7 +250,11 @@ def build_parser(description: str | None = None, prog: str | None = None) -> Par
         elif "models" in f.metadata:
             from .models import MODELS
 
-            parser.add_argument(flag, choices=list(MODELS), help=help_text)
+            choices = ModelChoices([*MODELS, "FILE.py:Class"])
+            metavar = "{" + ",".join(choices) + "}"
+            parser.add_argument(flag, choices=choices, metavar=metavar, help=help_text)
+            parser.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                                help=MODEL_ARG_HELP)
         elif base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif typing.get_origin(base) is list:
@@ -245,6 +262,61 @@ def build_parser(description: str | None = None, prog: str | None = None) -> Par
         else:
             parser.add_argument(flag, type=base, choices=f.metadata.get("choices"), help=help_text)
     return parser
+
+
+MODEL_ARG_HELP = ("with --model FILE.py:Class: a keyword argument of the class's constructor, the "
+                  "value read as YAML (3, 0.5, 1e-3, [64, 64], true, text); repeat for more. "
+                  "x_dim, image_shape and num_classes come from the data set where the "
+                  "constructor takes them and they are not given; flags such as --z-dim and "
+                  "--hidden are not passed to the class")
+
+
+class ModelChoices(tuple):
+    """--model's choices: the built-in names and any ``FILE.py:Class`` (checked on import)."""
+
+    def __contains__(self, value) -> bool:
+        return tuple.__contains__(self, value) or is_model_file(value)
+
+
+#: a number in the scientific notation that YAML 1.1 reads as a string (1e-3)
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def model_args(pairs: list[str]) -> dict:
+    """{key: value} of ``--model-arg KEY=VALUE`` flags (the last of a repeated key wins), each value
+    read as a YAML scalar or list (3, 0.5, 1e-3, [64, 64], true, text); one-line errors."""
+    args = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise PyvaeError(f"--model-arg takes KEY=VALUE, KEY an argument name; got {pair!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0]
+            raise PyvaeError(f"--model-arg {pair}: the value is not valid YAML ({first})") from e
+        value = float(value) if isinstance(value, str) and SCIENTIFIC.fullmatch(value) else value
+        if not plain(value):
+            raise PyvaeError(f"--model-arg {pair}: allowed values are numbers, booleans, "
+                             "strings, null and lists of them")
+        args[key] = value
+    return args
+
+
+def with_model_args(model, pairs: list[str] | None, resume: bool) -> str | dict:
+    """The ``model`` setting with ``--model-arg`` flags merged into a user model's args (a
+    ``FILE.py:Class`` string becomes the mapping); the flags are refused for anything else."""
+    if not is_model_file(model):
+        if pairs:
+            raise PyvaeError(f"--model-arg is for a model class of your own (--model "
+                             f"FILE.py:Class); model {model!r} is built in: it takes --z-dim, "
+                             "--hidden, ...")
+        return model
+    if pairs and resume:
+        raise PyvaeError("--model-arg cannot change the model of a resumed run; it goes on with "
+                         "the arguments it was trained with")
+    spec = model_file_spec(model)
+    return {**spec, "args": {**spec["args"], **model_args(pairs or [])}}
 
 
 def parse_args(argv: list[str] | None = None, description: str | None = None, prog: str | None = None) -> tuple[TrainConfig, bool]:
@@ -258,5 +330,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None, pr
         if not (run / "config.yaml").is_file() or not (run / "checkpoint.pt").is_file():
             raise PyvaeError(f"cannot resume {run}: it needs config.yaml and checkpoint.pt from an earlier run")
         values = {**from_yaml(run / "config.yaml"), "out": str(run)}
+    pairs = args.pop("model_arg", None)
     values.update(args)
+    model = values.get("model", FIELDS["model"].default)
+    values["model"] = with_model_args(model, pairs, bool(args.get("resume")))
     return TrainConfig(**values).validate(), debug
