@@ -26,15 +26,16 @@ class TinyVAE(nn.Module):
                                  nn.Linear(hidden, 2 * z_dim))
         self.dec = nn.Sequential(nn.Linear(z_dim, hidden), nn.Softplus(), nn.Linear(hidden, x_dim))
 
-    def model(self, x, num_data=None):
+    # as Pyro's VAE tutorial writes it: no num_data, the plate sized by the minibatch
+    def model(self, x):
         pyro.module("dec", self.dec)
-        with pyro.plate("data", size=num_data or len(x), subsample=torch.arange(len(x))):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(self.z_dim), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], self.z_dim), 1.0).to_event(1))
             pyro.sample("x", dist.Bernoulli(logits=self.dec(z)).to_event(1), obs=x)
 
-    def guide(self, x, num_data=None):
+    def guide(self, x):
         pyro.module("enc", self.enc)
-        with pyro.plate("data", size=num_data or len(x), subsample=torch.arange(len(x))):
+        with pyro.plate("data", x.shape[0]):
             loc, raw = self.enc(x).chunk(2, -1)
             pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-4).to_event(1))
 
