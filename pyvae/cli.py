@@ -218,6 +218,20 @@ def build_user_model(user, config, train):
     return build(cls, record, data)
 
 
+def semi_supervised_user_data(model, config, train, test, valid):
+    """(train with --num-labels labels and -1 elsewhere, test and valid as images alone) for a class of
+    the user's own that takes an optional label (``model(xs, ys=None)``): trained semi-supervised,
+    scored by log p(x)."""
+    from .data import semi_supervised
+    from .program import batch_arity, batch_slots
+
+    if batch_slots(model) <= batch_arity(model):
+        raise PyvaeError(f"--num-labels needs a model that takes an optional label, model(xs, ys=None); "
+                         f"{type(model).__name__}.model takes {batch_arity(model)} tensor(s), none optional")
+    train = semi_supervised(train, config.num_labels, config.seed)
+    return train, (test.draw(),), (valid.draw(),) if valid is not None else None
+
+
 def train_main(argv: list[str]) -> None:
     """Train a model by SVI: checkpoints, metrics, pictures and the test log-likelihood."""
     import torch
@@ -239,8 +253,9 @@ def train_main(argv: list[str]) -> None:
     config, _ = parse_args(argv, description="Train a VAE by SVI and write its pictures, metrics and test log-likelihood.", prog=prog)
     name = model_name(config.model)
     user = user_model_class(config)
-    if config.num_labels is not None and name != "m2":
-        raise PyvaeError(f"--num-labels is for the semi-supervised model m2; model {name!r} uses every label or none")
+    if config.num_labels is not None and name != "m2" and user is None:
+        raise PyvaeError(f"--num-labels is for the semi-supervised model m2 or a class of your own with an optional "
+                         f"label, model(xs, ys=None); model {name!r} uses every label or none")
     # under torchrun, one of several processes training together (rank 0 writes); else alone
     world, device = init(resolve_device(config.device))
     say = print if world.main else lambda *args, **kwargs: None
@@ -290,6 +305,8 @@ def train_main(argv: list[str]) -> None:
         model = build_user_model(user, config, train)
     else:
         model = build_model(config, train, likelihood)
+    if user is not None and config.num_labels is not None:
+        train, test, valid = semi_supervised_user_data(model, config, train, test, valid)
 
     # 3. inference: SVI on the ELBO, a checkpoint and a metrics line per epoch
     out = Path(world.broadcast(str(config.output_dir()) if world.main else None))
@@ -342,7 +359,7 @@ def train_main(argv: list[str]) -> None:
     if config.eval_samples:
         points = spread(torch.arange(len(x_test)), config.eval_points)
         data = x_test[points]
-        if isinstance(test, tuple) or needs_labels(model):  # m2's (x, -1), cvae's (x, y)
+        if (isinstance(test, tuple) and len(test) > 1) or needs_labels(model):  # m2's (x, -1), cvae's (x, y)
             data = (data, test[1][points] if isinstance(test, tuple) else test.labels[points])
         result = evaluate(model, data, config.eval_samples, dataset=train.name, split="test", progress=True)
         print(result.table())

@@ -153,3 +153,52 @@ def test_model_args_are_yaml_values_and_yaml_configs_take_a_mapping(tmp_path):
     config, _ = parse_args(["--config", str(config_file), "--model-arg", "hidden=8"])
     args = {"z_dim": 10, "hidden": 8}
     assert config.model == {"file": "tiny.py", "class": "TinyVAE", "args": args}
+
+
+SEMI = '''
+import pyro, pyro.distributions as dist, torch
+from torch import nn
+
+
+class TinySSVAE(nn.Module):
+    """Pyro's SS-VAE idiom: model(xs, ys=None), a one-hot label site, the guide's q(y|x) when ys is None."""
+
+    def __init__(self, x_dim=64, num_classes=10, z_dim=2, hidden=16):
+        super().__init__()
+        self.c, self.z_dim = num_classes, z_dim
+        self.classify = nn.Linear(x_dim, num_classes)
+        self.enc = nn.Linear(x_dim + num_classes, 2 * z_dim)
+        self.dec = nn.Sequential(nn.Linear(z_dim + num_classes, hidden), nn.Softplus(), nn.Linear(hidden, x_dim))
+
+    def model(self, xs, ys=None):
+        pyro.module("ss", self)
+        with pyro.plate("data"):
+            ys = pyro.sample("y", dist.OneHotCategorical(logits=xs.new_zeros(xs.shape[0], self.c)), obs=ys)
+            z = pyro.sample("z", dist.Normal(xs.new_zeros(xs.shape[0], self.z_dim), 1.0).to_event(1))
+            lead = torch.broadcast_shapes(ys.shape[:-1], z.shape[:-1])
+            logits = self.dec(torch.cat([z.expand(*lead, self.z_dim), ys.expand(*lead, self.c)], -1))
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=xs)
+
+    def guide(self, xs, ys=None):
+        with pyro.plate("data"):
+            if ys is None:
+                ys = pyro.sample("y", dist.OneHotCategorical(logits=self.classify(xs)))
+            lead = torch.broadcast_shapes(ys.shape[:-1], xs.shape[:-1])
+            loc, raw = self.enc(torch.cat([xs.expand(*lead, xs.shape[-1]), ys.expand(*lead, self.c)], -1)).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-4).to_event(1))
+'''
+
+
+def test_a_users_semi_supervised_class_trains_with_num_labels(tmp_path, capsys):
+    path = tmp_path / "semi.py"
+    path.write_text(SEMI)
+    run = tmp_path / "run"
+    main(["train", "--model", f"{path}:TinySSVAE", "--num-labels", "100", *COMMON, "--out", str(run)])
+    out = capsys.readouterr().out
+    assert "elbo auto: enum" in out and "labelled" in out  # y summed exactly; both groups' ELBOs
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"train_elbo_labelled", "train_elbo_unlabelled", "test_elbo"} <= set(record)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", f"{model_file(tmp_path)}:TinyVAE", "--num-labels", "100", *COMMON,
+              "--out", str(tmp_path / "refused")])
+    assert exit_info.value.code == 2 and not (tmp_path / "refused").exists()
