@@ -260,7 +260,7 @@ def test_the_custom_model_example_runs(tmp_path, capsys):
     spec.loader.exec_module(example)
     example.main(["--epochs", "1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "latent z2" in out and "latent z1" in out and "saved and reloaded TwoLevelVAE" in out
+    assert "site 'z2':" in out and "site 'z1':" in out and "saved and reloaded TwoLevelVAE" in out
     assert (tmp_path / "checkpoint.pt").is_file()
 
 
