@@ -1,4 +1,5 @@
-"""Devices, and data sets served as the minibatches a model's programs take: ``(x,)``, ``(x, y)``, ...
+"""Devices, and data sets served as the minibatches a model's programs take: ``(x,)``, ``(x, y)``,
+...
 
 Used by training and by evaluation alike, so evaluation needs nothing from training.
 """
@@ -30,38 +31,53 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device not in DEVICES and not str(device).startswith("cuda:"):
         raise PyvaeError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise PyvaeError(f"device {device!r} requested but CUDA is not available here; use --device cpu or auto")
+        raise PyvaeError(
+            f"device {device!r} requested but CUDA is not available here; use --device cpu or auto"
+        )
     return torch.device(device)
 
 
 def as_tensors(data) -> tuple[tuple, bool]:
-    """((x, *others), dynamic) from a tensor, a tuple of tensors, an :class:`~pyvae.data.ImageSet` or any
-    map-style Dataset whose items are tensors or tuples of them. x may have any shape (N, ...) (flat,
-    (N, 28, 28), (N, C, H, W)); the other tensors (labels as integers, one-hot or with -1 for
-    unlabelled points, float conditioning inputs, ...) hold one row per point of x and are served
-    as they are. Streamed images (:class:`~pyvae.streaming.StreamedImages`) stand for their tensor
-    and stay on disk."""
+    """((x, *others), dynamic) from a tensor, a tuple of tensors, an :class:`~pyvae.data.ImageSet`
+    or any map-style Dataset whose items are tensors or tuples of them. x may have any shape (N,
+    ...) (flat, (N, 28, 28), (N, C, H, W)); the other tensors (labels as integers, one-hot or with
+    -1 for unlabelled points, float conditioning inputs, ...) hold one row per point of x and are
+    served as they are. Streamed images (:class:`~pyvae.streaming.StreamedImages`) stand for their
+    tensor and stay on disk."""
     from .data import ImageSet
 
     dynamic = False
     if isinstance(data, ImageSet):
-        tensors, dynamic = (data.images,) + ((data.labels,) if data.labels is not None else ()), data.dynamic
+        tensors, dynamic = (
+            (data.images,) + ((data.labels,) if data.labels is not None else ()),
+            data.dynamic,
+        )
     elif isinstance(data, (torch.Tensor, StreamedImages)):
         tensors = (data,)
-    elif isinstance(data, (tuple, list)) and data and all(isinstance(t, (torch.Tensor, StreamedImages)) for t in data):
+    elif (
+        isinstance(data, (tuple, list))
+        and data
+        and all(isinstance(t, (torch.Tensor, StreamedImages)) for t in data)
+    ):
         tensors = tuple(data)
     elif isinstance(data, torch.utils.data.Dataset):
         tensors = _stacked([data[i] for i in range(len(data))])
     else:
-        raise PyvaeError(f"data must be a tensor (N, ...), a tuple of tensors (x, y, ...) or a Dataset; "
-                         f"got {type(data).__name__}")
+        raise PyvaeError(
+            "data must be a tensor (N, ...), a tuple of tensors (x, y, ...) or a Dataset; got "
+            f"{type(data).__name__}"
+        )
     x = tensors[0]
     if x.ndim < 1 or x.shape[0] == 0:
-        raise PyvaeError(f"data must hold at least one point: shape (N, ...) with N > 0; got {tuple(x.shape)}")
+        raise PyvaeError(
+            f"data must hold at least one point: shape (N, ...) with N > 0; got {tuple(x.shape)}"
+        )
     for i, t in enumerate(tensors[1:], start=1):
         if t.ndim < 1 or t.shape[0] != x.shape[0]:
-            raise PyvaeError(f"tensor {i} of the data has shape {tuple(t.shape)}; it needs one row per point "
-                             f"of x ({x.shape[0]})")
+            raise PyvaeError(
+                f"tensor {i} of the data has shape {tuple(t.shape)}; it needs one row per point of "
+                f"x ({x.shape[0]})"
+            )
     if isinstance(x, torch.Tensor) and not x.is_floating_point():
         x = x.float()
     return (x, *tensors[1:]), dynamic
@@ -72,13 +88,20 @@ def _stacked(items: list) -> tuple:
     if not all(isinstance(item, (tuple, list)) for item in items):
         return (torch.stack([torch.as_tensor(item) for item in items]),)
     if len({len(item) for item in items}) != 1:
-        raise PyvaeError("the Dataset's items hold different numbers of tensors; each must hold the same")
-    return tuple(torch.stack([torch.as_tensor(item[i]) for item in items]) for i in range(len(items[0])))
+        raise PyvaeError(
+            "the Dataset's items hold different numbers of tensors; each must hold the same"
+        )
+    return tuple(
+        torch.stack([torch.as_tensor(item[i]) for item in items]) for i in range(len(items[0]))
+    )
 
 
 def is_label(t: torch.Tensor) -> bool:
-    """Whether a batch tensor holds class labels: integers, one per point (a float tensor never does)."""
-    return t.ndim == 1 and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+    """Whether a batch tensor holds class labels: integers, one per point (a float tensor never
+    does)."""
+    return (
+        t.ndim == 1 and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+    )
 
 
 class Batches:
@@ -88,19 +111,30 @@ class Batches:
 
     Holding the data on the device avoids a DataLoader round trip per step; a set too large for
     memory (:class:`~pyvae.streaming.StreamedImages`) is read by a DataLoader's workers instead, in
-    the same minibatches. A ``dynamic`` set is binarized afresh, on the device, each time a minibatch
-    is served. Labels a program takes as an optional argument are encoded as its label site asks
-    (:func:`label_encoder`), unless ``semi_supervised`` data are to be split by :func:`serving`.
+    the same minibatches. A ``dynamic`` set is binarized afresh, on the device, each time a
+    minibatch is served. Labels a program takes as an optional argument are encoded as its label
+    site asks (:func:`label_encoder`), unless ``semi_supervised`` data are to be split by
+    :func:`serving`.
     """
 
-    def __init__(self, data, device: torch.device, model: torch.nn.Module | None = None, what: str = "data",
-                 semi_supervised: bool = False) -> None:
+    def __init__(
+        self,
+        data,
+        device: torch.device,
+        model: torch.nn.Module | None = None,
+        what: str = "data",
+        semi_supervised: bool = False,
+    ) -> None:
         tensors, self.dynamic = as_tensors(data)
-        needed, slots = (batch_arity(model), batch_slots(model)) if model is not None else (1, len(tensors))
+        needed, slots = (
+            (batch_arity(model), batch_slots(model)) if model is not None else (1, len(tensors))
+        )
         if len(tensors) < needed:
             missing = "labelled batches (x, y)" if needed == 2 else f"batches of {needed} tensors"
-            raise PyvaeError(f"{type(model).__name__}.model takes {missing} but the {what} "
-                             f"{'has no labels' if len(tensors) == 1 else f'holds {len(tensors)} tensor(s)'}")
+            raise PyvaeError(
+                f"{type(model).__name__}.model takes {missing} but the {what} "
+                f"{'has no labels' if len(tensors) == 1 else f'holds {len(tensors)} tensor(s)'}"
+            )
         tensors = tensors[: min(len(tensors), slots)]
         self.device, self.arity = device, len(tensors)
         self.streamed = isinstance(tensors[0], StreamedImages)
@@ -109,8 +143,11 @@ class Batches:
         labels = optional_labels(model, self) if model is not None else None
         if labels is not None and not semi_supervised:  # scored as given: labelled points only
             if bool((labels < 0).any()):
-                raise PyvaeError(f"the {what} holds unlabelled points (label -1) for {type(model).__name__}'s "
-                                 "optional label; score them without labels (x alone) and the labelled ones apart")
+                raise PyvaeError(
+                    f"the {what} holds unlabelled points (label -1) for {type(model).__name__}'s "
+                    "optional label; score them without labels (x alone) and the labelled ones "
+                    "apart"
+                )
             self.others = (*self.others[:-1], label_encoder(model, self)(labels))
 
     @property
@@ -123,13 +160,17 @@ class Batches:
 
     def in_order(self, batch_size: int):
         """Minibatches covering the data once, in order."""
-        return self._each([slice(start, start + batch_size) for start in range(0, len(self), batch_size)])
+        return self._each(
+            [slice(start, start + batch_size) for start in range(0, len(self), batch_size)]
+        )
 
     def sampler(self, seed: int, world: distributed.World) -> DistributedSampler:
         """This process's ``DistributedSampler``: its share of one permutation per epoch, drawn from
         (``seed``, epoch) alike in every process, so the shards are disjoint and equally long
         (padded by repeating points when the processes do not divide N); ``len`` is that length."""
-        return DistributedSampler(range(len(self)), num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed)
+        return DistributedSampler(
+            range(len(self)), num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed
+        )
 
     def shard(self, epoch: int, seed: int, world: distributed.World) -> torch.Tensor:
         """The indices this process trains on in ``epoch`` (see :meth:`sampler`)."""
@@ -139,14 +180,20 @@ class Batches:
 
     def select(self, indices: torch.Tensor, batch_size: int, skip: int = 0):
         """Minibatches of the points at ``indices`` in that order, after ``skip`` minibatches."""
-        return self._each([indices[start : start + batch_size] for start in range(skip * batch_size, len(indices), batch_size)])
+        return self._each(
+            [
+                indices[start : start + batch_size]
+                for start in range(skip * batch_size, len(indices), batch_size)
+            ]
+        )
 
     def first(self, n: int = 2) -> tuple:
         """The first ``n`` points as a batch (for tracing a program's structure)."""
         return self._serve(slice(0, n))
 
     def _each(self, chunks: list):
-        """The minibatch of each chunk of indices; a streamed set's read ahead by the DataLoader's workers."""
+        """The minibatch of each chunk of indices; a streamed set's read ahead by the DataLoader's
+        workers."""
         rows = self.images.stream(chunks) if self.streamed else (None for _ in chunks)
         for idx, x in zip(chunks, rows):
             yield self._serve(idx, x)
@@ -163,8 +210,9 @@ def _on(idx, t: torch.Tensor):
 
 
 def check_data(module: torch.nn.Module, batches: Batches, what: str) -> None:
-    """The model's own ``check_batch`` on the whole set (one draw of a dynamic one), if it has one; on
-    :data:`CHECKED_WHEN_STREAMED` points spread over a streamed set, which is not read whole before training."""
+    """The model's own ``check_batch`` on the whole set (one draw of a dynamic one), if it has one;
+    on :data:`CHECKED_WHEN_STREAMED` points spread over a streamed set, which is not read whole
+    before training."""
     from .data import spread
 
     check = getattr(module, "check_batch", None)
@@ -182,7 +230,8 @@ def check_data(module: torch.nn.Module, batches: Batches, what: str) -> None:
 
 
 def _place(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    if t is None or device.type != "cuda" or t.is_cuda:  # pinning is for host memory bound for a GPU
+    # pinning is for host memory bound for a GPU
+    if t is None or device.type != "cuda" or t.is_cuda:
         return t if t is None else t.to(device)
     free, _ = torch.cuda.mem_get_info(device)
     return t.to(device) if t.numel() * t.element_size() < free // 4 else t.pin_memory()
@@ -192,7 +241,8 @@ def _place(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
 @dataclass
 class Call:
     """One call of the programs in a training step: ``args`` as the programs take them, standing for
-    ``num_data`` points of the data set (the objective scales its minibatch terms by num_data / M)."""
+    ``num_data`` points of the data set (the objective scales its minibatch terms by num_data /
+    M)."""
 
     args: tuple
     num_data: int
@@ -204,9 +254,12 @@ KINDS = ("all", "labelled", "unlabelled")
 
 
 class Whole:
-    """Every step one call on a minibatch of the whole set (each process its shard of a permutation)."""
+    """Every step one call on a minibatch of the whole set (each process its shard of a
+    permutation)."""
 
-    def __init__(self, batches: Batches, batch_size: int, world: distributed.World, encode=None) -> None:
+    def __init__(
+        self, batches: Batches, batch_size: int, world: distributed.World, encode=None
+    ) -> None:
         self.batches, self.batch_size, self.world, self.encode = batches, batch_size, world, encode
         self.sizes = {"all": len(batches)}
 
@@ -228,22 +281,26 @@ class Whole:
 
 
 class Split:
-    """Semi-supervised data for a program with an optional label (``model(xs, ys=None)``): every step
-    holds a fixed share of labelled points, given to the programs as one call with their labels
-    (encoded as the program's label site asks) and the unlabelled points as another without them.
-    An epoch is one pass over the unlabelled points; the labelled ones are dealt from a fresh
+    """Semi-supervised data for a program with an optional label (``model(xs, ys=None)``): every
+    step holds a fixed share of labelled points, given to the programs as one call with their labels
+    (encoded as the program's label site asks) and the unlabelled points as another without them. An
+    epoch is one pass over the unlabelled points; the labelled ones are dealt from a fresh
     permutation whenever they run out. Each call's terms are scaled to its own group, so the
     objective is the unbiased estimate of sum_labelled L(x, y) + sum_unlabelled U(x) whatever the
     share."""
 
-    def __init__(self, batches: Batches, batch_size: int, world: distributed.World, share: float,
-                 encode) -> None:
+    def __init__(
+        self, batches: Batches, batch_size: int, world: distributed.World, share: float, encode
+    ) -> None:
         labels = batches.others[-1]
         self.batches, self.world, self.encode = batches, world, encode
         self.labelled = torch.nonzero(labels >= 0).reshape(-1).to(batches.images.device)
         self.unlabelled = torch.nonzero(labels < 0).reshape(-1).to(batches.images.device)
         if batch_size < 2:
-            raise PyvaeError(f"batch_size {batch_size}: semi-supervised steps hold labelled and unlabelled points; use >= 2")
+            raise PyvaeError(
+                f"batch_size {batch_size}: semi-supervised steps hold labelled and unlabelled "
+                "points; use >= 2"
+            )
         self.m_l = min(batch_size - 1, max(1, round(share * batch_size)))
         self.m_u = batch_size - self.m_l
         self.sizes = {"labelled": len(self.labelled), "unlabelled": len(self.unlabelled)}
@@ -257,7 +314,9 @@ class Split:
         return math.ceil(len(self._sampler(len(self.unlabelled), seed)) / self.m_u)
 
     def _sampler(self, n: int, seed: int) -> DistributedSampler:
-        return DistributedSampler(range(n), num_replicas=self.world.size, rank=self.world.rank, shuffle=True, seed=seed)
+        return DistributedSampler(
+            range(n), num_replicas=self.world.size, rank=self.world.rank, shuffle=True, seed=seed
+        )
 
     def _order(self, group: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
         sampler = self._sampler(len(group), seed)
@@ -269,49 +328,78 @@ class Split:
         steps = self.steps(seed)
         # enough labelled points for every step: permutations drawn from (seed, epoch, round)
         rounds = math.ceil(steps * self.m_l / max(1, len(self._sampler(len(self.labelled), seed))))
-        labelled = torch.cat([self._order(self.labelled, seed + 7919 * (r + 1), epoch) for r in range(rounds)])
+        labelled = torch.cat(
+            [self._order(self.labelled, seed + 7919 * (r + 1), epoch) for r in range(rounds)]
+        )
         n_l, n_u, y_pos = len(self.labelled), len(self.unlabelled), len(self.batches.others)
         for step in range(skip, steps):
-            u = next(self.batches.select(unlabelled[step * self.m_u : (step + 1) * self.m_u], self.m_u))
-            lab = next(self.batches.select(labelled[step * self.m_l : (step + 1) * self.m_l], self.m_l))
-            yield [Call((*lab[:y_pos], self.encode(lab[y_pos])), n_l, "labelled"),
-                   Call(u[:y_pos], n_u, "unlabelled")]
+            u = next(
+                self.batches.select(unlabelled[step * self.m_u : (step + 1) * self.m_u], self.m_u)
+            )
+            lab = next(
+                self.batches.select(labelled[step * self.m_l : (step + 1) * self.m_l], self.m_l)
+            )
+            yield [
+                Call((*lab[:y_pos], self.encode(lab[y_pos])), n_l, "labelled"),
+                Call(u[:y_pos], n_u, "unlabelled"),
+            ]
 
 
-def serving(module: torch.nn.Module, batches: Batches, batch_size: int, world: distributed.World,
-            labelled_share: float | None = None):
-    """How ``batches`` are served to ``module`` in training: :class:`Split` when the data's last tensor is
-    labels with -1 for unlabelled points and the program takes them as an optional argument
-    (``model(xs, ys=None)``), else :class:`Whole`. Labels go to the program in the encoding its label
-    site asks for (:func:`pyvae.program.label_site`); ``labelled_share`` is the labelled part of every
-    minibatch (default: their share of the data, so each is used about once per epoch)."""
+def serving(
+    module: torch.nn.Module,
+    batches: Batches,
+    batch_size: int,
+    world: distributed.World,
+    labelled_share: float | None = None,
+):
+    """How ``batches`` are served to ``module`` in training: :class:`Split` when the data's last
+    tensor is labels with -1 for unlabelled points and the program takes them as an optional
+    argument (``model(xs, ys=None)``), else :class:`Whole`. Labels go to the program in the encoding
+    its label site asks for (:func:`pyvae.program.label_site`); ``labelled_share`` is the labelled
+    part of every minibatch (default: their share of the data, so each is used about once per
+    epoch)."""
     labels = optional_labels(module, batches)
     if labels is None or bool((labels >= 0).all()):
         if labelled_share is not None:
-            raise PyvaeError("labelled_share is for semi-supervised data (labels with -1 for unlabelled points) "
-                             "served to a program with an optional label, model(xs, ys=None)")
-        return Whole(batches, batch_size, world, label_encoder(module, batches) if labels is not None else None)
+            raise PyvaeError(
+                "labelled_share is for semi-supervised data (labels with -1 for unlabelled "
+                "points) served to a program with an optional label, model(xs, ys=None)"
+            )
+        return Whole(
+            batches,
+            batch_size,
+            world,
+            label_encoder(module, batches) if labels is not None else None,
+        )
     if not bool((labels >= 0).any()):
-        raise PyvaeError("the training data's labels are all -1 (unlabelled); pass the images alone")
+        raise PyvaeError(
+            "the training data's labels are all -1 (unlabelled); pass the images alone"
+        )
     encode = label_encoder(module, batches)
     share = int((labels >= 0).sum()) / len(labels) if labelled_share is None else labelled_share
     if not 0 < share < 1:
-        raise PyvaeError(f"labelled_share must be a fraction strictly between 0 and 1; got {labelled_share!r}")
+        raise PyvaeError(
+            f"labelled_share must be a fraction strictly between 0 and 1; got {labelled_share!r}"
+        )
     return Split(batches, batch_size, world, share, encode)
 
 
 def optional_labels(module: torch.nn.Module, batches: Batches) -> torch.Tensor | None:
     """The labels a program takes as its optional last argument (``ys`` of ``model(xs, ys=None)``),
     when the data's last served tensor holds class labels; else None."""
-    if batches.others and is_label(batches.others[-1]) and len(batches.others) >= batch_arity(module):
+    if (
+        batches.others
+        and is_label(batches.others[-1])
+        and len(batches.others) >= batch_arity(module)
+    ):
         return batches.others[-1]
     return None
 
 
 def label_encoder(module: torch.nn.Module, batches: Batches):
     """The function that turns integer labels into what the program's label site takes: one-hot
-    vectors for a ``OneHotCategorical``, the integers for a ``Categorical`` (read from a trace of the
-    program called on two points without labels)."""
+    vectors for a ``OneHotCategorical``, the integers for a ``Categorical`` (read from a trace of
+    the program called on two points without labels)."""
     _, classes = label_site(module, batches.first(2)[:-1])
     if classes is None:
         return lambda y: y

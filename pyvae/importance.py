@@ -42,10 +42,16 @@ from .errors import PyvaeError, PyvaeWarning, positive_int
 #: (benchmarks/RESULTS.md)
 CHUNK_ELEMENTS = {"cpu": 2**23, "cuda": 2**25}
 
-KHAT_BANDS = (("good", -math.inf, 0.5), ("ok", 0.5, 0.7), ("bad", 0.7, 1.0), ("very bad", 1.0, math.inf))
+KHAT_BANDS = (
+    ("good", -math.inf, 0.5),
+    ("ok", 0.5, 0.7),
+    ("bad", 0.7, 1.0),
+    ("very bad", 1.0, math.inf),
+)
 
 
-#: the fewest draws whose weights have a tail of 5 for arviz's Pareto fit: ceil(min(0.2 K, 3 sqrt K)) >= 5
+#: the fewest draws whose weights have a tail of 5 for arviz's Pareto fit: ceil(min(0.2 K, 3 sqrt
+#: K)) >= 5
 MIN_KHAT_SAMPLES = 21
 
 
@@ -91,7 +97,9 @@ class LogLikelihood:
         """The results of consecutive chunks of points as one."""
         first = parts[0]
         cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-        per_site = lambda name: {k: torch.cat([getattr(p, name)[k] for p in parts]) for k in getattr(first, name)}  # noqa: E731
+        per_site = lambda name: {
+            k: torch.cat([getattr(p, name)[k] for p in parts]) for k in getattr(first, name)
+        }  # noqa: E731
         return LogLikelihood(
             **{name: cat(name) for name in ("log_px", "stderr", "elbo", "khat", "ess")},
             iwae={k: torch.cat([p.iwae[k] for p in parts]) for k in first.iwae},
@@ -101,7 +109,8 @@ class LogLikelihood:
         )
 
     def khat_bands(self) -> dict[str, float]:
-        """Fraction of points whose k^ is good (< 0.5), ok (< 0.7), bad (< 1) and very bad (>= 1)."""
+        """Fraction of points whose k^ is good (< 0.5), ok (< 0.7), bad (< 1) and very bad (>=
+        1)."""
         k = self.khat
         return {name: float(((k >= lo) & (k < hi)).float().mean()) for name, lo, hi in KHAT_BANDS}
 
@@ -126,7 +135,8 @@ def log_likelihood(
     keep_log_weights: bool = False,
     progress: bool = False,
 ) -> LogLikelihood:
-    """Importance-sampled log p(x) of every data point, K = ``num_samples``, from the model's programs.
+    """Importance-sampled log p(x) of every data point, K = ``num_samples``, from the model's
+    programs.
 
     ``data`` is a tensor x, a tuple (x, y), an ImageSet (one draw if it binarizes
     dynamically) or a Dataset, served as the model's signature asks. Vectorized over
@@ -160,7 +170,13 @@ def log_likelihood(
     elbo = torch.zeros(n)
     log_weights = torch.empty(n, strata, num_samples) if keep_log_weights else None
     # a bar only on a terminal: no carriage-return frames in log files
-    bar = tqdm(total=n, desc=f"log p(x), K={num_samples}", unit="pt", disable=not progress or not sys.stderr.isatty(), leave=False)
+    bar = tqdm(
+        total=n,
+        desc=f"log p(x), K={num_samples}",
+        unit="pt",
+        disable=not progress or not sys.stderr.isatty(),
+        leave=False,
+    )
     # the data were checked above; re-validating every chunk would only repeat that work
     with pyro.validation_enabled(False):
         for start, batch in zip(range(0, n, batch_size), batches.in_order(batch_size)):
@@ -194,13 +210,18 @@ def log_likelihood(
 
 
 def _say_one_at_a_time(model) -> None:
-    warnings.warn_explicit(f"{type(model).__name__} cannot run with particles as a batch dimension (e.g. "
-                           "boolean-mask indexing): its samples are drawn one at a time, the same estimate, slower",
-                           PyvaeWarning, "pyvae", 0)
+    warnings.warn_explicit(
+        f"{type(model).__name__} cannot run with particles as a batch dimension (e.g. boolean-mask "
+        "indexing): its samples are drawn one at a time, the same estimate, slower",
+        PyvaeWarning,
+        "pyvae",
+        0,
+    )
 
 
 def drawn_once(data):
-    """``data`` with a dynamically binarized ImageSet drawn once (every point scored on one fixed image)."""
+    """``data`` with a dynamically binarized ImageSet drawn once (every point scored on one fixed
+    image)."""
     from .data import ImageSet
 
     if isinstance(data, ImageSet) and data.dynamic:
@@ -209,7 +230,8 @@ def drawn_once(data):
 
 
 def _chunk_shape(model, batch: tuple, shape: program.Structure) -> tuple[int, int]:
-    """(C, floats held per (sample, point) row): every site's value and parameters, mixtures' components."""
+    """(C, floats held per (sample, point) row): every site's value and parameters, mixtures'
+    components."""
     with pyro.validation_enabled(False):
         w = program.log_weights(model, batch, 1, shape)
     per_row = 0
@@ -256,18 +278,30 @@ class _SiteStats:
     def result(self) -> dict:
         def average(kind):
             count = self.counts[kind].clamp(min=1)
-            return {name: v / count.reshape(-1, *(1,) * (v.dim() - 1)) for name, v in self.sums[kind].items() if name in self.sites}
+            return {
+                name: v / count.reshape(-1, *(1,) * (v.dim() - 1))
+                for name, v in self.sums[kind].items()
+                if name in self.sites
+            }
 
-        return {"latent_means": average("means"), "kl": average("kl"), "kl_per_dim": average("kl_per_dim")}
+        return {
+            "latent_means": average("means"),
+            "kl": average("kl"),
+            "kl_per_dim": average("kl_per_dim"),
+        }
 
 
 def _ess(scaled: torch.Tensor) -> torch.Tensor:
     """The effective sample size of the K draws of each point, from weights (M, C, K): per stratum c
-    (an enumerated value summed exactly) ess_c = (sum_k w_ck)^2 / sum_k w_ck^2, averaged over the strata
-    with their share of p^ as weights. It lies in [1, K] (K when the weights are equal): the C*K
-    weights are not C*K draws."""
+    (an enumerated value summed exactly) ess_c = (sum_k w_ck)^2 / sum_k w_ck^2, averaged over the
+    strata with their share of p^ as weights. It lies in [1, K] (K when the weights are equal): the
+    C*K weights are not C*K draws."""
     sums, squares = scaled.sum(2), (scaled**2).sum(2)
-    per_stratum = torch.where(sums > 0, sums**2 / squares.clamp(min=torch.finfo(scaled.dtype).tiny), torch.zeros_like(sums))
+    per_stratum = torch.where(
+        sums > 0,
+        sums**2 / squares.clamp(min=torch.finfo(scaled.dtype).tiny),
+        torch.zeros_like(sums),
+    )
     return (sums * per_stratum).sum(1) / sums.sum(1)
 
 
@@ -294,20 +328,26 @@ def pareto_khat(log_w: torch.Tensor) -> torch.Tensor:
 
 
 def _summarize(log_w: torch.Tensor, sizes: list[int]) -> dict[str, torch.Tensor]:
-    """Per-point statistics of log-weights of shape (M, C, K): C strata (enumerated values) of K draws.
+    """Per-point statistics of log-weights of shape (M, C, K): C strata (enumerated values) of K
+    draws.
 
     p^ = sum_c (1/K) sum_k w_ck; its delta-method standard error sums the strata's variances.
     """
     m, c, k = log_w.shape
     log_px = torch.logsumexp(log_w.reshape(m, -1), dim=1) - math.log(k)
     scaled = torch.exp(log_w - log_px.reshape(m, 1, 1))  # w_ck / p^, finite
-    variance = ((scaled - scaled.mean(2, keepdim=True)) ** 2).sum(2) / max(k - 1, 1)  # per stratum, (M, C)
+    # per stratum, (M, C)
+    variance = ((scaled - scaled.mean(2, keepdim=True)) ** 2).sum(2) / max(k - 1, 1)
     iwae = []
     for size in sizes:
         groups = log_w[:, :, : (k // size) * size].reshape(m, c, -1, size)
         iwae.append((torch.logsumexp(groups, dim=(1, 3)) - math.log(size)).mean(1))
     finite = log_w.reshape(m, -1)
-    floor = torch.where(torch.isfinite(finite), finite, torch.full_like(finite, math.inf)).min(1, keepdim=True).values
+    floor = (
+        torch.where(torch.isfinite(finite), finite, torch.full_like(finite, math.inf))
+        .min(1, keepdim=True)
+        .values
+    )
     return {
         "log_px": log_px,
         "stderr": (variance.sum(1) / k).clamp(min=0).sqrt(),

@@ -1,14 +1,16 @@
 """Any Pyro program: the traces that training, scoring, diagnostics and pictures share.
 
-A *model* here is a ``torch.nn.Module`` with two Pyro methods::
+A *model* here is a ``torch.nn.Module`` with two Pyro methods, written as Pyro's tutorials
+write them::
 
-    model(*batch, num_data=None)     p(x, latents)        batch = (x,) or (x, y)
-    guide(*batch, num_data=None)     q(latents | x)
+    model(*batch)     p(x, latents)        batch = (x,), (x, y), (xs, ys=None), ...
+    guide(*batch)     q(latents | x)
 
-Per-data-point sites live in a plate named ``"data"`` whose subsample is the minibatch
-(:func:`data_plate` builds it; a bare ``pyro.plate("data", size=num_data or len(x),
-subsample=torch.arange(len(x)))`` is the same). Any number of latent sites, any names,
-nested plates inside ``"data"``.
+``num_data=`` is passed only to programs that take it (:func:`bound`). Per-data-point sites
+live in the plate over the batch's points, whatever its name (:func:`find_data_plate`): sized
+by the minibatch (``pyro.plate("data", len(x))``), implicitly (``pyro.plate("data")``) or by
+``num_data`` with the minibatch as subsample (:func:`data_plate`). Any number of latent sites,
+any names, nested plates inside it; ``pyro.deterministic`` records are never data.
 
 Everything after training reads the program through :func:`trace_particles`: the guide
 traced with K vectorized particles, the model replayed against it, and per data point n::
@@ -68,16 +70,21 @@ def data_plate(x: torch.Tensor, num_data: int | None = None) -> pyro.plate:
 
 def _positional(fn) -> list[inspect.Parameter]:
     """The positional parameters a program takes its batch by (``num_data`` is no batch tensor)."""
-    return [p for p in inspect.signature(fn).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != NUM_DATA]
+    return [
+        p
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != NUM_DATA
+    ]
 
 
 def batch_arity(module: torch.nn.Module) -> int:
     """How many tensors a batch must hold for ``module.model``: 1 for ``model(x)`` and
     ``model(xs, ys=None)``, 2 for ``model(x, y)``."""
     if not callable(getattr(module, "model", None)) or not callable(getattr(module, "guide", None)):
-        raise PyvaeError(f"{type(module).__name__} is not a pyvae model: it needs Pyro methods "
-                         "model(*batch) and guide(*batch)")
+        raise PyvaeError(
+            f"{type(module).__name__} is not a pyvae model: it needs Pyro methods model(*batch) "
+            "and guide(*batch)"
+        )
     return sum(p.default is p.empty for p in _positional(module.model))
 
 
@@ -111,9 +118,10 @@ def check_call(module: torch.nn.Module, batch: tuple, num_data: int | None = Non
         try:
             inspect.signature(fn).bind(*batch)
         except TypeError as e:
-            raise PyvaeError(f"{type(module).__name__}.{method}() cannot be called with a batch of "
-                             f"{len(batch)} tensor(s){' and num_data' if fn is not getattr(module, method) else ''}: "
-                             f"{e}") from None
+            raise PyvaeError(
+                f"{type(module).__name__}.{method}() cannot be called with a batch of {len(batch)} "
+                f"tensor(s): {e}"
+            ) from None
 
 
 class LatentScale(Messenger):
@@ -144,7 +152,11 @@ class LocalParams(Messenger):
     it would never be trained."""
 
     def _process_message(self, msg) -> None:
-        if msg["type"] == "param" and len(msg["args"]) > 1 and isinstance(msg["args"][1], torch.nn.Parameter):
+        if (
+            msg["type"] == "param"
+            and len(msg["args"]) > 1
+            and isinstance(msg["args"][1], torch.nn.Parameter)
+        ):
             msg["value"] = msg["args"][1]
             msg["done"] = True
 
@@ -161,27 +173,31 @@ class Structure:
     enumerated_sites: list[str]
     continuous_sites: list[str]
     data_plate: str = DATA
-    #: whether the programs run with particles as a leading batch dimension (not so with boolean-mask
-    #: indexing or data-dependent shapes): then particles are drawn one at a time
+    #: whether the programs run with particles as a leading batch dimension (not so with
+    #: boolean-mask indexing or data-dependent shapes): then particles are drawn one at a time
     vectorized: bool = True
 
 
 def trace_once(module: torch.nn.Module, batch: tuple, num_data: int | None = None):
-    """(model trace, guide trace) of one draw from the guide on ``batch``, the model replayed against it,
-    hidden from outer handlers and without gradients. The random generators are left as they were:
-    a look at the program must not move the streams that resumed runs replay exactly."""
+    """(model trace, guide trace) of one draw from the guide on ``batch``, the model replayed
+    against it, hidden from outer handlers and without gradients. The random generators are left as
+    they were: a look at the program must not move the streams that resumed runs replay exactly."""
     device = batch[0].device
     model, guide = bound(module.model, num_data), bound(module.guide, num_data)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
-            poutine.block(), LocalParams():
+    with (
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        torch.no_grad(),
+        poutine.block(),
+        LocalParams(),
+    ):
         guide_trace = poutine.trace(guide).get_trace(*batch)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*batch)
     return model_trace, guide_trace
 
 
 def structure(module: torch.nn.Module, batch: tuple) -> Structure:
-    """Trace guide and model once on ``batch`` (:func:`trace_once`), as pyvae calls them, and check the
-    contract; a violation is a :class:`PyvaeError`."""
+    """Trace guide and model once on ``batch`` (:func:`trace_once`), as pyvae calls them, and check
+    the contract; a violation is a :class:`PyvaeError`."""
     name = type(module).__name__
     check_call(module, batch)
     model_trace, guide_trace = trace_once(module, batch)
@@ -194,34 +210,56 @@ def structure(module: torch.nn.Module, batch: tuple) -> Structure:
     model_sites = [s for s in sample_sites(model_trace) if not s["infer"].get("is_auxiliary")]
     observed = [s["name"] for s in model_sites if s["is_observed"]]
     if not observed:
-        raise PyvaeError(f"{name}: the model observes nothing (no sample site with obs=... other than "
-                         f"pyro.deterministic) on this batch of {len(batch)} tensor(s); log p(x) needs data")
+        raise PyvaeError(
+            f"{name}: the model observes nothing (no sample site with obs=... other than "
+            f"pyro.deterministic) on this batch of {len(batch)} tensor(s); log p(x) needs data"
+        )
     plate = find_data_plate(module, model_sites + sample_sites(guide_trace), batch[0].shape[0])
     latent = [s["name"] for s in model_sites if not s["is_observed"]]
     for site_name in latent:
         if site_name not in guide_trace.nodes:
-            raise PyvaeError(f"{name}: latent site {site_name!r} of the model has no site of that name in the guide")
+            raise PyvaeError(
+                f"{name}: latent site {site_name!r} of the model has no site of that name in the "
+                "guide"
+            )
     for site in sample_sites(guide_trace):
         if site["name"] not in latent:
-            raise PyvaeError(f"{name}: guide site {site['name']!r} has no latent site of that name in the model")
-    enumerated = [s["name"] for s in sample_sites(guide_trace) if s["infer"].get("enumerate") == "parallel"]
+            raise PyvaeError(
+                f"{name}: guide site {site['name']!r} has no latent site of that name in the model"
+            )
+    enumerated = [
+        s["name"] for s in sample_sites(guide_trace) if s["infer"].get("enumerate") == "parallel"
+    ]
     for site_name in enumerated:
         site = guide_trace.nodes[site_name]
         if any(f.vectorized and f.name != plate for f in site["cond_indep_stack"]):
             # summing c per stratum would make every element of the nested plate take the same value
-            raise PyvaeError(f"{name}: enumerated guide site {site_name!r} sits in a plate nested in {plate!r}; "
-                             "the importance sampler sums enumerated values per data point only")
+            raise PyvaeError(
+                f"{name}: enumerated guide site {site_name!r} sits in a plate nested in {plate!r}; "
+                "the importance sampler sums enumerated values per data point only"
+            )
     _check_params(module, list(model_trace.nodes.values()) + list(guide_trace.nodes.values()))
     continuous = [s for s in latent if not _is_discrete(guide_trace.nodes[s]["fn"])]
-    return Structure(nesting, latent, observed, enumerated, continuous, plate, _vectorizes(module, batch, nesting))
+    return Structure(
+        nesting,
+        latent,
+        observed,
+        enumerated,
+        continuous,
+        plate,
+        _vectorizes(module, batch, nesting),
+    )
 
 
 def _vectorizes(module: torch.nn.Module, batch: tuple, nesting: int) -> bool:
     """Whether the programs run with two particles in a leading plate, as they ran without it."""
     device = batch[0].device
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
-                poutine.block():
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            torch.no_grad(),
+            poutine.block(),
+        ):
             trace_particles(module, batch, 2, nesting)
     except (IndexError, RuntimeError, ValueError):
         return False
@@ -232,10 +270,12 @@ def find_data_plate(module: torch.nn.Module, sites: list, m: int) -> str:
     """The name of the plate over the data points: the outermost vectorized plate of size ``m`` (the
     batch's points) around every latent and observed site, whatever it is called; a module's
     ``data_plate`` attribute names it where that is ambiguous. Sized by the minibatch
-    (``pyro.plate("data", len(x))``), implicitly (``pyro.plate("data")``) or by ``num_data`` with the
-    minibatch as subsample, all the same here."""
+    (``pyro.plate("data", len(x))``), implicitly (``pyro.plate("data")``) or by ``num_data`` with
+    the minibatch as subsample, all the same here."""
     name, wanted = type(module).__name__, getattr(module, "data_plate", None)
-    candidates = [wanted] if wanted else [f.name for f in sites[0]["cond_indep_stack"] if f.vectorized]
+    candidates = (
+        [wanted] if wanted else [f.name for f in sites[0]["cond_indep_stack"] if f.vectorized]
+    )
     sized = [p for p in candidates if wanted or _sized(sites, p, m)]
     for plate in sized:
         if all(_in_plate(site, plate) for site in sites):
@@ -255,17 +295,23 @@ def _sized(sites: list, plate: str, m: int) -> bool:
 
 
 def _outside_message(name: str, site, wanted: str | None, m: int) -> str:
-    where = f"the plate {wanted!r} (the module's data_plate)" if wanted else f"a plate of size {m}, the batch's points,"
+    where = (
+        f"the plate {wanted!r} (the module's data_plate)"
+        if wanted
+        else f"a plate of size {m}, the batch's points,"
+    )
     what = "latent" if not site["is_observed"] else "observed"
-    return (f"{name}: {what} site {site['name']!r} is not inside {where} around every latent and observed "
-            "site; log p(x) per data point needs per-point latents (a global latent, e.g. a PyroSample "
-            "weight, has no per-point density): wrap the sites in pyro.plate('data', len(x)), or set "
-            "data_plate = 'NAME' on the module where several plates could be it")
+    return (
+        f"{name}: {what} site {site['name']!r} is not inside {where} around every latent and "
+        "observed site; log p(x) per data point needs per-point latents (a global latent, e.g. a "
+        "PyroSample weight, has no per-point density): wrap the sites in pyro.plate('data', "
+        "len(x)), or set data_plate = 'NAME' on the module where several plates could be it"
+    )
 
 
 def _plate_size(site, plate: str) -> int:
-    """The size of ``plate`` at ``site``: the plate's own, else (an implicitly sized plate) the site's
-    batch shape there."""
+    """The size of ``plate`` at ``site``: the plate's own, else (an implicitly sized plate) the
+    site's batch shape there."""
     frame = next(f for f in site["cond_indep_stack"] if f.name == plate)
     if frame.size != -1:
         return frame.size
@@ -280,7 +326,8 @@ def data_dim(site, plate: str) -> int:
 
 def plate_full_size(module: torch.nn.Module, batch: tuple, num_data: int, plate: str) -> int:
     """The size the data plate declares when called with ``num_data``: ``num_data`` when the program
-    scales its minibatch terms by N/M itself (a subsampled plate), the batch's M when it does not."""
+    scales its minibatch terms by N/M itself (a subsampled plate), the batch's M when it does
+    not."""
     model_trace, _ = trace_once(module, batch, num_data)
     site = next(s for s in sample_sites(model_trace) if s["is_observed"])
     frame = next(f for f in site["cond_indep_stack"] if f.name == plate)
@@ -288,17 +335,23 @@ def plate_full_size(module: torch.nn.Module, batch: tuple, num_data: int, plate:
 
 
 def label_site(module: torch.nn.Module, unlabelled: tuple) -> tuple[str, int | None]:
-    """(name, C) of the label site of a program with an optional label (``model(xs, ys=None)``): the one
-    discrete latent site its model samples when called without the label. C is the number of classes
-    of a ``OneHotCategorical`` (labels go to it one-hot), None for a ``Categorical`` (as integers)."""
+    """(name, C) of the label site of a program with an optional label (``model(xs, ys=None)``): the
+    one discrete latent site its model samples when called without the label. C is the number of
+    classes of a ``OneHotCategorical`` (labels go to it one-hot), None for a ``Categorical`` (as
+    integers)."""
     model_trace, _ = trace_once(module, unlabelled)
-    found = [s for s in sample_sites(model_trace)
-             if not s["is_observed"] and not s["infer"].get("is_auxiliary") and _is_discrete(s["fn"])]
-    name = type(module).__name__
+    found = [
+        s
+        for s in sample_sites(model_trace)
+        if not s["is_observed"] and not s["infer"].get("is_auxiliary") and _is_discrete(s["fn"])
+    ]
+    name, names = type(module).__name__, [s["name"] for s in found]
     if len(found) != 1:
-        raise PyvaeError(f"{name}: called without its optional label, the model samples "
-                         f"{len(found)} discrete latent sites ({', '.join(s['name'] for s in found) or 'none'}); "
-                         "unlabelled points (-1) need exactly one, the label")
+        raise PyvaeError(
+            f"{name}: called without its optional label, the model samples {len(found)} discrete "
+            f"latent sites ({', '.join(names) or 'none'}); unlabelled points (-1) need exactly "
+            "one, the label"
+        )
     fn = found[0]["fn"]
     while isinstance(fn, (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)):
         fn = fn.base_dist
@@ -306,8 +359,10 @@ def label_site(module: torch.nn.Module, unlabelled: tuple) -> tuple[str, int | N
         return found[0]["name"], fn.event_shape[-1]
     if isinstance(fn, dist.Categorical):
         return found[0]["name"], None
-    raise PyvaeError(f"{name}: label site {found[0]['name']!r} is a {type(fn).__name__}; a label is a "
-                     "Categorical (integer labels) or a OneHotCategorical (one-hot labels)")
+    raise PyvaeError(
+        f"{name}: label site {found[0]['name']!r} is a {type(fn).__name__}; a label is a "
+        "Categorical (integer labels) or a OneHotCategorical (one-hot labels)"
+    )
 
 
 def _check_params(module: torch.nn.Module, sites) -> None:
@@ -320,12 +375,15 @@ def _check_params(module: torch.nn.Module, sites) -> None:
         constraint = site["kwargs"].get("constraint")
         if id(site["value"]) not in own:
             raise PyvaeError(
-                f"{type(module).__name__}: pyro.param({site['name']!r}) is not a parameter of the module; pyvae "
-                "trains module.parameters(): make it an nn.Parameter of the module (pyro.module registers those)"
+                f"{type(module).__name__}: pyro.param({site['name']!r}) is not a parameter of the "
+                "module; pyvae trains module.parameters(): make it an nn.Parameter of the module "
+                "(pyro.module registers those)"
             )
         if constraint is not None and constraint is not torch.distributions.constraints.real:
-            raise PyvaeError(f"{type(module).__name__}: pyro.param({site['name']!r}) has a constraint; "
-                             "constrain the parameter in the module instead (e.g. softplus of a free one)")
+            raise PyvaeError(
+                f"{type(module).__name__}: pyro.param({site['name']!r}) has a constraint; "
+                "constrain the parameter in the module instead (e.g. softplus of a free one)"
+            )
 
 
 def trace_particles(module: torch.nn.Module, batch: tuple, num_particles: int | None, nesting: int):
@@ -336,11 +394,17 @@ def trace_particles(module: torch.nn.Module, batch: tuple, num_particles: int | 
     guide sites get dimensions further left. The model is replayed against the guide, so
     it sees the guide's values of every latent site.
     """
-    particles = pyro.plate(PARTICLES, num_particles, dim=-(nesting + 1)) if num_particles else contextlib.nullcontext()
+    particles = (
+        pyro.plate(PARTICLES, num_particles, dim=-(nesting + 1))
+        if num_particles
+        else contextlib.nullcontext()
+    )
     with LocalParams(), particles:
         guide = poutine.enum(module.guide, first_available_dim=-(nesting + 2))
         guide_trace = poutine.trace(guide).get_trace(*batch)
-        model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(*batch)
+        model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(
+            *batch
+        )
     return model_trace, guide_trace
 
 
@@ -359,54 +423,74 @@ class Weights:
     enum_shape: tuple[int, ...]
     model_trace: object
     guide_trace: object
-    #: {site: (enum..., K or 1, M) per-point log-density} of every model site and (as "q:<site>") guide site
+    #: {site: (enum..., K or 1, M) per-point log-density} of every model site and (as "q:<site>")
+    #: guide site
     site_log_probs: dict
     #: the name of the plate over the data points
     data_plate: str = DATA
 
     def masked(self) -> torch.Tensor:
-        """``log_w`` with the strata that q gives probability 0 set to -inf: they drop out of every sum."""
+        """``log_w`` with the strata that q gives probability 0 set to -inf: they drop out of every
+        sum."""
         if not self.enum_shape:
             return self.log_w
         return self.log_w.masked_fill(self.log_q_enum == -math.inf, -math.inf)
 
     def per_point(self) -> torch.Tensor:
-        """(M, C, K): the K draws of every stratum of each point; log p^ = logsumexp over (C, K) - log K."""
+        """(M, C, K): the K draws of every stratum of each point; log p^ = logsumexp over (C, K) -
+        log K."""
         return self.masked().permute(2, 0, 1)
 
     def elbo(self) -> torch.Tensor:
-        """sum_c q(c|x) (mean_k log w_ck - log q(c|x)) per point, shape (M,): the ELBO from the same draws."""
+        """sum_c q(c|x) (mean_k log w_ck - log q(c|x)) per point, shape (M,): the ELBO from the same
+        draws."""
         if not self.enum_shape:
             return self.log_w[0].mean(0)
         q_c = self.log_q_enum.exp()
-        inner = torch.where(q_c > 0, self.log_w.mean(1, keepdim=True) - self.log_q_enum, torch.zeros_like(q_c))
+        inner = torch.where(
+            q_c > 0, self.log_w.mean(1, keepdim=True) - self.log_q_enum, torch.zeros_like(q_c)
+        )
         return (q_c * inner).sum((0, 1))
 
 
-def log_weights(module: torch.nn.Module, batch: tuple, num_particles: int, shape: Structure) -> Weights:
+def log_weights(
+    module: torch.nn.Module, batch: tuple, num_particles: int, shape: Structure
+) -> Weights:
     """The per-point log importance weights of ``module`` on ``batch`` with K = ``num_particles``; a
     program that is not :attr:`Structure.vectorized` takes one particle at a time."""
     if not shape.vectorized and num_particles > 1:
-        raise PyvaeError(f"{type(module).__name__} cannot run with particles as a batch dimension; "
-                         "draw them one at a time (num_particles=1)")
-    model_trace, guide_trace = trace_particles(module, batch, num_particles if shape.vectorized else None,
-                                               shape.max_plate_nesting)
+        raise PyvaeError(
+            f"{type(module).__name__} cannot run with particles as a batch dimension; draw them "
+            "one at a time (num_particles=1)"
+        )
+    model_trace, guide_trace = trace_particles(
+        module, batch, num_particles if shape.vectorized else None, shape.max_plate_nesting
+    )
     m, nesting, enum_dims = batch[0].shape[0], shape.max_plate_nesting, len(shape.enumerated_sites)
     total, parts = 0.0, {}
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         for site in sample_sites(trace):
-            if site["infer"].get("is_auxiliary") or (sign < 0 and site["name"] in shape.enumerated_sites):
+            if site["infer"].get("is_auxiliary") or (
+                sign < 0 and site["name"] in shape.enumerated_sites
+            ):
                 continue
             log_p = site_log_prob(site, nesting, enum_dims, m, shape.data_plate)
             parts[site["name"] if sign > 0 else "q:" + site["name"]] = log_p
             total = total + sign * log_p
     log_q_enum = torch.zeros((1,) * enum_dims + (1, m), device=batch[0].device)
     for name in shape.enumerated_sites:
-        log_q_enum = log_q_enum + site_log_prob(guide_trace.nodes[name], nesting, enum_dims, m, shape.data_plate)
+        log_q_enum = log_q_enum + site_log_prob(
+            guide_trace.nodes[name], nesting, enum_dims, m, shape.data_plate
+        )
         if log_q_enum.shape[-2] != 1:
-            raise PyvaeError(f"enumerated guide site {name!r} depends on a sampled site; the importance sampler "
-                             "needs q(c | x) to be sampled before the continuous latents (e.g. M2's q(y|x) q(z|x, y))")
-    enum_shape = tuple(torch.broadcast_shapes(total.shape[:enum_dims], log_q_enum.shape[:enum_dims]))
+            raise PyvaeError(
+                f"enumerated guide site {name!r} depends on a sampled site; the importance sampler "
+                "needs q(c | x) to be sampled before the continuous latents (e.g. M2's q(y|x) "
+                "q(z|x, y))"
+            )
+    enum_shape = tuple(
+        torch.broadcast_shapes(total.shape[:enum_dims], log_q_enum.shape[:enum_dims])
+    )
     c = math.prod(enum_shape)
     log_w = total.expand(*enum_shape, num_particles, m).reshape(c, num_particles, m)
     log_q_enum = log_q_enum.expand(*enum_shape, 1, m).reshape(c, 1, m)
@@ -414,31 +498,37 @@ def log_weights(module: torch.nn.Module, batch: tuple, num_particles: int, shape
 
 
 def site_log_prob(site, nesting: int, enum_dims: int, m: int, plate: str) -> torch.Tensor:
-    """One site's log-density, unscaled but masked, as (enum..., K or 1, M): every plate but the data
-    points' (``plate``) summed out."""
+    """One site's log-density, unscaled but masked, as (enum..., K or 1, M): every plate but the
+    data points' (``plate``) summed out."""
     log_p = scale_and_mask(site["fn"].log_prob(site["value"]), 1.0, site["mask"])
     if not torch.is_tensor(log_p):
         log_p = torch.as_tensor(log_p)
     log_p = log_p.reshape((1,) * (nesting + 1 + enum_dims - log_p.dim()) + log_p.shape)
-    others = [log_p.dim() + f.dim for f in site["cond_indep_stack"]
-              if f.vectorized and f.name not in (plate, PARTICLES)]
+    others = [
+        log_p.dim() + f.dim
+        for f in site["cond_indep_stack"]
+        if f.vectorized and f.name not in (plate, PARTICLES)
+    ]
     if others:
         log_p = log_p.sum(others, keepdim=True)
     log_p = log_p.movedim(log_p.dim() + data_dim(site, plate), -1)
-    lead = log_p.shape[: log_p.dim() - nesting]  # enum dims and the particle dim; the plates left are size 1
+    lead = log_p.shape[
+        : log_p.dim() - nesting
+    ]  # enum dims and the particle dim; the plates left are size 1
     return log_p.reshape(*lead, log_p.shape[-1]).expand(*lead, m)
 
 
 def site_mean(site, w: Weights, nesting: int) -> torch.Tensor:
-    """E_q[value | x] of a guide site that lives in the data plate alone, shape (M, *event), from one
-    :class:`Weights`: the average over particles, weighted by q(c | x) over enumerated values."""
+    """E_q[value | x] of a guide site that lives in the data plate alone, shape (M, *event), from
+    one :class:`Weights`: the average over particles, weighted by q(c | x) over enumerated
+    values."""
     return _particle_mean(site["value"], len(site["fn"].event_shape), site, w, nesting)
 
 
 def site_kl(name: str, w: Weights, nesting: int, per_dim: bool = False) -> torch.Tensor | None:
-    """E_q[log q(v | ...) - log p(v | ...)] of latent site ``name`` per point, shape (M,), from the particles
-    of one :class:`Weights` (the site's KL, conditional on its parents in a hierarchy). With
-    ``per_dim``, shape (M, D) for a site whose guide and model both factorize over its D
+    """E_q[log q(v | ...) - log p(v | ...)] of latent site ``name`` per point, shape (M,), from the
+    particles of one :class:`Weights` (the site's KL, conditional on its parents in a hierarchy).
+    With ``per_dim``, shape (M, D) for a site whose guide and model both factorize over its D
     dimensions (``Independent`` of a univariate family), else None."""
     q_site, p_site = w.guide_trace.nodes[name], w.model_trace.nodes[name]
     if not per_dim:  # the per-point log-densities log_weights already summed, data dimension last
@@ -448,19 +538,33 @@ def site_kl(name: str, w: Weights, nesting: int, per_dim: bool = False) -> torch
     q, p, value = q_site["fn"], p_site["fn"], q_site["value"]
     if not (_factorizes(q) and _factorizes(p)):
         return None
-    return _particle_mean(q.base_dist.log_prob(value) - p.base_dist.log_prob(value), 1, q_site, w, nesting)
+    return _particle_mean(
+        q.base_dist.log_prob(value) - p.base_dist.log_prob(value), 1, q_site, w, nesting
+    )
 
 
 def _factorizes(fn) -> bool:
-    return isinstance(fn, torch.distributions.Independent) and fn.reinterpreted_batch_ndims == 1 and fn.base_dist.event_shape == ()
+    return (
+        isinstance(fn, torch.distributions.Independent)
+        and fn.reinterpreted_batch_ndims == 1
+        and fn.base_dist.event_shape == ()
+    )
 
 
-def _particle_mean(value: torch.Tensor, event_ndims: int, site, w: Weights, nesting: int) -> torch.Tensor:
-    if any(f.vectorized and f.name not in (w.data_plate, PARTICLES) for f in site["cond_indep_stack"]):
-        raise PyvaeError(f"site {site['name']!r} sits in plates besides {w.data_plate!r}; "
-                         "pick a per-point latent site")
+def _particle_mean(
+    value: torch.Tensor, event_ndims: int, site, w: Weights, nesting: int
+) -> torch.Tensor:
+    if any(
+        f.vectorized and f.name not in (w.data_plate, PARTICLES) for f in site["cond_indep_stack"]
+    ):
+        raise PyvaeError(
+            f"site {site['name']!r} sits in plates besides {w.data_plate!r}; pick a per-point "
+            "latent site"
+        )
     enum_dims = len(w.enum_shape)
-    value = value.reshape((1,) * (enum_dims + 1 + nesting + event_ndims - value.dim()) + value.shape)
+    value = value.reshape(
+        (1,) * (enum_dims + 1 + nesting + event_ndims - value.dim()) + value.shape
+    )
     batch_dims = value.dim() - event_ndims
     event = value.shape[batch_dims:]
     value = value.movedim(batch_dims + data_dim(site, w.data_plate), batch_dims - 1)
@@ -473,10 +577,16 @@ def _particle_mean(value: torch.Tensor, event_ndims: int, site, w: Weights, nest
 
 
 def sample_sites(trace) -> list:
-    """The sample sites of a trace, without the subsample sites of plates and ``pyro.deterministic``'s
-    records (observed in Pyro's bookkeeping, but no data and no density)."""
-    return [s for s in trace.nodes.values()
-            if s["type"] == "sample" and not site_is_subsample(s) and not s["infer"].get("_deterministic")]
+    """The sample sites of a trace, without the subsample sites of plates and
+    ``pyro.deterministic``'s records (observed in Pyro's bookkeeping, but no data and no
+    density)."""
+    return [
+        s
+        for s in trace.nodes.values()
+        if s["type"] == "sample"
+        and not site_is_subsample(s)
+        and not s["infer"].get("_deterministic")
+    ]
 
 
 def _is_discrete(fn) -> bool:
@@ -494,7 +604,9 @@ def observed_mean(fn) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(module: torch.nn.Module, batch: tuple, fixed: dict | None = None, site: str | None = None) -> torch.Tensor:
+def generate(
+    module: torch.nn.Module, batch: tuple, fixed: dict | None = None, site: str | None = None
+) -> torch.Tensor:
     """E[x | latents] with the latents drawn from the model (the prior), except those in ``fixed``.
 
     ``batch`` fixes the shapes (and the labels of a conditional model); its x is not used.
@@ -511,17 +623,27 @@ def generate(module: torch.nn.Module, batch: tuple, fixed: dict | None = None, s
 
 
 @torch.no_grad()
-def reconstruct(module: torch.nn.Module, batch: tuple, site: str | None = None, num_samples: int = 1) -> torch.Tensor:
+def reconstruct(
+    module: torch.nn.Module, batch: tuple, site: str | None = None, num_samples: int = 1
+) -> torch.Tensor:
     """E[x | latents] with the latents drawn from the guide q(latents | x): the average over
     ``num_samples`` draws, enumerated values weighted by q(c | x). Shape (M, *event)."""
     shape = structure(module, batch)
     w = log_weights(module, batch, num_samples, shape)
     observed = w.model_trace.nodes[site or shape.observed_sites[0]]
-    return _particle_mean(observed_mean(observed["fn"]), len(observed["fn"].event_shape), observed, w, shape.max_plate_nesting)
+    return _particle_mean(
+        observed_mean(observed["fn"]),
+        len(observed["fn"].event_shape),
+        observed,
+        w,
+        shape.max_plate_nesting,
+    )
 
 
 @torch.no_grad()
-def latent_means(module: torch.nn.Module, batch: tuple, site: str, num_samples: int = 64) -> torch.Tensor:
+def latent_means(
+    module: torch.nn.Module, batch: tuple, site: str, num_samples: int = 64
+) -> torch.Tensor:
     """E_q[site | x] per point, shape (M, *event): averaged over ``num_samples`` guide draws."""
     shape = structure(module, batch)
     w = log_weights(module, batch, num_samples, shape)

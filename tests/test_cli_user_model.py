@@ -13,7 +13,7 @@ import pyvae
 from pyvae.cli import main
 from pyvae.config import model_args, parse_args
 
-TINY = '''
+TINY = """
 import pyro, pyro.distributions as dist, torch
 from torch import nn
 
@@ -47,11 +47,22 @@ class NoGuide(nn.Module):
 
 if __name__ == "__main__":
     raise SystemExit("the __main__ block of the model file ran")
-'''
+"""
 
 # --lr-schedule none: a cosine schedule is fixed to its epochs, and the run is resumed to more
-COMMON = ["--dataset", "digits", "--no-download", "--epochs", "1", "--batch-size", "64",
-          "--eval-samples", "0", "--lr-schedule", "none"]
+COMMON = [
+    "--dataset",
+    "digits",
+    "--no-download",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "64",
+    "--eval-samples",
+    "0",
+    "--lr-schedule",
+    "none",
+]
 
 
 def model_file(tmp_path):
@@ -79,8 +90,12 @@ def test_a_users_class_trains_and_every_command_follows_it(tmp_path, capsys):
     run = train(tmp_path, "--model-arg", "z_dim=3")
     file = model_file(tmp_path)
     record = yaml.safe_load((run / "config.yaml").read_text())["model"]
-    assert record == {"file": str(file.resolve()), "class": "TinyVAE", "args": {"z_dim": 3},
-                      "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
+    assert record == {
+        "file": str(file.resolve()),
+        "class": "TinyVAE",
+        "args": {"z_dim": 3},
+        "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+    }
     payload = torch.load(run / "checkpoint.pt", weights_only=True)  # no code in it
     data = {"x_dim": 64, "image_shape": [1, 8, 8], "num_classes": 10}
     assert payload["user_model"] == {**record, "data": data}
@@ -89,8 +104,18 @@ def test_a_users_class_trains_and_every_command_follows_it(tmp_path, capsys):
     with pytest.raises(pyvae.PyvaeError, match=needs):
         pyvae.load(run / "checkpoint.pt")
 
-    main(["evaluate", str(run), "--num-samples", "50", "--num-points", "20",
-          "--out", str(tmp_path / "e")])
+    main(
+        [
+            "evaluate",
+            str(run),
+            "--num-samples",
+            "50",
+            "--num-points",
+            "20",
+            "--out",
+            str(tmp_path / "e"),
+        ]
+    )
     summary = json.loads((tmp_path / "e" / "eval.json").read_text())
     assert summary["num_points"] == 20 and summary["log_px"] < 0
     main(["sample", str(run), "--out", str(tmp_path / "s")])
@@ -101,14 +126,18 @@ def test_a_users_class_trains_and_every_command_follows_it(tmp_path, capsys):
     records = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in records] == [1, 2]
     assert "--model-arg cannot change the model of a resumed run" in exits_2(
-        ["train", "--resume", str(run), "--epochs", "3", "--model-arg", "z_dim=4"], capsys)
+        ["train", "--resume", str(run), "--epochs", "3", "--model-arg", "z_dim=4"], capsys
+    )
 
 
 @pytest.mark.parametrize(
     "model, flags, message",
     [
-        ("tiny.py:TinyVAE", ["--model-arg", "zdim=3"],
-         r"unknown model argument 'zdim' for TinyVAE \(.*tiny.py\); allowed: x_dim, z_dim, hidden"),
+        (
+            "tiny.py:TinyVAE",
+            ["--model-arg", "zdim=3"],
+            r"unknown model argument 'zdim' for TinyVAE \(.*tiny.py\); allowed: x_dim, z_dim, hidden",
+        ),
         ("missing.py:TinyVAE", [], r"--model missing.py:TinyVAE: there is no file .*missing.py"),
         ("tiny.py:Missing", [], r"defines no class 'Missing'; its classes: TinyVAE, NoGuide"),
         ("tiny.py:NoGuide", [], r"NoGuide in .*tiny.py has no method guide"),
@@ -134,8 +163,10 @@ def test_a_changed_or_missing_model_file_is_refused(tmp_path, capsys):
     file = model_file(tmp_path)
     with file.open("a") as f:
         f.write("# edited\n")
-    for argv in (["evaluate", str(run), "--num-samples", "5"],
-                 ["train", "--resume", str(run), "--epochs", "2"]):
+    for argv in (
+        ["evaluate", str(run), "--num-samples", "5"],
+        ["train", "--resume", str(run), "--epochs", "2"],
+    ):
         err = exits_2(argv, capsys)
         assert f"the model file {file.resolve()} has changed since" in err and "sha256" in err, err
     file.unlink()
@@ -147,7 +178,13 @@ def test_a_changed_or_missing_model_file_is_refused(tmp_path, capsys):
 
 def test_model_args_are_yaml_values_and_yaml_configs_take_a_mapping(tmp_path):
     assert model_args(["a=3", "b=1e-3", "c=[64, 64]", "d=true", "e=text", "f=0.5", "a=4"]) == {
-        "a": 4, "b": 0.001, "c": [64, 64], "d": True, "e": "text", "f": 0.5}
+        "a": 4,
+        "b": 0.001,
+        "c": [64, 64],
+        "d": True,
+        "e": "text",
+        "f": 0.5,
+    }
     config_file = tmp_path / "config.yaml"
     config_file.write_text("model: {file: tiny.py, class: TinyVAE, args: {z_dim: 10}}\n")
     config, _ = parse_args(["--config", str(config_file), "--model-arg", "hidden=8"])
@@ -193,12 +230,24 @@ def test_a_users_semi_supervised_class_trains_with_num_labels(tmp_path, capsys):
     path = tmp_path / "semi.py"
     path.write_text(SEMI)
     run = tmp_path / "run"
-    main(["train", "--model", f"{path}:TinySSVAE", "--num-labels", "100", *COMMON, "--out", str(run)])
+    main(
+        ["train", "--model", f"{path}:TinySSVAE", "--num-labels", "100", *COMMON, "--out", str(run)]
+    )
     out = capsys.readouterr().out
     assert "elbo auto: enum" in out and "labelled" in out  # y summed exactly; both groups' ELBOs
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert {"train_elbo_labelled", "train_elbo_unlabelled", "test_elbo"} <= set(record)
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--model", f"{model_file(tmp_path)}:TinyVAE", "--num-labels", "100", *COMMON,
-              "--out", str(tmp_path / "refused")])
+        main(
+            [
+                "train",
+                "--model",
+                f"{model_file(tmp_path)}:TinyVAE",
+                "--num-labels",
+                "100",
+                *COMMON,
+                "--out",
+                str(tmp_path / "refused"),
+            ]
+        )
     assert exit_info.value.code == 2 and not (tmp_path / "refused").exists()

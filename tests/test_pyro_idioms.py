@@ -82,7 +82,9 @@ def test_the_reported_train_elbo_is_per_data_point_in_every_form(form):
     x = torch.randn(300, D) * 2
     model = form()
     # a learning rate too small to move the weights: the epoch's average is the ELBO of these weights
-    history = pyvae.fit(model, x, epochs=1, batch_size=50, lr=1e-9, seed=0, progress=False, device="cpu")
+    history = pyvae.fit(
+        model, x, epochs=1, batch_size=50, lr=1e-9, seed=0, progress=False, device="cpu"
+    )
     pyro.set_rng_seed(0)
     independent = pyvae.log_likelihood(model, x, num_samples=20).elbo.mean().item()
     assert history[0]["train_elbo"] == pytest.approx(independent, abs=0.05 * abs(independent))
@@ -130,7 +132,9 @@ class SemiSupervised(nn.Module):
     def exact(self, x):
         """log p(x) = logsumexp_y [log 1/C + log N(x; mu_y, W W^T + 0.25 I)]."""
         cov = self.W @ self.W.T + 0.25 * torch.eye(D)
-        per_class = torch.stack([torch.distributions.MultivariateNormal(m, cov).log_prob(x) for m in self.mu], -1)
+        per_class = torch.stack(
+            [torch.distributions.MultivariateNormal(m, cov).log_prob(x) for m in self.mu], -1
+        )
         return torch.logsumexp(per_class, -1) - math.log(C)
 
 
@@ -138,7 +142,9 @@ def clusters(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     centres = torch.tensor([[4.0, 0, 0, 0, 0], [0, 4.0, 0, 0, 0], [0, 0, 4.0, 0, 0]])
     y = torch.randint(C, (n,), generator=g)
-    return centres[y] + 0.5 * torch.randn(n, D, generator=g), y  # the model's noise: no misfit to exploit
+    return centres[y] + 0.5 * torch.randn(
+        n, D, generator=g
+    ), y  # the model's noise: no misfit to exploit
 
 
 def test_a_semi_supervised_program_learns_from_its_labels_and_auxiliary_loss():
@@ -147,9 +153,18 @@ def test_a_semi_supervised_program_learns_from_its_labels_and_auxiliary_loss():
     labels = torch.full_like(y, -1)
     labels[:30] = y[:30]  # 30 labelled points of 600
     model = SemiSupervised()
-    history = pyvae.fit(model, (x, labels), epochs=10, batch_size=60, lr=5e-2, seed=0, progress=False,
-                        device="cpu", auxiliary=[(model.model_classify, model.guide_classify)],
-                        labelled_share=0.25)
+    history = pyvae.fit(
+        model,
+        (x, labels),
+        epochs=10,
+        batch_size=60,
+        lr=5e-2,
+        seed=0,
+        progress=False,
+        device="cpu",
+        auxiliary=[(model.model_classify, model.guide_classify)],
+        labelled_share=0.25,
+    )
     last = history[-1]
     assert {"train_elbo_labelled", "train_elbo_unlabelled"} <= set(last)
     x_test, y_test = clusters(300, seed=1)
@@ -164,7 +179,9 @@ def exact_guide(model: SemiSupervised) -> SemiSupervised:
         model.W.copy_(q * torch.tensor([0.8, 0.5]))
         precision = (model.W**2).sum(0) / 0.25 + 1
         gain = model.W.T / 0.25 / precision.unsqueeze(1)  # (Z, D): posterior mean gain (x - mu_y)
-        model.enc.weight.copy_(torch.cat([torch.cat([gain, -gain @ model.mu.T], 1), torch.zeros(Z, D + C)]))
+        model.enc.weight.copy_(
+            torch.cat([torch.cat([gain, -gain @ model.mu.T], 1), torch.zeros(Z, D + C)])
+        )
         std = 1.2 / precision.sqrt() - 0.05
         model.enc.bias.copy_(torch.cat([torch.zeros(Z), std + torch.log(-torch.expm1(-std))]))
     return model
@@ -179,7 +196,7 @@ def test_a_semi_supervised_program_s_log_px_is_the_exact_sum_over_classes():
     model.guide = enumerated  # y summed exactly in the importance sampler
     ll = pyvae.log_likelihood(model, x, num_samples=3000)
     exact = model.exact(x).detach()
-    assert ((ll.log_px - exact).abs() <= 4 * ll.stderr + 0.05).all(), (ll.log_px - exact)
+    assert ((ll.log_px - exact).abs() <= 4 * ll.stderr + 0.05).all(), ll.log_px - exact
     assert (ll.ess <= 3000 + 1e-3).all()  # the ESS of the K draws, never above K
 
 
@@ -204,7 +221,9 @@ class Conditional(nn.Module):
             else:  # as Pyro's example: boolean-mask indexing, which particles cannot be vectorized over
                 hidden = xs == -1
                 loc = mean[hidden].view(xs.shape[0], -1)
-                pyro.sample("y", dist.Normal(loc, 1.0).to_event(1), obs=ys[hidden].view(xs.shape[0], -1))
+                pyro.sample(
+                    "y", dist.Normal(loc, 1.0).to_event(1), obs=ys[hidden].view(xs.shape[0], -1)
+                )
 
     def guide(self, xs, ys=None):
         with pyro.plate("data"):
@@ -230,8 +249,17 @@ def test_a_conditional_program_with_float_inputs_and_a_deterministic_site():
     xs = target.clone()
     xs[:, :2] = -1.0  # two hidden pixels, their values the target
     model = Conditional()
-    pyvae.fit(model, (xs, target), epochs=2, batch_size=20, seed=0, progress=False, device="cpu",
-              elbo="iwae", num_particles=3)  # particles drawn one at a time
+    pyvae.fit(
+        model,
+        (xs, target),
+        epochs=2,
+        batch_size=20,
+        seed=0,
+        progress=False,
+        device="cpu",
+        elbo="iwae",
+        num_particles=3,
+    )  # particles drawn one at a time
     pyro.set_rng_seed(0)
     with pytest.warns(pyvae.PyvaeWarning, match="drawn one at a time"):
         ll = pyvae.log_likelihood(model, (xs, target), num_samples=1000)
@@ -242,7 +270,9 @@ def test_a_conditional_program_with_float_inputs_and_a_deterministic_site():
         mean = model.dec(torch.cat([z, xs.expand(200000, *xs.shape)], -1))[..., :2]
         log_lik = dist.Normal(mean, 1.0).log_prob(target[:, :2]).sum(-1)
         independent = torch.logsumexp(log_lik, 0) - math.log(200000)
-    difference = ll.log_px - independent  # IS from a 2-epoch guide is heavy-tailed: checked on average
+    difference = (
+        ll.log_px - independent
+    )  # IS from a 2-epoch guide is heavy-tailed: checked on average
     assert difference.mean().abs() < 0.25, difference
     # the same program written so that particles vectorize: the same estimate to Monte Carlo error
     twin = Vectorized()
@@ -277,8 +307,13 @@ def test_an_argument_the_program_does_not_take_is_a_one_line_error():
         def guide(self, x, y):
             super().guide(x)
 
-    with pytest.raises(pyvae.PyvaeError, match=r"NoLabels.guide\(\) cannot be called .*missing a required argument: 'y'"):
-        pyvae.fit(NoLabels(), torch.randn(10, D), epochs=1, batch_size=5, progress=False, device="cpu")
+    with pytest.raises(
+        pyvae.PyvaeError,
+        match=r"NoLabels.guide\(\) cannot be called .*missing a required argument: 'y'",
+    ):
+        pyvae.fit(
+            NoLabels(), torch.randn(10, D), epochs=1, batch_size=5, progress=False, device="cpu"
+        )
 
 
 class PyroModuleVAE(PyroModule):
@@ -313,8 +348,12 @@ def test_pyro_module_networks_train_and_a_pyro_sample_weight_is_refused():
     pyvae.fit(model, x, epochs=2, batch_size=20, seed=0, progress=False, device="cpu")
     assert not torch.equal(before, model.dec.weight.detach())  # its parameters were trained
     assert torch.isfinite(pyvae.log_likelihood(model, x, num_samples=20).log_px).all()
-    with pytest.raises(pyvae.PyvaeError, match="site 'dec.weight' is not inside a plate .*a global latent") as info:
-        pyvae.fit(PyroModuleVAE(bayesian=True), x, epochs=1, batch_size=20, progress=False, device="cpu")
+    with pytest.raises(
+        pyvae.PyvaeError, match="site 'dec.weight' is not inside a plate .*a global latent"
+    ) as info:
+        pyvae.fit(
+            PyroModuleVAE(bayesian=True), x, epochs=1, batch_size=20, progress=False, device="cpu"
+        )
     assert "\n" not in str(info.value)
 
 
