@@ -372,3 +372,37 @@ def test_evaluation_encodes_labels_and_refuses_unlabelled_points_for_an_optional
     mixed[:5] = -1
     with pytest.raises(pyvae.PyvaeError, match="unlabelled points .*score them without labels"):
         pyvae.log_likelihood(model, (x, mixed), num_samples=10)
+
+
+def test_a_semi_supervised_run_stopped_mid_epoch_resumes_exactly(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from pyvae.train import TrainingStopped
+
+    x, y = clusters(200)
+    labels = torch.full_like(y, -1)
+    labels[:20] = y[:20]
+    settings = dict(epochs=2, batch_size=40, labelled_share=0.25, seed=1, device="cpu", progress=False)
+    torch.manual_seed(0)
+    whole = SemiSupervised()
+    reference = pyvae.fit(whole, (x, labels), out=tmp_path / "whole", **settings)
+
+    forward, calls = Objective.forward, []
+
+    def forward_then_interrupt(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:  # step 2 of epoch 2 (6 steps per epoch: 180 unlabelled, 30 a step)
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Objective, "forward", forward_then_interrupt)
+    torch.manual_seed(0)
+    model = SemiSupervised()
+    with pytest.raises(TrainingStopped, match="stopped by SIGINT at epoch 2, step 2"):
+        pyvae.fit(model, (x, labels), out=tmp_path / "stopped", **settings)
+    monkeypatch.setattr(Objective, "forward", forward)
+    resumed = pyvae.fit(model, (x, labels), out=tmp_path / "stopped", resume=True, **settings)
+    strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
+    assert strip(resumed) == strip(reference)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), whole.parameters()))
