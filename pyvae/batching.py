@@ -240,11 +240,12 @@ def _place(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
 # -- how a training set is served: the calls of each step ---------------------------------------
 @dataclass
 class Call:
-    """One call of the programs in a training step: ``args`` as the programs take them, standing for
-    ``num_data`` points of the data set (the objective scales its minibatch terms by num_data /
-    M)."""
+    """One call of the programs in a training step: ``args`` as the programs take them, whose M
+    points stand for the ``group`` points of their kind (labelled, unlabelled, or all ``num_data``
+    points of the data set): the objective scales the call's density terms by group / M."""
 
     args: tuple
+    group: int
     num_data: int
     kind: str = "all"
 
@@ -277,20 +278,26 @@ class Whole:
         """The steps of ``epoch`` after ``skip`` of them, each a list of :class:`Call`."""
         order = self.batches.shard(epoch, seed, self.world)
         for batch in self.batches.select(order, self.batch_size, skip):
-            yield [Call(self._encoded(batch), len(self.batches))]
+            yield [Call(self._encoded(batch), len(self.batches), len(self.batches))]
 
 
 class Split:
-    """Semi-supervised data for a program with an optional label (``model(xs, ys=None)``): every
-    step holds a fixed share of labelled points, given to the programs as one call with their labels
-    (encoded as the program's label site asks) and the unlabelled points as another without them. An
-    epoch is one pass over the unlabelled points; the labelled ones are dealt from a fresh
-    permutation whenever they run out. Each call's terms are scaled to its own group, so the
-    objective is the unbiased estimate of sum_labelled L(x, y) + sum_unlabelled U(x) whatever the
-    share."""
+    """Semi-supervised data (labels with -1 for unlabelled points): every step holds a fixed share
+    of labelled points, given to the programs as one call and the unlabelled points as another. A
+    program with an optional label (``model(xs, ys=None)``) gets the labels in the encoding its
+    label site asks for (``encode``) and the unlabelled points without them; one that requires the
+    label (the built-in m2) gets both calls with the labels as they are (-1: unlabelled). An epoch
+    is one pass over the unlabelled points; the labelled ones are dealt from a fresh permutation
+    whenever they run out. Each call's terms are scaled to its own group, so the objective is the
+    unbiased estimate of sum_labelled L(x, y) + sum_unlabelled U(x) whatever the share."""
 
     def __init__(
-        self, batches: Batches, batch_size: int, world: distributed.World, share: float, encode
+        self,
+        batches: Batches,
+        batch_size: int,
+        world: distributed.World,
+        share: float,
+        encode=None,
     ) -> None:
         labels = batches.others[-1]
         self.batches, self.world, self.encode = batches, world, encode
@@ -306,9 +313,15 @@ class Split:
         self.sizes = {"labelled": len(self.labelled), "unlabelled": len(self.unlabelled)}
 
     def probes(self) -> list[tuple]:
-        """Two labelled points with their labels and two unlabelled ones without."""
-        lab = self.batches._serve(self.labelled[:2])
-        return [(*lab[:-1], self.encode(lab[-1])), self.batches._serve(self.unlabelled[:2])[:-1]]
+        """Two labelled points and two unlabelled ones, as the programs get them."""
+        return self._calls(
+            self.batches._serve(self.labelled[:2]), self.batches._serve(self.unlabelled[:2])
+        )
+
+    def _calls(self, labelled: tuple, unlabelled: tuple) -> tuple[tuple, tuple]:
+        if self.encode is None:  # a required label: -1 marks the unlabelled points
+            return labelled, unlabelled
+        return (*labelled[:-1], self.encode(labelled[-1])), unlabelled[:-1]
 
     def steps(self, seed: int) -> int:
         return math.ceil(len(self._sampler(len(self.unlabelled), seed)) / self.m_u)
@@ -331,7 +344,7 @@ class Split:
         labelled = torch.cat(
             [self._order(self.labelled, seed + 7919 * (r + 1), epoch) for r in range(rounds)]
         )
-        n_l, n_u, y_pos = len(self.labelled), len(self.unlabelled), len(self.batches.others)
+        n_l, n_u, n = len(self.labelled), len(self.unlabelled), len(self.batches)
         for step in range(skip, steps):
             u = next(
                 self.batches.select(unlabelled[step * self.m_u : (step + 1) * self.m_u], self.m_u)
@@ -339,10 +352,8 @@ class Split:
             lab = next(
                 self.batches.select(labelled[step * self.m_l : (step + 1) * self.m_l], self.m_l)
             )
-            yield [
-                Call((*lab[:y_pos], self.encode(lab[y_pos])), n_l, "labelled"),
-                Call(u[:y_pos], n_u, "unlabelled"),
-            ]
+            lab, u = self._calls(lab, u)
+            yield [Call(lab, n_l, n, "labelled"), Call(u, n_u, n, "unlabelled")]
 
 
 def serving(
@@ -353,35 +364,34 @@ def serving(
     labelled_share: float | None = None,
 ):
     """How ``batches`` are served to ``module`` in training: :class:`Split` when the data's last
-    tensor is labels with -1 for unlabelled points and the program takes them as an optional
-    argument (``model(xs, ys=None)``), else :class:`Whole`. Labels go to the program in the encoding
-    its label site asks for (:func:`pyvae.program.label_site`); ``labelled_share`` is the labelled
-    part of every minibatch (default: their share of the data, so each is used about once per
-    epoch)."""
-    labels = optional_labels(module, batches)
-    if labels is None or bool((labels >= 0).all()):
+    tensor is labels with -1 for unlabelled points (taken as an optional argument,
+    ``model(xs, ys=None)``, or as a required one that the program reads, as the built-in m2 does),
+    else :class:`Whole`. Optional labels go to the program in the encoding its label site asks for
+    (:func:`label_encoder`); ``labelled_share`` is the labelled part of every minibatch (default:
+    their share of the data, so each is used about once per epoch)."""
+    labels = batches.others[-1] if batches.others and is_label(batches.others[-1]) else None
+    optional = labels is not None and len(batches.others) >= batch_arity(module)
+    if labels is None or bool((labels >= 0).all()) or not bool((labels >= 0).any()):
         if labelled_share is not None:
             raise PyvaeError(
-                "labelled_share is for semi-supervised data (labels with -1 for unlabelled "
-                "points) served to a program with an optional label, model(xs, ys=None)"
+                "labelled_share is for semi-supervised data: labels with -1 for unlabelled "
+                "points, and some labelled"
+            )
+        if optional and not bool((labels >= 0).any()):
+            raise PyvaeError(
+                "the training data's labels are all -1 (unlabelled); pass the images alone"
             )
         return Whole(
-            batches,
-            batch_size,
-            world,
-            label_encoder(module, batches) if labels is not None else None,
+            batches, batch_size, world, label_encoder(module, batches) if optional else None
         )
-    if not bool((labels >= 0).any()):
-        raise PyvaeError(
-            "the training data's labels are all -1 (unlabelled); pass the images alone"
-        )
-    encode = label_encoder(module, batches)
     share = int((labels >= 0).sum()) / len(labels) if labelled_share is None else labelled_share
     if not 0 < share < 1:
         raise PyvaeError(
             f"labelled_share must be a fraction strictly between 0 and 1; got {labelled_share!r}"
         )
-    return Split(batches, batch_size, world, share, encode)
+    return Split(
+        batches, batch_size, world, share, label_encoder(module, batches) if optional else None
+    )
 
 
 def optional_labels(module: torch.nn.Module, batches: Batches) -> torch.Tensor | None:

@@ -330,6 +330,7 @@ def train_main(argv: list[str]) -> None:
         num_particles=config.num_particles,
         beta=config.beta,
         kl_warmup_epochs=config.kl_warmup_epochs,
+        labelled_share=config.labelled_share,
         metrics=metrics,
         clip_norm=config.clip_norm,
         device=device,

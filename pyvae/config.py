@@ -59,6 +59,14 @@ class TrainConfig:
     # model
     model: str | dict = field(default="vae", metadata={"models": True, "help": MODEL_HELP})
     num_labels: int | None = field(default=None, metadata={"min": 1, "help": "m2: labelled training points, class-balanced; the rest unlabelled"})
+    labelled_share: float | None = field(
+        default=None,
+        metadata={
+            "open_unit": True,
+            "help": "semi-supervised data: the labelled part of every minibatch, served as its own "
+            "call, each part scaled to its group (default: their share of the data)",
+        },
+    )
     z_dim: int = field(default=50, metadata={"min": 1})
     hidden: list[int] = field(default_factory=lambda: [512], metadata={"min": 1})
     activation: str = field(default="relu", metadata=_choices(*MLP_ACTIVATIONS))

@@ -34,6 +34,7 @@ from torch.distributions import kl_divergence
 from .errors import PyvaeError, positive_int
 from .batching import Call
 from .program import (
+    DataScale,
     LatentScale,
     LocalParams,
     accepts_num_data,
@@ -174,11 +175,13 @@ class Objective(torch.nn.Module):
         """Whether the program scales by N/M itself: its data plate's declared size when called with
         ``num_data`` is N (a subsampled plate) or the batch's M (pyvae scales); anything else is an
         error."""
-        m, n = call.args[0].shape[0], call.num_data
+        # read on a batch smaller than N: at M = N both answers fit, and a later call may be smaller
+        args, n = tuple(t[:1] for t in call.args), call.num_data
+        m = args[0].shape[0]
         if not accepts_num_data(self.module.model) or m == n:
-            self.self_scaled = False
+            self.self_scaled = False  # N = 1: nothing to scale
             return
-        size = plate_full_size(self.module, call.args, n, plate)
+        size = plate_full_size(self.module, args, n, plate)
         if size not in (m, n):
             raise PyvaeError(
                 f"{type(self.module).__name__}: plate {plate!r} has size {size} when called with a "
@@ -194,19 +197,23 @@ class Objective(torch.nn.Module):
     def loss(self, batch: tuple, num_data: int, beta: float = 1.0) -> torch.Tensor:
         """The loss of one batch standing for ``num_data`` points (the model's and the auxiliary
         ones)."""
-        return self([Call(batch, num_data)], beta).sum()
+        return self([Call(batch, num_data, num_data)], beta).sum()
 
     def _call_losses(self, call: Call, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, num_data, m = call.args, call.num_data, call.args[0].shape[0]
+        batch, m = call.args, call.args[0].shape[0]
         if self.elbo.max_plate_nesting == math.inf:
             self.fill_plate_nesting(structure(self.module, batch).max_plate_nesting)
         if self.self_scaled is None:
             self.read_scaling(call, structure(self.module, batch).data_plate)
         iwae = isinstance(self.elbo, IWAE)
         # the IWAE bound is on the minibatch alone
-        given = num_data if self.self_scaled and not iwae else None
-        scale = 1.0 if given is not None else num_data / m
+        given = call.num_data if self.self_scaled and not iwae else None
+        scale = 1.0 if given is not None else call.group / m
         model, guide = bound(self.module.model, given), bound(self.module.guide, given)
+        if given is not None and call.group != call.num_data:
+            # the program scales by N/M; its densities stand for the call's group, its pyro.factor
+            # terms for what the program says (m2's alpha N E_labelled[log q(y|x)])
+            model, guide = (DataScale(call.group / call.num_data)(p) for p in (model, guide))
         if self.enumerate:
             guide = config_enumerate(guide, "parallel")
         if beta != 1.0:
@@ -219,7 +226,7 @@ class Objective(torch.nn.Module):
                     for a_model, a_guide in self.auxiliary
                 ),
                 torch.zeros(()),
-            ) * (num_data / m)
+            ) * (call.group / m)
         return main, aux.to(main)
 
     @staticmethod

@@ -144,6 +144,20 @@ class LatentScale(Messenger):
             msg["scale"] = self.scale * msg["scale"]
 
 
+class DataScale(Messenger):
+    """Multiply the log-density of every sample site but ``pyro.factor``'s (auxiliary) by ``scale``:
+    a call's minibatch terms made to stand for its group of the data (N_c of N points) in a program
+    whose data plate scales by N/M itself."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] == "sample" and not msg["infer"].get("is_auxiliary"):
+            msg["scale"] = self.scale * msg["scale"]
+
+
 class LocalParams(Messenger):
     """Keep ``pyro.module``'s parameters in their module: a ``pyro.param(name, parameter)`` message
     is answered with that ``nn.Parameter`` itself, so Pyro's global param store is never filled

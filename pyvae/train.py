@@ -446,7 +446,7 @@ def tally(sums: torch.Tensor, calls: list, losses: torch.Tensor) -> None:
     points, weighted by M_c / N_c, so that over an epoch they sum the per-point losses of the points
     served."""
     for i, call in enumerate(calls):
-        weight = call.args[0].shape[0] / call.num_data
+        weight = call.args[0].shape[0] / call.group
         row = sums[KINDS.index(call.kind)]
         row[0] += losses[:, i].sum() * weight
         row[1] += losses[0, i] * weight

@@ -18,7 +18,8 @@ D, Z, C = 5, 2, 3
 
 
 class Subsampled(nn.Module):
-    """z ~ N(0, I), x | z ~ N(W z + b, 0.5^2): the plate sized by num_data, the minibatch as subsample."""
+    """z ~ N(0, I), x | z ~ N(W z + b, 0.5^2): the plate sized by num_data, the minibatch as
+    subsample."""
 
     def __init__(self):
         super().__init__()
@@ -53,7 +54,8 @@ class MinibatchPlate(Subsampled):
 
 
 class ImplicitPlate(MinibatchPlate):
-    """pyro.plate("batch") with no size, named otherwise: its size comes from the sites inside it."""
+    """pyro.plate("batch") with no size, named otherwise: its size comes from the sites inside
+    it."""
 
     def plate(self, x, num_data=None):
         return pyro.plate("batch")
@@ -81,7 +83,8 @@ def test_the_reported_train_elbo_is_per_data_point_in_every_form(form):
     torch.manual_seed(1)
     x = torch.randn(300, D) * 2
     model = form()
-    # a learning rate too small to move the weights: the epoch's average is the ELBO of these weights
+    # a learning rate too small to move the weights: the epoch's average is the ELBO of these
+    # weights
     history = pyvae.fit(
         model, x, epochs=1, batch_size=50, lr=1e-9, seed=0, progress=False, device="cpu"
     )
@@ -173,7 +176,8 @@ def test_a_semi_supervised_program_learns_from_its_labels_and_auxiliary_loss():
 
 
 def exact_guide(model: SemiSupervised) -> SemiSupervised:
-    """W with orthogonal columns, so that p(z | x, y) is diagonal, and q(z | x, y) set to it (widened)."""
+    """W with orthogonal columns, so that p(z | x, y) is diagonal, and q(z | x, y) set to it
+    (widened)."""
     with torch.no_grad():
         q, _ = torch.linalg.qr(torch.randn(D, Z))
         model.W.copy_(q * torch.tensor([0.8, 0.5]))
@@ -218,7 +222,7 @@ class Conditional(nn.Module):
             mean = self.dec(torch.cat([z, xs.expand(*z.shape[:-1], D)], -1))
             if ys is None:
                 pyro.deterministic("y", mean)
-            else:  # as Pyro's example: boolean-mask indexing, which particles cannot be vectorized over
+            else:  # as Pyro's example: boolean-mask indexing, which particles cannot vectorize
                 hidden = xs == -1
                 loc = mean[hidden].view(xs.shape[0], -1)
                 pyro.sample(
@@ -233,7 +237,8 @@ class Conditional(nn.Module):
 
 
 class Vectorized(Conditional):
-    """:class:`Conditional` with the two hidden pixels indexed by position, which particles broadcast over."""
+    """:class:`Conditional` with the two hidden pixels indexed by position, which particles
+    broadcast over."""
 
     def model(self, xs, ys=None):
         with pyro.plate("data"):
@@ -361,7 +366,8 @@ def test_evaluation_encodes_labels_and_refuses_unlabelled_points_for_an_optional
     torch.manual_seed(7)
     model = exact_guide(SemiSupervised())
     x, y = clusters(30)
-    # integer labels, served one-hot to the program's OneHotCategorical label site: log p(x, y) exactly
+    # integer labels, served one-hot to the program's OneHotCategorical label site: log p(x, y)
+    # exactly
     ll = pyvae.log_likelihood(model, (x, y), num_samples=500)
     cov = model.W @ model.W.T + 0.25 * torch.eye(D)
     exact = torch.distributions.MultivariateNormal(model.mu[y], cov).log_prob(x) - math.log(C)
@@ -383,7 +389,9 @@ def test_a_semi_supervised_run_stopped_mid_epoch_resumes_exactly(tmp_path, monke
     x, y = clusters(200)
     labels = torch.full_like(y, -1)
     labels[:20] = y[:20]
-    settings = dict(epochs=2, batch_size=40, labelled_share=0.25, seed=1, device="cpu", progress=False)
+    settings = dict(
+        epochs=2, batch_size=40, labelled_share=0.25, seed=1, device="cpu", progress=False
+    )
     torch.manual_seed(0)
     whole = SemiSupervised()
     reference = pyvae.fit(whole, (x, labels), out=tmp_path / "whole", **settings)
@@ -406,3 +414,75 @@ def test_a_semi_supervised_run_stopped_mid_epoch_resumes_exactly(tmp_path, monke
     strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
     assert strip(resumed) == strip(reference)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), whole.parameters()))
+
+
+class Mixture(nn.Module):
+    """m2's form with no continuous latent, so every ELBO is exact (enumerated): y ~ Cat(1/C),
+    x | y ~ N(mu_y, 1); labels required, -1 for unlabelled; the classification factor
+    alpha (M / M_l) log q(y|x) on labelled points, as pyvae.M2 writes it."""
+
+    def __init__(self, alpha=0.5):
+        super().__init__()
+        self.alpha = alpha
+        self.mu = nn.Parameter(torch.randn(C, D))
+        self.classifier = nn.Linear(D, C)
+
+    def model(self, x, y, num_data=None):
+        labelled = y >= 0
+        with pyvae.program.data_plate(x, num_data):
+            label = pyro.sample("y", dist.Categorical(logits=torch.zeros(C)))
+            pyro.sample("x", dist.Normal(self.mu[label], 1.0).to_event(1), obs=x)
+            log_q = dist.Categorical(logits=self.classifier(x)).log_prob(y.clamp(min=0))
+            with pyro.poutine.mask(mask=labelled):
+                pyro.factor("classify", self.alpha * len(y) / labelled.sum().clamp(min=1) * log_q)
+
+    def guide(self, x, y, num_data=None):
+        log_q = torch.log_softmax(self.classifier(x), -1)
+        point = torch.full_like(log_q, -math.inf).scatter(-1, y.clamp(min=0).unsqueeze(-1), 0.0)
+        logits = torch.where((y >= 0).unsqueeze(-1), point, log_q)
+        with pyvae.program.data_plate(x, num_data):
+            pyro.sample("y", dist.Categorical(logits=logits), infer={"enumerate": "parallel"})
+
+
+def test_split_calls_scale_each_group_and_keep_the_program_s_own_factor_scale():
+    """sum_l L + sum_u U + alpha N mean_l log q, exactly, from a labelled and an unlabelled call."""
+    from pyvae.batching import Call
+
+    torch.manual_seed(8)
+    x, y = clusters(12)
+    y[4:] = -1  # 4 labelled, 8 unlabelled of N = 12
+    model, n = Mixture(), 12
+    single = Objective(model, "enum")  # each point alone: a data set of one
+    per_point = torch.stack([single.loss((x[i : i + 1], y[i : i + 1]), 1) for i in range(n)])
+    objective = Objective(model, "enum")
+    log_q = dist.Categorical(logits=model.classifier(x[:4])).log_prob(y[:4])
+    elbo_terms = per_point.clone()
+    elbo_terms[:4] += model.alpha * log_q  # the factor (a loss of -alpha log q) taken out
+    lab, unl = [0, 2], [5, 6, 9]  # a step's M_l = 2 of 4 labelled and M_u = 3 of 8 unlabelled
+    calls = [Call((x[lab], y[lab]), 4, n, "labelled"), Call((x[unl], y[unl]), 8, n, "unlabelled")]
+    loss = objective(calls).sum()
+    expected = (
+        4 / 2 * elbo_terms[lab].sum()
+        + 8 / 3 * elbo_terms[unl].sum()
+        - model.alpha * n * log_q[[0, 2]].mean()
+    )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_built_in_m2_trains_on_a_fixed_share_of_labelled_points():
+    train, _ = clusters(300)
+    labels = torch.full((300,), -1)
+    labels[:15] = clusters(300)[1][:15]
+    x = (train > 1.5).float()  # binary images for m2's Bernoulli
+    m2 = pyvae.M2(x_dim=D, num_classes=C, z_dim=2, hidden=(8,))
+    history = pyvae.fit(
+        m2,
+        (x, labels),
+        epochs=1,
+        batch_size=30,
+        labelled_share=0.5,
+        seed=0,
+        progress=False,
+        device="cpu",
+    )
+    assert {"train_elbo_labelled", "train_elbo_unlabelled"} <= set(history[0])

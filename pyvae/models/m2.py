@@ -46,13 +46,17 @@ class M2(CVAE):
     Classification: q(y|x) appears above only for unlabelled points, so the model adds for each
     of the M_l labelled points of a minibatch of M the factor alpha * (M / M_l) * log q(y_n | x_n)
     (``pyro.factor``: training objective only, never part of log p(x)). With the data plate's
-    N/M, a minibatch's objective is an estimate of
+    N/M (``num_data`` = N), a minibatch's objective is an estimate of
 
         sum_labelled L(x, y) + sum_unlabelled U(x) + alpha * N * E_labelled[log q(y | x)]
 
     Kingma et al.'s J^alpha (their eq. 9) with their weight 0.1 N written as alpha * N: the
     default alpha = 0.1 is their setting, whatever N and the number of labels (with N_l labels
     in all it is a weight of alpha N / N_l per labelled point, 50 for 100 labels of 50,000).
+    ``pyvae.fit`` serves semi-supervised data as a labelled and an unlabelled call per step, each
+    with a fixed share of the minibatch (``labelled_share``), and scales each call's densities to
+    its own group (N_l/M_l, N_u/M_u); the factor keeps the N/M this program gives it, so the
+    estimate above stays unbiased whatever the share.
 
     Args: as :class:`CVAE`, plus ``alpha`` >= 0; the classifier is an MLP with the same ``hidden``
     widths and ``activation``. Defaults are Kingma et al.'s MNIST networks: z 50, one hidden
