@@ -5,6 +5,8 @@ import pyro
 import pytest
 import torch
 
+from pyvae.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -66,3 +68,12 @@ def run_folder(tmp_path_factory):
     (out / "config.yaml").write_text("dataset: digits\nbinarize: dynamic\nseed: 0\n")
     return out
 
+
+
+def exits_2(argv, capsys) -> str:
+    """Run ``python -m pyvae ARGV``, which must refuse it: exit code 2 and one line on stderr."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1, err
+    return err

@@ -7,6 +7,8 @@ import pytest
 import pyvae
 from pyvae.cli import main
 
+from .conftest import exits_2
+
 COMMON = ["--dataset", "digits", "--epochs", "2", "--batch-size", "64", "--eval-samples", "20", "--eval-points", "30"]
 
 
@@ -14,14 +16,6 @@ def train(tmp_path, name, *flags):
     out = tmp_path / name
     main(["train", "--model", name, *COMMON, "--out", str(out), *flags])
     return out
-
-
-def exits_2(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert info.value.code == 2 and len(err.splitlines()) == 1, err
-    return err
 
 
 @pytest.fixture(scope="module")

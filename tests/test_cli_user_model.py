@@ -11,6 +11,8 @@ import yaml
 
 import pyvae
 from pyvae.cli import main
+
+from .conftest import exits_2
 from pyvae.config import model_args, parse_args
 
 TINY = """
@@ -76,14 +78,6 @@ def train(tmp_path, *flags):
     model = f"{model_file(tmp_path)}:TinyVAE"
     main(["train", "--model", model, *COMMON, "--out", str(out), *flags])
     return out
-
-
-def exits_2(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert info.value.code == 2 and len(err.splitlines()) == 1, err
-    return err
 
 
 def test_a_users_class_trains_and_every_command_follows_it(tmp_path, capsys):
