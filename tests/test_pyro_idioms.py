@@ -491,3 +491,32 @@ def test_the_built_in_m2_trains_on_a_fixed_share_of_labelled_points():
         device="cpu",
     )
     assert {"train_elbo_labelled", "train_elbo_unlabelled"} <= set(history[0])
+
+
+class TwoPlates(nn.Module):
+    """Latents in a plate over the points ("rows", dim -1) inside another plate that happens to have
+    as many elements ("heads", dim -2): only the module's data_plate tells them apart."""
+
+    def __init__(self, plate=None):
+        super().__init__()
+        self.data_plate = plate
+        self.enc = nn.Linear(D, 2)
+
+    def model(self, x):
+        with pyro.plate("heads", x.shape[0], dim=-2), pyro.plate("rows", x.shape[0], dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x[:, 0])
+
+    def guide(self, x):
+        loc, raw = self.enc(x).unbind(-1)
+        with pyro.plate("heads", x.shape[0], dim=-2), pyro.plate("rows", x.shape[0], dim=-1):
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 0.1))
+
+
+def test_a_module_names_its_data_plate_where_two_could_be_it():
+    x = torch.randn(3, D)
+    assert pyvae.program.structure(TwoPlates(), (x,)).data_plate == "heads"  # the outermost
+    assert pyvae.program.structure(TwoPlates("rows"), (x,)).data_plate == "rows"
+    with pytest.raises(pyvae.PyvaeError, match="not inside the plate 'nope' .*data_plate") as info:
+        pyvae.program.structure(TwoPlates("nope"), (x,))
+    assert "\n" not in str(info.value)
