@@ -314,11 +314,9 @@ def fit(
             # again, the batches already used are skipped, the generators go on from the stop
             done = resumed.get("step_in_epoch", 0) if epoch == first_epoch else 0
             start = time.perf_counter() - (resumed["partial_seconds"] if done else 0.0)
-            sums = (
-                torch.tensor(resumed["partial_total"], device=device)
-                if done
-                else torch.zeros(len(KINDS), 3, device=device)
-            )
+            sums = torch.zeros(len(KINDS), 3, device=device)
+            if done:
+                sums = resumed_sums(resumed["partial_total"], done * batch_size, device)
             bar = tqdm(
                 plan.epoch(epoch, order_seed, done),
                 total=steps_per_epoch,
@@ -451,6 +449,16 @@ def tally(sums: torch.Tensor, calls: list, losses: torch.Tensor) -> None:
         row[0] += losses[:, i].sum() * weight
         row[1] += losses[0, i] * weight
         row[2] += call.args[0].shape[0]
+
+
+def resumed_sums(partial, points: int, device) -> torch.Tensor:
+    """The accumulators :func:`tally` saved at a stop mid-epoch; a checkpoint of an older pyvae kept
+    one number, the objective's sum over ``points`` points of single calls: their first row."""
+    if isinstance(partial, (int, float)):
+        sums = torch.zeros(len(KINDS), 3, device=device)
+        sums[0] = torch.tensor([partial, partial, points], device=device)
+        return sums
+    return torch.tensor(partial, device=device)
 
 
 def train_elbos(sums: torch.Tensor, sizes: dict) -> dict:

@@ -191,3 +191,39 @@ def test_a_stop_on_the_last_step_of_an_epoch_resumes_exactly(tmp_path, digits, m
         assert torch.equal(p, q)
     if protocol != "none":
         assert torch.load(tmp_path / "stopped" / "best.pt", weights_only=True)["epoch"] == torch.load(tmp_path / "whole" / "best.pt", weights_only=True)["epoch"]
+
+
+def test_a_mid_epoch_checkpoint_of_an_older_pyvae_resumes(tmp_path, digits, monkeypatch):
+    """Before issue 28 a stop mid-epoch saved the epoch's objective as one number."""
+    import os
+    import signal
+
+    from pyvae.objectives import Objective
+    from pyvae.train import TrainingStopped
+
+    train, _ = digits
+    settings = dict(epochs=2, batch_size=256, seed=5, device="cpu", progress=False)
+    torch.manual_seed(0)
+    whole = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    reference = pyvae.fit(whole, train, out=tmp_path / "whole", **settings)
+    forward, calls = Objective.forward, []
+
+    def forward_then_interrupt(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:  # step 3 of epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Objective, "forward", forward_then_interrupt)
+    torch.manual_seed(0)
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    with pytest.raises(TrainingStopped):
+        pyvae.fit(vae, train, out=tmp_path / "stopped", **settings)
+    monkeypatch.setattr(Objective, "forward", forward)
+    path = tmp_path / "stopped" / "checkpoint.pt"
+    payload = torch.load(path, weights_only=True)
+    training = payload["training"]
+    training["partial_total"] = [rows[0][0] for rows in training["partial_total"]]  # the old form
+    torch.save(payload, path)
+    resumed = pyvae.fit(vae, train, out=tmp_path / "stopped", resume=True, **settings)
+    assert resumed[-1]["train_elbo"] == pytest.approx(reference[-1]["train_elbo"], rel=1e-6)
