@@ -150,11 +150,6 @@ class Batches:
                 )
             self.others = (*self.others[:-1], label_encoder(model, self)(labels))
 
-    @property
-    def labels(self) -> torch.Tensor | None:
-        """The second tensor when it holds class labels (-1: unlabelled), else None."""
-        return self.others[0] if self.others and is_label(self.others[0]) else None
-
     def __len__(self) -> int:
         return self.images.shape[0]
 
@@ -370,7 +365,7 @@ def serving(
     (:func:`label_encoder`); ``labelled_share`` is the labelled part of every minibatch (default:
     their share of the data, so each is used about once per epoch)."""
     labels = batches.others[-1] if batches.others and is_label(batches.others[-1]) else None
-    optional = labels is not None and len(batches.others) >= batch_arity(module)
+    optional = optional_labels(module, batches) is not None
     if labels is None or bool((labels >= 0).all()) or not bool((labels >= 0).any()):
         if labelled_share is not None:
             raise PyvaeError(

@@ -50,8 +50,8 @@ KHAT_BANDS = (
 )
 
 
-#: the fewest draws whose weights have a tail of 5 for arviz's Pareto fit: ceil(min(0.2 K, 3 sqrt
-#: K)) >= 5
+#: the fewest draws whose weights have a tail of 5 for arviz's Pareto fit:
+#: ceil(min(0.2 K, 3 sqrt K)) >= 5
 MIN_KHAT_SAMPLES = 21
 
 
@@ -109,8 +109,8 @@ class LogLikelihood:
         )
 
     def khat_bands(self) -> dict[str, float]:
-        """Fraction of points whose k^ is good (< 0.5), ok (< 0.7), bad (< 1) and very bad (>=
-        1)."""
+        """Fraction of points whose k^ is good (< 0.5), ok (< 0.7), bad (< 1) and very bad
+        (>= 1)."""
         k = self.khat
         return {name: float(((k >= lo) & (k < hi)).float().mean()) for name, lo, hi in KHAT_BANDS}
 

@@ -201,10 +201,12 @@ class Objective(torch.nn.Module):
 
     def _call_losses(self, call: Call, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
         batch, m = call.args, call.args[0].shape[0]
-        if self.elbo.max_plate_nesting == math.inf:
-            self.fill_plate_nesting(structure(self.module, batch).max_plate_nesting)
-        if self.self_scaled is None:
-            self.read_scaling(call, structure(self.module, batch).data_plate)
+        if self.elbo.max_plate_nesting == math.inf or self.self_scaled is None:
+            shape = structure(self.module, batch)  # one trace for whatever is still unread
+            if self.elbo.max_plate_nesting == math.inf:
+                self.fill_plate_nesting(shape.max_plate_nesting)
+            if self.self_scaled is None:
+                self.read_scaling(call, shape.data_plate)
         iwae = isinstance(self.elbo, IWAE)
         # the IWAE bound is on the minibatch alone
         given = call.num_data if self.self_scaled and not iwae else None

@@ -1,4 +1,6 @@
+import contextlib
 import os
+import signal
 from pathlib import Path
 
 import pyro
@@ -6,6 +8,7 @@ import pytest
 import torch
 
 from pyvae.cli import main
+from pyvae.objectives import Objective
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,3 +80,22 @@ def exits_2(argv, capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and len(err.splitlines()) == 1, err
     return err
+
+
+@contextlib.contextmanager
+def interrupted_at(monkeypatch, call: int, signum: int = signal.SIGINT):
+    """Within the block, the training objective's ``call``-th step sends ``signum`` to this process
+    (as a user's Ctrl-C mid-epoch would arrive)."""
+    forward, calls = Objective.forward, []
+
+    def forward_then_signal(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signum)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Objective, "forward", forward_then_signal)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(Objective, "forward", forward)

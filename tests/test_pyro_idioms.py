@@ -14,6 +14,8 @@ from torch import nn
 import pyvae
 from pyvae.objectives import Objective
 
+from .conftest import interrupted_at
+
 D, Z, C = 5, 2, 3
 
 
@@ -386,9 +388,6 @@ def test_evaluation_encodes_labels_and_refuses_unlabelled_points_for_an_optional
 
 
 def test_a_semi_supervised_run_stopped_mid_epoch_resumes_exactly(tmp_path, monkeypatch):
-    import os
-    import signal
-
     from pyvae.train import TrainingStopped
 
     x, y = clusters(200)
@@ -401,20 +400,12 @@ def test_a_semi_supervised_run_stopped_mid_epoch_resumes_exactly(tmp_path, monke
     whole = SemiSupervised()
     reference = pyvae.fit(whole, (x, labels), out=tmp_path / "whole", **settings)
 
-    forward, calls = Objective.forward, []
-
-    def forward_then_interrupt(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 8:  # step 2 of epoch 2 (6 steps per epoch: 180 unlabelled, 30 a step)
-            os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(Objective, "forward", forward_then_interrupt)
     torch.manual_seed(0)
     model = SemiSupervised()
-    with pytest.raises(TrainingStopped, match="stopped by SIGINT at epoch 2, step 2"):
+    # step 2 of epoch 2 (6 steps per epoch: 180 unlabelled, 30 a step)
+    stopped = pytest.raises(TrainingStopped, match="stopped by SIGINT at epoch 2, step 2")
+    with interrupted_at(monkeypatch, 8), stopped:
         pyvae.fit(model, (x, labels), out=tmp_path / "stopped", **settings)
-    monkeypatch.setattr(Objective, "forward", forward)
     resumed = pyvae.fit(model, (x, labels), out=tmp_path / "stopped", resume=True, **settings)
     strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
     assert strip(resumed) == strip(reference)

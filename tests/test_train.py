@@ -8,6 +8,8 @@ import torch
 import pyvae
 from pyvae.data import binarize, load_dataset
 
+from .conftest import interrupted_at
+
 
 @pytest.fixture(scope="module")
 def digits():
@@ -156,10 +158,6 @@ def test_resume_needs_a_run_written_by_fit(tmp_path, digits):
 @pytest.mark.parametrize("protocol", ["none", "cosine", "plateau"])
 def test_a_stop_on_the_last_step_of_an_epoch_resumes_exactly(tmp_path, digits, monkeypatch, protocol):
     """Also with a learning-rate schedule, validation data, early stopping and best.pt."""
-    import os
-    import signal
-
-    from pyvae.objectives import Objective
     from pyvae.train import TrainingStopped
 
     train, test = digits  # 1437 points, batch 256: 6 steps per epoch
@@ -170,20 +168,12 @@ def test_a_stop_on_the_last_step_of_an_epoch_resumes_exactly(tmp_path, digits, m
     whole = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
     reference = pyvae.fit(whole, train, out=tmp_path / "whole", **settings)
 
-    forward, calls = Objective.forward, []
-
-    def forward_then_interrupt(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 12:  # the last step of epoch 2
-            os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(Objective, "forward", forward_then_interrupt)
     torch.manual_seed(0)
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
-    with pytest.raises(TrainingStopped, match="stopped by SIGINT at epoch 2, step 6"):
+    # the last step of epoch 2
+    stopped = pytest.raises(TrainingStopped, match="stopped by SIGINT at epoch 2, step 6")
+    with interrupted_at(monkeypatch, 12), stopped:
         pyvae.fit(vae, train, out=tmp_path / "stopped", **settings)
-    monkeypatch.setattr(Objective, "forward", forward)
     resumed = pyvae.fit(vae, train, out=tmp_path / "stopped", resume=True, **settings)
     strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
     assert strip(resumed) == strip(reference)
@@ -195,10 +185,6 @@ def test_a_stop_on_the_last_step_of_an_epoch_resumes_exactly(tmp_path, digits, m
 
 def test_a_mid_epoch_checkpoint_of_an_older_pyvae_resumes(tmp_path, digits, monkeypatch):
     """Before issue 28 a stop mid-epoch saved the epoch's objective as one number."""
-    import os
-    import signal
-
-    from pyvae.objectives import Objective
     from pyvae.train import TrainingStopped
 
     train, _ = digits
@@ -206,20 +192,11 @@ def test_a_mid_epoch_checkpoint_of_an_older_pyvae_resumes(tmp_path, digits, monk
     torch.manual_seed(0)
     whole = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
     reference = pyvae.fit(whole, train, out=tmp_path / "whole", **settings)
-    forward, calls = Objective.forward, []
-
-    def forward_then_interrupt(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 9:  # step 3 of epoch 2
-            os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(Objective, "forward", forward_then_interrupt)
     torch.manual_seed(0)
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
-    with pytest.raises(TrainingStopped):
+    # step 3 of epoch 2
+    with interrupted_at(monkeypatch, 9), pytest.raises(TrainingStopped):
         pyvae.fit(vae, train, out=tmp_path / "stopped", **settings)
-    monkeypatch.setattr(Objective, "forward", forward)
     path = tmp_path / "stopped" / "checkpoint.pt"
     payload = torch.load(path, weights_only=True)
     training = payload["training"]
