@@ -9,7 +9,7 @@ static binarized MNIST. In one process it then reports:
   the AIS potential performs, forward and backward, through the model's and the guide's programs,
   recorded by a dispatch mode and then timed alone, back to back, with the same shapes
   (the best of ``--floor-repeats``);
-* AIS: ``pyvae.ais.ais_log_likelihood`` on ``--num-points`` test images with ``--num-chains`` chains
+* AIS: ``pyvae.infer.ais.ais_log_likelihood`` on ``--num-points`` test images with ``--num-chains`` chains
   and ``--num-steps`` steps of ``--leapfrog-steps`` leapfrog steps, its time per gradient
   evaluation, per point per 1000 steps, and the ratio to the floor, both as the program runs
   (``compile=False``) and compiled (``compile=True``; its one-off compilation is timed apart, and
@@ -33,8 +33,8 @@ from common import add_common_arguments, setup, static_mnist, sync
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyvae
-from pyvae.ais import _Chains, _Sampler, _settings
-from pyvae.data import spread
+from pyvae.infer.ais import _Chains, _Sampler, _settings
+from pyvae.data.datasets import spread
 
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward"}
 
@@ -127,7 +127,7 @@ def main():
           f"{len(recorder.calls)} matrix products, {flops(recorder.calls) / 1e6:.1f} MFLOP per evaluation (mm/addmm)")
     # the one-off compilation of this chunk size, so that the timed runs below find it compiled
     start = time.perf_counter()
-    pyvae.ais.ais_log_likelihood(vae, x, **{**settings, "num_steps": 2}, compile=True, device=device)
+    pyvae.infer.ais.ais_log_likelihood(vae, x, **{**settings, "num_steps": 2}, compile=True, device=device)
     print(f"compile=True: recording and compiling the densities and the gradients-only graph took {time.perf_counter() - start:.1f} s (once per chunk size)")
     floors, per_eval = [], {False: [], True: []}
     for repeat in range(args.repeats):
@@ -136,7 +136,7 @@ def main():
         for compiled in (False, True):
             sync(device)
             start = time.perf_counter()
-            result = pyvae.ais.ais_log_likelihood(vae, x, **settings, compile=compiled, device=device)
+            result = pyvae.infer.ais.ais_log_likelihood(vae, x, **settings, compile=compiled, device=device)
             sync(device)
             seconds = time.perf_counter() - start
             per_eval[compiled].append(seconds / evaluations)

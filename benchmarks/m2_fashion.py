@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from common import add_common_arguments, setup, sync
 
 import pyvae
-from pyvae.data import binarize_for, load_train_test, semi_supervised
-from pyvae.nets import mlp
+from pyvae.data.datasets import binarize_for, load_train_test, semi_supervised
+from pyvae.parts.nets import mlp
 
 
 def labelled_only(train, test, device, epochs, batch_size, lr, seed):
@@ -55,7 +55,7 @@ def main():
     device = setup(args)
 
     train, test, _ = load_train_test("fashion_mnist", data_dir=args.data_dir, download=False)
-    train, test, _ = binarize_for(pyvae.likelihoods.Bernoulli(), train, test, "dynamic", args.seed)
+    train, test, _ = binarize_for(pyvae.parts.likelihoods.Bernoulli(), train, test, "dynamic", args.seed)
     train = semi_supervised(train, args.num_labels, args.seed)
     x_test, y_test = test.draw(), test.labels
 

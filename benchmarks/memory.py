@@ -82,8 +82,8 @@ def main():
         print(json.dumps(child(*args.child.split(","), args)))
         return
     if args.all:
-        from pyvae.guides import GUIDES
-        from pyvae.priors import PRIORS
+        from pyvae.parts.guides import GUIDES
+        from pyvae.parts.priors import PRIORS
 
         configurations = [BASELINE] + [c for c in itertools.product(PRIORS, GUIDES, OBJECTIVES) if c != BASELINE]
     else:

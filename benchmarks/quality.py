@@ -39,9 +39,9 @@ import yaml
 from common import add_common_arguments, setup
 
 import pyvae
-from pyvae.cli import evaluation_data, load_run, scored
-from pyvae.data import spread
-from pyvae.protocol import LABELS, best_epoch, objective_key
+from pyvae.cli.app import evaluation_data, load_run, scored
+from pyvae.data.datasets import spread
+from pyvae.train.protocol import LABELS, best_epoch, objective_key
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -18,7 +18,7 @@ from common import add_common_arguments, setup, static_mnist, sync
 from handwritten import PlainVAE, TutorialVAE
 
 import pyvae
-from pyvae.train import make_adam
+from pyvae.train.loop import make_adam
 
 
 def handwritten_epoch(state, x, batch_size, device):

@@ -4,7 +4,7 @@
     python -m pyvae evaluate runs/custom_likelihood --parts examples/custom_likelihood.py
 
 scikit-learn's 8x8 digits are such data: every pixel is a count 0..16, stored divided by 16.
-A likelihood is a ``pyvae.likelihoods.Likelihood`` (the contract is in the README):
+A likelihood is a ``pyvae.parts.likelihoods.Likelihood`` (the contract is in the README):
 ``forward(decoder_output)`` returns p(x|z), a distribution over x itself (on the data's scale,
 event shape (x_dim,)) whose ``log_prob`` is a normalized density or mass and whose ``mean`` is
 E[x|z], what the sample and reconstruction pictures show; ``check_support(x)`` refuses data it
@@ -21,8 +21,8 @@ import yaml
 from torch.distributions import constraints
 
 import pyvae
-from pyvae.console import Parser, run
-from pyvae.data import load_train_test
+from pyvae.cli.console import Parser, run
+from pyvae.data.datasets import load_train_test
 
 
 # --- the likelihood --------------------------------------------------------------------------
@@ -52,7 +52,7 @@ class Counts(dist.TorchDistribution):
         return self.base.mean / self.n
 
 
-class Binomial16(pyvae.likelihoods.Likelihood):
+class Binomial16(pyvae.parts.likelihoods.Likelihood):
     """x_i = k_i / 16, k_i ~ Binomial(16, sigmoid(l_i)) independently: one decoder output per pixel."""
 
     params_per_pixel = 1  # the logit l_i

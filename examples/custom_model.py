@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import pyvae
-from pyvae.console import Parser, run
-from pyvae.data import binarize_for, load_train_test
+from pyvae.cli.console import Parser, run
+from pyvae.data.datasets import binarize_for, load_train_test
 
 
 class TwoLevelVAE(nn.Module):
@@ -57,7 +57,7 @@ def main(argv):
     train, test, notice = load_train_test(args.dataset, data_dir=args.data_dir, fallback="digits")
     if notice:
         print(notice)
-    train, test, _ = binarize_for(pyvae.likelihoods.Bernoulli(), train, test)
+    train, test, _ = binarize_for(pyvae.parts.likelihoods.Bernoulli(), train, test)
 
     torch.manual_seed(0)
     model = TwoLevelVAE(x_dim=train.x_dim)

@@ -3,7 +3,7 @@
     python examples/custom_prior.py --epochs 5
     python -m pyvae evaluate runs/custom_prior --parts examples/custom_prior.py   # and every other command
 
-A prior is any ``pyvae.priors.Prior``: ``bind`` makes its parameters once z_dim is
+A prior is any ``pyvae.parts.priors.Prior``: ``bind`` makes its parameters once z_dim is
 known, ``forward`` returns a Pyro distribution over z with event shape (z_dim,).
 The model asks it for p(z) at every step, so nothing else changes. The run folder it writes
 (checkpoint.pt, metrics.jsonl, config.yaml) is what ``python -m pyvae`` commands read; they
@@ -18,12 +18,12 @@ import torch
 import yaml
 
 import pyvae
-from pyvae.console import Parser, run
-from pyvae.data import binarize_for, load_train_test
+from pyvae.cli.console import Parser, run
+from pyvae.data.datasets import binarize_for, load_train_test
 
 
 # --- the prior: 17 lines -------------------------------------------------------------
-class RingPrior(pyvae.priors.Prior):
+class RingPrior(pyvae.parts.priors.Prior):
     """p(z) = (1/K) sum_k N(z; r (cos 2pi k/K, sin 2pi k/K, 0, ...), s^2 I), radius r learned."""
 
     def __init__(self, num_components: int = 10, scale: float = 0.5):
@@ -57,7 +57,7 @@ def main(argv):
     train, test, notice = load_train_test(args.dataset, data_dir=args.data_dir, download=not args.no_download)
     if notice:
         print(notice)
-    train, test, binarized = binarize_for(pyvae.likelihoods.Bernoulli(), train, test)
+    train, test, binarized = binarize_for(pyvae.parts.likelihoods.Bernoulli(), train, test)
     torch.manual_seed(0)
     vae = pyvae.VAE(x_dim=train.x_dim, z_dim=2, hidden=(256,), prior=RingPrior(), image_shape=train.image_shape)
     # config.yaml says which data the python -m pyvae commands should find again; fit writes it with the

@@ -14,7 +14,7 @@ ELBOs are printed in nats per data point: a lower bound on log p(x), higher is b
 (negative for the default Bernoulli likelihood; the NLL is its negative).
 """
 
-from pyvae.cli import run, train_main
+from pyvae.cli.app import run, train_main
 
 if __name__ == "__main__":
     run(train_main)

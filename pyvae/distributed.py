@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import PyvaeError
+from pyvae.errors import PyvaeError
 
 
 @dataclass(frozen=True)

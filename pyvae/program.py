@@ -51,7 +51,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
-from .errors import PyvaeError
+from pyvae.errors import PyvaeError
 
 DATA = "data"
 PARTICLES = "_pyvae_particles"

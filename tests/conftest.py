@@ -7,8 +7,8 @@ import pyro
 import pytest
 import torch
 
-from pyvae.cli import main
-from pyvae.objectives import Objective
+from pyvae.cli.app import main
+from pyvae.train.objectives import Objective
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def binary_data():
 def run_folder(tmp_path_factory):
     """A run folder of a small VAE trained 2 epochs on the static digits (config says evaluate them dynamically)."""
     import pyvae
-    from pyvae.data import binarize, load_dataset
+    from pyvae.data.datasets import binarize, load_dataset
 
     out = tmp_path_factory.mktemp("run")
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(32,))

@@ -23,7 +23,7 @@ stop_at = options.pop("sigterm_rank1_at_step", None)
 rank1_points = options.pop("rank1_points", 500)
 points = rank1_points if rank == 1 else 500
 if stop_at is not None and rank == 1:
-    forward, calls = pyvae.objectives.Objective.forward, []
+    forward, calls = pyvae.train.objectives.Objective.forward, []
 
     def forward_then_signal(self, *args, **kwargs):
         calls.append(1)
@@ -31,7 +31,7 @@ if stop_at is not None and rank == 1:
             os.kill(os.getpid(), signal.SIGTERM)
         return forward(self, *args, **kwargs)
 
-    pyvae.objectives.Objective.forward = forward_then_signal
+    pyvae.train.objectives.Objective.forward = forward_then_signal
 g = torch.Generator().manual_seed(1)
 prototypes = (torch.rand(4, 32, generator=g) > 0.5).float()
 data = (prototypes[torch.randint(0, 4, (600,), generator=g)] + (torch.rand(600, 32, generator=g) < 0.05).float()) % 2

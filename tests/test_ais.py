@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import pyvae
-from pyvae.ais import ais_log_likelihood, reverse_ais, schedule
-from pyvae.cli import main
+from pyvae.infer.ais import ais_log_likelihood, reverse_ais, schedule
+from pyvae.cli.app import main
 
 from .test_evaluate import exact_log_px, ppca, sample_data
 from .test_program import TwoLayer
@@ -147,8 +147,8 @@ def test_compiled_ais_gives_the_programs_numbers(case, recwarn):
 def test_compiled_ais_runs_the_program_only_to_record_and_check_it(monkeypatch, recwarn):
     """Every leapfrog step, inside a trajectory (gradients alone) or at its end, calls a compiled graph."""
     calls = []
-    densities = pyvae.ais._Chains.densities
-    monkeypatch.setattr(pyvae.ais._Chains, "densities", lambda self, u: calls.append(1) or densities(self, u))
+    densities = pyvae.infer.ais._Chains.densities
+    monkeypatch.setattr(pyvae.infer.ais._Chains, "densities", lambda self, u: calls.append(1) or densities(self, u))
     model = ppca(orthogonal=False)
     result = ais_log_likelihood(model, sample_data(model, 4), num_steps=50, compile=True, **FAST)
     assert result.compiled.all() and not [w for w in recwarn if issubclass(w.category, pyvae.PyvaeWarning)]
@@ -158,14 +158,14 @@ def test_compiled_ais_runs_the_program_only_to_record_and_check_it(monkeypatch, 
 def test_a_gradients_graph_that_cannot_compile_leaves_the_chains_as_written(monkeypatch):
     from pyvae.compiled import NotCompiled
 
-    compile_function = pyvae.ais.compile_function
+    compile_function = pyvae.infer.ais.compile_function
 
     def refuse_gradients(fn, *args, **kwargs):
         if fn.__name__ == "densities_gradients":
             raise NotCompiled("refused by the test")
         return compile_function(fn, *args, **kwargs)
 
-    monkeypatch.setattr(pyvae.ais, "compile_function", refuse_gradients)
+    monkeypatch.setattr(pyvae.infer.ais, "compile_function", refuse_gradients)
     model = ppca(orthogonal=False)
     x = sample_data(model, 4)
     with pytest.warns(pyvae.PyvaeWarning, match="AIS runs the program uncompiled: refused by the test"):
@@ -198,7 +198,7 @@ def test_a_program_that_cannot_compile_is_warned_about_once_per_evaluation():
     summary = result.summary()
     assert summary["ais"]["compile"] and summary["ais"]["compiled_points"] == 0  # asked for, and what happened
     assert "(compiled for 0 of 70 points)" in result.table()
-    sandwich, said = pyvae_warnings(lambda: pyvae.bdmc.bdmc(Reads(".tolist()"), (torch.zeros(6, 2),), num_steps=100, compile=True, **FAST))
+    sandwich, said = pyvae_warnings(lambda: pyvae.infer.bdmc.bdmc(Reads(".tolist()"), (torch.zeros(6, 2),), num_steps=100, compile=True, **FAST))
     assert len(said) == 1  # forward and reverse, T = 10 and 100
     assert sandwich.summary()["compiled_points"] == {"forward": 0, "reverse": 0}
 
@@ -338,7 +338,7 @@ def test_the_evaluate_command_scores_by_ais_beside_is(run_folder, capsys):
 
 
 def test_the_evaluate_command_refuses_ais_it_cannot_run(tmp_path, capsys):
-    from pyvae.data import load_dataset
+    from pyvae.data.datasets import load_dataset
 
     m2 = pyvae.M2(x_dim=64, num_classes=10, z_dim=2, hidden=(8,))
     pyvae.save(m2, tmp_path / "checkpoint.pt")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import pyvae
-from pyvae.cli import main
+from pyvae.cli.app import main
 
 from .conftest import exits_2
 
@@ -71,7 +71,7 @@ def test_label_for_a_model_without_labels(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [[], ["--help"], ["-h"]])
 def test_help_lists_every_command_and_exits_0(argv, capsys):
-    from pyvae.cli import COMMANDS
+    from pyvae.cli.app import COMMANDS
 
     main(argv)  # returns: exit status 0
     out = capsys.readouterr().out
@@ -110,7 +110,7 @@ def undocumented_flags(help_text: str) -> list[str]:
     ],
 )
 def test_an_unexpected_failure_is_one_line_and_exit_1(failure, expected, capsys):
-    from pyvae.console import run
+    from pyvae.cli.console import run
 
     def command(argv):
         raise failure

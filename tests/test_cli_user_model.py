@@ -10,10 +10,10 @@ import torch
 import yaml
 
 import pyvae
-from pyvae.cli import main
+from pyvae.cli.app import main
 
 from .conftest import exits_2
-from pyvae.config import model_args, parse_args
+from pyvae.cli.config import model_args, parse_args
 
 TINY = """
 import pyro, pyro.distributions as dist, torch

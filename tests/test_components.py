@@ -8,10 +8,10 @@ import torch
 from torch.distributions import kl_divergence
 
 import pyvae
-from pyvae.guides import GUIDES
-from pyvae.likelihoods import LIKELIHOODS
-from pyvae.priors import PRIORS
-from pyvae.objectives import Objective, make_elbo
+from pyvae.parts.guides import GUIDES
+from pyvae.parts.likelihoods import LIKELIHOODS
+from pyvae.parts.priors import PRIORS
+from pyvae.train.objectives import Objective, make_elbo
 
 PRIOR_NAMES = sorted(PRIORS)
 LIKELIHOOD_NAMES = sorted(LIKELIHOODS)
@@ -43,9 +43,9 @@ def test_prior_shapes_and_normalization(name):
 
 def test_prior_settings_and_errors():
     assert PRIORS.resolve({"name": "student_t", "df": 7}).df == 7
-    assert pyvae.priors.VampPrior(num_components=3).spec() == {"name": "vamp", "num_components": 3}
+    assert pyvae.parts.priors.VampPrior(num_components=3).spec() == {"name": "vamp", "num_components": 3}
     with pytest.raises(pyvae.PyvaeError, match="student_t df must be a positive number; got -1"):
-        pyvae.priors.StudentT(df=-1)
+        pyvae.parts.priors.StudentT(df=-1)
     with pytest.raises(pyvae.PyvaeError, match="unknown setting 'components' for prior 'mog'; allowed: num_components"):
         PRIORS.resolve({"name": "mog", "components": 3})
     with pytest.raises(pyvae.PyvaeError, match="flow prior needs z_dim >= 2"):
@@ -53,7 +53,7 @@ def test_prior_settings_and_errors():
 
 
 def test_vamp_prior_is_the_mixture_of_the_guide_at_the_pseudo_inputs():
-    vae = pyvae.VAE(x_dim=16, z_dim=3, hidden=(8,), prior=pyvae.priors.VampPrior(num_components=4))
+    vae = pyvae.VAE(x_dim=16, z_dim=3, hidden=(8,), prior=pyvae.parts.priors.VampPrior(num_components=4))
     z = torch.randn(6, 3)
     q = vae.encode(vae.prior.pseudo_inputs.clamp(0, 1))
     expected = torch.logsumexp(q.log_prob(z.unsqueeze(1)), dim=1) - math.log(4)
@@ -64,7 +64,7 @@ def test_vamp_prior_is_the_mixture_of_the_guide_at_the_pseudo_inputs():
 @pytest.mark.parametrize("pairs", [6, 45, 1000])
 def test_the_vamp_density_in_chunks_is_the_same_sum_with_the_same_gradients(guide, pairs, monkeypatch):
     torch.manual_seed(0)
-    vae = pyvae.VAE(x_dim=16, z_dim=3, hidden=(8,), guide=guide, prior=pyvae.priors.VampPrior(num_components=7))
+    vae = pyvae.VAE(x_dim=16, z_dim=3, hidden=(8,), guide=guide, prior=pyvae.parts.priors.VampPrior(num_components=7))
     z = torch.randn(5, 4, 3, requires_grad=True)
     wrt = [z, vae.prior.pseudo_inputs, *vae.encoder.parameters(), *vae.posterior.parameters()]
     q = vae.encode(vae.prior.pseudo_inputs.clamp(0, 1))
@@ -72,8 +72,8 @@ def test_the_vamp_density_in_chunks_is_the_same_sum_with_the_same_gradients(guid
     expected = torch.autograd.grad(whole.sum(), wrt)
     # 20 z rows x 7 components; a chunk of 6 pairs: 1 component x 6 rows (rows split 6, 6, 6, 2),
     # of 45: 2 components x all 20 rows (components split 2, 2, 2, 1), of 1000: one chunk, nothing recomputed
-    monkeypatch.setattr(pyvae.priors, "_bytes_per_pair", lambda fn, h, z: 1)
-    monkeypatch.setattr(pyvae.priors, "VAMP_CHUNK_BYTES", {"cpu": pairs})
+    monkeypatch.setattr(pyvae.parts.priors, "_bytes_per_pair", lambda fn, h, z: 1)
+    monkeypatch.setattr(pyvae.parts.priors, "VAMP_CHUNK_BYTES", {"cpu": pairs})
     chunked = vae.prior().log_prob(z)
     assert torch.allclose(chunked, whole, atol=1e-5)
     for a, b in zip(torch.autograd.grad(chunked.sum(), wrt), expected):
@@ -138,7 +138,7 @@ def test_likelihood_is_normalized(name, out):
 
 
 def test_discretized_logistic_mean_is_the_masses_weighted_sum():
-    from pyvae.likelihoods import DiscretizedLogisticDistribution
+    from pyvae.parts.likelihoods import DiscretizedLogisticDistribution
 
     torch.manual_seed(0)
     loc, scale = 1.4 * torch.rand(5, 7, dtype=torch.float64) - 0.2, 0.3 * torch.rand(5, 7, dtype=torch.float64) + 1e-3
@@ -193,10 +193,10 @@ def test_data_outside_support_is_a_clear_error(name, data, message):
 
 
 def test_likelihood_settings():
-    assert pyvae.likelihoods.Normal(scale=0.5).scale == 0.5
+    assert pyvae.parts.likelihoods.Normal(scale=0.5).scale == 0.5
     assert LIKELIHOODS.resolve({"name": "normal_learned", "scale_from": "decoder"}).params_per_pixel == 2
     with pytest.raises(pyvae.PyvaeError, match="scale_from must be 'pixel' or 'decoder'"):
-        pyvae.likelihoods.NormalLearnedScale(scale_from="both")
+        pyvae.parts.likelihoods.NormalLearnedScale(scale_from="both")
 
 
 # -- guides -------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def test_guide_shapes_and_normalization(name):
 
 def test_iaf_log_density_matches_change_of_variables():
     """log q of the guide's own sample = log N(z0) - log|det dz/dz0|, computed here by autograd."""
-    vae = pyvae.VAE(x_dim=16, z_dim=3, hidden=(8,), guide=pyvae.guides.IAF(num_flows=2))
+    vae = pyvae.VAE(x_dim=16, z_dim=3, hidden=(8,), guide=pyvae.parts.guides.IAF(num_flows=2))
     x = torch.rand(1, 16).round()
     q = vae.encode(x)
     z0 = q.base_dist.sample()
@@ -270,7 +270,7 @@ def test_elbo_auto_takes_the_analytic_kl_only_where_it_is_exact(digits_small, bu
 
 
 def test_meanfield_refuses_a_guide_whose_latents_depend_on_each_other(tmp_path, capsys):
-    from pyvae.cli import main
+    from pyvae.cli.app import main
 
     with pytest.raises(SystemExit) as info:  # hvae's guide is q(z1|x) q(z2|z1): analytic KLs are not its ELBO
         main(["train", "--dataset", "digits", "--no-download", "--model", "hvae", "--elbo", "meanfield", "--epochs", "1",
@@ -285,7 +285,7 @@ def test_the_cli_prints_the_meanfield_warning_as_one_line_of_words(tmp_path):
     import subprocess
     import sys
 
-    from pyvae.cli import main
+    from pyvae.cli.app import main
 
     argv = ["train", "--dataset", "digits", "--no-download", "--prior", "mog", "--elbo", "meanfield", "--epochs", "1",
             "--z-dim", "2", "--hidden", "8", "--eval-samples", "0", "--device", "cpu"]
@@ -300,14 +300,14 @@ def test_the_cli_prints_the_meanfield_warning_as_one_line_of_words(tmp_path):
 # -- every combination trains ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_small():
-    from pyvae.data import binarize, load_dataset
+    from pyvae.data.datasets import binarize, load_dataset
 
     return binarize(load_dataset("digits", "train"), "static").images[:256]
 
 
 @pytest.fixture(scope="module")
 def digits_gray():
-    from pyvae.data import load_dataset
+    from pyvae.data.datasets import load_dataset
 
     # 8-bit levels, so every likelihood (the discretized logistic too) accepts them
     return (load_dataset("digits", "train").images[:256] * 255).round() / 255
@@ -474,12 +474,12 @@ def test_residual_nets_scale_with_the_image(shape):
     vae = pyvae.VAE(x_dim=x_dim, z_dim=6, net="resnet", image_shape=shape, likelihood="discretized_logistic")
     assert vae.encoder(torch.rand(3, x_dim)).shape == (3, 12)
     assert vae.decoder(torch.randn(2, 3, 6)).shape == (2, 3, 2 * x_dim)  # a particle dimension may lead
-    stages = pyvae.nets.residual_stages(shape[1], shape[2])
+    stages = pyvae.parts.nets.residual_stages(shape[1], shape[2])
     assert len(stages) == {28: 2, 32: 3, 64: 4}[shape[1]]
 
 
 def test_a_residual_vae_learns_colour_photo_patches():
-    from pyvae.data import load_dataset
+    from pyvae.data.datasets import load_dataset
 
     torch.manual_seed(0)
     x = load_dataset("photos", "train").images[:128]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyvae.data import (
+from pyvae.data.datasets import (
     binarize,
     binarize_for,
     data_root,
@@ -17,7 +17,7 @@ from pyvae.data import (
     read_idx,
 )
 from pyvae.errors import DataNotFound, PyvaeError
-from pyvae.likelihoods import Bernoulli
+from pyvae.parts.likelihoods import Bernoulli
 
 from .conftest import require_files
 

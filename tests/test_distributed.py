@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import pyvae
-import pyvae.cli
+import pyvae.cli.app
 from pyvae.distributed import World
-from pyvae.batching import Batches
+from pyvae.data.batching import Batches
 
 from .conftest import ROOT
 
@@ -107,7 +107,7 @@ def test_processes_holding_different_data_sets_are_refused(tmp_path):
 
 
 def test_evaluation_bdmc_and_gap_shared_among_processes_equal_one_process(tmp_path):
-    from pyvae.data import binarize, load_dataset
+    from pyvae.data.datasets import binarize, load_dataset
 
     run = tmp_path / "run"
     vae = pyvae.VAE(x_dim=64, z_dim=3, hidden=(16,))
@@ -125,7 +125,7 @@ def test_evaluation_bdmc_and_gap_shared_among_processes_equal_one_process(tmp_pa
     try:
         for name, flags in commands.items():
             outputs[name, 1] = tmp_path / f"{name}-1"
-            pyvae.cli.main([name, str(run), *flags, "--out", str(outputs[name, 1]), "--no-download"])
+            pyvae.cli.app.main([name, str(run), *flags, "--out", str(outputs[name, 1]), "--no-download"])
     finally:
         torch.set_num_threads(threads)
     for name, flags in commands.items():

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from pyro.infer import Importance
 
 import pyvae
-from pyvae.cli import run
-from pyvae.diagnostics import active_units, evaluate, mutual_information
-from pyvae.importance import iwae_sizes, khat_threshold, log_likelihood
+from pyvae.cli.app import run
+from pyvae.infer.diagnostics import active_units, evaluate, mutual_information
+from pyvae.infer.importance import iwae_sizes, khat_threshold, log_likelihood
 
 SIGMA = 0.5
 
@@ -22,7 +22,7 @@ SIGMA = 0.5
 def ppca(x_dim=6, z_dim=2, orthogonal=True, seed=0):
     """A linear-Gaussian VAE x = W z + b + sigma eps and its exact log p(x) = log N(x; b, W W^T + sigma^2 I)."""
     g = torch.Generator().manual_seed(seed)
-    vae = pyvae.VAE(x_dim=x_dim, z_dim=z_dim, hidden=(), likelihood=pyvae.likelihoods.Normal(scale=SIGMA))
+    vae = pyvae.VAE(x_dim=x_dim, z_dim=z_dim, hidden=(), likelihood=pyvae.parts.likelihoods.Normal(scale=SIGMA))
     w = torch.randn(x_dim, z_dim, generator=g)
     if orthogonal:  # W^T W diagonal: the exact posterior is a diagonal Normal the guide can represent
         w = torch.linalg.qr(w).Q * torch.tensor([2.0, 1.0])
@@ -175,7 +175,7 @@ def test_khat_is_arviz_psislw_and_chunking_does_not_change_results():
     assert torch.allclose(ll.ess.double(), 1 / (normalized**2).sum(1), rtol=1e-4)
     # the same draws, chunked differently (one point and 7 samples at a time)
     pyro.set_rng_seed(4)
-    import pyvae.importance as ev
+    import pyvae.infer.importance as ev
 
     budget = ev.CHUNK_ELEMENTS["cpu"]
     ev.CHUNK_ELEMENTS["cpu"] = 7 * ev._chunk_shape(vae, (x[:1],), pyvae.program.structure(vae, (x[:1],)))[1]
@@ -278,7 +278,7 @@ def test_evaluation_report_and_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from pyvae.data import binarize, load_dataset
+    from pyvae.data.datasets import binarize, load_dataset
 
     out = tmp_path_factory.mktemp("run")
     train = binarize(load_dataset("digits", "train"), "static")
@@ -289,7 +289,7 @@ def trained_run(tmp_path_factory):
 
 
 def test_evaluate_command(trained_run, capsys):
-    from pyvae.cli import evaluate_main
+    from pyvae.cli.app import evaluate_main
 
     out = trained_run / "ev"
     run(evaluate_main, [str(trained_run), "--num-samples", "50", "--num-points", "40", "--out", str(out), "--device", "cpu"])
@@ -306,7 +306,7 @@ def test_evaluate_command(trained_run, capsys):
 
 
 def test_evaluate_accepts_image_sets():
-    from pyvae.data import binarize, load_dataset
+    from pyvae.data.datasets import binarize, load_dataset
 
     gray = load_dataset("digits", "test")
     vae = pyvae.VAE(x_dim=64, z_dim=2, hidden=(8,))
@@ -325,7 +325,7 @@ def test_evaluate_accepts_image_sets():
     ],
 )
 def test_evaluate_command_bad_input(trained_run, capsys, argv, message):
-    from pyvae.cli import evaluate_main
+    from pyvae.cli.app import evaluate_main
 
     if argv == ["RUN", "--broken-config"]:
         broken = trained_run.parent / "broken"
@@ -341,7 +341,7 @@ def test_evaluate_command_bad_input(trained_run, capsys, argv, message):
 
 
 def test_bits_per_dimension_for_8_bit_likelihoods(capsys):
-    from pyvae.likelihoods import bits_per_dim
+    from pyvae.parts.likelihoods import bits_per_dim
 
     assert bits_per_dim(-64 * math.log(256), 64) == pytest.approx(8.0)  # a uniform mass over 8-bit pixels
     torch.manual_seed(0)

@@ -11,8 +11,8 @@ import sys
 import pytest
 import yaml
 
-from pyvae.cli import run
-from pyvae.config import TrainConfig, parse_args
+from pyvae.cli.app import run
+from pyvae.cli.config import TrainConfig, parse_args
 
 from .conftest import ROOT
 
@@ -148,7 +148,7 @@ def pyvae_error():
 
 @pytest.mark.parametrize("name, extra", [("custom_prior", ["--dataset", "digits", "--no-download"]), ("custom_likelihood", [])])
 def test_custom_part_examples_leave_run_folders_the_commands_follow(name, extra, tmp_path, capsys):
-    from pyvae.cli import evaluate_main
+    from pyvae.cli.app import evaluate_main
 
     example = example_module(name)
     out = tmp_path / "run"

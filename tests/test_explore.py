@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import pyvae
-from pyvae.cli import main, run
-from pyvae.data import binarize, load_dataset
-from pyvae.explore import anomaly_auc, linear_probe, slerp
+from pyvae.cli.app import main, run
+from pyvae.data.datasets import binarize, load_dataset
+from pyvae.infer.explore import anomaly_auc, linear_probe, slerp
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def mnist_like_run(tmp_path_factory):
     ],
 )
 def test_each_command_writes_its_picture(digits_run, tmp_path, capsys, command, extra, files):
-    from pyvae.cli import COMMANDS
+    from pyvae.cli.app import COMMANDS
 
     run(COMMANDS[command], [str(digits_run), "--out", str(tmp_path), "--device", "cpu", *extra])
     for name in files:
@@ -76,7 +76,7 @@ def test_each_command_writes_its_picture(digits_run, tmp_path, capsys, command, 
 
 
 def test_anomaly_command(mnist_like_run, tmp_path, capsys):
-    from pyvae.cli import anomaly_main
+    from pyvae.cli.app import anomaly_main
 
     run(anomaly_main, [str(mnist_like_run), "--ood", "fashion_mnist", "--num-samples", "20", "--num-points", "40", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "anomaly.json").read_text())
@@ -90,7 +90,7 @@ def test_anomaly_command(mnist_like_run, tmp_path, capsys):
 
 
 def test_anomaly_says_the_run_s_own_set_alone_was_drawn_afresh(digits_run, tmp_path, capsys):
-    from pyvae.cli import anomaly_main
+    from pyvae.cli.app import anomaly_main
 
     rng = np.random.default_rng(1)  # grey 8x8 images: binarized for the Bernoulli likelihood, one fixed draw
     np.savez(tmp_path / "grey.npz", x_train=rng.random((30, 8, 8), dtype=np.float32), x_test=rng.random((30, 8, 8), dtype=np.float32))

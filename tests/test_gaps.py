@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from pyvae.bdmc import bdmc, simulate
-from pyvae.cli import main
-from pyvae.gap import inference_gap
+from pyvae.infer.bdmc import bdmc, simulate
+from pyvae.cli.app import main
+from pyvae.infer.gap import inference_gap
 
 from .test_evaluate import exact_log_px, ppca
 

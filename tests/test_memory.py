@@ -2,7 +2,7 @@
 with an IAF guide under IWAE, at MNIST size (its density inverts the flow at every (point, component)
 pair; kept whole for the backward pass that took 3.3 GB at batch 8, and the kernel's OOM killer at 128).
 The density is summed a chunk of pairs at a time, each chunk's saved values at most 128 MB
-(``pyvae.priors.VAMP_CHUNK_BYTES``), so the extra memory does not grow with the batch or the particles."""
+(``pyvae.parts.priors.VAMP_CHUNK_BYTES``), so the extra memory does not grow with the batch or the particles."""
 
 import json
 import subprocess

@@ -7,7 +7,7 @@ import torch
 from pyro import poutine
 
 import pyvae
-from pyvae.objectives import make_elbo
+from pyvae.train.objectives import make_elbo
 
 
 def traces(vae, x, num_data=None):
@@ -135,7 +135,7 @@ def test_save_and_load_round_trip_exactly(tmp_path, binary_data):
 
 
 def test_custom_parts_must_be_passed_again_on_load(tmp_path):
-    class ShiftedPrior(pyvae.priors.Prior):
+    class ShiftedPrior(pyvae.parts.priors.Prior):
         def bind(self, vae):
             self.shift = torch.nn.Parameter(torch.zeros(vae.z_dim))
 
@@ -153,7 +153,7 @@ def test_custom_parts_must_be_passed_again_on_load(tmp_path):
 
 
 def test_a_subclass_of_a_built_in_is_not_rebuilt_as_the_built_in(tmp_path):
-    class WidePrior(pyvae.priors.StandardNormal):
+    class WidePrior(pyvae.parts.priors.StandardNormal):
         def forward(self):
             return dist.Normal(self.loc, 3 * self.scale).to_event(1)
 
@@ -197,7 +197,7 @@ import pyvae
 from shifts import SHIFT  # a module beside this file
 
 
-class MyNormal(pyvae.priors.Prior):
+class MyNormal(pyvae.parts.priors.Prior):
     name = "normal"  # a built-in's name: the recorded source still marks it as the user's
 
     @torch.no_grad()
@@ -211,7 +211,7 @@ class MyNormal(pyvae.priors.Prior):
         self.z_dim = vae.z_dim
 
 
-class MyBernoulli(pyvae.likelihoods.Likelihood):
+class MyBernoulli(pyvae.parts.likelihoods.Likelihood):
     name = "normal"  # the same name as the prior above: parts are looked up per kind
     binary_data = True
 
@@ -221,7 +221,7 @@ class MyBernoulli(pyvae.likelihoods.Likelihood):
 
 
 def test_a_parts_file_rebuilds_its_parts_by_kind_even_under_built_in_names(tmp_path):
-    from pyvae.components import custom_parts, import_parts
+    from pyvae.parts.component import custom_parts, import_parts
 
     (tmp_path / "shifts.py").write_text("SHIFT = 0.5\n")
     (tmp_path / "parts.py").write_text(PARTS_FILE)
@@ -243,7 +243,7 @@ def test_a_parts_file_rebuilds_its_parts_by_kind_even_under_built_in_names(tmp_p
 
 
 def test_a_notebook_s_part_named_like_a_built_in_is_never_rebuilt_as_the_built_in(tmp_path):
-    class Normal(pyvae.priors.StandardNormal):  # defined in a function, as in a notebook: no file to record
+    class Normal(pyvae.parts.priors.StandardNormal):  # defined in a function, as in a notebook: no file to record
         name = "normal"
 
         def forward(self):

@@ -12,7 +12,7 @@ from pyro import poutine
 
 import pyvae
 from pyvae import program
-from pyvae.data import ImageSet, semi_supervised
+from pyvae.data.datasets import ImageSet, semi_supervised
 from pyvae.models.cvae import CVAE
 from pyvae.models.hvae import HVAE
 from pyvae.models.m2 import M2

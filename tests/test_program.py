@@ -240,7 +240,7 @@ def test_elbo_accepts_any_pyro_elbo_instance():
     x = torch.randn(16, D)
     history = pyvae.fit(model, x, epochs=3, batch_size=8, elbo=pyro.infer.TraceGraph_ELBO(), device="cpu", progress=False)
     assert all(math.isfinite(h["train_elbo"]) for h in history)
-    from pyvae.objectives import Objective
+    from pyvae.train.objectives import Objective
 
     graph = Objective(model, pyro.infer.TraceGraph_ELBO(num_particles=2000, vectorize_particles=True)).loss((x,), 16).item()
     trace = Objective(model, "trace", num_particles=2000).loss((x,), 16).item()

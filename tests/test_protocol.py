@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import pyvae
-from pyvae.data import binarize, hold_out, load_dataset, validation_split
-from pyvae.protocol import Schedule, iwae_factor
+from pyvae.data.datasets import binarize, hold_out, load_dataset, validation_split
+from pyvae.train.protocol import Schedule, iwae_factor
 
 from .conftest import require_files
 
@@ -180,7 +180,7 @@ def test_resuming_with_another_schedule_is_refused_and_changes_nothing(tmp_path,
 
 # -- gated layers ------------------------------------------------------------------------
 def test_gated_layers_compute_the_gate_and_save():
-    from pyvae.nets import GatedDense
+    from pyvae.parts.nets import GatedDense
 
     vae = pyvae.VAE(x_dim=16, z_dim=3, hidden=(8, 6), activation="gated")
     layers = list(vae.encoder)
@@ -209,7 +209,7 @@ TRAIN = ["train", "--dataset", "digits", "--no-download", "--z-dim", "4", "--bat
 @pytest.fixture(scope="module")
 def protocol_run(tmp_path_factory):
     """A run with every protocol flag: validation held out of train, patience, a schedule, gated 2-layer nets."""
-    from pyvae.cli import main
+    from pyvae.cli.app import main
 
     out = tmp_path_factory.mktemp("protocol") / "run"
     main([*TRAIN, "--epochs", "3", "--valid-fraction", "0.2", "--patience", "2", "--lr-schedule", "iwae",
@@ -232,7 +232,7 @@ def test_train_flags_validate_schedule_and_evaluate_the_best(protocol_run, capsy
 
 
 def test_explore_commands_say_which_checkpoint_and_take_the_last_on_request(protocol_run, tmp_path, capsys):
-    from pyvae.cli import main
+    from pyvae.cli.app import main
 
     best = torch.load(protocol_run / "best.pt", weights_only=True)["epoch"]
     main(["sample", str(protocol_run), "--n", "4", "--out", str(tmp_path)])
@@ -243,7 +243,7 @@ def test_explore_commands_say_which_checkpoint_and_take_the_last_on_request(prot
 
 
 def test_train_can_evaluate_the_last_epoch(tmp_path, capsys):
-    from pyvae.cli import main
+    from pyvae.cli.app import main
 
     main([*TRAIN, "--epochs", "2", "--valid-fraction", "0.2", "--eval-checkpoint", "last", "--out", str(tmp_path / "run")])
     assert f"final model: {tmp_path / 'run' / 'checkpoint.pt'} (epoch 2, the last)" in capsys.readouterr().out
@@ -253,7 +253,7 @@ def test_train_can_evaluate_the_last_epoch(tmp_path, capsys):
 
 @pytest.mark.parametrize("how", [["--checkpoint", "last"], ["checkpoint.pt"]])
 def test_the_last_epoch_s_evaluation_never_overwrites_the_best_s(protocol_run, how):
-    from pyvae.cli import main
+    from pyvae.cli.app import main
 
     target = protocol_run / how[0] if how[0].endswith(".pt") else protocol_run
     main(["evaluate", str(target), "--num-samples", "5", "--num-points", "4", *(how if how[0].startswith("--") else [])])
@@ -274,7 +274,7 @@ def test_the_last_epoch_s_evaluation_never_overwrites_the_best_s(protocol_run, h
     ],
 )
 def test_bad_protocol_flags_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, argv, message):
-    from pyvae.cli import main
+    from pyvae.cli.app import main
 
     with pytest.raises(SystemExit) as exit_info:
         main([*TRAIN, "--epochs", "1", "--out", str(tmp_path / "run"), *argv])
@@ -284,7 +284,7 @@ def test_bad_protocol_flags_are_one_line_exit_2_and_write_nothing(tmp_path, caps
 
 
 def test_resume_with_another_schedule_and_missing_best_are_one_line_errors(protocol_run, tmp_path, capsys):
-    from pyvae.cli import main
+    from pyvae.cli.app import main
 
     before = (protocol_run / "metrics.jsonl").read_text()
     for argv, message in [

@@ -12,7 +12,7 @@ from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
 import pyvae
-from pyvae.objectives import Objective
+from pyvae.train.objectives import Objective
 
 from .conftest import interrupted_at
 
@@ -388,7 +388,7 @@ def test_evaluation_encodes_labels_and_refuses_unlabelled_points_for_an_optional
 
 
 def test_a_semi_supervised_run_stopped_mid_epoch_resumes_exactly(tmp_path, monkeypatch):
-    from pyvae.train import TrainingStopped
+    from pyvae.train.loop import TrainingStopped
 
     x, y = clusters(200)
     labels = torch.full_like(y, -1)
@@ -442,7 +442,7 @@ class Mixture(nn.Module):
 
 def test_split_calls_scale_each_group_and_keep_the_program_s_own_factor_scale():
     """sum_l L + sum_u U + alpha N mean_l log q, exactly, from a labelled and an unlabelled call."""
-    from pyvae.batching import Call
+    from pyvae.data.batching import Call
 
     torch.manual_seed(8)
     x, y = clusters(12)

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 import pyvae
-from pyvae.cli import main
-from pyvae.data import load_dataset, load_train_test
+from pyvae.cli.app import main
+from pyvae.data.datasets import load_dataset, load_train_test
 
 
 def save_images(folder, n, size=(6, 5), mode="L", seed=0, bright=False):
@@ -186,33 +186,33 @@ def test_a_torchvision_set_with_splits_of_its_own(tmp_path, monkeypatch):
 
 
 def test_a_set_too_large_for_memory_is_streamed_with_the_same_numbers(tmp_path, monkeypatch):
-    import pyvae.streaming
+    import pyvae.data.streaming
 
     save_images(tmp_path / "big" / "a", 6, mode="RGB", bright=True)
     save_images(tmp_path / "big" / "b", 4, mode="RGB", seed=1)
     held = load_train_test(str(tmp_path / "big"), test_fraction=0.3)[:2]
-    monkeypatch.setattr(pyvae.streaming, "READ_IN_PARALLEL", 2)  # held, but read by the DataLoader's workers
+    monkeypatch.setattr(pyvae.data.streaming, "READ_IN_PARALLEL", 2)  # held, but read by the DataLoader's workers
     assert torch.equal(load_train_test(str(tmp_path / "big"), test_fraction=0.3)[0].images, held[0].images)
-    monkeypatch.setattr(pyvae.streaming, "available_memory", lambda: 1000)  # bytes: 10 images of 3x5x6 floats need 3600
+    monkeypatch.setattr(pyvae.data.streaming, "available_memory", lambda: 1000)  # bytes: 10 images of 3x5x6 floats need 3600
     streamed = load_train_test(str(tmp_path / "big"), test_fraction=0.3)[:2]
     for h, s in zip(held, streamed):
-        assert isinstance(s.images, pyvae.streaming.StreamedImages) and s.images.shape == h.images.shape
+        assert isinstance(s.images, pyvae.data.streaming.StreamedImages) and s.images.shape == h.images.shape
         assert torch.equal(s.images[:], h.images) and torch.equal(s.labels, h.labels)
-    rest, valid = pyvae.data.hold_out(streamed[0], 0.3)
-    assert torch.equal(valid.images[:], pyvae.data.hold_out(held[0], 0.3)[1].images)
+    rest, valid = pyvae.data.datasets.hold_out(streamed[0], 0.3)
+    assert torch.equal(valid.images[:], pyvae.data.datasets.hold_out(held[0], 0.3)[1].images)
     # a static binarization of a streamed set is one fixed draw per image, the same in any subset
-    binary = pyvae.data.binarize(streamed[0], "static", seed=3)
+    binary = pyvae.data.datasets.binarize(streamed[0], "static", seed=3)
     assert torch.equal(binary.images[[2, 4]], binary.images.subset([2, 4])[:]) and binary.is_binary()
 
 
 def test_a_corrupt_image_in_a_streamed_set_is_one_line_naming_it(tmp_path, monkeypatch):
-    import pyvae.streaming
-    from pyvae.batching import Batches
+    import pyvae.data.streaming
+    from pyvae.data.batching import Batches
 
     save_images(tmp_path / "big", 8)
     whole = (tmp_path / "big" / "005.png").read_bytes()
     (tmp_path / "big" / "005.png").write_bytes(whole[: len(whole) // 2])  # its header is whole, its pixels not
-    monkeypatch.setattr(pyvae.streaming, "available_memory", lambda: 100)
+    monkeypatch.setattr(pyvae.data.streaming, "available_memory", lambda: 100)
     train = load_dataset(str(tmp_path / "big"), "train", test_fraction=0.25)
     with pytest.raises(pyvae.PyvaeError) as info:
         list(Batches(train, torch.device("cpu")).in_order(2))
@@ -224,14 +224,14 @@ def test_a_streamed_folder_trains_exactly_as_held_and_evaluate_finds_it_again(tm
     minibatches, so the same ELBOs to the last digit; then ``evaluate RUN`` reads it again."""
     import json
 
-    import pyvae.streaming
+    import pyvae.data.streaming
 
     save_images(tmp_path / "pics" / "a", 20, size=(6, 6), mode="RGB", bright=True)
     save_images(tmp_path / "pics" / "b", 20, size=(6, 6), mode="RGB", seed=1)
     flags = ["--dataset", str(tmp_path / "pics"), "--epochs", "2", "--batch-size", "8", "--eval-samples", "4", "--z-dim", "2",
              "--hidden", "8", "--valid-fraction", "0.2", "--likelihood", "discretized_logistic", "--no-download"]
     main(["train", *flags, "--out", str(tmp_path / "held")])
-    monkeypatch.setattr(pyvae.streaming, "available_memory", lambda: 1000)  # 40 images of 3x6x6 floats need 17,280 bytes
+    monkeypatch.setattr(pyvae.data.streaming, "available_memory", lambda: 1000)  # 40 images of 3x6x6 floats need 17,280 bytes
     capsys.readouterr()
     main(["train", *flags, "--out", str(tmp_path / "streamed")])
     assert "binarize=none, streamed from disk (too large for memory)" in capsys.readouterr().out

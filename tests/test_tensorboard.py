@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pyvae.cli import main
+from pyvae.cli.app import main
 
 
 def events(folder):

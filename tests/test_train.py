@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pyvae
-from pyvae.data import binarize, load_dataset
+from pyvae.data.datasets import binarize, load_dataset
 
 from .conftest import interrupted_at
 
@@ -91,7 +91,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(digits):
 
 
 def test_numerical_fault_stops_with_epoch_step_and_last_good_checkpoint(tmp_path, digits, monkeypatch):
-    from pyvae.objectives import Objective
+    from pyvae.train.objectives import Objective
 
     train, _ = digits
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
@@ -158,7 +158,7 @@ def test_resume_needs_a_run_written_by_fit(tmp_path, digits):
 @pytest.mark.parametrize("protocol", ["none", "cosine", "plateau"])
 def test_a_stop_on_the_last_step_of_an_epoch_resumes_exactly(tmp_path, digits, monkeypatch, protocol):
     """Also with a learning-rate schedule, validation data, early stopping and best.pt."""
-    from pyvae.train import TrainingStopped
+    from pyvae.train.loop import TrainingStopped
 
     train, test = digits  # 1437 points, batch 256: 6 steps per epoch
     settings = dict(epochs=3, batch_size=256, kl_warmup_epochs=2, seed=5, device="cpu", progress=False)
@@ -185,7 +185,7 @@ def test_a_stop_on_the_last_step_of_an_epoch_resumes_exactly(tmp_path, digits, m
 
 def test_a_mid_epoch_checkpoint_of_an_older_pyvae_resumes(tmp_path, digits, monkeypatch):
     """Before issue 28 a stop mid-epoch saved the epoch's objective as one number."""
-    from pyvae.train import TrainingStopped
+    from pyvae.train.loop import TrainingStopped
 
     train, _ = digits
     settings = dict(epochs=2, batch_size=256, seed=5, device="cpu", progress=False)

@@ -9,10 +9,10 @@ m2     Kingma et al. (2014): y ~ Cat, z ~ N(0, I), x ~ p(x|y, z); q(y|x) q(z|x, 
 =====  =========================================================================
 """
 
-from .cvae import CVAE
-from .hvae import HVAE
-from .m2 import M2
-from .vae import VAE
+from pyvae.models.cvae import CVAE
+from pyvae.models.hvae import HVAE
+from pyvae.models.m2 import M2
+from pyvae.models.vae import VAE
 
 MODELS = {"vae": VAE, "hvae": HVAE, "cvae": CVAE, "m2": M2}
 

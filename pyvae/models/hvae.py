@@ -10,13 +10,13 @@ import pyro
 import torch
 from torch import nn
 
-from ..errors import PyvaeError, positive_int
-from ..guides import DiagonalNormal
-from ..likelihoods import LIKELIHOODS, Likelihood
-from ..nets import mlp
-from ..priors import Prior
-from ..program import data_plate
-from .parts import check_x, image_shape_for, resolve_prior
+from pyvae.errors import PyvaeError, positive_int
+from pyvae.parts.guides import DiagonalNormal
+from pyvae.parts.likelihoods import LIKELIHOODS, Likelihood
+from pyvae.parts.nets import mlp
+from pyvae.parts.priors import Prior
+from pyvae.program import data_plate
+from pyvae.models.shared import check_x, image_shape_for, resolve_prior
 
 _instance_ids = itertools.count()
 

@@ -11,12 +11,12 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 
-from ..errors import PyvaeError
-from ..likelihoods import Likelihood
-from ..nets import mlp
-from ..priors import Prior
-from ..program import data_plate
-from .cvae import CVAE, check_labels
+from pyvae.errors import PyvaeError
+from pyvae.parts.likelihoods import Likelihood
+from pyvae.parts.nets import mlp
+from pyvae.parts.priors import Prior
+from pyvae.program import data_plate
+from pyvae.models.cvae import CVAE, check_labels
 
 
 class M2(CVAE):

@@ -19,14 +19,14 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ..components import is_custom
-from ..errors import PyvaeError, positive_int
-from ..guides import GUIDES, Guide
-from ..likelihoods import LIKELIHOODS, Likelihood
-from ..nets import NETS, ConvDecoder, ConvEncoder, ResidualDecoder, ResidualEncoder, mlp
-from ..priors import PRIORS, Prior
-from ..program import data_plate
-from .parts import image_shape_for
+from pyvae.parts.component import is_custom
+from pyvae.errors import PyvaeError, positive_int
+from pyvae.parts.guides import GUIDES, Guide
+from pyvae.parts.likelihoods import LIKELIHOODS, Likelihood
+from pyvae.parts.nets import NETS, ConvDecoder, ConvEncoder, ResidualDecoder, ResidualEncoder, mlp
+from pyvae.parts.priors import PRIORS, Prior
+from pyvae.program import data_plate
+from pyvae.models.shared import image_shape_for
 
 _instance_ids = itertools.count()
 

@@ -15,8 +15,8 @@ import numpy as np
 import pyro
 import torch
 
-from . import distributed
-from .errors import PyvaeError
+from pyvae import distributed
+from pyvae.errors import PyvaeError
 
 VERSION = 2
 
@@ -51,7 +51,7 @@ def restore(module: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Pat
     """Load weights, optimizer state, the learning-rate ``schedule``'s state (a :class:`pyvae.protocol.Schedule`;
     a different schedule is an error, raised before anything is loaded) and this process's generators;
     return (history, training state)."""
-    from .checkpoint import read
+    from pyvae.runs import read
 
     payload = read(path)
     training = payload.get("training")

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from pyro import poutine
 
-from . import distributed, program
-from .ais import AISResult, ais_log_likelihood, check, compile_session, data_dim, point_seed, reverse_ais
-from .diagnostics import GRID, ais_ladder, take
-from .errors import PyvaeError
-from .likelihoods import bits_per_dim, coding
+from pyvae import distributed, program
+from pyvae.infer.ais import AISResult, ais_log_likelihood, check, compile_session, data_dim, point_seed, reverse_ais
+from pyvae.infer.diagnostics import GRID, ais_ladder, take
+from pyvae.errors import PyvaeError
+from pyvae.parts.likelihoods import bits_per_dim, coding
 
 
 @torch.no_grad()

@@ -31,9 +31,9 @@ from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELB
 from pyro.infer.util import get_dependent_plate_dims, torch_sum
 from torch.distributions import kl_divergence
 
-from .errors import PyvaeError, positive_int
-from .batching import Call
-from .program import (
+from pyvae.errors import PyvaeError, positive_int
+from pyvae.data.batching import Call
+from pyvae.program import (
     DataScale,
     LatentScale,
     LocalParams,

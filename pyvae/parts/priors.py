@@ -25,8 +25,8 @@ from torch.distributions import constraints
 from pyro.distributions import transforms as T
 from pyro.distributions.transforms import Permute
 
-from .components import Component, Registry
-from .errors import PyvaeError, positive_int, positive_number
+from pyvae.parts.component import Component, Registry
+from pyvae.errors import PyvaeError, positive_int, positive_number
 
 PRIORS = Registry("prior")
 

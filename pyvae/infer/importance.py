@@ -32,9 +32,9 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from . import program
-from .batching import Batches, check_data, resolve_device
-from .errors import PyvaeError, PyvaeWarning, positive_int
+from pyvae import program
+from pyvae.data.batching import Batches, check_data, resolve_device
+from pyvae.errors import PyvaeError, PyvaeWarning, positive_int
 
 #: how many floats one chunk's rows may hold: 32 MB in float32 on a CPU, 128 MB on a GPU. Each
 #: chunk is one trace of guide and model, whose Pyro bookkeeping costs ~1-2 ms; on a CPU an
@@ -222,7 +222,7 @@ def _say_one_at_a_time(model) -> None:
 def drawn_once(data):
     """``data`` with a dynamically binarized ImageSet drawn once (every point scored on one fixed
     image)."""
-    from .data import ImageSet
+    from pyvae.data.datasets import ImageSet
 
     if isinstance(data, ImageSet) and data.dynamic:
         return (data.draw(), data.labels) if data.labels is not None else data.draw()

@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataNotFound, PyvaeError, positive_int
-from .streaming import StreamedImages, held_or_streamed, rows
+from pyvae.errors import DataNotFound, PyvaeError, positive_int
+from pyvae.data.streaming import StreamedImages, held_or_streamed, rows
 
 SPLITS = {
     "binarized_mnist": ("train", "valid", "test"),
@@ -141,7 +141,7 @@ def load_dataset(
     ``name`` is a built-in data set or the path of your own (:func:`pyvae.sources.load_path`, which
     takes ``test_fraction`` and ``image_size``).
     """
-    from . import sources
+    from pyvae.data import sources
 
     if name not in SPLITS:
         if sources.is_path(name):
@@ -315,7 +315,7 @@ def _torchvision_items(name: str, root: Path, split: str, download: bool, test_f
     :class:`~pyvae.sources.ImageReader` as an image folder's: held in memory when it fits, else streamed.
     Its own split where its class takes ``train`` or ``split`` (CelebA, STL10, ...), else the whole set
     split by ``test_fraction``; integer labels where it keeps them (``targets``, ``labels``)."""
-    from . import sources
+    from pyvae.data import sources
 
     cls = torchvision_class(name)
     params = inspect.signature(cls).parameters

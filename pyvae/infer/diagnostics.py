@@ -21,14 +21,14 @@ import xarray
 
 from pyro import poutine
 
-from . import distributed, program
-from .ais import AISResult, point_seed
-from .batching import Batches, as_tensors, resolve_device
-from .checkpoint import atomic_write
-from .data import spread
-from .errors import PyvaeError, positive_int
-from .importance import MIN_KHAT_SAMPLES, LogLikelihood, drawn_once, khat_threshold, log_likelihood
-from .likelihoods import bits_per_dim, coding
+from pyvae import distributed, program
+from pyvae.infer.ais import AISResult, point_seed
+from pyvae.data.batching import Batches, as_tensors, resolve_device
+from pyvae.runs import atomic_write
+from pyvae.data.datasets import spread
+from pyvae.errors import PyvaeError, positive_int
+from pyvae.infer.importance import MIN_KHAT_SAMPLES, LogLikelihood, drawn_once, khat_threshold, log_likelihood
+from pyvae.parts.likelihoods import bits_per_dim, coding
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 #: the share of points with k^ above the threshold beyond which importance sampling's headline is flagged
@@ -293,7 +293,7 @@ class Evaluation:
 
     def write(self, out: str | Path) -> None:
         """``eval.json``, ``eval.nc`` (InferenceData), ``khat.png``, ``iwae_curve.png``, ``kl_per_dim.png``, ``ais.png``."""
-        from . import plots
+        from pyvae.viz import plots
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -345,7 +345,7 @@ def evaluate(
     """
     import time
 
-    from .ais import ais_log_likelihood, check, compile_session
+    from pyvae.infer.ais import ais_log_likelihood, check, compile_session
 
     start = time.perf_counter()
     world = world or distributed.World()

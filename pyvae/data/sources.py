@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import PyvaeError
-from .streaming import held_or_streamed, rows
+from pyvae.errors import PyvaeError
+from pyvae.data.streaming import held_or_streamed, rows
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -41,7 +41,7 @@ def is_path(name: str) -> bool:
 
 def load_path(path: str | Path, split: str, test_fraction: float = 0.1, image_size: int | None = None, seed: int = 0):
     """The ``split`` ("train" or "test") of the data at ``path`` as an ImageSet named after it."""
-    from .data import ImageSet
+    from pyvae.data.datasets import ImageSet
 
     path = Path(path).expanduser()
     if split not in ("train", "test"):
@@ -245,7 +245,7 @@ def photo_patches(split: str, size: int = 32, seed: int = 0):
     split into train and test. Offline, for tests and demos of natural images."""
     from sklearn.datasets import load_sample_images
 
-    from .data import ImageSet
+    from pyvae.data.datasets import ImageSet
 
     patches = []
     for image in load_sample_images().images:  # (427, 640, 3) uint8

@@ -29,12 +29,13 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from . import distributed, protocol, state
-from .batching import KINDS, Batches, check_data, resolve_device, serving
-from .checkpoint import atomic_write, save
-from .errors import PyvaeError, PyvaeWarning, positive_int, positive_number
-from .likelihoods import bits_per_dim, coding
-from .objectives import (
+from pyvae import distributed
+from pyvae.train import protocol, resume as state
+from pyvae.data.batching import KINDS, Batches, check_data, resolve_device, serving
+from pyvae.runs import atomic_write, save
+from pyvae.errors import PyvaeError, PyvaeWarning, positive_int, positive_number
+from pyvae.parts.likelihoods import bits_per_dim, coding
+from pyvae.train.objectives import (
     Objective,
     choose_elbo,
     enumerable_sites,
@@ -42,7 +43,7 @@ from .objectives import (
     mean_field_violation,
     sites_without_analytic_kl,
 )
-from .program import LocalParams, structure
+from pyvae.program import LocalParams, structure
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .errors import PyvaeError
+from pyvae.errors import PyvaeError
 
 
 class Component(torch.nn.Module):
@@ -150,9 +150,9 @@ def import_parts(path: str | Path) -> list[type[Component]]:
 def custom_parts(config: dict, parts_file: str | Path | None, where: str = "the checkpoint") -> dict[str, Component]:
     """The prior, likelihood and guide of a saved model's ``config`` that are no built-in, built from
     the classes ``parts_file`` defines with their recorded settings ({} when all are built in)."""
-    from .guides import GUIDES, Guide
-    from .likelihoods import LIKELIHOODS, Likelihood
-    from .priors import PRIORS, Prior
+    from pyvae.parts.guides import GUIDES, Guide
+    from pyvae.parts.likelihoods import LIKELIHOODS, Likelihood
+    from pyvae.parts.priors import PRIORS, Prior
 
     kinds = {"prior": (PRIORS, Prior), "likelihood": (LIKELIHOODS, Likelihood), "guide": (GUIDES, Guide)}
     custom = {part: spec for part, (registry, _) in kinds.items()
@@ -303,7 +303,7 @@ def build_user_model(cls: type, record: dict, data: dict) -> torch.nn.Module:
     constructor takes and the args do not give. The instance keeps ``record`` and ``data`` for its
     checkpoints (:data:`pyvae.checkpoint.USER_MODEL`), and the data's shape where it has none of
     its own: pictures need ``x_dim`` and ``image_shape``."""
-    from .checkpoint import USER_MODEL
+    from pyvae.runs import USER_MODEL
 
     params, args = inspect.signature(cls.__init__).parameters, record["args"]
     filled = {k: data[k] for k in DATA_ARGS if k in params and k not in args and k in data}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import PyvaeError
+from pyvae.errors import PyvaeError
 
 FORMAT = "pyvae-checkpoint"
 FORMAT_VERSION = 1
@@ -106,7 +106,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, **parts)
     ``load(path, model=instance)`` loads the weights into ``instance``, which must be of the
     class that was saved, with the same parameter names and shapes.
     """
-    from .models import MODELS
+    from pyvae.models import MODELS
 
     payload = read(path)
     saved = payload.get("class")

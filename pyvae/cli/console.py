@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import PyvaeError, PyvaeWarning
+from pyvae.errors import PyvaeError, PyvaeWarning
 
 
 def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from pyro.distributions.transforms import Permute
 
-from .components import Component, Registry
-from .errors import PyvaeError, positive_int, positive_number
+from pyvae.parts.component import Component, Registry
+from pyvae.errors import PyvaeError, positive_int, positive_number
 
 GUIDES = Registry("guide")
 

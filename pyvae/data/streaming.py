@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .errors import PyvaeError
+from pyvae.errors import PyvaeError
 
 #: the share of the memory available now that one split may take as float32 before it is streamed
 MEMORY_SHARE = 0.5

@@ -59,11 +59,11 @@ from pyro import poutine
 from torch.distributions import biject_to
 from tqdm.auto import tqdm
 
-from . import program
-from .batching import Batches, check_data, resolve_device
-from .compiled import NotCompiled, compile_function
-from .errors import PyvaeError, PyvaeWarning, positive_int, positive_number
-from .importance import CHUNK_ELEMENTS, drawn_once
+from pyvae import program
+from pyvae.data.batching import Batches, check_data, resolve_device
+from pyvae.compiled import NotCompiled, compile_function
+from pyvae.errors import PyvaeError, PyvaeWarning, positive_int, positive_number
+from pyvae.infer.importance import CHUNK_ELEMENTS, drawn_once
 
 SCHEDULES = ("sigmoid", "linear")
 STARTS = ("guide", "prior")

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import distributed, program
-from .ais import AISResult, ais_log_likelihood, check, compile_session, point_seed
-from .diagnostics import take
-from .errors import positive_int, positive_number
-from .importance import LogLikelihood, log_likelihood
-from .likelihoods import bits_per_dim, coding
+from pyvae import distributed, program
+from pyvae.infer.ais import AISResult, ais_log_likelihood, check, compile_session, point_seed
+from pyvae.infer.diagnostics import take
+from pyvae.errors import positive_int, positive_number
+from pyvae.infer.importance import LogLikelihood, log_likelihood
+from pyvae.parts.likelihoods import bits_per_dim, coding
 
 
 class LocalGuide(torch.nn.Module):

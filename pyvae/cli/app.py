@@ -8,10 +8,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .console import Parser, run, writable_dir
-from .errors import PyvaeError
-from .data import SPLITS
-from .sources import is_path
+from pyvae.cli.console import Parser, run, writable_dir
+from pyvae.errors import PyvaeError
+from pyvae.data.datasets import SPLITS
+from pyvae.data.sources import is_path
 
 
 def load_run(path: str | Path, which: str | None = None, parts: str | None = None):
@@ -23,8 +23,8 @@ def load_run(path: str | Path, which: str | None = None, parts: str | None = Non
     """
     import os
 
-    from .checkpoint import read
-    from .config import read_yaml
+    from pyvae.runs import read
+    from pyvae.cli.config import read_yaml
 
     checkpoint = checkpoint_file(Path(path), which)
     config_path = checkpoint.parent / "config.yaml"
@@ -42,8 +42,8 @@ def checkpoint_model(checkpoint: Path, payload: dict, parts: str | None = None):
     """The model of a checkpoint file (``payload``: its contents, read): a class of the user's own
     is imported again from the file it recorded, which must be there and unchanged; a built-in
     model is rebuilt from the checkpoint, with its custom parts from ``parts`` (--parts FILE.py)."""
-    from .checkpoint import load
-    from .components import custom_parts, rebuild_user_model
+    from pyvae.runs import load
+    from pyvae.parts.component import custom_parts, rebuild_user_model
 
     record = payload.get("user_model")
     if isinstance(record, dict):
@@ -75,8 +75,8 @@ def checkpoint_file(path: Path, which: str | None = None) -> Path:
 def describe_checkpoint(path: Path, payload: dict | None = None) -> str:
     """``RUN/best.pt (epoch 37 of 50: the best validation ELBO, -88.123)`` or ``RUN/checkpoint.pt (epoch 50, the last)``;
     ``payload``: the checkpoint already read, if the caller has it."""
-    from .checkpoint import read
-    from .protocol import LABELS
+    from pyvae.runs import read
+    from pyvae.train.protocol import LABELS
 
     payload = payload if payload is not None else read(path)
     epoch, history = payload.get("epoch"), payload.get("history")
@@ -97,7 +97,7 @@ def evaluation_data(vae, config: dict | None, dataset: str | None, split: str, d
 def binarized_evaluation_data(vae, config, dataset, split, data_dir, download=True):
     """(:func:`evaluation_data`, how it was binarized: ``static``, ``none`` or ``dynamic``, the last
     evaluated as one fixed draw)."""
-    from .data import evaluation_split, load_dataset, resolve_binarize
+    from pyvae.data.datasets import evaluation_split, load_dataset, resolve_binarize
 
     config = config or {}
     dataset = dataset or config.get("dataset")
@@ -115,7 +115,7 @@ def binarized_evaluation_data(vae, config, dataset, split, data_dir, download=Tr
 def likelihood_of(vae, config: dict):
     """The model's likelihood; for a class of the user's own without one, the run's --likelihood
     (bernoulli by default), which decided how its data were binarized."""
-    from .likelihoods import LIKELIHOODS
+    from pyvae.parts.likelihoods import LIKELIHOODS
 
     if hasattr(vae, "likelihood"):
         return vae.likelihood
@@ -139,7 +139,7 @@ def scored(model, data):
 
 def needs_labels(model) -> bool:
     """A model whose batches are (x, y) and that has no classifier of its own to sum y with (cvae)."""
-    from .program import batch_arity
+    from pyvae.program import batch_arity
 
     return batch_arity(model) == 2 and not hasattr(model, "classify")
 
@@ -149,7 +149,7 @@ def unlabelled(model, x):
     a model that needs labels cannot."""
     import torch
 
-    from .program import batch_arity
+    from pyvae.program import batch_arity
 
     if batch_arity(model) == 1:
         return x
@@ -164,7 +164,7 @@ def build_model(config, train, likelihood):
     a YAML mapping (``model: {name: hvae, z_dims: [...], hidden: [[...], [...]]}``) says otherwise."""
     import inspect
 
-    from .models import MODELS
+    from pyvae.models import MODELS
 
     spec = dict(config.model) if isinstance(config.model, dict) else {"name": config.model}
     cls = MODELS[spec.pop("name")]
@@ -186,7 +186,7 @@ def build_model(config, train, likelihood):
 
 def model_name(model) -> str:
     """A built-in model's name, or ``FILE.py:Class`` for a class of the user's own."""
-    from .components import is_model_file, model_file_spec
+    from pyvae.parts.component import is_model_file, model_file_spec
 
     if is_model_file(model):
         spec = model_file_spec(model)
@@ -197,7 +197,7 @@ def model_name(model) -> str:
 def user_model_class(config):
     """(class, record) of ``--model FILE.py:Class``, imported and checked before the data are read
     (a bad file, class or argument leaves no run folder), or None for a built-in model."""
-    from .components import is_model_file, model_class, model_file_spec
+    from pyvae.parts.component import is_model_file, model_class, model_file_spec
 
     if not is_model_file(config.model):
         return None
@@ -208,7 +208,7 @@ def user_model_class(config):
 def build_user_model(user, config, train):
     """The user's class built for ``train`` (:func:`pyvae.components.build_user_model`);
     ``config.model`` becomes its record for config.yaml: the absolute file, its sha256, the args."""
-    from .components import build_user_model as build
+    from pyvae.parts.component import build_user_model as build
 
     cls, record = user
     data = {"x_dim": train.x_dim, "image_shape": list(train.image_shape)}
@@ -222,8 +222,8 @@ def semi_supervised_user_data(model, config, train, test, valid):
     """(train with --num-labels labels and -1 elsewhere, test and valid as images alone) for a class of
     the user's own that takes an optional label (``model(xs, ys=None)``): trained semi-supervised,
     scored by log p(x)."""
-    from .data import semi_supervised
-    from .program import batch_arity, batch_slots
+    from pyvae.data.datasets import semi_supervised
+    from pyvae.program import batch_arity, batch_slots
 
     if batch_slots(model) <= batch_arity(model):
         raise PyvaeError(f"--num-labels needs a model that takes an optional label, model(xs, ys=None); "
@@ -236,18 +236,19 @@ def train_main(argv: list[str]) -> None:
     """Train a model by SVI: checkpoints, metrics, pictures and the test log-likelihood."""
     import torch
 
-    from . import likelihoods, plots
-    from .config import parse_args
-    from .checkpoint import load_weights, read
-    from .data import binarize_for, evaluation_split, load_train_test, semi_supervised, spread
-    from .streaming import StreamedImages
-    from .protocol import check
-    from .diagnostics import evaluate
-    from .distributed import init, shutdown
-    from .likelihoods import coding
-    from .train import fit
-    from .batching import resolve_device
-    from .tensorboard import TensorBoard
+    from pyvae.parts import likelihoods
+    from pyvae.viz import plots
+    from pyvae.cli.config import parse_args
+    from pyvae.runs import load_weights, read
+    from pyvae.data.datasets import binarize_for, evaluation_split, load_train_test, semi_supervised, spread
+    from pyvae.data.streaming import StreamedImages
+    from pyvae.train.protocol import check
+    from pyvae.infer.diagnostics import evaluate
+    from pyvae.distributed import init, shutdown
+    from pyvae.parts.likelihoods import coding
+    from pyvae.train.loop import fit
+    from pyvae.data.batching import resolve_device
+    from pyvae.train.tensorboard import TensorBoard
 
     prog = "python -m pyvae train" if sys.argv[0].endswith("__main__.py") else None  # else the example's name
     config, _ = parse_args(argv, description="Train a VAE by SVI and write its pictures, metrics and test log-likelihood.", prog=prog)
@@ -378,8 +379,8 @@ def validation_data(config, train, say):
     """(train, valid or None) as ``config`` asks (:func:`pyvae.data.validation_split`). A data set's own
     valid split that cannot be found is a notice, and training goes on without validation, unless
     patience or the plateau schedule needs it."""
-    from .data import validation_split
-    from .errors import DataNotFound
+    from pyvae.data.datasets import validation_split
+    from pyvae.errors import DataNotFound
 
     try:
         return validation_split(train, config.valid_fraction, config.seed, data_dir=config.data_dir, download=config.download)
@@ -398,8 +399,8 @@ def evaluate_main(argv: list[str]) -> None:
     """log p(x) by importance sampling or AIS, and guide diagnostics of a trained run."""
     import pyro
 
-    from . import distributed
-    from .diagnostics import evaluate
+    from pyvae import distributed
+    from pyvae.infer.diagnostics import evaluate
 
     parser = run_parser("evaluate", "log p(x) by importance sampling (or AIS) and guide diagnostics of a trained run.",
                         "RUN/eval-<dataset>-<split>-K<K>, with AIS RUN/eval-<dataset>-<split>-ais-T<T>-C<C>")
@@ -434,9 +435,10 @@ def bdmc_main(argv: list[str]) -> None:
     """BDMC: forward and reverse AIS on data simulated from the model, a sandwich around log p(x)."""
     import json
 
-    from . import distributed, plots
-    from .bdmc import bdmc
-    from .checkpoint import atomic_write
+    from pyvae import distributed
+    from pyvae.viz import plots
+    from pyvae.infer.bdmc import bdmc
+    from pyvae.runs import atomic_write
 
     parser = run_parser("bdmc", "Bidirectional Monte Carlo: how far AIS at T steps can be from log p(x).", "RUN/bdmc-T<T>-C<C>")
     parser.add_argument("--num-points", type=int, default=20, help="points simulated from the model (default 20)")
@@ -460,9 +462,9 @@ def gap_main(argv: list[str]) -> None:
     """The inference gap split into approximation and amortization gaps (AIS and per-point guides)."""
     import json
 
-    from . import distributed
-    from .checkpoint import atomic_write
-    from .gap import inference_gap
+    from pyvae import distributed
+    from pyvae.runs import atomic_write
+    from pyvae.infer.gap import inference_gap
 
     parser = run_parser("gap", "The inference gap log p(x) - ELBO split into approximation and amortization gaps.", "RUN/gap-T<T>")
     parser.add_argument("--num-points", type=int, default=20, help="test points, evenly spread (default 20)")
@@ -489,9 +491,9 @@ def gap_main(argv: list[str]) -> None:
 def scored_run(args, split: str, num_points: int | None):
     """What evaluate, bdmc and gap start from: (world, device, the run's model on it, its checkpoint file,
     the data set, its ``num_points`` scored points evenly spread, on the device: x or (x, y))."""
-    from . import distributed
-    from .batching import resolve_device
-    from .data import spread
+    from pyvae import distributed
+    from pyvae.data.batching import resolve_device
+    from pyvae.data.datasets import spread
 
     world, device = distributed.init(resolve_device(args.device))
     vae, config, checkpoint = load_run(args.run, args.checkpoint, args.parts)
@@ -511,7 +513,7 @@ def last_suffix(checkpoint: Path) -> str:
 
 def ais_flags(parser) -> None:
     """The flags of annealed importance sampling, shared by evaluate, bdmc and gap."""
-    from .ais import SCHEDULES, STARTS
+    from pyvae.infer.ais import SCHEDULES, STARTS
 
     parser.add_argument("--num-steps", type=int, default=1000, help="T, intermediate distributions of AIS (default 1000)")
     parser.add_argument("--num-chains", type=int, default=16, help="AIS chains per point (default 16)")
@@ -559,7 +561,7 @@ def explore_setup(args, *positive: str):
     """(vae on its device, config, output folder) for an exploration command; checks positive flags."""
     import pyro
 
-    from .train import resolve_device
+    from pyvae.train.loop import resolve_device
 
     check_positive(args, *positive)
     vae, config, checkpoint = load_run(args.run, args.checkpoint, args.parts)
@@ -571,7 +573,7 @@ def explore_setup(args, *positive: str):
 def held_out_images(vae, config, args, n=None, dataset=None):
     """(the test split of ``dataset`` (default: the run's) as the run was evaluated, n of its images evenly
     spread on the model's device, how it was binarized: see :func:`binarized_evaluation_data`)."""
-    from .data import spread
+    from pyvae.data.datasets import spread
 
     data, mode = binarized_evaluation_data(vae, config, dataset or args.dataset, "test", args.data_dir, not args.no_download)
     device = next(vae.parameters()).device
@@ -580,7 +582,7 @@ def held_out_images(vae, config, args, n=None, dataset=None):
 
 def sample_main(argv: list[str]) -> None:
     """Images decoded from latents drawn from the prior (--label for cvae, m2)."""
-    from . import plots
+    from pyvae.viz import plots
 
     parser = run_parser("sample", "Images decoded from latents drawn from the prior.")
     parser.add_argument("--n", type=int, default=64, help="how many images (default 64)")
@@ -596,7 +598,7 @@ def sample_main(argv: list[str]) -> None:
 
 def reconstruct_main(argv: list[str]) -> None:
     """Test images, each row above its reconstructions."""
-    from . import plots
+    from pyvae.viz import plots
 
     parser = run_parser("reconstruct", "Test images, each row above its reconstructions.")
     parser.add_argument("--n", type=int, default=32, help="images (rows of 8)")
@@ -610,8 +612,8 @@ def reconstruct_main(argv: list[str]) -> None:
 
 def interpolate_main(argv: list[str]) -> None:
     """Decoded paths between test images, linear and spherical in z (vae)."""
-    from . import plots
-    from .explore import interpolations, require_vae
+    from pyvae.viz import plots
+    from pyvae.infer.explore import interpolations, require_vae
 
     parser = run_parser("interpolate", "Decoded paths between test images, linear and spherical in z.")
     parser.add_argument("--pairs", type=int, default=8, help="pairs of test images, one row each (default 8)")
@@ -631,9 +633,9 @@ def traverse_main(argv: list[str]) -> None:
     """Each latent dimension swept over the prior's quantiles, by KL (vae)."""
     import torch
 
-    from . import plots
-    from .explore import manifold, require_vae, traversal
-    from .importance import log_likelihood
+    from pyvae.viz import plots
+    from pyvae.infer.explore import manifold, require_vae, traversal
+    from pyvae.infer.importance import log_likelihood
 
     parser = run_parser("traverse", "Each latent dimension swept over the prior's quantiles, by KL.")
     parser.add_argument("--dims", type=int, default=10, help="how many dimensions, largest KL first")
@@ -662,11 +664,11 @@ def embed_main(argv: list[str]) -> None:
 
     import torch
 
-    from . import plots
-    from .checkpoint import atomic_write
-    from .explore import embedding_2d, linear_probe
-    from .models import VAE
-    from .program import latent_means, structure
+    from pyvae.viz import plots
+    from pyvae.runs import atomic_write
+    from pyvae.infer.explore import embedding_2d, linear_probe
+    from pyvae.models import VAE
+    from pyvae.program import latent_means, structure
 
     parser = run_parser("embed", "Latent means of the test set: a scatter, a linear probe, k-means purity.")
     parser.add_argument("--num-points", type=int, help="test images, evenly spread (default all)")
@@ -675,7 +677,7 @@ def embed_main(argv: list[str]) -> None:
     data, _, _ = held_out_images(vae, config, args)
     if data.labels is None:
         raise PyvaeError(f"the {data.name} test split has no labels; pass --dataset with a labelled set")
-    from .data import spread
+    from pyvae.data.datasets import spread
 
     x, labels = spread(data.images, args.num_points), spread(data.labels, args.num_points)
     device = next(vae.parameters()).device
@@ -711,10 +713,10 @@ def anomaly_main(argv: list[str]) -> None:
     """log p(x) as an anomaly score: ROC AUC of test images against another set."""
     import json
 
-    from . import plots
-    from .checkpoint import atomic_write
-    from .explore import anomaly_auc
-    from .importance import log_likelihood
+    from pyvae.viz import plots
+    from pyvae.runs import atomic_write
+    from pyvae.infer.explore import anomaly_auc
+    from pyvae.infer.importance import log_likelihood
 
     parser = run_parser("anomaly", "log p(x) as an anomaly score: ROC AUC of test images against another set.")
     parser.add_argument("--ood", required=True, help="the out-of-distribution data set, e.g. fashion_mnist")

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import PyvaeError
-from ..priors import PRIORS, Prior, VampPrior
+from pyvae.errors import PyvaeError
+from pyvae.parts.priors import PRIORS, Prior, VampPrior
 
 
 def image_shape_for(x_dim: int, image_shape: Sequence[int] | None) -> tuple[int, ...] | None:

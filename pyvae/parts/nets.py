@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .errors import PyvaeError
+from pyvae.errors import PyvaeError
 
 ACTIVATIONS = {
     "relu": nn.ReLU,

@@ -16,9 +16,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
-from . import program
-from .errors import PyvaeError
-from .models import VAE
+from pyvae import program
+from pyvae.errors import PyvaeError
+from pyvae.models import VAE
 
 
 @torch.no_grad()

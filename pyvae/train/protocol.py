@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import PyvaeError, positive_int
+from pyvae.errors import PyvaeError, positive_int
 
 SCHEDULES = ("none", "iwae", "plateau", "cosine")
 #: Burda et al.'s stages: i = 0, ..., 7, stage i lasting 3^i epochs at 10^(-i/7) times the base rate

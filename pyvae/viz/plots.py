@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
-from .checkpoint import atomic_write  # noqa: E402
-from .data import spread  # noqa: E402
+from pyvae.runs import atomic_write  # noqa: E402
+from pyvae.data.datasets import spread  # noqa: E402
 
 
 def grid(images: torch.Tensor, image_shape: Sequence[int], nrow: int = 8) -> torch.Tensor:
@@ -38,7 +38,7 @@ def save_figure(fig: plt.Figure, path: str | Path) -> None:
 
 def samples(model: torch.nn.Module, path: str | Path, n: int = 64, label: int | None = None, temperature: float = 1.0) -> None:
     """A grid of E[x | latents] for latents drawn from the model (class ``label``, or the classes in turn)."""
-    from .explore import prior_images
+    from pyvae.infer.explore import prior_images
 
     model.eval()
     save_grid(prior_images(model, n, label, temperature), model.image_shape, path, nrow=max(1, round(n**0.5)))
@@ -59,7 +59,7 @@ def reconstruction_pairs(model: torch.nn.Module, x: torch.Tensor, per_row: int =
     The images are spread evenly over ``x``, so a set sorted by class (static
     binarized MNIST's test split is) shows every class.
     """
-    from .explore import reconstructions as reconstruct
+    from pyvae.infer.explore import reconstructions as reconstruct
 
     model.eval()
     per_row = min(per_row, x.shape[0])
@@ -92,7 +92,7 @@ def khat(ll, path: str | Path) -> None:
     """arviz's Pareto k^ plot: one point per data point, with the reliability thresholds."""
     import arviz
 
-    from .importance import khat_threshold
+    from pyvae.infer.importance import khat_threshold
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     with warnings.catch_warnings():

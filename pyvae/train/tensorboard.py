@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from . import plots
-from .data import spread
-from .explore import prior_images
-from .importance import log_likelihood
-from .program import batch_arity
+from pyvae.viz import plots
+from pyvae.data.datasets import spread
+from pyvae.infer.explore import prior_images
+from pyvae.infer.importance import log_likelihood
+from pyvae.program import batch_arity
 
 #: record keys and the tag they are shown under
 TAGS = {"train_elbo": "elbo/train", "test_elbo": "elbo/test", "valid_elbo": "elbo/valid", "test_iwae": "iwae/test",

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import constraints
 
-from .components import Component, Registry
-from .errors import PyvaeError, positive_number
+from pyvae.parts.component import Component, Registry
+from pyvae.errors import PyvaeError, positive_number
 
 LIKELIHOODS = Registry("likelihood")
 

@@ -19,18 +19,18 @@ from pathlib import Path
 
 import yaml
 
-from .data import BINARIZE_MODES, SPLITS, torchvision_class
-from .sources import is_path
-from .console import Parser, writable_dir
-from .errors import PyvaeError
-from .components import is_model_file, model_file_spec, plain
-from .guides import GUIDES
-from .likelihoods import LIKELIHOODS
-from .nets import MLP_ACTIVATIONS, NETS
-from .priors import PRIORS
-from .batching import DEVICES
-from .objectives import ELBO_CHOICES
-from .protocol import SCHEDULES
+from pyvae.data.datasets import BINARIZE_MODES, SPLITS, torchvision_class
+from pyvae.data.sources import is_path
+from pyvae.cli.console import Parser, writable_dir
+from pyvae.errors import PyvaeError
+from pyvae.parts.component import is_model_file, model_file_spec, plain
+from pyvae.parts.guides import GUIDES
+from pyvae.parts.likelihoods import LIKELIHOODS
+from pyvae.parts.nets import MLP_ACTIVATIONS, NETS
+from pyvae.parts.priors import PRIORS
+from pyvae.data.batching import DEVICES
+from pyvae.train.objectives import ELBO_CHOICES
+from pyvae.train.protocol import SCHEDULES
 
 
 MODEL_HELP = ("vae, hvae, cvae or m2 (in YAML also {name: hvae, z_dims: [100, 50], ...}), or "
@@ -141,7 +141,7 @@ def _check(f: dataclasses.Field, value) -> None:
             raise bad
         return
     if "models" in meta:
-        from .models import MODELS
+        from pyvae.models import MODELS
 
         if is_model_file(value):  # a class of the user's own: its file is imported by training
             model_file_spec(value)
@@ -192,7 +192,7 @@ def _describe(kind, meta) -> str:
     if "registry" in meta:
         return ", ".join(meta["registry"])
     if "models" in meta:
-        from .models import MODELS
+        from pyvae.models import MODELS
 
         return ", ".join([*MODELS, "FILE.py:Class"])
     base = _base(kind)
@@ -256,7 +256,7 @@ def build_parser(description: str | None = None, prog: str | None = None) -> Par
         if "registry" in f.metadata:
             parser.add_argument(flag, choices=sorted(f.metadata["registry"]), help=help_text)
         elif "models" in f.metadata:
-            from .models import MODELS
+            from pyvae.models import MODELS
 
             choices = ModelChoices([*MODELS, "FILE.py:Class"])
             metavar = "{" + ",".join(choices) + "}"
