@@ -33,8 +33,8 @@ from common import add_common_arguments, setup, static_mnist, sync
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyvae
-from pyvae.infer.ais import _Chains, _Sampler, _settings
 from pyvae.data.datasets import spread
+from pyvae.infer.ais import _Chains, _Sampler, _settings
 
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward"}
 
@@ -49,14 +49,22 @@ class RecordMatmuls(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name in MATMULS:
-            self.calls.append((func, [a.shape if torch.is_tensor(a) else a for a in args], kwargs or {}))
+            self.calls.append(
+                (func, [a.shape if torch.is_tensor(a) else a for a in args], kwargs or {})
+            )
         return func(*args, **(kwargs or {}))
 
 
 def floor_seconds(calls, device, repeats):
     """The best time of the recorded products, replayed on random tensors of the same shapes."""
-    replay = [(func, [torch.randn(a, device=device) if isinstance(a, torch.Size) else a for a in args], kwargs)
-              for func, args, kwargs in calls]
+    replay = [
+        (
+            func,
+            [torch.randn(a, device=device) if isinstance(a, torch.Size) else a for a in args],
+            kwargs,
+        )
+        for func, args, kwargs in calls
+    ]
     best = float("inf")
     for _ in range(repeats):
         sync(device)
@@ -85,13 +93,23 @@ def flops(calls):
 def default_model(epochs, device, data_dir):
     out = tempfile.mkdtemp(prefix="ais-speed-")
     vae = pyvae.VAE(784, 50)
-    pyvae.fit(vae, static_mnist("train", data_dir), epochs=epochs, batch_size=128, device=device, out=out, seed=0)
+    pyvae.fit(
+        vae,
+        static_mnist("train", data_dir),
+        epochs=epochs,
+        batch_size=128,
+        device=device,
+        out=out,
+        seed=0,
+    )
     return vae
 
 
 def main():
     parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    parser.add_argument("--run", help="a run folder (default: train the quickstart's model for --epochs)")
+    parser.add_argument(
+        "--run", help="a run folder (default: train the quickstart's model for --epochs)"
+    )
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--num-points", type=int, default=20)
     parser.add_argument("--num-chains", type=int, default=8)
@@ -102,12 +120,23 @@ def main():
     parser.add_argument("--floor-repeats", type=int, default=20)
     args = parser.parse_args()
     device = setup(args)
-    vae = pyvae.load(f"{args.run}/checkpoint.pt") if args.run else default_model(args.epochs, device, args.data_dir)
+    vae = (
+        pyvae.load(f"{args.run}/checkpoint.pt")
+        if args.run
+        else default_model(args.epochs, device, args.data_dir)
+    )
     vae.to(device).eval()
     x = spread(static_mnist("test", args.data_dir), args.num_points).to(device)
-    settings = _settings(num_steps=args.num_steps, num_chains=args.num_chains, leapfrog_steps=args.leapfrog_steps, start=args.start)
+    settings = _settings(
+        num_steps=args.num_steps,
+        num_chains=args.num_chains,
+        leapfrog_steps=args.leapfrog_steps,
+        start=args.start,
+    )
     settings.pop("compile")  # each run below says
-    warnings.simplefilter("error", pyvae.PyvaeWarning)  # a compiled run that fell back must stop here, not be timed as compiled
+    warnings.simplefilter(
+        "error", pyvae.PyvaeWarning
+    )  # a compiled run that fell back must stop here, not be timed as compiled
 
     # one gradient evaluation on the same rows AIS runs, its matrix products recorded
     sampler = _Sampler.build(vae, x, args.num_chains, device, None, None)
@@ -122,38 +151,57 @@ def main():
     for p in vae.parameters():
         p.requires_grad_(True)
     evaluations = (args.num_steps - 1) * args.leapfrog_steps + 1
-    print(f"{len(x)} points x {args.num_chains} chains = {len(x) * args.num_chains} rows; T = {args.num_steps}, "
-          f"{args.leapfrog_steps} leapfrog steps: {evaluations} gradient evaluations; "
-          f"{len(recorder.calls)} matrix products, {flops(recorder.calls) / 1e6:.1f} MFLOP per evaluation (mm/addmm)")
+    print(
+        f"{len(x)} points x {args.num_chains} chains = {len(x) * args.num_chains} rows; T = {args.num_steps}, "
+        f"{args.leapfrog_steps} leapfrog steps: {evaluations} gradient evaluations; "
+        f"{len(recorder.calls)} matrix products, {flops(recorder.calls) / 1e6:.1f} MFLOP per evaluation (mm/addmm)"
+    )
     # the one-off compilation of this chunk size, so that the timed runs below find it compiled
     start = time.perf_counter()
-    pyvae.infer.ais.ais_log_likelihood(vae, x, **{**settings, "num_steps": 2}, compile=True, device=device)
-    print(f"compile=True: recording and compiling the densities and the gradients-only graph took {time.perf_counter() - start:.1f} s (once per chunk size)")
+    pyvae.infer.ais.ais_log_likelihood(
+        vae, x, **{**settings, "num_steps": 2}, compile=True, device=device
+    )
+    print(
+        f"compile=True: recording and compiling the densities and the gradients-only graph took {time.perf_counter() - start:.1f} s (once per chunk size)"
+    )
     floors, per_eval = [], {False: [], True: []}
     for repeat in range(args.repeats):
         floors.append(floor_seconds(recorder.calls, device, args.floor_repeats))
-        print(f"run {repeat + 1}: floor {1e3 * floors[-1]:.2f} ms per evaluation ({flops(recorder.calls) / floors[-1] / 1e9:.0f} GFLOP/s)")
+        print(
+            f"run {repeat + 1}: floor {1e3 * floors[-1]:.2f} ms per evaluation ({flops(recorder.calls) / floors[-1] / 1e9:.0f} GFLOP/s)"
+        )
         for compiled in (False, True):
             sync(device)
             start = time.perf_counter()
-            result = pyvae.infer.ais.ais_log_likelihood(vae, x, **settings, compile=compiled, device=device)
+            result = pyvae.infer.ais.ais_log_likelihood(
+                vae, x, **settings, compile=compiled, device=device
+            )
             sync(device)
             seconds = time.perf_counter() - start
             per_eval[compiled].append(seconds / evaluations)
             per_point_1000 = seconds / len(x) * 1000 / args.num_steps
-            print(f"  compile={compiled}: {1e3 * per_eval[compiled][-1]:.2f} ms per evaluation, {seconds:.1f} s, "
-                  f"{per_point_1000:.2f} s per point per 1000 steps; log p^ {float(result.log_px.mean()):.3f}")
+            print(
+                f"  compile={compiled}: {1e3 * per_eval[compiled][-1]:.2f} ms per evaluation, {seconds:.1f} s, "
+                f"{per_point_1000:.2f} s per point per 1000 steps; log p^ {float(result.log_px.mean()):.3f}"
+            )
     # the machine's rate is its best measured in this run: a replay slowed by a passing load is not the floor
     floor = min(floors)
-    print(f"floor: {1e3 * floor:.2f} ms per evaluation (best of {len(floors)} x {args.floor_repeats} replays, "
-          f"{flops(recorder.calls) / floor / 1e9:.0f} GFLOP/s)")
+    print(
+        f"floor: {1e3 * floor:.2f} ms per evaluation (best of {len(floors)} x {args.floor_repeats} replays, "
+        f"{flops(recorder.calls) / floor / 1e9:.0f} GFLOP/s)"
+    )
     for compiled, times in per_eval.items():
         ratios = [t / floor for t in times]
-        print(f"compile={compiled}: ratio to floor median {statistics.median(ratios):.2f}, spread {min(ratios):.2f}-{max(ratios):.2f} "
-              f"over {len(ratios)} runs")
+        print(
+            f"compile={compiled}: ratio to floor median {statistics.median(ratios):.2f}, spread {min(ratios):.2f}-{max(ratios):.2f} "
+            f"over {len(ratios)} runs"
+        )
     speedup = [a / b for a, b in zip(per_eval[False], per_eval[True])]
-    print(f"compiled against the program as written: {statistics.median(speedup):.2f}x faster "
-          f"(spread {min(speedup):.2f}-{max(speedup):.2f})")
+    print(
+        f"compiled against the program as written: {statistics.median(speedup):.2f}x faster "
+        f"(spread {min(speedup):.2f}-{max(speedup):.2f})"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -10,8 +10,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the baselines beside this file
 
 import pyvae  # noqa: E402
-from pyvae.data.datasets import load_dataset  # noqa: E402
 from pyvae.data.batching import resolve_device  # noqa: E402
+from pyvae.data.datasets import load_dataset  # noqa: E402
 
 
 def add_common_arguments(parser):

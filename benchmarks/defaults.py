@@ -26,42 +26,98 @@ CONFIGS = {
     "default": dict(hidden=(400,), activation="softplus", elbo="trace", lr=1e-3, batch_size=128),
     "relu512": dict(hidden=(512,), activation="relu", elbo="trace", lr=1e-3, batch_size=128),
     "relu512-lr2e-3": dict(hidden=(512,), activation="relu", elbo="trace", lr=2e-3, batch_size=128),
-    "softplus400-lr2e-3": dict(hidden=(400,), activation="softplus", elbo="trace", lr=2e-3, batch_size=128),
-    "relu512-meanfield": dict(hidden=(512,), activation="relu", elbo="meanfield", lr=1e-3, batch_size=128),
-    "relu512-cosine-lr2e-3": dict(hidden=(512,), activation="relu", elbo="trace", lr=2e-3, batch_size=128, lr_schedule="cosine"),
-    "relu512-meanfield-cosine-lr2e-3": dict(hidden=(512,), activation="relu", elbo="meanfield", lr=2e-3, batch_size=128,
-                                            lr_schedule="cosine"),
-    "relu512-meanfield-cosine-lr3e-3": dict(hidden=(512,), activation="relu", elbo="meanfield", lr=3e-3, batch_size=128,
-                                            lr_schedule="cosine"),
+    "softplus400-lr2e-3": dict(
+        hidden=(400,), activation="softplus", elbo="trace", lr=2e-3, batch_size=128
+    ),
+    "relu512-meanfield": dict(
+        hidden=(512,), activation="relu", elbo="meanfield", lr=1e-3, batch_size=128
+    ),
+    "relu512-cosine-lr2e-3": dict(
+        hidden=(512,),
+        activation="relu",
+        elbo="trace",
+        lr=2e-3,
+        batch_size=128,
+        lr_schedule="cosine",
+    ),
+    "relu512-meanfield-cosine-lr2e-3": dict(
+        hidden=(512,),
+        activation="relu",
+        elbo="meanfield",
+        lr=2e-3,
+        batch_size=128,
+        lr_schedule="cosine",
+    ),
+    "relu512-meanfield-cosine-lr3e-3": dict(
+        hidden=(512,),
+        activation="relu",
+        elbo="meanfield",
+        lr=3e-3,
+        batch_size=128,
+        lr_schedule="cosine",
+    ),
 }
 
 
 def run(name, settings, data, args, device, seed):
     train, valid, test = data
     torch.manual_seed(seed)
-    vae = pyvae.VAE(x_dim=784, z_dim=args.z_dim, hidden=settings["hidden"], activation=settings["activation"])
+    vae = pyvae.VAE(
+        x_dim=784, z_dim=args.z_dim, hidden=settings["hidden"], activation=settings["activation"]
+    )
     sync(device)
     start = time.perf_counter()
-    history = pyvae.fit(vae, train, test=test, valid=valid, epochs=args.epochs, batch_size=settings["batch_size"], lr=settings["lr"],
-                        lr_schedule=settings.get("lr_schedule", "none"), elbo=settings["elbo"], device=device, seed=seed, progress=False)
+    history = pyvae.fit(
+        vae,
+        train,
+        test=test,
+        valid=valid,
+        epochs=args.epochs,
+        batch_size=settings["batch_size"],
+        lr=settings["lr"],
+        lr_schedule=settings.get("lr_schedule", "none"),
+        elbo=settings["elbo"],
+        device=device,
+        seed=seed,
+        progress=False,
+    )
     sync(device)
     seconds = time.perf_counter() - start
     torch.manual_seed(seed)
-    ll = pyvae.log_likelihood(vae, spread(test, args.num_points), num_samples=args.num_samples, device=device)
+    ll = pyvae.log_likelihood(
+        vae, spread(test, args.num_points), num_samples=args.num_samples, device=device
+    )
     log_px = ll.log_px.double()
-    return {"name": name, "seed": seed, "seconds": seconds, "log_px": float(log_px.mean()),
-            "stderr": float(log_px.std() / len(log_px) ** 0.5), "test_elbo": history[-1]["test_elbo"]}
+    return {
+        "name": name,
+        "seed": seed,
+        "seconds": seconds,
+        "log_px": float(log_px.mean()),
+        "stderr": float(log_px.std() / len(log_px) ** 0.5),
+        "test_elbo": history[-1]["test_elbo"],
+    }
 
 
 def main():
     parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=2, help="rounds; round r uses seed r (plus --first-seed)")
-    parser.add_argument("--first-seed", type=int, default=0, help="the seed of the first round (default 0)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="rounds; round r uses seed r (plus --first-seed)"
+    )
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="the seed of the first round (default 0)"
+    )
     parser.add_argument("--z-dim", type=int, default=50)
     parser.add_argument("--num-samples", type=int, default=5000)
-    parser.add_argument("--num-points", type=int, default=1000, help="test images, evenly spread; 0 = all")
-    parser.add_argument("--only", nargs="+", choices=list(CONFIGS), help="these configurations (the first is the baseline)")
+    parser.add_argument(
+        "--num-points", type=int, default=1000, help="test images, evenly spread; 0 = all"
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(CONFIGS),
+        help="these configurations (the first is the baseline)",
+    )
     args = parser.parse_args()
     device = setup(args)
     data = tuple(static_mnist(split, args.data_dir) for split in ("train", "valid", "test"))
@@ -74,22 +130,35 @@ def main():
             baseline = baseline or r["seconds"]
             r["ratio"] = r["seconds"] / baseline
             results.append(r)
-            print(f"round {seed}  {name:<30} {r['seconds']:6.1f} s (x{r['ratio']:.2f})  test ELBO {r['test_elbo']:8.2f}  "
-                  f"log p(x) {r['log_px']:8.2f} ± {r['stderr']:.2f}", flush=True)
-    print(f"\n| configuration | settings | wall time, s (ratio) | test ELBO | test log p(x), IS K = {args.num_samples}, "
-          f"{args.num_points or 10000} points |\n|---|---|---|---|---|")
+            print(
+                f"round {seed}  {name:<30} {r['seconds']:6.1f} s (x{r['ratio']:.2f})  test ELBO {r['test_elbo']:8.2f}  "
+                f"log p(x) {r['log_px']:8.2f} ± {r['stderr']:.2f}",
+                flush=True,
+            )
+    print(
+        f"\n| configuration | settings | wall time, s (ratio) | test ELBO | test log p(x), IS K = {args.num_samples}, "
+        f"{args.num_points or 10000} points |\n|---|---|---|---|---|"
+    )
     for name in names:
         mine = [r for r in results if r["name"] == name]
         s = CONFIGS[name]
-        settings = (f"784-{'-'.join(map(str, s['hidden']))}-{args.z_dim} {s['activation']}, {s['elbo']}, lr {s['lr']:g}"
-                    f"{' ' + s['lr_schedule'] if 'lr_schedule' in s else ''}, batch {s['batch_size']}")
+        settings = (
+            f"784-{'-'.join(map(str, s['hidden']))}-{args.z_dim} {s['activation']}, {s['elbo']}, lr {s['lr']:g}"
+            f"{' ' + s['lr_schedule'] if 'lr_schedule' in s else ''}, batch {s['batch_size']}"
+        )
 
         def cell(key, digits=2):
             values = [r[key] for r in mine]
             middle = statistics.median(values)
-            return f"{middle:.{digits}f}" + (f" ({min(values):.{digits}f} to {max(values):.{digits}f})" if len(values) > 1 else "")
+            return f"{middle:.{digits}f}" + (
+                f" ({min(values):.{digits}f} to {max(values):.{digits}f})"
+                if len(values) > 1
+                else ""
+            )
 
-        print(f"| {name} | {settings} | {cell('seconds', 0)} (x{cell('ratio')}) | {cell('test_elbo')} | {cell('log_px')} |")
+        print(
+            f"| {name} | {settings} | {cell('seconds', 0)} (x{cell('ratio')}) | {cell('test_elbo')} | {cell('log_px')} |"
+        )
 
 
 if __name__ == "__main__":

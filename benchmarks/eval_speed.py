@@ -39,7 +39,9 @@ def matmul_rate(hidden, x_dim, device, repeats=20):
             start = time.perf_counter()
             torch.addmm(b, a, w.T)
             sync(device)
-            best_rate = max(best_rate, 2 * rows * hidden * x_dim / (time.perf_counter() - start) / 1e9)
+            best_rate = max(
+                best_rate, 2 * rows * hidden * x_dim / (time.perf_counter() - start) / 1e9
+            )
     return best_rate
 
 
@@ -60,7 +62,9 @@ def _peak_rss_child(queue, num_samples, num_points, batch_size, data_dir):
 def peak_rss(num_samples, num_points, batch_size, data_dir):
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_rss_child, args=(queue, num_samples, num_points, batch_size, data_dir))
+    proc = ctx.Process(
+        target=_peak_rss_child, args=(queue, num_samples, num_points, batch_size, data_dir)
+    )
     proc.start()
     result = queue.get()
     proc.join()
@@ -70,9 +74,15 @@ def peak_rss(num_samples, num_points, batch_size, data_dir):
 def main():
     parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--num-samples", type=int, default=5000)
-    parser.add_argument("--num-points", type=int, default=500, help="test images for pyvae (10000 = all)")
-    parser.add_argument("--baseline-points", type=int, default=5, help="test images for the per-point loop")
-    parser.add_argument("--memory", action="store_true", help="also measure peak memory in child processes (CPU)")
+    parser.add_argument(
+        "--num-points", type=int, default=500, help="test images for pyvae (10000 = all)"
+    )
+    parser.add_argument(
+        "--baseline-points", type=int, default=5, help="test images for the per-point loop"
+    )
+    parser.add_argument(
+        "--memory", action="store_true", help="also measure peak memory in child processes (CPU)"
+    )
     args = parser.parse_args()
     device = setup(args)
     k = args.num_samples
@@ -83,7 +93,9 @@ def main():
 
     rate = matmul_rate(512, 784, device)
     floor_per_point = flops_per_sample(50, 512, 784) * k / (rate * 1e9)
-    print(f"matrix-multiply rate: {rate:.1f} GFLOP/s (best of (R x 512) @ (512 x 784) + bias, R = 1024..8192)")
+    print(
+        f"matrix-multiply rate: {rate:.1f} GFLOP/s (best of (R x 512) @ (512 x 784) + bias, R = 1024..8192)"
+    )
 
     pyvae.log_likelihood(vae, x[:2], k, device=device)  # warm-up
     sync(device)
@@ -102,21 +114,40 @@ def main():
     theirs = (time.perf_counter() - start) / len(xb)
     agreement = (ll.log_px[: len(xb)] - theirs_values.cpu()).abs().max().item()
 
-    print(f"\nK = {k}, 784-512-50 VAE, {len(x)} test images ({args.baseline_points} for the per-point loop)")
+    print(
+        f"\nK = {k}, 784-512-50 VAE, {len(x)} test images ({args.baseline_points} for the per-point loop)"
+    )
     print(f"  {'':34s} {'s/image':>9s} {'10k images':>11s} {'ratio':>7s}")
-    print(f"  {'arithmetic floor':34s} {floor_per_point:9.4f} {floor_per_point * 1e4 / 60:9.1f} m {1.0:7.2f}")
-    print(f"  {'pyvae.log_likelihood':34s} {ours:9.4f} {ours * 1e4 / 60:9.1f} m {ours / floor_per_point:7.2f}  (x floor)")
-    print(f"  {'per-point loop (Pythae get_nll)':34s} {theirs:9.4f} {theirs * 1e4 / 60:9.1f} m {theirs / ours:7.2f}  (x pyvae)")
-    print(f"  the two estimates differ by at most {agreement:.3f} nats on the shared images (Monte Carlo noise)")
+    print(
+        f"  {'arithmetic floor':34s} {floor_per_point:9.4f} {floor_per_point * 1e4 / 60:9.1f} m {1.0:7.2f}"
+    )
+    print(
+        f"  {'pyvae.log_likelihood':34s} {ours:9.4f} {ours * 1e4 / 60:9.1f} m {ours / floor_per_point:7.2f}  (x floor)"
+    )
+    print(
+        f"  {'per-point loop (Pythae get_nll)':34s} {theirs:9.4f} {theirs * 1e4 / 60:9.1f} m {theirs / ours:7.2f}  (x pyvae)"
+    )
+    print(
+        f"  the two estimates differ by at most {agreement:.3f} nats on the shared images (Monte Carlo noise)"
+    )
 
     if args.memory:
         full = k * 10000 * 784 * 4 / 2**30
-        print(f"\npeak resident memory of a process that only evaluates (1 thread); unchunked, the decoded"
-              f" images alone would take {full:.0f} GiB for K = {k} and 10k images")
-        for samples, points, batch_size in ((k, 100, None), (1000, 200, None), (1000, 2000, None), (1000, 2000, 16)):
+        print(
+            f"\npeak resident memory of a process that only evaluates (1 thread); unchunked, the decoded"
+            f" images alone would take {full:.0f} GiB for K = {k} and 10k images"
+        )
+        for samples, points, batch_size in (
+            (k, 100, None),
+            (1000, 200, None),
+            (1000, 2000, None),
+            (1000, 2000, 16),
+        ):
             before, after = peak_rss(samples, points, batch_size, args.data_dir)
-            print(f"  K = {samples:5d}, {points:5d} images, batch_size {batch_size or 'auto':>4}: {after:6.0f} MiB peak"
-                  f" ({after - before:5.0f} MiB above the loaded process)")
+            print(
+                f"  K = {samples:5d}, {points:5d} images, batch_size {batch_size or 'auto':>4}: {after:6.0f} MiB peak"
+                f" ({after - before:5.0f} MiB above the loaded process)"
+            )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,12 @@ class PlainVAE(nn.Module):
 
     def __init__(self, x_dim=784, hidden=400, z_dim=50):
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(x_dim, hidden), nn.Softplus(), nn.Linear(hidden, 2 * z_dim))
-        self.decoder = nn.Sequential(nn.Linear(z_dim, hidden), nn.Softplus(), nn.Linear(hidden, x_dim))
+        self.encoder = nn.Sequential(
+            nn.Linear(x_dim, hidden), nn.Softplus(), nn.Linear(hidden, 2 * z_dim)
+        )
+        self.decoder = nn.Sequential(
+            nn.Linear(z_dim, hidden), nn.Softplus(), nn.Linear(hidden, x_dim)
+        )
 
     def loss(self, x, num_data):
         loc, raw = self.encoder(x).chunk(2, dim=-1)
@@ -39,8 +43,12 @@ class TutorialVAE(nn.Module):
     def __init__(self, x_dim=784, hidden=400, z_dim=50):
         super().__init__()
         self.z_dim = z_dim
-        self.encoder = nn.Sequential(nn.Linear(x_dim, hidden), nn.Softplus(), nn.Linear(hidden, 2 * z_dim))
-        self.decoder = nn.Sequential(nn.Linear(z_dim, hidden), nn.Softplus(), nn.Linear(hidden, x_dim))
+        self.encoder = nn.Sequential(
+            nn.Linear(x_dim, hidden), nn.Softplus(), nn.Linear(hidden, 2 * z_dim)
+        )
+        self.decoder = nn.Sequential(
+            nn.Linear(z_dim, hidden), nn.Softplus(), nn.Linear(hidden, x_dim)
+        )
 
     def model(self, x):
         pyro.module("decoder", self.decoder)

@@ -36,14 +36,33 @@ def child(prior: str, guide: str, elbo: str, args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = (torch.rand(args.batch_size * args.steps, 784) < 0.13).float()
-    vae = pyvae.VAE(x_dim=784, z_dim=50, prior={"name": "vamp", "num_components": 500} if prior == "vamp" else prior, guide=guide)
+    vae = pyvae.VAE(
+        x_dim=784,
+        z_dim=50,
+        prior={"name": "vamp", "num_components": 500} if prior == "vamp" else prior,
+        guide=guide,
+    )
     before = resident_mb()
     start = time.perf_counter()
     particles = args.num_particles if elbo == "iwae" else 1
-    pyvae.fit(vae, x, epochs=1, batch_size=args.batch_size, elbo=elbo, num_particles=particles, device="cpu", seed=0, progress=False)
-    return {"configuration": f"{prior} + {guide} + {elbo}" + (f" K={particles}" if elbo == "iwae" else ""),
-            "before_mb": before, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "seconds_per_step": (time.perf_counter() - start) / args.steps}
+    pyvae.fit(
+        vae,
+        x,
+        epochs=1,
+        batch_size=args.batch_size,
+        elbo=elbo,
+        num_particles=particles,
+        device="cpu",
+        seed=0,
+        progress=False,
+    )
+    return {
+        "configuration": f"{prior} + {guide} + {elbo}"
+        + (f" K={particles}" if elbo == "iwae" else ""),
+        "before_mb": before,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "seconds_per_step": (time.perf_counter() - start) / args.steps,
+    }
 
 
 def resident_mb() -> float:
@@ -53,8 +72,20 @@ def resident_mb() -> float:
 
 def measure(configuration: tuple[str, str, str], args) -> dict:
     """One configuration in a child process (address space capped at ``--max-gb``); its report or its error."""
-    argv = [sys.executable, __file__, "--child", ",".join(configuration), "--steps", str(args.steps),
-            "--batch-size", str(args.batch_size), "--num-particles", str(args.num_particles), "--threads", str(args.threads)]
+    argv = [
+        sys.executable,
+        __file__,
+        "--child",
+        ",".join(configuration),
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--num-particles",
+        str(args.num_particles),
+        "--threads",
+        str(args.threads),
+    ]
 
     def cap():
         limit = int(args.max_gb * 2**30)
@@ -63,19 +94,32 @@ def measure(configuration: tuple[str, str, str], args) -> dict:
     result = subprocess.run(argv, capture_output=True, text=True, preexec_fn=cap)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"configuration": " + ".join(configuration), "error": f"exit {result.returncode}: {last[:160]}"}
+        return {
+            "configuration": " + ".join(configuration),
+            "error": f"exit {result.returncode}: {last[:160]}",
+        }
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", help="configurations prior,guide,objective (the first is the baseline)")
-    parser.add_argument("--all", action="store_true", help="every built-in prior x guide x objective")
-    parser.add_argument("--steps", type=int, default=3, help="SVI steps per configuration (default 3)")
+    parser.add_argument(
+        "--only", nargs="+", help="configurations prior,guide,objective (the first is the baseline)"
+    )
+    parser.add_argument(
+        "--all", action="store_true", help="every built-in prior x guide x objective"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=3, help="SVI steps per configuration (default 3)"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--num-particles", type=int, default=5, help="K of the IWAE objective (default 5)")
+    parser.add_argument(
+        "--num-particles", type=int, default=5, help="K of the IWAE objective (default 5)"
+    )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--max-gb", type=float, default=8.0, help="address-space cap of each child (default 8)")
+    parser.add_argument(
+        "--max-gb", type=float, default=8.0, help="address-space cap of each child (default 8)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -85,12 +129,20 @@ def main():
         from pyvae.parts.guides import GUIDES
         from pyvae.parts.priors import PRIORS
 
-        configurations = [BASELINE] + [c for c in itertools.product(PRIORS, GUIDES, OBJECTIVES) if c != BASELINE]
+        configurations = [BASELINE] + [
+            c for c in itertools.product(PRIORS, GUIDES, OBJECTIVES) if c != BASELINE
+        ]
     else:
-        configurations = [tuple(c.split(",")) for c in args.only] if args.only else [BASELINE, WORST]
-    print(f"batch {args.batch_size}, 784 pixels, z_dim 50, vamp K = 500, iwae K = {args.num_particles}, "
-          f"{args.steps} steps, {args.threads} thread(s), address space capped at {args.max_gb:g} GB")
-    print("| configuration | resident before training | peak resident | peak / baseline | s per step |\n|---|---|---|---|---|")
+        configurations = (
+            [tuple(c.split(",")) for c in args.only] if args.only else [BASELINE, WORST]
+        )
+    print(
+        f"batch {args.batch_size}, 784 pixels, z_dim 50, vamp K = 500, iwae K = {args.num_particles}, "
+        f"{args.steps} steps, {args.threads} thread(s), address space capped at {args.max_gb:g} GB"
+    )
+    print(
+        "| configuration | resident before training | peak resident | peak / baseline | s per step |\n|---|---|---|---|---|"
+    )
     baseline = None
     for configuration in configurations:
         r = measure(configuration, args)
@@ -98,8 +150,11 @@ def main():
             print(f"| {r['configuration']} | | {r['error']} | | |", flush=True)
             continue
         baseline = baseline or r["peak_mb"]
-        print(f"| {r['configuration']} | {r['before_mb']:.0f} MB | {r['peak_mb']:.0f} MB | {r['peak_mb'] / baseline:.2f} | "
-              f"{r['seconds_per_step']:.2f} |", flush=True)
+        print(
+            f"| {r['configuration']} | {r['before_mb']:.0f} MB | {r['peak_mb']:.0f} MB | {r['peak_mb'] / baseline:.2f} | "
+            f"{r['seconds_per_step']:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

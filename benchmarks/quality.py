@@ -59,13 +59,30 @@ def published(recipe: Path) -> float:
 
 def train(recipe: Path, run: Path, args, device) -> float:
     """Train ``recipe`` into ``run`` in a child process (the same pyvae as this one); its wall time in seconds."""
-    command = [sys.executable, "-m", "pyvae", "train", "--config", str(recipe), "--out", str(run),
-               "--eval-samples", "0", "--device", device.type]
+    command = [
+        sys.executable,
+        "-m",
+        "pyvae",
+        "train",
+        "--config",
+        str(recipe),
+        "--out",
+        str(run),
+        "--eval-samples",
+        "0",
+        "--device",
+        device.type,
+    ]
     command += ["--epochs", str(args.epochs)] if args.epochs else []
     command += ["--data-dir", args.data_dir] if args.data_dir else []
     source = str(Path(pyvae.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
-    if args.threads:  # the child's torch threads too: on a shared CPU, more threads than free cores thrash
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")])),
+    }
+    if (
+        args.threads
+    ):  # the child's torch threads too: on a shared CPU, more threads than free cores thrash
         env["OMP_NUM_THREADS"] = str(args.threads)
     start = time.perf_counter()
     child = subprocess.Popen(command, env=env)
@@ -83,22 +100,47 @@ def train(recipe: Path, run: Path, args, device) -> float:
 def evaluate(run: Path, args, device) -> dict:
     """The recipe's checkpoint scored on the test set; the summary of :meth:`pyvae.Evaluation.summary` and what was evaluated."""
     config = yaml.safe_load((run / "config.yaml").read_text())
-    model, config, _ = load_run(run, None if config.get("eval_checkpoint", "best") == "best" else "last")
+    model, config, _ = load_run(
+        run, None if config.get("eval_checkpoint", "best") == "best" else "last"
+    )
     model.to(device)
     data = evaluation_data(model, config, None, "test", args.data_dir, download=False)
     x = scored(model, data)
-    x = spread(x, args.num_points) if not isinstance(x, tuple) else tuple(spread(t, args.num_points) for t in x)
+    x = (
+        spread(x, args.num_points)
+        if not isinstance(x, tuple)
+        else tuple(spread(t, args.num_points) for t in x)
+    )
     ais = {"num_steps": args.ais, "num_chains": args.ais_chains} if args.ais else None
-    result = pyvae.evaluate(model, x, args.num_samples, device=device, dataset=data.name, split="test", seed=args.seed, ais=ais)
+    result = pyvae.evaluate(
+        model,
+        x,
+        args.num_samples,
+        device=device,
+        dataset=data.name,
+        split="test",
+        seed=args.seed,
+        ais=ais,
+    )
     result.write(run / f"eval-quality-K{args.num_samples}")
-    log_px_is = result.ll.log_px.double()  # per point, importance sampling's also when AIS is the headline
-    return {**result.summary(), "log_px_is": float(log_px_is.mean()), "log_px_is_stderr": float(log_px_is.std() / len(log_px_is) ** 0.5)}
+    log_px_is = (
+        result.ll.log_px.double()
+    )  # per point, importance sampling's also when AIS is the headline
+    return {
+        **result.summary(),
+        "log_px_is": float(log_px_is.mean()),
+        "log_px_is_stderr": float(log_px_is.std() / len(log_px_is) ** 0.5),
+    }
 
 
-def row(recipe: Path, run: Path, seconds: float, device_name: str, summary: dict, paper: float) -> dict:
+def row(
+    recipe: Path, run: Path, seconds: float, device_name: str, summary: dict, paper: float
+) -> dict:
     config = yaml.safe_load((run / "config.yaml").read_text())
     metrics = run / "metrics.jsonl"
-    history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    history = (
+        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    )
     key = objective_key(config.get("elbo"), config.get("valid_samples", 0))
     best = best_epoch(history, key)
     which = "last" if config.get("eval_checkpoint") == "last" or best is None else f"best {best[0]}"
@@ -128,27 +170,50 @@ def duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
     minutes = seconds / 60
-    return f"{minutes:.0f} min" if minutes < 120 else f"{int(minutes // 60)} h {minutes % 60:02.0f} min"
+    return (
+        f"{minutes:.0f} min"
+        if minutes < 120
+        else f"{int(minutes // 60)} h {minutes % 60:02.0f} min"
+    )
 
 
 def table(rows: list[dict]) -> str:
     ais = any(r["log_px_ais"] is not None for r in rows)
-    head = ["recipe", "epochs (evaluated)", "wall time", "device", "test ELBO", "test log p ± SE (IS)"]
+    head = [
+        "recipe",
+        "epochs (evaluated)",
+        "wall time",
+        "device",
+        "test ELBO",
+        "test log p ± SE (IS)",
+    ]
     head += ["test log p ± SE (AIS)"] if ais else []
     head += ["k̂ good / ok / bad / very bad", "published", "difference"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"`{r['recipe']}`", f"{r['epochs']} ({r['evaluated']})", duration(r["seconds"]), r["device"],
-                 f"{r['test_elbo']:.2f}", f"{r['log_px']:.2f} ± {r['log_px_stderr']:.2f}"]
+        cells = [
+            f"`{r['recipe']}`",
+            f"{r['epochs']} ({r['evaluated']})",
+            duration(r["seconds"]),
+            r["device"],
+            f"{r['test_elbo']:.2f}",
+            f"{r['log_px']:.2f} ± {r['log_px_stderr']:.2f}",
+        ]
         if ais:
-            cells.append(f"{r['log_px_ais']:.2f} ± {r['log_px_ais_stderr']:.2f}" if r["log_px_ais"] is not None else "")
+            cells.append(
+                f"{r['log_px_ais']:.2f} ± {r['log_px_ais_stderr']:.2f}"
+                if r["log_px_ais"] is not None
+                else ""
+            )
         bands = " / ".join(f"{100 * v:.0f}%" for v in (r["khat_bands"] or {}).values())
         cells += [bands, f"{r['published']:.2f}", f"{r['difference']:+.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     r = rows[0]
     lines.append("")
-    lines.append(f"Test log p(x) in nats per image by importance sampling, K = {r['num_samples']}, on {r['num_points']} test "
-                 "points (± the standard error over points); difference = ours - published (negative: worse than the paper).")
+    lines.append(
+        f"Test log p(x) in nats per image by importance sampling, K = {r['num_samples']}, on {r['num_points']} test "
+        "points (± the standard error over points); difference = ours - published (negative: worse than the paper)."
+    )
     return "\n".join(lines)
 
 
@@ -157,7 +222,7 @@ def curves(rows: list[dict], path: Path) -> None:
     for r in rows:
         if r["curve"]:
             epochs, values = zip(*r["curve"])
-            line, = axis.plot(epochs, values, label=f"{r['recipe']} ({LABELS[r['objective']]})")
+            (line,) = axis.plot(epochs, values, label=f"{r['recipe']} ({LABELS[r['objective']]})")
             axis.axhline(r["published"], color=line.get_color(), linestyle="--", linewidth=0.8)
     axis.set_xlabel("epoch")
     axis.set_ylabel("validation objective (nats per image)")
@@ -170,14 +235,29 @@ def curves(rows: list[dict], path: Path) -> None:
 
 def main():
     parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    parser.add_argument("recipes", nargs="+", type=Path, help="recipe files, e.g. configs/recipe_*.yaml")
+    parser.add_argument(
+        "recipes", nargs="+", type=Path, help="recipe files, e.g. configs/recipe_*.yaml"
+    )
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=int, help="train each recipe this many epochs (default: the recipe's)")
-    budget.add_argument("--hours", type=float, help="stop each recipe's training after this many hours")
-    parser.add_argument("--num-samples", type=int, default=5000, help="K importance samples per test point (default 5000)")
-    parser.add_argument("--num-points", type=int, default=0, help="test points, evenly spread; 0 = all (default)")
+    budget.add_argument(
+        "--epochs", type=int, help="train each recipe this many epochs (default: the recipe's)"
+    )
+    budget.add_argument(
+        "--hours", type=float, help="stop each recipe's training after this many hours"
+    )
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        default=5000,
+        help="K importance samples per test point (default 5000)",
+    )
+    parser.add_argument(
+        "--num-points", type=int, default=0, help="test points, evenly spread; 0 = all (default)"
+    )
     parser.add_argument("--ais", type=int, metavar="T", help="also AIS with T annealing steps")
-    parser.add_argument("--ais-chains", type=int, default=16, help="AIS chains per point (default 16)")
+    parser.add_argument(
+        "--ais-chains", type=int, default=16, help="AIS chains per point (default 16)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="output folder (default runs/quality-<timestamp>)")
     args = parser.parse_args()
@@ -187,10 +267,15 @@ def main():
             parser.error(f"--{name.replace('_', '-')} must be positive; got {value}")
     if args.num_points < 0:
         parser.error(f"--num-points must be >= 0; got {args.num_points}")
-    papers = {recipe: published(recipe) for recipe in args.recipes}  # every header checked before any training
+    papers = {
+        recipe: published(recipe) for recipe in args.recipes
+    }  # every header checked before any training
     device = setup(args)
-    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"cpu, {torch.get_num_threads()} of {os.cpu_count()} cores")
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu, {torch.get_num_threads()} of {os.cpu_count()} cores"
+    )
     out = args.out or Path(f"runs/quality-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
 

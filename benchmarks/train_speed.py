@@ -51,7 +51,9 @@ def tutorial_epoch(state, x, batch_size, device):
 
 def pyvae_epoch(elbo):
     def epoch(vae, x, batch_size, device):
-        (record,) = pyvae.fit(vae, x, epochs=1, batch_size=batch_size, elbo=elbo, device=device, progress=False)
+        (record,) = pyvae.fit(
+            vae, x, epochs=1, batch_size=batch_size, elbo=elbo, device=device, progress=False
+        )
         return record["seconds"]
 
     return epoch
@@ -75,12 +77,23 @@ def main():
         tutorial = TutorialVAE().to(device)
         pyro.clear_param_store()
         configs = {
-            "hand-written PyTorch (analytic KL)": (handwritten_epoch, (plain, torch.optim.Adam(plain.parameters(), lr=1e-3))),
+            "hand-written PyTorch (analytic KL)": (
+                handwritten_epoch,
+                (plain, torch.optim.Adam(plain.parameters(), lr=1e-3)),
+            ),
             # pyvae uses fused Adam; this line separates Pyro's cost from the optimizer's
-            "hand-written, fused Adam": (handwritten_epoch, (plain_fused, make_adam(plain_fused.parameters(), 1e-3))),
+            "hand-written, fused Adam": (
+                handwritten_epoch,
+                (plain_fused, make_adam(plain_fused.parameters(), 1e-3)),
+            ),
             "Pyro tutorial: SVI + Trace_ELBO": (
                 tutorial_epoch,
-                pyro.infer.SVI(tutorial.model, tutorial.guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO()),
+                pyro.infer.SVI(
+                    tutorial.model,
+                    tutorial.guide,
+                    pyro.optim.Adam({"lr": 1e-3}),
+                    pyro.infer.Trace_ELBO(),
+                ),
             ),
             "pyvae fit, elbo=trace": (pyvae_epoch("trace"), pyvae.VAE(784, 50).to(device)),
             "pyvae fit, elbo=meanfield": (pyvae_epoch("meanfield"), pyvae.VAE(784, 50).to(device)),

@@ -57,7 +57,9 @@ class Binomial16(pyvae.parts.likelihoods.Likelihood):
 
     params_per_pixel = 1  # the logit l_i
     binary_data = False  # grey levels are scored as they are, not binarized
-    levels = 17  # a mass over the 17 values 0, 1/16, ..., 1: log p(x) is a code length, so bits/dim too
+    levels = (
+        17  # a mass over the 17 values 0, 1/16, ..., 1: log p(x) is a code length, so bits/dim too
+    )
 
     def forward(self, logits):
         return Counts(dist.Binomial(16, logits=logits), 16).to_event(1)
@@ -65,26 +67,57 @@ class Binomial16(pyvae.parts.likelihoods.Likelihood):
     def check_support(self, x):
         k = x * 16
         if not bool(((k - k.round()).abs() < 1e-4).all() and (k >= 0).all() and (k <= 16).all()):
-            raise pyvae.PyvaeError(f"Binomial16 needs pixels in {{0, 1/16, ..., 1}}; got values in "
-                                   f"[{x.min().item():.4g}, {x.max().item():.4g}] that are not all multiples of 1/16")
+            raise pyvae.PyvaeError(
+                f"Binomial16 needs pixels in {{0, 1/16, ..., 1}}; got values in "
+                f"[{x.min().item():.4g}, {x.max().item():.4g}] that are not all multiples of 1/16"
+            )
 
 
 # --- train it, and leave a run folder the python -m pyvae commands can follow ----------------------
 def main(argv):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5, help="passes over the training set (default 5)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train (auto: CUDA when available)")
-    parser.add_argument("--out", default="runs/custom_likelihood", help="the run folder (default runs/custom_likelihood)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out up to --epochs in all")
+    parser.add_argument(
+        "--epochs", type=int, default=5, help="passes over the training set (default 5)"
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where to train (auto: CUDA when available)",
+    )
+    parser.add_argument(
+        "--out",
+        default="runs/custom_likelihood",
+        help="the run folder (default runs/custom_likelihood)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out up to --epochs in all"
+    )
     args = parser.parse_args(argv)
 
     train, test, _ = load_train_test("digits")
     torch.manual_seed(0)
-    vae = pyvae.VAE(x_dim=train.x_dim, z_dim=4, hidden=(128,), likelihood=Binomial16(), image_shape=train.image_shape)
+    vae = pyvae.VAE(
+        x_dim=train.x_dim,
+        z_dim=4,
+        hidden=(128,),
+        likelihood=Binomial16(),
+        image_shape=train.image_shape,
+    )
     out = Path(args.out)
-    pyvae.fit(vae, train, test=test, epochs=args.epochs, device=args.device, seed=0, out=out,
-              resume=args.resume,
-              out_files=None if args.resume else {"config.yaml": yaml.safe_dump({"dataset": "digits", "binarize": "none", "seed": 0})})
+    pyvae.fit(
+        vae,
+        train,
+        test=test,
+        epochs=args.epochs,
+        device=args.device,
+        seed=0,
+        out=out,
+        resume=args.resume,
+        out_files=None
+        if args.resume
+        else {"config.yaml": yaml.safe_dump({"dataset": "digits", "binarize": "none", "seed": 0})},
+    )
     print(f"test ELBO: {pyvae.evaluate_elbo(vae, test, num_particles=10):.2f} nats per data point")
     print(f"run folder {out}/; next: python -m pyvae evaluate {out} --parts {__file__}")
 

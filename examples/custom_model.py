@@ -23,10 +23,16 @@ class TwoLevelVAE(nn.Module):
     def __init__(self, x_dim=64, z1=8, z2=2, hidden=64):
         super().__init__()
         self.z2 = z2
-        self.top_down = nn.Sequential(nn.Linear(z2, hidden), nn.Softplus(), nn.Linear(hidden, 2 * z1))
+        self.top_down = nn.Sequential(
+            nn.Linear(z2, hidden), nn.Softplus(), nn.Linear(hidden, 2 * z1)
+        )
         self.decoder = nn.Sequential(nn.Linear(z1, hidden), nn.Softplus(), nn.Linear(hidden, x_dim))
-        self.encoder1 = nn.Sequential(nn.Linear(x_dim, hidden), nn.Softplus(), nn.Linear(hidden, 2 * z1))
-        self.encoder2 = nn.Sequential(nn.Linear(z1, hidden), nn.Softplus(), nn.Linear(hidden, 2 * z2))
+        self.encoder1 = nn.Sequential(
+            nn.Linear(x_dim, hidden), nn.Softplus(), nn.Linear(hidden, 2 * z1)
+        )
+        self.encoder2 = nn.Sequential(
+            nn.Linear(z1, hidden), nn.Softplus(), nn.Linear(hidden, 2 * z2)
+        )
 
     @staticmethod
     def normal(params):
@@ -34,21 +40,29 @@ class TwoLevelVAE(nn.Module):
         return dist.Normal(loc, nn.functional.softplus(raw_scale) + 1e-4).to_event(1)
 
     def model(self, x, num_data=None):
-        with pyro.plate("data", size=num_data or len(x), subsample=torch.arange(len(x), device=x.device)):
+        with pyro.plate(
+            "data", size=num_data or len(x), subsample=torch.arange(len(x), device=x.device)
+        ):
             z2 = pyro.sample("z2", dist.Laplace(x.new_zeros(self.z2), 1.0).to_event(1))
             z1 = pyro.sample("z1", self.normal(self.top_down(z2)))
             pyro.sample("x", dist.Bernoulli(logits=self.decoder(z1)).to_event(1), obs=x)
 
     def guide(self, x, num_data=None):
-        with pyro.plate("data", size=num_data or len(x), subsample=torch.arange(len(x), device=x.device)):
+        with pyro.plate(
+            "data", size=num_data or len(x), subsample=torch.arange(len(x), device=x.device)
+        ):
             z1 = pyro.sample("z1", self.normal(self.encoder1(x)))
             pyro.sample("z2", self.normal(self.encoder2(z1)))
 
 
 def main(argv):
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5, help="passes over the training set (default 5)")
-    parser.add_argument("--dataset", default="digits", help="digits ships with scikit-learn: no download")
+    parser.add_argument(
+        "--epochs", type=int, default=5, help="passes over the training set (default 5)"
+    )
+    parser.add_argument(
+        "--dataset", default="digits", help="digits ships with scikit-learn: no download"
+    )
     parser.add_argument("--data-dir", help="data root (default $PYVAE_DATA, else ./data)")
     parser.add_argument("--out", default="runs/custom_model", help="where the checkpoint goes")
     args = parser.parse_args(argv)
@@ -62,7 +76,9 @@ def main(argv):
     torch.manual_seed(0)
     model = TwoLevelVAE(x_dim=train.x_dim)
     pyvae.fit(model, train, test=test, epochs=args.epochs, batch_size=64, seed=0, beta=1.0)
-    result = pyvae.evaluate(model, test, num_samples=500)  # importance-sampled log p(x) of this very program
+    result = pyvae.evaluate(
+        model, test, num_samples=500
+    )  # importance-sampled log p(x) of this very program
     print(result.table())
 
     path = f"{args.out}/checkpoint.pt"
@@ -70,7 +86,9 @@ def main(argv):
 
     pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
     pyvae.save(model, path)
-    again = pyvae.load(path, model=TwoLevelVAE(x_dim=train.x_dim))  # your class: pass an instance to load into
+    again = pyvae.load(
+        path, model=TwoLevelVAE(x_dim=train.x_dim)
+    )  # your class: pass an instance to load into
     print(f"saved and reloaded {type(again).__name__} from {path}")
 
 

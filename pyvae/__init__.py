@@ -10,16 +10,16 @@ and :mod:`pyvae.diagnostics`, :mod:`pyvae.data`, :mod:`pyvae.plots`,
 All ELBOs and log-likelihoods are in nats per data point; NLL is their negative.
 """
 
-from pyvae.parts import guides, likelihoods, priors
 from pyvae import program
-from pyvae.runs import load, save
-from pyvae.infer.diagnostics import Evaluation, evaluate
 from pyvae.errors import DataNotFound, PyvaeError, PyvaeWarning
-from pyvae.infer.importance import LogLikelihood, log_likelihood
-from pyvae.models import CVAE, HVAE, M2, VAE
-from pyvae.train.loop import evaluate_elbo, fit
 from pyvae.infer import ais, bdmc, gap  # noqa: E402  (after diagnostics, which they build on)
 from pyvae.infer.ais import AISResult, ais_log_likelihood
+from pyvae.infer.diagnostics import Evaluation, evaluate
+from pyvae.infer.importance import LogLikelihood, log_likelihood
+from pyvae.models import CVAE, HVAE, M2, VAE
+from pyvae.parts import guides, likelihoods, priors
+from pyvae.runs import load, save
+from pyvae.train.loop import evaluate_elbo, fit
 
 __version__ = "0.1.0"
 __all__ = [

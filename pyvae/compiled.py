@@ -62,9 +62,13 @@ _EXACT_MATH = hasattr(torch._inductor.config.cpp, "enable_unsafe_math_opt_flag")
 #: max-autotune may pack them for its own matrix-product kernels (on the default model 1.6x faster than
 #: MKL's for the decoder's layers) and fuse the elementwise work into them; its tables kept off stderr;
 #: float arithmetic kept as written
-CPU_OPTIONS = {"freezing": True, "max_autotune": True, "autotune_num_choices_displayed": 0,
-               "max_autotune_report_choices_stats": False,
-               **({"cpp.enable_unsafe_math_opt_flag": False} if _EXACT_MATH else {})}
+CPU_OPTIONS = {
+    "freezing": True,
+    "max_autotune": True,
+    "autotune_num_choices_displayed": 0,
+    "max_autotune_report_choices_stats": False,
+    **({"cpp.enable_unsafe_math_opt_flag": False} if _EXACT_MATH else {}),
+}
 
 
 def log1p(x: torch.Tensor) -> torch.Tensor:
@@ -83,31 +87,53 @@ _aten = torch.ops.aten
 #: the recording's expansions on a CPU (see the module's docstring): ops into whose ``log1p`` inductor
 #: would expand them, by torch's own decompositions, and ``log1p`` itself by :func:`log1p`; none where
 #: the compiler's float arithmetic cannot be kept as written
-CPU_DECOMPOSITIONS = {
-    **get_decompositions([_aten.softplus, _aten.log_sigmoid_forward, _aten.binary_cross_entropy_with_logits,
-                          _aten.logaddexp]),
-    _aten.log1p.default: log1p,
-} if _EXACT_MATH else {}
+CPU_DECOMPOSITIONS = (
+    {
+        **get_decompositions(
+            [
+                _aten.softplus,
+                _aten.log_sigmoid_forward,
+                _aten.binary_cross_entropy_with_logits,
+                _aten.logaddexp,
+            ]
+        ),
+        _aten.log1p.default: log1p,
+    }
+    if _EXACT_MATH
+    else {}
+)
 
 
 class NotCompiled(Exception):
     """Why a function could not be recorded or compiled, in words for a one-line warning."""
 
 
-def record(fn: Callable, *inputs: torch.Tensor, keep: Collection[torch.Tensor] = (),
-           decompositions: dict | None = None) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
+def record(
+    fn: Callable,
+    *inputs: torch.Tensor,
+    keep: Collection[torch.Tensor] = (),
+    decompositions: dict | None = None,
+) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
     """``fn`` at ``inputs`` as (a graph taking (*constants, *inputs), the constants it read); the tensors
     in ``keep`` (by identity) that it read stay attributes of the graph instead; the ops in
     ``decompositions`` recorded as what it maps them to."""
     # fake mode: the inputs are recorded as values without data, so a Python decision on anything
     # computed from them (float(), .tolist(), .numpy(), len() of a mask) cannot be frozen into the graph: it raises
-    traced = make_fx(lambda *args: fn(*args), decomposition_table=decompositions, tracing_mode="fake",
-                     _allow_non_fake_inputs=True)  # a plain function: make_fx counts a method's self
+    traced = make_fx(
+        lambda *args: fn(*args),
+        decomposition_table=decompositions,
+        tracing_mode="fake",
+        _allow_non_fake_inputs=True,
+    )  # a plain function: make_fx counts a method's self
     graph = traced(*inputs)
     first = next(n for n in graph.graph.nodes if n.op == "placeholder")
     lifted: dict[str, torch.fx.Node] = {}
     kept = {id(t) for t in keep}
-    for node in [n for n in graph.graph.nodes if n.op == "get_attr" and id(getattr(graph, n.target)) not in kept]:
+    for node in [
+        n
+        for n in graph.graph.nodes
+        if n.op == "get_attr" and id(getattr(graph, n.target)) not in kept
+    ]:
         if node.target not in lifted:
             with graph.graph.inserting_before(first):
                 lifted[node.target] = graph.graph.placeholder(f"constant{len(lifted)}")
@@ -120,7 +146,9 @@ def record(fn: Callable, *inputs: torch.Tensor, keep: Collection[torch.Tensor] =
     return graph, constants
 
 
-def compile_function(fn: Callable, *inputs: torch.Tensor, frozen: Collection[torch.Tensor] = ()) -> Callable:
+def compile_function(
+    fn: Callable, *inputs: torch.Tensor, frozen: Collection[torch.Tensor] = ()
+) -> Callable:
     """``fn`` (tensors in, a tuple of tensors out) as a compiled function of the same inputs, or
     :class:`NotCompiled` saying why not. ``fn`` is called once; its outputs should not need gradients
     (take them inside ``fn`` with ``torch.autograd.grad``): the compiled function runs without autograd.
@@ -131,19 +159,32 @@ def compile_function(fn: Callable, *inputs: torch.Tensor, frozen: Collection[tor
     from ``log`` (:data:`CPU_DECOMPOSITIONS`)."""
     cpu = inputs[0].device.type == "cpu"
     try:
-        graph, constants = record(fn, *inputs, keep=frozen if cpu else (), decompositions=CPU_DECOMPOSITIONS if cpu else None)
+        graph, constants = record(
+            fn,
+            *inputs,
+            keep=frozen if cpu else (),
+            decompositions=CPU_DECOMPOSITIONS if cpu else None,
+        )
     except Exception as error:  # noqa: BLE001 - whatever make_fx cannot record runs as written (and fails there if it must)
         if _reads_values(error):
-            raise NotCompiled("its Python reads the value of a tensor it computed (control flow, .item(), .tolist(), "
-                              ".numpy() or indexing on a tensor)") from error
+            raise NotCompiled(
+                "its Python reads the value of a tensor it computed (control flow, .item(), .tolist(), "
+                ".numpy() or indexing on a tensor)"
+            ) from error
         raise NotCompiled(f"recording it failed: {_first_line(error)}") from error
     attributes = [getattr(graph, n.target) for n in graph.graph.nodes if n.op == "get_attr"]
     key = (graph.code, inputs[0].device.type, tuple((id(t), t._version) for t in attributes))
     if key not in _compiled:
         compiled = torch.compile(graph, fullgraph=True, dynamic=False)
-        settings = torch._inductor.config.patch(CPU_OPTIONS if cpu else {})  # (freezing is not read from options=)
+        settings = torch._inductor.config.patch(
+            CPU_OPTIONS if cpu else {}
+        )  # (freezing is not read from options=)
         try:
-            with torch.no_grad(), settings, _quiet("torch.utils.cpp_extension"):  # "No CUDA runtime is found": says nothing here
+            with (
+                torch.no_grad(),
+                settings,
+                _quiet("torch.utils.cpp_extension"),
+            ):  # "No CUDA runtime is found": says nothing here
                 compiled(*constants, *inputs)  # compiles now, so that a failure is reported here
         except Exception as error:  # noqa: BLE001 - any compiler failure (no C++ compiler, ...) falls back
             raise NotCompiled(f"torch.compile failed: {_first_line(error)}") from error
@@ -173,9 +214,14 @@ def _quiet(name: str) -> Iterator[None]:
 
 def _reads_values(error: BaseException) -> bool:
     """Whether a recording failed because the function's Python needed a computed tensor's value."""
-    if isinstance(error, (GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException)):
+    if isinstance(
+        error,
+        (GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException),
+    ):
         return True
-    return ".numpy() is not supported for tensor subclasses" in str(error) or "data-dependent" in str(error)
+    return ".numpy() is not supported for tensor subclasses" in str(
+        error
+    ) or "data-dependent" in str(error)
 
 
 def _first_line(error: BaseException) -> str:

@@ -95,11 +95,18 @@ def sharded(fn, n: int, chunk: int, world: World) -> list | None:
     or per point are the same, bit for bit, with one process or many.
     """
     starts = range(0, n, chunk)
-    mine = [(s, fn(s, min(s + chunk, n))) for i, s in enumerate(starts) if i % world.size == world.rank]
+    mine = [
+        (s, fn(s, min(s + chunk, n))) for i, s in enumerate(starts) if i % world.size == world.rank
+    ]
     gathered = world.gather(mine)
     if not world.main:
         return None
-    return [result for _, result in sorted((pair for part in gathered for pair in part), key=lambda pair: pair[0])]
+    return [
+        result
+        for _, result in sorted(
+            (pair for part in gathered for pair in part), key=lambda pair: pair[0]
+        )
+    ]
 
 
 def launched() -> bool:
@@ -111,7 +118,9 @@ def world() -> World:
     """The world of the initialized process group, else a world of one process."""
     if not (dist.is_available() and dist.is_initialized()):
         return World()
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return World(
+        dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    )
 
 
 def init(device: torch.device) -> tuple[World, torch.device]:
@@ -136,7 +145,9 @@ def init(device: torch.device) -> tuple[World, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # addresses from torchrun's environment
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo"
+        )  # addresses from torchrun's environment
         atexit.register(_leave)
     return world(), device
 

@@ -27,6 +27,10 @@ def positive_int(name: str, value) -> int:
 
 def positive_number(name: str, value) -> float:
     """``value`` as a float if it is a finite number > 0; else a :class:`PyvaeError` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value < float("inf")
+    ):
         raise PyvaeError(f"{name} must be a positive number; got {value!r}")
     return float(value)

@@ -47,8 +47,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.poutine.messenger import Messenger
 from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from pyvae.errors import PyvaeError
@@ -192,6 +192,12 @@ class Structure:
     vectorized: bool = True
 
 
+def fork_rng(device: torch.device):
+    """A context in which torch's generators (and ``device``'s, on a GPU) may be drawn from and
+    are restored after: a look at a program must not move the streams a resumed run replays."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def trace_once(module: torch.nn.Module, batch: tuple, num_data: int | None = None):
     """(model trace, guide trace) of one draw from the guide on ``batch``, the model replayed
     against it, hidden from outer handlers and without gradients. The random generators are left as
@@ -199,7 +205,7 @@ def trace_once(module: torch.nn.Module, batch: tuple, num_data: int | None = Non
     device = batch[0].device
     model, guide = bound(module.model, num_data), bound(module.guide, num_data)
     with (
-        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        fork_rng(device),
         torch.no_grad(),
         poutine.block(),
         LocalParams(),
@@ -270,7 +276,7 @@ def _vectorizes(module: torch.nn.Module, batch: tuple, nesting: int) -> bool:
     device = batch[0].device
     try:
         with (
-            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            fork_rng(device),
             torch.no_grad(),
             poutine.block(),
         ):

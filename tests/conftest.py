@@ -67,10 +67,17 @@ def run_folder(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("run")
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(32,))
-    pyvae.fit(vae, binarize(load_dataset("digits", "train"), "static"), epochs=2, batch_size=64, device="cpu", out=out, progress=False)
+    pyvae.fit(
+        vae,
+        binarize(load_dataset("digits", "train"), "static"),
+        epochs=2,
+        batch_size=64,
+        device="cpu",
+        out=out,
+        progress=False,
+    )
     (out / "config.yaml").write_text("dataset: digits\nbinarize: dynamic\nseed: 0\n")
     return out
-
 
 
 def exits_2(argv, capsys) -> str:

@@ -34,12 +34,25 @@ if stop_at is not None and rank == 1:
     pyvae.train.objectives.Objective.forward = forward_then_signal
 g = torch.Generator().manual_seed(1)
 prototypes = (torch.rand(4, 32, generator=g) > 0.5).float()
-data = (prototypes[torch.randint(0, 4, (600,), generator=g)] + (torch.rand(600, 32, generator=g) < 0.05).float()) % 2
+data = (
+    prototypes[torch.randint(0, 4, (600,), generator=g)]
+    + (torch.rand(600, 32, generator=g) < 0.05).float()
+) % 2
 
-torch.manual_seed(rank)  # different initial weights in each process: DistributedDataParallel must align them
+torch.manual_seed(
+    rank
+)  # different initial weights in each process: DistributedDataParallel must align them
 vae = pyvae.VAE(x_dim=32, z_dim=3, hidden=(24,))
 try:
-    pyvae.fit(vae, data[:points], test=data[500:], device="cpu", out=out / "run", progress=False, **{"epochs": 4, "batch_size": 25, "seed": 0, **options})
+    pyvae.fit(
+        vae,
+        data[:points],
+        test=data[500:],
+        device="cpu",
+        out=out / "run",
+        progress=False,
+        **{"epochs": 4, "batch_size": 25, "seed": 0, **options},
+    )
 finally:
     (out / "ranks").mkdir(parents=True, exist_ok=True)
     torch.save(vae.state_dict(), out / "ranks" / f"{rank}.pt")

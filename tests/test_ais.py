@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import pyvae
-from pyvae.infer.ais import ais_log_likelihood, reverse_ais, schedule
 from pyvae.cli.app import main
+from pyvae.infer.ais import ais_log_likelihood, reverse_ais, schedule
 
 from .test_evaluate import exact_log_px, ppca, sample_data
 from .test_program import TwoLayer
@@ -36,7 +36,11 @@ def test_agrees_with_probabilistic_pca_and_its_error_shrinks_with_t():
     # a stochastic lower bound: on average below the truth, never far above it
     assert (coarse.log_px - exact).mean() < 0
     # a step size near the edge of stability diverges now and then: rejected, counted, rare
-    assert fine.acceptance.min() > 0.3 and fine.divergences.sum() < 0.01 * 300 * 8 and fine.failed_chains.sum() == 0
+    assert (
+        fine.acceptance.min() > 0.3
+        and fine.divergences.sum() < 0.01 * 300 * 8
+        and fine.failed_chains.sum() == 0
+    )
     ll = pyvae.log_likelihood(vae, x, num_samples=500)
     assert errors(fine, exact).mean() < errors(ll, exact).mean()  # better than IS with this guide
 
@@ -104,10 +108,14 @@ class Reads(nn.Module):
 
     READS = {
         "a branch": lambda z: z if z.sum() > 0 else -z,
-        "float()": lambda z: z + 0.1 * float(z.detach().sum()),  # (an .item() that only feeds tensor arithmetic is recorded)
+        "float()": lambda z: (
+            z + 0.1 * float(z.detach().sum())
+        ),  # (an .item() that only feeds tensor arithmetic is recorded)
         ".tolist()": lambda z: z + 0.1 * torch.tensor(z.sum(1).tolist())[:, None],
         ".numpy()": lambda z: z + 0.1 * torch.from_numpy(z.detach().numpy().copy()),
-        "len() of a mask": lambda z: z + 0.1 * len(z[z > 0]),  # (a .shape that only feeds arithmetic is recorded)
+        "len() of a mask": lambda z: (
+            z + 0.1 * len(z[z > 0])
+        ),  # (a .shape that only feeds arithmetic is recorded)
     }
 
     def __init__(self, how="a branch"):
@@ -140,7 +148,9 @@ def test_compiled_ais_gives_the_programs_numbers(case, recwarn):
     assert compiled.settings["compile"] and not as_written.settings["compile"]
     assert compiled.compiled.all() and not as_written.compiled.any()
     # the same chains to float rounding (fusion reorders sums), so the same estimate
-    assert torch.allclose(compiled.log_px, as_written.log_px, atol=1e-3), (compiled.log_px - as_written.log_px).abs().max()
+    assert torch.allclose(compiled.log_px, as_written.log_px, atol=1e-3), (
+        (compiled.log_px - as_written.log_px).abs().max()
+    )
     assert (errors(compiled, exact) <= 4 * compiled.stderr + 0.05).all()
 
 
@@ -148,10 +158,14 @@ def test_compiled_ais_runs_the_program_only_to_record_and_check_it(monkeypatch, 
     """Every leapfrog step, inside a trajectory (gradients alone) or at its end, calls a compiled graph."""
     calls = []
     densities = pyvae.infer.ais._Chains.densities
-    monkeypatch.setattr(pyvae.infer.ais._Chains, "densities", lambda self, u: calls.append(1) or densities(self, u))
+    monkeypatch.setattr(
+        pyvae.infer.ais._Chains, "densities", lambda self, u: calls.append(1) or densities(self, u)
+    )
     model = ppca(orthogonal=False)
     result = ais_log_likelihood(model, sample_data(model, 4), num_steps=50, compile=True, **FAST)
-    assert result.compiled.all() and not [w for w in recwarn if issubclass(w.category, pyvae.PyvaeWarning)]
+    assert result.compiled.all() and not [
+        w for w in recwarn if issubclass(w.category, pyvae.PyvaeWarning)
+    ]
     assert len(calls) <= 4  # two recordings and one check, against 49 x 5 evaluations as written
 
 
@@ -168,7 +182,9 @@ def test_a_gradients_graph_that_cannot_compile_leaves_the_chains_as_written(monk
     monkeypatch.setattr(pyvae.infer.ais, "compile_function", refuse_gradients)
     model = ppca(orthogonal=False)
     x = sample_data(model, 4)
-    with pytest.warns(pyvae.PyvaeWarning, match="AIS runs the program uncompiled: refused by the test"):
+    with pytest.warns(
+        pyvae.PyvaeWarning, match="AIS runs the program uncompiled: refused by the test"
+    ):
         compiled = ais_log_likelihood(model, x, num_steps=10, compile=True, **FAST)
     as_written = ais_log_likelihood(model, x, num_steps=10, **FAST)
     assert torch.equal(compiled.log_weights, as_written.log_weights) and not compiled.compiled.any()
@@ -177,7 +193,10 @@ def test_a_gradients_graph_that_cannot_compile_leaves_the_chains_as_written(monk
 @pytest.mark.parametrize("how", list(Reads.READS))
 def test_a_program_whose_python_reads_its_latents_runs_uncompiled_and_says_so(how):
     x = torch.randn(5, 2)
-    with pytest.warns(pyvae.PyvaeWarning, match="AIS runs the program uncompiled: its Python reads the value of a tensor it computed"):
+    with pytest.warns(
+        pyvae.PyvaeWarning,
+        match="AIS runs the program uncompiled: its Python reads the value of a tensor it computed",
+    ):
         compiled = ais_log_likelihood(Reads(how), x, num_steps=10, compile=True, **FAST)
     as_written = ais_log_likelihood(Reads(how), x, num_steps=10, **FAST)
     assert torch.equal(compiled.log_weights, as_written.log_weights) and not compiled.compiled.any()
@@ -193,21 +212,39 @@ def pyvae_warnings(call):
 
 def test_a_program_that_cannot_compile_is_warned_about_once_per_evaluation():
     x = torch.randn(70, 2)  # two chunks of the evaluation grid, at T = 10 and 100
-    result, said = pyvae_warnings(lambda: pyvae.evaluate(Reads(".tolist()"), x, num_samples=20, ais={"num_steps": 100, "compile": True, **FAST}))
+    result, said = pyvae_warnings(
+        lambda: pyvae.evaluate(
+            Reads(".tolist()"), x, num_samples=20, ais={"num_steps": 100, "compile": True, **FAST}
+        )
+    )
     assert len(said) == 1 and "uncompiled" in str(said[0].message)
     summary = result.summary()
-    assert summary["ais"]["compile"] and summary["ais"]["compiled_points"] == 0  # asked for, and what happened
+    assert (
+        summary["ais"]["compile"] and summary["ais"]["compiled_points"] == 0
+    )  # asked for, and what happened
     assert "(compiled for 0 of 70 points)" in result.table()
-    sandwich, said = pyvae_warnings(lambda: pyvae.infer.bdmc.bdmc(Reads(".tolist()"), (torch.zeros(6, 2),), num_steps=100, compile=True, **FAST))
+    sandwich, said = pyvae_warnings(
+        lambda: pyvae.infer.bdmc.bdmc(
+            Reads(".tolist()"), (torch.zeros(6, 2),), num_steps=100, compile=True, **FAST
+        )
+    )
     assert len(said) == 1  # forward and reverse, T = 10 and 100
     assert sandwich.summary()["compiled_points"] == {"forward": 0, "reverse": 0}
 
 
 def test_without_a_c_compiler_ais_runs_as_written_and_says_why():
-    model = ppca(x_dim=7, orthogonal=False)  # a shape no other test compiles: no compiled graph to reuse
+    model = ppca(
+        x_dim=7, orthogonal=False
+    )  # a shape no other test compiles: no compiled graph to reuse
     x = sample_data(model, 3)
     no_compiler = torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)})
-    with no_compiler, pytest.warns(pyvae.PyvaeWarning, match=r"AIS runs the program uncompiled: torch.compile failed: .*C\+\+ compiler"):
+    with (
+        no_compiler,
+        pytest.warns(
+            pyvae.PyvaeWarning,
+            match=r"AIS runs the program uncompiled: torch.compile failed: .*C\+\+ compiler",
+        ),
+    ):
         compiled = ais_log_likelihood(model, x, num_steps=10, compile=True, **FAST)
     as_written = ais_log_likelihood(model, x, num_steps=10, **FAST)
     assert torch.equal(compiled.log_weights, as_written.log_weights) and not compiled.compiled.any()
@@ -227,7 +264,9 @@ def test_compile_function_reuses_one_compilation_for_the_same_code():
     u, ones, twos = torch.randn(5, 3), torch.ones(5, 3), torch.full((5, 3), 2.0)
     first = compiled.compile_function(lambda v: energy(v, ones), u)
     before = len(compiled._compiled)
-    other = compiled.compile_function(lambda v: energy(v, twos), u)  # other data: an input of the same graph, not baked in
+    other = compiled.compile_function(
+        lambda v: energy(v, twos), u
+    )  # other data: an input of the same graph, not baked in
     assert len(compiled._compiled) == before
     for fn, data in ((first, ones), (other, twos)):
         for mine, theirs in zip(fn(u), energy(u, data)):
@@ -239,23 +278,37 @@ def test_compiled_graphs_on_a_cpu_compute_log1p_from_log_to_float_rounding():
 
     x = torch.cat([torch.logspace(-40, 38, 20001), -torch.logspace(-40, 0, 10001)[:-1]])
     exact = torch.log1p(x.double())
-    as_compiled = compiled.compile_function(lambda v: (compiled.log1p(v),), x)  # the compiler must not fold (1 + x) - 1 to x
+    as_compiled = compiled.compile_function(
+        lambda v: (compiled.log1p(v),), x
+    )  # the compiler must not fold (1 + x) - 1 to x
     for mine in (compiled.log1p(x), as_compiled(x)[0]):
-        assert ((mine.double() - exact).abs() <= 2 * torch.finfo(torch.float32).eps * exact.abs()).all()
+        assert (
+            (mine.double() - exact).abs() <= 2 * torch.finfo(torch.float32).eps * exact.abs()
+        ).all()
     specials = torch.tensor([0.0, -1.0, math.inf, -math.inf, math.nan, -2.0])
     assert torch.allclose(compiled.log1p(specials), torch.log1p(specials), equal_nan=True)
     weight, x01 = torch.randn(3, 6), (torch.rand(5, 6) < 0.4).float()
 
-    def energy(u):  # softplus, the Bernoulli log-mass, logaddexp and log1p itself: values and gradients
+    def energy(
+        u,
+    ):  # softplus, the Bernoulli log-mass, logaddexp and log1p itself: values and gradients
         u = u.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = torch.nn.functional.softplus(u @ weight) - 1
-            value = dist.Bernoulli(logits=logits, validate_args=False).log_prob(x01).sum(1) + torch.logaddexp(u, -u).sum(1) + torch.log1p(u**2).sum(1)
+            value = (
+                dist.Bernoulli(logits=logits, validate_args=False).log_prob(x01).sum(1)
+                + torch.logaddexp(u, -u).sum(1)
+                + torch.log1p(u**2).sum(1)
+            )
             return value.detach(), torch.autograd.grad(value.sum(), u)[0]
 
     u = torch.randn(5, 3)
     graph, _ = compiled.record(energy, u, decompositions=compiled.CPU_DECOMPOSITIONS)
-    assert "log1p" not in graph.code and "softplus.default" not in graph.code and "softplus_backward" in graph.code  # the gradients' own formulas
+    assert (
+        "log1p" not in graph.code
+        and "softplus.default" not in graph.code
+        and "softplus_backward" in graph.code
+    )  # the gradients' own formulas
     for mine, theirs in zip(compiled.compile_function(energy, u)(u), energy(u)):
         assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-5)
 
@@ -266,8 +319,12 @@ def test_compiled_ais_of_a_softplus_bernoulli_vae_gives_the_programs_numbers(rec
     x = (torch.rand(5, 12) < 0.4).float()
     compiled = ais_log_likelihood(model, x, num_steps=100, compile=True, **FAST)
     as_written = ais_log_likelihood(model, x, num_steps=100, **FAST)
-    assert compiled.compiled.all() and not [w for w in recwarn if issubclass(w.category, pyvae.PyvaeWarning)]
-    assert torch.allclose(compiled.log_px, as_written.log_px, atol=1e-3), (compiled.log_px - as_written.log_px).abs().max()
+    assert compiled.compiled.all() and not [
+        w for w in recwarn if issubclass(w.category, pyvae.PyvaeWarning)
+    ]
+    assert torch.allclose(compiled.log_px, as_written.log_px, atol=1e-3), (
+        (compiled.log_px - as_written.log_px).abs().max()
+    )
 
 
 def test_compiled_ais_follows_the_model_s_weights_when_they_change(recwarn):
@@ -278,18 +335,27 @@ def test_compiled_ais_follows_the_model_s_weights_when_they_change(recwarn):
         model.decoder[0].weight.mul_(1.5)
     after = ais_log_likelihood(model, x, num_steps=20, compile=True, **FAST)
     as_written = ais_log_likelihood(model, x, num_steps=20, **FAST)
-    assert not [w for w in recwarn if issubclass(w.category, pyvae.PyvaeWarning)] and after.compiled.all()
+    assert (
+        not [w for w in recwarn if issubclass(w.category, pyvae.PyvaeWarning)]
+        and after.compiled.all()
+    )
     assert torch.allclose(after.log_px, as_written.log_px, atol=1e-3)
     assert (after.log_px - before.log_px).abs().min() > 0.01  # not the weights compiled in before
 
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_failed_chains_are_reported_not_averaged_in(compile, recwarn):
-    result = ais_log_likelihood(Cliff(), torch.zeros(6, 1), num_steps=10, num_chains=16, leapfrog_steps=3, compile=compile)
-    assert not [w for w in recwarn if issubclass(w.category, pyvae.PyvaeWarning)]  # NaN densities compile like any other
+    result = ais_log_likelihood(
+        Cliff(), torch.zeros(6, 1), num_steps=10, num_chains=16, leapfrog_steps=3, compile=compile
+    )
+    assert not [
+        w for w in recwarn if issubclass(w.category, pyvae.PyvaeWarning)
+    ]  # NaN densities compile like any other
     assert result.failed_chains.sum() > 0 and torch.isfinite(result.log_px).all()
     finite = torch.isfinite(result.log_weights)
-    expected = torch.logsumexp(result.log_weights.masked_fill(~finite, -math.inf), 1) - finite.sum(1).log()
+    expected = (
+        torch.logsumexp(result.log_weights.masked_fill(~finite, -math.inf), 1) - finite.sum(1).log()
+    )
     assert torch.allclose(result.log_px, expected)
 
 
@@ -312,7 +378,9 @@ def test_bad_settings_are_one_line_errors(kwargs, message):
 def test_a_model_with_discrete_latents_is_sent_to_importance_sampling():
     m2 = pyvae.M2(x_dim=16, num_classes=3, z_dim=2, hidden=(8,))
     x = (torch.rand(4, 16) > 0.5).float(), torch.full((4,), -1)
-    with pytest.raises(pyvae.PyvaeError, match="site 'y' is discrete: score this model by importance sampling"):
+    with pytest.raises(
+        pyvae.PyvaeError, match="site 'y' is discrete: score this model by importance sampling"
+    ):
         ais_log_likelihood(m2, x, num_steps=5)
 
 
@@ -324,14 +392,43 @@ def test_the_sigmoid_schedule():
 
 def test_the_evaluate_command_scores_by_ais_beside_is(run_folder, capsys):
     out = run_folder / "ais"
-    main(["evaluate", str(run_folder), "--method", "ais", "--num-steps", "100", "--num-chains", "4", "--leapfrog-steps", "3",
-          "--num-samples", "200", "--num-points", "12", "--compile", "--out", str(out)])
+    main(
+        [
+            "evaluate",
+            str(run_folder),
+            "--method",
+            "ais",
+            "--num-steps",
+            "100",
+            "--num-chains",
+            "4",
+            "--leapfrog-steps",
+            "3",
+            "--num-samples",
+            "200",
+            "--num-points",
+            "12",
+            "--compile",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "AIS with T = 100, 4 chains" in printed and "AIS by T   T=10:" in printed
     summary = json.loads((out / "eval.json").read_text())
-    assert summary["method"] == "ais" and set(summary["ais"]["log_px_by_num_steps"]) == {"10", "100"}
-    assert summary["log_px"] == summary["ais"]["log_px_by_num_steps"]["100"] and summary["log_px"] > summary["elbo"]
-    assert math.isfinite(summary["log_px_is"]) and summary["ais"]["num_chains"] == 4 and summary["ais"]["compile"]
+    assert summary["method"] == "ais" and set(summary["ais"]["log_px_by_num_steps"]) == {
+        "10",
+        "100",
+    }
+    assert (
+        summary["log_px"] == summary["ais"]["log_px_by_num_steps"]["100"]
+        and summary["log_px"] > summary["elbo"]
+    )
+    assert (
+        math.isfinite(summary["log_px_is"])
+        and summary["ais"]["num_chains"] == 4
+        and summary["ais"]["compile"]
+    )
     data = arviz.from_netcdf(out / "eval.nc").importance_sampling
     assert data["ais_log_weights"].shape == (12, 4) and "log_px_is" in data
     assert (out / "ais.png").stat().st_size > 0

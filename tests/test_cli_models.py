@@ -9,7 +9,18 @@ from pyvae.cli.app import main
 
 from .conftest import exits_2
 
-COMMON = ["--dataset", "digits", "--epochs", "2", "--batch-size", "64", "--eval-samples", "20", "--eval-points", "30"]
+COMMON = [
+    "--dataset",
+    "digits",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "64",
+    "--eval-samples",
+    "20",
+    "--eval-points",
+    "30",
+]
 
 
 def train(tmp_path, name, *flags):
@@ -20,21 +31,37 @@ def train(tmp_path, name, *flags):
 
 @pytest.fixture(scope="module")
 def m2_run(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("runs"), "m2", "--num-labels", "100", "--z-dim", "8", "--hidden", "64", "--epochs", "6")
+    return train(
+        tmp_path_factory.mktemp("runs"),
+        "m2",
+        "--num-labels",
+        "100",
+        "--z-dim",
+        "8",
+        "--hidden",
+        "64",
+        "--epochs",
+        "6",
+    )
 
 
 def test_m2_trains_on_few_labels_and_records_accuracy(m2_run, tmp_path, capsys):
     records = [json.loads(line) for line in (m2_run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 6 and all(0 <= r["test_accuracy"] <= 1 for r in records)
     # ten classes, 100 labels: well above chance (0.1) after six epochs (0.59 after ten, seed 0)
-    assert records[-1]["test_accuracy"] > 0.25 and records[-1]["test_accuracy"] > records[0]["test_accuracy"]
+    assert (
+        records[-1]["test_accuracy"] > 0.25
+        and records[-1]["test_accuracy"] > records[0]["test_accuracy"]
+    )
     model = pyvae.load(m2_run / "checkpoint.pt")
     assert type(model) is pyvae.M2
     summary = json.loads(next(m2_run.glob("eval-*/eval.json")).read_text())
     assert summary["log_px"] < 0 and "z" in summary["latent_sites"]
     main(["sample", str(m2_run), "--label", "3", "--n", "16", "--out", str(tmp_path)])
     assert (tmp_path / "samples.png").is_file()
-    assert "--label 12 is outside the classes 0..9" in exits_2(["sample", str(m2_run), "--label", "12"], capsys)
+    assert "--label 12 is outside the classes 0..9" in exits_2(
+        ["sample", str(m2_run), "--label", "12"], capsys
+    )
 
 
 def test_hvae_and_cvae_train_evaluate_and_explore(tmp_path):
@@ -45,8 +72,21 @@ def test_hvae_and_cvae_train_evaluate_and_explore(tmp_path):
     cvae = train(tmp_path, "cvae", "--z-dim", "4", "--hidden", "32")
     main(["sample", str(cvae), "--label", "7", "--out", str(tmp_path / "s")])
     main(["reconstruct", str(cvae), "--out", str(tmp_path / "r")])
-    main(["evaluate", str(cvae), "--num-samples", "10", "--num-points", "20", "--out", str(tmp_path / "e")])
-    assert (tmp_path / "s" / "samples.png").is_file() and (tmp_path / "r" / "reconstructions.png").is_file()
+    main(
+        [
+            "evaluate",
+            str(cvae),
+            "--num-samples",
+            "10",
+            "--num-points",
+            "20",
+            "--out",
+            str(tmp_path / "e"),
+        ]
+    )
+    assert (tmp_path / "s" / "samples.png").is_file() and (
+        tmp_path / "r" / "reconstructions.png"
+    ).is_file()
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["num_points"] == 20
 
 
@@ -55,7 +95,10 @@ def test_hvae_and_cvae_train_evaluate_and_explore(tmp_path):
     [
         (["--model", "m2", "--num-labels", "5000"], "num_labels"),
         (["--model", "m2", "--num-labels", "105"], "num_labels"),
-        (["--model", "vae", "--num-labels", "100"], "--num-labels is for the semi-supervised model m2"),
+        (
+            ["--model", "vae", "--num-labels", "100"],
+            "--num-labels is for the semi-supervised model m2",
+        ),
         (["--model", "gan"], "argument --model: invalid choice: 'gan'"),
     ],
 )
@@ -66,7 +109,9 @@ def test_bad_model_flags_are_one_line_errors(tmp_path, capsys, flags, message):
 
 def test_label_for_a_model_without_labels(tmp_path, capsys):
     run = train(tmp_path, "vae", "--z-dim", "2", "--hidden", "16")
-    assert "--label is for models with labels (cvae, m2); VAE has none" in exits_2(["sample", str(run), "--label", "1"], capsys)
+    assert "--label is for models with labels (cvae, m2); VAE has none" in exits_2(
+        ["sample", str(run), "--label", "1"], capsys
+    )
 
 
 @pytest.mark.parametrize("argv", [[], ["--help"], ["-h"]])
@@ -78,7 +123,21 @@ def test_help_lists_every_command_and_exits_0(argv, capsys):
     assert all(f"  {name}" in out for name in COMMANDS)
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "bdmc", "gap", "sample", "reconstruct", "interpolate", "traverse", "embed", "anomaly"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "train",
+        "evaluate",
+        "bdmc",
+        "gap",
+        "sample",
+        "reconstruct",
+        "interpolate",
+        "traverse",
+        "embed",
+        "anomaly",
+    ],
+)
 def test_every_flag_of_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])
@@ -89,24 +148,49 @@ def test_every_flag_of_every_command_has_help(command, capsys):
 def undocumented_flags(help_text: str) -> list[str]:
     lines = [line for line in help_text.split("options:")[1].splitlines() if line.strip()]
     return [
-        line.strip() for line, after in zip(lines, lines[1:] + [""])
+        line.strip()
+        for line, after in zip(lines, lines[1:] + [""])
         # an option's help is beside it (after two spaces) or on the more indented line below
-        if line.startswith("  -") and "  " not in line.strip() and not (after.startswith("    ") and not after.lstrip().startswith("-"))
+        if line.startswith("  -")
+        and "  " not in line.strip()
+        and not (after.startswith("    ") and not after.lstrip().startswith("-"))
     ]
 
 
 @pytest.mark.parametrize(
     "failure, expected",
     [
-        (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
-                      "you tried to allocate 123480309760 bytes. Error code 12"), "error: out of memory allocating 115.0 GiB (RuntimeError); lower --batch-size"),
-        (RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1048576 bytes."),  # Windows
-         "error: out of memory allocating 1.0 MiB (RuntimeError)"),
-        (MemoryError("Unable to allocate 7.45 GiB for an array with shape (1000000000,) and data type float64"),  # numpy
-         "error: out of memory allocating 7.45 GiB (MemoryError)"),
-        (MemoryError("Unable to allocate 728. TiB for an array with shape (10000000000000,)"), "error: out of memory allocating 728 TiB"),
-        (RuntimeError("unable to allocate a shared memory segment name"), "error: unexpected RuntimeError: unable to allocate"),
-        (ValueError("shapes (3,) and (4,)\ndo not match"), "error: unexpected ValueError: shapes (3,) and (4,) do not match"),
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                "you tried to allocate 123480309760 bytes. Error code 12"
+            ),
+            "error: out of memory allocating 115.0 GiB (RuntimeError); lower --batch-size",
+        ),
+        (
+            RuntimeError(
+                "DefaultCPUAllocator: not enough memory: you tried to allocate 1048576 bytes."
+            ),  # Windows
+            "error: out of memory allocating 1.0 MiB (RuntimeError)",
+        ),
+        (
+            MemoryError(
+                "Unable to allocate 7.45 GiB for an array with shape (1000000000,) and data type float64"
+            ),  # numpy
+            "error: out of memory allocating 7.45 GiB (MemoryError)",
+        ),
+        (
+            MemoryError("Unable to allocate 728. TiB for an array with shape (10000000000000,)"),
+            "error: out of memory allocating 728 TiB",
+        ),
+        (
+            RuntimeError("unable to allocate a shared memory segment name"),
+            "error: unexpected RuntimeError: unable to allocate",
+        ),
+        (
+            ValueError("shapes (3,) and (4,)\ndo not match"),
+            "error: unexpected ValueError: shapes (3,) and (4,) do not match",
+        ),
     ],
 )
 def test_an_unexpected_failure_is_one_line_and_exit_1(failure, expected, capsys):

@@ -11,9 +11,9 @@ import yaml
 
 import pyvae
 from pyvae.cli.app import main
+from pyvae.cli.config import model_args, parse_args
 
 from .conftest import exits_2
-from pyvae.cli.config import model_args, parse_args
 
 TINY = """
 import pyro, pyro.distributions as dist, torch

@@ -43,17 +43,25 @@ def test_prior_shapes_and_normalization(name):
 
 def test_prior_settings_and_errors():
     assert PRIORS.resolve({"name": "student_t", "df": 7}).df == 7
-    assert pyvae.parts.priors.VampPrior(num_components=3).spec() == {"name": "vamp", "num_components": 3}
+    assert pyvae.parts.priors.VampPrior(num_components=3).spec() == {
+        "name": "vamp",
+        "num_components": 3,
+    }
     with pytest.raises(pyvae.PyvaeError, match="student_t df must be a positive number; got -1"):
         pyvae.parts.priors.StudentT(df=-1)
-    with pytest.raises(pyvae.PyvaeError, match="unknown setting 'components' for prior 'mog'; allowed: num_components"):
+    with pytest.raises(
+        pyvae.PyvaeError,
+        match="unknown setting 'components' for prior 'mog'; allowed: num_components",
+    ):
         PRIORS.resolve({"name": "mog", "components": 3})
     with pytest.raises(pyvae.PyvaeError, match="flow prior needs z_dim >= 2"):
         pyvae.VAE(x_dim=4, z_dim=1, prior="flow")
 
 
 def test_vamp_prior_is_the_mixture_of_the_guide_at_the_pseudo_inputs():
-    vae = pyvae.VAE(x_dim=16, z_dim=3, hidden=(8,), prior=pyvae.parts.priors.VampPrior(num_components=4))
+    vae = pyvae.VAE(
+        x_dim=16, z_dim=3, hidden=(8,), prior=pyvae.parts.priors.VampPrior(num_components=4)
+    )
     z = torch.randn(6, 3)
     q = vae.encode(vae.prior.pseudo_inputs.clamp(0, 1))
     expected = torch.logsumexp(q.log_prob(z.unsqueeze(1)), dim=1) - math.log(4)
@@ -62,9 +70,17 @@ def test_vamp_prior_is_the_mixture_of_the_guide_at_the_pseudo_inputs():
 
 @pytest.mark.parametrize("guide", ["normal", "lowrank", "iaf"])
 @pytest.mark.parametrize("pairs", [6, 45, 1000])
-def test_the_vamp_density_in_chunks_is_the_same_sum_with_the_same_gradients(guide, pairs, monkeypatch):
+def test_the_vamp_density_in_chunks_is_the_same_sum_with_the_same_gradients(
+    guide, pairs, monkeypatch
+):
     torch.manual_seed(0)
-    vae = pyvae.VAE(x_dim=16, z_dim=3, hidden=(8,), guide=guide, prior=pyvae.parts.priors.VampPrior(num_components=7))
+    vae = pyvae.VAE(
+        x_dim=16,
+        z_dim=3,
+        hidden=(8,),
+        guide=guide,
+        prior=pyvae.parts.priors.VampPrior(num_components=7),
+    )
     z = torch.randn(5, 4, 3, requires_grad=True)
     wrt = [z, vae.prior.pseudo_inputs, *vae.encoder.parameters(), *vae.posterior.parameters()]
     q = vae.encode(vae.prior.pseudo_inputs.clamp(0, 1))
@@ -79,7 +95,9 @@ def test_the_vamp_density_in_chunks_is_the_same_sum_with_the_same_gradients(guid
     for a, b in zip(torch.autograd.grad(chunked.sum(), wrt), expected):
         assert torch.allclose(a, b, atol=1e-5)
     # under torch.autograd.grad alone (AIS asks for the gradient in z only), and without gradients
-    assert torch.allclose(torch.autograd.grad(vae.prior().log_prob(z).sum(), z)[0], expected[0], atol=1e-5)
+    assert torch.allclose(
+        torch.autograd.grad(vae.prior().log_prob(z).sum(), z)[0], expected[0], atol=1e-5
+    )
     with torch.no_grad():
         assert torch.allclose(vae.prior().log_prob(z), whole, atol=1e-5)
 
@@ -101,7 +119,10 @@ def one_pixel(name, out):
     [
         ("bernoulli", [0.3]),
         ("continuous_bernoulli", [1.7]),
-        ("continuous_bernoulli", [0.001]),  # near lambda = 1/2, where the constant needs a Taylor series
+        (
+            "continuous_bernoulli",
+            [0.001],
+        ),  # near lambda = 1/2, where the constant needs a Taylor series
         ("normal", [0.4]),
         ("normal_learned", [0.4]),
         ("laplace", [-0.2]),
@@ -124,7 +145,9 @@ def test_likelihood_is_normalized(name, out):
             mass = p.log_prob(values).exp().sum()
         else:
             lo, hi = (0.0, 1.0) if name in {"continuous_bernoulli", "beta"} else (-20.0, 20.0)
-            if name == "beta":  # end masses, plus the density between them on a grid fine at the ends
+            if (
+                name == "beta"
+            ):  # end masses, plus the density between them on a grid fine at the ends
                 eps = likelihood.eps
                 u = torch.linspace(-1, 1, 400001, dtype=torch.float64)
                 values = (0.5 + (0.5 - eps) * torch.sign(u) * u.abs() ** 6).unsqueeze(-1)
@@ -141,7 +164,10 @@ def test_discretized_logistic_mean_is_the_masses_weighted_sum():
     from pyvae.parts.likelihoods import DiscretizedLogisticDistribution
 
     torch.manual_seed(0)
-    loc, scale = 1.4 * torch.rand(5, 7, dtype=torch.float64) - 0.2, 0.3 * torch.rand(5, 7, dtype=torch.float64) + 1e-3
+    loc, scale = (
+        1.4 * torch.rand(5, 7, dtype=torch.float64) - 0.2,
+        0.3 * torch.rand(5, 7, dtype=torch.float64) + 1e-3,
+    )
     p = DiscretizedLogisticDistribution(loc, scale, num_levels=256)
     grid = torch.linspace(0, 1, 256, dtype=torch.float64).reshape(256, 1, 1)
     assert torch.allclose(p.mean, (p.log_prob(grid).exp() * grid).sum(0), atol=1e-10)
@@ -176,25 +202,46 @@ def test_bernoulli_log_mass_and_gradient_are_torchs_with_and_without_autograd():
 @pytest.mark.parametrize(
     "name, data, message",
     [
-        ("bernoulli", [0.0, 0.5], r"bernoulli needs 0/1 data; got values in \[0, 0.5\] — use --binarize"),
-        ("continuous_bernoulli", [-0.5, 1.0], r"continuous_bernoulli needs data in \[0, 1\]; got values in \[-0.5, 1\]"),
+        (
+            "bernoulli",
+            [0.0, 0.5],
+            r"bernoulli needs 0/1 data; got values in \[0, 0.5\] — use --binarize",
+        ),
+        (
+            "continuous_bernoulli",
+            [-0.5, 1.0],
+            r"continuous_bernoulli needs data in \[0, 1\]; got values in \[-0.5, 1\]",
+        ),
         ("beta", [0.0, 2.0], r"beta needs data in \[0, 1\]; got values in \[0, 2\]"),
         ("normal", [0.0, math.nan], "normal needs finite data"),
         ("normal_learned", [math.inf, 0.0], "normal_learned needs finite data"),
         ("laplace", [math.nan, 0.0], "laplace needs finite data"),
-        ("discretized_logistic", [0.0, 0.3], r"discretized_logistic needs data on the grid k/255 .* off the grid"),
-        ("discretized_logistic", [0.0, 2.0], r"discretized_logistic needs data on the grid k/255 in \[0, 1\]; got values in \[0, 2\]"),
+        (
+            "discretized_logistic",
+            [0.0, 0.3],
+            r"discretized_logistic needs data on the grid k/255 .* off the grid",
+        ),
+        (
+            "discretized_logistic",
+            [0.0, 2.0],
+            r"discretized_logistic needs data on the grid k/255 in \[0, 1\]; got values in \[0, 2\]",
+        ),
     ],
 )
 def test_data_outside_support_is_a_clear_error(name, data, message):
     vae = pyvae.VAE(x_dim=2, z_dim=2, hidden=(4,), likelihood=name)
     with pytest.raises(pyvae.PyvaeError, match=message):
-        pyvae.fit(vae, torch.tensor([data, data]), epochs=1, batch_size=1, device="cpu", progress=False)
+        pyvae.fit(
+            vae, torch.tensor([data, data]), epochs=1, batch_size=1, device="cpu", progress=False
+        )
 
 
 def test_likelihood_settings():
     assert pyvae.parts.likelihoods.Normal(scale=0.5).scale == 0.5
-    assert LIKELIHOODS.resolve({"name": "normal_learned", "scale_from": "decoder"}).params_per_pixel == 2
+    assert (
+        LIKELIHOODS.resolve({"name": "normal_learned", "scale_from": "decoder"}).params_per_pixel
+        == 2
+    )
     with pytest.raises(pyvae.PyvaeError, match="scale_from must be 'pixel' or 'decoder'"):
         pyvae.parts.likelihoods.NormalLearnedScale(scale_from="both")
 
@@ -223,7 +270,9 @@ def test_iaf_log_density_matches_change_of_variables():
     q = vae.encode(x)
     z0 = q.base_dist.sample()
     z = push(q, z0)
-    jacobian = torch.autograd.functional.jacobian(lambda u: push(q, u.unsqueeze(0)).squeeze(0), z0[0])
+    jacobian = torch.autograd.functional.jacobian(
+        lambda u: push(q, u.unsqueeze(0)).squeeze(0), z0[0]
+    )
     expected = q.base_dist.log_prob(z0) - torch.linalg.slogdet(jacobian).logabsdet
     assert torch.allclose(q.log_prob(z), expected, atol=1e-4)
 
@@ -244,7 +293,9 @@ def test_analytic_kl_equals_monte_carlo_kl(guide, prior):
         try:
             analytic = kl_divergence(q, p.expand(q.batch_shape))
         except NotImplementedError:
-            pytest.skip(f"no analytic KL for guide {guide} and prior {prior} (meanfield falls back to Monte Carlo)")
+            pytest.skip(
+                f"no analytic KL for guide {guide} and prior {prior} (meanfield falls back to Monte Carlo)"
+            )
         z = q.sample((20000,))
         terms = q.log_prob(z) - p.log_prob(z)
     se = terms.std(0) / math.sqrt(terms.shape[0])
@@ -253,31 +304,85 @@ def test_analytic_kl_equals_monte_carlo_kl(guide, prior):
 
 def test_meanfield_without_analytic_kl_warns_and_falls_back(digits_small):
     vae = pyvae.VAE(x_dim=64, z_dim=2, hidden=(8,), prior="mog")
-    with pytest.warns(UserWarning, match=r"no analytic KL for latent site z \(the guide's Normal against the prior's MixtureSameFamily\); .* Monte Carlo"):
-        pyvae.fit(vae, digits_small, epochs=1, batch_size=64, elbo="meanfield", device="cpu", progress=False)
+    with pytest.warns(
+        UserWarning,
+        match=r"no analytic KL for latent site z \(the guide's Normal against the prior's MixtureSameFamily\); .* Monte Carlo",
+    ):
+        pyvae.fit(
+            vae,
+            digits_small,
+            epochs=1,
+            batch_size=64,
+            elbo="meanfield",
+            device="cpu",
+            progress=False,
+        )
 
 
-@pytest.mark.parametrize("build, chosen", [
-    (lambda: pyvae.VAE(x_dim=64, z_dim=2, hidden=(8,)), "meanfield, the analytic KL of every latent site"),
-    (lambda: pyvae.VAE(x_dim=64, z_dim=2, hidden=(8,), prior="mog"), "trace, Monte Carlo KL: torch has no analytic KL for latent site z"),
-    (lambda: pyvae.HVAE(x_dim=64, z_dims=(4, 2), hidden=((8,), (8,))), "trace, Monte Carlo KL: an analytic KL needs a mean-field guide"),
-    (lambda: pyvae.VAE(x_dim=64, z_dim=2, hidden=(8,), guide="iaf"), "trace, Monte Carlo KL: torch has no analytic KL"),
-])
-def test_elbo_auto_takes_the_analytic_kl_only_where_it_is_exact(digits_small, build, chosen, capsys):
+@pytest.mark.parametrize(
+    "build, chosen",
+    [
+        (
+            lambda: pyvae.VAE(x_dim=64, z_dim=2, hidden=(8,)),
+            "meanfield, the analytic KL of every latent site",
+        ),
+        (
+            lambda: pyvae.VAE(x_dim=64, z_dim=2, hidden=(8,), prior="mog"),
+            "trace, Monte Carlo KL: torch has no analytic KL for latent site z",
+        ),
+        (
+            lambda: pyvae.HVAE(x_dim=64, z_dims=(4, 2), hidden=((8,), (8,))),
+            "trace, Monte Carlo KL: an analytic KL needs a mean-field guide",
+        ),
+        (
+            lambda: pyvae.VAE(x_dim=64, z_dim=2, hidden=(8,), guide="iaf"),
+            "trace, Monte Carlo KL: torch has no analytic KL",
+        ),
+    ],
+)
+def test_elbo_auto_takes_the_analytic_kl_only_where_it_is_exact(
+    digits_small, build, chosen, capsys
+):
     torch.manual_seed(0)
-    pyvae.fit(build(), digits_small, epochs=1, batch_size=64, device="cpu", progress=True)  # elbo="auto", the default
+    pyvae.fit(
+        build(), digits_small, epochs=1, batch_size=64, device="cpu", progress=True
+    )  # elbo="auto", the default
     assert f"elbo auto: {chosen}" in capsys.readouterr().out
 
 
 def test_meanfield_refuses_a_guide_whose_latents_depend_on_each_other(tmp_path, capsys):
     from pyvae.cli.app import main
 
-    with pytest.raises(SystemExit) as info:  # hvae's guide is q(z1|x) q(z2|z1): analytic KLs are not its ELBO
-        main(["train", "--dataset", "digits", "--no-download", "--model", "hvae", "--elbo", "meanfield", "--epochs", "1",
-              "--eval-samples", "0", "--device", "cpu", "--out", str(tmp_path / "run")])
+    with pytest.raises(
+        SystemExit
+    ) as info:  # hvae's guide is q(z1|x) q(z2|z1): analytic KLs are not its ELBO
+        main(
+            [
+                "train",
+                "--dataset",
+                "digits",
+                "--no-download",
+                "--model",
+                "hvae",
+                "--elbo",
+                "meanfield",
+                "--epochs",
+                "1",
+                "--eval-samples",
+                "0",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and len(err.splitlines()) == 1
-    assert "elbo 'meanfield' needs a mean-field guide" in err and "draws z2 given z1" in err and "use elbo 'trace'" in err
+    assert (
+        "elbo 'meanfield' needs a mean-field guide" in err
+        and "draws z2 given z1" in err
+        and "use elbo 'trace'" in err
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -287,13 +392,41 @@ def test_the_cli_prints_the_meanfield_warning_as_one_line_of_words(tmp_path):
 
     from pyvae.cli.app import main
 
-    argv = ["train", "--dataset", "digits", "--no-download", "--prior", "mog", "--elbo", "meanfield", "--epochs", "1",
-            "--z-dim", "2", "--hidden", "8", "--eval-samples", "0", "--device", "cpu"]
-    done = subprocess.run([sys.executable, "-m", "pyvae", *argv, "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    argv = [
+        "train",
+        "--dataset",
+        "digits",
+        "--no-download",
+        "--prior",
+        "mog",
+        "--elbo",
+        "meanfield",
+        "--epochs",
+        "1",
+        "--z-dim",
+        "2",
+        "--hidden",
+        "8",
+        "--eval-samples",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "pyvae", *argv, "--out", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
-    assert "warning: elbo 'meanfield': torch has no analytic KL for latent site z (the guide's Normal" in done.stderr
+    assert (
+        "warning: elbo 'meanfield': torch has no analytic KL for latent site z (the guide's Normal"
+        in done.stderr
+    )
     assert "UserWarning" not in done.stderr and "PyvaeWarning" not in done.stderr
-    with pytest.warns(pyvae.PyvaeWarning, match="no analytic KL"):  # in process, a handler recording warnings still sees it
+    with pytest.warns(
+        pyvae.PyvaeWarning, match="no analytic KL"
+    ):  # in process, a handler recording warnings still sees it
         main([*argv, "--out", str(tmp_path / "again")])
 
 
@@ -316,15 +449,23 @@ def digits_gray():
 @pytest.mark.parametrize("guide", GUIDE_NAMES)
 @pytest.mark.parametrize("prior", PRIOR_NAMES)
 @pytest.mark.parametrize("likelihood", LIKELIHOOD_NAMES)
-def test_every_combination_trains_to_a_finite_improving_loss(guide, prior, likelihood, digits_small, digits_gray):
+def test_every_combination_trains_to_a_finite_improving_loss(
+    guide, prior, likelihood, digits_small, digits_gray
+):
     data = digits_small if likelihood == "bernoulli" else digits_gray
     torch.manual_seed(0)
     vae = pyvae.VAE(
-        x_dim=64, z_dim=2, hidden=(32,), guide=guide, likelihood=likelihood,
+        x_dim=64,
+        z_dim=2,
+        hidden=(32,),
+        guide=guide,
+        likelihood=likelihood,
         prior={"name": "vamp", "num_components": 10} if prior == "vamp" else prior,
     )
     before = pyvae.evaluate_elbo(vae, data, num_particles=4)
-    history = pyvae.fit(vae, data, epochs=1, batch_size=16, lr=3e-3, device="cpu", seed=0, progress=False)
+    history = pyvae.fit(
+        vae, data, epochs=1, batch_size=16, lr=3e-3, device="cpu", seed=0, progress=False
+    )
     after = pyvae.evaluate_elbo(vae, data, num_particles=4)
     assert math.isfinite(history[0]["train_elbo"]) and math.isfinite(after)
     assert after > before, (before, after)
@@ -352,7 +493,9 @@ def test_custom_networks_meet_the_documented_contract():
     decoder = torch.nn.Linear(3, 16)
     vae = pyvae.VAE(x_dim=16, z_dim=3, encoder=encoder, decoder=decoder)
     assert vae.encoder is encoder and vae.config["encoder"] == "custom"
-    loss = make_elbo("trace", 3).differentiable_loss(vae.model, vae.guide, torch.rand(4, 16).round())
+    loss = make_elbo("trace", 3).differentiable_loss(
+        vae.model, vae.guide, torch.rand(4, 16).round()
+    )
     assert torch.isfinite(loss)
 
 
@@ -374,7 +517,9 @@ def test_iwae_bound_grows_with_k(digits_small):
     x = digits_small[:64]
     bounds = {}
     for k in (1, 5, 50):
-        values = torch.tensor([pyvae.evaluate_elbo(vae, x, elbo="iwae", num_particles=k) for _ in range(20)])
+        values = torch.tensor(
+            [pyvae.evaluate_elbo(vae, x, elbo="iwae", num_particles=k) for _ in range(20)]
+        )
         bounds[k] = (values.mean().item(), values.std().item() / math.sqrt(20))
     for small, large in ((1, 5), (5, 50)):
         gap = bounds[large][0] - bounds[small][0]
@@ -389,7 +534,11 @@ def test_iwae_is_per_data_point_not_per_batch():
     model_trace, guide_trace = elbo._get_vectorized_trace(vae.model, vae.guide, (x,), {})
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
-    log_w = model_trace.nodes["z"]["log_prob"] + model_trace.nodes["x"]["log_prob"] - guide_trace.nodes["z"]["log_prob"]
+    log_w = (
+        model_trace.nodes["z"]["log_prob"]
+        + model_trace.nodes["x"]["log_prob"]
+        - guide_trace.nodes["z"]["log_prob"]
+    )
     assert log_w.shape == (5, 8)
     per_point = (torch.logsumexp(log_w, 0) - math.log(5)).sum()
     pyro.set_rng_seed(2)
@@ -400,7 +549,11 @@ def test_iwae_is_per_data_point_not_per_batch():
     model_trace, guide_trace = elbo._get_vectorized_trace(vae.model, vae.guide, (x,), {})
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
-    log_w = model_trace.nodes["z"]["log_prob"] + model_trace.nodes["x"]["log_prob"] - guide_trace.nodes["z"]["log_prob"]
+    log_w = (
+        model_trace.nodes["z"]["log_prob"]
+        + model_trace.nodes["x"]["log_prob"]
+        - guide_trace.nodes["z"]["log_prob"]
+    )
     assert -loss == pytest.approx((torch.logsumexp(log_w, 0) - math.log(5)).sum().item(), rel=1e-5)
     assert -loss != pytest.approx((torch.logsumexp(log_w.sum(1), 0) - math.log(5)).item(), rel=1e-3)
     del per_point
@@ -430,17 +583,31 @@ def test_iwae_training_loss_is_the_minibatch_bound_scaled_outside_the_log_mean_e
 
 def test_iwae_training_reports_its_bound(digits_small):
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
-    (record,) = pyvae.fit(vae, digits_small, test=digits_small[:64], epochs=1, batch_size=32, elbo="iwae", num_particles=5, device="cpu", progress=False)
+    (record,) = pyvae.fit(
+        vae,
+        digits_small,
+        test=digits_small[:64],
+        epochs=1,
+        batch_size=32,
+        elbo="iwae",
+        num_particles=5,
+        device="cpu",
+        progress=False,
+    )
     assert record["test_iwae"] > record["test_elbo"] - 1.0
     assert -200 < record["train_elbo"] < 0  # nats per point, not a sum over the data set
-    with pytest.raises(pyvae.PyvaeError, match="beta and kl_warmup_epochs do not apply to elbo 'iwae'"):
+    with pytest.raises(
+        pyvae.PyvaeError, match="beta and kl_warmup_epochs do not apply to elbo 'iwae'"
+    ):
         pyvae.fit(vae, digits_small, epochs=1, elbo="iwae", beta=2.0, device="cpu", progress=False)
 
 
 def test_beta_weights_exactly_the_kl_term(digits_small):
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
     x = digits_small[:16]
-    objective = Objective(vae, "meanfield")  # beta comes from the trainer's handler, not from the model
+    objective = Objective(
+        vae, "meanfield"
+    )  # beta comes from the trainer's handler, not from the model
     losses = {}
     for beta in (1.0, 4.0):
         pyro.set_rng_seed(3)
@@ -459,21 +626,42 @@ def test_beta_on_named_sites_only(digits_small):
     other = Objective(vae, "meanfield", kl_sites=["w"]).loss((x,), 16, 4.0).item()
     assert other == pytest.approx(plain, rel=1e-6)
     with pytest.raises(pyvae.PyvaeError, match="kl_sites names 'w', which is not a latent site"):
-        pyvae.fit(vae, digits_small, epochs=1, beta=2.0, kl_sites=["w"], device="cpu", progress=False)
+        pyvae.fit(
+            vae, digits_small, epochs=1, beta=2.0, kl_sites=["w"], device="cpu", progress=False
+        )
 
 
 def test_kl_warmup_rises_linearly_to_beta(digits_small):
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
-    history = pyvae.fit(vae, digits_small, epochs=3, batch_size=64, beta=2.0, kl_warmup_epochs=2, device="cpu", progress=False)
-    assert [h["beta"] for h in history] == [pytest.approx(1.0), pytest.approx(2.0), pytest.approx(2.0)]
+    history = pyvae.fit(
+        vae,
+        digits_small,
+        epochs=3,
+        batch_size=64,
+        beta=2.0,
+        kl_warmup_epochs=2,
+        device="cpu",
+        progress=False,
+    )
+    assert [h["beta"] for h in history] == [
+        pytest.approx(1.0),
+        pytest.approx(2.0),
+        pytest.approx(2.0),
+    ]
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (3, 64, 64)])
 def test_residual_nets_scale_with_the_image(shape):
     x_dim = math.prod(shape)
-    vae = pyvae.VAE(x_dim=x_dim, z_dim=6, net="resnet", image_shape=shape, likelihood="discretized_logistic")
+    vae = pyvae.VAE(
+        x_dim=x_dim, z_dim=6, net="resnet", image_shape=shape, likelihood="discretized_logistic"
+    )
     assert vae.encoder(torch.rand(3, x_dim)).shape == (3, 12)
-    assert vae.decoder(torch.randn(2, 3, 6)).shape == (2, 3, 2 * x_dim)  # a particle dimension may lead
+    assert vae.decoder(torch.randn(2, 3, 6)).shape == (
+        2,
+        3,
+        2 * x_dim,
+    )  # a particle dimension may lead
     stages = pyvae.parts.nets.residual_stages(shape[1], shape[2])
     assert len(stages) == {28: 2, 32: 3, 64: 4}[shape[1]]
 
@@ -483,9 +671,19 @@ def test_a_residual_vae_learns_colour_photo_patches():
 
     torch.manual_seed(0)
     x = load_dataset("photos", "train").images[:128]
-    vae = pyvae.VAE(x_dim=3072, z_dim=8, net="resnet", image_shape=(3, 32, 32), likelihood="discretized_logistic")
+    vae = pyvae.VAE(
+        x_dim=3072,
+        z_dim=8,
+        net="resnet",
+        image_shape=(3, 32, 32),
+        likelihood="discretized_logistic",
+    )
     before = pyvae.evaluate_elbo(vae, x, num_particles=2)
     pyvae.fit(vae, x, epochs=4, batch_size=32, lr=1e-3, device="cpu", seed=0, progress=False)
-    assert pyvae.evaluate_elbo(vae, x, num_particles=2) > before + 500  # nats per 3072-pixel patch (about 2000 here)
-    with pytest.raises(pyvae.PyvaeError, match="net 'resnet' needs images .* with even H and W above 4"):
+    assert (
+        pyvae.evaluate_elbo(vae, x, num_particles=2) > before + 500
+    )  # nats per 3072-pixel patch (about 2000 here)
+    with pytest.raises(
+        pyvae.PyvaeError, match="net 'resnet' needs images .* with even H and W above 4"
+    ):
         pyvae.VAE(x_dim=27, z_dim=2, net="resnet", image_shape=(3, 3, 3))

@@ -23,7 +23,9 @@ from .conftest import require_files
 
 
 def write_idx(path, array, compress):
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
     data = header + array.astype(np.uint8).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     (gzip.open if compress else open)(path, "wb").write(data)
@@ -40,7 +42,9 @@ def fake_torchvision_root(root, folder, n=5, compress=True):
     return images, labels
 
 
-@pytest.mark.parametrize("text", ["0 1 1\n1 0 1\n", "0 1 1 \r\n1 0 1 \r\n", "0  1\t1\n1 0 1", "\n0 1 1\n\n1 0 1\n\n"])
+@pytest.mark.parametrize(
+    "text", ["0 1 1\n1 0 1\n", "0 1 1 \r\n1 0 1 \r\n", "0  1\t1\n1 0 1", "\n0 1 1\n\n1 0 1\n\n"]
+)
 def test_amat_accepts_upstream_whitespace(tmp_path, text):
     path = tmp_path / "x.amat"
     path.write_text(text, newline="")
@@ -68,7 +72,9 @@ def test_binarized_mnist_from_generated_files(tmp_path):
     folder = tmp_path / "binarized_mnist"
     folder.mkdir()
     rows = np.random.default_rng(0).integers(0, 2, (3, 784))
-    (folder / "binarized_mnist_valid.amat").write_text("".join(" ".join(map(str, r)) + " \r\n" for r in rows))
+    (folder / "binarized_mnist_valid.amat").write_text(
+        "".join(" ".join(map(str, r)) + " \r\n" for r in rows)
+    )
     data = load_dataset("binarized_mnist", "valid", data_dir=tmp_path, download=False)
     assert data.images.shape == (3, 784) and data.images.dtype == torch.float32
     assert torch.equal(data.images, torch.tensor(rows, dtype=torch.float32))
@@ -81,7 +87,9 @@ def test_torchvision_layout_from_generated_files(tmp_path, name, folder, compres
     images, labels = fake_torchvision_root(tmp_path, folder, compress=compress)
     data = load_dataset(name, "test", data_dir=tmp_path, download=False)
     assert data.images.shape == (5, 784)
-    assert torch.allclose(data.images, torch.tensor(images.reshape(5, -1) / 255.0, dtype=torch.float32))
+    assert torch.allclose(
+        data.images, torch.tensor(images.reshape(5, -1) / 255.0, dtype=torch.float32)
+    )
     assert data.labels.tolist() == labels.tolist()
     assert 0 <= data.images.min() and data.images.max() <= 1
 
@@ -97,7 +105,10 @@ def test_idx_header_is_checked(tmp_path):
 
 
 def test_missing_data_names_what_was_looked_for(tmp_path):
-    with pytest.raises(DataNotFound, match=r"binarized_mnist train split not found: looked for .*binarized_mnist_train.amat"):
+    with pytest.raises(
+        DataNotFound,
+        match=r"binarized_mnist train split not found: looked for .*binarized_mnist_train.amat",
+    ):
         load_dataset("binarized_mnist", "train", data_dir=tmp_path, download=False)
     with pytest.raises(DataNotFound, match=r"train-images-idx3-ubyte\[.gz\]"):
         load_dataset("fashion_mnist", "train", data_dir=tmp_path, download=False)
@@ -133,7 +144,9 @@ def test_digits_are_scaled_and_split():
 def test_binarization_modes():
     gray = load_dataset("digits", "test")
     static = binarize(gray, "static", seed=1)
-    assert static.is_binary() and torch.equal(static.images, binarize(gray, "static", seed=1).images)
+    assert static.is_binary() and torch.equal(
+        static.images, binarize(gray, "static", seed=1).images
+    )
     dynamic = binarize(gray, "dynamic")
     first, second = dynamic.draw(), dynamic.draw()
     assert set(first.unique().tolist()) <= {0.0, 1.0} and not torch.equal(first, second)
@@ -146,7 +159,9 @@ def test_binarization_modes():
 
 
 # -- the real files, when $PYVAE_DATA has them --------------------------------------
-@pytest.mark.parametrize("split, n, mean", [("train", 50000, 0.1306), ("valid", 10000, 0.1311), ("test", 10000, 0.1325)])
+@pytest.mark.parametrize(
+    "split, n, mean", [("train", 50000, 0.1306), ("valid", 10000, 0.1311), ("test", 10000, 0.1325)]
+)
 def test_real_binarized_mnist(split, n, mean):
     root = require_files(f"binarized_mnist/binarized_mnist_{split}.amat")
     data = load_dataset("binarized_mnist", split, data_dir=root, download=False)
@@ -156,7 +171,9 @@ def test_real_binarized_mnist(split, n, mean):
 
 
 def test_real_binarized_mnist_test_labels_are_mnist_sorted():
-    root = require_files("binarized_mnist/binarized_mnist_test.amat", "MNIST/raw/t10k-images-idx3-ubyte.gz")
+    root = require_files(
+        "binarized_mnist/binarized_mnist_test.amat", "MNIST/raw/t10k-images-idx3-ubyte.gz"
+    )
     static = load_dataset("binarized_mnist", "test", data_dir=root, download=False)
     gray = load_dataset("mnist", "test", data_dir=root, download=False)
     order = torch.argsort(gray.labels, stable=True)
@@ -165,10 +182,19 @@ def test_real_binarized_mnist_test_labels_are_mnist_sorted():
     assert ((gray.images[order] - static.images) ** 2).sum(1).mean() < 20
 
 
-@pytest.mark.parametrize("name, folder, split, n", [("mnist", "MNIST", "test", 10000), ("fashion_mnist", "FashionMNIST", "train", 60000), ("fashion_mnist", "FashionMNIST", "test", 10000)])
+@pytest.mark.parametrize(
+    "name, folder, split, n",
+    [
+        ("mnist", "MNIST", "test", 10000),
+        ("fashion_mnist", "FashionMNIST", "train", 60000),
+        ("fashion_mnist", "FashionMNIST", "test", 10000),
+    ],
+)
 def test_real_torchvision_files(name, folder, split, n):
     prefix = "train" if split == "train" else "t10k"
-    root = require_files(f"{folder}/raw/{prefix}-images-idx3-ubyte.gz", f"{folder}/raw/{prefix}-labels-idx1-ubyte.gz")
+    root = require_files(
+        f"{folder}/raw/{prefix}-images-idx3-ubyte.gz", f"{folder}/raw/{prefix}-labels-idx1-ubyte.gz"
+    )
     data = load_dataset(name, split, data_dir=root, download=False)
     assert data.images.shape == (n, 784) and data.labels.shape == (n,)
     assert set(data.labels.unique().tolist()) == set(range(10))

@@ -12,8 +12,8 @@ import torch
 
 import pyvae
 import pyvae.cli.app
-from pyvae.distributed import World
 from pyvae.data.batching import Batches
+from pyvae.distributed import World
 
 from .conftest import ROOT
 
@@ -27,8 +27,17 @@ def free_port() -> int:
 
 
 def torchrun(out, **options):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", str(WORKER), str(out), json.dumps(options)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(WORKER),
+        str(out),
+        json.dumps(options),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
@@ -38,15 +47,25 @@ def params(path):
 
 
 def metrics(run):
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"}
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def test_the_shards_of_an_epoch_are_disjoint_cover_the_data_and_change_with_the_epoch():
     batches = Batches(torch.zeros(101, 3), torch.device("cpu"))
     shards = [batches.shard(1, seed=7, world=World(rank, 3)) for rank in range(3)]
-    assert [len(s) for s in shards] == [34, 34, 34]  # padded to equal length: every process takes the same steps
+    assert [len(s) for s in shards] == [
+        34,
+        34,
+        34,
+    ]  # padded to equal length: every process takes the same steps
     together = torch.cat(shards)
-    assert set(together.tolist()) == set(range(101)) and len(together) - len(set(together.tolist())) == 1
+    assert (
+        set(together.tolist()) == set(range(101))
+        and len(together) - len(set(together.tolist())) == 1
+    )
     assert not torch.equal(shards[0], batches.shard(2, seed=7, world=World(0, 3)))
     assert torch.equal(shards[0], batches.shard(1, seed=7, world=World(0, 3)))
 
@@ -56,13 +75,22 @@ def test_two_processes_train_with_identical_parameters_and_only_rank_0_writes(tm
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [params(tmp_path / "ranks" / f"{r}.pt") for r in (0, 1)]
     written = params(tmp_path / "run" / "checkpoint.pt")
-    for name in ranks[0]:  # started from different weights; DistributedDataParallel aligned them and kept them so
+    for name in ranks[
+        0
+    ]:  # started from different weights; DistributedDataParallel aligned them and kept them so
         assert torch.equal(ranks[0][name], ranks[1][name]), name
         assert torch.equal(ranks[0][name], written["state_dict"][name]), name
     history = metrics(tmp_path / "run")
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # one line per epoch: only rank 0 wrote
-    assert history[-1]["train_elbo"] > history[0]["train_elbo"] + 1 and history[-1]["test_elbo"] > history[0]["test_elbo"] + 1
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt", "metrics.jsonl"]
+    assert (
+        history[-1]["train_elbo"] > history[0]["train_elbo"] + 1
+        and history[-1]["test_elbo"] > history[0]["test_elbo"] + 1
+    )
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "checkpoint.prev.pt",
+        "checkpoint.pt",
+        "metrics.jsonl",
+    ]
     assert len(written["training"]["rng"]) == 2  # each process's generators, for an exact resume
 
 
@@ -76,33 +104,81 @@ def test_a_signal_in_one_process_stops_both_and_resuming_matches_an_uninterrupte
     assert checkpoint["epoch"] == 1 and checkpoint["training"]["step_in_epoch"] == 5
     assert torch.equal(*[params(stopped / "ranks" / f"{r}.pt")["encoder.0.weight"] for r in (0, 1)])
     vae = pyvae.VAE(x_dim=32, z_dim=3, hidden=(24,))
-    with pytest.raises(pyvae.PyvaeError, match="written mid-epoch by 2 training process.*resume it with 2, not 1"):
-        pyvae.fit(vae, torch.zeros(500, 32), epochs=4, batch_size=25, out=stopped / "run", resume=True, device="cpu", progress=False)
+    with pytest.raises(
+        pyvae.PyvaeError, match="written mid-epoch by 2 training process.*resume it with 2, not 1"
+    ):
+        pyvae.fit(
+            vae,
+            torch.zeros(500, 32),
+            epochs=4,
+            batch_size=25,
+            out=stopped / "run",
+            resume=True,
+            device="cpu",
+            progress=False,
+        )
     result = torchrun(stopped, resume=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    final, reference = params(stopped / "run" / "checkpoint.pt")["state_dict"], params(whole / "run" / "checkpoint.pt")["state_dict"]
+    final, reference = (
+        params(stopped / "run" / "checkpoint.pt")["state_dict"],
+        params(whole / "run" / "checkpoint.pt")["state_dict"],
+    )
     for name in final:
         assert torch.equal(final[name], reference[name]), name
     assert metrics(stopped / "run") == metrics(whole / "run")
 
 
-
 def test_the_example_under_torchrun_writes_one_run_folder(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", str(ROOT / "examples" / "mnist_svi.py"),
-               "--epochs", "2", "--no-download", "--z-dim", "4", "--hidden", "32", "--eval-samples", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYVAE_DATA": str(tmp_path / "empty")}  # the digits fallback
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(ROOT / "examples" / "mnist_svi.py"),
+        "--epochs",
+        "2",
+        "--no-download",
+        "--z-dim",
+        "4",
+        "--hidden",
+        "32",
+        "--eval-samples",
+        "0",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYVAE_DATA": str(tmp_path / "empty"),
+    }  # the digits fallback
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = (tmp_path / "runs").iterdir()  # rank 0 named the folder and told rank 1
-    assert result.stdout.count("epoch   2/2  train ELBO") == 1 and result.stderr.count("Training on 'digits'") == 1
-    assert {"checkpoint.pt", "metrics.jsonl", "config.yaml", "samples.png", "reconstructions.png", "elbo.png"} <= {p.name for p in run.iterdir()}
+    assert (
+        result.stdout.count("epoch   2/2  train ELBO") == 1
+        and result.stderr.count("Training on 'digits'") == 1
+    )
+    assert {
+        "checkpoint.pt",
+        "metrics.jsonl",
+        "config.yaml",
+        "samples.png",
+        "reconstructions.png",
+        "elbo.png",
+    } <= {p.name for p in run.iterdir()}
     assert len(metrics(run)) == 2
 
 
 def test_processes_holding_different_data_sets_are_refused(tmp_path):
     result = torchrun(tmp_path, rank1_points=499)
-    assert result.returncode != 0 and "the training processes hold different data sets, of shapes [(500, 32), (499, 32)]" in result.stderr
+    assert (
+        result.returncode != 0
+        and "the training processes hold different data sets, of shapes [(500, 32), (499, 32)]"
+        in result.stderr
+    )
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
@@ -111,13 +187,37 @@ def test_evaluation_bdmc_and_gap_shared_among_processes_equal_one_process(tmp_pa
 
     run = tmp_path / "run"
     vae = pyvae.VAE(x_dim=64, z_dim=3, hidden=(16,))
-    pyvae.fit(vae, binarize(load_dataset("digits", "train"), "static"), epochs=1, batch_size=64, device="cpu", out=run, progress=False)
+    pyvae.fit(
+        vae,
+        binarize(load_dataset("digits", "train"), "static"),
+        epochs=1,
+        batch_size=64,
+        device="cpu",
+        out=run,
+        progress=False,
+    )
     (run / "config.yaml").write_text("dataset: digits\nbinarize: static\nseed: 0\n")
     ais = ["--num-steps", "20", "--num-chains", "4", "--leapfrog-steps", "2"]
     commands = {
-        "evaluate": ["--method", "ais", "--num-samples", "40", "--num-points", "70", *ais],  # two chunks of the grid of 64
+        "evaluate": [
+            "--method",
+            "ais",
+            "--num-samples",
+            "40",
+            "--num-points",
+            "70",
+            *ais,
+        ],  # two chunks of the grid of 64
         "bdmc": ["--num-points", "70", *ais],
-        "gap": ["--num-points", "9", "--local-steps", "40", "--num-samples", "20", *ais],  # two chunks of 8
+        "gap": [
+            "--num-points",
+            "9",
+            "--local-steps",
+            "40",
+            "--num-samples",
+            "20",
+            *ais,
+        ],  # two chunks of 8
     }
     outputs = {}
     threads = torch.get_num_threads()
@@ -125,14 +225,36 @@ def test_evaluation_bdmc_and_gap_shared_among_processes_equal_one_process(tmp_pa
     try:
         for name, flags in commands.items():
             outputs[name, 1] = tmp_path / f"{name}-1"
-            pyvae.cli.app.main([name, str(run), *flags, "--out", str(outputs[name, 1]), "--no-download"])
+            pyvae.cli.app.main(
+                [name, str(run), *flags, "--out", str(outputs[name, 1]), "--no-download"]
+            )
     finally:
         torch.set_num_threads(threads)
     for name, flags in commands.items():
         outputs[name, 2] = tmp_path / f"{name}-2"
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                   f"--master_port={free_port()}", "-m", "pyvae", name, str(run), *flags, "--out", str(outputs[name, 2]), "--no-download"]
-        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            "-m",
+            "pyvae",
+            name,
+            str(run),
+            *flags,
+            "--out",
+            str(outputs[name, 2]),
+            "--no-download",
+        ]
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.count("wrote ") == 1  # rank 0 alone reports and writes
     import arviz

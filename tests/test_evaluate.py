@@ -22,9 +22,13 @@ SIGMA = 0.5
 def ppca(x_dim=6, z_dim=2, orthogonal=True, seed=0):
     """A linear-Gaussian VAE x = W z + b + sigma eps and its exact log p(x) = log N(x; b, W W^T + sigma^2 I)."""
     g = torch.Generator().manual_seed(seed)
-    vae = pyvae.VAE(x_dim=x_dim, z_dim=z_dim, hidden=(), likelihood=pyvae.parts.likelihoods.Normal(scale=SIGMA))
+    vae = pyvae.VAE(
+        x_dim=x_dim, z_dim=z_dim, hidden=(), likelihood=pyvae.parts.likelihoods.Normal(scale=SIGMA)
+    )
     w = torch.randn(x_dim, z_dim, generator=g)
-    if orthogonal:  # W^T W diagonal: the exact posterior is a diagonal Normal the guide can represent
+    if (
+        orthogonal
+    ):  # W^T W diagonal: the exact posterior is a diagonal Normal the guide can represent
         w = torch.linalg.qr(w).Q * torch.tensor([2.0, 1.0])
     with torch.no_grad():
         vae.decoder[0].weight.copy_(w)
@@ -78,9 +82,21 @@ def test_exact_posterior_gives_constant_weights_and_the_exact_answer():
 def test_trained_guide_agrees_with_the_closed_form():
     vae = ppca(orthogonal=False)
     x = sample_data(vae, 512)
-    pyvae.fit(vae, x, epochs=30, batch_size=64, lr=1e-2, elbo="meanfield", device="cpu", seed=0, progress=False)
+    pyvae.fit(
+        vae,
+        x,
+        epochs=30,
+        batch_size=64,
+        lr=1e-2,
+        elbo="meanfield",
+        device="cpu",
+        seed=0,
+        progress=False,
+    )
     points = x[:50]
-    pyro.set_rng_seed(0)  # deterministic whatever ran before: the delta-method error is itself noisy in the tails
+    pyro.set_rng_seed(
+        0
+    )  # deterministic whatever ran before: the delta-method error is itself noisy in the tails
     ll = log_likelihood(vae, points, num_samples=2000)
     exact = exact_log_px(vae, points)
     z_scores = (ll.log_px - exact.detach()) / ll.stderr.clamp(min=1e-6)
@@ -95,7 +111,9 @@ def test_trained_guide_agrees_with_the_closed_form():
 
 def test_wide_guide_still_agrees_and_its_low_ess_says_it_is_poor():
     vae = ppca(orthogonal=False)
-    with torch.no_grad():  # q(z|x) = N(0, 3^2 I) whatever x: covers the posterior, wastes most draws
+    with (
+        torch.no_grad()
+    ):  # q(z|x) = N(0, 3^2 I) whatever x: covers the posterior, wastes most draws
         vae.encoder[0].weight.zero_()
         vae.encoder[0].bias.copy_(torch.tensor([0.0, 0.0, 3.0, 3.0]))
     x = sample_data(vae, 40)
@@ -129,12 +147,23 @@ def test_a_headline_resting_on_bad_weights_says_so():
         vae.encoder[0].bias.copy_(torch.tensor([1.5, -1.0, -4.0, -4.0]))
     result = evaluate(vae, sample_data(vae, 40), num_samples=500, dataset="ppca", split="test")
     warning = result.summary()["warning"]
-    assert warning.startswith(f"Pareto k^ > {khat_threshold(500):.2f} on") and "not to be trusted" in warning and "--method ais" in warning
+    assert (
+        warning.startswith(f"Pareto k^ > {khat_threshold(500):.2f} on")
+        and "not to be trusted" in warning
+        and "--method ais" in warning
+    )
     headline, flagged = result.table().splitlines()[1:3]
     assert headline.lstrip().startswith("log p(x)") and flagged.lstrip().startswith("WARNING")
-    few = evaluate(vae, sample_data(vae, 40), num_samples=10, dataset="ppca", split="test")  # k^ needs 21 draws
-    assert "cannot be estimated from 10 draws" in few.summary()["warning"] and "WARNING" in few.table()
-    assert few.summary()["khat_bands"] is None and "Pareto k^  not estimated (K = 10 < 21)" in few.table()
+    few = evaluate(
+        vae, sample_data(vae, 40), num_samples=10, dataset="ppca", split="test"
+    )  # k^ needs 21 draws
+    assert (
+        "cannot be estimated from 10 draws" in few.summary()["warning"] and "WARNING" in few.table()
+    )
+    assert (
+        few.summary()["khat_bands"] is None
+        and "Pareto k^  not estimated (K = 10 < 21)" in few.table()
+    )
 
 
 def test_a_stochastic_lower_bound_that_rises_with_k():
@@ -160,7 +189,9 @@ def test_iwae_bounds_come_from_the_same_draws():
     assert torch.allclose(ll.iwae[1], ll.elbo, atol=1e-5)
     assert torch.allclose(ll.iwae[50], ll.log_px, atol=1e-5)
     groups = ll.log_weights.reshape(10, 5, 10)
-    assert torch.allclose(ll.iwae[10], (torch.logsumexp(groups, 2) - math.log(10)).mean(1), atol=1e-5)
+    assert torch.allclose(
+        ll.iwae[10], (torch.logsumexp(groups, 2) - math.log(10)).mean(1), atol=1e-5
+    )
     assert iwae_sizes(5000) == [1, 5, 10, 50, 100, 500, 1000, 5000]
 
 
@@ -178,7 +209,9 @@ def test_khat_is_arviz_psislw_and_chunking_does_not_change_results():
     import pyvae.infer.importance as ev
 
     budget = ev.CHUNK_ELEMENTS["cpu"]
-    ev.CHUNK_ELEMENTS["cpu"] = 7 * ev._chunk_shape(vae, (x[:1],), pyvae.program.structure(vae, (x[:1],)))[1]
+    ev.CHUNK_ELEMENTS["cpu"] = (
+        7 * ev._chunk_shape(vae, (x[:1],), pyvae.program.structure(vae, (x[:1],)))[1]
+    )
     try:
         small = log_likelihood(vae, x, num_samples=300, batch_size=1, keep_log_weights=True)
     finally:
@@ -198,7 +231,10 @@ def test_agrees_with_pyro_importance_on_one_data_point():
     pyro.set_rng_seed(1)
     theirs = Importance(vae.model, guide=vae.guide, num_samples=20000).run(x).get_log_normalizer()
     assert abs(float(ours.log_px[0]) - float(theirs)) < 5 * float(ours.stderr[0]) + 1e-3
-    assert abs(float(ours.log_px[0]) - float(exact_log_px(vae, x)[0])) < 5 * float(ours.stderr[0]) + 1e-3
+    assert (
+        abs(float(ours.log_px[0]) - float(exact_log_px(vae, x)[0]))
+        < 5 * float(ours.stderr[0]) + 1e-3
+    )
 
 
 def test_every_guide_and_prior_is_supported():
@@ -213,7 +249,9 @@ def test_every_guide_and_prior_is_supported():
 
 def test_bad_input_is_a_clear_error():
     vae = ppca()
-    with pytest.raises(pyvae.PyvaeError, match="data has 5 features per point; the VAE expects x_dim=6"):
+    with pytest.raises(
+        pyvae.PyvaeError, match="data has 5 features per point; the VAE expects x_dim=6"
+    ):
         log_likelihood(vae, torch.zeros(3, 5))
     with pytest.raises(pyvae.PyvaeError, match="num_samples must be a positive integer; got 0"):
         log_likelihood(vae, torch.zeros(3, 6), num_samples=0)
@@ -253,7 +291,9 @@ def test_posterior_diagnostics():
         vae.encoder[0].weight.zero_()
     assert 0 <= mutual_information(vae, x, max_points=400) < 1e-6
     # no factorized marginals: no per-dimension KL
-    lowrank = log_likelihood(pyvae.VAE(x_dim=6, z_dim=2, guide="lowrank"), torch.rand(4, 6).round(), num_samples=10)
+    lowrank = log_likelihood(
+        pyvae.VAE(x_dim=6, z_dim=2, guide="lowrank"), torch.rand(4, 6).round(), num_samples=10
+    )
     assert "z" not in lowrank.kl_per_dim and "z" in lowrank.kl
 
 
@@ -264,7 +304,10 @@ def test_evaluation_report_and_files(tmp_path):
     result = evaluate(vae, x, num_samples=100, dataset="ppca", split="test")
     summary = result.summary()
     assert summary["log_px"] == pytest.approx(float(exact_log_px(vae, x).mean()), abs=1e-3)
-    assert summary["gap"] == pytest.approx(0, abs=1e-3) and summary["latent_sites"]["z"]["active_units"] == 2
+    assert (
+        summary["gap"] == pytest.approx(0, abs=1e-3)
+        and summary["latent_sites"]["z"]["active_units"] == 2
+    )
     assert "log p(x)" in result.table() and "Pareto k^" in result.table()
     assert summary["warning"] is None and "WARNING" not in result.table()
     result.write(tmp_path)
@@ -292,16 +335,36 @@ def test_evaluate_command(trained_run, capsys):
     from pyvae.cli.app import evaluate_main
 
     out = trained_run / "ev"
-    run(evaluate_main, [str(trained_run), "--num-samples", "50", "--num-points", "40", "--out", str(out), "--device", "cpu"])
+    run(
+        evaluate_main,
+        [
+            str(trained_run),
+            "--num-samples",
+            "50",
+            "--num-points",
+            "40",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+    )
     printed = capsys.readouterr().out
     assert "digits test: 40 points, K = 50" in printed and "log p(x)" in printed
     summary = json.loads((out / "eval.json").read_text())
-    assert summary["num_points"] == 40 and summary["log_px"] < 0 and summary["log_px"] >= summary["elbo"]
+    assert (
+        summary["num_points"] == 40
+        and summary["log_px"] < 0
+        and summary["log_px"] >= summary["elbo"]
+    )
     assert set(summary["khat_bands"]) == {"good", "ok", "bad", "very bad"}
     for name in ("eval.nc", "khat.png", "iwae_curve.png", "kl_per_dim.png"):
         assert (out / name).is_file()
     # without a best.pt the last epoch is the run's one checkpoint: its default folder has no -last
-    run(evaluate_main, [str(trained_run), "--num-samples", "5", "--num-points", "4", "--checkpoint", "last"])
+    run(
+        evaluate_main,
+        [str(trained_run), "--num-samples", "5", "--num-points", "4", "--checkpoint", "last"],
+    )
     assert (trained_run / "eval-digits-test-K5" / "eval.json").is_file()
 
 
@@ -343,21 +406,45 @@ def test_evaluate_command_bad_input(trained_run, capsys, argv, message):
 def test_bits_per_dimension_for_8_bit_likelihoods(capsys):
     from pyvae.parts.likelihoods import bits_per_dim
 
-    assert bits_per_dim(-64 * math.log(256), 64) == pytest.approx(8.0)  # a uniform mass over 8-bit pixels
+    assert bits_per_dim(-64 * math.log(256), 64) == pytest.approx(
+        8.0
+    )  # a uniform mass over 8-bit pixels
     torch.manual_seed(0)
     x = torch.randint(0, 256, (12, 16)).float() / 255
     eight_bit = pyvae.VAE(x_dim=16, z_dim=2, hidden=(8,), likelihood="discretized_logistic")
     s = evaluate(eight_bit, x, num_samples=20).summary()
-    assert s["bits_per_dim"] == pytest.approx(-s["log_px"] / (16 * math.log(2))) and s["bits_per_dim_levels"] == 256
+    assert (
+        s["bits_per_dim"] == pytest.approx(-s["log_px"] / (16 * math.log(2)))
+        and s["bits_per_dim_levels"] == 256
+    )
     assert "bits/dim" in evaluate(eight_bit, x, num_samples=20).table()
     # every epoch's ELBOs and log p(x) too, saved and printed
-    (record,) = pyvae.fit(eight_bit, x, test=x, valid=x[:6], valid_samples=10, epochs=1, batch_size=4, device="cpu")
+    (record,) = pyvae.fit(
+        eight_bit, x, test=x, valid=x[:6], valid_samples=10, epochs=1, batch_size=4, device="cpu"
+    )
     for key in ("train_elbo", "test_elbo", "valid_elbo", "valid_log_px"):
         assert record[f"{key}_bpd"] == pytest.approx(-record[key] / (16 * math.log(2)))
     printed = capsys.readouterr().out
-    bits = "  ".join(f"{label} {record[f'{key}_bpd']:.4f}" for key, label in
-                     [("train_elbo", "train"), ("test_elbo", "test"), ("valid_elbo", "valid"), ("valid_log_px", "valid log p(x)")])
+    bits = "  ".join(
+        f"{label} {record[f'{key}_bpd']:.4f}"
+        for key, label in [
+            ("train_elbo", "train"),
+            ("test_elbo", "test"),
+            ("valid_elbo", "valid"),
+            ("valid_log_px", "valid log p(x)"),
+        ]
+    )
     assert f"nats/point  bits/dim (256 levels) {bits}  lr" in printed, printed
     # a density on [0, 1] is not a code length, and binary images are not reported in bits: none
-    assert "bits_per_dim" not in evaluate(pyvae.VAE(x_dim=16, z_dim=2, hidden=(8,), likelihood="normal"), x, num_samples=20).summary()
-    assert "bits_per_dim" not in evaluate(pyvae.VAE(x_dim=16, z_dim=2, hidden=(8,)), x.round(), num_samples=20).summary()
+    assert (
+        "bits_per_dim"
+        not in evaluate(
+            pyvae.VAE(x_dim=16, z_dim=2, hidden=(8,), likelihood="normal"), x, num_samples=20
+        ).summary()
+    )
+    assert (
+        "bits_per_dim"
+        not in evaluate(
+            pyvae.VAE(x_dim=16, z_dim=2, hidden=(8,)), x.round(), num_samples=20
+        ).summary()
+    )

@@ -3,8 +3,8 @@
 import importlib.util
 import json
 import math
-import re
 import os
+import re
 import subprocess
 import sys
 
@@ -28,20 +28,50 @@ def example_main():
 
 def test_example_runs_one_epoch_and_writes_every_output(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PYVAE_DATA": str(tmp_path / "empty")}  # nothing there: the digits fallback
+    env = {
+        **os.environ,
+        "PYVAE_DATA": str(tmp_path / "empty"),
+    }  # nothing there: the digits fallback
     result = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--epochs", "1", "--no-download", "--z-dim", "4", "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            str(EXAMPLE),
+            "--epochs",
+            "1",
+            "--no-download",
+            "--z-dim",
+            "4",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     # stderr is a pipe, not a terminal: no progress-bar frames, a line per epoch at most
     assert "\r" not in result.stderr + result.stdout
-    assert "binarized_mnist train split not found" in result.stderr and "Training on 'digits'" in result.stderr
+    assert (
+        "binarized_mnist train split not found" in result.stderr
+        and "Training on 'digits'" in result.stderr
+    )
     assert "train ELBO" in result.stdout and "test ELBO" in result.stdout
-    for name in ("checkpoint.pt", "metrics.jsonl", "samples.png", "reconstructions.png", "elbo.png", "config.yaml"):
+    for name in (
+        "checkpoint.pt",
+        "metrics.jsonl",
+        "samples.png",
+        "reconstructions.png",
+        "elbo.png",
+        "config.yaml",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert record.keys() == {"epoch", "train_elbo", "beta", "test_elbo", "lr", "seconds"} and record["test_elbo"] < 0
+    assert (
+        record.keys() == {"epoch", "train_elbo", "beta", "test_elbo", "lr", "seconds"}
+        and record["test_elbo"] < 0
+    )
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["dataset"] == "digits" and saved["z_dim"] == 4 and saved["binarize"] == "dynamic"
     # config.yaml reruns the same configuration
@@ -59,16 +89,25 @@ def errors_of(argv, capsys):
 @pytest.mark.parametrize(
     "yaml_text, message",
     [
-        ("epochs: 2\nlearning_rate: 0.1\n", "unknown config key 'learning_rate' in .*; allowed: dataset, "),
+        (
+            "epochs: 2\nlearning_rate: 0.1\n",
+            "unknown config key 'learning_rate' in .*; allowed: dataset, ",
+        ),
         ("epochs: two\n", "invalid value 'two' for 'epochs'; allowed: an integer >= 1"),
         ("epochs: 0\n", "invalid value 0 for 'epochs'; allowed: an integer >= 1"),
         ("elbo: renyi\n", "invalid value 'renyi' for 'elbo'; allowed: auto, trace, meanfield"),
         ("lr: -1\n", "invalid value -1 for 'lr'; allowed: a positive number"),
-        ("hidden: [400, 0]\n", "invalid value \\[400, 0\\] for 'hidden'; allowed: a list of positive integers"),
+        (
+            "hidden: [400, 0]\n",
+            "invalid value \\[400, 0\\] for 'hidden'; allowed: a list of positive integers",
+        ),
         ("- epochs\n", "must be a mapping"),
         ("epochs: [\n", "is not valid YAML"),
         ("beta: 0\n", "invalid value 0 for 'beta'; allowed: a positive number"),
-        ("guide: {name: normal, min_scale: -1}\n", "normal guide min_scale must be a positive number; got -1"),
+        (
+            "guide: {name: normal, min_scale: -1}\n",
+            "normal guide min_scale must be a positive number; got -1",
+        ),
     ],
 )
 def test_bad_config_is_a_one_line_error(tmp_path, capsys, yaml_text, message):
@@ -88,7 +127,17 @@ def test_bad_config_is_a_one_line_error(tmp_path, capsys, yaml_text, message):
         (["--batch-size", "0"], "invalid value 0 for 'batch_size'"),
         (["--config", "missing.yaml"], "cannot read config missing.yaml"),
         (["--resume", "nowhere"], "cannot resume nowhere: it needs config.yaml and checkpoint.pt"),
-        (["--dataset", "binarized_mnist", "--data-dir", "nowhere", "--no-download", "--strict-data"], "binarized_mnist train split not found"),
+        (
+            [
+                "--dataset",
+                "binarized_mnist",
+                "--data-dir",
+                "nowhere",
+                "--no-download",
+                "--strict-data",
+            ],
+            "binarized_mnist train split not found",
+        ),
     ],
 )
 def test_bad_flags_are_a_one_line_error(capsys, argv, message):
@@ -106,7 +155,9 @@ def test_config_that_is_not_text_is_a_clear_error(tmp_path, capsys):
 def test_unwritable_output_folder_is_a_clear_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    code, err = errors_of(["--dataset", "digits", "--epochs", "1", "--out", str(blocker / "run")], capsys)
+    code, err = errors_of(
+        ["--dataset", "digits", "--epochs", "1", "--out", str(blocker / "run")], capsys
+    )
     assert code == 2 and "cannot write to output folder" in err
 
 
@@ -135,7 +186,9 @@ def test_the_readme_likelihood_is_a_normalized_mass_with_the_data_scale_mean():
     mass = torch.stack([p_x.base_dist.log_prob(torch.full((3, 5), v)).exp() for v in levels]).sum(0)
     assert torch.allclose(mass, torch.ones(3, 5), atol=1e-5)
     assert torch.allclose(p_x.mean, torch.sigmoid(logits))  # E[x|z] on [0, 1], not 16 p
-    assert torch.isneginf(p_x.base_dist.log_prob(torch.full((3, 5), 0.5 / 16))).all()  # no mass off the grid
+    assert torch.isneginf(
+        p_x.base_dist.log_prob(torch.full((3, 5), 0.5 / 16))
+    ).all()  # no mass off the grid
     with pytest.raises(pyvae_error(), match="multiples of 1/16"):
         example.Binomial16().check_support(torch.tensor([[0.5, 0.3]]))
 
@@ -146,7 +199,10 @@ def pyvae_error():
     return PyvaeError
 
 
-@pytest.mark.parametrize("name, extra", [("custom_prior", ["--dataset", "digits", "--no-download"]), ("custom_likelihood", [])])
+@pytest.mark.parametrize(
+    "name, extra",
+    [("custom_prior", ["--dataset", "digits", "--no-download"]), ("custom_likelihood", [])],
+)
 def test_custom_part_examples_leave_run_folders_the_commands_follow(name, extra, tmp_path, capsys):
     from pyvae.cli.app import evaluate_main
 
@@ -155,17 +211,37 @@ def test_custom_part_examples_leave_run_folders_the_commands_follow(name, extra,
     run(example.main, ["--epochs", "1", "--out", str(out), *extra])
     assert {"checkpoint.pt", "config.yaml", "metrics.jsonl"} <= {p.name for p in out.iterdir()}
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:  # the custom part cannot be rebuilt without its file
+    with pytest.raises(
+        SystemExit
+    ) as exit_info:  # the custom part cannot be rebuilt without its file
         run(evaluate_main, [str(out), "--num-samples", "10", "--no-download"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "pass --parts FILE.py" in err and f"examples/{name}.py" in err
-    run(evaluate_main, [str(out), "--num-samples", "10", "--no-download", "--parts", example.__file__, "--out", str(tmp_path / "eval")])
+    assert (
+        exit_info.value.code == 2 and "pass --parts FILE.py" in err and f"examples/{name}.py" in err
+    )
+    run(
+        evaluate_main,
+        [
+            str(out),
+            "--num-samples",
+            "10",
+            "--no-download",
+            "--parts",
+            example.__file__,
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+    )
     evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert evaluated["log_px"] < 0
     if name == "custom_likelihood":  # levels = 17: a code length, so bits/dim too
         assert evaluated["bits_per_dim"] == pytest.approx(-evaluated["log_px"] / (64 * math.log(2)))
-    run(example.main, ["--epochs", "2", "--out", str(out), "--resume", *extra])  # the script resumes its own run
-    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    run(
+        example.main, ["--epochs", "2", "--out", str(out), "--resume", *extra]
+    )  # the script resumes its own run
+    assert [
+        json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    ] == [1, 2]
 
 
 @pytest.mark.parametrize("name", ["custom_prior", "custom_likelihood", "custom_model"])
@@ -177,9 +253,12 @@ def test_the_examples_document_their_flags_and_take_debug(name, tmp_path, capsys
     example = example_module(name)
     with pytest.raises(SystemExit) as info:
         example.main(["--help"])
-    assert info.value.code == 0 and "--debug" in (out := capsys.readouterr().out) and not undocumented_flags(out)
+    assert (
+        info.value.code == 0
+        and "--debug" in (out := capsys.readouterr().out)
+        and not undocumented_flags(out)
+    )
     extra = ["--dataset", "digits"] if name != "custom_likelihood" else []
     with pytest.raises(PyvaeError, match="epochs"):  # --debug: the error itself, traceback and all
         run(example.main, ["--epochs", "0", "--debug", "--out", str(tmp_path / "run"), *extra])
     assert not (tmp_path / "run").exists()
-

@@ -27,7 +27,9 @@ def digits_run(tmp_path_factory):
 
 
 def write_idx(path, array):
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
@@ -42,12 +44,16 @@ def mnist_like_run(tmp_path_factory):
         for prefix in ("train", "t10k"):
             images = (rng.random((60, 28, 28)) < density) * 255
             write_idx(root / folder / "raw" / f"{prefix}-images-idx3-ubyte.gz", images)
-            write_idx(root / folder / "raw" / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, 60))
+            write_idx(
+                root / folder / "raw" / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, 60)
+            )
     out = tmp_path_factory.mktemp("mnist_run")
     train = binarize(load_dataset("mnist", "train", data_dir=root, download=False), "static")
     vae = pyvae.VAE(x_dim=784, z_dim=4, hidden=(32,))
     pyvae.fit(vae, train, epochs=3, batch_size=20, lr=1e-2, device="cpu", out=out, progress=False)
-    (out / "config.yaml").write_text(f"dataset: mnist\ndata_dir: {root}\nbinarize: none\ndownload: false\nseed: 0\n")
+    (out / "config.yaml").write_text(
+        f"dataset: mnist\ndata_dir: {root}\nbinarize: none\ndownload: false\nseed: 0\n"
+    )
     return out
 
 
@@ -56,7 +62,11 @@ def mnist_like_run(tmp_path_factory):
     [
         ("sample", ["--n", "16", "--temperature", "0.7"], ["samples.png"]),
         ("reconstruct", ["--n", "16"], ["reconstructions.png"]),
-        ("interpolate", ["--pairs", "3", "--steps", "5"], ["interpolate_linear.png", "interpolate_spherical.png"]),
+        (
+            "interpolate",
+            ["--pairs", "3", "--steps", "5"],
+            ["interpolate_linear.png", "interpolate_spherical.png"],
+        ),
         ("traverse", ["--dims", "2", "--steps", "5"], ["traverse.png", "manifold.png"]),
         ("embed", [], ["embedding.png", "embed.json"]),
     ],
@@ -78,26 +88,63 @@ def test_each_command_writes_its_picture(digits_run, tmp_path, capsys, command, 
 def test_anomaly_command(mnist_like_run, tmp_path, capsys):
     from pyvae.cli.app import anomaly_main
 
-    run(anomaly_main, [str(mnist_like_run), "--ood", "fashion_mnist", "--num-samples", "20", "--num-points", "40", "--out", str(tmp_path)])
+    run(
+        anomaly_main,
+        [
+            str(mnist_like_run),
+            "--ood",
+            "fashion_mnist",
+            "--num-samples",
+            "20",
+            "--num-points",
+            "40",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     result = json.loads((tmp_path / "anomaly.json").read_text())
     assert result["roc_auc"] > 0.9 and result["log_px_in"] > result["log_px_ood"]
     assert (tmp_path / "anomaly_hist.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "ROC AUC" in out and "40 test images of each" in out and "K = 20" in out
     # both generated sets are 0/255 already: scored as stored, and the output says so
-    assert result["binarization"] == {"mnist": "scored as stored (no binarization)", "fashion_mnist": "scored as stored (no binarization)"}
+    assert result["binarization"] == {
+        "mnist": "scored as stored (no binarization)",
+        "fashion_mnist": "scored as stored (no binarization)",
+    }
     assert "fashion_mnist: scored as stored" in out
 
 
 def test_anomaly_says_the_run_s_own_set_alone_was_drawn_afresh(digits_run, tmp_path, capsys):
     from pyvae.cli.app import anomaly_main
 
-    rng = np.random.default_rng(1)  # grey 8x8 images: binarized for the Bernoulli likelihood, one fixed draw
-    np.savez(tmp_path / "grey.npz", x_train=rng.random((30, 8, 8), dtype=np.float32), x_test=rng.random((30, 8, 8), dtype=np.float32))
-    run(anomaly_main, [str(digits_run), "--ood", str(tmp_path / "grey.npz"), "--num-samples", "5", "--num-points", "30", "--out", str(tmp_path / "out")])
+    rng = np.random.default_rng(
+        1
+    )  # grey 8x8 images: binarized for the Bernoulli likelihood, one fixed draw
+    np.savez(
+        tmp_path / "grey.npz",
+        x_train=rng.random((30, 8, 8), dtype=np.float32),
+        x_test=rng.random((30, 8, 8), dtype=np.float32),
+    )
+    run(
+        anomaly_main,
+        [
+            str(digits_run),
+            "--ood",
+            str(tmp_path / "grey.npz"),
+            "--num-samples",
+            "5",
+            "--num-points",
+            "30",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     binarization = json.loads((tmp_path / "out" / "anomaly.json").read_text())["binarization"]
     assert binarization["digits"].endswith("(training drew afresh)")
-    assert [how for name, how in binarization.items() if name != "digits"] == ["binarized by one fixed Bernoulli draw of its grey levels"]
+    assert [how for name, how in binarization.items() if name != "digits"] == [
+        "binarized by one fixed Bernoulli draw of its grey levels"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -105,9 +152,26 @@ def test_anomaly_says_the_run_s_own_set_alone_was_drawn_afresh(digits_run, tmp_p
     [
         (["sample", "RUN", "--n", "0"], "--n must be a positive integer; got 0"),
         (["sample", "RUN", "--temperature", "-1"], "--temperature must be a positive number"),
-        (["anomaly", "RUN", "--ood", "binarized_mnist", "--no-such-flag"], "unrecognized arguments"),
-        (["anomaly", "RUN", "--ood", "fashion_mnist", "--data-dir", "TMP/nowhere", "--no-download"], "fashion_mnist test split not found"),
-        (["sample", "RUN", "--label", "3"], "--label is for models with labels (cvae, m2); VAE has none"),
+        (
+            ["anomaly", "RUN", "--ood", "binarized_mnist", "--no-such-flag"],
+            "unrecognized arguments",
+        ),
+        (
+            [
+                "anomaly",
+                "RUN",
+                "--ood",
+                "fashion_mnist",
+                "--data-dir",
+                "TMP/nowhere",
+                "--no-download",
+            ],
+            "fashion_mnist test split not found",
+        ),
+        (
+            ["sample", "RUN", "--label", "3"],
+            "--label is for models with labels (cvae, m2); VAE has none",
+        ),
         (["embed", "nowhere"], "nowhere is neither a run folder"),
         (["explode"], "usage: python -m pyvae"),
     ],
@@ -124,7 +188,9 @@ def test_bad_input_is_one_line_and_exit_2(digits_run, capsys, tmp_path, argv, me
 def test_slerp_keeps_the_ends_and_the_norm_of_unit_vectors():
     a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
     path = slerp(a, b, torch.linspace(0, 1, 5))
-    assert torch.allclose(path[0, 0], a[0], atol=1e-6) and torch.allclose(path[0, -1], b[0], atol=1e-6)
+    assert torch.allclose(path[0, 0], a[0], atol=1e-6) and torch.allclose(
+        path[0, -1], b[0], atol=1e-6
+    )
     assert torch.allclose(path.norm(dim=-1), torch.ones(1, 5), atol=1e-5)
 
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from pyvae.infer.bdmc import bdmc, simulate
 from pyvae.cli.app import main
+from pyvae.infer.bdmc import bdmc, simulate
 from pyvae.infer.gap import inference_gap
 
 from .test_evaluate import exact_log_px, ppca
@@ -18,8 +18,12 @@ def test_simulated_data_come_from_the_model():
     vae = ppca()
     (x,), latents = simulate(vae, (torch.zeros(4000, 6),), seed=0)
     w, b = vae.decoder[0].weight.detach(), vae.decoder[0].bias.detach()
-    assert latents["z"].shape == (4000, 2) and torch.allclose(latents["z"].std(0), torch.ones(2), atol=0.05)
-    assert torch.allclose(x.mean(0), b, atol=0.1) and torch.allclose(torch.cov(x.T), w @ w.T + 0.25 * torch.eye(6), atol=0.25)
+    assert latents["z"].shape == (4000, 2) and torch.allclose(
+        latents["z"].std(0), torch.ones(2), atol=0.05
+    )
+    assert torch.allclose(x.mean(0), b, atol=0.1) and torch.allclose(
+        torch.cov(x.T), w @ w.T + 0.25 * torch.eye(6), atol=0.25
+    )
     again, _ = simulate(vae, (torch.zeros(4000, 6),), seed=0)
     assert torch.equal(x, again[0])
 
@@ -33,7 +37,9 @@ def test_bdmc_sandwiches_the_exact_log_likelihood_and_closes_with_t():
     assert set(s["by_num_steps"]) == {"30", "300"}
     coarse, fine = s["by_num_steps"]["30"], s["by_num_steps"]["300"]
     assert coarse["lower"] < exact < coarse["upper"]
-    assert 0 <= fine["gap"] < coarse["gap"] / 2 and fine["lower"] - 0.05 < exact < fine["upper"] + 0.05
+    assert (
+        0 <= fine["gap"] < coarse["gap"] / 2 and fine["lower"] - 0.05 < exact < fine["upper"] + 0.05
+    )
     assert len(s["per_point"]["lower"]) == 10
 
 
@@ -43,12 +49,16 @@ def test_the_gap_splits_into_approximation_and_amortization():
     # gap is amortization
     vae = ppca(orthogonal=True)
     (x,), _ = simulate(vae, (torch.zeros(3, 6),), seed=0)
-    result = inference_gap(vae, x, ais={"num_steps": 200, **FAST}, num_samples=2000, local_steps=3000, lr=2e-2)
+    result = inference_gap(
+        vae, x, ais={"num_steps": 200, **FAST}, num_samples=2000, local_steps=3000, lr=2e-2
+    )
     s = result.summary()
     exact = exact_log_px(vae, x)
-    assert torch.allclose(result.elbo_local, exact, atol=0.05), (result.elbo_local - exact)
+    assert torch.allclose(result.elbo_local, exact, atol=0.05), result.elbo_local - exact
     assert abs(s["approximation_gap"]) < 0.1 and s["amortization_gap"] > 1
-    assert s["inference_gap"] == pytest.approx(s["approximation_gap"] + s["amortization_gap"], abs=1e-6)
+    assert s["inference_gap"] == pytest.approx(
+        s["approximation_gap"] + s["amortization_gap"], abs=1e-6
+    )
     assert (result.elbo_amortized < result.elbo_local).all()
 
 
@@ -62,24 +72,63 @@ def test_bdmc_and_the_gap_of_an_8_bit_likelihood_also_in_bits_per_dimension():
     in_bits = lambda nats: pytest.approx(-nats / (16 * math.log(2)))  # noqa: E731
     s = bdmc(vae, (torch.zeros(4, 16),), num_steps=20, ladder=False, **FAST).summary()
     assert s["bits_per_dim"] == {"lower": in_bits(s["lower"]), "upper": in_bits(s["upper"])}
-    assert "bits/dim (256 levels)" in bdmc(vae, (torch.zeros(4, 16),), num_steps=20, ladder=False, **FAST).table()
+    assert (
+        "bits/dim (256 levels)"
+        in bdmc(vae, (torch.zeros(4, 16),), num_steps=20, ladder=False, **FAST).table()
+    )
     x = torch.randint(0, 256, (2, 16)).float() / 255
     result = inference_gap(vae, x, ais={"num_steps": 20, **FAST}, num_samples=50, local_steps=20)
     s = result.summary()
-    assert s["bits_per_dim"] == {k: in_bits(s[k]) for k in ("log_px", "elbo_local", "elbo_amortized")}
+    assert s["bits_per_dim"] == {
+        k: in_bits(s[k]) for k in ("log_px", "elbo_local", "elbo_amortized")
+    }
     assert s["bits_per_dim_levels"] == 256 and "bits/dim (256 levels)  log p(x)" in result.table()
-    assert "bits_per_dim" not in bdmc(ppca(), (torch.zeros(2, 6),), num_steps=10, ladder=False, **FAST).summary()  # a density
+    assert (
+        "bits_per_dim"
+        not in bdmc(ppca(), (torch.zeros(2, 6),), num_steps=10, ladder=False, **FAST).summary()
+    )  # a density
 
 
 def test_the_bdmc_and_gap_commands(run_folder, capsys):
-    main(["bdmc", str(run_folder), "--num-points", "6", "--num-steps", "100", "--num-chains", "4", "--leapfrog-steps", "3"])
+    main(
+        [
+            "bdmc",
+            str(run_folder),
+            "--num-points",
+            "6",
+            "--num-steps",
+            "100",
+            "--num-chains",
+            "4",
+            "--leapfrog-steps",
+            "3",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "BDMC on 6 points simulated from the model" in printed and "T=100" in printed
     summary = json.loads((run_folder / "bdmc-T100-C4" / "bdmc.json").read_text())
-    assert summary["upper"] >= summary["lower"] - 0.5 and summary["gap"] == pytest.approx(summary["upper"] - summary["lower"])
+    assert summary["upper"] >= summary["lower"] - 0.5 and summary["gap"] == pytest.approx(
+        summary["upper"] - summary["lower"]
+    )
     assert (run_folder / "bdmc-T100-C4" / "bdmc.png").stat().st_size > 0
-    main(["gap", str(run_folder), "--num-points", "2", "--num-steps", "50", "--num-chains", "4", "--local-steps", "400",
-          "--num-samples", "200", "--out", str(run_folder / "gap")])
+    main(
+        [
+            "gap",
+            str(run_folder),
+            "--num-points",
+            "2",
+            "--num-steps",
+            "50",
+            "--num-chains",
+            "4",
+            "--local-steps",
+            "400",
+            "--num-samples",
+            "200",
+            "--out",
+            str(run_folder / "gap"),
+        ]
+    )
     assert "approximation gap" in capsys.readouterr().out
     summary = json.loads((run_folder / "gap" / "gap.json").read_text())
     assert summary["num_points"] == 2 and summary["amortization_gap"] > -0.5
@@ -91,7 +140,10 @@ def test_the_bdmc_and_gap_commands(run_folder, capsys):
     [
         (["bdmc", "RUN", "--num-steps", "0"], "--num-steps must be a positive integer; got 0"),
         (["gap", "RUN", "--num-chains", "0"], "--num-chains must be a positive integer; got 0"),
-        (["bdmc", "nowhere"], "nowhere is neither a run folder with checkpoint.pt nor a checkpoint file"),
+        (
+            ["bdmc", "nowhere"],
+            "nowhere is neither a run folder with checkpoint.pt nor a checkpoint file",
+        ),
         (["gap", "RUN", "--local-steps", "-3"], "--local-steps must be a positive integer; got -3"),
     ],
 )

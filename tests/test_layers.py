@@ -53,8 +53,12 @@ def imports(path: Path) -> list[tuple[list[str], int, bool]]:
     """(what it may name, line, at module level) of every import in the file at ``path``:
     ``from a.b import c`` may name the module a.b.c, else it imports the name c of a.b."""
     tree = ast.parse(path.read_text(), str(path))
-    local = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
-             for n in ast.walk(f)}
+    local = {
+        id(n)
+        for f in ast.walk(tree)
+        if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
+        for n in ast.walk(f)
+    }
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -90,28 +94,33 @@ def test_every_import_of_a_pyvae_module_goes_down_a_floor():
         for name, line, _ in pyvae_imports(path, known):
             here, there = unit(module), unit(name)
             if here != there and FLOORS[there] >= FLOORS[here]:
-                wrong.append(f"{path}:{line}: {module} ({here}, floor {FLOORS[here]}) imports "
-                             f"{name} ({there}, floor {FLOORS[there]})")
+                wrong.append(
+                    f"{path}:{line}: {module} ({here}, floor {FLOORS[here]}) imports "
+                    f"{name} ({there}, floor {FLOORS[there]})"
+                )
     assert not wrong, "imports that do not go down:\n" + "\n".join(wrong)
 
 
 def test_no_import_hides_in_a_function_but_of_an_optional_dependency():
-    wrong = [f"{path}:{line}: import of {names[-1]} inside a function"
-             for path in sorted(PACKAGE.rglob("*.py"))
-             for names, line, top in imports(path)
-             if not top and names[-1].split(".")[0] not in OPTIONAL]
+    wrong = [
+        f"{path}:{line}: import of {names[-1]} inside a function"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for names, line, top in imports(path)
+        if not top and names[-1].split(".")[0] not in OPTIONAL
+    ]
     assert not wrong, "\n".join(wrong)
 
 
 def test_no_two_modules_import_each_other():
     known = modules()
-    graph = {m: {n for n, _, top in pyvae_imports(p, known) if top and n != m}
-             for m, p in known.items()}
+    graph = {
+        m: {n for n, _, top in pyvae_imports(p, known) if top and n != m} for m, p in known.items()
+    }
     seen, stack = set(), []
 
     def visit(m):
         if m in stack:
-            pytest.fail("import cycle: " + " -> ".join(stack[stack.index(m):] + [m]))
+            pytest.fail("import cycle: " + " -> ".join(stack[stack.index(m) :] + [m]))
         if m in seen:
             return
         stack.append(m)

@@ -30,8 +30,13 @@ def peak_mb(prior, guide, elbo):
     def cap():
         resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
 
-    result = subprocess.run([sys.executable, "-c", CHILD, prior, guide, elbo], capture_output=True, text=True,
-                            timeout=600, preexec_fn=cap)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, prior, guide, elbo],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=cap,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -28,7 +28,9 @@ def test_sites_shapes_and_events(binary_data):
     assert torch.equal(obs["value"], x)
     for site in (z_guide, z_model, obs):
         (frame,) = site["cond_indep_stack"]
-        assert frame.name == "data" and frame.full_size == 64 and frame.size == 10 and frame.dim == -1
+        assert (
+            frame.name == "data" and frame.full_size == 64 and frame.size == 10 and frame.dim == -1
+        )
         assert site["scale"] == pytest.approx(64 / 10)
     # the networks are registered with Pyro as modules
     params = [name for name, site in model_trace.nodes.items() if site["type"] == "param"]
@@ -40,7 +42,9 @@ def test_sites_shapes_and_events(binary_data):
 def test_vectorized_particles_add_a_leading_dimension(binary_data):
     vae = pyvae.VAE(x_dim=16, z_dim=3, hidden=(8,))
     elbo = make_elbo("trace", num_particles=7, max_plate_nesting=1)
-    model_trace, guide_trace = elbo._get_vectorized_trace(vae.model, vae.guide, (binary_data[:5], 64), {})
+    model_trace, guide_trace = elbo._get_vectorized_trace(
+        vae.model, vae.guide, (binary_data[:5], 64), {}
+    )
     assert guide_trace.nodes["z"]["value"].shape == (7, 5, 3)
     assert model_trace.nodes["x"]["fn"].batch_shape == (7, 5)
 
@@ -93,7 +97,9 @@ def test_trace_and_meanfield_agree_in_expectation(binary_data):
     # and both match the ELBO written out by hand with the same distribution objects
     q = vae.encode(x)
     z = q.rsample((20000,))
-    by_hand = -(vae.decode(z).log_prob(x).mean(0) - torch.distributions.kl_divergence(q, vae.prior())).sum()
+    by_hand = -(
+        vae.decode(z).log_prob(x).mean(0) - torch.distributions.kl_divergence(q, vae.prior())
+    ).sum()
     assert abs(analytic - by_hand.item()) < 4 * (analytic_se**2 + 0.05**2) ** 0.5
 
 
@@ -112,7 +118,11 @@ def test_plate_scaling_makes_minibatch_loss_unbiased(binary_data):
     big = make_elbo("meanfield", num_particles=400)
     full = torch.tensor([big.loss(vae.model, vae.guide, x, n) for _ in range(10)])
     minibatch = torch.tensor(
-        [big.loss(vae.model, vae.guide, x[idx], n) for _ in range(10) for idx in torch.randperm(n).split(16)]
+        [
+            big.loss(vae.model, vae.guide, x[idx], n)
+            for _ in range(10)
+            for idx in torch.randperm(n).split(16)
+        ]
     )
     # each full-data estimate averages 4 minibatch estimates worth of data points
     se = (full.var() / len(full) + minibatch.var() / len(minibatch)) ** 0.5
@@ -170,7 +180,10 @@ def test_unreadable_checkpoints_are_clear_errors(tmp_path):
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(pyvae.PyvaeError, match="cannot read checkpoint"):
         pyvae.load(tmp_path / "truncated.pt")
-    torch.save({"format": "pyvae-checkpoint", "format_version": 1, "config": {"x_dim": 3}}, tmp_path / "partial.pt")
+    torch.save(
+        {"format": "pyvae-checkpoint", "format_version": 1, "config": {"x_dim": 3}},
+        tmp_path / "partial.pt",
+    )
     with pytest.raises(pyvae.PyvaeError, match="without a complete model description"):
         pyvae.load(tmp_path / "partial.pt")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
@@ -187,10 +200,13 @@ def test_a_checkpoint_that_does_not_match_names_the_entries(tmp_path):
     message = str(info.value)
     assert "\n" not in message and "does not match the model" in message
     assert "missing decoder.4.bias, decoder.4.weight, encoder.4.bias, encoder.4.weight;" in message
-    assert "shapes differ (saved vs model): prior.loc (2,) vs (3,)" in message and "encoder.2.weight (4, 8) vs (8, 8)" in message
+    assert (
+        "shapes differ (saved vs model): prior.loc (2,) vs (3,)" in message
+        and "encoder.2.weight (4, 8) vs (8, 8)" in message
+    )
 
 
-PARTS_FILE = '''
+PARTS_FILE = """
 import torch
 import pyro.distributions as dist
 import pyvae
@@ -217,33 +233,47 @@ class MyBernoulli(pyvae.parts.likelihoods.Likelihood):
 
     def forward(self, logits):
         return dist.Bernoulli(logits=logits).to_event(1)
-'''
+"""
 
 
 def test_a_parts_file_rebuilds_its_parts_by_kind_even_under_built_in_names(tmp_path):
-    from pyvae.parts.component import custom_parts, import_parts
+    from pyvae.runs.user_code import custom_parts, import_parts
 
     (tmp_path / "shifts.py").write_text("SHIFT = 0.5\n")
     (tmp_path / "parts.py").write_text(PARTS_FILE)
     classes = {c.__name__: c for c in import_parts(tmp_path / "parts.py")}
-    vae = pyvae.VAE(x_dim=16, z_dim=3, prior=classes["MyNormal"](), likelihood=classes["MyBernoulli"]())
+    vae = pyvae.VAE(
+        x_dim=16, z_dim=3, prior=classes["MyNormal"](), likelihood=classes["MyBernoulli"]()
+    )
     spec = vae.config["prior"]
-    assert spec["name"] == "normal" and spec["source"] == f"{(tmp_path / 'parts.py').resolve()}:MyNormal"  # not torch's file
+    assert (
+        spec["name"] == "normal"
+        and spec["source"] == f"{(tmp_path / 'parts.py').resolve()}:MyNormal"
+    )  # not torch's file
     pyvae.save(vae, tmp_path / "vae.pt")
     with pytest.raises(pyvae.PyvaeError, match="custom prior 'normal'; pass prior="):
         pyvae.load(tmp_path / "vae.pt")  # never silently the built-in N(0, I)
     parts = custom_parts(vae.config, tmp_path / "parts.py")
-    assert type(parts["prior"]).__name__ == "MyNormal" and type(parts["likelihood"]).__name__ == "MyBernoulli"
+    assert (
+        type(parts["prior"]).__name__ == "MyNormal"
+        and type(parts["likelihood"]).__name__ == "MyBernoulli"
+    )
     loaded = pyvae.load(tmp_path / "vae.pt", **parts)
     assert torch.allclose(loaded.prior().mean, torch.full((3,), 0.5))
-    (tmp_path / "reexport.py").write_text("from parts import MyNormal, MyBernoulli\n")  # parts kept in a neighbour
+    (tmp_path / "reexport.py").write_text(
+        "from parts import MyNormal, MyBernoulli\n"
+    )  # parts kept in a neighbour
     assert set(custom_parts(vae.config, tmp_path / "reexport.py")) == {"prior", "likelihood"}
     with pytest.raises(pyvae.PyvaeError, match="defines no guide 'MyGuide'; its guides: none"):
-        custom_parts({"guide": {"name": "MyGuide", "source": "x.py:MyGuide"}}, tmp_path / "parts.py")
+        custom_parts(
+            {"guide": {"name": "MyGuide", "source": "x.py:MyGuide"}}, tmp_path / "parts.py"
+        )
 
 
 def test_a_notebook_s_part_named_like_a_built_in_is_never_rebuilt_as_the_built_in(tmp_path):
-    class Normal(pyvae.parts.priors.StandardNormal):  # defined in a function, as in a notebook: no file to record
+    class Normal(
+        pyvae.parts.priors.StandardNormal
+    ):  # defined in a function, as in a notebook: no file to record
         name = "normal"
 
         def forward(self):
@@ -254,4 +284,3 @@ def test_a_notebook_s_part_named_like_a_built_in_is_never_rebuilt_as_the_built_i
     pyvae.save(vae, tmp_path / "vae.pt")
     with pytest.raises(pyvae.PyvaeError, match="custom prior 'normal'; pass prior="):
         pyvae.load(tmp_path / "vae.pt")
-

@@ -58,7 +58,11 @@ def test_structure_and_log_weights(name, labelled):
     batch = batch_for(name, x[:10], y[:10])
     shape = program.structure(model, batch)
     latent, enumerated, site = EXPECTED_SITES[name]
-    assert (shape.latent_sites, shape.observed_sites, shape.enumerated_sites) == (latent, ["x"], enumerated)
+    assert (shape.latent_sites, shape.observed_sites, shape.enumerated_sites) == (
+        latent,
+        ["x"],
+        enumerated,
+    )
     assert shape.max_plate_nesting == 1 and model.latent_site == site
     w = program.log_weights(model, batch, 7, shape)
     strata = C if enumerated else 1
@@ -88,9 +92,15 @@ def test_config_rebuilds_the_same_model(name, labelled):
 
 def test_hvae_default_is_the_iwae_architecture():
     hvae = HVAE(784)
-    widths = [[(m.in_features, m.out_features) for m in net if isinstance(m, torch.nn.Linear)] for net in hvae.encoders]
+    widths = [
+        [(m.in_features, m.out_features) for m in net if isinstance(m, torch.nn.Linear)]
+        for net in hvae.encoders
+    ]
     assert widths == [[(784, 200), (200, 200), (200, 200)], [(100, 100), (100, 100), (100, 100)]]
-    widths = [[(m.in_features, m.out_features) for m in net if isinstance(m, torch.nn.Linear)] for net in hvae.decoders]
+    widths = [
+        [(m.in_features, m.out_features) for m in net if isinstance(m, torch.nn.Linear)]
+        for net in hvae.decoders
+    ]
     assert widths == [[(100, 200), (200, 200), (200, 784)], [(50, 100), (100, 100), (100, 200)]]
     assert isinstance(hvae.encoders[0][1], torch.nn.Tanh) and hvae.image_shape == (1, 28, 28)
 
@@ -134,7 +144,12 @@ def test_hvae_linear_gaussian_matches_the_closed_form_marginal():
 
     x = marginal.sample((4,)).float()
     k = 20_000
-    w = program.log_weights(hvae, (x,), k, program.structure(hvae, (x,))).per_point().flatten(1).double()
+    w = (
+        program.log_weights(hvae, (x,), k, program.structure(hvae, (x,)))
+        .per_point()
+        .flatten(1)
+        .double()
+    )
     log_p = torch.logsumexp(w, 1) - math.log(k)
     scaled = (w - w.max(1, keepdim=True).values).exp()
     stderr = scaled.std(1) / (math.sqrt(k) * scaled.mean(1))
@@ -181,9 +196,13 @@ def test_m2_log_p_sums_the_classes_of_unlabelled_points_only(binary_data):
     per_class = torch.stack([estimates(torch.full_like(y, c))[1] for c in range(C)], 1)  # (M, C)
     unlabelled = y < 0
     torch.testing.assert_close(log_p[unlabelled], torch.logsumexp(per_class[unlabelled], 1))
-    torch.testing.assert_close(log_p[~unlabelled], per_class[~unlabelled].gather(1, y[~unlabelled, None]).squeeze(1))
+    torch.testing.assert_close(
+        log_p[~unlabelled], per_class[~unlabelled].gather(1, y[~unlabelled, None]).squeeze(1)
+    )
     # the labelled points' other strata are impossible under q, so -inf
-    assert bool(torch.isinf(mixed.per_point()[~unlabelled]).sum() == (~unlabelled).sum() * (C - 1) * k)
+    assert bool(
+        torch.isinf(mixed.per_point()[~unlabelled]).sum() == (~unlabelled).sum() * (C - 1) * k
+    )
 
     z = mixed.guide_trace.nodes["z"]["value"]  # (C, K, M, z_dim)
     c = torch.arange(C).reshape(C, 1, 1)
@@ -205,9 +224,17 @@ def test_m2_trace_enum_elbo_is_the_m2_bound(binary_data):
     pyro.set_rng_seed(5)
     loss = elbo.differentiable_loss(m2.model, m2.guide, x, y)
     pyro.set_rng_seed(5)
-    without_factor = elbo.differentiable_loss(poutine.block(m2.model, hide=["classify"]), m2.guide, x, y)
-    pyro.set_rng_seed(5)  # the guide runs first and alone draws: the same z, one per class and point
-    z = poutine.trace(poutine.enum(m2.guide, first_available_dim=-2)).get_trace(x, y).nodes["z"]["value"]
+    without_factor = elbo.differentiable_loss(
+        poutine.block(m2.model, hide=["classify"]), m2.guide, x, y
+    )
+    pyro.set_rng_seed(
+        5
+    )  # the guide runs first and alone draws: the same z, one per class and point
+    z = (
+        poutine.trace(poutine.enum(m2.guide, first_available_dim=-2))
+        .get_trace(x, y)
+        .nodes["z"]["value"]
+    )
 
     def bound(n, c):
         """L(x_n, c): minus Trace_ELBO's loss on point n labelled c, z replayed from z[c, n]."""
@@ -227,7 +254,9 @@ def test_m2_trace_enum_elbo_is_the_m2_bound(binary_data):
         if y[n] >= 0:
             expected = expected + bound(n, int(y[n]))
         else:
-            expected = expected + sum(log_q[n, c].exp() * (bound(n, c) - log_q[n, c]) for c in range(C))
+            expected = expected + sum(
+                log_q[n, c].exp() * (bound(n, c) - log_q[n, c]) for c in range(C)
+            )
     torch.testing.assert_close(-without_factor, expected)
 
     labelled = y >= 0
@@ -242,14 +271,20 @@ def test_m2_labelled_loss_reaches_the_classifier_only_through_the_factor(binary_
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     elbo = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1)
     weights = list(m2.classifier.parameters())
-    without_factor = elbo.differentiable_loss(poutine.block(m2.model, hide=["classify"]), m2.guide, x, y)
+    without_factor = elbo.differentiable_loss(
+        poutine.block(m2.model, hide=["classify"]), m2.guide, x, y
+    )
     grads = torch.autograd.grad(without_factor, weights, allow_unused=True)
     assert all(g is None or bool((g == 0).all()) for g in grads)
     grads = torch.autograd.grad(elbo.differentiable_loss(m2.model, m2.guide, x, y), weights)
-    assert all(bool(torch.isfinite(g).all()) for g in grads) and any(bool((g != 0).any()) for g in grads)
+    assert all(bool(torch.isfinite(g).all()) for g in grads) and any(
+        bool((g != 0).any()) for g in grads
+    )
     # and an unlabelled point's ELBO does reach it (the bound sums over q(y|x))
     unlabelled = torch.full_like(y, -1)
-    grads = torch.autograd.grad(elbo.differentiable_loss(m2.model, m2.guide, x, unlabelled), weights)
+    grads = torch.autograd.grad(
+        elbo.differentiable_loss(m2.model, m2.guide, x, unlabelled), weights
+    )
     assert any(bool((g != 0).any()) for g in grads)
 
 
@@ -288,7 +323,11 @@ def test_m2_reconstruction_weights_the_classes_by_q(binary_data):
 @pytest.mark.parametrize(
     "name, labels, message",
     [
-        ("cvae", [0, 1, 3], r"label 3 is outside the classes of this cvae \(num_classes=3\): allowed 0..2"),
+        (
+            "cvae",
+            [0, 1, 3],
+            r"label 3 is outside the classes of this cvae \(num_classes=3\): allowed 0..2",
+        ),
         ("cvae", [0, -1, 2], r"label -1 is outside .* allowed 0..2"),
         ("m2", [0, -2, 2], r"label -2 is outside .* allowed -1 \(unlabelled\) or 0..2"),
         ("m2", [0, 1, 3], r"label 3 is outside the classes of this m2"),
@@ -303,7 +342,9 @@ def test_check_batch_refuses_labels_outside_the_classes(name, labels, message, b
 def test_check_batch_refuses_bad_x(name, labelled):
     model, (x, y) = tiny(name), labelled
     model.check_batch(*batch_for(name, x, y))  # fine
-    with pytest.raises(pyvae.PyvaeError, match=r"data has shape \(64, 15\); .* \(batch, x_dim=16\)"):
+    with pytest.raises(
+        pyvae.PyvaeError, match=r"data has shape \(64, 15\); .* \(batch, x_dim=16\)"
+    ):
         model.check_batch(*batch_for(name, x[:, :15], y))
     with pytest.raises(pyvae.PyvaeError, match="bernoulli needs 0/1 data"):
         model.check_batch(*batch_for(name, x * 0.5, y))
@@ -313,16 +354,22 @@ def test_check_batch_refuses_float_labels_and_wrong_lengths(binary_data):
     cvae = tiny("cvae")
     with pytest.raises(pyvae.PyvaeError, match="labels must be an integer tensor"):
         cvae.check_batch(binary_data[:3], torch.tensor([0.0, 1.0, 2.0]))
-    with pytest.raises(pyvae.PyvaeError, match=r"labels have shape \(2,\); cvae expects one per data point: \(3,\)"):
+    with pytest.raises(
+        pyvae.PyvaeError, match=r"labels have shape \(2,\); cvae expects one per data point: \(3,\)"
+    ):
         cvae.check_batch(binary_data[:3], torch.tensor([0, 1]))
 
 
 def test_bad_constructor_arguments_are_clear_errors():
     with pytest.raises(pyvae.PyvaeError, match="hvae needs at least 2 stochastic layers"):
         HVAE(16, z_dims=(4,), hidden=((8,),))
-    with pytest.raises(pyvae.PyvaeError, match="hidden needs one list of widths per stochastic layer"):
+    with pytest.raises(
+        pyvae.PyvaeError, match="hidden needs one list of widths per stochastic layer"
+    ):
         HVAE(16, z_dims=(4, 2), hidden=((8,),))
-    with pytest.raises(pyvae.PyvaeError, match="prior 'vamp' needs the encoder .* hvae allows .*mog"):
+    with pytest.raises(
+        pyvae.PyvaeError, match="prior 'vamp' needs the encoder .* hvae allows .*mog"
+    ):
         HVAE(16, z_dims=(4, 2), hidden=((8,), (4,)), prior="vamp")
     with pytest.raises(pyvae.PyvaeError, match="prior 'vamp' .* cvae allows"):
         CVAE(16, 3, prior="vamp")
@@ -336,8 +383,12 @@ def test_bad_constructor_arguments_are_clear_errors():
 
 def test_swapped_prior_and_likelihood(labelled):
     x, y = labelled
-    hvae = HVAE(16, z_dims=(4, 2), hidden=((8,), ()), prior="mog", likelihood="continuous_bernoulli")
-    cvae = CVAE(16, C, z_dim=2, hidden=(8,), prior="flow", likelihood={"name": "normal", "scale": 0.3})
+    hvae = HVAE(
+        16, z_dims=(4, 2), hidden=((8,), ()), prior="mog", likelihood="continuous_bernoulli"
+    )
+    cvae = CVAE(
+        16, C, z_dim=2, hidden=(8,), prior="flow", likelihood={"name": "normal", "scale": 0.3}
+    )
     for model, batch in ((hvae, (x[:5],)), (cvae, (x[:5], y[:5]))):
         w = program.log_weights(model, batch, 3, program.structure(model, batch))
         assert bool(torch.isfinite(w.log_w).all())
@@ -392,7 +443,13 @@ def test_fit_and_log_likelihood(name, labelled):
     data = batch_for(name, x, y)
     data = data[0] if name == "hvae" else data
     history = pyvae.fit(
-        model, data, epochs=2, batch_size=16, lr=0.02, elbo="enum" if name == "m2" else "trace", progress=False
+        model,
+        data,
+        epochs=2,
+        batch_size=16,
+        lr=0.02,
+        elbo="enum" if name == "m2" else "trace",
+        progress=False,
     )
     elbos = [h["train_elbo"] for h in history]
     assert all(math.isfinite(e) for e in elbos) and elbos[1] > elbos[0]

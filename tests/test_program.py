@@ -32,7 +32,12 @@ class LinearGaussian(nn.Module):
 
     def model(self, x, num_data=None):
         pyro.module("lg", self)
-        with pyro.plate("data", size=num_data or len(x), subsample=torch.arange(len(x)), dim=-2 if self.nested else -1):
+        with pyro.plate(
+            "data",
+            size=num_data or len(x),
+            subsample=torch.arange(len(x)),
+            dim=-2 if self.nested else -1,
+        ):
             z = pyro.sample("z", dist.Normal(torch.zeros(Z), self.prior_scale).to_event(1))
             loc = z @ self.W.T + self.b
             if self.nested:  # the pixels as a plate nested in the data plate
@@ -44,7 +49,12 @@ class LinearGaussian(nn.Module):
 
     def guide(self, x, num_data=None):
         loc, raw = self.enc(x).chunk(2, -1)
-        with pyro.plate("data", size=num_data or len(x), subsample=torch.arange(len(x)), dim=-2 if self.nested else -1):
+        with pyro.plate(
+            "data",
+            size=num_data or len(x),
+            subsample=torch.arange(len(x)),
+            dim=-2 if self.nested else -1,
+        ):
             if self.nested:
                 loc, raw = loc.unsqueeze(-2), raw.unsqueeze(-2)
             pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 0.05).to_event(1))
@@ -64,7 +74,9 @@ def exact_guide(model: LinearGaussian, widen: float = 1.2) -> None:
         gain = model.W.T / 0.25 / precision.unsqueeze(1)  # (Z, D): posterior mean = gain (x - b)
         model.enc.weight.copy_(torch.cat([gain, torch.zeros(Z, D)]))
         std = widen / precision.sqrt() - 0.05
-        model.enc.bias.copy_(torch.cat([-gain @ model.b, std + torch.log(-torch.expm1(-std))]))  # softplus^-1
+        model.enc.bias.copy_(
+            torch.cat([-gain @ model.b, std + torch.log(-torch.expm1(-std))])
+        )  # softplus^-1
 
 
 def test_a_prior_written_in_model_code_is_what_gets_scored():
@@ -76,7 +88,7 @@ def test_a_prior_written_in_model_code_is_what_gets_scored():
     ll = pyvae.log_likelihood(model, x, num_samples=4000)
     exact = model.exact(x).detach()
     # within Monte Carlo error of the closed form for *this* prior (N(0, 3^2 I))
-    assert ((ll.log_px - exact).abs() <= 4 * ll.stderr + 0.02).all(), (ll.log_px - exact)
+    assert ((ll.log_px - exact).abs() <= 4 * ll.stderr + 0.02).all(), ll.log_px - exact
     # a model with the standard prior would be a different marginal: scored as written, not as a template
     unit = LinearGaussian(prior_scale=1.0)
     unit.load_state_dict(model.state_dict())
@@ -123,8 +135,12 @@ class TwoLayer(nn.Module):
     def model(self, x, num_data=None):
         with pyvae.program.data_plate(x, num_data):
             z2 = pyro.sample("z2", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-            z1 = pyro.sample("z1", dist.Normal(z2 @ self.A.T + self.a, self.log_s1.exp()).to_event(1))
-            pyro.sample("x", dist.Normal(z1 @ self.B.T + self.c, self.log_s.exp()).to_event(1), obs=x)
+            z1 = pyro.sample(
+                "z1", dist.Normal(z2 @ self.A.T + self.a, self.log_s1.exp()).to_event(1)
+            )
+            pyro.sample(
+                "x", dist.Normal(z1 @ self.B.T + self.c, self.log_s.exp()).to_event(1), obs=x
+            )
 
     def guide(self, x, num_data=None):
         with pyvae.program.data_plate(x, num_data):
@@ -146,12 +162,16 @@ def test_a_two_layer_hierarchy_fits_and_scores_its_closed_form():
         x = pyvae.program.generate(truth, (torch.zeros(300, D),))  # E[x | z]: add the noise by hand
         x = x + truth.log_s.exp() * torch.randn_like(x)
     model = TwoLayer()
-    history = pyvae.fit(model, x, epochs=40, batch_size=50, lr=2e-2, device="cpu", seed=0, progress=False)
+    history = pyvae.fit(
+        model, x, epochs=40, batch_size=50, lr=2e-2, device="cpu", seed=0, progress=False
+    )
     assert history[-1]["train_elbo"] > history[0]["train_elbo"]
     pyro.set_rng_seed(5)
     ll = pyvae.log_likelihood(model, x[:30], num_samples=4000)
     exact = model.exact(x[:30]).detach()
-    assert ((ll.log_px - exact).abs() <= 4 * ll.stderr + 0.05).all(), (ll.log_px - exact).abs().max()
+    assert ((ll.log_px - exact).abs() <= 4 * ll.stderr + 0.05).all(), (
+        (ll.log_px - exact).abs().max()
+    )
     # diagnostics per latent site, from the same draws
     result = pyvae.evaluate(model, x[:30], num_samples=500)
     sites = result.summary()["latent_sites"]
@@ -165,11 +185,18 @@ def test_save_and_load_a_users_class(tmp_path):
     model = TwoLayer()
     pyvae.save(model, tmp_path / "m.pt")
     again = pyvae.load(tmp_path / "m.pt", model=TwoLayer())
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-    with pytest.raises(pyvae.PyvaeError, match=r"holds a .*TwoLayer, not a built-in model; build one and pass it"):
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values())
+    )
+    with pytest.raises(
+        pyvae.PyvaeError, match=r"holds a .*TwoLayer, not a built-in model; build one and pass it"
+    ):
         pyvae.load(tmp_path / "m.pt")
-    with pytest.raises(pyvae.PyvaeError, match=r"holds a .*TwoLayer; it cannot be loaded into a .*LinearGaussian"):
+    with pytest.raises(
+        pyvae.PyvaeError, match=r"holds a .*TwoLayer; it cannot be loaded into a .*LinearGaussian"
+    ):
         pyvae.load(tmp_path / "m.pt", model=LinearGaussian())
+
     # a subclass of a built-in comes back as itself, never as the parent
     class Wider(pyvae.VAE):
         pass
@@ -177,14 +204,18 @@ def test_save_and_load_a_users_class(tmp_path):
     pyvae.save(Wider(x_dim=4, z_dim=2), tmp_path / "w.pt")
     with pytest.raises(pyvae.PyvaeError, match="not a built-in model"):
         pyvae.load(tmp_path / "w.pt")
-    with pytest.raises(pyvae.PyvaeError, match=r"shapes differ \(saved vs model\): prior.loc \(2,\) vs \(3,\)"):
+    with pytest.raises(
+        pyvae.PyvaeError, match=r"shapes differ \(saved vs model\): prior.loc \(2,\) vs \(3,\)"
+    ):
         pyvae.load(tmp_path / "w.pt", model=Wider(x_dim=4, z_dim=3))
     assert type(pyvae.load(tmp_path / "w.pt", model=Wider(x_dim=4, z_dim=2))) is Wider
 
 
 class PlainParam(LinearGaussian):
     def model(self, x, num_data=None):
-        shift = pyro.param("shift", torch.zeros(D))  # not a parameter of the module: fit would never train it
+        shift = pyro.param(
+            "shift", torch.zeros(D)
+        )  # not a parameter of the module: fit would never train it
         with pyro.plate("data", size=num_data or len(x), subsample=torch.arange(len(x))):
             z = pyro.sample("z", dist.Normal(torch.zeros(Z), 1.0).to_event(1))
             pyro.sample("x", dist.Normal(z @ self.W.T + shift, 0.5).to_event(1), obs=x)
@@ -218,7 +249,10 @@ class GlobalLatent(LinearGaussian):
 )
 def test_a_model_outside_the_contract_is_a_one_line_error(model, message):
     x = torch.randn(8, D)
-    for call in (lambda: pyvae.fit(model, x, epochs=1, batch_size=4, device="cpu", progress=False), lambda: pyvae.log_likelihood(model, x, 10)):
+    for call in (
+        lambda: pyvae.fit(model, x, epochs=1, batch_size=4, device="cpu", progress=False),
+        lambda: pyvae.log_likelihood(model, x, 10),
+    ):
         with pytest.raises(pyvae.PyvaeError, match=message) as info:
             call()
         assert "\n" not in str(info.value)
@@ -238,14 +272,28 @@ def test_elbo_accepts_any_pyro_elbo_instance():
     torch.manual_seed(4)
     model = LinearGaussian()
     x = torch.randn(16, D)
-    history = pyvae.fit(model, x, epochs=3, batch_size=8, elbo=pyro.infer.TraceGraph_ELBO(), device="cpu", progress=False)
+    history = pyvae.fit(
+        model,
+        x,
+        epochs=3,
+        batch_size=8,
+        elbo=pyro.infer.TraceGraph_ELBO(),
+        device="cpu",
+        progress=False,
+    )
     assert all(math.isfinite(h["train_elbo"]) for h in history)
     from pyvae.train.objectives import Objective
 
-    graph = Objective(model, pyro.infer.TraceGraph_ELBO(num_particles=2000, vectorize_particles=True)).loss((x,), 16).item()
+    graph = (
+        Objective(model, pyro.infer.TraceGraph_ELBO(num_particles=2000, vectorize_particles=True))
+        .loss((x,), 16)
+        .item()
+    )
     trace = Objective(model, "trace", num_particles=2000).loss((x,), 16).item()
     assert graph == pytest.approx(trace, rel=0.02)  # the same negative ELBO, not its negative
-    with pytest.raises(pyvae.PyvaeError, match="unknown elbo 'renyi'; choose from trace, meanfield, iwae, enum"):
+    with pytest.raises(
+        pyvae.PyvaeError, match="unknown elbo 'renyi'; choose from trace, meanfield, iwae, enum"
+    ):
         pyvae.fit(model, x, epochs=1, batch_size=8, elbo="renyi", device="cpu", progress=False)
 
 
@@ -275,7 +323,11 @@ def test_the_elbo_leaves_out_training_only_factors():
         pyro.set_rng_seed(6)
         elbo = pyvae.evaluate_elbo(model, (x, y), elbo="enum")
         pyro.set_rng_seed(6)
-        values.append((elbo, pyvae.log_likelihood(model, (x, y), 50).elbo.mean().item(), model.state_dict()))
+        values.append(
+            (elbo, pyvae.log_likelihood(model, (x, y), 50).elbo.mean().item(), model.state_dict())
+        )
     assert values[0][0] == pytest.approx(values[1][0], rel=1e-6)
     assert values[0][1] == pytest.approx(values[1][1], rel=1e-6)
-    assert values[0][0] == pytest.approx(values[0][1], abs=1.0)  # one-draw ELBO against the 50-draw mean
+    assert values[0][0] == pytest.approx(
+        values[0][1], abs=1.0
+    )  # one-draw ELBO against the 50-draw mean

@@ -15,8 +15,29 @@ import pyvae
 from .conftest import ROOT
 
 EXAMPLE = ROOT / "examples" / "mnist_svi.py"
-ARGS = ["--dataset", "digits", "--z-dim", "4", "--hidden", "32", "--batch-size", "4", "--kl-warmup-epochs", "2",
-        "--eval-samples", "0", "--no-download", "--seed", "3", "--valid-fraction", "0.1", "--lr-schedule", "cosine", "--patience", "5"]
+ARGS = [
+    "--dataset",
+    "digits",
+    "--z-dim",
+    "4",
+    "--hidden",
+    "32",
+    "--batch-size",
+    "4",
+    "--kl-warmup-epochs",
+    "2",
+    "--eval-samples",
+    "0",
+    "--no-download",
+    "--seed",
+    "3",
+    "--valid-fraction",
+    "0.1",
+    "--lr-schedule",
+    "cosine",
+    "--patience",
+    "5",
+]
 
 
 def example(out, *extra, wait=True):
@@ -33,11 +54,20 @@ def epochs_written(out):
 
 
 def same_run(a, b):
-    for (name, p), q in zip(pyvae.load(a / "checkpoint.pt").state_dict().items(), pyvae.load(b / "checkpoint.pt").state_dict().values()):
+    for (name, p), q in zip(
+        pyvae.load(a / "checkpoint.pt").state_dict().items(),
+        pyvae.load(b / "checkpoint.pt").state_dict().values(),
+    ):
         assert torch.equal(p, q), name
-    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in path.read_text().splitlines()]  # noqa: E731
+    strip = lambda path: [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"}
+        for line in path.read_text().splitlines()
+    ]  # noqa: E731
     assert strip(a / "metrics.jsonl") == strip(b / "metrics.jsonl")  # no repeated or torn lines
-    for (name, p), q in zip(pyvae.load(a / "best.pt").state_dict().items(), pyvae.load(b / "best.pt").state_dict().values()):
+    for (name, p), q in zip(
+        pyvae.load(a / "best.pt").state_dict().items(),
+        pyvae.load(b / "best.pt").state_dict().values(),
+    ):
         assert torch.equal(p, q), name
 
 
@@ -78,7 +108,9 @@ def test_sigint_and_sigterm_stop_with_a_checkpoint_that_resumes_mid_epoch(tmp_pa
         code = interrupt_during_epoch_2(out, sig)
         assert code == 128 + sig, code
         state = torch.load(out / "checkpoint.pt", weights_only=True)
-        assert state["training"]["step_in_epoch"] >= 1 and state["epoch"] == 1  # stopped inside epoch 2
+        assert (
+            state["training"]["step_in_epoch"] >= 1 and state["epoch"] == 1
+        )  # stopped inside epoch 2
         assert epochs_written(out) == 1
         result = example(out, "--resume", str(out))
         assert result.returncode == 0, result.stderr

@@ -28,13 +28,21 @@ def test_an_image_folder_in_class_folders_gives_labels_and_a_seeded_split(tmp_pa
     save_images(tmp_path / "shapes" / "b_square", 12, bright=True)
     save_images(tmp_path / "shapes" / "a_circle", 8, seed=1)
     train, test, _ = load_train_test(str(tmp_path / "shapes"), test_fraction=0.25)
-    assert (len(train), len(test)) == (15, 5) and train.image_shape == (1, 5, 6) and train.name == "shapes"
+    assert (
+        (len(train), len(test)) == (15, 5)
+        and train.image_shape == (1, 5, 6)
+        and train.name == "shapes"
+    )
     # labels are the sorted class folders' indices; every image lands in exactly one split
     assert sorted(torch.cat([train.labels, test.labels]).tolist()) == [0] * 8 + [1] * 12
-    assert torch.equal(train.images[train.labels == 1][:, :6], torch.ones(int((train.labels == 1).sum()), 6))
+    assert torch.equal(
+        train.images[train.labels == 1][:, :6], torch.ones(int((train.labels == 1).sum()), 6)
+    )
     reread = Image.open(tmp_path / "shapes" / "a_circle" / "000.png")
-    assert any(torch.allclose(row, torch.from_numpy(np.asarray(reread, dtype=np.float32) / 255).flatten())
-               for row in torch.cat([train.images, test.images]))
+    assert any(
+        torch.allclose(row, torch.from_numpy(np.asarray(reread, dtype=np.float32) / 255).flatten())
+        for row in torch.cat([train.images, test.images])
+    )
     again = load_dataset(str(tmp_path / "shapes"), "test", test_fraction=0.25)
     assert torch.equal(again.images, test.images)  # what evaluate finds again
 
@@ -44,7 +52,11 @@ def test_train_and_test_folders_flat_colour_images_and_resizing(tmp_path):
     save_images(tmp_path / "d" / "test", 3, mode="RGB", seed=2)
     train = load_dataset(str(tmp_path / "d"), "train")
     test = load_dataset(str(tmp_path / "d"), "test")
-    assert (len(train), len(test)) == (7, 3) and train.labels is None and train.image_shape == (3, 5, 6)
+    assert (
+        (len(train), len(test)) == (7, 3)
+        and train.labels is None
+        and train.image_shape == (3, 5, 6)
+    )
     assert 0 <= float(train.images.min()) and float(train.images.max()) <= 1
     sized = load_dataset(str(tmp_path / "d"), "train", image_size=4)
     assert sized.image_shape == (3, 4, 4) and sized.x_dim == 48
@@ -53,7 +65,9 @@ def test_train_and_test_folders_flat_colour_images_and_resizing(tmp_path):
 def test_mixed_sizes_need_image_size_and_the_error_names_a_file(tmp_path):
     save_images(tmp_path / "mixed", 3)
     Image.fromarray(np.zeros((9, 9), np.uint8)).save(tmp_path / "mixed" / "odd.png")
-    with pytest.raises(pyvae.PyvaeError, match=r"odd.png is 9x9 but .*000.png is 6x5: give --image-size"):
+    with pytest.raises(
+        pyvae.PyvaeError, match=r"odd.png is 9x9 but .*000.png is 6x5: give --image-size"
+    ):
         load_dataset(str(tmp_path / "mixed"), "train")
     assert load_dataset(str(tmp_path / "mixed"), "train", image_size=3).image_shape == (1, 3, 3)
 
@@ -61,32 +75,66 @@ def test_mixed_sizes_need_image_size_and_the_error_names_a_file(tmp_path):
 def test_npz_and_npy_arrays_in_every_layout(tmp_path):
     rng = np.random.default_rng(0)
     nhwc = rng.integers(0, 256, (10, 4, 5, 3), dtype=np.uint8)
-    np.savez(tmp_path / "a.npz", x_train=nhwc, x_test=nhwc[:4], y_train=np.arange(10) % 3, y_test=np.arange(4) % 3)
+    np.savez(
+        tmp_path / "a.npz",
+        x_train=nhwc,
+        x_test=nhwc[:4],
+        y_train=np.arange(10) % 3,
+        y_test=np.arange(4) % 3,
+    )
     train = load_dataset(str(tmp_path / "a.npz"), "train")
     assert train.image_shape == (3, 4, 5) and train.labels.tolist() == (np.arange(10) % 3).tolist()
-    assert torch.allclose(train.images[0], torch.from_numpy(nhwc[0].transpose(2, 0, 1).reshape(-1) / 255.0).float())
+    assert torch.allclose(
+        train.images[0], torch.from_numpy(nhwc[0].transpose(2, 0, 1).reshape(-1) / 255.0).float()
+    )
     floats = rng.random((20, 3, 4, 4)).astype(np.float32)  # NCHW floats in [0, 1], kept as they are
     np.save(tmp_path / "b.npy", floats)
     train, test, _ = load_train_test(str(tmp_path / "b.npy"), test_fraction=0.25)
-    assert (len(train), len(test)) == (15, 5) and test.labels is None and train.image_shape == (3, 4, 4)
-    assert sorted(torch.cat([train.images, test.images])[:, 0].tolist()) == sorted(floats[:, 0, 0, 0].tolist())
+    assert (
+        (len(train), len(test)) == (15, 5)
+        and test.labels is None
+        and train.image_shape == (3, 4, 4)
+    )
+    assert sorted(torch.cat([train.images, test.images])[:, 0].tolist()) == sorted(
+        floats[:, 0, 0, 0].tolist()
+    )
 
 
 def test_the_photos_are_colour_patches_offline():
     train, test, _ = load_train_test("photos")
     assert (len(train), len(test)) == (416, 104) and train.image_shape == (3, 32, 32)
-    assert float(train.images.std()) > 0.1 and 0 <= float(train.images.min()) and float(train.images.max()) <= 1
+    assert (
+        float(train.images.std()) > 0.1
+        and 0 <= float(train.images.min())
+        and float(train.images.max()) <= 1
+    )
 
 
 @pytest.mark.parametrize(
     "make, message",
     [
         (lambda p: (p / "empty").mkdir(), r"no images in .*empty \(looked for .png"),
-        (lambda p: (p / "bad").mkdir() or (p / "bad" / "x.png").write_bytes(b"not a png"), r"cannot read image .*bad/x.png"),
-        (lambda p: np.savez(p / "n.npz", x_test=np.zeros((2, 3, 3))), r"has no array 'x_train' \(it holds x_test\)"),
-        (lambda p: np.savez(p / "n.npz", x_train=np.zeros((3, 2, 2)), x_test=np.zeros((1, 2, 2)), y_train=np.zeros(2, int)),
-         r"y_train must hold 3 non-negative integer labels"),
-        (lambda p: np.save(p / "n.npy", np.full((4, 2, 2), 2.5)), r"float64 values in \[2.5, 2.5\]; floats must lie in \[0, 1\]"),
+        (
+            lambda p: (p / "bad").mkdir() or (p / "bad" / "x.png").write_bytes(b"not a png"),
+            r"cannot read image .*bad/x.png",
+        ),
+        (
+            lambda p: np.savez(p / "n.npz", x_test=np.zeros((2, 3, 3))),
+            r"has no array 'x_train' \(it holds x_test\)",
+        ),
+        (
+            lambda p: np.savez(
+                p / "n.npz",
+                x_train=np.zeros((3, 2, 2)),
+                x_test=np.zeros((1, 2, 2)),
+                y_train=np.zeros(2, int),
+            ),
+            r"y_train must hold 3 non-negative integer labels",
+        ),
+        (
+            lambda p: np.save(p / "n.npy", np.full((4, 2, 2), 2.5)),
+            r"float64 values in \[2.5, 2.5\]; floats must lie in \[0, 1\]",
+        ),
     ],
 )
 def test_bad_data_is_a_one_line_error(make, message, tmp_path):
@@ -96,22 +144,72 @@ def test_bad_data_is_a_one_line_error(make, message, tmp_path):
         load_dataset(str(path), "train")
 
 
-def test_a_labelled_folder_trains_a_conditional_model_and_bad_input_writes_nothing(tmp_path, capsys):
+def test_a_labelled_folder_trains_a_conditional_model_and_bad_input_writes_nothing(
+    tmp_path, capsys
+):
     save_images(tmp_path / "shapes" / "a", 24, bright=True)
     save_images(tmp_path / "shapes" / "b", 24, seed=1)
     out = tmp_path / "run"
-    common = ["--epochs", "1", "--batch-size", "16", "--eval-samples", "5", "--z-dim", "2", "--hidden", "8"]
-    main(["train", "--dataset", str(tmp_path / "shapes"), "--model", "cvae", *common, "--out", str(out)])
-    assert (out / "checkpoint.pt").is_file() and str(tmp_path / "shapes") in (out / "config.yaml").read_text()
+    common = [
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--eval-samples",
+        "5",
+        "--z-dim",
+        "2",
+        "--hidden",
+        "8",
+    ]
+    main(
+        [
+            "train",
+            "--dataset",
+            str(tmp_path / "shapes"),
+            "--model",
+            "cvae",
+            *common,
+            "--out",
+            str(out),
+        ]
+    )
+    assert (out / "checkpoint.pt").is_file() and str(tmp_path / "shapes") in (
+        out / "config.yaml"
+    ).read_text()
     capsys.readouterr()
     for argv, message in [
-        (["--dataset", str(tmp_path / "nowhere")], "invalid value .*nowhere.* for 'dataset'; allowed: .*or the path of an existing image folder"),
-        (["--dataset", str(tmp_path / "shapes"), "--image-size", "0"], "invalid value 0 for 'image_size'"),
-        (["--dataset", "digits", "--image-size", "8"], "--image-size resizes the images of a PATH data set"),
-        (["--dataset", str(tmp_path / "shapes"), "--batch-size", "999"], "batch_size 999 is larger than the training set"),
-        (["--dataset", "celeba", "--data-dir", str(tmp_path / "none"), "--no-download", "--strict-data"],
-         r"celeba train split not found under .*none \(torchvision's CelebA layout; downloads are off\)"),
-        (["--dataset", "no_such_set"], "invalid value 'no_such_set' for 'dataset'; allowed: .*a torchvision data set by name"),
+        (
+            ["--dataset", str(tmp_path / "nowhere")],
+            "invalid value .*nowhere.* for 'dataset'; allowed: .*or the path of an existing image folder",
+        ),
+        (
+            ["--dataset", str(tmp_path / "shapes"), "--image-size", "0"],
+            "invalid value 0 for 'image_size'",
+        ),
+        (
+            ["--dataset", "digits", "--image-size", "8"],
+            "--image-size resizes the images of a PATH data set",
+        ),
+        (
+            ["--dataset", str(tmp_path / "shapes"), "--batch-size", "999"],
+            "batch_size 999 is larger than the training set",
+        ),
+        (
+            [
+                "--dataset",
+                "celeba",
+                "--data-dir",
+                str(tmp_path / "none"),
+                "--no-download",
+                "--strict-data",
+            ],
+            r"celeba train split not found under .*none \(torchvision's CelebA layout; downloads are off\)",
+        ),
+        (
+            ["--dataset", "no_such_set"],
+            "invalid value 'no_such_set' for 'dataset'; allowed: .*a torchvision data set by name",
+        ),
     ]:
         with pytest.raises(SystemExit) as info:
             main(["train", *argv, "--epochs", "1", "--out", str(tmp_path / "refused")])
@@ -127,7 +225,9 @@ def test_torchvision_colour_sets_by_name(name, layout, tmp_path, monkeypatch):
     import torchvision.datasets
 
     rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, (6, 32, 32, 3) if layout == "NHWC" else (6, 3, 32, 32), dtype=np.uint8)
+    pixels = rng.integers(
+        0, 256, (6, 32, 32, 3) if layout == "NHWC" else (6, 3, 32, 32), dtype=np.uint8
+    )
 
     class StandIn:
         def __init__(self, root, download=False, **split):
@@ -139,11 +239,15 @@ def test_torchvision_colour_sets_by_name(name, layout, tmp_path, monkeypatch):
     data = load_dataset(name, "test", data_dir=tmp_path, download=False)
     assert data.image_shape == (3, 32, 32) and data.labels.tolist() == list(range(6))
     channels_first = pixels.transpose(0, 3, 1, 2) if layout == "NHWC" else pixels
-    assert torch.allclose(data.images[1], torch.from_numpy(channels_first[1].reshape(-1) / 255.0).float())
+    assert torch.allclose(
+        data.images[1], torch.from_numpy(channels_first[1].reshape(-1) / 255.0).float()
+    )
 
 
 def test_a_torchvision_set_not_under_the_data_root_is_a_clear_notice(tmp_path):
-    with pytest.raises(pyvae.DataNotFound, match=r"cifar10 train split not found under .*downloads are off"):
+    with pytest.raises(
+        pyvae.DataNotFound, match=r"cifar10 train split not found under .*downloads are off"
+    ):
         load_dataset("cifar10", "train", data_dir=tmp_path / "nothing", download=False)
     assert not (tmp_path / "nothing").exists()
 
@@ -153,12 +257,25 @@ def test_a_torchvision_set_by_name_read_image_by_image(tmp_path):
     from its targets, no split of its own so split by test_fraction, --image-size applied."""
     for k, name in enumerate(["Forest", "River"]):
         save_images(tmp_path / "eurosat" / "2750" / name, 5 + k, size=(8, 6), mode="RGB", seed=k)
-    train, test, _ = load_train_test("eurosat", data_dir=tmp_path, download=False, test_fraction=0.25, image_size=4)
-    assert (len(train), len(test)) == (8, 3) and train.image_shape == (3, 4, 4) and train.name == "eurosat"
+    train, test, _ = load_train_test(
+        "eurosat", data_dir=tmp_path, download=False, test_fraction=0.25, image_size=4
+    )
+    assert (
+        (len(train), len(test)) == (8, 3)
+        and train.image_shape == (3, 4, 4)
+        and train.name == "eurosat"
+    )
     assert sorted(torch.cat([train.labels, test.labels]).tolist()) == [0] * 5 + [1] * 6
-    assert torch.equal(load_dataset("EuroSAT", "test", data_dir=tmp_path, download=False, test_fraction=0.25,
-                                    image_size=4).images, test.images)
-    with pytest.raises(pyvae.DataNotFound, match=r"celeba train split not found under .*CelebA layout; downloads are off"):
+    assert torch.equal(
+        load_dataset(
+            "EuroSAT", "test", data_dir=tmp_path, download=False, test_fraction=0.25, image_size=4
+        ).images,
+        test.images,
+    )
+    with pytest.raises(
+        pyvae.DataNotFound,
+        match=r"celeba train split not found under .*CelebA layout; downloads are off",
+    ):
         load_dataset("celeba", "train", data_dir=tmp_path / "nothing", download=False)
     assert not (tmp_path / "nothing").exists()
 
@@ -191,18 +308,29 @@ def test_a_set_too_large_for_memory_is_streamed_with_the_same_numbers(tmp_path, 
     save_images(tmp_path / "big" / "a", 6, mode="RGB", bright=True)
     save_images(tmp_path / "big" / "b", 4, mode="RGB", seed=1)
     held = load_train_test(str(tmp_path / "big"), test_fraction=0.3)[:2]
-    monkeypatch.setattr(pyvae.data.streaming, "READ_IN_PARALLEL", 2)  # held, but read by the DataLoader's workers
-    assert torch.equal(load_train_test(str(tmp_path / "big"), test_fraction=0.3)[0].images, held[0].images)
-    monkeypatch.setattr(pyvae.data.streaming, "available_memory", lambda: 1000)  # bytes: 10 images of 3x5x6 floats need 3600
+    monkeypatch.setattr(
+        pyvae.data.streaming, "READ_IN_PARALLEL", 2
+    )  # held, but read by the DataLoader's workers
+    assert torch.equal(
+        load_train_test(str(tmp_path / "big"), test_fraction=0.3)[0].images, held[0].images
+    )
+    monkeypatch.setattr(
+        pyvae.data.streaming, "available_memory", lambda: 1000
+    )  # bytes: 10 images of 3x5x6 floats need 3600
     streamed = load_train_test(str(tmp_path / "big"), test_fraction=0.3)[:2]
     for h, s in zip(held, streamed):
-        assert isinstance(s.images, pyvae.data.streaming.StreamedImages) and s.images.shape == h.images.shape
+        assert (
+            isinstance(s.images, pyvae.data.streaming.StreamedImages)
+            and s.images.shape == h.images.shape
+        )
         assert torch.equal(s.images[:], h.images) and torch.equal(s.labels, h.labels)
     rest, valid = pyvae.data.datasets.hold_out(streamed[0], 0.3)
     assert torch.equal(valid.images[:], pyvae.data.datasets.hold_out(held[0], 0.3)[1].images)
     # a static binarization of a streamed set is one fixed draw per image, the same in any subset
     binary = pyvae.data.datasets.binarize(streamed[0], "static", seed=3)
-    assert torch.equal(binary.images[[2, 4]], binary.images.subset([2, 4])[:]) and binary.is_binary()
+    assert (
+        torch.equal(binary.images[[2, 4]], binary.images.subset([2, 4])[:]) and binary.is_binary()
+    )
 
 
 def test_a_corrupt_image_in_a_streamed_set_is_one_line_naming_it(tmp_path, monkeypatch):
@@ -211,7 +339,9 @@ def test_a_corrupt_image_in_a_streamed_set_is_one_line_naming_it(tmp_path, monke
 
     save_images(tmp_path / "big", 8)
     whole = (tmp_path / "big" / "005.png").read_bytes()
-    (tmp_path / "big" / "005.png").write_bytes(whole[: len(whole) // 2])  # its header is whole, its pixels not
+    (tmp_path / "big" / "005.png").write_bytes(
+        whole[: len(whole) // 2]
+    )  # its header is whole, its pixels not
     monkeypatch.setattr(pyvae.data.streaming, "available_memory", lambda: 100)
     train = load_dataset(str(tmp_path / "big"), "train", test_fraction=0.25)
     with pytest.raises(pyvae.PyvaeError) as info:
@@ -219,7 +349,9 @@ def test_a_corrupt_image_in_a_streamed_set_is_one_line_naming_it(tmp_path, monke
     assert re.fullmatch(r"cannot read image .*big/005.png: OSError: .*", str(info.value))
 
 
-def test_a_streamed_folder_trains_exactly_as_held_and_evaluate_finds_it_again(tmp_path, monkeypatch, capsys):
+def test_a_streamed_folder_trains_exactly_as_held_and_evaluate_finds_it_again(
+    tmp_path, monkeypatch, capsys
+):
     """The same colour folder held in memory and forced to stream (a DataLoader with workers): the same
     minibatches, so the same ELBOs to the last digit; then ``evaluate RUN`` reads it again."""
     import json
@@ -228,15 +360,43 @@ def test_a_streamed_folder_trains_exactly_as_held_and_evaluate_finds_it_again(tm
 
     save_images(tmp_path / "pics" / "a", 20, size=(6, 6), mode="RGB", bright=True)
     save_images(tmp_path / "pics" / "b", 20, size=(6, 6), mode="RGB", seed=1)
-    flags = ["--dataset", str(tmp_path / "pics"), "--epochs", "2", "--batch-size", "8", "--eval-samples", "4", "--z-dim", "2",
-             "--hidden", "8", "--valid-fraction", "0.2", "--likelihood", "discretized_logistic", "--no-download"]
+    flags = [
+        "--dataset",
+        str(tmp_path / "pics"),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--eval-samples",
+        "4",
+        "--z-dim",
+        "2",
+        "--hidden",
+        "8",
+        "--valid-fraction",
+        "0.2",
+        "--likelihood",
+        "discretized_logistic",
+        "--no-download",
+    ]
     main(["train", *flags, "--out", str(tmp_path / "held")])
-    monkeypatch.setattr(pyvae.data.streaming, "available_memory", lambda: 1000)  # 40 images of 3x6x6 floats need 17,280 bytes
+    monkeypatch.setattr(
+        pyvae.data.streaming, "available_memory", lambda: 1000
+    )  # 40 images of 3x6x6 floats need 17,280 bytes
     capsys.readouterr()
     main(["train", *flags, "--out", str(tmp_path / "streamed")])
     assert "binarize=none, streamed from disk (too large for memory)" in capsys.readouterr().out
-    held, streamed = ([{k: v for k, v in json.loads(line).items() if "time" not in k and "second" not in k}
-                       for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("held", "streamed"))
+    held, streamed = (
+        [
+            {k: v for k, v in json.loads(line).items() if "time" not in k and "second" not in k}
+            for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        ]
+        for run in ("held", "streamed")
+    )
     assert held == streamed and len(held) == 2
-    main(["evaluate", str(tmp_path / "streamed"), "--num-samples", "4", "--out", str(tmp_path / "e")])
-    assert json.loads((tmp_path / "e" / "eval.json").read_text())["num_points"] == 4  # 0.1 of 40 held out as test
+    main(
+        ["evaluate", str(tmp_path / "streamed"), "--num-samples", "4", "--out", str(tmp_path / "e")]
+    )
+    assert (
+        json.loads((tmp_path / "e" / "eval.json").read_text())["num_points"] == 4
+    )  # 0.1 of 40 held out as test

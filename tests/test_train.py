@@ -13,7 +13,9 @@ from .conftest import interrupted_at
 
 @pytest.fixture(scope="module")
 def digits():
-    return binarize(load_dataset("digits", "train"), "static"), binarize(load_dataset("digits", "test"), "static", 1)
+    return binarize(load_dataset("digits", "train"), "static"), binarize(
+        load_dataset("digits", "test"), "static", 1
+    )
 
 
 @pytest.mark.parametrize("elbo, particles", [("trace", 1), ("meanfield", 1), ("trace", 4)])
@@ -22,8 +24,17 @@ def test_elbo_improves_within_a_few_epochs(digits, elbo, particles):
     vae = pyvae.VAE(x_dim=64, z_dim=8, hidden=(64,))
     start = pyvae.evaluate_elbo(vae, test, elbo="meanfield")
     history = pyvae.fit(
-        vae, train, test=test, epochs=4, batch_size=64, lr=3e-3, elbo=elbo, num_particles=particles,
-        device="cpu", seed=0, progress=False,
+        vae,
+        train,
+        test=test,
+        epochs=4,
+        batch_size=64,
+        lr=3e-3,
+        elbo=elbo,
+        num_particles=particles,
+        device="cpu",
+        seed=0,
+        progress=False,
     )
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert all(h.keys() >= {"train_elbo", "test_elbo", "seconds"} for h in history)
@@ -37,7 +48,18 @@ def test_history_is_reproducible_with_a_seed(digits):
     for _ in range(2):
         torch.manual_seed(0)
         vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
-        runs.append(pyvae.fit(vae, train[:256], test=test, epochs=2, batch_size=64, device="cpu", seed=7, progress=False))
+        runs.append(
+            pyvae.fit(
+                vae,
+                train[:256],
+                test=test,
+                epochs=2,
+                batch_size=64,
+                device="cpu",
+                seed=7,
+                progress=False,
+            )
+        )
     strip = [[{k: v for k, v in h.items() if k != "seconds"} for h in run] for run in runs]
     assert strip[0] == strip[1]
 
@@ -45,7 +67,9 @@ def test_history_is_reproducible_with_a_seed(digits):
 def test_fit_accepts_datasets_and_dynamic_binarization(digits):
     gray = load_dataset("digits", "train")
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
-    history = pyvae.fit(vae, binarize(gray, "dynamic"), epochs=1, batch_size=128, device="cpu", progress=False)
+    history = pyvae.fit(
+        vae, binarize(gray, "dynamic"), epochs=1, batch_size=128, device="cpu", progress=False
+    )
     assert history[0]["train_elbo"] < 0 and "test_elbo" not in history[0]
     tensors = torch.utils.data.TensorDataset(digits[0].images[:200], torch.zeros(200))
     history = pyvae.fit(vae, tensors, epochs=1, batch_size=50, device="cpu", progress=False)
@@ -55,7 +79,9 @@ def test_fit_accepts_datasets_and_dynamic_binarization(digits):
 def test_fit_writes_metrics_and_checkpoint(tmp_path, digits):
     train, test = digits
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
-    history = pyvae.fit(vae, train, test=test, epochs=2, batch_size=256, device="cpu", out=tmp_path, progress=False)
+    history = pyvae.fit(
+        vae, train, test=test, epochs=2, batch_size=256, device="cpu", out=tmp_path, progress=False
+    )
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines == history
     loaded = pyvae.load(tmp_path / "checkpoint.pt")
@@ -70,7 +96,10 @@ def test_bad_training_input_is_a_clear_error(digits):
     cases = [
         (dict(train=gray.images), "bernoulli needs 0/1 data; got values in \\[0, 1\\]"),
         (dict(train=train.images[:, :10]), "10 features per point; the VAE expects x_dim=64"),
-        (dict(train=train.images, batch_size=5000), "batch_size 5000 is larger than the training set"),
+        (
+            dict(train=train.images, batch_size=5000),
+            "batch_size 5000 is larger than the training set",
+        ),
         (dict(train=train.images, epochs=0), "epochs must be a positive integer; got 0"),
         (dict(train=train.images, lr=-1.0), "lr must be a positive number"),
         (dict(train=train.images, elbo="renyi"), "unknown elbo 'renyi'"),
@@ -80,7 +109,13 @@ def test_bad_training_input_is_a_clear_error(digits):
     for kwargs, message in cases:
         kwargs = {"epochs": 1, **kwargs}
         with pytest.raises(pyvae.PyvaeError, match=message):
-            pyvae.fit(vae, kwargs.pop("train"), device=kwargs.pop("device", "cpu"), progress=False, **kwargs)
+            pyvae.fit(
+                vae,
+                kwargs.pop("train"),
+                device=kwargs.pop("device", "cpu"),
+                progress=False,
+                **kwargs,
+            )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
@@ -90,14 +125,19 @@ def test_cuda_without_a_gpu_is_a_clear_error(digits):
         pyvae.fit(vae, digits[0], epochs=1, device="cuda", progress=False)
 
 
-def test_numerical_fault_stops_with_epoch_step_and_last_good_checkpoint(tmp_path, digits, monkeypatch):
+def test_numerical_fault_stops_with_epoch_step_and_last_good_checkpoint(
+    tmp_path, digits, monkeypatch
+):
     from pyvae.train.objectives import Objective
 
     train, _ = digits
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
     pyvae.fit(vae, train, epochs=2, batch_size=256, device="cpu", out=tmp_path, progress=False)
     previous = torch.load(tmp_path / "checkpoint.prev.pt", weights_only=True)
-    assert previous["epoch"] == 1 and torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert (
+        previous["epoch"] == 1
+        and torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    )
 
     # the loss turns NaN at the third step of the first epoch, as a diverging run's would
     calls = {"n": 0}
@@ -109,19 +149,33 @@ def test_numerical_fault_stops_with_epoch_step_and_last_good_checkpoint(tmp_path
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(Objective, "forward", diverging)
-    with pytest.raises(pyvae.PyvaeError, match=r"non-finite loss at epoch 1, step 3; likely causes: .*last good checkpoint: .*checkpoint.pt"):
+    with pytest.raises(
+        pyvae.PyvaeError,
+        match=r"non-finite loss at epoch 1, step 3; likely causes: .*last good checkpoint: .*checkpoint.pt",
+    ):
         pyvae.fit(vae, train, epochs=1, batch_size=256, device="cpu", out=tmp_path, progress=False)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2  # untouched
     calls["n"] = 0
     with pytest.raises(pyvae.PyvaeError, match="last good checkpoint: none written yet"):
-        pyvae.fit(vae, train, epochs=1, batch_size=256, device="cpu", out=tmp_path / "fresh", progress=False)
+        pyvae.fit(
+            vae,
+            train,
+            epochs=1,
+            batch_size=256,
+            device="cpu",
+            out=tmp_path / "fresh",
+            progress=False,
+        )
 
 
 def test_nan_parameters_are_refused_before_training(digits):
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
     with torch.no_grad():
         vae.decoder[-1].weight[0, 0] = float("nan")
-    with pytest.raises(pyvae.PyvaeError, match=r"parameter decoder.2.weight holds NaN or infinite values before training"):
+    with pytest.raises(
+        pyvae.PyvaeError,
+        match=r"parameter decoder.2.weight holds NaN or infinite values before training",
+    ):
         pyvae.fit(vae, digits[0], epochs=1, device="cpu", progress=False)
 
 
@@ -134,7 +188,16 @@ def test_clip_norm_bounds_the_update(digits):
         torch.manual_seed(0)
         vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
         before = [p.detach().clone() for p in vae.parameters()]
-        pyvae.fit(vae, train, epochs=1, batch_size=64, clip_norm=clip, device="cpu", seed=0, progress=False)
+        pyvae.fit(
+            vae,
+            train,
+            epochs=1,
+            batch_size=64,
+            clip_norm=clip,
+            device="cpu",
+            seed=0,
+            progress=False,
+        )
         moved[clip] = max(float((a - b).abs().max()) for a, b in zip(before, vae.parameters()))
     assert moved[None] > 1e-2 and moved[1e-12] < 1e-4, moved
     with pytest.raises(pyvae.PyvaeError, match="clip_norm must be a positive number; got 0"):
@@ -156,12 +219,16 @@ def test_resume_needs_a_run_written_by_fit(tmp_path, digits):
 
 
 @pytest.mark.parametrize("protocol", ["none", "cosine", "plateau"])
-def test_a_stop_on_the_last_step_of_an_epoch_resumes_exactly(tmp_path, digits, monkeypatch, protocol):
+def test_a_stop_on_the_last_step_of_an_epoch_resumes_exactly(
+    tmp_path, digits, monkeypatch, protocol
+):
     """Also with a learning-rate schedule, validation data, early stopping and best.pt."""
     from pyvae.train.loop import TrainingStopped
 
     train, test = digits  # 1437 points, batch 256: 6 steps per epoch
-    settings = dict(epochs=3, batch_size=256, kl_warmup_epochs=2, seed=5, device="cpu", progress=False)
+    settings = dict(
+        epochs=3, batch_size=256, kl_warmup_epochs=2, seed=5, device="cpu", progress=False
+    )
     if protocol != "none":
         settings.update(lr_schedule=protocol, valid=test, valid_samples=10, patience=2)
     torch.manual_seed(0)
@@ -180,7 +247,10 @@ def test_a_stop_on_the_last_step_of_an_epoch_resumes_exactly(tmp_path, digits, m
     for p, q in zip(vae.parameters(), whole.parameters()):
         assert torch.equal(p, q)
     if protocol != "none":
-        assert torch.load(tmp_path / "stopped" / "best.pt", weights_only=True)["epoch"] == torch.load(tmp_path / "whole" / "best.pt", weights_only=True)["epoch"]
+        assert (
+            torch.load(tmp_path / "stopped" / "best.pt", weights_only=True)["epoch"]
+            == torch.load(tmp_path / "whole" / "best.pt", weights_only=True)["epoch"]
+        )
 
 
 def test_a_mid_epoch_checkpoint_of_an_older_pyvae_resumes(tmp_path, digits, monkeypatch):

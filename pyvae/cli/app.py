@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from pyvae.cli.console import Parser, run, writable_dir
-from pyvae.errors import PyvaeError
 from pyvae.data.datasets import SPLITS
 from pyvae.data.sources import is_path
+from pyvae.errors import PyvaeError
 
 
 def load_run(path: str | Path, which: str | None = None, parts: str | None = None):
@@ -23,14 +23,16 @@ def load_run(path: str | Path, which: str | None = None, parts: str | None = Non
     """
     import os
 
-    from pyvae.runs import read
     from pyvae.cli.config import read_yaml
+    from pyvae.runs import read
 
     checkpoint = checkpoint_file(Path(path), which)
     config_path = checkpoint.parent / "config.yaml"
     config = read_yaml(config_path, "run config") if config_path.is_file() else None
     if config is not None and not isinstance(config, dict):
-        raise PyvaeError(f"run config {config_path} must be a mapping of keys to values; got {type(config).__name__}")
+        raise PyvaeError(
+            f"run config {config_path} must be a mapping of keys to values; got {type(config).__name__}"
+        )
     payload = read(checkpoint)
     model = checkpoint_model(checkpoint, payload, parts)
     if os.environ.get("RANK", "0") == "0":
@@ -43,7 +45,7 @@ def checkpoint_model(checkpoint: Path, payload: dict, parts: str | None = None):
     is imported again from the file it recorded, which must be there and unchanged; a built-in
     model is rebuilt from the checkpoint, with its custom parts from ``parts`` (--parts FILE.py)."""
     from pyvae.runs import load
-    from pyvae.parts.component import custom_parts, rebuild_user_model
+    from pyvae.runs.user_code import custom_parts, rebuild_user_model
 
     record = payload.get("user_model")
     if isinstance(record, dict):
@@ -60,15 +62,21 @@ def checkpoint_file(path: Path, which: str | None = None) -> Path:
         raise PyvaeError(f"unknown checkpoint {which!r}; choose from {', '.join(CHECKPOINTS)}")
     if not path.is_dir():
         if not path.is_file():
-            raise PyvaeError(f"{path} is neither a run folder with checkpoint.pt nor a checkpoint file")
+            raise PyvaeError(
+                f"{path} is neither a run folder with checkpoint.pt nor a checkpoint file"
+            )
         if which is not None:
-            raise PyvaeError(f"--checkpoint {which} picks a file of a run folder; {path} is a checkpoint file already")
+            raise PyvaeError(
+                f"--checkpoint {which} picks a file of a run folder; {path} is a checkpoint file already"
+            )
         return path
     best, last = path / "best.pt", path / "checkpoint.pt"
     if not last.is_file():
         raise PyvaeError(f"{path} is neither a run folder with checkpoint.pt nor a checkpoint file")
     if which == "best" and not best.is_file():
-        raise PyvaeError(f"{path} has no best.pt (it was trained without validation data); use --checkpoint last")
+        raise PyvaeError(
+            f"{path} has no best.pt (it was trained without validation data); use --checkpoint last"
+        )
     return best if which != "last" and best.is_file() else last
 
 
@@ -82,14 +90,21 @@ def describe_checkpoint(path: Path, payload: dict | None = None) -> str:
     epoch, history = payload.get("epoch"), payload.get("history")
     objective = payload.get("objective")
     if isinstance(objective, dict) and len(objective) == 1:
-        (key, value), = objective.items()
+        ((key, value),) = objective.items()
         return f"{path} (epoch {epoch}: the best validation {LABELS.get(key, key)}, {value:.3f})"
     if epoch is not None and history is not None:
         return f"{path} (epoch {epoch}, the last)"
     return str(path)
 
 
-def evaluation_data(vae, config: dict | None, dataset: str | None, split: str, data_dir: str | None, download: bool = True):
+def evaluation_data(
+    vae,
+    config: dict | None,
+    dataset: str | None,
+    split: str,
+    data_dir: str | None,
+    download: bool = True,
+):
     """The split a run is evaluated on, binarized as it was trained (one fixed draw where training drew afresh)."""
     return binarized_evaluation_data(vae, config, dataset, split, data_dir, download)[0]
 
@@ -102,10 +117,17 @@ def binarized_evaluation_data(vae, config, dataset, split, data_dir, download=Tr
     config = config or {}
     dataset = dataset or config.get("dataset")
     if dataset is None:
-        raise PyvaeError("no config.yaml beside the checkpoint says which data set it was trained on; pass --dataset")
+        raise PyvaeError(
+            "no config.yaml beside the checkpoint says which data set it was trained on; pass --dataset"
+        )
     download = download and config.get("download", True)
-    data = load_dataset(dataset, split, data_dir=data_dir or config.get("data_dir"), download=download,
-                        **(data_options(config) if dataset == config.get("dataset") else {}))
+    data = load_dataset(
+        dataset,
+        split,
+        data_dir=data_dir or config.get("data_dir"),
+        download=download,
+        **(data_options(config) if dataset == config.get("dataset") else {}),
+    )
     # another data set than the run's is binarized as the likelihood needs, not as the run's was
     mode = config.get("binarize", "auto") if dataset == config.get("dataset") else "auto"
     mode = resolve_binarize(likelihood_of(vae, config), data, mode)
@@ -124,7 +146,10 @@ def likelihood_of(vae, config: dict):
 
 def data_options(config: dict) -> dict:
     """How a PATH data set is split and sized, as a run's configuration recorded it."""
-    return {"test_fraction": config.get("test_fraction", 0.1), "image_size": config.get("image_size")}
+    return {
+        "test_fraction": config.get("test_fraction", 0.1),
+        "image_size": config.get("image_size"),
+    }
 
 
 def scored(model, data):
@@ -132,7 +157,9 @@ def scored(model, data):
     unlabelled (log p(x), the classes summed exactly), cvae needs the labels (log p(x | y))."""
     if needs_labels(model):
         if data.labels is None:
-            raise PyvaeError(f"{type(model).__name__} scores labelled images; the {data.name} {data.split} split has no labels")
+            raise PyvaeError(
+                f"{type(model).__name__} scores labelled images; the {data.name} {data.split} split has no labels"
+            )
         return data.images, data.labels
     return unlabelled(model, data.images)
 
@@ -154,7 +181,9 @@ def unlabelled(model, x):
     if batch_arity(model) == 1:
         return x
     if needs_labels(model):
-        raise PyvaeError(f"{type(model).__name__} scores labelled images only; anomaly scores need p(x) without labels")
+        raise PyvaeError(
+            f"{type(model).__name__} scores labelled images only; anomaly scores need p(x) without labels"
+        )
     return x, torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
 
 
@@ -171,14 +200,23 @@ def build_model(config, train, likelihood):
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = sorted(set(spec) - allowed)
     if unknown:
-        raise PyvaeError(f"unknown setting {unknown[0]!r} for model {config.model!r}; allowed: {', '.join(sorted(allowed))}")
-    flags = {"prior": config.prior, "likelihood": likelihood, "guide": config.guide, "net": config.net}
+        raise PyvaeError(
+            f"unknown setting {unknown[0]!r} for model {config.model!r}; allowed: {', '.join(sorted(allowed))}"
+        )
+    flags = {
+        "prior": config.prior,
+        "likelihood": likelihood,
+        "guide": config.guide,
+        "net": config.net,
+    }
     if cls is not MODELS.get("hvae"):
         flags.update(z_dim=config.z_dim, hidden=config.hidden, activation=config.activation)
     data = {"x_dim": train.x_dim, "image_shape": train.image_shape}
     if "num_classes" in allowed:
         if train.labels is None:
-            raise PyvaeError(f"model {cls.__name__} needs labels; the {train.name} data set has none")
+            raise PyvaeError(
+                f"model {cls.__name__} needs labels; the {train.name} data set has none"
+            )
         data["num_classes"] = int(train.labels.max()) + 1
     kwargs = {k: v for k, v in {**flags, **data}.items() if k in allowed}
     return cls(**{**kwargs, **spec})
@@ -186,7 +224,7 @@ def build_model(config, train, likelihood):
 
 def model_name(model) -> str:
     """A built-in model's name, or ``FILE.py:Class`` for a class of the user's own."""
-    from pyvae.parts.component import is_model_file, model_file_spec
+    from pyvae.runs.user_code import is_model_file, model_file_spec
 
     if is_model_file(model):
         spec = model_file_spec(model)
@@ -197,7 +235,7 @@ def model_name(model) -> str:
 def user_model_class(config):
     """(class, record) of ``--model FILE.py:Class``, imported and checked before the data are read
     (a bad file, class or argument leaves no run folder), or None for a built-in model."""
-    from pyvae.parts.component import is_model_file, model_class, model_file_spec
+    from pyvae.runs.user_code import is_model_file, model_class, model_file_spec
 
     if not is_model_file(config.model):
         return None
@@ -208,7 +246,7 @@ def user_model_class(config):
 def build_user_model(user, config, train):
     """The user's class built for ``train`` (:func:`pyvae.components.build_user_model`);
     ``config.model`` becomes its record for config.yaml: the absolute file, its sha256, the args."""
-    from pyvae.parts.component import build_user_model as build
+    from pyvae.runs.user_code import build_user_model as build
 
     cls, record = user
     data = {"x_dim": train.x_dim, "image_shape": list(train.image_shape)}
@@ -226,8 +264,10 @@ def semi_supervised_user_data(model, config, train, test, valid):
     from pyvae.program import batch_arity, batch_slots
 
     if batch_slots(model) <= batch_arity(model):
-        raise PyvaeError(f"--num-labels needs a model that takes an optional label, model(xs, ys=None); "
-                         f"{type(model).__name__}.model takes {batch_arity(model)} tensor(s), none optional")
+        raise PyvaeError(
+            f"--num-labels needs a model that takes an optional label, model(xs, ys=None); "
+            f"{type(model).__name__}.model takes {batch_arity(model)} tensor(s), none optional"
+        )
     train = semi_supervised(train, config.num_labels, config.seed)
     return train, (test.draw(),), (valid.draw(),) if valid is not None else None
 
@@ -236,27 +276,41 @@ def train_main(argv: list[str]) -> None:
     """Train a model by SVI: checkpoints, metrics, pictures and the test log-likelihood."""
     import torch
 
-    from pyvae.parts import likelihoods
-    from pyvae.viz import plots
     from pyvae.cli.config import parse_args
-    from pyvae.runs import load_weights, read
-    from pyvae.data.datasets import binarize_for, evaluation_split, load_train_test, semi_supervised, spread
-    from pyvae.data.streaming import StreamedImages
-    from pyvae.train.protocol import check
-    from pyvae.infer.diagnostics import evaluate
-    from pyvae.distributed import init, shutdown
-    from pyvae.parts.likelihoods import coding
-    from pyvae.train.loop import fit
     from pyvae.data.batching import resolve_device
+    from pyvae.data.datasets import (
+        binarize_for,
+        evaluation_split,
+        load_train_test,
+        semi_supervised,
+        spread,
+    )
+    from pyvae.data.streaming import StreamedImages
+    from pyvae.distributed import init, shutdown
+    from pyvae.infer.diagnostics import evaluate
+    from pyvae.parts import likelihoods
+    from pyvae.parts.likelihoods import coding
+    from pyvae.runs.checkpoint import load_weights, read
+    from pyvae.train.loop import fit
+    from pyvae.train.protocol import check
     from pyvae.train.tensorboard import TensorBoard
+    from pyvae.viz import plots
 
-    prog = "python -m pyvae train" if sys.argv[0].endswith("__main__.py") else None  # else the example's name
-    config, _ = parse_args(argv, description="Train a VAE by SVI and write its pictures, metrics and test log-likelihood.", prog=prog)
+    prog = (
+        "python -m pyvae train" if sys.argv[0].endswith("__main__.py") else None
+    )  # else the example's name
+    config, _ = parse_args(
+        argv,
+        description="Train a VAE by SVI and write its pictures, metrics and test log-likelihood.",
+        prog=prog,
+    )
     name = model_name(config.model)
     user = user_model_class(config)
     if config.num_labels is not None and name != "m2" and user is None:
-        raise PyvaeError(f"--num-labels is for the semi-supervised model m2 or a class of your own with an optional "
-                         f"label, model(xs, ys=None); model {name!r} uses every label or none")
+        raise PyvaeError(
+            f"--num-labels is for the semi-supervised model m2 or a class of your own with an optional "
+            f"label, model(xs, ys=None); model {name!r} uses every label or none"
+        )
     # under torchrun, one of several processes training together (rank 0 writes); else alone
     world, device = init(resolve_device(config.device))
     say = print if world.main else lambda *args, **kwargs: None
@@ -265,11 +319,16 @@ def train_main(argv: list[str]) -> None:
     if is_path(config.dataset):  # the run's config.yaml must find it again from anywhere
         config.dataset = str(Path(config.dataset).expanduser().resolve())
     elif config.image_size is not None and config.dataset in SPLITS:
-        raise PyvaeError(f"--image-size resizes the images of a PATH data set or a torchvision one read image by image "
-                         f"(celeba, stl10, ...); {config.dataset!r} is built in")
+        raise PyvaeError(
+            f"--image-size resizes the images of a PATH data set or a torchvision one read image by image "
+            f"(celeba, stl10, ...); {config.dataset!r} is built in"
+        )
     with world.local_main_first():  # one download per machine
         train, test, notice = load_train_test(
-            config.dataset, data_dir=config.data_dir, download=config.download, fallback=None if config.strict_data else "digits",
+            config.dataset,
+            data_dir=config.data_dir,
+            download=config.download,
+            fallback=None if config.strict_data else "digits",
             **data_options(config.__dict__),
         )
     if notice:
@@ -278,9 +337,16 @@ def train_main(argv: list[str]) -> None:
     with world.local_main_first():
         train, valid = validation_data(config, train, say)
     # before anything is written
-    check(config.patience, config.lr_schedule, valid is not None, f"{train.name} has no valid split; hold out part of the training set with --valid-fraction F")
+    check(
+        config.patience,
+        config.lr_schedule,
+        valid is not None,
+        f"{train.name} has no valid split; hold out part of the training set with --valid-fraction F",
+    )
     likelihood = likelihoods.LIKELIHOODS.resolve(config.likelihood)
-    train, test, config.binarize = binarize_for(likelihood, train, test, config.binarize, config.seed)
+    train, test, config.binarize = binarize_for(
+        likelihood, train, test, config.binarize, config.seed
+    )
     valid = evaluation_split(valid, config.binarize, config.seed) if valid is not None else None
     metrics = {}
     if name == "m2":
@@ -288,14 +354,30 @@ def train_main(argv: list[str]) -> None:
         if config.num_labels is not None:
             train = semi_supervised(train, config.num_labels, config.seed)
         x_test, y_test = test.draw(), test.labels
-        x_test = x_test[:] if isinstance(x_test, StreamedImages) else x_test  # read whole: its accuracy takes one tensor
+        x_test = (
+            x_test[:] if isinstance(x_test, StreamedImages) else x_test
+        )  # read whole: its accuracy takes one tensor
         metrics["test_accuracy"] = lambda model: model.accuracy(x_test, y_test)
         test = (x_test, torch.full_like(y_test, -1))
-        valid = (valid.draw(), torch.full((len(valid),), -1, dtype=torch.long)) if valid is not None else None
-    held = f" / {len(valid[0]) if name == 'm2' else len(valid)} valid ({valid_origin(config)})" if valid is not None else ""
-    streamed = ", streamed from disk (too large for memory)" if isinstance(train.images, StreamedImages) else ""
-    say(f"data: {train.name}, {len(train)} train{held} / {len(x_test) if name == 'm2' else len(test)} test images of {train.image_shape}, "
-        f"binarize={config.binarize}{streamed}")
+        valid = (
+            (valid.draw(), torch.full((len(valid),), -1, dtype=torch.long))
+            if valid is not None
+            else None
+        )
+    held = (
+        f" / {len(valid[0]) if name == 'm2' else len(valid)} valid ({valid_origin(config)})"
+        if valid is not None
+        else ""
+    )
+    streamed = (
+        ", streamed from disk (too large for memory)"
+        if isinstance(train.images, StreamedImages)
+        else ""
+    )
+    say(
+        f"data: {train.name}, {len(train)} train{held} / {len(x_test) if name == 'm2' else len(test)} test images of {train.image_shape}, "
+        f"binarize={config.binarize}{streamed}"
+    )
 
     # 2. model: Pyro programs around neural networks
     torch.manual_seed(config.seed)
@@ -361,18 +443,30 @@ def train_main(argv: list[str]) -> None:
     if config.eval_samples:
         points = spread(torch.arange(len(x_test)), config.eval_points)
         data = x_test[points]
-        if (isinstance(test, tuple) and len(test) > 1) or needs_labels(model):  # m2's (x, -1), cvae's (x, y)
+        if (isinstance(test, tuple) and len(test) > 1) or needs_labels(
+            model
+        ):  # m2's (x, -1), cvae's (x, y)
             data = (data, test[1][points] if isinstance(test, tuple) else test.labels[points])
-        result = evaluate(model, data, config.eval_samples, dataset=train.name, split="test", progress=True)
+        result = evaluate(
+            model, data, config.eval_samples, dataset=train.name, split="test", progress=True
+        )
         print(result.table())
         result.write(out / f"eval-{train.name}-test-K{config.eval_samples}{last_suffix(chosen)}")
         if board is not None:
             board.evaluation(result.summary(), result.table(), evaluated["epoch"])
     if board is not None:
         board.close()
-    accuracy = f"; test accuracy {evaluated['test_accuracy']:.3f}" if "test_accuracy" in evaluated else ""
-    bits = f", {evaluated['test_elbo_bpd']:.4f} bits/dim ({coding(model)[1]} levels)" if "test_elbo_bpd" in evaluated else ""
-    print(f"test ELBO {evaluated['test_elbo']:.3f} nats per data point{bits} (epoch {evaluated['epoch']}){accuracy}; outputs in {out}/")
+    accuracy = (
+        f"; test accuracy {evaluated['test_accuracy']:.3f}" if "test_accuracy" in evaluated else ""
+    )
+    bits = (
+        f", {evaluated['test_elbo_bpd']:.4f} bits/dim ({coding(model)[1]} levels)"
+        if "test_elbo_bpd" in evaluated
+        else ""
+    )
+    print(
+        f"test ELBO {evaluated['test_elbo']:.3f} nats per data point{bits} (epoch {evaluated['epoch']}){accuracy}; outputs in {out}/"
+    )
 
 
 def validation_data(config, train, say):
@@ -383,7 +477,13 @@ def validation_data(config, train, say):
     from pyvae.errors import DataNotFound
 
     try:
-        return validation_split(train, config.valid_fraction, config.seed, data_dir=config.data_dir, download=config.download)
+        return validation_split(
+            train,
+            config.valid_fraction,
+            config.seed,
+            data_dir=config.data_dir,
+            download=config.download,
+        )
     except DataNotFound as e:
         if config.patience is not None or config.lr_schedule == "plateau":
             raise
@@ -392,7 +492,11 @@ def validation_data(config, train, say):
 
 
 def valid_origin(config) -> str:
-    return f"{config.valid_fraction:g} of train held out, seed {config.seed}" if config.valid_fraction else "the valid split"
+    return (
+        f"{config.valid_fraction:g} of train held out, seed {config.seed}"
+        if config.valid_fraction
+        else "the valid split"
+    )
 
 
 def evaluate_main(argv: list[str]) -> None:
@@ -402,15 +506,36 @@ def evaluate_main(argv: list[str]) -> None:
     from pyvae import distributed
     from pyvae.infer.diagnostics import evaluate
 
-    parser = run_parser("evaluate", "log p(x) by importance sampling (or AIS) and guide diagnostics of a trained run.",
-                        "RUN/eval-<dataset>-<split>-K<K>, with AIS RUN/eval-<dataset>-<split>-ais-T<T>-C<C>")
-    parser.add_argument("--split", default="test", choices=["train", "valid", "test"], help="which split to score (default test)")
-    parser.add_argument("--num-samples", type=int, default=5000, help="K importance samples per point")
-    parser.add_argument("--batch-size", type=int, help="data points per chunk (default: chosen to bound memory)")
-    parser.add_argument("--num-points", type=int, help="evaluate this many points, evenly spread over the split")
-    parser.add_argument("--site", help="the latent site the plots show (default: the model's top-level latent)")
-    parser.add_argument("--method", default="is", choices=["is", "ais"], help="is: importance sampling with the guide; "
-                        "ais: annealed importance sampling (HMC), IS kept beside it (default is)")
+    parser = run_parser(
+        "evaluate",
+        "log p(x) by importance sampling (or AIS) and guide diagnostics of a trained run.",
+        "RUN/eval-<dataset>-<split>-K<K>, with AIS RUN/eval-<dataset>-<split>-ais-T<T>-C<C>",
+    )
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "valid", "test"],
+        help="which split to score (default test)",
+    )
+    parser.add_argument(
+        "--num-samples", type=int, default=5000, help="K importance samples per point"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, help="data points per chunk (default: chosen to bound memory)"
+    )
+    parser.add_argument(
+        "--num-points", type=int, help="evaluate this many points, evenly spread over the split"
+    )
+    parser.add_argument(
+        "--site", help="the latent site the plots show (default: the model's top-level latent)"
+    )
+    parser.add_argument(
+        "--method",
+        default="is",
+        choices=["is", "ais"],
+        help="is: importance sampling with the guide; "
+        "ais: annealed importance sampling (HMC), IS kept beside it (default is)",
+    )
     ais_flags(parser)
     args = parser.parse_args(argv)
     check_positive(args, "num_samples", "batch_size", "num_points", optional=True)
@@ -418,41 +543,75 @@ def evaluate_main(argv: list[str]) -> None:
 
     world, device, vae, checkpoint, data, x = scored_run(args, args.split, args.num_points)
     name = f"ais-T{args.num_steps}-C{args.num_chains}" if ais else f"K{args.num_samples}"
-    out = writable_dir(args.out or checkpoint.parent / f"eval-{data.name}-{args.split}-{name}{last_suffix(checkpoint)}", create=False)
+    out = writable_dir(
+        args.out
+        or checkpoint.parent / f"eval-{data.name}-{args.split}-{name}{last_suffix(checkpoint)}",
+        create=False,
+    )
 
     pyro.set_rng_seed(args.seed)
-    result = evaluate(vae, x, args.num_samples, args.batch_size, site=args.site, device=device, dataset=data.name,
-                      split=args.split, progress=world.main, seed=args.seed, ais=ais, world=world)
+    result = evaluate(
+        vae,
+        x,
+        args.num_samples,
+        args.batch_size,
+        site=args.site,
+        device=device,
+        dataset=data.name,
+        split=args.split,
+        progress=world.main,
+        seed=args.seed,
+        ais=ais,
+        world=world,
+    )
     if world.main:
         print(result.table())
         result.write(out)
-        written = ["eval.json", "eval.nc", "khat.png", "iwae_curve.png"] + (["kl_per_dim.png"] if result.kl_per_dim is not None else [])
+        written = ["eval.json", "eval.nc", "khat.png", "iwae_curve.png"] + (
+            ["kl_per_dim.png"] if result.kl_per_dim is not None else []
+        )
         print(f"wrote {out}/" + ", ".join(written + (["ais.png"] if ais else [])))
     distributed.shutdown()
 
 
 def bdmc_main(argv: list[str]) -> None:
     """BDMC: forward and reverse AIS on data simulated from the model, a sandwich around log p(x)."""
-    import json
 
     from pyvae import distributed
-    from pyvae.viz import plots
     from pyvae.infer.bdmc import bdmc
-    from pyvae.runs import atomic_write
+    from pyvae.runs import write_json
+    from pyvae.viz import plots
 
-    parser = run_parser("bdmc", "Bidirectional Monte Carlo: how far AIS at T steps can be from log p(x).", "RUN/bdmc-T<T>-C<C>")
-    parser.add_argument("--num-points", type=int, default=20, help="points simulated from the model (default 20)")
+    parser = run_parser(
+        "bdmc",
+        "Bidirectional Monte Carlo: how far AIS at T steps can be from log p(x).",
+        "RUN/bdmc-T<T>-C<C>",
+    )
+    parser.add_argument(
+        "--num-points", type=int, default=20, help="points simulated from the model (default 20)"
+    )
     ais_flags(parser)
     args = parser.parse_args(argv)
     check_positive(args, "num_points")
     ais = ais_settings(args)
     world, _, vae, checkpoint, _, template = scored_run(args, "test", args.num_points)
-    out = writable_dir(args.out or checkpoint.parent / f"bdmc-T{args.num_steps}-C{args.num_chains}{last_suffix(checkpoint)}", create=False)
-    result = bdmc(vae, template if isinstance(template, tuple) else (template,), seed=args.seed, world=world, **ais)
+    out = writable_dir(
+        args.out
+        or checkpoint.parent
+        / f"bdmc-T{args.num_steps}-C{args.num_chains}{last_suffix(checkpoint)}",
+        create=False,
+    )
+    result = bdmc(
+        vae,
+        template if isinstance(template, tuple) else (template,),
+        seed=args.seed,
+        world=world,
+        **ais,
+    )
     if world.main:
         print(result.table())
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "bdmc.json", lambda f: f.write(json.dumps(result.summary(), indent=2).encode()))
+        write_json(out / "bdmc.json", result.summary())
         plots.bdmc(result.summary(), out / "bdmc.png")
         print(f"wrote {out}/bdmc.json, bdmc.png")
     distributed.shutdown()
@@ -460,29 +619,57 @@ def bdmc_main(argv: list[str]) -> None:
 
 def gap_main(argv: list[str]) -> None:
     """The inference gap split into approximation and amortization gaps (AIS and per-point guides)."""
-    import json
 
     from pyvae import distributed
-    from pyvae.runs import atomic_write
     from pyvae.infer.gap import inference_gap
+    from pyvae.runs import write_json
 
-    parser = run_parser("gap", "The inference gap log p(x) - ELBO split into approximation and amortization gaps.", "RUN/gap-T<T>")
-    parser.add_argument("--num-points", type=int, default=20, help="test points, evenly spread (default 20)")
-    parser.add_argument("--num-samples", type=int, default=1000, help="draws for each ELBO (default 1000)")
-    parser.add_argument("--local-steps", type=int, default=2000, help="at most this many Adam steps per point's guide (default 2000)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the per-point guides (default 1e-3)")
+    parser = run_parser(
+        "gap",
+        "The inference gap log p(x) - ELBO split into approximation and amortization gaps.",
+        "RUN/gap-T<T>",
+    )
+    parser.add_argument(
+        "--num-points", type=int, default=20, help="test points, evenly spread (default 20)"
+    )
+    parser.add_argument(
+        "--num-samples", type=int, default=1000, help="draws for each ELBO (default 1000)"
+    )
+    parser.add_argument(
+        "--local-steps",
+        type=int,
+        default=2000,
+        help="at most this many Adam steps per point's guide (default 2000)",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="Adam learning rate of the per-point guides (default 1e-3)",
+    )
     ais_flags(parser)
     args = parser.parse_args(argv)
     check_positive(args, "num_points", "num_samples", "local_steps")
     ais = ais_settings(args)
     world, _, vae, checkpoint, _, x = scored_run(args, "test", args.num_points)
-    out = writable_dir(args.out or checkpoint.parent / f"gap-T{args.num_steps}{last_suffix(checkpoint)}", create=False)
-    result = inference_gap(vae, x, ais=ais, num_samples=args.num_samples, local_steps=args.local_steps, lr=args.lr,
-                           seed=args.seed, world=world)
+    out = writable_dir(
+        args.out or checkpoint.parent / f"gap-T{args.num_steps}{last_suffix(checkpoint)}",
+        create=False,
+    )
+    result = inference_gap(
+        vae,
+        x,
+        ais=ais,
+        num_samples=args.num_samples,
+        local_steps=args.local_steps,
+        lr=args.lr,
+        seed=args.seed,
+        world=world,
+    )
     if world.main:
         print(result.table())
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "gap.json", lambda f: f.write(json.dumps(result.summary(), indent=2).encode()))
+        write_json(out / "gap.json", result.summary())
         result.to_netcdf(out / "eval.nc")
         print(f"wrote {out}/gap.json, eval.nc")
     distributed.shutdown()
@@ -500,7 +687,11 @@ def scored_run(args, split: str, num_points: int | None):
     vae.to(device)
     data = evaluation_data(vae, config, args.dataset, split, args.data_dir, not args.no_download)
     x = scored(vae, data)
-    x = tuple(spread(t, num_points).to(device) for t in x) if isinstance(x, tuple) else spread(x, num_points).to(device)
+    x = (
+        tuple(spread(t, num_points).to(device) for t in x)
+        if isinstance(x, tuple)
+        else spread(x, num_points).to(device)
+    )
     return world, device, vae, checkpoint, data, x
 
 
@@ -508,44 +699,97 @@ def last_suffix(checkpoint: Path) -> str:
     """``-last`` in the default output folder's name when the last epoch's checkpoint of a run that keeps
     a best.pt too was loaded (``--checkpoint last``, RUN/checkpoint.pt, ``--eval-checkpoint last``),
     so that it does not overwrite the evaluation of best.pt."""
-    return "-last" if checkpoint.name == "checkpoint.pt" and (checkpoint.parent / "best.pt").is_file() else ""
+    return (
+        "-last"
+        if checkpoint.name == "checkpoint.pt" and (checkpoint.parent / "best.pt").is_file()
+        else ""
+    )
 
 
 def ais_flags(parser) -> None:
     """The flags of annealed importance sampling, shared by evaluate, bdmc and gap."""
     from pyvae.infer.ais import SCHEDULES, STARTS
 
-    parser.add_argument("--num-steps", type=int, default=1000, help="T, intermediate distributions of AIS (default 1000)")
-    parser.add_argument("--num-chains", type=int, default=16, help="AIS chains per point (default 16)")
-    parser.add_argument("--leapfrog-steps", type=int, default=10, help="HMC leapfrog steps per AIS transition (default 10)")
-    parser.add_argument("--schedule", default="sigmoid", choices=SCHEDULES, help="the annealing schedule (default sigmoid)")
-    parser.add_argument("--ais-start", default="guide", choices=STARTS, help="where the path starts: q(z|x) or the prior (default guide)")
-    parser.add_argument("--compile", action="store_true", help="record the densities and their gradients once as a graph (and "
-                        "the gradients alone as a second) and compile them (torch.compile): about 2.5-3x faster per "
-                        "step on a CPU, after about 30-45 s of compiling")
+    parser.add_argument(
+        "--num-steps",
+        type=int,
+        default=1000,
+        help="T, intermediate distributions of AIS (default 1000)",
+    )
+    parser.add_argument(
+        "--num-chains", type=int, default=16, help="AIS chains per point (default 16)"
+    )
+    parser.add_argument(
+        "--leapfrog-steps",
+        type=int,
+        default=10,
+        help="HMC leapfrog steps per AIS transition (default 10)",
+    )
+    parser.add_argument(
+        "--schedule",
+        default="sigmoid",
+        choices=SCHEDULES,
+        help="the annealing schedule (default sigmoid)",
+    )
+    parser.add_argument(
+        "--ais-start",
+        default="guide",
+        choices=STARTS,
+        help="where the path starts: q(z|x) or the prior (default guide)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="record the densities and their gradients once as a graph (and "
+        "the gradients alone as a second) and compile them (torch.compile): about 2.5-3x faster per "
+        "step on a CPU, after about 30-45 s of compiling",
+    )
 
 
 def ais_settings(args) -> dict:
     """The keyword arguments of :func:`pyvae.ais.ais_log_likelihood` the flags ask for."""
     check_positive(args, "num_steps", "num_chains", "leapfrog_steps")
-    return {"num_steps": args.num_steps, "num_chains": args.num_chains, "leapfrog_steps": args.leapfrog_steps,
-            "schedule": args.schedule, "start": args.ais_start, "compile": args.compile}
+    return {
+        "num_steps": args.num_steps,
+        "num_chains": args.num_chains,
+        "leapfrog_steps": args.leapfrog_steps,
+        "schedule": args.schedule,
+        "start": args.ais_start,
+        "compile": args.compile,
+    }
 
 
 def run_parser(command: str, description: str, default_out: str = "RUN/explore") -> Parser:
     """The arguments every ``python -m pyvae`` command on a trained run shares."""
     parser = Parser(prog=f"python -m pyvae {command}", description=description)
-    parser.add_argument("run", help="run folder (with checkpoint.pt and config.yaml) or checkpoint file")
+    parser.add_argument(
+        "run", help="run folder (with checkpoint.pt and config.yaml) or checkpoint file"
+    )
     parser.add_argument("--dataset", help="data set (default: the run's)")
-    parser.add_argument("--data-dir", help="data root (default: the run's, else $PYVAE_DATA, else ./data)")
+    parser.add_argument(
+        "--data-dir", help="data root (default: the run's, else $PYVAE_DATA, else ./data)"
+    )
     parser.add_argument("--no-download", action="store_true", help="never fetch missing data files")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute (auto: CUDA when available)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where to compute (auto: CUDA when available)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the random draws (default 0)")
     parser.add_argument("--out", help=f"output folder (default {default_out})")
-    parser.add_argument("--checkpoint", choices=CHECKPOINTS, help="in a run folder: best.pt, the best validation epoch, or "
-                        "checkpoint.pt, the last (default: best.pt when there is one)")
-    parser.add_argument("--parts", metavar="FILE.py", help="the Python file defining the run's custom prior, likelihood "
-                        "or guide (imported; its __main__ block is not run)")
+    parser.add_argument(
+        "--checkpoint",
+        choices=CHECKPOINTS,
+        help="in a run folder: best.pt, the best validation epoch, or "
+        "checkpoint.pt, the last (default: best.pt when there is one)",
+    )
+    parser.add_argument(
+        "--parts",
+        metavar="FILE.py",
+        help="the Python file defining the run's custom prior, likelihood "
+        "or guide (imported; its __main__ block is not run)",
+    )
     return parser
 
 
@@ -567,7 +811,11 @@ def explore_setup(args, *positive: str):
     vae, config, checkpoint = load_run(args.run, args.checkpoint, args.parts)
     vae.to(resolve_device(args.device)).eval()
     pyro.set_rng_seed(args.seed)
-    return vae, config, writable_dir(args.out or checkpoint.parent / f"explore{last_suffix(checkpoint)}")
+    return (
+        vae,
+        config,
+        writable_dir(args.out or checkpoint.parent / f"explore{last_suffix(checkpoint)}"),
+    )
 
 
 def held_out_images(vae, config, args, n=None, dataset=None):
@@ -575,7 +823,9 @@ def held_out_images(vae, config, args, n=None, dataset=None):
     spread on the model's device, how it was binarized: see :func:`binarized_evaluation_data`)."""
     from pyvae.data.datasets import spread
 
-    data, mode = binarized_evaluation_data(vae, config, dataset or args.dataset, "test", args.data_dir, not args.no_download)
+    data, mode = binarized_evaluation_data(
+        vae, config, dataset or args.dataset, "test", args.data_dir, not args.no_download
+    )
     device = next(vae.parameters()).device
     return data, spread(data.images, n).to(device), mode
 
@@ -586,8 +836,12 @@ def sample_main(argv: list[str]) -> None:
 
     parser = run_parser("sample", "Images decoded from latents drawn from the prior.")
     parser.add_argument("--n", type=int, default=64, help="how many images (default 64)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="scale of z about the prior mean (vae)")
-    parser.add_argument("--label", type=int, help="class to draw (cvae, m2); default: the classes in turn")
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="scale of z about the prior mean (vae)"
+    )
+    parser.add_argument(
+        "--label", type=int, help="class to draw (cvae, m2); default: the classes in turn"
+    )
     args = parser.parse_args(argv)
     vae, _, out = explore_setup(args, "n")
     if not args.temperature > 0:
@@ -606,18 +860,26 @@ def reconstruct_main(argv: list[str]) -> None:
     vae, config, out = explore_setup(args, "n")
     data, x, _ = held_out_images(vae, config, args)
     labels = data.labels if needs_labels(vae) else None
-    plots.reconstructions(vae, x, out / "reconstructions.png", per_row=8, rows=max(1, args.n // 8), labels=labels)
+    plots.reconstructions(
+        vae, x, out / "reconstructions.png", per_row=8, rows=max(1, args.n // 8), labels=labels
+    )
     print(f"wrote {out}/reconstructions.png")
 
 
 def interpolate_main(argv: list[str]) -> None:
     """Decoded paths between test images, linear and spherical in z (vae)."""
-    from pyvae.viz import plots
     from pyvae.infer.explore import interpolations, require_vae
+    from pyvae.viz import plots
 
-    parser = run_parser("interpolate", "Decoded paths between test images, linear and spherical in z.")
-    parser.add_argument("--pairs", type=int, default=8, help="pairs of test images, one row each (default 8)")
-    parser.add_argument("--steps", type=int, default=10, help="images along each path, ends included (default 10)")
+    parser = run_parser(
+        "interpolate", "Decoded paths between test images, linear and spherical in z."
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=8, help="pairs of test images, one row each (default 8)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=10, help="images along each path, ends included (default 10)"
+    )
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args, "pairs", "steps")
     require_vae(vae, "interpolate")
@@ -633,13 +895,19 @@ def traverse_main(argv: list[str]) -> None:
     """Each latent dimension swept over the prior's quantiles, by KL (vae)."""
     import torch
 
-    from pyvae.viz import plots
     from pyvae.infer.explore import manifold, require_vae, traversal
     from pyvae.infer.importance import log_likelihood
+    from pyvae.viz import plots
 
-    parser = run_parser("traverse", "Each latent dimension swept over the prior's quantiles, by KL.")
-    parser.add_argument("--dims", type=int, default=10, help="how many dimensions, largest KL first")
-    parser.add_argument("--steps", type=int, default=9, help="quantiles of the prior per dimension (default 9)")
+    parser = run_parser(
+        "traverse", "Each latent dimension swept over the prior's quantiles, by KL."
+    )
+    parser.add_argument(
+        "--dims", type=int, default=10, help="how many dimensions, largest KL first"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=9, help="quantiles of the prior per dimension (default 9)"
+    )
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args, "dims", "steps")
     require_vae(vae, "traverse")
@@ -649,7 +917,9 @@ def traverse_main(argv: list[str]) -> None:
     if kl is None:  # no factorized marginals: rank by how much the latent means vary instead
         kl = vae.latent_mean(x).var(0).cpu()
     order = torch.argsort(kl, descending=True)[: args.dims].tolist()
-    plots.save_grid(traversal(vae, order, args.steps), vae.image_shape, out / "traverse.png", nrow=args.steps)
+    plots.save_grid(
+        traversal(vae, order, args.steps), vae.image_shape, out / "traverse.png", nrow=args.steps
+    )
     print(f"wrote {out}/traverse.png (rows: dimensions {order})")
     if vae.z_dim == 2:
         plots.save_grid(manifold(vae), vae.image_shape, out / "manifold.png", nrow=15)
@@ -658,25 +928,28 @@ def traverse_main(argv: list[str]) -> None:
 
 def embed_main(argv: list[str]) -> None:
     """Latent means of the test set: a scatter, a linear probe, k-means purity."""
-    import json
 
     from dataclasses import replace
 
     import torch
 
-    from pyvae.viz import plots
-    from pyvae.runs import atomic_write
     from pyvae.infer.explore import embedding_2d, linear_probe
     from pyvae.models import VAE
     from pyvae.program import latent_means, structure
+    from pyvae.runs import write_json
+    from pyvae.viz import plots
 
-    parser = run_parser("embed", "Latent means of the test set: a scatter, a linear probe, k-means purity.")
+    parser = run_parser(
+        "embed", "Latent means of the test set: a scatter, a linear probe, k-means purity."
+    )
     parser.add_argument("--num-points", type=int, help="test images, evenly spread (default all)")
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args)
     data, _, _ = held_out_images(vae, config, args)
     if data.labels is None:
-        raise PyvaeError(f"the {data.name} test split has no labels; pass --dataset with a labelled set")
+        raise PyvaeError(
+            f"the {data.name} test split has no labels; pass --dataset with a labelled set"
+        )
     from pyvae.data.datasets import spread
 
     x, labels = spread(data.images, args.num_points), spread(data.labels, args.num_points)
@@ -685,16 +958,26 @@ def embed_main(argv: list[str]) -> None:
         z = vae.latent_mean(x.to(device)).cpu().numpy()
     else:  # the guide's mean of the model's latent site, m2's images unlabelled
         batch = scored(vae, replace(data, images=x, labels=labels))
-        batch = tuple(t.to(device) for t in batch) if isinstance(batch, tuple) else (batch.to(device),)
+        batch = (
+            tuple(t.to(device) for t in batch) if isinstance(batch, tuple) else (batch.to(device),)
+        )
         site = getattr(vae, "latent_site", None)
         if site is None:  # a class of the user's own: its first latent site, evaluate's default too
             site = structure(vae, tuple(t[:2] for t in batch)).latent_sites[0]
-        z = torch.cat([latent_means(vae, tuple(t[i : i + 500] for t in batch), site)
-                       for i in range(0, len(x), 500)]).cpu().numpy()
+        z = (
+            torch.cat(
+                [
+                    latent_means(vae, tuple(t[i : i + 500] for t in batch), site)
+                    for i in range(0, len(x), 500)
+                ]
+            )
+            .cpu()
+            .numpy()
+        )
     result = linear_probe(z, labels.numpy(), seed=args.seed)
     points, axis_name = embedding_2d(z)
     plots.embedding(points, labels.numpy(), axis_name, out / "embedding.png")
-    atomic_write(out / "embed.json", lambda f: f.write(json.dumps({"dataset": data.name, **result}, indent=2).encode()))
+    write_json(out / "embed.json", {"dataset": data.name, **result})
     print(
         f"{data.name} test, {result['num_points']} points: linear probe accuracy {result['probe_accuracy']:.3f} "
         f"(majority class {result['majority_baseline']:.3f}); k-means purity {result['kmeans_purity']:.3f}"
@@ -711,23 +994,32 @@ BINARIZED = {
 
 def anomaly_main(argv: list[str]) -> None:
     """log p(x) as an anomaly score: ROC AUC of test images against another set."""
-    import json
 
-    from pyvae.viz import plots
-    from pyvae.runs import atomic_write
     from pyvae.infer.explore import anomaly_auc
     from pyvae.infer.importance import log_likelihood
+    from pyvae.runs import write_json
+    from pyvae.viz import plots
 
-    parser = run_parser("anomaly", "log p(x) as an anomaly score: ROC AUC of test images against another set.")
-    parser.add_argument("--ood", required=True, help="the out-of-distribution data set, e.g. fashion_mnist")
-    parser.add_argument("--num-samples", type=int, default=100, help="K importance samples per image")
-    parser.add_argument("--num-points", type=int, default=1000, help="images of each set, evenly spread")
+    parser = run_parser(
+        "anomaly", "log p(x) as an anomaly score: ROC AUC of test images against another set."
+    )
+    parser.add_argument(
+        "--ood", required=True, help="the out-of-distribution data set, e.g. fashion_mnist"
+    )
+    parser.add_argument(
+        "--num-samples", type=int, default=100, help="K importance samples per image"
+    )
+    parser.add_argument(
+        "--num-points", type=int, default=1000, help="images of each set, evenly spread"
+    )
     args = parser.parse_args(argv)
     vae, config, out = explore_setup(args, "num_samples", "num_points")
     data, x_in, mode_in = held_out_images(vae, config, args, args.num_points)
     ood, x_ood, mode_ood = held_out_images(vae, config, args, args.num_points, dataset=args.ood)
     if x_ood.shape[1] != vae.x_dim:
-        raise PyvaeError(f"{args.ood} images have {x_ood.shape[1]} pixels; the model expects {vae.x_dim}")
+        raise PyvaeError(
+            f"{args.ood} images have {x_ood.shape[1]} pixels; the model expects {vae.x_dim}"
+        )
     ll_in = log_likelihood(vae, unlabelled(vae, x_in), args.num_samples).log_px
     ll_ood = log_likelihood(vae, unlabelled(vae, x_ood), args.num_samples).log_px
     auc = anomaly_auc(ll_in, ll_ood)
@@ -737,15 +1029,22 @@ def anomaly_main(argv: list[str]) -> None:
         "num_points": len(x_in),
         "num_samples": args.num_samples,
         # only the run's own set was drawn afresh in training; another set is one fixed draw, nothing more
-        "binarization": {data.name: BINARIZED[mode_in], ood.name: BINARIZED["static" if mode_ood == "dynamic" else mode_ood]},
+        "binarization": {
+            data.name: BINARIZED[mode_in],
+            ood.name: BINARIZED["static" if mode_ood == "dynamic" else mode_ood],
+        },
         "roc_auc": auc,
         "log_px_in": float(ll_in.mean()),
         "log_px_ood": float(ll_ood.mean()),
     }
-    plots.anomaly_histogram(ll_in, ll_ood, (data.name, ood.name), auc, args.num_samples, out / "anomaly_hist.png")
-    atomic_write(out / "anomaly.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
+    plots.anomaly_histogram(
+        ll_in, ll_ood, (data.name, ood.name), auc, args.num_samples, out / "anomaly_hist.png"
+    )
+    write_json(out / "anomaly.json", result)
     print(f"ROC AUC of -log p(x), {data.name} (in) vs {ood.name} (out): {auc:.3f}")
-    print(f"  {len(x_in)} test images of each, evenly spread; log p(x) by importance sampling, K = {args.num_samples}")
+    print(
+        f"  {len(x_in)} test images of each, evenly spread; log p(x) by importance sampling, K = {args.num_samples}"
+    )
     for name, how in result["binarization"].items():
         print(f"  {name}: {how}")
     print(f"  mean log p(x): in {result['log_px_in']:.2f}, out {result['log_px_ood']:.2f} nats")
@@ -779,11 +1078,17 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m pyvae COMMAND [flags]   (python -m pyvae COMMAND --help for its flags)\n")
+        print(
+            "usage: python -m pyvae COMMAND [flags]   (python -m pyvae COMMAND --help for its flags)\n"
+        )
         for name, command in COMMANDS.items():
-            print(f"  {name:<12}{(command.__doc__ or '').strip().splitlines()[0] if command.__doc__ else ''}")
+            print(
+                f"  {name:<12}{(command.__doc__ or '').strip().splitlines()[0] if command.__doc__ else ''}"
+            )
         return
     if argv[0] not in COMMANDS:
-        print(f"usage: python -m pyvae {{{','.join(COMMANDS)}}} ...; got {argv[0]!r}", file=sys.stderr)
+        print(
+            f"usage: python -m pyvae {{{','.join(COMMANDS)}}} ...; got {argv[0]!r}", file=sys.stderr
+        )
         sys.exit(2)
     run(COMMANDS[argv[0]], argv[1:])

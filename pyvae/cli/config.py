@@ -19,24 +19,25 @@ from pathlib import Path
 
 import yaml
 
+from pyvae.cli.console import Parser, writable_dir
+from pyvae.data.batching import DEVICES
 from pyvae.data.datasets import BINARIZE_MODES, SPLITS, torchvision_class
 from pyvae.data.sources import is_path
-from pyvae.cli.console import Parser, writable_dir
 from pyvae.errors import PyvaeError
-from pyvae.parts.component import is_model_file, model_file_spec, plain
 from pyvae.parts.guides import GUIDES
 from pyvae.parts.likelihoods import LIKELIHOODS
 from pyvae.parts.nets import MLP_ACTIVATIONS, NETS
 from pyvae.parts.priors import PRIORS
-from pyvae.data.batching import DEVICES
+from pyvae.runs.user_code import is_model_file, model_file_spec, plain
 from pyvae.train.objectives import ELBO_CHOICES
 from pyvae.train.protocol import SCHEDULES
 
-
-MODEL_HELP = ("vae, hvae, cvae or m2 (in YAML also {name: hvae, z_dims: [100, 50], ...}), or "
-              "FILE.py:Class, a model class of your own: a torch.nn.Module with Pyro methods "
-              "model and guide (in YAML {file: FILE.py, class: Class, args: {z_dim: 10}}); every "
-              "command that follows the run imports that file again, and refuses it once changed")
+MODEL_HELP = (
+    "vae, hvae, cvae or m2 (in YAML also {name: hvae, z_dims: [100, 50], ...}), or "
+    "FILE.py:Class, a model class of your own: a torch.nn.Module with Pyro methods "
+    "model and guide (in YAML {file: FILE.py, class: Class, args: {z_dim: 10}}); every "
+    "command that follows the run imports that file again, and refuses it once changed"
+)
 
 
 def _choices(*values) -> dict:
@@ -48,17 +49,51 @@ class TrainConfig:
     """Everything a training run needs; ``config.yaml`` in a run folder is one of these."""
 
     # data
-    dataset: str = field(default="binarized_mnist", metadata={"dataset": True, "help": f"{', '.join(SPLITS)}, any image set of torchvision.datasets by name (celeba, stl10, ...), or the path of an image folder, .npz or .npy"})
-    test_fraction: float = field(default=0.1, metadata={"open_unit": True, "help": "a PATH or torchvision data set without a test split: hold out this fraction as test"})
-    image_size: int | None = field(default=None, metadata={"min": 1, "help": "a PATH image data set or a torchvision one read image by image: resize the shorter side to S and centre-crop S x S"})
-    data_dir: str | None = field(default=None, metadata={"help": "data root (else $PYVAE_DATA, else ./data)"})
-    strict_data: bool = field(default=False, metadata={"help": "fail instead of falling back to digits"})
+    dataset: str = field(
+        default="binarized_mnist",
+        metadata={
+            "dataset": True,
+            "help": f"{', '.join(SPLITS)}, any image set of torchvision.datasets by name (celeba, stl10, ...), or the path of an image folder, .npz or .npy",
+        },
+    )
+    test_fraction: float = field(
+        default=0.1,
+        metadata={
+            "open_unit": True,
+            "help": "a PATH or torchvision data set without a test split: hold out this fraction as test",
+        },
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "min": 1,
+            "help": "a PATH image data set or a torchvision one read image by image: resize the shorter side to S and centre-crop S x S",
+        },
+    )
+    data_dir: str | None = field(
+        default=None, metadata={"help": "data root (else $PYVAE_DATA, else ./data)"}
+    )
+    strict_data: bool = field(
+        default=False, metadata={"help": "fail instead of falling back to digits"}
+    )
     download: bool = field(default=True, metadata={"help": "download missing data files"})
     binarize: str = field(default="auto", metadata=_choices("auto", *BINARIZE_MODES))
-    valid_fraction: float | None = field(default=None, metadata={"open_unit": True, "help": "hold out this fraction of the training set for validation (default: the data set's valid split, if any)"})
+    valid_fraction: float | None = field(
+        default=None,
+        metadata={
+            "open_unit": True,
+            "help": "hold out this fraction of the training set for validation (default: the data set's valid split, if any)",
+        },
+    )
     # model
     model: str | dict = field(default="vae", metadata={"models": True, "help": MODEL_HELP})
-    num_labels: int | None = field(default=None, metadata={"min": 1, "help": "m2: labelled training points, class-balanced; the rest unlabelled"})
+    num_labels: int | None = field(
+        default=None,
+        metadata={
+            "min": 1,
+            "help": "m2: labelled training points, class-balanced; the rest unlabelled",
+        },
+    )
     labelled_share: float | None = field(
         default=None,
         metadata={
@@ -76,27 +111,80 @@ class TrainConfig:
     likelihood: str | dict = field(default="bernoulli", metadata={"registry": LIKELIHOODS})
     guide: str | dict = field(default="normal", metadata={"registry": GUIDES})
     # inference
-    elbo: str = field(default="auto", metadata={**_choices(*ELBO_CHOICES), "help": "auto: the analytic KL (meanfield) where it is exact and torch has it, enum for enumerated guide sites (m2), else trace"})
-    num_particles: int = field(default=1, metadata={"min": 1, "help": "samples of z per point (K for iwae)"})
-    beta: float = field(default=1.0, metadata={"positive": True, "help": "weight of the KL term (beta-VAE)"})
-    kl_warmup_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of linear KL warm-up from 0 to beta"})
-    clip_norm: float | None = field(default=None, metadata={"positive": True, "help": "clip the gradient's total norm"})
+    elbo: str = field(
+        default="auto",
+        metadata={
+            **_choices(*ELBO_CHOICES),
+            "help": "auto: the analytic KL (meanfield) where it is exact and torch has it, enum for enumerated guide sites (m2), else trace",
+        },
+    )
+    num_particles: int = field(
+        default=1, metadata={"min": 1, "help": "samples of z per point (K for iwae)"}
+    )
+    beta: float = field(
+        default=1.0, metadata={"positive": True, "help": "weight of the KL term (beta-VAE)"}
+    )
+    kl_warmup_epochs: int = field(
+        default=0, metadata={"min": 0, "help": "epochs of linear KL warm-up from 0 to beta"}
+    )
+    clip_norm: float | None = field(
+        default=None, metadata={"positive": True, "help": "clip the gradient's total norm"}
+    )
     epochs: int = field(default=10, metadata={"min": 1})
     batch_size: int = field(default=128, metadata={"min": 1})
     lr: float = field(default=2e-3, metadata={"positive": True})
-    lr_schedule: str = field(default="cosine", metadata={**_choices(*SCHEDULES), "help": "none; iwae: Burda et al.'s 3^i-epoch stages at lr*10^(-i/7); plateau: halve on a stalled validation objective; cosine over the epochs"})
-    patience: int | None = field(default=None, metadata={"min": 1, "help": "stop when the validation objective has not improved for this many epochs"})
-    valid_samples: int = field(default=0, metadata={"min": 0, "help": "K: also the validation log p(x) by importance sampling (1000 points at most), then the objective; 0 skips it"})
+    lr_schedule: str = field(
+        default="cosine",
+        metadata={
+            **_choices(*SCHEDULES),
+            "help": "none; iwae: Burda et al.'s 3^i-epoch stages at lr*10^(-i/7); plateau: halve on a stalled validation objective; cosine over the epochs",
+        },
+    )
+    patience: int | None = field(
+        default=None,
+        metadata={
+            "min": 1,
+            "help": "stop when the validation objective has not improved for this many epochs",
+        },
+    )
+    valid_samples: int = field(
+        default=0,
+        metadata={
+            "min": 0,
+            "help": "K: also the validation log p(x) by importance sampling (1000 points at most), then the objective; 0 skips it",
+        },
+    )
     device: str = field(default="auto", metadata=_choices(*DEVICES))
     seed: int = field(default=0, metadata={"min": 0})
     # evaluation after training
-    eval_samples: int = field(default=1000, metadata={"min": 0, "help": "K for the test log-likelihood at the end; 0 skips it"})
-    eval_points: int = field(default=1000, metadata={"min": 0, "help": "test points for it, evenly spread; 0 means all"})
-    eval_checkpoint: str = field(default="best", metadata={**_choices("best", "last"), "help": "evaluate best.pt (the best validation epoch; last when there is none) or the last epoch"})
+    eval_samples: int = field(
+        default=1000,
+        metadata={"min": 0, "help": "K for the test log-likelihood at the end; 0 skips it"},
+    )
+    eval_points: int = field(
+        default=1000, metadata={"min": 0, "help": "test points for it, evenly spread; 0 means all"}
+    )
+    eval_checkpoint: str = field(
+        default="best",
+        metadata={
+            **_choices("best", "last"),
+            "help": "evaluate best.pt (the best validation epoch; last when there is none) or the last epoch",
+        },
+    )
     # output
-    tensorboard: bool = field(default=False, metadata={"help": "write TensorBoard events into RUN/tensorboard (tensorboard --logdir runs/)"})
-    resume: str | None = field(default=None, metadata={"help": "continue the run in this folder after its last completed epoch"})
-    out: str | None = field(default=None, metadata={"help": "run folder (default runs/<dataset>-<timestamp>)"})
+    tensorboard: bool = field(
+        default=False,
+        metadata={
+            "help": "write TensorBoard events into RUN/tensorboard (tensorboard --logdir runs/)"
+        },
+    )
+    resume: str | None = field(
+        default=None,
+        metadata={"help": "continue the run in this folder after its last completed epoch"},
+    )
+    out: str | None = field(
+        default=None, metadata={"help": "run folder (default runs/<dataset>-<timestamp>)"}
+    )
 
     def validate(self) -> TrainConfig:
         for f in dataclasses.fields(self):
@@ -136,8 +224,11 @@ def _check(f: dataclasses.Field, value) -> None:
             raise PyvaeError(f"invalid value {value!r} for {f.name!r}: {e}") from None
         return
     if "dataset" in meta:
-        if not isinstance(value, str) or (value not in SPLITS and not (is_path(value) and Path(value).expanduser().exists())
-                                          and torchvision_class(value) is None):
+        if not isinstance(value, str) or (
+            value not in SPLITS
+            and not (is_path(value) and Path(value).expanduser().exists())
+            and torchvision_class(value) is None
+        ):
             raise bad
         return
     if "models" in meta:
@@ -148,13 +239,17 @@ def _check(f: dataclasses.Field, value) -> None:
             return
         name = value.get("name") if isinstance(value, dict) else value
         if name not in MODELS:
-            raise PyvaeError(f"invalid value {value!r} for 'model'; allowed: {', '.join(MODELS)} "
-                             "(in YAML a mapping with 'name'), or FILE.py:Class (in YAML a "
-                             "mapping with 'file' and 'class')")
+            raise PyvaeError(
+                f"invalid value {value!r} for 'model'; allowed: {', '.join(MODELS)} "
+                "(in YAML a mapping with 'name'), or FILE.py:Class (in YAML a "
+                "mapping with 'file' and 'class')"
+            )
         return
     base = _base(kind)
     if typing.get_origin(base) is list:
-        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
             raise bad
         if any(v < meta.get("min", -math.inf) for v in value):
             raise bad
@@ -163,10 +258,18 @@ def _check(f: dataclasses.Field, value) -> None:
         if not isinstance(value, bool):
             raise bad
     elif base is int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < meta.get("min", -math.inf):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < meta.get("min", -math.inf)
+        ):
             raise bad
     elif base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
             raise bad
         if (meta.get("positive") and value <= 0) or value < meta.get("min", -math.inf):
             raise bad
@@ -198,7 +301,9 @@ def _describe(kind, meta) -> str:
     base = _base(kind)
     if typing.get_origin(base) is list:
         return "a list of positive integers"
-    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(base, str(base))
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        base, str(base)
+    )
     if "min" in meta:
         words += f" >= {meta['min']}"
     if meta.get("positive"):
@@ -229,7 +334,9 @@ def from_yaml(path: str | Path) -> dict:
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise PyvaeError(f"config {path} must be a mapping of keys to values; got {type(values).__name__}")
+        raise PyvaeError(
+            f"config {path} must be a mapping of keys to values; got {type(values).__name__}"
+        )
     hints = typing.get_type_hints(TrainConfig)
     for key, value in values.items():
         if key not in FIELDS:
@@ -261,8 +368,9 @@ def build_parser(description: str | None = None, prog: str | None = None) -> Par
             choices = ModelChoices([*MODELS, "FILE.py:Class"])
             metavar = "{" + ",".join(choices) + "}"
             parser.add_argument(flag, choices=choices, metavar=metavar, help=help_text)
-            parser.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
-                                help=MODEL_ARG_HELP)
+            parser.add_argument(
+                "--model-arg", action="append", metavar="KEY=VALUE", help=MODEL_ARG_HELP
+            )
         elif base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif typing.get_origin(base) is list:
@@ -272,11 +380,13 @@ def build_parser(description: str | None = None, prog: str | None = None) -> Par
     return parser
 
 
-MODEL_ARG_HELP = ("with --model FILE.py:Class: a keyword argument of the class's constructor, the "
-                  "value read as YAML (3, 0.5, 1e-3, [64, 64], true, text); repeat for more. "
-                  "x_dim, image_shape and num_classes come from the data set where the "
-                  "constructor takes them and they are not given; flags such as --z-dim and "
-                  "--hidden are not passed to the class")
+MODEL_ARG_HELP = (
+    "with --model FILE.py:Class: a keyword argument of the class's constructor, the "
+    "value read as YAML (3, 0.5, 1e-3, [64, 64], true, text); repeat for more. "
+    "x_dim, image_shape and num_classes come from the data set where the "
+    "constructor takes them and they are not given; flags such as --z-dim and "
+    "--hidden are not passed to the class"
+)
 
 
 class ModelChoices(tuple):
@@ -305,8 +415,10 @@ def model_args(pairs: list[str]) -> dict:
             raise PyvaeError(f"--model-arg {pair}: the value is not valid YAML ({first})") from e
         value = float(value) if isinstance(value, str) and SCIENTIFIC.fullmatch(value) else value
         if not plain(value):
-            raise PyvaeError(f"--model-arg {pair}: allowed values are numbers, booleans, "
-                             "strings, null and lists of them")
+            raise PyvaeError(
+                f"--model-arg {pair}: allowed values are numbers, booleans, "
+                "strings, null and lists of them"
+            )
         args[key] = value
     return args
 
@@ -316,18 +428,24 @@ def with_model_args(model, pairs: list[str] | None, resume: bool) -> str | dict:
     ``FILE.py:Class`` string becomes the mapping); the flags are refused for anything else."""
     if not is_model_file(model):
         if pairs:
-            raise PyvaeError(f"--model-arg is for a model class of your own (--model "
-                             f"FILE.py:Class); model {model!r} is built in: it takes --z-dim, "
-                             "--hidden, ...")
+            raise PyvaeError(
+                f"--model-arg is for a model class of your own (--model "
+                f"FILE.py:Class); model {model!r} is built in: it takes --z-dim, "
+                "--hidden, ..."
+            )
         return model
     if pairs and resume:
-        raise PyvaeError("--model-arg cannot change the model of a resumed run; it goes on with "
-                         "the arguments it was trained with")
+        raise PyvaeError(
+            "--model-arg cannot change the model of a resumed run; it goes on with "
+            "the arguments it was trained with"
+        )
     spec = model_file_spec(model)
     return {**spec, "args": {**spec["args"], **model_args(pairs or [])}}
 
 
-def parse_args(argv: list[str] | None = None, description: str | None = None, prog: str | None = None) -> tuple[TrainConfig, bool]:
+def parse_args(
+    argv: list[str] | None = None, description: str | None = None, prog: str | None = None
+) -> tuple[TrainConfig, bool]:
     """(config, debug) from defaults, ``--config FILE`` and flags, in that order of precedence."""
     args = vars(build_parser(description, prog).parse_args(argv))
     debug = args.pop("debug", False)
@@ -336,7 +454,9 @@ def parse_args(argv: list[str] | None = None, description: str | None = None, pr
         # the run's own configuration, then any flags given now (a larger --epochs, say)
         run = Path(args["resume"])
         if not (run / "config.yaml").is_file() or not (run / "checkpoint.pt").is_file():
-            raise PyvaeError(f"cannot resume {run}: it needs config.yaml and checkpoint.pt from an earlier run")
+            raise PyvaeError(
+                f"cannot resume {run}: it needs config.yaml and checkpoint.pt from an earlier run"
+            )
         values = {**from_yaml(run / "config.yaml"), "out": str(run)}
     pairs = args.pop("model_arg", None)
     values.update(args)

@@ -23,7 +23,9 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
     exception one line and exit 1; ``--debug`` in ``argv`` re-raises instead (the traceback)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        formatted = warnings.formatwarning  # only the wording: a handler recording warnings (pytest's) still gets them
+        formatted = (
+            warnings.formatwarning
+        )  # only the wording: a handler recording warnings (pytest's) still gets them
         warnings.formatwarning = functools.partial(_format_warning, formatted=formatted)
         try:
             main(argv)
@@ -50,19 +52,27 @@ def _format_warning(message, category, filename, lineno, line=None, *, formatted
 
 
 #: what allocation failures say: torch on Linux and Windows, CUDA, numpy
-OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|not enough memory|Unable to allocate [\d.]+ [KMGT]i?B", re.I)
+OUT_OF_MEMORY = re.compile(
+    r"out of memory|can't allocate memory|not enough memory|Unable to allocate [\d.]+ [KMGT]i?B",
+    re.I,
+)
 
 
 def describe_failure(e: Exception) -> str:
     """One line for an exception nobody anticipated; an allocation failure says how much and what to lower."""
     text = " ".join(str(e).split())
     if isinstance(e, MemoryError) or OUT_OF_MEMORY.search(text):
-        wanted = (re.search(r"tried to allocate (\d+) bytes", text)
-                  or re.search(r"(?:Tried to allocate|Unable to allocate) ([\d.]+ [KMGT]i?B)", text))
+        wanted = re.search(r"tried to allocate (\d+) bytes", text) or re.search(
+            r"(?:Tried to allocate|Unable to allocate) ([\d.]+ [KMGT]i?B)", text
+        )
         size = wanted.group(1) if wanted else None
-        size = _bytes(int(size)) if size and size.isdigit() else size and size.replace(". ", " ")  # numpy's "728. TiB"
-        return (f"out of memory{f' allocating {size}' if size else ''} ({type(e).__name__}); "
-                "lower --batch-size, --num-particles or --num-samples, or use a machine with more memory")
+        size = (
+            _bytes(int(size)) if size and size.isdigit() else size and size.replace(". ", " ")
+        )  # numpy's "728. TiB"
+        return (
+            f"out of memory{f' allocating {size}' if size else ''} ({type(e).__name__}); "
+            "lower --batch-size, --num-particles or --num-samples, or use a machine with more memory"
+        )
     first = text[:300] + ("..." if len(text) > 300 else "")
     return f"unexpected {type(e).__name__}: {first or 'no message'}"
 
@@ -77,7 +87,11 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+        self.add_argument(
+            "--debug",
+            action="store_true",
+            help="show the traceback of an error instead of one line",
+        )
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -93,7 +107,9 @@ def writable_dir(path: str | Path, create: bool = True) -> Path:
     if not create:
         existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise PyvaeError(f"cannot write to output folder {out}: {existing} is not a writable folder")
+            raise PyvaeError(
+                f"cannot write to output folder {out}: {existing} is not a writable folder"
+            )
         return out
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,8 @@ from pyvae import distributed
 from pyvae.errors import PyvaeError
 from pyvae.program import batch_arity, batch_slots, label_site
 from pyvae.data.streaming import StreamedImages
+from pyvae.data.datasets import ImageSet
+from pyvae.data.datasets import spread
 
 DEVICES = ("auto", "cpu", "cuda")
 #: points of a streamed set that :func:`check_data` checks
@@ -44,7 +46,6 @@ def as_tensors(data) -> tuple[tuple, bool]:
     -1 for unlabelled points, float conditioning inputs, ...) hold one row per point of x and are
     served as they are. Streamed images (:class:`~pyvae.streaming.StreamedImages`) stand for their
     tensor and stay on disk."""
-    from pyvae.data.datasets import ImageSet
 
     dynamic = False
     if isinstance(data, ImageSet):
@@ -208,7 +209,6 @@ def check_data(module: torch.nn.Module, batches: Batches, what: str) -> None:
     """The model's own ``check_batch`` on the whole set (one draw of a dynamic one), if it has one;
     on :data:`CHECKED_WHEN_STREAMED` points spread over a streamed set, which is not read whole
     before training."""
-    from pyvae.data.datasets import spread
 
     check = getattr(module, "check_batch", None)
     if check is None:

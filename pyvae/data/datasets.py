@@ -39,7 +39,11 @@ import numpy as np
 import torch
 
 from pyvae.errors import DataNotFound, PyvaeError, positive_int
+from pyvae.data.imageset import ImageSet, spread
 from pyvae.data.streaming import StreamedImages, held_or_streamed, rows
+from pyvae.data import sources
+from torchvision import datasets
+from sklearn.datasets import load_digits
 
 SPLITS = {
     "binarized_mnist": ("train", "valid", "test"),
@@ -75,58 +79,6 @@ IDX_FILES = {
 TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
 
-@dataclass
-class ImageSet(torch.utils.data.Dataset):
-    """Images as a float tensor (N, x_dim) in [0, 1], with labels when the source has them; a set too
-    large to hold in memory has a :class:`~pyvae.streaming.StreamedImages` standing for that tensor.
-
-    With ``dynamic=True`` the images are grayscale probabilities and every read is a
-    fresh Bernoulli draw (:meth:`draw` for the whole set at once).
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor | None
-    image_shape: tuple[int, int, int]
-    name: str
-    split: str
-    dynamic: bool = False
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, i):
-        x = self.images[i]
-        return torch.bernoulli(x) if self.dynamic else x
-
-    @property
-    def x_dim(self) -> int:
-        return self.images.shape[1]
-
-    def draw(self) -> torch.Tensor:
-        """All images: a fresh binarization if dynamic, the stored tensor otherwise."""
-        if self.dynamic and isinstance(self.images, StreamedImages):
-            return self.images.binarized(int(torch.randint(2**31, ())))
-        return torch.bernoulli(self.images) if self.dynamic else self.images
-
-    def is_binary(self) -> bool:
-        """Whether every value is 0 or 1 (of a streamed set: of 256 images spread over it)."""
-        x = spread(self.images, 256) if isinstance(self.images, StreamedImages) else self.images
-        return self.dynamic or bool(((x == 0) | (x == 1)).all())
-
-
-def spread(x: torch.Tensor, n: int | None) -> torch.Tensor:
-    """``n`` rows evenly spaced over ``x`` (all of it when n is None, 0 or >= len(x)).
-
-    Static binarized MNIST's test split is sorted by class: its first rows are all zeros. A streamed
-    set's rows are read (:class:`~pyvae.streaming.StreamedImages`).
-    """
-    if isinstance(x, StreamedImages):
-        return x[spread(torch.arange(len(x)), n)]
-    if not n or n >= x.shape[0]:
-        return x
-    return x[torch.linspace(0, x.shape[0] - 1, n).long()]
-
-
 def data_root(data_dir: str | os.PathLike | None = None) -> Path:
     """``data_dir``, else ``$PYVAE_DATA``, else ``./data``."""
     return Path(data_dir or os.environ.get("PYVAE_DATA") or "data")
@@ -141,7 +93,6 @@ def load_dataset(
     ``name`` is a built-in data set or the path of your own (:func:`pyvae.sources.load_path`, which
     takes ``test_fraction`` and ``image_size``).
     """
-    from pyvae.data import sources
 
     if name not in SPLITS:
         if sources.is_path(name):
@@ -272,7 +223,6 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 def _torchvision_download(name: str, root: Path, split: str) -> None:
     # torchvision checks the md5 of every file it fetches
-    from torchvision import datasets
 
     cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
     cls(str(root), train=split == "train", download=True)
@@ -283,7 +233,6 @@ def _torchvision_arrays(name: str, root: Path, split: str, download: bool) -> Im
     """A torchvision data set held as one uint8 array (``data``: CIFAR's (N, H, W, C), SVHN's (N, C, H, W))
     with integer labels (``targets`` or ``labels``): found under the data root, else downloaded
     (torchvision checks its md5), else a :class:`DataNotFound` naming where it looked."""
-    from torchvision import datasets
 
     class_name, splits = TORCHVISION_ARRAYS[name]
     found = _torchvision_instance(getattr(datasets, class_name), name, root, split, download, splits[split])
@@ -304,7 +253,6 @@ NOT_TORCHVISION_SETS = ("VisionDataset", "ImageFolder", "DatasetFolder", "FakeDa
 def torchvision_class(name: str):
     """torchvision's data set class called ``name``, case and underscores aside (``celeba``, ``stl10``,
     ``oxford_iiit_pet``), or None."""
-    from torchvision import datasets
 
     key = name.replace("_", "").lower()
     return next((getattr(datasets, c) for c in datasets.__all__ if c.lower() == key and c not in NOT_TORCHVISION_SETS), None)
@@ -315,7 +263,6 @@ def _torchvision_items(name: str, root: Path, split: str, download: bool, test_f
     :class:`~pyvae.sources.ImageReader` as an image folder's: held in memory when it fits, else streamed.
     Its own split where its class takes ``train`` or ``split`` (CelebA, STL10, ...), else the whole set
     split by ``test_fraction``; integer labels where it keeps them (``targets``, ``labels``)."""
-    from pyvae.data import sources
 
     cls = torchvision_class(name)
     params = inspect.signature(cls).parameters
@@ -371,7 +318,6 @@ def _construct(cls, name: str, root: Path, split: str, /, **kwargs):
 
 # -- scikit-learn digits ------------------------------------------------------------
 def _digits(split: str) -> ImageSet:
-    from sklearn.datasets import load_digits
 
     digits = load_digits()
     order = np.random.default_rng(0).permutation(len(digits.target))

@@ -30,6 +30,10 @@ import torch
 
 from pyvae.errors import PyvaeError
 from pyvae.data.streaming import held_or_streamed, rows
+from pyvae.data.imageset import ImageSet
+from PIL import Image, UnidentifiedImageError
+from PIL import Image
+from sklearn.datasets import load_sample_images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -41,7 +45,6 @@ def is_path(name: str) -> bool:
 
 def load_path(path: str | Path, split: str, test_fraction: float = 0.1, image_size: int | None = None, seed: int = 0):
     """The ``split`` ("train" or "test") of the data at ``path`` as an ImageSet named after it."""
-    from pyvae.data.datasets import ImageSet
 
     path = Path(path).expanduser()
     if split not in ("train", "test"):
@@ -170,7 +173,6 @@ def _read_images(files: list[Path], image_size: int | None):
     """(N, C*H*W) in [0, 1], held or streamed (:func:`pyvae.streaming.held_or_streamed`), and (C, H, W):
     grey when every image is grey, else colour (RGB). Every file's header is read first, so a file that
     is not an image, or sizes that differ without ``image_size``, are found before any pixel is."""
-    from PIL import Image, UnidentifiedImageError
 
     modes, sizes = [], []
     for f in files:
@@ -202,7 +204,6 @@ class ImageReader:
         self.source, self.grey, self.image_size, self.shape = source, grey, image_size, shape
 
     def __call__(self, i: int) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
 
         item = self.source[i]
         what = item if isinstance(item, Path) else f"{i} of {type(self.source).__name__}"
@@ -222,7 +223,6 @@ class ImageReader:
 
 def _pixels(image, grey: bool, image_size: int | None) -> np.ndarray:
     """One image as a (C, H, W) float32 array in [0, 1], resized and cropped when asked."""
-    from PIL import Image
 
     deep = grey and image.mode in ("I;16", "I")  # 16-bit grey keeps its depth: as 32-bit integers, scaled by 1/65535
     image = image.convert("I" if deep else "L" if grey else "RGB")
@@ -243,9 +243,7 @@ def photo_patches(split: str, size: int = 32, seed: int = 0):
     """``photos``: the two colour photographs scikit-learn ships (a Chinese temple, a flower), cut into
     non-overlapping ``size`` x ``size`` patches (520 at 32), 8-bit RGB scaled to [0, 1]; a seeded 80/20
     split into train and test. Offline, for tests and demos of natural images."""
-    from sklearn.datasets import load_sample_images
 
-    from pyvae.data.datasets import ImageSet
 
     patches = []
     for image in load_sample_images().images:  # (427, 640, 3) uint8

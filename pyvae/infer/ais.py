@@ -60,8 +60,8 @@ from torch.distributions import biject_to
 from tqdm.auto import tqdm
 
 from pyvae import program
-from pyvae.data.batching import Batches, check_data, resolve_device
 from pyvae.compiled import NotCompiled, compile_function
+from pyvae.data.batching import Batches, check_data, resolve_device
 from pyvae.errors import PyvaeError, PyvaeWarning, positive_int, positive_number
 from pyvae.infer.importance import CHUNK_ELEMENTS, drawn_once
 
@@ -70,7 +70,9 @@ STARTS = ("guide", "prior")
 #: an energy error above this many nats counts as a divergent (and rejected) proposal
 DIVERGENCE = 1000.0
 #: why the AIS runs of the current :func:`compile_session` run uncompiled, once one could not compile
-_session: contextvars.ContextVar[dict | None] = contextvars.ContextVar("pyvae_ais_compile_session", default=None)
+_session: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "pyvae_ais_compile_session", default=None
+)
 
 
 @contextlib.contextmanager
@@ -141,16 +143,35 @@ class AISResult:
         return self.log_px.shape[0]
 
     @staticmethod
-    def concat(parts: list["AISResult"]) -> "AISResult":
+    def concat(parts: list[AISResult]) -> AISResult:
         """The results of consecutive chunks of points as one (the by-step curves weighted by points)."""
         first, n = parts[0], torch.tensor([len(p) for p in parts], dtype=torch.float64)
         per_point = {k: torch.cat([getattr(p, k) for p in parts]) for k in _PER_POINT}
-        by_step = {k: (torch.stack([getattr(p, k).double() for p in parts]) * n[:, None]).sum(0) / n.sum() for k in _BY_STEP}
-        rest = {k: getattr(first, k) for k in ("num_steps", "num_chains", "leapfrog_steps", "start", "schedule", "settings")}
-        return AISResult(**per_point, **{k: v.float() for k, v in by_step.items()}, **rest, seconds=sum(p.seconds for p in parts))
+        by_step = {
+            k: (torch.stack([getattr(p, k).double() for p in parts]) * n[:, None]).sum(0) / n.sum()
+            for k in _BY_STEP
+        }
+        rest = {
+            k: getattr(first, k)
+            for k in ("num_steps", "num_chains", "leapfrog_steps", "start", "schedule", "settings")
+        }
+        return AISResult(
+            **per_point,
+            **{k: v.float() for k, v in by_step.items()},
+            **rest,
+            seconds=sum(p.seconds for p in parts),
+        )
 
 
-_PER_POINT = ("log_px", "stderr", "log_weights", "acceptance", "divergences", "failed_chains", "compiled")
+_PER_POINT = (
+    "log_px",
+    "stderr",
+    "log_weights",
+    "acceptance",
+    "divergences",
+    "failed_chains",
+    "compiled",
+)
 _BY_STEP = ("acceptance_by_step", "step_size_by_step")
 
 
@@ -185,8 +206,17 @@ def ais_log_likelihood(
     about 30-45 s per chunk size; ``compiled`` in the result says which points ran compiled.
     """
     sampler = _Sampler.build(model, data, num_chains, device, batch_size, point_ids)
-    settings = _settings(num_steps, num_chains, leapfrog_steps, schedule, start, step_size, target_acceptance, adapt,
-                         compile)
+    settings = _settings(
+        num_steps,
+        num_chains,
+        leapfrog_steps,
+        schedule,
+        start,
+        step_size,
+        target_acceptance,
+        adapt,
+        compile,
+    )
     return sampler.run(seed, settings, progress, exact=None)
 
 
@@ -196,14 +226,29 @@ def reverse_ais(model, data, latents: dict, **kwargs) -> AISResult:
     log p(x). ``latents`` must be draws of p(z | x), e.g. the z that generated x (:func:`simulate`).
     Other arguments as :func:`ais_log_likelihood`."""
     options = dict(kwargs)
-    sampler = _Sampler.build(model, data, options.pop("num_chains", 16), options.pop("device", None),
-                             options.pop("batch_size", None), options.pop("point_ids", None))
+    sampler = _Sampler.build(
+        model,
+        data,
+        options.pop("num_chains", 16),
+        options.pop("device", None),
+        options.pop("batch_size", None),
+        options.pop("point_ids", None),
+    )
     seed, progress = options.pop("seed", 0), options.pop("progress", False)
     return sampler.run(seed, _settings(**options), progress, exact=latents)
 
 
-def _settings(num_steps=1000, num_chains=16, leapfrog_steps=10, schedule="sigmoid", start="guide",
-              step_size=0.05, target_acceptance=0.65, adapt=1.02, compile=False) -> dict:
+def _settings(
+    num_steps=1000,
+    num_chains=16,
+    leapfrog_steps=10,
+    schedule="sigmoid",
+    start="guide",
+    step_size=0.05,
+    target_acceptance=0.65,
+    adapt=1.02,
+    compile=False,
+) -> dict:
     positive_int("num_steps", num_steps)
     positive_int("num_chains", num_chains)
     positive_int("leapfrog_steps", leapfrog_steps)
@@ -218,9 +263,17 @@ def _settings(num_steps=1000, num_chains=16, leapfrog_steps=10, schedule="sigmoi
         raise PyvaeError(f"adapt must be >= 1 (1 = a fixed step size); got {adapt!r}")
     if not isinstance(compile, bool):
         raise PyvaeError(f"compile must be True or False; got {compile!r}")
-    return {"num_steps": num_steps, "num_chains": num_chains, "leapfrog_steps": leapfrog_steps, "schedule": schedule,
-            "start": start, "step_size": step_size, "target_acceptance": target_acceptance, "adapt": adapt,
-            "compile": compile}
+    return {
+        "num_steps": num_steps,
+        "num_chains": num_chains,
+        "leapfrog_steps": leapfrog_steps,
+        "schedule": schedule,
+        "start": start,
+        "step_size": step_size,
+        "target_acceptance": target_acceptance,
+        "adapt": adapt,
+        "compile": compile,
+    }
 
 
 def check(model: torch.nn.Module, batch: tuple, **settings) -> program.Structure:
@@ -230,8 +283,10 @@ def check(model: torch.nn.Module, batch: tuple, **settings) -> program.Structure
     shape = program.structure(model, batch)
     discrete = [s for s in shape.latent_sites if s not in shape.continuous_sites]
     if discrete:
-        raise PyvaeError(f"AIS anneals continuous latents; {type(model).__name__}'s site {discrete[0]!r} is discrete: "
-                         "score this model by importance sampling (--method is), which sums or samples it")
+        raise PyvaeError(
+            f"AIS anneals continuous latents; {type(model).__name__}'s site {discrete[0]!r} is discrete: "
+            "score this model by importance sampling (--method is), which sums or samples it"
+        )
     return shape
 
 
@@ -241,7 +296,9 @@ STREAMS = {"ais": 0, "simulate": 1, "importance": 2, "local": 3}
 
 def point_seed(seed: int, index: int, purpose: str = "ais") -> int:
     """The seed of data point ``index``'s random stream for ``purpose`` (a key of :data:`STREAMS`)."""
-    return int(np.random.SeedSequence([seed, index, STREAMS[purpose]]).generate_state(1, np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([seed, index, STREAMS[purpose]]).generate_state(1, np.uint64)[0] >> 1
+    )
 
 
 class _Layout:
@@ -262,7 +319,10 @@ class _Layout:
 
     def unconstrain(self, values: dict) -> torch.Tensor:
         """(rows, D) coordinates of site values as the programs hold them."""
-        parts = [t.inv(values[name].movedim(dd, 0)).reshape(self.rows, size) for name, dd, t, _, size in self.sites]
+        parts = [
+            t.inv(values[name].movedim(dd, 0)).reshape(self.rows, size)
+            for name, dd, t, _, size in self.sites
+        ]
         return torch.cat(parts, dim=1)
 
     def constrain(self, u: torch.Tensor) -> tuple[dict, torch.Tensor]:
@@ -273,7 +333,9 @@ class _Layout:
             offset += size
             z = transform(piece)
             if not _is_identity(transform):
-                log_jac = log_jac + transform.log_abs_det_jacobian(piece, z).reshape(u.shape[0], -1).sum(1)
+                log_jac = log_jac + transform.log_abs_det_jacobian(piece, z).reshape(
+                    u.shape[0], -1
+                ).sum(1)
             values[name] = z.movedim(0, data_dim)
         return values, log_jac
 
@@ -282,7 +344,10 @@ def _is_identity(transform) -> bool:
     """Whether ``biject_to`` gave the identity (real support): no Jacobian to compute."""
     while isinstance(transform, torch.distributions.transforms.IndependentTransform):
         transform = transform.base_transform
-    return isinstance(transform, torch.distributions.transforms.ComposeTransform) and not transform.parts
+    return (
+        isinstance(transform, torch.distributions.transforms.ComposeTransform)
+        and not transform.parts
+    )
 
 
 def data_dim(trace, name: str, plate: str) -> int:
@@ -298,14 +363,18 @@ def _same(mine: torch.Tensor, program_s: torch.Tensor) -> bool:
         return False
     a, b = mine.reshape(len(mine), -1), program_s.reshape(len(program_s), -1)
     scale = 1 + torch.where(torch.isfinite(b), b.abs(), torch.zeros_like(b)).amax(1, keepdim=True)
-    return bool((torch.isclose(a, b, rtol=0, atol=0, equal_nan=True) | ((a - b).abs() <= 1e-4 * scale)).all())
+    return bool(
+        (
+            torch.isclose(a, b, rtol=0, atol=0, equal_nan=True) | ((a - b).abs() <= 1e-4 * scale)
+        ).all()
+    )
 
 
 class _Sampler:
     """The data, the program's layout and the chunking shared by forward and reverse AIS."""
 
     @classmethod
-    def build(cls, model, data, num_chains, device, batch_size, point_ids) -> "_Sampler":
+    def build(cls, model, data, num_chains, device, batch_size, point_ids) -> _Sampler:
         self = cls()
         positive_int("num_chains", num_chains)
         self.model, self.chains = model, num_chains
@@ -315,19 +384,35 @@ class _Sampler:
         check_data(model, self.batches, "data")
         self.shape = check(model, self.batches.first(1))
         n = len(self.batches)
-        self.point_ids = torch.arange(n) if point_ids is None else torch.as_tensor(point_ids).reshape(-1).cpu()
+        self.point_ids = (
+            torch.arange(n) if point_ids is None else torch.as_tensor(point_ids).reshape(-1).cpu()
+        )
         if self.point_ids.shape[0] != n:
-            raise PyvaeError(f"point_ids must hold one index per data point ({n}); got {self.point_ids.shape[0]}")
+            raise PyvaeError(
+                f"point_ids must hold one index per data point ({n}); got {self.point_ids.shape[0]}"
+            )
         if batch_size is None:
-            rows = max(64, min(4096, CHUNK_ELEMENTS.get(self.device.type, 2**21) // (8 * self.batches.images[0].numel())))
+            rows = max(
+                64,
+                min(
+                    4096,
+                    CHUNK_ELEMENTS.get(self.device.type, 2**21)
+                    // (8 * self.batches.images[0].numel()),
+                ),
+            )
             batch_size = max(1, rows // num_chains)
         self.batch_size = positive_int("batch_size", batch_size)
         return self
 
     def run(self, seed: int, settings: dict, progress: bool, exact: dict | None) -> AISResult:
         n, start_time = len(self.batches), time.perf_counter()
-        bar = tqdm(total=n, desc=f"AIS T={settings['num_steps']}", unit="pt", leave=False,
-                   disable=not progress or not sys.stderr.isatty())
+        bar = tqdm(
+            total=n,
+            desc=f"AIS T={settings['num_steps']}",
+            unit="pt",
+            leave=False,
+            disable=not progress or not sys.stderr.isatty(),
+        )
         # AIS needs gradients in z only: frozen parameters record no graph for themselves
         frozen = [p for p in self.model.parameters() if p.requires_grad]
         for p in frozen:
@@ -346,7 +431,9 @@ class _Sampler:
 
     def _chunks(self, seed: int, settings: dict, exact: dict | None, bar) -> list[AISResult]:
         parts, n = [], len(self.batches)
-        for first, batch in zip(range(0, n, self.batch_size), self.batches.in_order(self.batch_size)):
+        for first, batch in zip(
+            range(0, n, self.batch_size), self.batches.in_order(self.batch_size)
+        ):
             ids = self.point_ids[first : first + batch[0].shape[0]]
             chains = _Chains(self.model, batch, self.shape, ids, seed, settings, self.chains)
             parts.append(chains.anneal(None if exact is None else chains.points(exact, first)))
@@ -357,7 +444,9 @@ class _Sampler:
 class _Chains:
     """C chains for each of M points, as R = M * C rows (point-major) of one vectorized program run."""
 
-    def __init__(self, model, batch: tuple, shape, ids: torch.Tensor, seed: int, settings: dict, chains: int) -> None:
+    def __init__(
+        self, model, batch: tuple, shape, ids: torch.Tensor, seed: int, settings: dict, chains: int
+    ) -> None:
         self.model, self.shape, self.settings, self.chains = model, shape, settings, chains
         self.m = batch[0].shape[0]
         self.batch = tuple(t.repeat_interleave(chains, dim=0) for t in batch)
@@ -365,21 +454,35 @@ class _Chains:
         self.generators = [torch.Generator().manual_seed(point_seed(seed, int(i))) for i in ids]
         self.device = batch[0].device
         self.nesting = shape.max_plate_nesting
-        self.trace = program.trace_once(model, self.batch)[1]  # the guide's: every latent site, its shape
+        self.trace = program.trace_once(model, self.batch)[
+            1
+        ]  # the guide's: every latent site, its shape
         self.layout = _Layout(self.trace, shape.continuous_sites, self.rows, shape.data_plate)
         # set by anneal: constant_guide, compile
-        self.guide_sites, self.potential, self.gradients = None, self.densities, self.densities_gradients
+        self.guide_sites, self.potential, self.gradients = (
+            None,
+            self.densities,
+            self.densities_gradients,
+        )
 
     def points(self, values: dict, first: int) -> dict:
         """This chunk's points of site values held for the whole data set."""
         missing = set(self.shape.continuous_sites) - set(values)
         if missing:
             raise PyvaeError(f"exact latents lack site {sorted(missing)[0]!r}")
-        return {k: v.narrow(data_dim(self.trace, k, self.shape.data_plate), first, self.m).to(self.device) for k, v in values.items() if k in self.shape.continuous_sites}
+        return {
+            k: v.narrow(data_dim(self.trace, k, self.shape.data_plate), first, self.m).to(
+                self.device
+            )
+            for k, v in values.items()
+            if k in self.shape.continuous_sites
+        }
 
     # -- densities ------------------------------------------------------------------
     def _guide_trace(self, values: dict):
-        return poutine.trace(poutine.condition(self.model.guide, data=values)).get_trace(*self.batch)
+        return poutine.trace(poutine.condition(self.model.guide, data=values)).get_trace(
+            *self.batch
+        )
 
     def constant_guide(self, u: torch.Tensor) -> dict | None:
         """The guide's sites, if none of their distributions depends on the latents (a guide whose
@@ -391,7 +494,9 @@ class _Chains:
                 trace = self._guide_trace(values)
         sites = {s["name"]: s for s in program.sample_sites(trace)}
         # the module's parameters are frozen here, so only a path from u makes a tensor need a gradient
-        if any(site["fn"].log_prob(site["value"].detach()).requires_grad for site in sites.values()):
+        if any(
+            site["fn"].log_prob(site["value"].detach()).requires_grad for site in sites.values()
+        ):
             return None
         return sites
 
@@ -399,9 +504,14 @@ class _Chains:
         total = torch.zeros(self.rows, device=self.device)
         sites = trace.values() if isinstance(trace, dict) else program.sample_sites(trace)
         for site in sites:
-            if site["infer"].get("is_auxiliary") or (names is not None and site["name"] not in names):
+            if site["infer"].get("is_auxiliary") or (
+                names is not None and site["name"] not in names
+            ):
                 continue
-            total = total + program.site_log_prob(site, self.nesting, 0, self.rows, self.shape.data_plate)[0]
+            total = (
+                total
+                + program.site_log_prob(site, self.nesting, 0, self.rows, self.shape.data_plate)[0]
+            )
         return total
 
     def densities(self, u: torch.Tensor) -> tuple:
@@ -414,7 +524,9 @@ class _Chains:
             u0, u1 = u.detach().requires_grad_(True), u.detach().requires_grad_(True)
             values, log_jac = self.layout.constrain(u1)
             with program.LocalParams():
-                model_trace = poutine.trace(poutine.condition(self.model.model, data=values)).get_trace(*self.batch)
+                model_trace = poutine.trace(
+                    poutine.condition(self.model.model, data=values)
+                ).get_trace(*self.batch)
                 log_joint = self._log_prob(model_trace)
                 if self.settings["start"] == "prior":
                     log_f0 = self._log_prob(model_trace, set(self.shape.latent_sites))
@@ -422,14 +534,21 @@ class _Chains:
                 else:
                     values0, log_jac0 = self.layout.constrain(u0)
                     if self.guide_sites is not None:
-                        log_f0 = self._log_prob({name: {**site, "value": values0[name]} for name, site in self.guide_sites.items()})
+                        log_f0 = self._log_prob(
+                            {
+                                name: {**site, "value": values0[name]}
+                                for name, site in self.guide_sites.items()
+                            }
+                        )
                     else:
                         log_f0 = self._log_prob(self._guide_trace(values0))
             if self.settings["start"] == "prior":  # f_0 is part of the model's trace: a second pass
                 g0 = torch.autograd.grad((log_f0 + log_jac).sum(), u1, retain_graph=True)[0]
                 g1 = torch.autograd.grad((log_joint + log_jac).sum(), u1)[0]
             else:
-                g0, g1 = torch.autograd.grad((log_f0 + log_jac0).sum() + (log_joint + log_jac).sum(), (u0, u1))
+                g0, g1 = torch.autograd.grad(
+                    (log_f0 + log_jac0).sum() + (log_joint + log_jac).sum(), (u0, u1)
+                )
         return log_f0.detach(), log_joint.detach(), log_jac.detach(), g0, g1
 
     def densities_gradients(self, u: torch.Tensor) -> tuple:
@@ -478,21 +597,30 @@ class _Chains:
         return torch.cat(draws).to(self.device)
 
     def _uniform(self) -> torch.Tensor:
-        return torch.cat([torch.rand(self.chains, generator=g) for g in self.generators]).to(self.device)
+        return torch.cat([torch.rand(self.chains, generator=g) for g in self.generators]).to(
+            self.device
+        )
 
     def _initial(self, known: dict | None) -> dict:
         """Site values to start from: exact draws repeated over the chains, else draws from f_0 per point."""
         if known is not None:
-            return {k: v.repeat_interleave(self.chains, dim=data_dim(self.trace, k, self.shape.data_plate)) for k, v in known.items()}
+            return {
+                k: v.repeat_interleave(
+                    self.chains, dim=data_dim(self.trace, k, self.shape.data_plate)
+                )
+                for k, v in known.items()
+            }
         start_program = self.model.guide if self.settings["start"] == "guide" else self.model.model
         values = {}
         for p, g in enumerate(self.generators):
             rows = slice(p * self.chains, (p + 1) * self.chains)
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), torch.no_grad(), program.LocalParams():
+            with program.fork_rng(self.device), torch.no_grad(), program.LocalParams():
                 torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))
                 trace = poutine.trace(start_program).get_trace(*(t[rows] for t in self.batch))
             for name in self.shape.continuous_sites:
-                values.setdefault(name, []).append((trace.nodes[name]["value"], data_dim(trace, name, self.shape.data_plate)))
+                values.setdefault(name, []).append(
+                    (trace.nodes[name]["value"], data_dim(trace, name, self.shape.data_plate))
+                )
         return {k: torch.cat([v for v, _ in parts], dim=parts[0][1]) for k, parts in values.items()}
 
     # -- the annealing loop -----------------------------------------------------------
@@ -510,7 +638,10 @@ class _Chains:
         log_w = torch.zeros(self.rows, dtype=torch.float64, device=self.device)
         accept_sum = torch.zeros(self.rows, device=self.device)
         divergences = torch.zeros(self.rows, device=self.device)
-        acc_by_step, eps_by_step = torch.zeros(max(len(betas) - 2, 1)), torch.zeros(max(len(betas) - 2, 1))
+        acc_by_step, eps_by_step = (
+            torch.zeros(max(len(betas) - 2, 1)),
+            torch.zeros(max(len(betas) - 2, 1)),
+        )
         for t in range(1, len(betas)):
             log_w += (betas[t] - betas[t - 1]) * (state["joint"] - state["f0"]).double()
             if t == len(betas) - 1:
@@ -521,7 +652,14 @@ class _Chains:
             divergences += diverged
             acc_by_step[t - 1], eps_by_step[t - 1] = accept.mean(), eps.mean()
         transitions = max(len(betas) - 2, 1)
-        return self.result(log_w, accept_sum / transitions, divergences, acc_by_step, eps_by_step, reverse=known is not None)
+        return self.result(
+            log_w,
+            accept_sum / transitions,
+            divergences,
+            acc_by_step,
+            eps_by_step,
+            reverse=known is not None,
+        )
 
     def transition(self, state: dict, b: float, eps: torch.Tensor):
         """One HMC transition leaving f_b invariant: (new state, acceptance probability, divergent) per row."""
@@ -541,7 +679,10 @@ class _Chains:
         diverged = ~torch.isfinite(error) | (error > DIVERGENCE)
         accept = torch.where(diverged, torch.zeros_like(error), torch.exp(-error.clamp(min=0)))
         take = self._uniform() < accept
-        new = {k: torch.where(take.reshape(-1, *(1,) * (v.dim() - 1)), proposal[k], v) for k, v in state.items()}
+        new = {
+            k: torch.where(take.reshape(-1, *(1,) * (v.dim() - 1)), proposal[k], v)
+            for k, v in state.items()
+        }
         return new, accept, diverged.float()
 
     def adapt(self, eps: torch.Tensor, accept: torch.Tensor) -> torch.Tensor:
@@ -549,7 +690,9 @@ class _Chains:
         factor = torch.where(accept > s["target_acceptance"], s["adapt"], 1 / s["adapt"])
         return (eps * factor).clamp(1e-5, 10.0)
 
-    def result(self, log_w, acceptance, divergences, acc_by_step, eps_by_step, reverse: bool) -> AISResult:
+    def result(
+        self, log_w, acceptance, divergences, acc_by_step, eps_by_step, reverse: bool
+    ) -> AISResult:
         c = self.chains
         log_w = log_w.reshape(self.m, c)
         finite = torch.isfinite(log_w)
@@ -575,4 +718,3 @@ class _Chains:
             start=self.settings["start"],
             schedule=self.settings["schedule"],
         )
-

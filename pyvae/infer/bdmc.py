@@ -15,9 +15,17 @@ import torch
 from pyro import poutine
 
 from pyvae import distributed, program
-from pyvae.infer.ais import AISResult, ais_log_likelihood, check, compile_session, data_dim, point_seed, reverse_ais
-from pyvae.infer.diagnostics import GRID, ais_ladder, take
 from pyvae.errors import PyvaeError
+from pyvae.infer.ais import (
+    AISResult,
+    ais_log_likelihood,
+    check,
+    compile_session,
+    data_dim,
+    point_seed,
+    reverse_ais,
+)
+from pyvae.infer.diagnostics import GRID, ais_ladder, take
 from pyvae.parts.likelihoods import bits_per_dim, coding
 
 
@@ -30,9 +38,11 @@ def simulate(model: torch.nn.Module, batch: tuple, seed: int = 0) -> tuple[tuple
     """
     shape = program.structure(model, batch)
     if len(shape.observed_sites) != 1:
-        raise PyvaeError(f"simulating data needs a model with one observed site; {type(model).__name__} has {shape.observed_sites}")
+        raise PyvaeError(
+            f"simulating data needs a model with one observed site; {type(model).__name__} has {shape.observed_sites}"
+        )
     device = batch[0].device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), program.LocalParams():
+    with program.fork_rng(device), program.LocalParams():
         torch.manual_seed(point_seed(seed, 0, "simulate"))
         trace = poutine.trace(poutine.uncondition(model.model)).get_trace(*batch)
     x = trace.nodes[shape.observed_sites[0]]["value"].reshape(batch[0].shape)
@@ -52,32 +62,63 @@ class BDMCResult:
         by_t = {}
         for steps, (lower, upper) in sorted(self.runs.items()):
             low, up = float(lower.log_px.double().mean()), float(upper.log_px.double().mean())
-            by_t[str(steps)] = {"lower": low, "upper": up, "gap": up - low, "seconds": lower.seconds + upper.seconds}
+            by_t[str(steps)] = {
+                "lower": low,
+                "upper": up,
+                "gap": up - low,
+                "seconds": lower.seconds + upper.seconds,
+            }
             if self.coding:  # the sandwich in bits per dimension: the upper bound on log p(x) is the lower one in bits
-                by_t[str(steps)]["bits_per_dim"] = {k: bits_per_dim(v, self.coding[0]) for k, v in (("lower", low), ("upper", up))}
+                by_t[str(steps)]["bits_per_dim"] = {
+                    k: bits_per_dim(v, self.coding[0]) for k, v in (("lower", low), ("upper", up))
+                }
         top_t = max(self.runs)
         lower, upper = self.runs[top_t]
         return {
             "num_points": len(lower),
-            **{k: lower.settings[k] for k in ("num_steps", "num_chains", "leapfrog_steps", "schedule", "start", "compile")},
+            **{
+                k: lower.settings[k]
+                for k in (
+                    "num_steps",
+                    "num_chains",
+                    "leapfrog_steps",
+                    "schedule",
+                    "start",
+                    "compile",
+                )
+            },
             **by_t[str(top_t)],
             "units": "nats per point; lower: forward AIS, a stochastic lower bound on log p(x); upper: reverse AIS from the "
-                     "simulating z, a stochastic upper bound",
+            "simulating z, a stochastic upper bound",
             "by_num_steps": by_t,
-            "acceptance_mean": {"forward": float(lower.acceptance.mean()), "reverse": float(upper.acceptance.mean())},
+            "acceptance_mean": {
+                "forward": float(lower.acceptance.mean()),
+                "reverse": float(upper.acceptance.mean()),
+            },
             "failed_chains": int(lower.failed_chains.sum() + upper.failed_chains.sum()),
-            "compiled_points": {"forward": int(lower.compiled.sum()), "reverse": int(upper.compiled.sum())},
+            "compiled_points": {
+                "forward": int(lower.compiled.sum()),
+                "reverse": int(upper.compiled.sum()),
+            },
             "per_point": {"lower": lower.log_px.tolist(), "upper": upper.log_px.tolist()},
         }
 
     def table(self) -> str:
         s = self.summary()
-        lines = [f"BDMC on {s['num_points']} points simulated from the model; {s['num_chains']} chains, {s['leapfrog_steps']} "
-                 f"leapfrog steps, {s['schedule']} schedule (nats per point)"]
+        lines = [
+            f"BDMC on {s['num_points']} points simulated from the model; {s['num_chains']} chains, {s['leapfrog_steps']} "
+            f"leapfrog steps, {s['schedule']} schedule (nats per point)"
+        ]
         for steps, row in s["by_num_steps"].items():
             bits = row.get("bits_per_dim")
-            lines.append(f"  T={steps:<7} lower {row['lower']:10.3f}   upper {row['upper']:10.3f}   gap {row['gap']:.3f}   ({row['seconds']:.0f} s)"
-                         + (f"   bits/dim ({self.coding[1]} levels) {bits['upper']:.4f} to {bits['lower']:.4f}" if bits else ""))
+            lines.append(
+                f"  T={steps:<7} lower {row['lower']:10.3f}   upper {row['upper']:10.3f}   gap {row['gap']:.3f}   ({row['seconds']:.0f} s)"
+                + (
+                    f"   bits/dim ({self.coding[1]} levels) {bits['upper']:.4f} to {bits['lower']:.4f}"
+                    if bits
+                    else ""
+                )
+            )
         return "\n".join(lines)
 
 
@@ -103,16 +144,26 @@ def bdmc(
     _, guide_trace = program.trace_once(model, take(template, 0, 1))
     dims = {name: data_dim(guide_trace, name, shape.data_plate) for name in latents}
     runs = {}
-    with compile_session():  # a program that cannot be compiled is warned about once, not per chunk and T
+    with (
+        compile_session()
+    ):  # a program that cannot be compiled is warned about once, not per chunk and T
         for steps in ais_ladder(num_steps) if ladder else [num_steps]:
+
             def both(first, stop, steps=steps):
-                common = dict(num_steps=steps, seed=seed, point_ids=torch.arange(first, stop), device=device, **settings)
+                common = dict(
+                    num_steps=steps,
+                    seed=seed,
+                    point_ids=torch.arange(first, stop),
+                    device=device,
+                    **settings,
+                )
                 part = {k: v.narrow(dims[k], first, stop - first) for k, v in latents.items()}
-                return (ais_log_likelihood(model, take(data, first, stop), **common),
-                        reverse_ais(model, take(data, first, stop), part, **common))
+                return (
+                    ais_log_likelihood(model, take(data, first, stop), **common),
+                    reverse_ais(model, take(data, first, stop), part, **common),
+                )
 
             parts = distributed.sharded(both, n, GRID.get(device.type, 64), world)
             if parts is not None:
                 runs[steps] = tuple(AISResult.concat([p[i] for p in parts]) for i in (0, 1))
     return BDMCResult(runs, coding(model)) if world.main else None
-

@@ -7,8 +7,8 @@ netCDF file and the plots.
 
 from __future__ import annotations
 
-import json
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,31 +18,41 @@ import numpy as np
 import pyro
 import torch
 import xarray
-
 from pyro import poutine
 
 from pyvae import distributed, program
-from pyvae.infer.ais import AISResult, point_seed
 from pyvae.data.batching import Batches, as_tensors, resolve_device
-from pyvae.runs import atomic_write
 from pyvae.data.datasets import spread
 from pyvae.errors import PyvaeError, positive_int
-from pyvae.infer.importance import MIN_KHAT_SAMPLES, LogLikelihood, drawn_once, khat_threshold, log_likelihood
+from pyvae.infer.ais import AISResult, ais_log_likelihood, check, compile_session, point_seed
+from pyvae.infer.importance import (
+    MIN_KHAT_SAMPLES,
+    LogLikelihood,
+    drawn_once,
+    khat_threshold,
+    log_likelihood,
+)
 from pyvae.parts.likelihoods import bits_per_dim, coding
+from pyvae.runs import write_json
+from pyvae.viz import plots
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 #: the share of points with k^ above the threshold beyond which importance sampling's headline is flagged
 UNTRUSTED_SHARE = 0.1
 
 
-def active_units(z_mean: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> tuple[int, torch.Tensor]:
+def active_units(
+    z_mean: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD
+) -> tuple[int, torch.Tensor]:
     """(number of d with Cov_x(E_q[z_d|x]) > threshold, those variances): Burda et al.'s active units."""
     variance = z_mean.reshape(z_mean.shape[0], -1).var(0)
     return int((variance > threshold).sum()), variance
 
 
 @torch.no_grad()
-def mutual_information(model: torch.nn.Module, data, max_points: int = 1000, chunk: int = 100) -> float | None:
+def mutual_information(
+    model: torch.nn.Module, data, max_points: int = 1000, chunk: int = 100
+) -> float | None:
     """I(x; latents) under q(latents, x) = q(latents|x) p_data(x), in nats, from N <= ``max_points`` points.
 
     I = E[log q(v|x)] - E[log q(v)], with the aggregate posterior q(v_i) ~ (1/N) sum_j q(v_i|x_j)
@@ -68,11 +78,16 @@ def mutual_information(model: torch.nn.Module, data, max_points: int = 1000, chu
     with pyro.validation_enabled(False):
         for start in range(0, n, chunk):
             idx = torch.arange(start, min(start + chunk, n), device=batch[0].device)
-            values = {name: _others(site, idx, n, nesting, shape.data_plate)
-                      for name, site in own.nodes.items() if name in shape.latent_sites}
+            values = {
+                name: _others(site, idx, n, nesting, shape.data_plate)
+                for name, site in own.nodes.items()
+                if name in shape.latent_sites
+            }
             with program.LocalParams(), pyro.plate(program.PARTICLES, len(idx), dim=-(nesting + 1)):
                 trace = poutine.trace(poutine.condition(model.guide, data=values)).get_trace(*batch)
-            log_q = torch.nan_to_num(_guide_log_prob(trace, nesting, n, shape.data_plate), nan=-math.inf)  # (c, N): v_i against q(.|x_j)
+            log_q = torch.nan_to_num(
+                _guide_log_prob(trace, nesting, n, shape.data_plate), nan=-math.inf
+            )  # (c, N): v_i against q(.|x_j)
             log_q_agg.append(torch.logsumexp(log_q, dim=1) - math.log(n))
     return max(0.0, float((log_q_own - torch.cat(log_q_agg)).mean()))
 
@@ -133,9 +148,18 @@ class Evaluation:
             "gap": float((log_px - elbo).mean()),
             "iwae": {str(k): float(v.double().mean()) for k, v in ll.iwae.items()},
             # null where K is too small for k^ to be estimated (MIN_KHAT_SAMPLES)
-            **({"khat_threshold": khat_threshold(ll.num_samples), "khat_bands": ll.khat_bands(),
-                "khat_above_threshold": self.khat_above_threshold, "khat_max": float(ll.khat.max())}
-               if self.khat_estimated else dict.fromkeys(("khat_threshold", "khat_bands", "khat_above_threshold", "khat_max"))),
+            **(
+                {
+                    "khat_threshold": khat_threshold(ll.num_samples),
+                    "khat_bands": ll.khat_bands(),
+                    "khat_above_threshold": self.khat_above_threshold,
+                    "khat_max": float(ll.khat.max()),
+                }
+                if self.khat_estimated
+                else dict.fromkeys(
+                    ("khat_threshold", "khat_bands", "khat_above_threshold", "khat_max")
+                )
+            ),
             "warning": self.warning(),
             "ess_mean": float(ll.ess.mean()),
             "ess_min": float(ll.ess.min()),
@@ -171,7 +195,9 @@ class Evaluation:
                 "failed_chains": int(top.failed_chains.sum()),
                 "compiled_points": int(top.compiled.sum()),
                 "seconds": top.seconds,
-                "log_px_by_num_steps": {str(t): float(r.log_px.double().mean()) for t, r in sorted(self.ais.items())},
+                "log_px_by_num_steps": {
+                    str(t): float(r.log_px.double().mean()) for t, r in sorted(self.ais.items())
+                },
             },
         }
 
@@ -179,8 +205,10 @@ class Evaluation:
         if not self.khat_estimated:
             return f"not estimated (K = {s['num_samples']} < {MIN_KHAT_SAMPLES})"
         bands = ", ".join(f"{name} {100 * frac:.1f}%" for name, frac in s["khat_bands"].items())
-        return (f"{bands}; above the threshold {s['khat_threshold']:.2f}: "
-                f"{100 * s['khat_above_threshold']:.1f}% of points (max {s['khat_max']:.2f})")
+        return (
+            f"{bands}; above the threshold {s['khat_threshold']:.2f}: "
+            f"{100 * s['khat_above_threshold']:.1f}% of points (max {s['khat_max']:.2f})"
+        )
 
     @property
     def khat_estimated(self) -> bool:
@@ -200,14 +228,18 @@ class Evaluation:
         if self.ais:
             return None
         if not self.khat_estimated:
-            return (f"Pareto k^ cannot be estimated from {self.ll.num_samples} draws per point (it needs {MIN_KHAT_SAMPLES}): "
-                    "the ± (Monte Carlo) is unchecked and may understate the error; evaluate with more --num-samples")
+            return (
+                f"Pareto k^ cannot be estimated from {self.ll.num_samples} draws per point (it needs {MIN_KHAT_SAMPLES}): "
+                "the ± (Monte Carlo) is unchecked and may understate the error; evaluate with more --num-samples"
+            )
         above = self.khat_above_threshold
         if above <= UNTRUSTED_SHARE:
             return None
-        return (f"Pareto k^ > {khat_threshold(self.ll.num_samples):.2f} on {100 * above:.1f}% of points: the ± (Monte Carlo) "
-                "is not to be trusted and log p(x) is likely too low; AIS does not need the guide to cover the posterior: "
-                "python -m pyvae evaluate RUN --method ais")
+        return (
+            f"Pareto k^ > {khat_threshold(self.ll.num_samples):.2f} on {100 * above:.1f}% of points: the ± (Monte Carlo) "
+            "is not to be trusted and log p(x) is likely too low; AIS does not need the guide to cover the posterior: "
+            "python -m pyvae evaluate RUN --method ais"
+        )
 
     @property
     def kl_per_dim(self) -> torch.Tensor | None:
@@ -235,7 +267,11 @@ class Evaluation:
 
     def table(self) -> str:
         s = self.summary()
-        how = f"AIS with T = {s['ais']['num_steps']}, {s['ais']['num_chains']} chains{self._compiled_words(s)}; " if self.ais else ""
+        how = (
+            f"AIS with T = {s['ais']['num_steps']}, {s['ais']['num_chains']} chains{self._compiled_words(s)}; "
+            if self.ais
+            else ""
+        )
         lines = [
             f"{s['dataset']} {s['split']}: {s['num_points']} points, {how}K = {s['num_samples']} importance samples "
             f"({s['seconds']:.1f} s)",
@@ -245,8 +281,10 @@ class Evaluation:
         if s["warning"]:
             lines.append(f"  WARNING    {s['warning']}")
         if "bits_per_dim" in s:
-            lines.append(f"  bits/dim   {s['bits_per_dim']:.4f} (ELBO {s['elbo_bits_per_dim']:.4f}): -log2 p(x) / {self.coding[0]} "
-                         f"pixels, p(x) a mass over {s['bits_per_dim_levels']} values per pixel")
+            lines.append(
+                f"  bits/dim   {s['bits_per_dim']:.4f} (ELBO {s['elbo_bits_per_dim']:.4f}): -log2 p(x) / {self.coding[0]} "
+                f"pixels, p(x) a mass over {s['bits_per_dim_levels']} values per pixel"
+            )
         if self.ais:
             a = s["ais"]
             ladder = "  ".join(f"T={t}: {v:.3f}" for t, v in a["log_px_by_num_steps"].items())
@@ -262,10 +300,14 @@ class Evaluation:
             f"  ESS        mean {s['ess_mean']:.1f}, min {s['ess_min']:.1f} of {s['num_samples']}",
         ]
         for name, site in s["latent_sites"].items():
-            lines.append(f"  site {name!r}: {site['active_units']} of {site['dims']} latent units active; "
-                         f"KL(q || p) {site['kl']:.3f} nats")
+            lines.append(
+                f"  site {name!r}: {site['active_units']} of {site['dims']} latent units active; "
+                f"KL(q || p) {site['kl']:.3f} nats"
+            )
         if s["mutual_information"] is not None:
-            lines.append(f"  I(x; latents) {s['mutual_information']:.3f} nats (biased: at most log of the points used)")
+            lines.append(
+                f"  I(x; latents) {s['mutual_information']:.3f} nats (biased: at most log of the points used)"
+            )
         return "\n".join(lines)
 
     def to_inference_data(self) -> arviz.InferenceData:
@@ -278,27 +320,49 @@ class Evaluation:
         }
         for name, mean in ll.latent_means.items():
             flat = mean.reshape(len(ll), -1).numpy()
-            data[f"{name}_mean"] = xarray.DataArray(flat, dims=["point", f"{name}_dim"], coords={**coords, f"{name}_dim": np.arange(flat.shape[1])})
-            data[f"{name}_kl"] = xarray.DataArray(ll.kl[name].numpy(), dims=["point"], coords=coords)
+            data[f"{name}_mean"] = xarray.DataArray(
+                flat,
+                dims=["point", f"{name}_dim"],
+                coords={**coords, f"{name}_dim": np.arange(flat.shape[1])},
+            )
+            data[f"{name}_kl"] = xarray.DataArray(
+                ll.kl[name].numpy(), dims=["point"], coords=coords
+            )
         if self.ais:
             top = self.ais[max(self.ais)]
             data["log_px_is"], data["stderr_is"] = data["log_px"], data["stderr"]
             for name in ("log_px", "stderr", "acceptance", "divergences", "failed_chains"):
-                data[name if name in ("log_px", "stderr") else f"ais_{name}"] = xarray.DataArray(getattr(top, name).numpy(), dims=["point"], coords=coords)
-            data["ais_log_weights"] = xarray.DataArray(top.log_weights.numpy(), dims=["point", "chain"], coords={**coords, "chain": np.arange(top.num_chains)})
-        dataset = xarray.Dataset(data, attrs={"method": self.method, "num_samples": ll.num_samples, "dataset": self.dataset, "split": self.split, "units": "nats"})
+                data[name if name in ("log_px", "stderr") else f"ais_{name}"] = xarray.DataArray(
+                    getattr(top, name).numpy(), dims=["point"], coords=coords
+                )
+            data["ais_log_weights"] = xarray.DataArray(
+                top.log_weights.numpy(),
+                dims=["point", "chain"],
+                coords={**coords, "chain": np.arange(top.num_chains)},
+            )
+        dataset = xarray.Dataset(
+            data,
+            attrs={
+                "method": self.method,
+                "num_samples": ll.num_samples,
+                "dataset": self.dataset,
+                "split": self.split,
+                "units": "nats",
+            },
+        )
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # 'importance_sampling' is not one of arviz's standard group names
+            warnings.simplefilter(
+                "ignore"
+            )  # 'importance_sampling' is not one of arviz's standard group names
             return arviz.InferenceData(importance_sampling=dataset)
 
     def write(self, out: str | Path) -> None:
         """``eval.json``, ``eval.nc`` (InferenceData), ``khat.png``, ``iwae_curve.png``, ``kl_per_dim.png``, ``ais.png``."""
-        from pyvae.viz import plots
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         summary = self.summary()
-        atomic_write(out / "eval.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+        write_json(out / "eval.json", summary)
         netcdf = self.to_inference_data()
         tmp = out / ".eval.nc.tmp"
         netcdf.to_netcdf(str(tmp))
@@ -343,45 +407,77 @@ def evaluate(
     torchrun the chunks are shared out among the processes and the result is gathered on
     rank 0 (the others get None).
     """
-    import time
-
-    from pyvae.infer.ais import ais_log_likelihood, check, compile_session
 
     start = time.perf_counter()
     world = world or distributed.World()
     device = resolve_device(device or next(model.parameters()).device)
     data = tensors(data)
-    n, grid = (data if isinstance(data, torch.Tensor) else data[0]).shape[0], GRID.get(device.type, 64)
+    n, grid = (
+        (data if isinstance(data, torch.Tensor) else data[0]).shape[0],
+        GRID.get(device.type, 64),
+    )
     if ais:  # before any work: a model AIS cannot run fails now, not after the importance sampling
-        check(model.to(device), tuple(t.to(device) for t in Batches(take(data, 0, 1), torch.device("cpu"), model).first(1)), **ais)
+        check(
+            model.to(device),
+            tuple(
+                t.to(device) for t in Batches(take(data, 0, 1), torch.device("cpu"), model).first(1)
+            ),
+            **ais,
+        )
 
     def importance(first, stop):
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with program.fork_rng(device):
             torch.manual_seed(point_seed(seed, first, "importance"))
-            return log_likelihood(model, take(data, first, stop), num_samples, batch_size, device=device, progress=progress)
+            return log_likelihood(
+                model,
+                take(data, first, stop),
+                num_samples,
+                batch_size,
+                device=device,
+                progress=progress,
+            )
 
     parts = distributed.sharded(importance, n, grid, world)
     runs = {}
-    with compile_session():  # a program that cannot be compiled is warned about once, not per chunk and T
+    with (
+        compile_session()
+    ):  # a program that cannot be compiled is warned about once, not per chunk and T
         for steps in ais_ladder(ais["num_steps"]) if ais else ():
             settings = {**ais, "num_steps": steps}
             runs[steps] = distributed.sharded(
                 lambda first, stop: ais_log_likelihood(
-                    model, take(data, first, stop), **settings, seed=seed, point_ids=torch.arange(first, stop), device=device, progress=progress
+                    model,
+                    take(data, first, stop),
+                    **settings,
+                    seed=seed,
+                    point_ids=torch.arange(first, stop),
+                    device=device,
+                    progress=progress,
                 ),
-                n, grid, world,
+                n,
+                grid,
+                world,
             )
     if not world.main:
         return None
     ll = LogLikelihood.concat(parts)
     site = site or getattr(model, "latent_site", None) or next(iter(ll.latent_means), None)
     if site is not None and site not in ll.latent_means:
-        raise PyvaeError(f"site {site!r} is not a per-point continuous latent site; choose from {', '.join(ll.latent_means) or 'none'}")
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        raise PyvaeError(
+            f"site {site!r} is not a per-point continuous latent site; choose from {', '.join(ll.latent_means) or 'none'}"
+        )
+    with program.fork_rng(device):
         torch.manual_seed(seed)
         information = mutual_information(model, data)
-    result = Evaluation(ll=ll, site=site, mutual_information=information, dataset=dataset, split=split,
-                        ais={steps: AISResult.concat(p) for steps, p in runs.items()}, coding=coding(model))
+    result = Evaluation(
+        ll=ll,
+        site=site,
+        mutual_information=information,
+        dataset=dataset,
+        split=split,
+        ais={steps: AISResult.concat(p) for steps, p in runs.items()},
+        coding=coding(model),
+    )
     result.seconds = time.perf_counter() - start
     return result
 
@@ -395,7 +491,9 @@ def ais_ladder(num_steps: int) -> list[int]:
 def tensors(data):
     """``data`` as a tensor x or a tuple (x, y, ...), a dynamically binarized set drawn once."""
     data = drawn_once(data)
-    if isinstance(data, torch.Tensor) or (isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data)):
+    if isinstance(data, torch.Tensor) or (
+        isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data)
+    ):
         return data
     found, _ = as_tensors(data)
     return found[0] if len(found) == 1 else found
@@ -403,4 +501,6 @@ def tensors(data):
 
 def take(data, first: int, stop: int):
     """Points first..stop-1 of a tensor x or a tuple (x, y)."""
-    return data[first:stop] if isinstance(data, torch.Tensor) else tuple(t[first:stop] for t in data)
+    return (
+        data[first:stop] if isinstance(data, torch.Tensor) else tuple(t[first:stop] for t in data)
+    )

@@ -16,14 +16,19 @@ log p(x) is AIS's (:mod:`pyvae.ais`); both ELBOs are estimated with the same K d
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
+import arviz
+import numpy as np
 import torch
+import xarray
 
 from pyvae import distributed, program
+from pyvae.errors import positive_int, positive_number
 from pyvae.infer.ais import AISResult, ais_log_likelihood, check, compile_session, point_seed
 from pyvae.infer.diagnostics import take
-from pyvae.errors import positive_int, positive_number
 from pyvae.infer.importance import LogLikelihood, log_likelihood
 from pyvae.parts.likelihoods import bits_per_dim, coding
 
@@ -37,8 +42,16 @@ class LocalGuide(torch.nn.Module):
         self.model, self.guide = model.model, guide_copy.guide
 
 
-def local_optimum(model: torch.nn.Module, batch: tuple, *, steps: int = 2000, num_particles: int = 16, lr: float = 1e-3,
-                  check_every: int = 200, tolerance: float = 0.01) -> tuple[LocalGuide, int]:
+def local_optimum(
+    model: torch.nn.Module,
+    batch: tuple,
+    *,
+    steps: int = 2000,
+    num_particles: int = 16,
+    lr: float = 1e-3,
+    check_every: int = 200,
+    tolerance: float = 0.01,
+) -> tuple[LocalGuide, int]:
     """(model with the guide fitted to ``batch`` alone, Adam steps taken): from the amortized guide,
     maximize the ``num_particles``-sample ELBO; when its mean over ``check_every`` steps improves by less
     than ``tolerance`` nats per point, the learning rate drops tenfold (Adam's noise floor hides the
@@ -95,7 +108,10 @@ class GapResult:
 
     def summary(self) -> dict:
         mean = lambda t: float(t.double().mean())  # noqa: E731
-        per_point = {"approximation": self.log_px - self.elbo_local, "amortization": self.elbo_local - self.elbo_amortized}
+        per_point = {
+            "approximation": self.log_px - self.elbo_local,
+            "amortization": self.elbo_local - self.elbo_amortized,
+        }
         return {
             "num_points": len(self.log_px),
             "units": "nats per point; gaps are differences of log p(x) (AIS) and ELBOs, >= 0 up to Monte Carlo error",
@@ -108,26 +124,46 @@ class GapResult:
             "log_px_is_amortized": mean(self.log_px_is),
             "log_px_is_local": mean(self.log_px_is_local),
             "num_samples": self.num_samples,
-            "ais": {**self.ais.settings, "log_px_stderr": float(self.ais.stderr.double().pow(2).sum().sqrt() / len(self.log_px))},
+            "ais": {
+                **self.ais.settings,
+                "log_px_stderr": float(
+                    self.ais.stderr.double().pow(2).sum().sqrt() / len(self.log_px)
+                ),
+            },
             "local_steps_mean": mean(self.local_steps),
-            "per_point": {"log_px": self.log_px.tolist(), "elbo_amortized": self.elbo_amortized.tolist(),
-                          "elbo_local": self.elbo_local.tolist()},
-            **({"bits_per_dim": {k: bits_per_dim(mean(getattr(self, k)), self.coding[0]) for k in BITS},
-                "bits_per_dim_levels": self.coding[1]} if self.coding else {}),
+            "per_point": {
+                "log_px": self.log_px.tolist(),
+                "elbo_amortized": self.elbo_amortized.tolist(),
+                "elbo_local": self.elbo_local.tolist(),
+            },
+            **(
+                {
+                    "bits_per_dim": {
+                        k: bits_per_dim(mean(getattr(self, k)), self.coding[0]) for k in BITS
+                    },
+                    "bits_per_dim_levels": self.coding[1],
+                }
+                if self.coding
+                else {}
+            ),
         }
 
     def to_netcdf(self, path) -> None:
         """The per-point values as an arviz InferenceData group ``inference_gap``, written atomically."""
-        import warnings
-        from pathlib import Path
 
-        import arviz
-        import numpy as np
-        import xarray
-
-        names = ("log_px", "elbo_amortized", "elbo_local", "log_px_is", "log_px_is_local", "local_steps")
+        names = (
+            "log_px",
+            "elbo_amortized",
+            "elbo_local",
+            "log_px_is",
+            "log_px_is_local",
+            "local_steps",
+        )
         coords = {"point": np.arange(len(self.log_px))}
-        data = {name: xarray.DataArray(getattr(self, name).numpy(), dims=["point"], coords=coords) for name in names}
+        data = {
+            name: xarray.DataArray(getattr(self, name).numpy(), dims=["point"], coords=coords)
+            for name in names
+        }
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # not one of arviz's standard group names
             idata = arviz.InferenceData(inference_gap=xarray.Dataset(data, attrs={"units": "nats"}))
@@ -138,17 +174,25 @@ class GapResult:
 
     def table(self) -> str:
         s = self.summary()
-        return "\n".join([
-            f"inference gap on {s['num_points']} points (nats per point; log p(x) by AIS T = {s['ais']['num_steps']})",
-            f"  log p(x)            {s['log_px']:10.3f}",
-            f"  ELBO, local q*      {s['elbo_local']:10.3f}   approximation gap {s['approximation_gap']:.3f}",
-            f"  ELBO, amortized q   {s['elbo_amortized']:10.3f}   amortization gap  {s['amortization_gap']:.3f}",
-            f"  inference gap       {s['inference_gap']:10.3f}   (= approximation + amortization)",
-            f"  IS (K = {s['num_samples']})      amortized {s['log_px_is_amortized']:.3f}, local {s['log_px_is_local']:.3f};"
-            f" local fits took {s['local_steps_mean']:.0f} Adam steps on average",
-            *([f"  bits/dim ({s['bits_per_dim_levels']} levels)  " + "  ".join(f"{BITS[k]} {v:.4f}" for k, v in s["bits_per_dim"].items())]
-              if "bits_per_dim" in s else []),
-        ])
+        return "\n".join(
+            [
+                f"inference gap on {s['num_points']} points (nats per point; log p(x) by AIS T = {s['ais']['num_steps']})",
+                f"  log p(x)            {s['log_px']:10.3f}",
+                f"  ELBO, local q*      {s['elbo_local']:10.3f}   approximation gap {s['approximation_gap']:.3f}",
+                f"  ELBO, amortized q   {s['elbo_amortized']:10.3f}   amortization gap  {s['amortization_gap']:.3f}",
+                f"  inference gap       {s['inference_gap']:10.3f}   (= approximation + amortization)",
+                f"  IS (K = {s['num_samples']})      amortized {s['log_px_is_amortized']:.3f}, local {s['log_px_is_local']:.3f};"
+                f" local fits took {s['local_steps_mean']:.0f} Adam steps on average",
+                *(
+                    [
+                        f"  bits/dim ({s['bits_per_dim_levels']} levels)  "
+                        + "  ".join(f"{BITS[k]} {v:.4f}" for k, v in s["bits_per_dim"].items())
+                    ]
+                    if "bits_per_dim" in s
+                    else []
+                ),
+            ]
+        )
 
 
 def inference_gap(
@@ -177,14 +221,18 @@ def inference_gap(
         rows = []
         for i in range(first, stop):
             batch = tuple(t.to(device) for t in _batch(take(data, i, i + 1)))
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with program.fork_rng(device):
                 torch.manual_seed(point_seed(seed, i, "local"))
-                amortized = log_likelihood(model, batch if len(batch) > 1 else batch[0], num_samples)
+                amortized = log_likelihood(
+                    model, batch if len(batch) > 1 else batch[0], num_samples
+                )
                 local, steps = local_optimum(model, batch, steps=local_steps, lr=lr)
                 fitted = log_likelihood(local, batch if len(batch) > 1 else batch[0], num_samples)
             rows.append((amortized, fitted, steps))
         x = take(data, first, stop)
-        annealed = ais_log_likelihood(model, x, **ais, seed=seed, point_ids=torch.arange(first, stop), device=device)
+        annealed = ais_log_likelihood(
+            model, x, **ais, seed=seed, point_ids=torch.arange(first, stop), device=device
+        )
         return rows, annealed
 
     with compile_session():  # a program that cannot be compiled is warned about once, not per chunk
@@ -192,15 +240,23 @@ def inference_gap(
     if parts is None:
         return None
     rows = [row for part, _ in parts for row in part]
-    amortized, fitted = LogLikelihood.concat([r[0] for r in rows]), LogLikelihood.concat([r[1] for r in rows])
+    amortized, fitted = (
+        LogLikelihood.concat([r[0] for r in rows]),
+        LogLikelihood.concat([r[1] for r in rows]),
+    )
     annealed = AISResult.concat([a for _, a in parts])
     return GapResult(
-        log_px=annealed.log_px, elbo_amortized=amortized.elbo, elbo_local=fitted.elbo, log_px_is=amortized.log_px,
-        log_px_is_local=fitted.log_px, local_steps=torch.tensor([float(r[2]) for r in rows]), ais=annealed, num_samples=num_samples,
+        log_px=annealed.log_px,
+        elbo_amortized=amortized.elbo,
+        elbo_local=fitted.elbo,
+        log_px_is=amortized.log_px,
+        log_px_is_local=fitted.log_px,
+        local_steps=torch.tensor([float(r[2]) for r in rows]),
+        ais=annealed,
+        num_samples=num_samples,
         coding=coding(model),
     )
 
 
 def _batch(data) -> tuple:
     return (data,) if isinstance(data, torch.Tensor) else tuple(data)
-

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from pyvae import program
 from pyvae.data.batching import Batches, check_data, resolve_device
+from pyvae.data.datasets import ImageSet
 from pyvae.errors import PyvaeError, PyvaeWarning, positive_int
 
 #: how many floats one chunk's rows may hold: 32 MB in float32 on a CPU, 128 MB on a GPU. Each
@@ -93,7 +94,7 @@ class LogLikelihood:
         return self.log_px.shape[0]
 
     @staticmethod
-    def concat(parts: list["LogLikelihood"]) -> "LogLikelihood":
+    def concat(parts: list[LogLikelihood]) -> LogLikelihood:
         """The results of consecutive chunks of points as one."""
         first = parts[0]
         cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
@@ -222,7 +223,6 @@ def _say_one_at_a_time(model) -> None:
 def drawn_once(data):
     """``data`` with a dynamically binarized ImageSet drawn once (every point scored on one fixed
     image)."""
-    from pyvae.data.datasets import ImageSet
 
     if isinstance(data, ImageSet) and data.dynamic:
         return (data.draw(), data.labels) if data.labels is not None else data.draw()

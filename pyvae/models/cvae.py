@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyvae.errors import PyvaeError, positive_int
+from pyvae.models.shared import check_x, image_shape_for, resolve_prior
 from pyvae.parts.guides import DiagonalNormal
 from pyvae.parts.likelihoods import LIKELIHOODS, Likelihood
 from pyvae.parts.nets import mlp
 from pyvae.parts.priors import Prior
 from pyvae.program import data_plate
-from pyvae.models.shared import check_x, image_shape_for, resolve_prior
 
 _instance_ids = itertools.count()
 
@@ -76,7 +76,9 @@ class CVAE(nn.Module):
         self.gaussian = DiagonalNormal()  # encoder output (mean, raw scale) -> q(z | x, y)
         c = self.num_classes
         self.encoder = mlp(x_dim + c, hidden, 2 * z_dim, activation)
-        self.decoder = mlp(z_dim + c, hidden[::-1], self.likelihood.params_per_pixel * x_dim, activation)
+        self.decoder = mlp(
+            z_dim + c, hidden[::-1], self.likelihood.params_per_pixel * x_dim, activation
+        )
         for component in (self.likelihood, self.prior):
             component.bind(self)
 
@@ -141,11 +143,18 @@ def concat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def check_labels(y: torch.Tensor, n: int, low: int, num_classes: int, model_name: str) -> None:
     """Refuse labels that are not ``n`` integers in ``low``..num_classes-1."""
     allowed = f"{'-1 (unlabelled) or ' if low < 0 else ''}0..{num_classes - 1}"
-    if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+    if (
+        not torch.is_tensor(y)
+        or y.dtype.is_floating_point
+        or y.dtype.is_complex
+        or y.dtype == torch.bool
+    ):
         kind = y.dtype if torch.is_tensor(y) else type(y).__name__
         raise PyvaeError(f"labels must be an integer tensor ({allowed}); got {kind}")
     if y.shape != (n,):
-        raise PyvaeError(f"labels have shape {tuple(y.shape)}; {model_name} expects one per data point: ({n},)")
+        raise PyvaeError(
+            f"labels have shape {tuple(y.shape)}; {model_name} expects one per data point: ({n},)"
+        )
     bad = y[(y < low) | (y >= num_classes)]
     if bad.numel():
         raise PyvaeError(

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from pyvae.errors import PyvaeError, positive_int
+from pyvae.models.shared import check_x, image_shape_for, resolve_prior
 from pyvae.parts.guides import DiagonalNormal
 from pyvae.parts.likelihoods import LIKELIHOODS, Likelihood
 from pyvae.parts.nets import mlp
 from pyvae.parts.priors import Prior
 from pyvae.program import data_plate
-from pyvae.models.shared import check_x, image_shape_for, resolve_prior
 
 _instance_ids = itertools.count()
 
@@ -70,7 +70,9 @@ class HVAE(nn.Module):
             raise PyvaeError(
                 f"hvae needs at least 2 stochastic layers (z_dims); got {list(z_dims)} — use model 'vae' for one"
             )
-        self.hidden = tuple(tuple(positive_int("each hidden width", h) for h in layer) for layer in hidden)
+        self.hidden = tuple(
+            tuple(positive_int("each hidden width", h) for h in layer) for layer in hidden
+        )
         if len(self.hidden) != len(self.z_dims):
             raise PyvaeError(
                 f"hidden needs one list of widths per stochastic layer ({len(self.z_dims)}); got {len(self.hidden)}"
@@ -78,9 +80,14 @@ class HVAE(nn.Module):
         self.image_shape = image_shape_for(x_dim, image_shape)
         self.prior = resolve_prior(prior, "hvae")
         self.likelihood = LIKELIHOODS.resolve(likelihood)
-        self.gaussian = DiagonalNormal()  # network output (mean, raw scale) -> diagonal Normal, for every layer
+        self.gaussian = (
+            DiagonalNormal()
+        )  # network output (mean, raw scale) -> diagonal Normal, for every layer
 
-        inputs = (x_dim, *self.z_dims[:-1])  # what layer l's guide network reads: x, z_1, ..., z_{L-1}
+        inputs = (
+            x_dim,
+            *self.z_dims[:-1],
+        )  # what layer l's guide network reads: x, z_1, ..., z_{L-1}
         outputs = (self.likelihood.params_per_pixel * x_dim, *(2 * z for z in self.z_dims[:-1]))
         # encoders[l]: z_{l} (x for l = 0) -> q(z_{l+1}); decoders[l]: z_{l+1} -> p(z_l) (p(x) for l = 0)
         self.encoders = nn.ModuleList(

@@ -12,11 +12,11 @@ import torch
 from pyro import poutine
 
 from pyvae.errors import PyvaeError
+from pyvae.models.cvae import CVAE, check_labels
 from pyvae.parts.likelihoods import Likelihood
 from pyvae.parts.nets import mlp
 from pyvae.parts.priors import Prior
 from pyvae.program import data_plate
-from pyvae.models.cvae import CVAE, check_labels
 
 
 class M2(CVAE):
@@ -78,14 +78,25 @@ class M2(CVAE):
         activation: str = "softplus",
         image_shape: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(x_dim, num_classes, z_dim, hidden, prior, likelihood, activation, image_shape)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < math.inf:
-            raise PyvaeError(f"alpha must be a number >= 0 (the weight of the classification term); got {alpha!r}")
+        super().__init__(
+            x_dim, num_classes, z_dim, hidden, prior, likelihood, activation, image_shape
+        )
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not 0 <= alpha < math.inf
+        ):
+            raise PyvaeError(
+                f"alpha must be a number >= 0 (the weight of the classification term); got {alpha!r}"
+            )
         self.alpha = float(alpha)
         self.classifier = mlp(x_dim, self.config["hidden"], num_classes, activation)
         # log p(y): uniform; a buffer so it follows the model to its device
         self.register_buffer("class_log_prior", torch.full((num_classes,), -math.log(num_classes)))
-        self.config = {**self.config, "alpha": alpha}  # "model" is already "m2", and the Pyro names "m2<i>"
+        self.config = {
+            **self.config,
+            "alpha": alpha,
+        }  # "model" is already "m2", and the Pyro names "m2<i>"
 
     # -- q(y | x) ----------------------------------------------------------------
     def classifier_dist(self, x: torch.Tensor) -> dist.Categorical:
@@ -99,7 +110,9 @@ class M2(CVAE):
         Pyro's enumeration nor pyvae's importance sampler sees the other classes as impossible.
         """
         log_q = torch.log_softmax(self.classifier(x), dim=-1)
-        point = torch.zeros_like(log_q).masked_fill(self.one_hot(y.clamp(min=0), torch.bool).logical_not(), -math.inf)
+        point = torch.zeros_like(log_q).masked_fill(
+            self.one_hot(y.clamp(min=0), torch.bool).logical_not(), -math.inf
+        )
         return torch.where((y >= 0).unsqueeze(-1), point, log_q)
 
     # -- the Pyro programs ------------------------------------------------------
@@ -126,7 +139,11 @@ class M2(CVAE):
         pyro.module(f"{self._pyro_name}.classifier", self.classifier)
         pyro.module(f"{self._pyro_name}.encoder", self.encoder)
         with data_plate(x, num_data):
-            label = pyro.sample("y", dist.Categorical(logits=self.guide_logits(x, y)), infer={"enumerate": "parallel"})
+            label = pyro.sample(
+                "y",
+                dist.Categorical(logits=self.guide_logits(x, y)),
+                infer={"enumerate": "parallel"},
+            )
             return pyro.sample("z", self.encode(x, label))
 
     # -- the classifier on its own -----------------------------------------------

@@ -28,7 +28,9 @@ def resolve_prior(prior: str | dict | Prior, model_name: str) -> Prior:
     prior = PRIORS.resolve(prior)
     if isinstance(prior, VampPrior):
         allowed = ", ".join(sorted(name for name in PRIORS if name != VampPrior.name))
-        raise PyvaeError(f"prior 'vamp' needs the encoder q(z|x) of model 'vae'; {model_name} allows {allowed}")
+        raise PyvaeError(
+            f"prior 'vamp' needs the encoder q(z|x) of model 'vae'; {model_name} allows {allowed}"
+        )
     return prior
 
 

@@ -19,14 +19,14 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyvae.parts.component import is_custom
 from pyvae.errors import PyvaeError, positive_int
+from pyvae.models.shared import image_shape_for
+from pyvae.parts.component import is_custom
 from pyvae.parts.guides import GUIDES, Guide
 from pyvae.parts.likelihoods import LIKELIHOODS, Likelihood
 from pyvae.parts.nets import NETS, ConvDecoder, ConvEncoder, ResidualDecoder, ResidualEncoder, mlp
 from pyvae.parts.priors import PRIORS, Prior
 from pyvae.program import data_plate
-from pyvae.models.shared import image_shape_for
 
 _instance_ids = itertools.count()
 
@@ -97,13 +97,17 @@ class VAE(nn.Module):
             encoder = (
                 mlp(x_dim, hidden, encoder_outputs, activation)
                 if net == "mlp"
-                else {"conv": ConvEncoder, "resnet": ResidualEncoder}[net](self.image_shape, encoder_outputs, activation)
+                else {"conv": ConvEncoder, "resnet": ResidualEncoder}[net](
+                    self.image_shape, encoder_outputs, activation
+                )
             )
         if decoder is None:
             decoder = (
                 mlp(z_dim, hidden[::-1], self.likelihood.params_per_pixel * x_dim, activation)
                 if net == "mlp"
-                else {"conv": ConvDecoder, "resnet": ResidualDecoder}[net](z_dim, self.image_shape, self.likelihood.params_per_pixel, activation)
+                else {"conv": ConvDecoder, "resnet": ResidualDecoder}[net](
+                    z_dim, self.image_shape, self.likelihood.params_per_pixel, activation
+                )
             )
         self.encoder, self.decoder = encoder, decoder
         for component in (self.likelihood, self.posterior, self.prior):
@@ -132,17 +136,25 @@ class VAE(nn.Module):
         kwargs = {k: v for k, v in config.items() if k != "model"}
         needed = ("x_dim", "z_dim", "prior", "likelihood", "guide", "encoder", "decoder")
         if any(k not in kwargs for k in needed):
-            raise PyvaeError(f"{path} is a pyvae checkpoint without a complete model description; it cannot be loaded")
+            raise PyvaeError(
+                f"{path} is a pyvae checkpoint without a complete model description; it cannot be loaded"
+            )
         for part, registry in (("prior", PRIORS), ("likelihood", LIKELIHOODS), ("guide", GUIDES)):
             spec = kwargs[part] if isinstance(kwargs[part], dict) else {"name": kwargs[part]}
             if is_custom(spec, registry) and part not in parts:
-                raise PyvaeError(f"{path} was saved with a custom {part} {spec['name']!r}; pass {part}=... to pyvae.load")
+                raise PyvaeError(
+                    f"{path} was saved with a custom {part} {spec['name']!r}; pass {part}=... to pyvae.load"
+                )
         for part in ("encoder", "decoder"):
             if kwargs.pop(part) == "custom" and part not in parts:
-                raise PyvaeError(f"{path} was saved with a custom {part}; pass {part}=... to pyvae.load")
+                raise PyvaeError(
+                    f"{path} was saved with a custom {part}; pass {part}=... to pyvae.load"
+                )
         unknown = sorted(set(parts) - {"prior", "likelihood", "guide", "encoder", "decoder"})
         if unknown:
-            raise PyvaeError(f"unknown part {unknown[0]!r} for pyvae.load; allowed: prior, likelihood, guide, encoder, decoder")
+            raise PyvaeError(
+                f"unknown part {unknown[0]!r} for pyvae.load; allowed: prior, likelihood, guide, encoder, decoder"
+            )
         return cls(**{**kwargs, **parts})
 
     # -- the four distributions -------------------------------------------------
@@ -179,7 +191,9 @@ class VAE(nn.Module):
     def check_batch(self, x: torch.Tensor) -> None:
         """Refuse data of the wrong width or outside the likelihood's support (one-line errors)."""
         if x.ndim != 2 or x.shape[1] != self.x_dim:
-            raise PyvaeError(f"data has {x.shape[-1]} features per point; the VAE expects x_dim={self.x_dim}")
+            raise PyvaeError(
+                f"data has {x.shape[-1]} features per point; the VAE expects x_dim={self.x_dim}"
+            )
         self.likelihood.check_support(x)
 
     # -- conveniences for pictures ----------------------------------------------

@@ -10,10 +10,11 @@ from __future__ import annotations
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from pyro.distributions import transforms as T
 from pyro.distributions.transforms import Permute
 
-from pyvae.parts.component import Component, Registry
 from pyvae.errors import PyvaeError, positive_int, positive_number
+from pyvae.parts.component import Component, Registry
 
 GUIDES = Registry("guide")
 
@@ -92,8 +93,12 @@ class IAF(Guide):
 
     name = "iaf"
 
-    def __init__(self, num_flows: int = 2, context_dim: int = 32, hidden: int = 64, min_scale: float = 1e-4) -> None:
-        super().__init__(num_flows=num_flows, context_dim=context_dim, hidden=hidden, min_scale=min_scale)
+    def __init__(
+        self, num_flows: int = 2, context_dim: int = 32, hidden: int = 64, min_scale: float = 1e-4
+    ) -> None:
+        super().__init__(
+            num_flows=num_flows, context_dim=context_dim, hidden=hidden, min_scale=min_scale
+        )
         self.num_flows = positive_int("iaf num_flows", num_flows)
         self.context_dim = positive_int("iaf context_dim", context_dim)
         self.hidden = positive_int("iaf hidden", hidden)
@@ -103,13 +108,16 @@ class IAF(Guide):
         return 2 * z_dim + self.context_dim
 
     def bind(self, vae: torch.nn.Module) -> None:
-        from pyro.distributions import transforms as T
 
         super().bind(vae)
         if vae.z_dim < 2:
-            raise PyvaeError("the iaf guide needs z_dim >= 2 (an autoregressive step on one dimension is affine)")
+            raise PyvaeError(
+                "the iaf guide needs z_dim >= 2 (an autoregressive step on one dimension is affine)"
+            )
         self.flows = torch.nn.ModuleList(
-            T.conditional_affine_autoregressive(vae.z_dim, self.context_dim, hidden_dims=[self.hidden], stable=True)
+            T.conditional_affine_autoregressive(
+                vae.z_dim, self.context_dim, hidden_dims=[self.hidden], stable=True
+            )
             for _ in range(self.num_flows)
         )
         # reversed between steps so each dimension is conditioned on every other one

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import constraints
 
-from pyvae.parts.component import Component, Registry
 from pyvae.errors import PyvaeError, positive_number
+from pyvae.parts.component import Component, Registry
 
 LIKELIHOODS = Registry("likelihood")
 
@@ -66,7 +66,9 @@ def value_range(x: torch.Tensor) -> str:
 
 def check_unit_interval(name: str, x: torch.Tensor) -> None:
     if not bool(torch.isfinite(x).all()) or x.min() < 0 or x.max() > 1:
-        raise PyvaeError(f"{name} needs data in [0, 1]; got values in {value_range(x)} — rescale the data to [0, 1]")
+        raise PyvaeError(
+            f"{name} needs data in [0, 1]; got values in {value_range(x)} — rescale the data to [0, 1]"
+        )
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:
@@ -92,7 +94,9 @@ class BernoulliPixels(dist.Independent):
             self.base_dist._validate_sample(value)
         logits = self.base_dist.logits
         if torch.is_grad_enabled() and logits.requires_grad:
-            return -F.binary_cross_entropy_with_logits(logits, value.expand_as(logits), reduction="none").sum(-1)
+            return -F.binary_cross_entropy_with_logits(
+                logits, value.expand_as(logits), reduction="none"
+            ).sum(-1)
         softplus = torch.logaddexp(logits, logits.new_zeros(()))
         return torch.einsum("...i,...i->...", value, logits) - softplus.sum(-1)
 
@@ -176,7 +180,9 @@ class NormalLearnedScale(Likelihood):
     def __init__(self, scale_from: str = "pixel", min_scale: float = 1e-3) -> None:
         super().__init__(scale_from=scale_from, min_scale=min_scale)
         if scale_from not in ("pixel", "decoder"):
-            raise PyvaeError(f"normal_learned scale_from must be 'pixel' or 'decoder'; got {scale_from!r}")
+            raise PyvaeError(
+                f"normal_learned scale_from must be 'pixel' or 'decoder'; got {scale_from!r}"
+            )
         self.scale_from = scale_from
         self.min_scale = positive_number("normal_learned min_scale", min_scale)
         self.params_per_pixel = 2 if scale_from == "decoder" else 1
@@ -224,7 +230,9 @@ class Laplace(Likelihood):
         check_finite(self.name, x)
 
 
-def _log_beta_cdf_near_zero(x: float, a: torch.Tensor, b: torch.Tensor, terms: int = 40) -> torch.Tensor:
+def _log_beta_cdf_near_zero(
+    x: float, a: torch.Tensor, b: torch.Tensor, terms: int = 40
+) -> torch.Tensor:
     """log I_x(a, b), the Beta(a, b) CDF at a small x, from its hypergeometric series.
 
     I_x(a, b) = x^a (1 - x)^b / (a B(a, b)) * sum_n t_n, t_0 = 1,
@@ -265,7 +273,9 @@ class _CensoredBeta(dist.Beta):
         inside = super().log_prob(value.clamp(self.eps, 1 - self.eps))
         lower = _log_beta_cdf_near_zero(self.eps, a, b)
         upper = _log_beta_cdf_near_zero(self.eps, b, a)  # P(X >= 1 - eps) = I_eps(b, a)
-        return torch.where(value <= self.eps, lower, torch.where(value >= 1 - self.eps, upper, inside))
+        return torch.where(
+            value <= self.eps, lower, torch.where(value >= 1 - self.eps, upper, inside)
+        )
 
 
 @LIKELIHOODS.register
@@ -285,7 +295,9 @@ class Beta(Likelihood):
         super().__init__(eps=eps)
         self.eps = positive_number("beta eps", eps)
         if self.eps > 1e-2:
-            raise PyvaeError(f"beta eps must be at most 0.01 (the end masses use a small-x series); got {eps!r}")
+            raise PyvaeError(
+                f"beta eps must be at most 0.01 (the end masses use a small-x series); got {eps!r}"
+            )
 
     def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
         a, b = out.chunk(2, dim=-1)
@@ -328,7 +340,9 @@ class DiscretizedLogisticDistribution(dist.TorchDistribution):
         new.loc = self.loc.expand(batch_shape)
         new.scale = self.scale.expand(batch_shape)
         new.num_levels = self.num_levels
-        super(DiscretizedLogisticDistribution, new).__init__(torch.Size(batch_shape), validate_args=False)
+        super(DiscretizedLogisticDistribution, new).__init__(
+            torch.Size(batch_shape), validate_args=False
+        )
         new._validate_args = self._validate_args
         return new
 
@@ -344,7 +358,9 @@ class DiscretizedLogisticDistribution(dist.TorchDistribution):
         left = log_cdf_upper + _log1mexp(log_cdf_lower - log_cdf_upper)
         right = log_sf_lower + _log1mexp(log_sf_upper - log_sf_lower)
         log_mass = torch.where(centered < 0, left, right)
-        return torch.where(value < half, log_cdf_upper, torch.where(value > 1 - half, log_sf_lower, log_mass))
+        return torch.where(
+            value < half, log_cdf_upper, torch.where(value > 1 - half, log_sf_lower, log_mass)
+        )
 
     def sample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)
@@ -380,17 +396,26 @@ class DiscretizedLogistic(Likelihood):
     def __init__(self, num_levels: int = 256) -> None:
         super().__init__(num_levels=num_levels)
         if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
-            raise PyvaeError(f"discretized_logistic num_levels must be an integer >= 2; got {num_levels!r}")
+            raise PyvaeError(
+                f"discretized_logistic num_levels must be an integer >= 2; got {num_levels!r}"
+            )
         self.num_levels = self.levels = num_levels
 
     def forward(self, out: torch.Tensor) -> dist.TorchDistribution:
         loc, raw_scale = out.chunk(2, dim=-1)
-        return DiscretizedLogisticDistribution(loc, F.softplus(raw_scale) + 1e-3, self.num_levels).to_event(1)
+        return DiscretizedLogisticDistribution(
+            loc, F.softplus(raw_scale) + 1e-3, self.num_levels
+        ).to_event(1)
 
     def check_support(self, x: torch.Tensor) -> None:
         levels = self.num_levels - 1
         on_grid = (x * levels - (x * levels).round()).abs() < 1e-3
-        if not bool(torch.isfinite(x).all()) or x.min() < 0 or x.max() > 1 or not bool(on_grid.all()):
+        if (
+            not bool(torch.isfinite(x).all())
+            or x.min() < 0
+            or x.max() > 1
+            or not bool(on_grid.all())
+        ):
             raise PyvaeError(
                 f"discretized_logistic needs data on the grid k/{levels} in [0, 1]; got values in {value_range(x)}"
                 f"{'' if bool(on_grid.all()) else ' off the grid'} — use 8-bit images scaled by 1/{levels}"

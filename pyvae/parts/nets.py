@@ -51,14 +51,18 @@ class GatedDense(nn.Module):
         return self.h(x) * torch.sigmoid(self.g(x))
 
 
-def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: str = "softplus") -> nn.Sequential:
+def mlp(
+    in_dim: int, hidden: Sequence[int], out_dim: int, activation: str = "softplus"
+) -> nn.Sequential:
     """Linear layers of the given widths with ``activation`` between them; ``hidden=()`` is one linear layer.
 
     ``activation="gated"`` makes every hidden layer a :class:`GatedDense` (no further nonlinearity),
     the output layer staying linear: VampPrior's 784-300-300 gated networks are ``hidden=(300, 300)``.
     """
     if activation not in MLP_ACTIVATIONS:
-        raise PyvaeError(f"unknown activation {activation!r}; choose from {', '.join(sorted(MLP_ACTIVATIONS))}")
+        raise PyvaeError(
+            f"unknown activation {activation!r}; choose from {', '.join(sorted(MLP_ACTIVATIONS))}"
+        )
     widths = [in_dim, *hidden, out_dim]
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
@@ -77,7 +81,9 @@ NETS = ("mlp", "conv", "resnet")
 class ConvEncoder(nn.Module):
     """Two stride-2 convolutions (32 and 64 channels), then a linear layer: (..., C*H*W) -> (..., out_dim)."""
 
-    def __init__(self, image_shape: Sequence[int], out_dim: int, activation: str = "softplus") -> None:
+    def __init__(
+        self, image_shape: Sequence[int], out_dim: int, activation: str = "softplus"
+    ) -> None:
         super().__init__()
         self.image_shape = tuple(image_shape)
         c, h, w = _checked_image_shape(self.image_shape)
@@ -103,7 +109,13 @@ class ConvDecoder(nn.Module):
     which is the layout the likelihoods split with ``chunk``.
     """
 
-    def __init__(self, z_dim: int, image_shape: Sequence[int], params_per_pixel: int = 1, activation: str = "softplus") -> None:
+    def __init__(
+        self,
+        z_dim: int,
+        image_shape: Sequence[int],
+        params_per_pixel: int = 1,
+        activation: str = "softplus",
+    ) -> None:
         super().__init__()
         c, h, w = _checked_image_shape(tuple(image_shape))
         act = _conv_activation(activation)
@@ -125,15 +137,21 @@ class ConvDecoder(nn.Module):
 
 def _conv_activation(activation: str) -> type[nn.Module]:
     if activation == GATED:
-        raise PyvaeError("activation 'gated' is for MLPs (net mlp); net 'conv' takes relu, softplus, elu, tanh, leaky_relu or gelu")
+        raise PyvaeError(
+            "activation 'gated' is for MLPs (net mlp); net 'conv' takes relu, softplus, elu, tanh, leaky_relu or gelu"
+        )
     if activation not in ACTIVATIONS:
-        raise PyvaeError(f"unknown activation {activation!r}; choose from {', '.join(sorted(ACTIVATIONS))}")
+        raise PyvaeError(
+            f"unknown activation {activation!r}; choose from {', '.join(sorted(ACTIVATIONS))}"
+        )
     return ACTIVATIONS[activation]
 
 
 def _checked_image_shape(image_shape: tuple) -> tuple[int, int, int]:
     if len(image_shape) != 3 or image_shape[1] % 4 or image_shape[2] % 4:
-        raise PyvaeError(f"net 'conv' needs images (C, H, W) with H and W divisible by 4; got {image_shape}")
+        raise PyvaeError(
+            f"net 'conv' needs images (C, H, W) with H and W divisible by 4; got {image_shape}"
+        )
     return image_shape
 
 
@@ -143,13 +161,20 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, channels: int, act: type[nn.Module]) -> None:
         super().__init__()
-        self.body = nn.Sequential(act(), nn.Conv2d(channels, channels, 3, padding=1), act(), nn.Conv2d(channels, channels, 3, padding=1))
+        self.body = nn.Sequential(
+            act(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            act(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
 
 
-def residual_stages(height: int, width: int, base: int = 32, widest: int = 128) -> list[tuple[int, int]]:
+def residual_stages(
+    height: int, width: int, base: int = 32, widest: int = 128
+) -> list[tuple[int, int]]:
     """(in, out) channels of each stride-2 stage: one per halving while both sides are even and
     above 4 (28: 2 stages to 7x7; 32: 3 to 4x4; 64: 4 to 4x4), doubling from ``base`` up to ``widest``."""
     stages, channels = [], base
@@ -179,19 +204,28 @@ class ResidualEncoder(nn.Module):
     """A 3x3 stem, then per stage a residual block and a stride-2 convolution, then a linear layer:
     (..., C*H*W) -> (..., out_dim). Depth follows the image size (:func:`residual_stages`)."""
 
-    def __init__(self, image_shape: Sequence[int], out_dim: int, activation: str = "softplus") -> None:
+    def __init__(
+        self, image_shape: Sequence[int], out_dim: int, activation: str = "softplus"
+    ) -> None:
         super().__init__()
         self.image_shape = tuple(image_shape)
         c, h, w = self.image_shape
         act = _conv_activation(activation)
         stages = residual_stages(h, w)
         if not stages:
-            raise PyvaeError(f"net 'resnet' needs images (C, H, W) with even H and W above 4; got {self.image_shape}")
+            raise PyvaeError(
+                f"net 'resnet' needs images (C, H, W) with even H and W above 4; got {self.image_shape}"
+            )
         layers: list[nn.Module] = [nn.Conv2d(c, stages[0][0], 3, padding=1)]
         for a, b in stages:
             layers += [ResidualBlock(a, act), act(), nn.Conv2d(a, b, 4, stride=2, padding=1)]
         scale = 2 ** len(stages)
-        layers += [ResidualBlock(stages[-1][1], act), act(), nn.Flatten(), nn.Linear(stages[-1][1] * (h // scale) * (w // scale), out_dim)]
+        layers += [
+            ResidualBlock(stages[-1][1], act),
+            act(),
+            nn.Flatten(),
+            nn.Linear(stages[-1][1] * (h // scale) * (w // scale), out_dim),
+        ]
         self.net = nn.Sequential(*layers)
         _init_residual(self.net)
 
@@ -205,19 +239,39 @@ class ResidualDecoder(nn.Module):
     convolution, then a 3x3 convolution to ``params_per_pixel`` channels per image channel:
     (..., z_dim) -> (..., params_per_pixel*C*H*W), channel-major like :class:`ConvDecoder`."""
 
-    def __init__(self, z_dim: int, image_shape: Sequence[int], params_per_pixel: int = 1, activation: str = "softplus") -> None:
+    def __init__(
+        self,
+        z_dim: int,
+        image_shape: Sequence[int],
+        params_per_pixel: int = 1,
+        activation: str = "softplus",
+    ) -> None:
         super().__init__()
         c, h, w = tuple(image_shape)
         act = _conv_activation(activation)
         stages = residual_stages(h, w)
         if not stages:
-            raise PyvaeError(f"net 'resnet' needs images (C, H, W) with even H and W above 4; got {tuple(image_shape)}")
+            raise PyvaeError(
+                f"net 'resnet' needs images (C, H, W) with even H and W above 4; got {tuple(image_shape)}"
+            )
         scale = 2 ** len(stages)
         start = (stages[-1][1], h // scale, w // scale)
-        layers: list[nn.Module] = [nn.Linear(z_dim, start[0] * start[1] * start[2]), nn.Unflatten(1, start)]
+        layers: list[nn.Module] = [
+            nn.Linear(z_dim, start[0] * start[1] * start[2]),
+            nn.Unflatten(1, start),
+        ]
         for a, b in reversed(stages):
-            layers += [ResidualBlock(b, act), act(), nn.ConvTranspose2d(b, a, 4, stride=2, padding=1)]
-        layers += [ResidualBlock(stages[0][0], act), act(), nn.Conv2d(stages[0][0], c * params_per_pixel, 3, padding=1), nn.Flatten()]
+            layers += [
+                ResidualBlock(b, act),
+                act(),
+                nn.ConvTranspose2d(b, a, 4, stride=2, padding=1),
+            ]
+        layers += [
+            ResidualBlock(stages[0][0], act),
+            act(),
+            nn.Conv2d(stages[0][0], c * params_per_pixel, 3, padding=1),
+            nn.Flatten(),
+        ]
         self.net = nn.Sequential(*layers)
         _init_residual(self.net)
 

@@ -21,12 +21,12 @@ import math
 
 import pyro.distributions as dist
 import torch
-from torch.distributions import constraints
 from pyro.distributions import transforms as T
 from pyro.distributions.transforms import Permute
+from torch.distributions import constraints
 
-from pyvae.parts.component import Component, Registry
 from pyvae.errors import PyvaeError, positive_int, positive_number
+from pyvae.parts.component import Component, Registry
 
 PRIORS = Registry("prior")
 
@@ -128,7 +128,9 @@ class MixtureOfGaussians(Prior):
         self.raw_scales = torch.nn.Parameter(torch.full((k, d), 0.5413))  # softplus -> 1
 
     def forward(self) -> dist.TorchDistribution:
-        components = dist.Normal(self.locs, torch.nn.functional.softplus(self.raw_scales)).to_event(1)
+        components = dist.Normal(self.locs, torch.nn.functional.softplus(self.raw_scales)).to_event(
+            1
+        )
         return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
 
 
@@ -150,12 +152,22 @@ class VampPrior(Prior):
 
     def bind(self, vae: torch.nn.Module) -> None:
         super().bind(vae)
-        self.pseudo_inputs = torch.nn.Parameter(0.5 + 0.1 * torch.randn(self.num_components, vae.x_dim))
+        self.pseudo_inputs = torch.nn.Parameter(
+            0.5 + 0.1 * torch.randn(self.num_components, vae.x_dim)
+        )
         # bound methods, not submodules: the encoder and the guide family stay owned by the VAE alone
-        self._encoder, self._family, self._family_parameters = vae.encoder.__call__, vae.posterior.__call__, vae.posterior.parameters
+        self._encoder, self._family, self._family_parameters = (
+            vae.encoder.__call__,
+            vae.posterior.__call__,
+            vae.posterior.parameters,
+        )
 
     def forward(self) -> dist.TorchDistribution:
-        return VampMixture(self._encoder(self.pseudo_inputs.clamp(0, 1)), self._family, list(self._family_parameters()))
+        return VampMixture(
+            self._encoder(self.pseudo_inputs.clamp(0, 1)),
+            self._family,
+            list(self._family_parameters()),
+        )
 
 
 class VampMixture(dist.TorchDistribution):
@@ -200,9 +212,15 @@ class VampMixture(dist.TorchDistribution):
         else:
             columns = min(k, max(1, pairs // n))
             height = min(n, max(1, pairs // columns))
-            grid = [(slice(c, c + columns), slice(r, r + height)) for r in range(0, n, height) for c in range(0, k, columns)]
+            grid = [
+                (slice(c, c + columns), slice(r, r + height))
+                for r in range(0, n, height)
+                for c in range(0, k, columns)
+            ]
             if torch.is_grad_enabled():
-                log_q = _Recomputed.apply(self._component_log_probs, grid, self.h, rows, *self.parameters)
+                log_q = _Recomputed.apply(
+                    self._component_log_probs, grid, self.h, rows, *self.parameters
+                )
             else:
                 log_q = _in_chunks(self._component_log_probs, grid, self.h, rows)
         return (torch.logsumexp(log_q, dim=-1) - math.log(k)).reshape(z.shape[:-1])
@@ -249,16 +267,25 @@ class _Recomputed(torch.autograd.Function):
     def backward(ctx, grad_output):
         h, z, *parameters = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]
-        grads = [torch.zeros_like(t) if need else None for t, need in zip((h, z, *parameters), needs)]
+        grads = [
+            torch.zeros_like(t) if need else None for t, need in zip((h, z, *parameters), needs)
+        ]
         for components, rows in ctx.grid:
             with torch.enable_grad():
-                inputs = (h[components].detach().requires_grad_(needs[0]), z[rows].detach().requires_grad_(needs[1]))
+                inputs = (
+                    h[components].detach().requires_grad_(needs[0]),
+                    z[rows].detach().requires_grad_(needs[1]),
+                )
                 values = ctx.fn(*inputs)
             wanted = [(i, t) for i, t in enumerate((*inputs, *parameters)) if needs[i]]
-            chunk = torch.autograd.grad(values, [t for _, t in wanted], grad_output[rows, components], allow_unused=True)
+            chunk = torch.autograd.grad(
+                values, [t for _, t in wanted], grad_output[rows, components], allow_unused=True
+            )
             for (i, _), g in zip(wanted, chunk):
                 if g is not None:
-                    (grads[0][components] if i == 0 else grads[1][rows] if i == 1 else grads[i]).add_(g)
+                    (
+                        grads[0][components] if i == 0 else grads[1][rows] if i == 1 else grads[i]
+                    ).add_(g)
             del values, chunk
             _release_free_memory(z.device)
         return (None, None, *grads)
@@ -336,7 +363,8 @@ class FlowPrior(Prior):
         if vae.z_dim < 2:
             raise PyvaeError("the flow prior needs z_dim >= 2 (coupling layers split z in two)")
         self.flows = torch.nn.ModuleList(
-            T.affine_coupling(vae.z_dim, hidden_dims=[self.hidden, self.hidden]) for _ in range(self.num_flows)
+            T.affine_coupling(vae.z_dim, hidden_dims=[self.hidden, self.hidden])
+            for _ in range(self.num_flows)
         )
         # reversed, not random, between layers: a checkpoint must rebuild the same prior
         self.register_buffer("reverse", torch.arange(vae.z_dim - 1, -1, -1))
@@ -350,4 +378,3 @@ class FlowPrior(Prior):
                 steps.append(Permute(self.reverse))
             steps.append(flow)
         return dist.TransformedDistribution(dist.Normal(self.loc, self.scale).to_event(1), steps)
-

@@ -30,11 +30,13 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from pyvae import distributed
-from pyvae.train import protocol, resume as state
 from pyvae.data.batching import KINDS, Batches, check_data, resolve_device, serving
-from pyvae.runs import atomic_write, save
 from pyvae.errors import PyvaeError, PyvaeWarning, positive_int, positive_number
 from pyvae.parts.likelihoods import bits_per_dim, coding
+from pyvae.program import LocalParams, structure
+from pyvae.runs import atomic_write, save
+from pyvae.train import protocol
+from pyvae.train import resume as state
 from pyvae.train.objectives import (
     Objective,
     choose_elbo,
@@ -43,7 +45,6 @@ from pyvae.train.objectives import (
     mean_field_violation,
     sites_without_analytic_kl,
 )
-from pyvae.program import LocalParams, structure
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:

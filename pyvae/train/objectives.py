@@ -31,14 +31,15 @@ from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELB
 from pyro.infer.util import get_dependent_plate_dims, torch_sum
 from torch.distributions import kl_divergence
 
-from pyvae.errors import PyvaeError, positive_int
 from pyvae.data.batching import Call
+from pyvae.errors import PyvaeError, positive_int
 from pyvae.program import (
     DataScale,
     LatentScale,
     LocalParams,
     accepts_num_data,
     bound,
+    fork_rng,
     plate_full_size,
     sample_sites,
     structure,
@@ -301,7 +302,7 @@ def mean_field_violation(module: torch.nn.Module, batch: tuple) -> str | None:
             return f"reparameterized latent sites; guide site {site['name']} is a {family}"
     names = [s["name"] for s in latent]
     with (
-        torch.random.fork_rng(devices=[batch[0].device] if batch[0].device.type == "cuda" else []),
+        fork_rng(batch[0].device),
         torch.enable_grad(),
         poutine.block(),
         LocalParams(),

@@ -43,7 +43,9 @@ PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.5, 5
 LABELS = {"valid_elbo": "ELBO", "valid_iwae": "IWAE bound", "valid_log_px": "log p(x) (IS)"}
 
 
-def check(patience: int | None, lr_schedule: str, has_validation: bool, hint: str = "pass valid= to fit") -> None:
+def check(
+    patience: int | None, lr_schedule: str, has_validation: bool, hint: str = "pass valid= to fit"
+) -> None:
     """One-line errors for a schedule that does not exist and for settings that need validation data
     without it (``hint`` says where validation data comes from)."""
     if lr_schedule not in SCHEDULES:
@@ -109,7 +111,12 @@ class Schedule:
             self.scheduler = schedulers.LambdaLR(optimizer, iwae_factor)
         elif name == "plateau":
             self.scheduler = schedulers.ReduceLROnPlateau(
-                optimizer, mode="max", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE, threshold=0.0, threshold_mode="abs"
+                optimizer,
+                mode="max",
+                factor=PLATEAU_FACTOR,
+                patience=PLATEAU_PATIENCE,
+                threshold=0.0,
+                threshold_mode="abs",
             )
         elif name == "cosine":
             self.scheduler = schedulers.CosineAnnealingLR(optimizer, T_max=epochs)
@@ -129,11 +136,19 @@ class Schedule:
             self.scheduler.step()
 
     def state_dict(self) -> dict:
-        return {"name": self.name, "epochs": self.epochs, "state": self.scheduler.state_dict() if self.scheduler else None}
+        return {
+            "name": self.name,
+            "epochs": self.epochs,
+            "state": self.scheduler.state_dict() if self.scheduler else None,
+        }
 
     def load_state_dict(self, saved: dict | None, path: str | Path) -> None:
         """Continue the schedule saved at ``path``; a different one is an error (it would change the run mid-way)."""
-        saved = saved or {"name": "none", "epochs": None, "state": None}  # written before schedules existed
+        saved = saved or {
+            "name": "none",
+            "epochs": None,
+            "state": None,
+        }  # written before schedules existed
         if saved["name"] != self.name:
             raise PyvaeError(
                 f"{path} was trained with lr_schedule {saved['name']!r}; resuming it with {self.name!r} would change "

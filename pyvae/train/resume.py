@@ -17,6 +17,7 @@ import torch
 
 from pyvae import distributed
 from pyvae.errors import PyvaeError
+from pyvae.runs import read
 
 VERSION = 2
 
@@ -28,7 +29,13 @@ def rng_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "numpy": [
+            name,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -43,29 +50,42 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):  # a machine may have fewer GPUs
+        for index, cuda_state in enumerate(
+            state["cuda"][: torch.cuda.device_count()]
+        ):  # a machine may have fewer GPUs
             torch.cuda.set_rng_state(cuda_state, index)
 
 
-def restore(module: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path, world: distributed.World, schedule=None) -> tuple[list[dict], dict]:
+def restore(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    path: Path,
+    world: distributed.World,
+    schedule=None,
+) -> tuple[list[dict], dict]:
     """Load weights, optimizer state, the learning-rate ``schedule``'s state (a :class:`pyvae.protocol.Schedule`;
     a different schedule is an error, raised before anything is loaded) and this process's generators;
     return (history, training state)."""
-    from pyvae.runs import read
 
     payload = read(path)
     training = payload.get("training")
     if training is None or "history" not in payload:
-        raise PyvaeError(f"{path} holds no training state to resume from (it was not written by fit)")
+        raise PyvaeError(
+            f"{path} holds no training state to resume from (it was not written by fit)"
+        )
     if training.get("version") != VERSION:
-        raise PyvaeError(f"{path} was written by an older pyvae whose training state cannot be resumed; pyvae.load still reads its weights")
+        raise PyvaeError(
+            f"{path} was written by an older pyvae whose training state cannot be resumed; pyvae.load still reads its weights"
+        )
     if schedule is not None:
         schedule.load_state_dict(training.get("schedule"), path)
     try:
         module.load_state_dict(payload["state_dict"])
         optimizer.load_state_dict(training["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise PyvaeError(f"{path} does not match this model and optimizer: {str(e).splitlines()[0]}") from e
+        raise PyvaeError(
+            f"{path} does not match this model and optimizer: {str(e).splitlines()[0]}"
+        ) from e
     written_by = len(training["rng"])
     if written_by == world.size:
         set_rng_state(training["rng"][world.rank])

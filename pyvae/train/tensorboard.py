@@ -21,30 +21,44 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
-from pyvae.viz import plots
 from pyvae.data.datasets import spread
 from pyvae.infer.explore import prior_images
 from pyvae.infer.importance import log_likelihood
-from pyvae.program import batch_arity
+from pyvae.program import batch_arity, fork_rng
+from pyvae.viz import plots
 
 #: record keys and the tag they are shown under
-TAGS = {"train_elbo": "elbo/train", "test_elbo": "elbo/test", "valid_elbo": "elbo/valid", "test_iwae": "iwae/test",
-        "valid_iwae": "iwae/valid", "valid_log_px": "log_px/valid", "beta": "kl_weight", "lr": "lr", "seconds": "seconds"}
+TAGS = {
+    "train_elbo": "elbo/train",
+    "test_elbo": "elbo/test",
+    "valid_elbo": "elbo/valid",
+    "test_iwae": "iwae/test",
+    "valid_iwae": "iwae/valid",
+    "valid_log_px": "log_px/valid",
+    "beta": "kl_weight",
+    "lr": "lr",
+    "seconds": "seconds",
+}
 
 
 class TensorBoard:
     """Writes a run's numbers and pictures as TensorBoard events (see the module's docstring)."""
 
-    def __init__(self, folder: str | Path, images: torch.Tensor, labels: torch.Tensor | None = None, every: int = 10) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        every: int = 10,
+    ) -> None:
         self.folder, self.images, self.labels, self.every = Path(folder), images, labels, every
         self._writer = None
 
     @property
     def writer(self):
         if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
             self._writer = SummaryWriter(str(self.folder))
         return self._writer
 
@@ -57,7 +71,7 @@ class TensorBoard:
         """The epoch's numbers, the KL of each latent site, and the picture grids; the draws these take
         come from a forked random stream, so a run with events trains exactly as one without."""
         device = next(model.parameters()).device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with fork_rng(device):
             self._epoch(record, model)
         self.writer.flush()
 
@@ -65,13 +79,17 @@ class TensorBoard:
         epoch = record["epoch"]
         for key, value in record.items():
             if key != "epoch":
-                self.writer.add_scalar(TAGS.get(key, f"{key.split('_', 1)[-1]}/{key.split('_', 1)[0]}"), value, epoch)
+                self.writer.add_scalar(
+                    TAGS.get(key, f"{key.split('_', 1)[-1]}/{key.split('_', 1)[0]}"), value, epoch
+                )
         for site, value in self.kl(model).items():
             self.writer.add_scalar(f"kl/{site}", value, epoch)
         shape, n = model.image_shape, min(8, self.images.shape[0])
         if shape is not None:
             was_training = model.training
-            self.writer.add_image("samples", plots.grid(prior_images(model.eval(), 64), shape), epoch)
+            self.writer.add_image(
+                "samples", plots.grid(prior_images(model.eval(), 64), shape), epoch
+            )
             pairs = plots.reconstruction_pairs(model, self.images, n, 2, self.labels)
             self.writer.add_image("reconstructions", plots.grid(pairs, shape, nrow=n), epoch)
             model.train(was_training)
@@ -82,7 +100,9 @@ class TensorBoard:
         if batch_arity(model) == 2:
             if self.labels is None and not hasattr(model, "classify"):
                 return {}
-            y = spread(self.labels, 500) if self.labels is not None else torch.full((len(x),), -1)  # m2: unlabelled
+            y = (
+                spread(self.labels, 500) if self.labels is not None else torch.full((len(x),), -1)
+            )  # m2: unlabelled
             x = (x, y.to(x.device))
         ll = log_likelihood(model, x, num_samples=8)
         return {site: float(value.double().mean()) for site, value in ll.kl.items()}
@@ -92,7 +112,9 @@ class TensorBoard:
         for key in ("log_px", "elbo", "gap", "bits_per_dim", "elbo_bits_per_dim"):
             if summary.get(key) is not None:
                 self.writer.add_scalar(f"eval/{key}", summary[key], epoch)
-        self.writer.add_text("eval", "    " + table.replace("\n", "\n    "), epoch)  # indented: shown as code
+        self.writer.add_text(
+            "eval", "    " + table.replace("\n", "\n    "), epoch
+        )  # indented: shown as code
         self.writer.flush()
 
     def close(self) -> None:

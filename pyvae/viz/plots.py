@@ -10,20 +10,32 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
+import arviz
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
-from pyvae.runs import atomic_write  # noqa: E402
 from pyvae.data.datasets import spread  # noqa: E402
+from pyvae.infer.explore import prior_images
+from pyvae.infer.explore import reconstructions as reconstruct
+from pyvae.infer.importance import khat_threshold
+from pyvae.runs import atomic_write  # noqa: E402
 
 
 def grid(images: torch.Tensor, image_shape: Sequence[int], nrow: int = 8) -> torch.Tensor:
     """Flat images (n, x_dim) in [0, 1] as one (C, H, W) picture with ``nrow`` images per row."""
-    return make_grid(images.detach().cpu().clamp(0, 1).reshape(-1, *image_shape), nrow=nrow, padding=2, pad_value=1.0)
+    return make_grid(
+        images.detach().cpu().clamp(0, 1).reshape(-1, *image_shape),
+        nrow=nrow,
+        padding=2,
+        pad_value=1.0,
+    )
 
 
-def save_grid(images: torch.Tensor, image_shape: Sequence[int], path: str | Path, nrow: int = 8) -> None:
+def save_grid(
+    images: torch.Tensor, image_shape: Sequence[int], path: str | Path, nrow: int = 8
+) -> None:
     """:func:`grid` as a PNG."""
     picture = grid(images, image_shape, nrow)
     atomic_write(path, lambda f: save_image(picture, f, format="png"))
@@ -36,30 +48,51 @@ def save_figure(fig: plt.Figure, path: str | Path) -> None:
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
-def samples(model: torch.nn.Module, path: str | Path, n: int = 64, label: int | None = None, temperature: float = 1.0) -> None:
+def samples(
+    model: torch.nn.Module,
+    path: str | Path,
+    n: int = 64,
+    label: int | None = None,
+    temperature: float = 1.0,
+) -> None:
     """A grid of E[x | latents] for latents drawn from the model (class ``label``, or the classes in turn)."""
-    from pyvae.infer.explore import prior_images
 
     model.eval()
-    save_grid(prior_images(model, n, label, temperature), model.image_shape, path, nrow=max(1, round(n**0.5)))
+    save_grid(
+        prior_images(model, n, label, temperature),
+        model.image_shape,
+        path,
+        nrow=max(1, round(n**0.5)),
+    )
 
 
 def reconstructions(
-    model: torch.nn.Module, x: torch.Tensor, path: str | Path, per_row: int = 8, rows: int = 2, labels: torch.Tensor | None = None
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    path: str | Path,
+    per_row: int = 8,
+    rows: int = 2,
+    labels: torch.Tensor | None = None,
 ) -> None:
     """Rows of test images, each above a row of their reconstructions (:func:`reconstruction_pairs`)."""
     per_row = min(per_row, x.shape[0])
-    save_grid(reconstruction_pairs(model, x, per_row, rows, labels), model.image_shape, path, nrow=per_row)
+    save_grid(
+        reconstruction_pairs(model, x, per_row, rows, labels), model.image_shape, path, nrow=per_row
+    )
 
 
-def reconstruction_pairs(model: torch.nn.Module, x: torch.Tensor, per_row: int = 8, rows: int = 2,
-                         labels: torch.Tensor | None = None) -> torch.Tensor:
+def reconstruction_pairs(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    per_row: int = 8,
+    rows: int = 2,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(2 * rows * per_row, x_dim): rows of test images, each followed by the row of their reconstructions.
 
     The images are spread evenly over ``x``, so a set sorted by class (static
     binarized MNIST's test split is) shows every class.
     """
-    from pyvae.infer.explore import reconstructions as reconstruct
 
     model.eval()
     per_row = min(per_row, x.shape[0])
@@ -68,16 +101,21 @@ def reconstruction_pairs(model: torch.nn.Module, x: torch.Tensor, per_row: int =
     y = spread(labels, per_row * rows).to(device) if labels is not None else None
     x = spread(x, per_row * rows).to(device)
     recon = reconstruct(model, x, y)
-    return torch.stack([x.reshape(rows, per_row, -1), recon.reshape(rows, per_row, -1)], dim=1).reshape(-1, x.shape[1])
+    return torch.stack(
+        [x.reshape(rows, per_row, -1), recon.reshape(rows, per_row, -1)], dim=1
+    ).reshape(-1, x.shape[1])
 
 
 def elbo_curves(history: list[dict], path: str | Path) -> None:
     """Train, validation and test ELBO (nats per data point) against epoch (whole epochs on the axis)."""
-    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     epochs = [h["epoch"] for h in history]
-    for key, label in (("train_elbo", "train"), ("valid_elbo", "validation"), ("test_elbo", "test")):
+    for key, label in (
+        ("train_elbo", "train"),
+        ("valid_elbo", "validation"),
+        ("test_elbo", "test"),
+    ):
         if all(key in h for h in history):
             ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -90,9 +128,6 @@ def elbo_curves(history: list[dict], path: str | Path) -> None:
 
 def khat(ll, path: str | Path) -> None:
     """arviz's Pareto k^ plot: one point per data point, with the reliability thresholds."""
-    import arviz
-
-    from pyvae.infer.importance import khat_threshold
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     with warnings.catch_warnings():
@@ -102,7 +137,12 @@ def khat(ll, path: str | Path) -> None:
         # with K < 21 every k^ is NaN (not estimable) and arviz's histogram of them divides 0 by 0
         warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
         arviz.plot_khat(ll.khat.numpy(), ax=ax, show_hlines=True, show_bins=True, markersize=2)
-    ax.axhline(khat_threshold(ll.num_samples), color="C3", lw=1, label=f"threshold for K = {ll.num_samples}")
+    ax.axhline(
+        khat_threshold(ll.num_samples),
+        color="C3",
+        lw=1,
+        label=f"threshold for K = {ll.num_samples}",
+    )
     ax.legend(loc="lower right", fontsize=7)
     ax.set_xlabel("data point")
     ax.set_title(f"Pareto k^ of the importance weights (K = {ll.num_samples})")
@@ -145,7 +185,9 @@ def embedding(points, labels, axis_name: str, path: str | Path) -> None:
     save_figure(fig, path)
 
 
-def anomaly_histogram(log_px_in, log_px_ood, names: tuple[str, str], auc: float, num_samples: int, path: str | Path) -> None:
+def anomaly_histogram(
+    log_px_in, log_px_ood, names: tuple[str, str], auc: float, num_samples: int, path: str | Path
+) -> None:
     """Histograms of log p(x) for in-distribution and out-of-distribution images."""
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     values = torch.cat([log_px_in, log_px_ood])
@@ -154,8 +196,11 @@ def anomaly_histogram(log_px_in, log_px_ood, names: tuple[str, str], auc: float,
     ax.hist(log_px_ood.numpy(), bins=bins, alpha=0.6, density=True, label=f"{names[1]} (out)")
     ax.set_xlabel("log p(x) (nats)")
     ax.set_ylabel("density")
-    ax.set_title(f"log p(x) (IS, K = {num_samples}), {len(log_px_in)} + {len(log_px_ood)} images: "
-                 f"ROC AUC of -log p(x) {auc:.3f}", fontsize=9)
+    ax.set_title(
+        f"log p(x) (IS, K = {num_samples}), {len(log_px_in)} + {len(log_px_ood)} images: "
+        f"ROC AUC of -log p(x) {auc:.3f}",
+        fontsize=9,
+    )
     ax.legend()
     save_figure(fig, path)
 
@@ -174,7 +219,12 @@ def ais(runs: dict, log_px_is: float, path: str | Path) -> None:
     twin.plot(steps, top.step_size_by_step.numpy(), color="C1", lw=1)
     twin.set_ylabel("mean step size", color="C1")
     ts = sorted(runs)
-    right.plot(ts, [float(runs[t].log_px.double().mean()) for t in ts], marker="o", label=f"AIS, {top.num_chains} chains")
+    right.plot(
+        ts,
+        [float(runs[t].log_px.double().mean()) for t in ts],
+        marker="o",
+        label=f"AIS, {top.num_chains} chains",
+    )
     right.axhline(log_px_is, color="C3", lw=1, ls="--", label="importance sampling")
     right.set_xscale("log")
     right.set_xlabel("T (intermediate distributions)")
@@ -200,6 +250,8 @@ def bdmc(summary: dict, path: str | Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("T (intermediate distributions)")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{summary['num_points']} points simulated from the model, {summary['num_chains']} chains", fontsize=9)
+    fig.suptitle(
+        f"{summary['num_points']} points simulated from the model, {summary['num_chains']} chains",
+        fontsize=9,
+    )
     save_figure(fig, path)
-

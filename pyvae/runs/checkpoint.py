@@ -4,43 +4,25 @@
 instance the caller built (``model=``), checking that the class and every parameter's
 name and shape match; a checkpoint of one class never comes back as another.
 
-Files are written atomically (temporary file in the same folder, flush, fsync,
-rename), so a crash leaves either the old checkpoint or the new one, never half of
-one. They are read with ``torch.load(weights_only=True)``, which never unpickles
+Files are written atomically (:func:`pyvae.runs.files.atomic_write`), so a crash leaves
+either the old checkpoint or the new one, never half of one. They are read with ``torch.load(weights_only=True)``, which never unpickles
 code.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from pyvae.errors import PyvaeError
+from pyvae.models import MODELS
+from pyvae.runs.files import atomic_write
+from pyvae.runs.user_code import USER_MODEL
 
 FORMAT = "pyvae-checkpoint"
 FORMAT_VERSION = 1
-#: the attribute of a model built from a user's file (``--model FILE.py:Class``) holding its
-#: record: file, class, args, sha256 and the data's shape; saved as a checkpoint's ``user_model``
-USER_MODEL = "pyvae_user_model"
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[object], None]) -> None:
-    """Call ``write(file_object)`` on a temporary file and rename it to ``path`` when complete."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def class_name(module: torch.nn.Module) -> str:
@@ -106,8 +88,6 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, **parts)
     ``load(path, model=instance)`` loads the weights into ``instance``, which must be of the
     class that was saved, with the same parameter names and shapes.
     """
-    from pyvae.models import MODELS
-
     payload = read(path)
     saved = payload.get("class")
     config = payload.get("config")
