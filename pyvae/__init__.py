@@ -1,18 +1,23 @@
 """pyvae: variational autoencoders written as Pyro programs.
 
-Layers, from the bottom: :mod:`pyvae.nets` (networks), :mod:`pyvae.priors`,
-:mod:`pyvae.likelihoods`, :mod:`pyvae.guides` (distributions), :mod:`pyvae.models`
-(Pyro models and guides; :mod:`pyvae.program` reads any such program), :mod:`pyvae.train` (SVI; :mod:`pyvae.distributed` under torchrun), :mod:`pyvae.importance` (importance
-sampling), :mod:`pyvae.ais` (annealed importance sampling), :mod:`pyvae.bdmc`, :mod:`pyvae.gap`
-and :mod:`pyvae.diagnostics`, :mod:`pyvae.data`, :mod:`pyvae.plots`,
-:mod:`pyvae.config`, :mod:`pyvae.cli`.
+The packages, floor by floor from the bottom (a module imports only from floors below its own;
+CONTRIBUTING.md draws the house):
+
+* :mod:`pyvae.errors`: ``PyvaeError``, ``PyvaeWarning``.
+* :mod:`pyvae.program`: reads any Pyro ``model``/``guide`` pair: its sites, plates and weights.
+* :mod:`pyvae.data` and :mod:`pyvae.parts`: data sets; networks, priors, likelihoods, guides.
+* :mod:`pyvae.models`: the built-in Pyro programs ``VAE``, ``HVAE``, ``CVAE``, ``M2``.
+* :mod:`pyvae.runs`: checkpoints (``save``, ``load``), atomic files, a user's own code.
+* :mod:`pyvae.infer`: importance-sampled and annealed log p(x), BDMC, the inference gap,
+  ``evaluate``.
+* :mod:`pyvae.viz`: pictures. :mod:`pyvae.train`: ``fit`` by SVI. :mod:`pyvae.cli`: commands.
 
 All ELBOs and log-likelihoods are in nats per data point; NLL is their negative.
 """
 
 from pyvae import program
 from pyvae.errors import DataNotFound, PyvaeError, PyvaeWarning
-from pyvae.infer import ais, bdmc, gap  # noqa: E402  (after diagnostics, which they build on)
+from pyvae.infer import ais, bdmc, gap
 from pyvae.infer.ais import AISResult, ais_log_likelihood
 from pyvae.infer.diagnostics import Evaluation, evaluate
 from pyvae.infer.importance import LogLikelihood, log_likelihood
