@@ -11,7 +11,7 @@ import yaml
 
 import pyvae
 from pyvae.cli.app import main
-from pyvae.cli.config import model_args, parse_args
+from pyvae.cli.train import model_args, parse_args
 
 from .conftest import exits_2
 
