@@ -29,7 +29,6 @@ MODEL_HELP = (
     "model and guide (in YAML {file: FILE.py, class: Class, args: {z_dim: 10}}); every "
     "command that follows the run imports that file again, and refuses it once changed"
 )
-PART_HELP = "the {}: a name, or in YAML a mapping such as {}"
 DATASET_HELP = (
     f"{', '.join(names.DATASETS)}, any image set of torchvision.datasets by name (celeba, stl10, "
     "...), or the path of an image folder, .npz or .npy"
@@ -38,6 +37,13 @@ DATASET_HELP = (
 
 def _meta(help: str, **checks) -> dict:
     return {"help": help, **checks}
+
+
+def _part(kind: str, default: str, density: str, example: str):
+    """The field of a registry part: a built-in name, or in YAML a mapping with its settings."""
+    choices = {"prior": names.PRIORS, "likelihood": names.LIKELIHOODS, "guide": names.GUIDES}
+    help = f"the {kind} {density}: a name, or in YAML a mapping such as {example}"
+    return field(default=default, metadata=_meta(help, registry=kind, choices=choices[kind]))
 
 
 @dataclass
@@ -121,30 +127,11 @@ class TrainConfig:
             choices=names.NETS,
         ),
     )
-    prior: str | dict = field(
-        default="normal",
-        metadata=_meta(
-            PART_HELP.format("prior p(z)", "{name: vamp, num_components: 100}"),
-            registry="prior",
-            choices=names.PRIORS,
-        ),
+    prior: str | dict = _part("prior", "normal", "p(z)", "{name: vamp, num_components: 100}")
+    likelihood: str | dict = _part(
+        "likelihood", "bernoulli", "p(x | z)", "{name: normal, scale: 0.1}"
     )
-    likelihood: str | dict = field(
-        default="bernoulli",
-        metadata=_meta(
-            PART_HELP.format("likelihood p(x | z)", "{name: normal, scale: 0.1}"),
-            registry="likelihood",
-            choices=names.LIKELIHOODS,
-        ),
-    )
-    guide: str | dict = field(
-        default="normal",
-        metadata=_meta(
-            PART_HELP.format("guide q(z | x)", "{name: lowrank, rank: 2}"),
-            registry="guide",
-            choices=names.GUIDES,
-        ),
-    )
+    guide: str | dict = _part("guide", "normal", "q(z | x)", "{name: lowrank, rank: 2}")
     # inference
     elbo: str = field(
         default="auto",
