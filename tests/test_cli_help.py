@@ -9,7 +9,7 @@ import pytest
 
 import pyvae
 from pyvae.cli import names
-from pyvae.cli.flags import COMMANDS, markdown_table, parser
+from pyvae.cli.flags import SPECS, markdown_table, parser
 
 from .conftest import ROOT, exits_2
 
@@ -30,7 +30,7 @@ def modules_loaded_by(code: str) -> set[str]:
     return set(eval(result.stdout.strip().splitlines()[-1]))
 
 
-@pytest.mark.parametrize("argv", [["--help"], *([name, "--help"] for name in COMMANDS)])
+@pytest.mark.parametrize("argv", [["--help"], *([name, "--help"] for name in SPECS)])
 def test_help_imports_no_torch(argv):
     assert modules_loaded_by(f"from pyvae.cli.app import main; main({argv!r})") == set()
 
@@ -44,7 +44,7 @@ def test_the_example_s_help_imports_no_torch():
     assert modules_loaded_by(code) == set()
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", SPECS)
 def test_every_flag_is_described_with_at_most_one_default(command):
     for action in parser(command)._actions:
         assert action.help and action.help.strip(), action.option_strings
@@ -62,11 +62,11 @@ def test_resume_says_a_signal_s_checkpoint_resumes_inside_the_epoch():
     assert "inside the epoch" in action.help and "signal" in action.help
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", SPECS)
 def test_markdown_table_has_a_row_per_flag(command):
     table = markdown_table(command).splitlines()
     assert table[0] == "| flag | default | description |"
-    flags = [f.name for f in COMMANDS[command].flags]
+    flags = [f.name for f in SPECS[command].flags]
     assert [row.split("`")[1] for row in table[2:]] == flags
     assert all(row.count(" | ") == 2 for row in table[2:])
 

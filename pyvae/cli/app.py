@@ -11,8 +11,7 @@ import importlib
 import sys
 
 from pyvae.cli.console import run
-from pyvae.cli.flags import COMMANDS as SPECS
-from pyvae.cli.flags import parser
+from pyvae.cli.flags import SPECS, parser
 
 
 class Command:

@@ -28,7 +28,7 @@ class Flag:
 
 
 @dataclass(frozen=True)
-class Command:
+class Spec:
     """A command: its one-line ``summary``, the ``description`` its help opens with, its flags."""
 
     name: str
@@ -137,18 +137,18 @@ def train_flags() -> tuple[Flag, ...]:
     return tuple(flags)
 
 
-def _commands(*commands: Command) -> dict[str, Command]:
-    return {c.name: c for c in commands}
+def _specs(*specs: Spec) -> dict[str, Spec]:
+    return {s.name: s for s in specs}
 
 
-COMMANDS = _commands(
-    Command(
+SPECS = _specs(
+    Spec(
         "train",
         "Train a model by SVI: checkpoints, metrics, pictures and the test log-likelihood.",
         "Train a VAE by SVI and write its pictures, metrics and test log-likelihood.",
         train_flags(),
     ),
-    Command(
+    Spec(
         "evaluate",
         "log p(x) by importance sampling or AIS, and guide diagnostics of a trained run.",
         "log p(x) by importance sampling (or AIS) and guide diagnostics of a trained run.",
@@ -185,7 +185,7 @@ COMMANDS = _commands(
             *AIS_FLAGS,
         ),
     ),
-    Command(
+    Spec(
         "bdmc",
         "BDMC: forward and reverse AIS on data simulated from the model, a sandwich around "
         "log p(x).",
@@ -196,7 +196,7 @@ COMMANDS = _commands(
             *AIS_FLAGS,
         ),
     ),
-    Command(
+    Spec(
         "gap",
         "The inference gap split into approximation and amortization gaps (AIS and per-point "
         "guides).",
@@ -210,7 +210,7 @@ COMMANDS = _commands(
             *AIS_FLAGS,
         ),
     ),
-    Command(
+    Spec(
         "sample",
         "Images decoded from latents drawn from the prior (--label for cvae, m2).",
         "Images decoded from latents drawn from the prior.",
@@ -226,13 +226,13 @@ COMMANDS = _commands(
             ),
         ),
     ),
-    Command(
+    Spec(
         "reconstruct",
         "Test images, each row above its reconstructions.",
         "Test images, each row above its reconstructions.",
         (*run_flags(), number("--n", "images (rows of 8)", 32)),
     ),
-    Command(
+    Spec(
         "interpolate",
         "Decoded paths between test images, linear and spherical in z (vae).",
         "Decoded paths between test images, linear and spherical in z.",
@@ -242,7 +242,7 @@ COMMANDS = _commands(
             number("--steps", "images along each path, ends included", 10),
         ),
     ),
-    Command(
+    Spec(
         "traverse",
         "Each latent dimension swept over the prior's quantiles, by KL (vae).",
         "Each latent dimension swept over the prior's quantiles, by KL.",
@@ -252,7 +252,7 @@ COMMANDS = _commands(
             number("--steps", "quantiles of the prior per dimension", 9),
         ),
     ),
-    Command(
+    Spec(
         "embed",
         "Latent means of the test set: a scatter, a linear probe, k-means purity.",
         "Latent means of the test set: a scatter, a linear probe, k-means purity.",
@@ -261,7 +261,7 @@ COMMANDS = _commands(
             Flag("--num-points", "test images, evenly spread (default: all)", None, {"type": int}),
         ),
     ),
-    Command(
+    Spec(
         "anomaly",
         "log p(x) as an anomaly score: ROC AUC of test images against another set.",
         "log p(x) as an anomaly score: ROC AUC of test images against another set.",
@@ -292,7 +292,7 @@ def described(flag: Flag) -> str:
 def parser(command: str, prog: str | None = None) -> Parser:
     """The argument parser of ``command``; ``prog`` names it in usage lines (default: the
     script). train's parser leaves out the flags not given: a --config file fills them."""
-    spec = COMMANDS[command]
+    spec = SPECS[command]
     train = command == "train"
     result = Parser(
         prog=prog,
@@ -301,7 +301,7 @@ def parser(command: str, prog: str | None = None) -> Parser:
     )
     for flag in spec.flags:
         options = dict(flag.options)
-        if not train and not flag.name == "run":
+        if not train:
             options["default"] = flag.default
         result.add_argument(flag.name, help=described(flag), **options)
     return result
@@ -310,17 +310,12 @@ def parser(command: str, prog: str | None = None) -> Parser:
 def markdown_table(command: str) -> str:
     """``command``'s flags as a Markdown table: flag, default, description."""
     rows = ["| flag | default | description |", "| --- | --- | --- |"]
-    for flag in COMMANDS[command].flags:
-        shown = "" if flag.default is None else f"`{_yaml_like(flag.default)}`"
+    for flag in SPECS[command].flags:
+        value = str(flag.default).lower() if isinstance(flag.default, bool) else flag.default
+        shown = "" if flag.default is None else f"`{value}`"
         text = flag.help.replace("|", "\\|")
         rows.append(f"| `{flag.name}` | {shown} | {text} |")
     return "\n".join(rows) + "\n"
 
 
-def _yaml_like(value) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
-
-
-__all__ = ["COMMANDS", "Command", "Flag", "markdown_table", "parser"]
+__all__ = ["SPECS", "Flag", "Spec", "markdown_table", "parser"]

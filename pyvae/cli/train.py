@@ -63,7 +63,7 @@ SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 def parse_args(argv: list[str], prog: str | None = None) -> tuple[TrainConfig, bool]:
     """(config, debug) from defaults, ``--config FILE`` and flags, in that order of precedence."""
     args = parser("train", prog).parse_args(argv)
-    return configure(args), args.debug
+    return configure(args), getattr(args, "debug", False)
 
 
 def configure(args) -> TrainConfig:
