@@ -15,16 +15,37 @@ CONTRIBUTING.md draws the house):
 All ELBOs and log-likelihoods are in nats per data point; NLL is their negative.
 """
 
-from pyvae import program
+import importlib
+
 from pyvae.errors import DataNotFound, PyvaeError, PyvaeWarning
-from pyvae.infer import ais, bdmc, gap
-from pyvae.infer.ais import AISResult, ais_log_likelihood
-from pyvae.infer.diagnostics import Evaluation, evaluate
-from pyvae.infer.importance import LogLikelihood, log_likelihood
-from pyvae.models import CVAE, HVAE, M2, VAE
-from pyvae.parts import guides, likelihoods, priors
-from pyvae.runs import load, save
-from pyvae.train.loop import evaluate_elbo, fit
+
+#: each public name and the module that defines it (or is it: pyvae.program),
+#: imported on first use: ``python -m pyvae --help`` then loads no torch
+_EXPORTS = {
+    **dict.fromkeys(["ais", "bdmc", "gap"], "pyvae.infer"),
+    **dict.fromkeys(["AISResult", "ais_log_likelihood"], "pyvae.infer.ais"),
+    **dict.fromkeys(["Evaluation", "evaluate"], "pyvae.infer.diagnostics"),
+    **dict.fromkeys(["LogLikelihood", "log_likelihood"], "pyvae.infer.importance"),
+    **dict.fromkeys(["CVAE", "HVAE", "M2", "VAE"], "pyvae.models"),
+    **dict.fromkeys(["guides", "likelihoods", "priors"], "pyvae.parts"),
+    **dict.fromkeys(["load", "save"], "pyvae.runs"),
+    **dict.fromkeys(["evaluate_elbo", "fit"], "pyvae.train.loop"),
+    "program": "pyvae.program",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pyvae' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name])
+    value = module if module.__name__.endswith(f".{name}") else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 __version__ = "0.1.0"
 __all__ = [

@@ -11,7 +11,7 @@ import yaml
 
 import pyvae
 from pyvae.cli.app import main
-from pyvae.cli.config import model_args, parse_args
+from pyvae.cli.train import model_args, parse_args
 
 from .conftest import exits_2
 
@@ -130,7 +130,8 @@ def test_a_users_class_trains_and_every_command_follows_it(tmp_path, capsys):
         (
             "tiny.py:TinyVAE",
             ["--model-arg", "zdim=3"],
-            r"unknown model argument 'zdim' for TinyVAE \(.*tiny.py\); allowed: x_dim, z_dim, hidden",
+            r"unknown model argument 'zdim' for TinyVAE \(.*tiny.py\); "
+            r"allowed: x_dim, z_dim, hidden",
         ),
         ("missing.py:TinyVAE", [], r"--model missing.py:TinyVAE: there is no file .*missing.py"),
         ("tiny.py:Missing", [], r"defines no class 'Missing'; its classes: TinyVAE, NoGuide"),
@@ -192,22 +193,27 @@ from torch import nn
 
 
 class TinySSVAE(nn.Module):
-    """Pyro's SS-VAE idiom: model(xs, ys=None), a one-hot label site, the guide's q(y|x) when ys is None."""
+    """Pyro's SS-VAE idiom: model(xs, ys=None), a one-hot label site, the guide's q(y|x) when ys
+    is None."""
 
     def __init__(self, x_dim=64, num_classes=10, z_dim=2, hidden=16):
         super().__init__()
         self.c, self.z_dim = num_classes, z_dim
         self.classify = nn.Linear(x_dim, num_classes)
         self.enc = nn.Linear(x_dim + num_classes, 2 * z_dim)
-        self.dec = nn.Sequential(nn.Linear(z_dim + num_classes, hidden), nn.Softplus(), nn.Linear(hidden, x_dim))
+        self.dec = nn.Sequential(
+            nn.Linear(z_dim + num_classes, hidden), nn.Softplus(), nn.Linear(hidden, x_dim)
+        )
 
     def model(self, xs, ys=None):
         pyro.module("ss", self)
         with pyro.plate("data"):
-            ys = pyro.sample("y", dist.OneHotCategorical(logits=xs.new_zeros(xs.shape[0], self.c)), obs=ys)
-            z = pyro.sample("z", dist.Normal(xs.new_zeros(xs.shape[0], self.z_dim), 1.0).to_event(1))
+            m = xs.shape[0]
+            ys = pyro.sample("y", dist.OneHotCategorical(logits=xs.new_zeros(m, self.c)), obs=ys)
+            z = pyro.sample("z", dist.Normal(xs.new_zeros(m, self.z_dim), 1.0).to_event(1))
             lead = torch.broadcast_shapes(ys.shape[:-1], z.shape[:-1])
-            logits = self.dec(torch.cat([z.expand(*lead, self.z_dim), ys.expand(*lead, self.c)], -1))
+            zy = torch.cat([z.expand(*lead, self.z_dim), ys.expand(*lead, self.c)], -1)
+            logits = self.dec(zy)
             pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=xs)
 
     def guide(self, xs, ys=None):
@@ -215,7 +221,8 @@ class TinySSVAE(nn.Module):
             if ys is None:
                 ys = pyro.sample("y", dist.OneHotCategorical(logits=self.classify(xs)))
             lead = torch.broadcast_shapes(ys.shape[:-1], xs.shape[:-1])
-            loc, raw = self.enc(torch.cat([xs.expand(*lead, xs.shape[-1]), ys.expand(*lead, self.c)], -1)).chunk(2, -1)
+            xy = torch.cat([xs.expand(*lead, xs.shape[-1]), ys.expand(*lead, self.c)], -1)
+            loc, raw = self.enc(xy).chunk(2, -1)
             pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-4).to_event(1))
 '''
 

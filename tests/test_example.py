@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from pyvae.cli.app import run
-from pyvae.cli.config import TrainConfig, parse_args
+from pyvae.cli.config import TrainConfig
+from pyvae.cli.train import parse_args
 
 from .conftest import ROOT
 

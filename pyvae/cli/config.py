@@ -1,16 +1,16 @@
 """Run configuration: defaults, then a YAML file (``--config``), then command-line flags.
 
-Every key is a field of :class:`TrainConfig`; an unknown key, a value of the wrong
-type or outside its allowed range is a :class:`~pyvae.errors.PyvaeError` naming the
-key, the value and what is allowed.
+Every key is a field of :class:`TrainConfig`, whose metadata is the one description of its flag
+(``help``, ``choices``, bounds): ``train --help`` and :func:`pyvae.cli.flags.markdown_table` read
+it. An unknown key, a value of the wrong type or outside its allowed range is a
+:class:`~pyvae.errors.PyvaeError` naming the key, the value and what is allowed. This module is
+light (no torch): the checks that need the registries are :func:`pyvae.cli.train.configure`'s.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,18 +19,9 @@ from pathlib import Path
 
 import yaml
 
-from pyvae.cli.console import Parser, writable_dir
-from pyvae.data.batching import DEVICES
-from pyvae.data.datasets import BINARIZE_MODES, SPLITS, torchvision_class
-from pyvae.data.sources import is_path
+from pyvae.cli import names
+from pyvae.cli.console import writable_dir
 from pyvae.errors import PyvaeError
-from pyvae.parts.guides import GUIDES
-from pyvae.parts.likelihoods import LIKELIHOODS
-from pyvae.parts.nets import MLP_ACTIVATIONS, NETS
-from pyvae.parts.priors import PRIORS
-from pyvae.runs.user_code import is_model_file, model_file_spec, plain
-from pyvae.train.objectives import ELBO_CHOICES
-from pyvae.train.protocol import SCHEDULES
 
 MODEL_HELP = (
     "vae, hvae, cvae or m2 (in YAML also {name: hvae, z_dims: [100, 50], ...}), or "
@@ -38,10 +29,21 @@ MODEL_HELP = (
     "model and guide (in YAML {file: FILE.py, class: Class, args: {z_dim: 10}}); every "
     "command that follows the run imports that file again, and refuses it once changed"
 )
+DATASET_HELP = (
+    f"{', '.join(names.DATASETS)}, any image set of torchvision.datasets by name (celeba, stl10, "
+    "...), or the path of an image folder, .npz or .npy"
+)
 
 
-def _choices(*values) -> dict:
-    return {"choices": tuple(values)}
+def _meta(help: str, **checks) -> dict:
+    return {"help": help, **checks}
+
+
+def _part(kind: str, default: str, density: str, example: str):
+    """The field of a registry part: a built-in name, or in YAML a mapping with its settings."""
+    choices = {"prior": names.PRIORS, "likelihood": names.LIKELIHOODS, "guide": names.GUIDES}
+    help = f"the {kind} {density}: a name, or in YAML a mapping such as {example}"
+    return field(default=default, metadata=_meta(help, registry=kind, choices=choices[kind]))
 
 
 @dataclass
@@ -49,152 +51,197 @@ class TrainConfig:
     """Everything a training run needs; ``config.yaml`` in a run folder is one of these."""
 
     # data
-    dataset: str = field(
-        default="binarized_mnist",
-        metadata={
-            "dataset": True,
-            "help": f"{', '.join(SPLITS)}, any image set of torchvision.datasets by name (celeba, stl10, ...), or the path of an image folder, .npz or .npy",
-        },
-    )
+    dataset: str = field(default="binarized_mnist", metadata=_meta(DATASET_HELP, dataset=True))
     test_fraction: float = field(
         default=0.1,
-        metadata={
-            "open_unit": True,
-            "help": "a PATH or torchvision data set without a test split: hold out this fraction as test",
-        },
+        metadata=_meta(
+            "a PATH or torchvision data set without a test split: hold out this fraction as test",
+            open_unit=True,
+        ),
     )
     image_size: int | None = field(
         default=None,
-        metadata={
-            "min": 1,
-            "help": "a PATH image data set or a torchvision one read image by image: resize the shorter side to S and centre-crop S x S",
-        },
+        metadata=_meta(
+            "a PATH image data set or a torchvision one read image by image: resize the shorter "
+            "side to S and centre-crop S x S (default: the images' own size)",
+            min=1,
+        ),
     )
     data_dir: str | None = field(
-        default=None, metadata={"help": "data root (else $PYVAE_DATA, else ./data)"}
+        default=None, metadata=_meta("data root (default: $PYVAE_DATA, else ./data)")
     )
     strict_data: bool = field(
-        default=False, metadata={"help": "fail instead of falling back to digits"}
+        default=False, metadata=_meta("fail instead of falling back to digits")
     )
-    download: bool = field(default=True, metadata={"help": "download missing data files"})
-    binarize: str = field(default="auto", metadata=_choices("auto", *BINARIZE_MODES))
+    download: bool = field(default=True, metadata=_meta("download missing data files"))
+    binarize: str = field(
+        default="auto",
+        metadata=_meta(
+            "auto: dynamic where the likelihood needs 0/1 data and the images are grey, else "
+            "none; static: one fixed Bernoulli draw of the grey levels; dynamic: a fresh draw "
+            "every epoch (tests: one fixed draw); none: the grey levels as they are",
+            choices=("auto", *names.BINARIZE_MODES),
+        ),
+    )
     valid_fraction: float | None = field(
         default=None,
-        metadata={
-            "open_unit": True,
-            "help": "hold out this fraction of the training set for validation (default: the data set's valid split, if any)",
-        },
+        metadata=_meta(
+            "hold out this fraction of the training set for validation (default: the data set's "
+            "valid split, if any)",
+            open_unit=True,
+        ),
     )
     # model
-    model: str | dict = field(default="vae", metadata={"models": True, "help": MODEL_HELP})
+    model: str | dict = field(default="vae", metadata=_meta(MODEL_HELP, models=True))
     num_labels: int | None = field(
         default=None,
-        metadata={
-            "min": 1,
-            "help": "m2: labelled training points, class-balanced; the rest unlabelled",
-        },
+        metadata=_meta(
+            "semi-supervised models (m2, a class of your own with model(xs, ys=None)): labelled "
+            "training points, class-balanced; the rest unlabelled (default: every label)",
+            min=1,
+        ),
     )
     labelled_share: float | None = field(
         default=None,
-        metadata={
-            "open_unit": True,
-            "help": "semi-supervised data: the labelled part of every minibatch, served as its own "
+        metadata=_meta(
+            "semi-supervised data: the labelled part of every minibatch, served as its own "
             "call, each part scaled to its group (default: their share of the data)",
-        },
+            open_unit=True,
+        ),
     )
-    z_dim: int = field(default=50, metadata={"min": 1})
-    hidden: list[int] = field(default_factory=lambda: [512], metadata={"min": 1})
-    activation: str = field(default="relu", metadata=_choices(*MLP_ACTIVATIONS))
-    net: str = field(default="mlp", metadata=_choices(*NETS))
-    # a name, or in YAML a mapping such as {name: vamp, num_components: 100}
-    prior: str | dict = field(default="normal", metadata={"registry": PRIORS})
-    likelihood: str | dict = field(default="bernoulli", metadata={"registry": LIKELIHOODS})
-    guide: str | dict = field(default="normal", metadata={"registry": GUIDES})
+    z_dim: int = field(
+        default=50, metadata=_meta("dimensions of the latent z (vae, cvae, m2)", min=1)
+    )
+    hidden: list[int] = field(
+        default_factory=lambda: [512],
+        metadata=_meta("widths of the hidden layers of encoder and decoder (vae, cvae, m2)", min=1),
+    )
+    activation: str = field(
+        default="relu",
+        metadata=_meta("nonlinearity of the MLP layers", choices=names.ACTIVATIONS),
+    )
+    net: str = field(
+        default="mlp",
+        metadata=_meta(
+            "encoder and decoder: mlp, conv (a small DCGAN-style pair) or resnet",
+            choices=names.NETS,
+        ),
+    )
+    prior: str | dict = _part("prior", "normal", "p(z)", "{name: vamp, num_components: 100}")
+    likelihood: str | dict = _part(
+        "likelihood", "bernoulli", "p(x | z)", "{name: normal, scale: 0.1}"
+    )
+    guide: str | dict = _part("guide", "normal", "q(z | x)", "{name: lowrank, rank: 2}")
     # inference
     elbo: str = field(
         default="auto",
-        metadata={
-            **_choices(*ELBO_CHOICES),
-            "help": "auto: the analytic KL (meanfield) where it is exact and torch has it, enum for enumerated guide sites (m2), else trace",
-        },
+        metadata=_meta(
+            "auto: the analytic KL (meanfield) where it is exact and torch has it, enum for "
+            "enumerated guide sites (m2), else trace",
+            choices=names.ELBOS,
+        ),
     )
     num_particles: int = field(
-        default=1, metadata={"min": 1, "help": "samples of z per point (K for iwae)"}
+        default=1, metadata=_meta("samples of z per point (K for iwae)", min=1)
     )
     beta: float = field(
-        default=1.0, metadata={"positive": True, "help": "weight of the KL term (beta-VAE)"}
+        default=1.0, metadata=_meta("weight of the KL term (beta-VAE)", positive=True)
     )
     kl_warmup_epochs: int = field(
-        default=0, metadata={"min": 0, "help": "epochs of linear KL warm-up from 0 to beta"}
+        default=0, metadata=_meta("epochs of linear KL warm-up from 0 to beta", min=0)
     )
     clip_norm: float | None = field(
-        default=None, metadata={"positive": True, "help": "clip the gradient's total norm"}
+        default=None,
+        metadata=_meta(
+            "clip the gradient's total norm to this (default: no clipping)", positive=True
+        ),
     )
-    epochs: int = field(default=10, metadata={"min": 1})
-    batch_size: int = field(default=128, metadata={"min": 1})
-    lr: float = field(default=2e-3, metadata={"positive": True})
+    epochs: int = field(default=10, metadata=_meta("passes over the training set", min=1))
+    batch_size: int = field(default=128, metadata=_meta("data points per SVI step", min=1))
+    lr: float = field(default=2e-3, metadata=_meta("Adam's learning rate", positive=True))
     lr_schedule: str = field(
         default="cosine",
-        metadata={
-            **_choices(*SCHEDULES),
-            "help": "none; iwae: Burda et al.'s 3^i-epoch stages at lr*10^(-i/7); plateau: halve on a stalled validation objective; cosine over the epochs",
-        },
+        metadata=_meta(
+            "none; iwae: Burda et al.'s 3^i-epoch stages at lr*10^(-i/7); plateau: halve on a "
+            "stalled validation objective; cosine over the epochs",
+            choices=names.LR_SCHEDULES,
+        ),
     )
     patience: int | None = field(
         default=None,
-        metadata={
-            "min": 1,
-            "help": "stop when the validation objective has not improved for this many epochs",
-        },
+        metadata=_meta(
+            "stop when the validation objective has not improved for this many epochs "
+            "(default: never stop early)",
+            min=1,
+        ),
     )
     valid_samples: int = field(
         default=0,
-        metadata={
-            "min": 0,
-            "help": "K: also the validation log p(x) by importance sampling (1000 points at most), then the objective; 0 skips it",
-        },
+        metadata=_meta(
+            "K: also the validation log p(x) by importance sampling (1000 points at most), then "
+            "the objective; 0 skips it",
+            min=0,
+        ),
     )
-    device: str = field(default="auto", metadata=_choices(*DEVICES))
-    seed: int = field(default=0, metadata={"min": 0})
+    device: str = field(
+        default="auto",
+        metadata=_meta("where to train (auto: CUDA when available)", choices=names.DEVICES),
+    )
+    seed: int = field(
+        default=0, metadata=_meta("seeds the weights, the data's order and every draw", min=0)
+    )
     # evaluation after training
     eval_samples: int = field(
         default=1000,
-        metadata={"min": 0, "help": "K for the test log-likelihood at the end; 0 skips it"},
+        metadata=_meta("K for the test log-likelihood at the end; 0 skips it", min=0),
     )
     eval_points: int = field(
-        default=1000, metadata={"min": 0, "help": "test points for it, evenly spread; 0 means all"}
+        default=1000, metadata=_meta("test points for it, evenly spread; 0 means all", min=0)
     )
     eval_checkpoint: str = field(
         default="best",
-        metadata={
-            **_choices("best", "last"),
-            "help": "evaluate best.pt (the best validation epoch; last when there is none) or the last epoch",
-        },
+        metadata=_meta(
+            "evaluate best.pt (the best validation epoch; last when there is none) or the last "
+            "epoch",
+            choices=names.CHECKPOINTS,
+        ),
     )
     # output
     tensorboard: bool = field(
         default=False,
-        metadata={
-            "help": "write TensorBoard events into RUN/tensorboard (tensorboard --logdir runs/)"
-        },
+        metadata=_meta(
+            "write TensorBoard events into RUN/tensorboard (tensorboard --logdir runs/)"
+        ),
+    )
+    track: str = field(
+        default="none",
+        metadata=_meta(
+            "also log the run's settings, metrics and outputs to an experiment tracker "
+            "(mlflow: the run of $MLFLOW_TRACKING_URI, else ./mlruns; pip install mlflow)",
+            choices=names.TRACKERS,
+        ),
     )
     resume: str | None = field(
         default=None,
-        metadata={"help": "continue the run in this folder after its last completed epoch"},
+        metadata=_meta(
+            "continue the run in this folder from its checkpoint, exactly: after its last "
+            "completed epoch, or inside the epoch where a signal (Ctrl-C, SIGTERM) stopped it"
+        ),
     )
     out: str | None = field(
-        default=None, metadata={"help": "run folder (default runs/<dataset>-<timestamp>)"}
+        default=None, metadata=_meta("run folder (default: runs/<dataset>-<timestamp>)")
     )
 
     def validate(self) -> TrainConfig:
+        """Each value's type, range and choices; the values :func:`pyvae.cli.train.configure`
+        resolves (data set, model, parts) only as far as their metadata allows here."""
         for f in dataclasses.fields(self):
-            _check(f, getattr(self, f.name))
+            check(f, getattr(self, f.name))
         return self
 
-    def output_dir(self) -> Path:
-        """The run folder, checked to be writable but not made yet (training makes it once its
-        input is checked); an unusable path is a clear error."""
-        name = Path(self.dataset).stem if is_path(self.dataset) else self.dataset
+    def output_dir(self, name: str) -> Path:
+        """The run folder (``name``: the data set's, for the default), checked to be writable but
+        not made yet (training makes it once its input is checked)."""
         return writable_dir(self.out or f"runs/{name}-{datetime.now():%Y%m%d-%H%M%S}", create=False)
 
     def to_yaml(self) -> str:
@@ -206,113 +253,87 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+HINTS = typing.get_type_hints(TrainConfig)
 
 
-def _check(f: dataclasses.Field, value) -> None:
-    kind = typing.get_type_hints(TrainConfig)[f.name]
-    meta = f.metadata
-    allowed = _describe(kind, meta)
-    bad = PyvaeError(f"invalid value {value!r} for {f.name!r}; allowed: {allowed}")
+def default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def check(f: dataclasses.Field, value) -> None:
+    """A one-line error unless ``value`` suits field ``f``: a registry part may be a mapping, the
+    data set and the model are resolved by training (their strings pass here)."""
+    kind, meta = HINTS[f.name], f.metadata
+    bad = PyvaeError(f"invalid value {value!r} for {f.name!r}; allowed: {allowed(f)}")
     if value is None:
         if type(None) not in typing.get_args(kind):
             raise bad
         return
-    if "registry" in meta:
-        try:
-            meta["registry"].resolve(value)
-        except PyvaeError as e:
-            raise PyvaeError(f"invalid value {value!r} for {f.name!r}: {e}") from None
-        return
-    if "dataset" in meta:
-        if not isinstance(value, str) or (
-            value not in SPLITS
-            and not (is_path(value) and Path(value).expanduser().exists())
-            and torchvision_class(value) is None
-        ):
+    if "registry" in meta or "models" in meta or "dataset" in meta:
+        if not isinstance(value, str | dict):
             raise bad
         return
-    if "models" in meta:
-        from pyvae.models import MODELS
-
-        if is_model_file(value):  # a class of the user's own: its file is imported by training
-            model_file_spec(value)
-            return
-        name = value.get("name") if isinstance(value, dict) else value
-        if name not in MODELS:
-            raise PyvaeError(
-                f"invalid value {value!r} for 'model'; allowed: {', '.join(MODELS)} "
-                "(in YAML a mapping with 'name'), or FILE.py:Class (in YAML a "
-                "mapping with 'file' and 'class')"
-            )
-        return
-    base = _base(kind)
+    base = base_type(kind)
     if typing.get_origin(base) is list:
-        if not isinstance(value, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
-        ):
+        if not isinstance(value, list) or not all(_is_int(v) for v in value):
             raise bad
         if any(v < meta.get("min", -math.inf) for v in value):
             raise bad
-        return
-    if base is bool:
+    elif base is bool:
         if not isinstance(value, bool):
             raise bad
     elif base is int:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or value < meta.get("min", -math.inf)
-        ):
+        if not _is_int(value) or value < meta.get("min", -math.inf):
             raise bad
     elif base is float:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-        ):
+        if not _in_range(value, meta):
             raise bad
-        if (meta.get("positive") and value <= 0) or value < meta.get("min", -math.inf):
-            raise bad
-        if meta.get("open_unit") and not 0 < value < 1:
-            raise bad
-    elif base is str:
-        if not isinstance(value, str) or ("choices" in meta and value not in meta["choices"]):
-            raise bad
+    elif not isinstance(value, str) or ("choices" in meta and value not in meta["choices"]):
+        raise bad
 
 
-def _base(kind):
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _in_range(value, meta) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    if (meta.get("positive") and value <= 0) or value < meta.get("min", -math.inf):
+        return False
+    return not meta.get("open_unit") or 0 < value < 1
+
+
+def base_type(kind):
     """``T`` for ``T | None``; ``kind`` itself otherwise."""
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         return next(a for a in typing.get_args(kind) if a is not type(None))
     return kind
 
 
-def _describe(kind, meta) -> str:
+def allowed(f: dataclasses.Field) -> str:
+    """What field ``f`` allows, in words."""
+    kind, meta = HINTS[f.name], f.metadata
     if "dataset" in meta:
-        return f"{', '.join(SPLITS)}, a torchvision data set by name (celeba, stl10, ...), or the path of an existing image folder, .npz or .npy"
+        return (
+            f"{', '.join(names.DATASETS)}, a torchvision data set by name (celeba, stl10, ...), "
+            "or the path of an existing image folder, .npz or .npy"
+        )
+    if "models" in meta:
+        return ", ".join([*names.MODELS, "FILE.py:Class"])
     if "choices" in meta:
         return ", ".join(meta["choices"])
-    if "registry" in meta:
-        return ", ".join(meta["registry"])
-    if "models" in meta:
-        from pyvae.models import MODELS
-
-        return ", ".join([*MODELS, "FILE.py:Class"])
-    base = _base(kind)
+    base = base_type(kind)
     if typing.get_origin(base) is list:
         return "a list of positive integers"
-    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        base, str(base)
-    )
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[base]
     if "min" in meta:
         words += f" >= {meta['min']}"
     if meta.get("positive"):
         words = "a positive number"
     if meta.get("open_unit"):
         words = "a number in (0, 1)"
-    if type(None) in typing.get_args(kind):
-        words += " or null"
-    return words
+    return words + (" or null" if type(None) in typing.get_args(kind) else "")
 
 
 def read_yaml(path: Path, what: str):
@@ -337,129 +358,13 @@ def from_yaml(path: str | Path) -> dict:
         raise PyvaeError(
             f"config {path} must be a mapping of keys to values; got {type(values).__name__}"
         )
-    hints = typing.get_type_hints(TrainConfig)
     for key, value in values.items():
         if key not in FIELDS:
             raise PyvaeError(f"unknown config key {key!r} in {path}; allowed: {', '.join(FIELDS)}")
-        if hints[key] is float and isinstance(value, str):
+        if HINTS[key] is float and isinstance(value, str):
             # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
                 values[key] = float(value)
             except ValueError:
                 pass
     return values
-
-
-def build_parser(description: str | None = None, prog: str | None = None) -> Parser:
-    parser = Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help="YAML file of defaults; flags override it")
-    hints = typing.get_type_hints(TrainConfig)
-    for name, f in FIELDS.items():
-        flag = "--" + name.replace("_", "-")
-        kind = hints[name]
-        base = _base(kind)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata.get('help', '')} (default: {default})".strip()
-        if "registry" in f.metadata:
-            parser.add_argument(flag, choices=sorted(f.metadata["registry"]), help=help_text)
-        elif "models" in f.metadata:
-            from pyvae.models import MODELS
-
-            choices = ModelChoices([*MODELS, "FILE.py:Class"])
-            metavar = "{" + ",".join(choices) + "}"
-            parser.add_argument(flag, choices=choices, metavar=metavar, help=help_text)
-            parser.add_argument(
-                "--model-arg", action="append", metavar="KEY=VALUE", help=MODEL_ARG_HELP
-            )
-        elif base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        elif typing.get_origin(base) is list:
-            parser.add_argument(flag, type=int, nargs="*", metavar="H", help=help_text)
-        else:
-            parser.add_argument(flag, type=base, choices=f.metadata.get("choices"), help=help_text)
-    return parser
-
-
-MODEL_ARG_HELP = (
-    "with --model FILE.py:Class: a keyword argument of the class's constructor, the "
-    "value read as YAML (3, 0.5, 1e-3, [64, 64], true, text); repeat for more. "
-    "x_dim, image_shape and num_classes come from the data set where the "
-    "constructor takes them and they are not given; flags such as --z-dim and "
-    "--hidden are not passed to the class"
-)
-
-
-class ModelChoices(tuple):
-    """--model's choices: the built-in names and any ``FILE.py:Class`` (checked on import)."""
-
-    def __contains__(self, value) -> bool:
-        return tuple.__contains__(self, value) or is_model_file(value)
-
-
-#: a number in the scientific notation that YAML 1.1 reads as a string (1e-3)
-SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def model_args(pairs: list[str]) -> dict:
-    """{key: value} of ``--model-arg KEY=VALUE`` flags (the last of a repeated key wins), each value
-    read as a YAML scalar or list (3, 0.5, 1e-3, [64, 64], true, text); one-line errors."""
-    args = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key.isidentifier():
-            raise PyvaeError(f"--model-arg takes KEY=VALUE, KEY an argument name; got {pair!r}")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            first = str(e).splitlines()[0]
-            raise PyvaeError(f"--model-arg {pair}: the value is not valid YAML ({first})") from e
-        value = float(value) if isinstance(value, str) and SCIENTIFIC.fullmatch(value) else value
-        if not plain(value):
-            raise PyvaeError(
-                f"--model-arg {pair}: allowed values are numbers, booleans, "
-                "strings, null and lists of them"
-            )
-        args[key] = value
-    return args
-
-
-def with_model_args(model, pairs: list[str] | None, resume: bool) -> str | dict:
-    """The ``model`` setting with ``--model-arg`` flags merged into a user model's args (a
-    ``FILE.py:Class`` string becomes the mapping); the flags are refused for anything else."""
-    if not is_model_file(model):
-        if pairs:
-            raise PyvaeError(
-                f"--model-arg is for a model class of your own (--model "
-                f"FILE.py:Class); model {model!r} is built in: it takes --z-dim, "
-                "--hidden, ..."
-            )
-        return model
-    if pairs and resume:
-        raise PyvaeError(
-            "--model-arg cannot change the model of a resumed run; it goes on with "
-            "the arguments it was trained with"
-        )
-    spec = model_file_spec(model)
-    return {**spec, "args": {**spec["args"], **model_args(pairs or [])}}
-
-
-def parse_args(
-    argv: list[str] | None = None, description: str | None = None, prog: str | None = None
-) -> tuple[TrainConfig, bool]:
-    """(config, debug) from defaults, ``--config FILE`` and flags, in that order of precedence."""
-    args = vars(build_parser(description, prog).parse_args(argv))
-    debug = args.pop("debug", False)
-    values = from_yaml(args.pop("config")) if "config" in args else {}
-    if args.get("resume"):
-        # the run's own configuration, then any flags given now (a larger --epochs, say)
-        run = Path(args["resume"])
-        if not (run / "config.yaml").is_file() or not (run / "checkpoint.pt").is_file():
-            raise PyvaeError(
-                f"cannot resume {run}: it needs config.yaml and checkpoint.pt from an earlier run"
-            )
-        values = {**from_yaml(run / "config.yaml"), "out": str(run)}
-    pairs = args.pop("model_arg", None)
-    values.update(args)
-    model = values.get("model", FIELDS["model"].default)
-    values["model"] = with_model_args(model, pairs, bool(args.get("resume")))
-    return TrainConfig(**values).validate(), debug

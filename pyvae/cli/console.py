@@ -1,4 +1,5 @@
-"""How every command-line entry point talks to the user: one-line errors, exit codes, output folders.
+"""How every command-line entry point talks to the user: one-line errors, exit codes, output
+folders.
 
 Bad input is one line on stderr and exit code 2; any other failure (a bug, an allocation
 that does not fit) is one line too, with exit code 1. ``--debug`` shows the traceback.
@@ -45,7 +46,8 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
 
 
 def _format_warning(message, category, filename, lineno, line=None, *, formatted) -> str:
-    """A :class:`PyvaeWarning` as one ``warning: ...`` line; any other warning as ``formatted`` words it."""
+    """A :class:`PyvaeWarning` as one ``warning: ...`` line; any other warning as ``formatted``
+    words it."""
     if issubclass(category, PyvaeWarning):
         return f"warning: {message}\n"
     return formatted(message, category, filename, lineno, line)
@@ -59,7 +61,8 @@ OUT_OF_MEMORY = re.compile(
 
 
 def describe_failure(e: Exception) -> str:
-    """One line for an exception nobody anticipated; an allocation failure says how much and what to lower."""
+    """One line for an exception nobody anticipated; an allocation failure says how much and
+    what to lower."""
     text = " ".join(str(e).split())
     if isinstance(e, MemoryError) or OUT_OF_MEMORY.search(text):
         wanted = re.search(r"tried to allocate (\d+) bytes", text) or re.search(
@@ -71,7 +74,8 @@ def describe_failure(e: Exception) -> str:
         )  # numpy's "728. TiB"
         return (
             f"out of memory{f' allocating {size}' if size else ''} ({type(e).__name__}); "
-            "lower --batch-size, --num-particles or --num-samples, or use a machine with more memory"
+            "lower --batch-size, --num-particles or --num-samples, or use a machine with more "
+            "memory"
         )
     first = text[:300] + ("..." if len(text) > 300 else "")
     return f"unexpected {type(e).__name__}: {first or 'no message'}"

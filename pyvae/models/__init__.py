@@ -1,5 +1,5 @@
-"""Built-in models, each a Pyro ``model``/``guide`` pair on a ``torch.nn.Module`` (the contract is in
-:mod:`pyvae.program`), chosen by ``--model``:
+"""Built-in models, each a Pyro ``model``/``guide`` pair on a ``torch.nn.Module`` (the contract is
+in :mod:`pyvae.program`), chosen by ``--model``:
 
 =====  =========================================================================
 vae    p(z) p(x|z), q(z|x): priors, likelihoods, guide families and nets swappable
@@ -16,4 +16,11 @@ from pyvae.models.vae import VAE
 
 MODELS = {"vae": VAE, "hvae": HVAE, "cvae": CVAE, "m2": M2}
 
-__all__ = ["MODELS", "VAE", "HVAE", "CVAE", "M2"]
+
+def takes_unlabelled(model) -> bool:
+    """Whether a built-in model (its class or an instance) trains on unlabelled points too, label
+    -1 (its ``min_label``): semi-supervised, scored on images alone (m2)."""
+    return getattr(model, "min_label", 0) < 0
+
+
+__all__ = ["MODELS", "VAE", "HVAE", "CVAE", "M2", "takes_unlabelled"]
