@@ -1,4 +1,4 @@
-"""Every code block of README.md and docs/**/*.md runs as written, or says why not.
+"""Every code block of README.md, CONTRIBUTING.md and docs/**/*.md runs as written, or says why not.
 
 A fenced ``python`` block runs as written: the blocks of one page in order, in one namespace
 (a page's later blocks build on its earlier ones), in a temporary folder, with the data root
@@ -18,7 +18,7 @@ from pyvae.cli.app import COMMANDS
 
 from .conftest import ROOT
 
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
 FENCE = re.compile(
     r"(?:<!-- not run: (?P<reason>[^\n]+?) -->\n+)?^```(?P<lang>\w*)\n(?P<code>.*?)^```$",
     re.S | re.M,
