@@ -66,7 +66,19 @@ def test_blocks_marked_not_run_are_listed(reason):
     pytest.skip(f"not run: {reason}")
 
 
-def test_every_python_block_runs_or_says_why_not():
+def test_a_block_after_a_not_run_mark_is_not_run(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Text.\n\n<!-- not run: needs a GPU -->\n```python\nraise SystemExit\n```\n\n"
+        "```python\nx = 1\n```\n"
+    )
+    assert blocks(page) == [
+        ("python", 5, "raise SystemExit\n", "needs a GPU"),
+        ("python", 9, "x = 1\n", None),
+    ]
+
+
+def test_every_block_names_its_language():
     assert PYTHON_PAGES, "no python block found"
     for page in PAGES:
         for lang, line, _, reason in blocks(page):
