@@ -9,6 +9,8 @@ the CLI has, and every ``examples/*.py`` or ``configs/*.yaml`` they name must ex
 """
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pyro
@@ -55,6 +57,16 @@ def test_the_python_blocks_of_a_page_run_as_written(page, tmp_path, monkeypatch)
     for lang, line, code, reason in blocks(page):
         if lang == "python" and not reason:
             exec(compile("\n" * (line - 1) + code, str(page), "exec"), namespace)
+
+
+def test_the_names_the_blocks_use_are_there_after_import_pyvae_alone():
+    """What a reader copies into a fresh interpreter: ``import pyvae`` is all it imports, so every
+    ``pyvae.NAME.NAME`` the blocks use must be reachable from it (pytest has imported more)."""
+    code = "".join(b[2] for p in PYTHON_PAGES for b in blocks(p) if b[0] == "python" and not b[3])
+    names = sorted(set(re.findall(r"\bpyvae(?:\.\w+)+", code)))
+    check = "import pyvae\n" + "".join(f"{n}\n" for n in names)
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize(
