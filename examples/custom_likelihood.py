@@ -4,7 +4,7 @@
     python -m pyvae evaluate runs/custom_likelihood --parts examples/custom_likelihood.py
 
 scikit-learn's 8x8 digits are such data: every pixel is a count 0..16, stored divided by 16.
-A likelihood is a ``pyvae.parts.likelihoods.Likelihood`` (the contract is in the README):
+A likelihood is a ``pyvae.parts.likelihoods.Likelihood`` (the contract is in docs/custom-models.md):
 ``forward(decoder_output)`` returns p(x|z), a distribution over x itself (on the data's scale,
 event shape (x_dim,)) whose ``log_prob`` is a normalized density or mass and whose ``mean`` is
 E[x|z], what the sample and reconstruction pictures show; ``check_support(x)`` refuses data it
