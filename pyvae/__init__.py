@@ -30,7 +30,8 @@ _EXPORTS = {
     **dict.fromkeys(["guides", "likelihoods", "priors"], "pyvae.parts"),
     **dict.fromkeys(["load", "save"], "pyvae.runs"),
     **dict.fromkeys(["evaluate_elbo", "fit"], "pyvae.train.loop"),
-    "program": "pyvae.program",
+    **{name: f"pyvae.{name}" for name in ["data", "infer", "models", "parts", "program", "runs"]},
+    **{name: f"pyvae.{name}" for name in ["train", "viz"]},
 }
 
 
