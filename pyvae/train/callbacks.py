@@ -11,6 +11,7 @@ setting ``run.stop = True``. Every process of a ``torchrun`` job calls every hoo
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -60,11 +61,6 @@ class Callbacks(Callback):
     """Calls each hook of its callbacks in their order."""
 
     def __init__(self, callbacks: list[Callback]) -> None:
-        bad = [c for c in callbacks if not isinstance(c, Callback)]
-        if bad:
-            raise PyvaeError(
-                f"callbacks must be pyvae.train.Callback instances; got {type(bad[0]).__name__}"
-            )
         self.callbacks = list(callbacks)
 
     def on_train_begin(self, run) -> None:
@@ -251,9 +247,11 @@ class MLflowCallback(Callback):
     each epoch's record as a metric at step = epoch, and at the end the run folder's pictures,
     JSON and YAML files (:data:`ARTIFACT_SUFFIXES`) as artifacts, the run then marked FINISHED,
     KILLED (stopped by a signal) or FAILED. ``tracking_uri`` defaults to the file store
-    ``out/mlruns`` (``mlflow ui --backend-store-uri RUN/mlruns``). A resumed run continues the
-    MLflow run of the same folder. Files written after ``fit`` (the CLI's evaluation) are added
-    with :meth:`log_files`."""
+    ``out/mlruns`` (``MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri RUN/mlruns``:
+    MLflow >= 3.18 reads file stores only when so told, and this callback sets that variable
+    unless it is set). A resumed run continues the MLflow run of the same folder. Files written
+    after ``fit`` (the CLI's pictures and eval.json) are added with :meth:`log_files`, numbers with
+    :meth:`log_metrics`."""
 
     def __init__(
         self,
@@ -278,6 +276,9 @@ class MLflowCallback(Callback):
             raise PyvaeError("MLflowCallback needs a tracking_uri when fit has no out folder")
         self.folder = run.out
         uri = self.tracking_uri or (Path(run.out) / "mlruns").resolve().as_uri()
+        if uri.startswith("file:"):
+            # MLflow 3.18 refuses its file store unless asked for it; a run folder is one
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = self.mlflow.tracking.MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(self.experiment)
         experiment = found.experiment_id if found else None

@@ -241,6 +241,11 @@ def _check_settings(arguments: dict) -> None:
             raise PyvaeError(f"{name} must be an integer >= 0; got {value!r}")
     valid = arguments["valid"] is not None
     protocol.check(arguments["patience"], arguments["lr_schedule"], valid)
+    bad = [c for c in arguments["callbacks"] or [] if not isinstance(c, Callback)]
+    if bad:
+        raise PyvaeError(
+            f"callbacks must be pyvae.train.Callback instances; got {type(bad[0]).__name__}"
+        )
     if arguments["track"] not in TRACKERS:
         raise PyvaeError(
             f"unknown track {arguments['track']!r}; choose from "
