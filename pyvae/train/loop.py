@@ -35,6 +35,21 @@ in this order, then the user's ``callbacks``:
   ``TrainingStopped``);
 * ``EarlyStopping``: sets ``run.stop`` once the best validation objective is ``patience`` old;
 * ``MLflowCallback`` (``track="mlflow"``): parameters, per-epoch metrics, artifacts.
+
+**The run folder** ``out`` is made only once the input has been checked, together with
+``out_files`` ({name: text}, e.g. the CLI's ``config.yaml``): a refused run writes nothing. Then
+``metrics.jsonl`` gets one line per epoch and ``checkpoint.pt`` is rewritten atomically after each,
+the one before kept as ``checkpoint.prev.pt``; ``best.pt`` holds the weights of the epoch with the
+highest validation objective (the earliest on ties). A non-finite loss or gradient stops training
+with a :class:`PyvaeError` naming the epoch and step; the parameters are then not saved, so no
+checkpoint ever holds NaNs.
+
+**Resume**: with ``resume`` (and ``out``), training continues after the last completed epoch of
+``out/checkpoint.pt`` (or inside the epoch a signal stopped): weights, optimizer and learning-rate
+schedule state, step counter (the warm-up schedule), history and the random number generators of
+python, numpy and torch are restored, so an interrupted and resumed run reaches the same parameters
+as an uninterrupted one (and stops early where it does). Resuming with another ``lr_schedule`` is
+an error.
 """
 
 from __future__ import annotations
@@ -51,19 +66,9 @@ from pyvae.data.batching import Batches, check_data, resolve_device, serving
 from pyvae.errors import PyvaeError, PyvaeWarning, positive_int, positive_number
 from pyvae.program import structure
 from pyvae.runs import atomic_write
+from pyvae.train import callbacks as hooks
 from pyvae.train import protocol
-from pyvae.train.callbacks import (
-    BestCheckpoint,
-    Callback,
-    Checkpoints,
-    EarlyStopping,
-    EpochLine,
-    LRSchedule,
-    MetricsFile,
-    MLflowCallback,
-    StopOnSignal,
-    TrainingStopped,
-)
+from pyvae.train.callbacks import Callback, StopOnSignal, TrainingStopped
 from pyvae.train.objectives import (
     Objective,
     choose_elbo,
@@ -117,113 +122,103 @@ def fit(
     track: str | None = None,
     tracking_uri: str | None = None,
 ) -> list[dict]:
-    """Train ``model`` in place by SVI with Adam; return one dict per epoch.
+    """Train ``model`` in place by SVI with Adam; return one dict per epoch. How a run goes, what
+    its folder ``out`` holds and how ``resume`` continues it: see the module's docstring.
 
     ``model`` is any module with Pyro ``model(*batch, num_data=None)`` and ``guide`` methods
-    (:mod:`pyvae.program`); ``train``/``test`` are a tensor x, a tuple (x, y), an ImageSet or
-    a Dataset, served as ``(x,)`` or ``(x, y)`` as the model's signature asks.
+    (:mod:`pyvae.program`); ``train``/``test``/``valid`` are a tensor x, a tuple (x, y), an
+    ImageSet or a Dataset, served as ``(x,)`` or ``(x, y)`` as the model's signature asks.
     ``elbo`` is ``trace``, ``meanfield``, ``iwae`` (with ``num_particles`` = K), ``enum``
     (``TraceEnum_ELBO``, for enumerated discrete guide sites), a ``pyro.infer.ELBO``, or ``auto``
-    (:func:`pyvae.objectives.choose_elbo`: meanfield where the analytic KL is exact and available,
-    enum for enumerated sites, else trace; said on stdout with ``progress``).
+    (:func:`pyvae.train.objectives.choose_elbo`: meanfield where the analytic KL is exact and
+    available, enum for enumerated sites, else trace; said on stdout with ``progress``).
     ``beta`` weights the KL terms (beta-VAE) of all latent sites, or of ``kl_sites``; with
-    ``kl_warmup_epochs`` > 0 the weight rises linearly, step by step, from 0 to ``beta``
-    over that many epochs. ``metrics`` maps names to functions of the model computed after
-    every epoch (e.g. a test accuracy) and recorded with the ELBOs.
+    ``kl_warmup_epochs`` > 0 the weight rises linearly, step by step, from 0 to ``beta`` over
+    that many epochs. ``metrics`` maps names to functions of the model computed after every epoch
+    (e.g. a test accuracy) and recorded with the ELBOs. ``clip_norm`` rescales the gradient to at
+    most that total norm.
 
-    ``valid`` is held-out data (served like ``test``) scored after every epoch: ``valid_elbo`` (and
-    ``valid_iwae`` for ``iwae``), and with ``valid_samples`` = K > 0 ``valid_log_px``, the
-    importance-sampled log p(x) with K samples on at most :data:`VALID_IS_POINTS` points evenly
-    spread over ``valid``. The validation objective (:mod:`pyvae.protocol`) is ``valid_log_px`` when
-    computed, else ``valid_iwae`` when computed, else ``valid_elbo``: with ``out``, ``best.pt``
-    holds the weights of the epoch where it was highest (the earliest on ties), written atomically
-    before that epoch's ``checkpoint.pt``; with ``patience`` = P training stops once the best is P
-    epochs old. ``lr_schedule`` is ``none``, ``iwae`` (Burda et al.'s 3^i-epoch stages at
-    lr·10^(-i/7)), ``plateau`` (halved when the validation objective stalls) or ``cosine`` (over
-    ``epochs``), stepped after every epoch; ``lr`` in each record is the rate the epoch trained
-    with.
+    ``valid`` is scored after every epoch: ``valid_elbo`` (and ``valid_iwae`` for ``iwae``), and
+    with ``valid_samples`` = K > 0 ``valid_log_px``, the importance-sampled log p(x) with K
+    samples on at most :data:`~pyvae.train.run.VALID_IS_POINTS` points evenly spread over
+    ``valid``. The validation objective (:mod:`pyvae.train.protocol`) is ``valid_log_px`` when
+    computed, else ``valid_iwae`` when computed, else ``valid_elbo``; with ``patience`` = P
+    training stops once its best is P epochs old. ``lr_schedule`` is ``none``, ``iwae`` (Burda et
+    al.'s 3^i-epoch stages at lr·10^(-i/7)), ``plateau`` (halved when the validation objective
+    stalls) or ``cosine`` (over ``epochs``), stepped after every epoch.
 
-    Each dict has ``epoch``, ``train_elbo`` (the average of the minibatch values of
-    the training objective during the epoch: the beta-weighted ELBO when beta is not 1,
-    the IWAE bound for ``iwae``), ``beta`` (the KL weight at the end of the epoch),
-    ``test_elbo`` (the plain ELBO, beta = 1, on ``test`` after the epoch, when given;
-    for ``iwae`` also ``test_iwae``, the K-sample bound) and ``seconds``. All are in
-    nats per data point. With ``out``, ``metrics.jsonl`` gets one line per epoch and
-    ``checkpoint.pt`` is rewritten atomically after each, the one before kept as
-    ``checkpoint.prev.pt``. The folder is made only once the input has been checked, together
-    with ``out_files`` ({name: text}, e.g. the CLI's ``config.yaml``): a refused run writes nothing.
-
-    ``clip_norm`` rescales the gradient to at most that total norm. A non-finite loss or
-    gradient stops training with a :class:`PyvaeError` naming the epoch and step; the
-    parameters are then not saved, so no checkpoint ever holds NaNs.
-
-    With ``resume`` (and ``out``), training continues after the last completed epoch of
-    ``out/checkpoint.pt``: weights, optimizer and learning-rate schedule state, step counter
-    (the warm-up schedule), history and the random number generators of python, numpy and
-    torch are restored, so an interrupted and resumed run reaches the same parameters as an
-    uninterrupted one (and stops early where it does). Resuming with another ``lr_schedule``
-    is an error.
+    Each dict has ``epoch``, ``train_elbo`` (the average of the minibatch values of the training
+    objective during the epoch: the beta-weighted ELBO when beta is not 1, the IWAE bound for
+    ``iwae``), ``beta`` (the KL weight at the end of the epoch), ``test_elbo`` (the plain ELBO,
+    beta = 1, on ``test`` after the epoch, when given; for ``iwae`` also ``test_iwae``, the
+    K-sample bound), the validation numbers, ``lr`` (the rate the epoch trained with) and
+    ``seconds``; all in nats per data point.
 
     ``callbacks`` are :class:`~pyvae.train.callbacks.Callback` instances whose hooks run after
-    fit's own (see the module's docstring). ``track="mlflow"`` tracks the run in MLflow
+    fit's own. ``track="mlflow"`` tracks the run in MLflow
     (:class:`~pyvae.train.callbacks.MLflowCallback`: fit's settings as parameters, every number of
     each epoch as a metric, the run folder's pictures and JSON/YAML files as artifacts) in the
-    store ``tracking_uri``, by default the file store ``out/mlruns``; it needs the optional
-    mlflow package (``pip install "pyvae[mlflow]"``).
+    store ``tracking_uri``, by default the file store ``out/mlruns``; it needs the optional mlflow
+    package (``pip install "pyvae[mlflow]"``).
     """
-    arguments = dict(locals())  # the run's settings, for trackers such as MLflow
+    return _fit(dict(locals()))
+
+
+def _fit(arguments: dict) -> list[dict]:
+    """:func:`fit`, given its ``arguments``: check them, settle the objective, make the folder,
+    run the :class:`~pyvae.train.run.Training`."""
     _check_settings(arguments)
+    model, elbo, out, num_particles = (
+        arguments[k] for k in ("model", "elbo", "out", "num_particles")
+    )
     # auto: chosen below
     objective = Objective(
-        model, "trace" if elbo == "auto" else elbo, num_particles, kl_sites, auxiliary
+        model,
+        "trace" if elbo == "auto" else elbo,
+        num_particles,
+        arguments["kl_sites"],
+        arguments["auxiliary"],
     )
-    if isinstance(objective.elbo, pyro.infer.RenyiELBO) and (beta != 1 or kl_warmup_epochs):
+    weighted = arguments["beta"] != 1 or arguments["kl_warmup_epochs"]
+    if isinstance(objective.elbo, pyro.infer.RenyiELBO) and weighted:
         raise PyvaeError(
             "beta and kl_warmup_epochs do not apply to elbo 'iwae' (a scaled latent site inside "
             "the log-mean-exp is not a beta-weighted bound); use trace or meanfield"
         )
-    tracker = _tracker(track, tracking_uri, out, arguments)
-    world, device = distributed.init(resolve_device(device))
-    progress = progress and world.main
-    splits = _served(model, (train, test, valid), device, batch_size, world)
-    plan = serving(model, splits[0], batch_size, world, labelled_share)
+    tracker = _tracker(arguments)
+    world, device = distributed.init(resolve_device(arguments["device"]))
+    progress = arguments["progress"] and world.main
+    data = (arguments["train"], arguments["test"], arguments["valid"])
+    splits = _served(model, data, device, arguments["batch_size"], world)
+    plan = serving(model, splits[0], arguments["batch_size"], world, arguments["labelled_share"])
     elbo, shape = _settle_objective(
-        model, objective, elbo, num_particles, plan, kl_sites, world, progress
+        model, objective, elbo, num_particles, plan, arguments["kl_sites"], world, progress
     )
-    if resume and out is None:
+    if arguments["resume"] and out is None:
         raise PyvaeError("resume needs out, the run folder whose checkpoint.pt to continue from")
     # made only now that the input is known to be good: a refused run leaves nothing
-    out = _make_folder(out, out_files, world)
+    out = _make_folder(out, arguments["out_files"], world)
     settings = {**arguments, "elbo": elbo, "out": out, "progress": progress}
     settings["num_data"] = len(splits[0])
     validation = Validation(model, splits[1], splits[2], world, shape, settings)
-    run = Training(
-        model,
-        objective,
-        plan,
-        world,
-        device,
-        validation,
-        settings,
-        _callbacks(settings, tensorboard, tracker, callbacks),
-    )
-    return run.run()
+    hooks = _callbacks(settings, tracker)
+    return Training(model, objective, plan, world, device, validation, settings, hooks).run()
 
 
-def _callbacks(settings: dict, tensorboard, tracker, callbacks) -> list[Callback]:
+def _callbacks(settings: dict, tracker: Callback | None) -> list[Callback]:
     """fit's callbacks in the order they run: the schedule is stepped before the checkpoint keeps
     its state; best.pt is written before checkpoint.pt; the user's see a saved epoch."""
-    chosen: list[Callback] = [LRSchedule()]
-    if tensorboard is not None:
-        chosen.append(tensorboard)
+    chosen: list[Callback] = [hooks.LRSchedule()]
+    if settings["tensorboard"] is not None:
+        chosen.append(settings["tensorboard"])
     if settings["progress"]:
-        chosen.append(EpochLine(settings["num_particles"], settings["metrics"]))
+        chosen.append(hooks.EpochLine(settings["num_particles"], settings["metrics"]))
     if settings["out"] is not None:
-        chosen += [BestCheckpoint(), MetricsFile(), Checkpoints()]
-    chosen.append(EarlyStopping(settings["patience"], settings["progress"]))
+        chosen += [hooks.BestCheckpoint(), hooks.MetricsFile(), hooks.Checkpoints()]
+    chosen.append(hooks.EarlyStopping(settings["patience"], settings["progress"]))
     if tracker is not None:
         chosen.append(tracker)
-    return chosen + list(callbacks or [])
+    return chosen + list(settings["callbacks"] or [])
 
 
 def _check_settings(arguments: dict) -> None:
@@ -262,8 +257,9 @@ NOT_PARAMS = {
 }  # fmt: skip
 
 
-def _tracker(track, tracking_uri, out, arguments: dict) -> Callback | None:
+def _tracker(arguments: dict) -> Callback | None:
     """The tracking callback ``track`` asks for (None for none), its parameters fit's settings."""
+    track, tracking_uri, out = (arguments[k] for k in ("track", "tracking_uri", "out"))
     if track is None:
         if tracking_uri is not None:
             raise PyvaeError(f"tracking_uri {tracking_uri!r} needs track='mlflow'")
@@ -272,7 +268,7 @@ def _tracker(track, tracking_uri, out, arguments: dict) -> Callback | None:
         raise PyvaeError("track='mlflow' needs out (its store is out/mlruns) or a tracking_uri")
     params = {k: v for k, v in arguments.items() if k not in NOT_PARAMS}
     params["model"] = type(arguments["model"]).__name__
-    return MLflowCallback(params, tracking_uri)
+    return hooks.MLflowCallback(params, tracking_uri)
 
 
 def _served(model, splits, device, batch_size: int, world) -> list[Batches | None]:
