@@ -42,6 +42,12 @@ class Training:
     beta. The loss is a module (the objective, or under ``torchrun`` the objective wrapped in
     ``DistributedDataParallel``, which averages the processes' gradients and sends rank 0's
     buffers each step: a user's network may keep running statistics).
+
+    What callbacks read: ``model``, ``optimizer``, ``schedule``, ``world``, ``out`` (the run
+    folder or None), ``epochs``, ``epoch`` (the current one; the last completed before the first),
+    ``step`` (Adam steps so far), ``step_in_epoch``, ``loss`` (the last step's), ``history``,
+    ``resumed`` (the restored training state, {} for a fresh run), ``objective_key`` (the
+    validation objective's record key), ``num_data`` (N); what they may set: ``stop``.
     """
 
     def __init__(
@@ -62,9 +68,10 @@ class Training:
         )
         self.step, self.history, self.resumed = 0, [], {}
         self.stop, self.signum, self.validated, self.loss = False, 0, False, None
-        self._seed(settings["seed"])
+        self._seed_or_restore(settings["seed"])
+        self.epoch, self.step_in_epoch = len(self.history), 0
 
-    def _seed(self, seed: int | None) -> None:
+    def _seed_or_restore(self, seed: int | None) -> None:
         """One permutation of the data per epoch, drawn from (order_seed, epoch) alike in every
         process; each process draws different noise. A resumed run takes both from its state."""
         self.order_seed = self.world.broadcast(
