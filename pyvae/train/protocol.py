@@ -66,7 +66,8 @@ def objective_key(elbo, valid_samples: int) -> str:
 
 
 def best_epoch(history: list[dict], key: str) -> tuple[int, float] | None:
-    """(epoch, value) of the highest ``key`` in ``history``, the earliest on ties; None before any."""
+    """(epoch, value) of the highest ``key`` in ``history``, the earliest on ties; None before
+    any."""
     scored = [(h[key], -h["epoch"]) for h in history if key in h and math.isfinite(h[key])]
     if not scored:
         return None
@@ -75,7 +76,8 @@ def best_epoch(history: list[dict], key: str) -> tuple[int, float] | None:
 
 
 def stalled(history: list[dict], key: str, patience: int | None) -> bool:
-    """Whether early stopping with ``patience`` ends training after the last epoch of ``history``."""
+    """Whether early stopping with ``patience`` ends training after the last epoch of
+    ``history``."""
     best = best_epoch(history, key) if patience else None
     return best is not None and history[-1]["epoch"] - best[0] >= patience
 
@@ -129,7 +131,8 @@ class Schedule:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def step(self, objective: float | None) -> None:
-        """Move to the next epoch's rate; ``objective`` is the validation objective of the epoch just done."""
+        """Move to the next epoch's rate; ``objective`` is the validation objective of the epoch
+        just done."""
         if self.name == "plateau":
             self.scheduler.step(objective)
         elif self.scheduler is not None:
@@ -143,7 +146,8 @@ class Schedule:
         }
 
     def load_state_dict(self, saved: dict | None, path: str | Path) -> None:
-        """Continue the schedule saved at ``path``; a different one is an error (it would change the run mid-way)."""
+        """Continue the schedule saved at ``path``; a different one is an error (it would change
+        the run mid-way)."""
         saved = saved or {
             "name": "none",
             "epochs": None,
@@ -151,13 +155,15 @@ class Schedule:
         }  # written before schedules existed
         if saved["name"] != self.name:
             raise PyvaeError(
-                f"{path} was trained with lr_schedule {saved['name']!r}; resuming it with {self.name!r} would change "
-                f"the schedule mid-run: resume with lr_schedule {saved['name']!r}, or start a new run"
+                f"{path} was trained with lr_schedule {saved['name']!r}; resuming it with "
+                f"{self.name!r} would change the schedule mid-run: resume with lr_schedule "
+                f"{saved['name']!r}, or start a new run"
             )
         if self.name == "cosine" and saved["epochs"] != self.epochs:
             raise PyvaeError(
-                f"{path} anneals its cosine lr_schedule over {saved['epochs']} epochs; resuming it with epochs {self.epochs} "
-                f"would change the schedule mid-run: resume with epochs {saved['epochs']}, or start a new run"
+                f"{path} anneals its cosine lr_schedule over {saved['epochs']} epochs; resuming it "
+                f"with epochs {self.epochs} would change the schedule mid-run: resume with epochs "
+                f"{saved['epochs']}, or start a new run"
             )
         if self.scheduler is not None:
             self.scheduler.load_state_dict(saved["state"])

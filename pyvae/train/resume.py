@@ -1,4 +1,5 @@
-"""Training state: what a checkpoint holds besides the weights so that a stopped run resumes exactly.
+"""Training state: what a checkpoint holds besides the weights so that a stopped run resumes
+exactly.
 
 The state is versioned (``VERSION``): the step counter, the data-order seed, Adam's state,
 every process's python/numpy/torch generators, and, for a stop inside an epoch, the place
@@ -63,9 +64,9 @@ def restore(
     world: distributed.World,
     schedule=None,
 ) -> tuple[list[dict], dict]:
-    """Load weights, optimizer state, the learning-rate ``schedule``'s state (a :class:`pyvae.protocol.Schedule`;
-    a different schedule is an error, raised before anything is loaded) and this process's generators;
-    return (history, training state)."""
+    """Load weights, optimizer state, the learning-rate ``schedule``'s state (a
+    :class:`pyvae.train.protocol.Schedule`; a different schedule is an error, raised before
+    anything is loaded) and this process's generators; return (history, training state)."""
 
     payload = read(path)
     training = payload.get("training")
@@ -75,7 +76,8 @@ def restore(
         )
     if training.get("version") != VERSION:
         raise PyvaeError(
-            f"{path} was written by an older pyvae whose training state cannot be resumed; pyvae.load still reads its weights"
+            f"{path} was written by an older pyvae whose training state cannot be resumed; "
+            "pyvae.load still reads its weights"
         )
     if schedule is not None:
         schedule.load_state_dict(training.get("schedule"), path)
@@ -91,15 +93,16 @@ def restore(
         set_rng_state(training["rng"][world.rank])
     elif "step_in_epoch" in training:
         raise PyvaeError(
-            f"{path} was written mid-epoch by {written_by} training process(es); resume it with {written_by}, "
-            f"not {world.size} (each process's place in its shard of the epoch is part of the state)"
+            f"{path} was written mid-epoch by {written_by} training process(es); resume it with "
+            f"{written_by}, not {world.size} (each process's place in its shard of the epoch is "
+            "part of the state)"
         )
     else:
         warnings.warn(
-            f"{path} was written by {written_by} training process(es), resuming in {world.size}: training goes on "
-            "after the last completed epoch, but not bit-identically to an uninterrupted run (the shards and "
-            "each process's random generators differ, and a KL warm-up still under way moves to the new "
-            "number of steps per epoch)",
+            f"{path} was written by {written_by} training process(es), resuming in {world.size}: "
+            "training goes on after the last completed epoch, but not bit-identically to an "
+            "uninterrupted run (the shards and each process's random generators differ, and a KL "
+            "warm-up still under way moves to the new number of steps per epoch)",
             stacklevel=3,
         )
         pyro.set_rng_seed(training["order_seed"] + training["step"] + world.rank)

@@ -4,13 +4,13 @@ Written into ``RUN/tensorboard/`` by rank 0, all numbers in nats per data point:
 
 * every ``every`` steps: ``loss/train`` (the minibatch's -ELBO estimate, beta-weighted as trained);
 * every epoch: ``elbo/train``, ``elbo/test``, ``elbo/valid`` (and ``iwae/...``, ``log_px/valid``,
-  any extra metric such as ``accuracy/test``), ``kl_weight`` (beta), ``lr``, ``kl/<site>`` (each latent
-  site's E_q[log q - log p] on up to 500 test images, 8 draws each), and the pictures
+  any extra metric such as ``accuracy/test``), ``kl_weight`` (beta), ``lr``, ``kl/<site>`` (each
+  latent site's E_q[log q - log p] on up to 500 test images, 8 draws each), and the pictures
   ``samples`` (decoded from the prior) and ``reconstructions`` (test images above their
   reconstructions), so the grids can be followed epoch by epoch; their draws come from a forked
   random stream, so a run with events trains exactly as one without;
-* after training, the evaluation's ``eval/...`` numbers (log p(x), ELBO, their gap, bits/dim) and its
-  table as text.
+* after training, the evaluation's ``eval/...`` numbers (log p(x), ELBO, their gap, bits/dim) and
+  its table as text.
 
 The folder is made at the first write, so a run refused before training leaves none. A resumed run
 appends a new event file to the same folder, its steps and epochs continuing the old ones.
@@ -27,6 +27,7 @@ from pyvae.data.datasets import spread
 from pyvae.infer.explore import prior_images
 from pyvae.infer.importance import log_likelihood
 from pyvae.program import batch_arity, fork_rng
+from pyvae.train.callbacks import Callback
 from pyvae.viz import plots
 
 #: record keys and the tag they are shown under
@@ -43,8 +44,9 @@ TAGS = {
 }
 
 
-class TensorBoard:
-    """Writes a run's numbers and pictures as TensorBoard events (see the module's docstring)."""
+class TensorBoard(Callback):
+    """Writes a run's numbers and pictures as TensorBoard events (see the module's docstring); as
+    a callback of ``fit`` (its ``tensorboard=``), on rank 0 after every step and epoch."""
 
     def __init__(
         self,
@@ -62,14 +64,24 @@ class TensorBoard:
             self._writer = SummaryWriter(str(self.folder))
         return self._writer
 
+    def on_step_end(self, run) -> None:
+        if run.world.main:
+            self.step(run.step, run.loss, run.num_data)
+
+    def on_epoch_end(self, run, record: dict) -> None:
+        if run.world.main:
+            self.epoch(record, run.model)
+
     def step(self, step: int, loss: torch.Tensor, num_data: int) -> None:
-        """The minibatch loss (an estimate of -sum over the N points) every ``every`` steps, per point."""
+        """The minibatch loss (an estimate of -sum over the N points) every ``every`` steps, per
+        point."""
         if step % self.every == 0:
             self.writer.add_scalar("loss/train", float(loss) / num_data, step)
 
     def epoch(self, record: dict, model: torch.nn.Module) -> None:
-        """The epoch's numbers, the KL of each latent site, and the picture grids; the draws these take
-        come from a forked random stream, so a run with events trains exactly as one without."""
+        """The epoch's numbers, the KL of each latent site, and the picture grids; the draws these
+        take come from a forked random stream, so a run with events trains exactly as one
+        without."""
         device = next(model.parameters()).device
         with fork_rng(device):
             self._epoch(record, model)
@@ -95,7 +107,8 @@ class TensorBoard:
             model.train(was_training)
 
     def kl(self, model: torch.nn.Module) -> dict[str, float]:
-        """{latent site: mean KL(q || p) term} on up to 500 test images ({} for a labelled model without labels)."""
+        """{latent site: mean KL(q || p) term} on up to 500 test images ({} for a labelled model
+        without labels)."""
         x = spread(self.images, 500)
         if batch_arity(model) == 2:
             if self.labels is None and not hasattr(model, "classify"):

@@ -1,0 +1,322 @@
+"""One training run: :class:`Training`, whose loop takes the SVI steps and calls the callbacks of
+:mod:`pyvae.train.callbacks` around them, and :class:`Validation`, the numbers of each epoch.
+
+All ELBO numbers are in nats per data point (see :mod:`pyvae.train.loop`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pyro
+import torch
+from pyro import poutine
+from tqdm.auto import tqdm
+
+from pyvae import distributed
+from pyvae.data.batching import KINDS, Batches
+from pyvae.errors import PyvaeError
+from pyvae.parts.likelihoods import bits_per_dim, coding
+from pyvae.program import LocalParams, structure
+from pyvae.train import protocol
+from pyvae.train import resume as state
+from pyvae.train.callbacks import BPD_KEYS, Callbacks, StopOnSignal
+from pyvae.train.objectives import make_elbo
+
+
+def make_adam(params, lr: float) -> torch.optim.Adam:
+    """Adam with torch's fused kernel where the device supports it (one kernel for all parameters
+    instead of a Python loop over them); the plain implementation elsewhere. Same update rule."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
+
+
+class Training:
+    """The state of a run (model, optimizer, schedule, step counter, history) and its loop.
+
+    The KL weight at step t is beta min(1, t / (W S)) for a warm-up of W epochs of S steps, else
+    beta. The loss is a module (the objective, or under ``torchrun`` the objective wrapped in
+    ``DistributedDataParallel``, which averages the processes' gradients and sends rank 0's
+    buffers each step: a user's network may keep running statistics).
+
+    What callbacks read: ``model``, ``optimizer``, ``schedule``, ``world``, ``out`` (the run
+    folder or None), ``epochs``, ``epoch`` (the current one; the last completed before the first),
+    ``step`` (Adam steps so far), ``step_in_epoch``, ``loss`` (the last step's), ``history``,
+    ``resumed`` (the restored training state, {} for a fresh run), ``objective_key`` (the
+    validation objective's record key), ``num_data`` (N); what they may set: ``stop``.
+    """
+
+    def __init__(
+        self, model, objective, plan, world, device, validation, settings: dict, callbacks
+    ) -> None:
+        self.model, self.plan, self.world, self.device = model, plan, world, device
+        self.validation = validation
+        self.epochs, self.out = settings["epochs"], settings["out"]
+        self.settings = settings
+        self.optimizer = make_adam(model.parameters(), settings["lr"])
+        # before a resumed optimizer state: it sets the rate
+        self.schedule = protocol.Schedule(settings["lr_schedule"], self.optimizer, self.epochs)
+        self.objective_key = protocol.objective_key(settings["elbo"], settings["valid_samples"])
+        self.num_data = settings["num_data"]
+        self.callbacks = Callbacks(callbacks)
+        self.loss_of = (
+            objective if world.size == 1 else torch.nn.parallel.DistributedDataParallel(objective)
+        )
+        self.step, self.history, self.resumed = 0, [], {}
+        self.stop, self.signum, self.validated, self.loss = False, 0, False, None
+        self._seed_or_restore(settings["seed"])
+        self.epoch, self.step_in_epoch = len(self.history), 0
+
+    def _seed_or_restore(self, seed: int | None) -> None:
+        """One permutation of the data per epoch, drawn from (order_seed, epoch) alike in every
+        process; each process draws different noise. A resumed run takes both from its state."""
+        self.order_seed = self.world.broadcast(
+            seed if seed is not None else int(torch.randint(2**31, ()))
+        )
+        if seed is not None or self.world.size > 1:
+            pyro.set_rng_seed(self.order_seed + self.world.rank)
+        self.steps_per_epoch = self.plan.steps(self.order_seed)
+        if self.settings["resume"]:
+            self.history, self.resumed = state.restore(
+                self.model, self.optimizer, self.out / "checkpoint.pt", self.world, self.schedule
+            )
+            self.step, self.order_seed = self.resumed["step"], self.resumed["order_seed"]
+
+    def run(self) -> list[dict]:
+        """Train from the epoch after the history's last; return the history."""
+        signals, error = StopOnSignal(enabled=self.out is not None), None
+        self.first_epoch = len(self.history) + 1
+        try:
+            self.callbacks.on_train_begin(self)
+            for epoch in range(self.first_epoch, self.epochs + 1):
+                if self.stop:
+                    break
+                self.epoch = epoch
+                self.callbacks.on_epoch_begin(self)
+                for step_in_epoch, calls in self.batches():
+                    self.step_in_epoch = step_in_epoch
+                    self.train_step(calls, signals)
+                    self.callbacks.on_step_end(self)
+                self.history.append(self.epoch_record())
+                self.callbacks.on_epoch_end(self, self.history[-1])
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            signals.restore()  # also when training fails: the caller's Ctrl-C must work again
+            self.callbacks.on_train_end(self, error)
+        return self.history
+
+    def batches(self):
+        """The epoch's minibatch calls, numbered from 1 within it. A run stopped by a signal
+        mid-epoch resumes inside it: the epoch's order is drawn again, the batches already used
+        are skipped, the generators go on from the stop."""
+        self.model.train()
+        self.epoch_lr = self.schedule.lr
+        done = self.resumed.get("step_in_epoch", 0) if self.epoch == self.first_epoch else 0
+        self.started = time.perf_counter() - (self.resumed["partial_seconds"] if done else 0.0)
+        self.sums = torch.zeros(len(KINDS), 3, device=self.device)
+        if done:
+            points = done * self.settings["batch_size"]
+            self.sums = resumed_sums(self.resumed["partial_total"], points, self.device)
+        bar = tqdm(
+            self.plan.epoch(self.epoch, self.order_seed, done),
+            total=self.steps_per_epoch,
+            initial=done,
+            desc=f"epoch {self.epoch}/{self.epochs}",
+            leave=False,
+            # no carriage-return frames in log files
+            disable=not self.settings["progress"] or not sys.stderr.isatty(),
+            file=sys.stderr,
+        )
+        return enumerate(bar, start=done + 1)
+
+    def kl_weight(self) -> float:
+        warmup = self.settings["kl_warmup_epochs"]
+        beta = self.settings["beta"]
+        return beta * min(1.0, self.step / (warmup * self.steps_per_epoch)) if warmup else beta
+
+    def train_step(self, calls: list, signals: StopOnSignal) -> None:
+        """One Adam step on the minibatch ``calls``; a non-finite loss or gradient is an error,
+        raised before the step, so no checkpoint ever holds NaNs."""
+        self.step += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        # the first step runs with Pyro's and torch's validation (shapes, supports, parameter
+        # constraints), which catches a broken model or part; the data were checked before, so
+        # the remaining steps skip those checks (they cost about 5% of a step on a CPU)
+        with pyro.validation_enabled(
+            not self.validated and pyro.infer.util.is_validation_enabled()
+        ):
+            losses = self.loss_of(calls, self.kl_weight())  # (model's, auxiliary) x calls
+        loss = losses.sum()
+        loss.backward()
+        self.loss, losses = loss.detach(), losses.detach()
+        self.validated = True
+        clip_norm, grad_norm = self.settings["clip_norm"], None
+        if clip_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip_norm)
+        bad_loss = not bool(torch.isfinite(self.loss))
+        bad_gradient = grad_norm is not None and not bool(torch.isfinite(grad_norm))
+        signum = signals.signum or 0
+        # the processes stop together: on a fault or a signal in any of them
+        if self.world.size > 1:
+            flags = torch.tensor([bad_loss, bad_gradient, signum], device=self.device)
+            bad_loss, bad_gradient, signum = self.world.max(flags).tolist()
+        if bad_loss or bad_gradient:
+            raise PyvaeError(self._fault("loss" if bad_loss else "gradient"))
+        self.optimizer.step()
+        self.signum = signum
+        tally(self.sums, calls, losses)
+
+    def epoch_record(self) -> dict:
+        """The epoch's ``train_elbo`` (each process summed its shard; together they cover the
+        padded data set once), the KL weight at its end, the :class:`Validation` scores, the
+        learning rate it trained with and its seconds."""
+        record = {
+            "epoch": self.epoch,
+            **train_elbos(self.world.sum(self.sums), self.plan.sizes),
+            "beta": self.kl_weight(),
+        }
+        self.validation.scores(record)
+        record["lr"], record["seconds"] = self.epoch_lr, self.seconds()
+        return record
+
+    def seconds(self) -> float:
+        """Seconds the current epoch has trained (before a stop included)."""
+        return time.perf_counter() - self.started
+
+    def _fault(self, what: str) -> str:
+        last = None if self.out is None else self.out / "checkpoint.pt"
+        last = last if last is not None and last.is_file() else None
+        return (
+            f"non-finite {what} at epoch {self.epoch}, step {self.step_in_epoch}; likely causes: a "
+            "learning rate too high, a likelihood scale too small for the data, or exploding "
+            "decoder outputs (try a lower --lr or --clip-norm); last good checkpoint: "
+            f"{last or 'none written yet'}"
+        )
+
+
+#: the validation log p(x) by importance sampling (``valid_samples``) uses at most this many points
+VALID_IS_POINTS = 1000
+#: numbers (points x samples x pixels) per chunk of that estimate, which bounds its memory
+VALID_IS_CHUNK = 2**23
+
+
+class Validation:
+    """The numbers of an epoch beyond training's, all with beta = 1 in nats per point:
+    ``test_elbo`` (``test_iwae`` for ``iwae``) on ``test``; ``valid_elbo`` (``valid_iwae``) on
+    ``valid``, with ``valid_samples`` = K also ``valid_log_px`` = mean_n log (1/K) sum_k w_nk on
+    :data:`VALID_IS_POINTS` points evenly spread, the K-sample bound's estimate; each of
+    ``metrics`` (a function of the model); for 8-bit images the ELBOs in bits per dimension."""
+
+    def __init__(self, model, test, valid, world, shape, settings: dict) -> None:
+        self.model, self.test, self.valid, self.world, self.shape = model, test, valid, world, shape
+        self.elbo, self.num_particles = settings["elbo"], settings["num_particles"]
+        self.valid_samples, self.metrics = settings["valid_samples"], settings["metrics"] or {}
+
+    def _bounds(self, data: Batches, split: str) -> dict:
+        elbo = "trace" if self.elbo == "iwae" else self.elbo
+        scores = {
+            f"{split}_elbo": shared_elbo(self.model, data, self.world, elbo, shape=self.shape)
+        }
+        if self.elbo == "iwae":
+            scores[f"{split}_iwae"] = shared_elbo(
+                self.model, data, self.world, "iwae", self.num_particles, shape=self.shape
+            )
+        return scores
+
+    def scores(self, record: dict) -> None:
+        """Add the scores to the epoch's ``record`` (the bits per dimension of its
+        ``train_elbo`` too)."""
+        if self.test is not None:
+            record.update(self._bounds(self.test, "test"))
+        if self.valid is not None:
+            record.update(self._bounds(self.valid, "valid"))
+            if self.valid_samples:
+                record["valid_log_px"] = self._log_px()
+        for name, metric in self.metrics.items():
+            self.model.eval()
+            with torch.no_grad():
+                record[name] = float(metric(self.model))
+        if (coded := coding(self.model)) is not None:
+            bpd = {f"{k}_bpd": bits_per_dim(record[k], coded[0]) for k in BPD_KEYS if k in record}
+            record.update(bpd)
+
+    def _log_px(self) -> float:
+        valid, k = self.valid, self.valid_samples
+        n = min(len(valid), VALID_IS_POINTS)
+        points = torch.linspace(0, len(valid) - 1, n, device=valid.images.device).long()
+        chunk = max(1, VALID_IS_CHUNK // (k * valid.images[0].numel()))
+        return shared_elbo(self.model, valid, self.world, "iwae", k, chunk, self.shape, points)
+
+
+def tally(sums: torch.Tensor, calls: list, losses: torch.Tensor) -> None:
+    """Add one step to ``sums`` (kinds x [objective, model's loss, points],
+    :data:`~pyvae.batching.KINDS`): each call's losses, which estimate the sum over its group's N_c
+    points, weighted by M_c / N_c, so that over an epoch they sum the per-point losses of the points
+    served."""
+    for i, call in enumerate(calls):
+        weight = call.args[0].shape[0] / call.group
+        row = sums[KINDS.index(call.kind)]
+        row[0] += losses[:, i].sum() * weight
+        row[1] += losses[0, i] * weight
+        row[2] += call.args[0].shape[0]
+
+
+def resumed_sums(partial, points: int, device) -> torch.Tensor:
+    """The accumulators :func:`tally` saved at a stop mid-epoch; a checkpoint of an older pyvae kept
+    one number, the objective's sum over ``points`` points of single calls: their first row."""
+    if isinstance(partial, (int, float)):
+        sums = torch.zeros(len(KINDS), 3, device=device)
+        sums[0] = torch.tensor([partial, partial, points], device=device)
+        return sums
+    return torch.tensor(partial, device=device)
+
+
+def train_elbos(sums: torch.Tensor, sizes: dict) -> dict:
+    """The epoch's ``train_elbo`` per point of the data set, sum_c N_c (objective per point of c) /
+    N, and for semi-supervised steps ``train_elbo_labelled``/``_unlabelled``: the model's ELBO per
+    point of each group (auxiliary losses left out)."""
+    total = sum(sizes.values())
+    means = {kind: sums[KINDS.index(kind)] for kind in sizes}
+    record = {
+        "train_elbo": -sum(n * float(means[k][0] / means[k][2]) for k, n in sizes.items()) / total
+    }
+    if len(sizes) > 1:
+        record.update({f"train_elbo_{k}": -float(means[k][1] / means[k][2]) for k in sizes})
+    return record
+
+
+@torch.no_grad()
+def shared_elbo(
+    model: torch.nn.Module,
+    data: Batches,
+    world: distributed.World,
+    elbo,
+    num_particles: int = 1,
+    batch_size: int = 1000,
+    shape=None,
+    points: torch.Tensor | None = None,
+) -> float:
+    """The ELBO of ``model`` on ``data`` (nats per point) with the points dealt out over the
+    processes of ``world``; ``shape`` is the program's :class:`~pyvae.program.Structure` when the
+    caller has traced it already; ``points`` the indices to score (default all)."""
+    model.eval()
+    shape = shape or structure(model, data.first())
+    objective = make_elbo(elbo, num_particles, shape.max_plate_nesting, vectorize=shape.vectorized)
+    points = torch.arange(len(data), device=data.images.device) if points is None else points
+    mine = points[world.rank :: world.size]
+    # the ELBO of the model alone: pyro.factor sites (training-only terms such as m2's classifier)
+    # are left out
+    program = poutine.block(
+        model.model, hide_fn=lambda msg: msg["infer"].get("is_auxiliary", False)
+    )
+    with LocalParams():
+        batches = data.select(mine, batch_size)
+        total = sum(objective.loss(program, model.guide, *batch) for batch in batches)  # plain sums
+    total = world.sum(torch.tensor(float(total), dtype=torch.float64, device=data.device))
+    return -float(total) / len(points)
