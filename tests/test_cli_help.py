@@ -1,13 +1,11 @@
 """The command line's help: every flag described once, from one place, and answered without
 importing torch (parsing runs before the chosen command's module is imported)."""
 
-import inspect
 import subprocess
 import sys
 
 import pytest
 
-import pyvae
 from pyvae.cli import names
 from pyvae.cli.flags import SPECS, markdown_table, parser
 
@@ -103,23 +101,3 @@ def test_the_light_names_are_the_registries_names():
 def test_track_is_a_choice(capsys):
     err = exits_2(["train", "--track", "wandb"], capsys)
     assert "argument --track: invalid choice: 'wandb'" in err
-
-
-@pytest.mark.skipif(
-    "track" not in inspect.signature(pyvae.fit).parameters,
-    reason="pyvae.fit takes no track yet (the loop branch adds it)",
-)
-def test_train_passes_track_to_fit(tmp_path, monkeypatch):
-    from pyvae.cli import train
-
-    seen = {}
-
-    def stop(*args, **kwargs):
-        seen.update(kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "fit", stop)
-    argv = ["--dataset", "digits", "--no-download", "--out", str(tmp_path / "run")]
-    with pytest.raises(KeyboardInterrupt):
-        train.main(parser("train").parse_args([*argv, "--track", "mlflow"]))
-    assert seen["track"] == "mlflow"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import pyvae
+from pyvae.cli import main
 from pyvae.errors import PyvaeError
 from pyvae.train import Callback, MLflowCallback
 
@@ -103,3 +104,23 @@ def test_tracking_refuses_a_missing_package_and_unknown_trackers(tmp_path, monke
     with pytest.raises(PyvaeError, match=r'pip install "pyvae\[mlflow\]"'):
         small_run(tmp_path / "c", track="mlflow")
     assert not (tmp_path / "c").exists()  # refused before anything was written
+
+
+def test_train_track_mlflow_logs_the_config_the_epochs_the_pictures_and_the_evaluation(
+    tmp_path, monkeypatch
+):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "digits", "--no-download", "--epochs", "1", "--z-dim", "2"]
+    argv += ["--hidden", "16", "--eval-samples", "10", "--eval-points", "20", "--out", str(out)]
+    main([*argv, "--track", "mlflow"])
+    client = mlflow.tracking.MlflowClient(tracking_uri=(out / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("pyvae").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["dataset"] == "digits" and run.data.params["z_dim"] == "2"
+    assert len(client.get_metric_history(run.info.run_id, "train_elbo")) == 1
+    assert any(key.startswith("eval_") for key in run.data.metrics)
+    files = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "metrics.jsonl", "samples.png", "elbo.png"} <= files
+    assert any(f.endswith(".json") and f != "metrics.jsonl" for f in files), files

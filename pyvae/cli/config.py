@@ -217,7 +217,7 @@ class TrainConfig:
         default="none",
         metadata=_meta(
             "also log the run's settings, metrics and outputs to an experiment tracker "
-            "(mlflow: the run of $MLFLOW_TRACKING_URI, else ./mlruns; pip install mlflow)",
+            "(mlflow: into $MLFLOW_TRACKING_URI, else RUN/mlruns; pip install 'pyvae[mlflow]')",
             choices=names.TRACKERS,
         ),
     )

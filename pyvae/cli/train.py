@@ -8,7 +8,9 @@ sampled test log-likelihood of the checkpoint chosen by ``--eval-checkpoint``.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import os
 import re
 import sys
 from pathlib import Path
@@ -50,6 +52,7 @@ from pyvae.program import batch_arity, batch_slots
 from pyvae.runs.checkpoint import load_weights, read
 from pyvae.runs.user_code import build_user_model as build_user
 from pyvae.runs.user_code import is_model_file, model_class, model_file_spec, plain
+from pyvae.train.callbacks import MLflowCallback
 from pyvae.train.loop import fit
 from pyvae.train.protocol import check
 from pyvae.train.tensorboard import TensorBoard
@@ -164,6 +167,7 @@ def with_model_args(model, pairs: list[str] | None, resume: bool) -> str | dict:
 def main(args) -> None:
     """Train a model by SVI: checkpoints, metrics, pictures and the test log-likelihood."""
     config = configure(args)
+    tracker = tracking(config)  # before anything is written: no mlflow, no run folder
     user = user_model_class(config)
     semi = user is None and takes_unlabelled(MODELS[model_name(config.model)])
     if config.num_labels is not None and not semi and user is None:
@@ -216,11 +220,20 @@ def main(args) -> None:
         out_files=None if config.resume else {"config.yaml": config.to_yaml()},
         resume=bool(config.resume),
         tensorboard=board,
-        track=config.track,
+        callbacks=[tracker] if tracker is not None else [],
     )
     shutdown()  # leave torchrun's process group: what follows is rank 0's alone
     if world.main:
-        report(model, config, out, history, test, train.name, board)
+        report(model, config, out, history, test, train.name, board, tracker)
+
+
+def tracking(config: TrainConfig) -> MLflowCallback | None:
+    """The experiment tracker --track asks for (None for none), its parameters the run's
+    settings: into $MLFLOW_TRACKING_URI where it is set, else the run folder's mlruns/."""
+    if config.track == "none":
+        return None
+    params = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
+    return MLflowCallback(params, os.environ.get("MLFLOW_TRACKING_URI"))
 
 
 def training_data(config, world, say, likelihood):
@@ -404,9 +417,9 @@ def test_images(model, test):
     return x_test, getattr(test, "labels", None) if needs_labels(model) else None
 
 
-def report(model, config, out, history, test, dataset, board) -> None:
+def report(model, config, out, history, test, dataset, board, tracker) -> None:
     """Pictures and the test log-likelihood of the checkpoint evaluated (best.pt unless
-    --eval-checkpoint last), then the line that sums up the run."""
+    --eval-checkpoint last), handed to the tracker too, then the line that sums up the run."""
     chosen = checkpoint_file(out, None if config.eval_checkpoint == "best" else "last")
     payload = read(chosen)
     load_weights(model, payload["state_dict"], chosen)
@@ -418,9 +431,17 @@ def report(model, config, out, history, test, dataset, board) -> None:
     plots.elbo_curves(history, out / "elbo.png")
     if config.eval_samples:  # python -m pyvae evaluate for K = 5000
         result = test_log_likelihood(model, config, test, dataset)
-        result.write(out / f"eval-{dataset}-test-K{config.eval_samples}{last_suffix(chosen)}")
+        folder = out / f"eval-{dataset}-test-K{config.eval_samples}{last_suffix(chosen)}"
+        result.write(folder)
         if board is not None:
             board.evaluation(result.summary(), result.table(), evaluated["epoch"])
+        if tracker is not None:
+            tracker.log_metrics(
+                {f"eval_{k}": v for k, v in result.summary().items()}, evaluated["epoch"]
+            )
+            tracker.log_files(folder)
+    if tracker is not None:
+        tracker.log_files(out)
     if board is not None:
         board.close()
     accuracy = evaluated.get("test_accuracy")
