@@ -40,23 +40,39 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif
 
 def is_path(name: str) -> bool:
     """Whether ``--dataset`` names a file or folder rather than a built-in data set."""
-    return Path(name).suffix in (".npz", ".npy") or "/" in name or "\\" in name or Path(name).exists()
+    return (
+        Path(name).suffix in (".npz", ".npy") or "/" in name or "\\" in name or Path(name).exists()
+    )
 
 
-def load_path(path: str | Path, split: str, test_fraction: float = 0.1, image_size: int | None = None, seed: int = 0):
+def load_path(
+    path: str | Path,
+    split: str,
+    test_fraction: float = 0.1,
+    image_size: int | None = None,
+    seed: int = 0,
+):
     """The ``split`` ("train" or "test") of the data at ``path`` as an ImageSet named after it."""
 
     path = Path(path).expanduser()
     if split not in ("train", "test"):
-        raise PyvaeError(f"{path} has the splits train and test; got {split!r} (hold out validation data with --valid-fraction)")
+        raise PyvaeError(
+            f"{path} has the splits train and test; got {split!r} (hold out validation data with --valid-fraction)"
+        )
     if not path.exists():
-        raise PyvaeError(f"no data set at {path}: give a built-in name, an image folder, an .npz or an .npy file")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise PyvaeError(
+            f"no data set at {path}: give a built-in name, an image folder, an .npz or an .npy file"
+        )
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+    ):
         raise PyvaeError(f"image_size must be a positive integer; got {image_size!r}")
     if path.suffix == ".npz":
         images, labels, shape = _npz(path, split)
     elif path.suffix == ".npy":
-        images, labels, shape = split_by_fraction(*_array(np.load(path), path), None, split, test_fraction, seed)
+        images, labels, shape = split_by_fraction(
+            *_array(np.load(path), path), None, split, test_fraction, seed
+        )
     elif path.is_dir():
         images, labels, shape = _folder(path, split, test_fraction, image_size, seed)
     else:
@@ -69,14 +85,22 @@ def _npz(path: Path, split: str):
     with np.load(path) as arrays:
         for key in ("x_train", "x_test"):
             if key not in arrays:
-                raise PyvaeError(f"{path} has no array {key!r} (it holds {', '.join(arrays.files) or 'nothing'}); "
-                                 "an .npz data set needs x_train and x_test, and may have y_train and y_test")
+                raise PyvaeError(
+                    f"{path} has no array {key!r} (it holds {', '.join(arrays.files) or 'nothing'}); "
+                    "an .npz data set needs x_train and x_test, and may have y_train and y_test"
+                )
         images, shape = _array(arrays[f"x_{split}"], path, f"x_{split}")
-        labels = _labels(arrays[f"y_{split}"], len(images), path, f"y_{split}") if f"y_{split}" in arrays else None
+        labels = (
+            _labels(arrays[f"y_{split}"], len(images), path, f"y_{split}")
+            if f"y_{split}" in arrays
+            else None
+        )
     return images, labels, shape
 
 
-def _array(x: np.ndarray, path: Path, what: str = "the array") -> tuple[torch.Tensor, tuple[int, int, int]]:
+def _array(
+    x: np.ndarray, path: Path, what: str = "the array"
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """(N, C*H*W) floats in [0, 1] and (C, H, W) from an array of images in any usual layout."""
     if x.ndim == 4 and x.shape[-1] in (1, 3):
         x = x.transpose(0, 3, 1, 2)
@@ -84,11 +108,19 @@ def _array(x: np.ndarray, path: Path, what: str = "the array") -> tuple[torch.Te
         x = x[:, None]
     elif x.ndim == 2:
         side = math.isqrt(x.shape[1])
-        x = x.reshape(len(x), 1, side, side) if side * side == x.shape[1] else x.reshape(len(x), 1, 1, x.shape[1])
+        x = (
+            x.reshape(len(x), 1, side, side)
+            if side * side == x.shape[1]
+            else x.reshape(len(x), 1, 1, x.shape[1])
+        )
     if x.ndim != 4 or x.shape[1] not in (1, 3) or len(x) == 0:
-        raise PyvaeError(f"{path}: {what} has shape {tuple(x.shape)}; expected (N, H, W), (N, H, W, C), (N, C, H, W) "
-                         "with C = 1 or 3, or (N, D), and N > 0")
-    return _unit_floats(x, f"{path}: {what}").reshape(len(x), -1), tuple(int(d) for d in x.shape[1:])
+        raise PyvaeError(
+            f"{path}: {what} has shape {tuple(x.shape)}; expected (N, H, W), (N, H, W, C), (N, C, H, W) "
+            "with C = 1 or 3, or (N, D), and N > 0"
+        )
+    return _unit_floats(x, f"{path}: {what}").reshape(len(x), -1), tuple(
+        int(d) for d in x.shape[1:]
+    )
 
 
 def _unit_floats(x: np.ndarray, what: str) -> torch.Tensor:
@@ -97,19 +129,39 @@ def _unit_floats(x: np.ndarray, what: str) -> torch.Tensor:
         return torch.from_numpy(x.astype(np.float32))
     if np.issubdtype(x.dtype, np.integer):
         if x.min() < 0 or x.max() > 255:
-            raise PyvaeError(f"{what} holds integers in [{x.min()}, {x.max()}]; 8-bit images hold 0..255")
+            raise PyvaeError(
+                f"{what} holds integers in [{x.min()}, {x.max()}]; 8-bit images hold 0..255"
+            )
         return torch.from_numpy(x.astype(np.float32) / 255.0)
-    if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-        low, high = (float(x.min()), float(x.max())) if np.issubdtype(x.dtype, np.number) else (math.nan, math.nan)
-        raise PyvaeError(f"{what} holds {x.dtype} values in [{low:.4g}, {high:.4g}]; floats must lie in [0, 1] "
-                         "(or give 8-bit integers)")
+    if (
+        not np.issubdtype(x.dtype, np.floating)
+        or not np.isfinite(x).all()
+        or x.min() < 0
+        or x.max() > 1
+    ):
+        low, high = (
+            (float(x.min()), float(x.max()))
+            if np.issubdtype(x.dtype, np.number)
+            else (math.nan, math.nan)
+        )
+        raise PyvaeError(
+            f"{what} holds {x.dtype} values in [{low:.4g}, {high:.4g}]; floats must lie in [0, 1] "
+            "(or give 8-bit integers)"
+        )
     return torch.from_numpy(x.astype(np.float32))
 
 
 def _labels(y: np.ndarray, n: int, path: Path, what: str) -> torch.Tensor:
-    if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
-        raise PyvaeError(f"{path}: {what} must hold {n} non-negative integer labels, one per image; "
-                         f"got shape {tuple(y.shape)} of {y.dtype}")
+    if (
+        y.ndim != 1
+        or len(y) != n
+        or not np.issubdtype(y.dtype, np.integer)
+        or (len(y) and y.min() < 0)
+    ):
+        raise PyvaeError(
+            f"{path}: {what} must hold {n} non-negative integer labels, one per image; "
+            f"got shape {tuple(y.shape)} of {y.dtype}"
+        )
     return torch.from_numpy(y.astype(np.int64))
 
 
@@ -151,19 +203,27 @@ def _listing(folder: Path, classes: list[str]) -> tuple[list[Path], torch.Tensor
         found = [p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
         unknown = sorted(set(found) - set(classes))
         if unknown:
-            raise PyvaeError(f"{folder / unknown[0]} is a class the train folder does not have ({', '.join(classes)})")
+            raise PyvaeError(
+                f"{folder / unknown[0]} is a class the train folder does not have ({', '.join(classes)})"
+            )
         pairs = [(f, k) for k, c in enumerate(classes) for f in _images_in(folder / c)]
     else:
         pairs = [(f, -1) for f in _images_in(folder)]
     if not pairs:
-        raise PyvaeError(f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)} files"
-                         f"{' in its class folders' if classes else ''})")
+        raise PyvaeError(
+            f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)} files"
+            f"{' in its class folders' if classes else ''})"
+        )
     files = [f for f, _ in pairs]
     return files, torch.tensor([k for _, k in pairs]) if classes else None
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    return (
+        sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if folder.is_dir()
+        else []
+    )
 
 
 GREY_MODES = ("1", "L", "I;16", "I")
@@ -183,8 +243,10 @@ def _read_images(files: list[Path], image_size: int | None):
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise _unreadable(f, e) from e
         if image_size is None and sizes[-1] != sizes[0]:
-            raise PyvaeError(f"{f} is {sizes[-1][0]}x{sizes[-1][1]} but {files[0]} is {sizes[0][0]}x{sizes[0][1]}: "
-                             "give --image-size S to resize and crop every image to S x S")
+            raise PyvaeError(
+                f"{f} is {sizes[-1][0]}x{sizes[-1][1]} but {files[0]} is {sizes[0][0]}x{sizes[0][1]}: "
+                "give --image-size S to resize and crop every image to S x S"
+            )
     grey = all(mode in GREY_MODES for mode in modes)
     w, h = (image_size, image_size) if image_size else sizes[0]
     shape = (1 if grey else 3, h, w)
@@ -192,7 +254,9 @@ def _read_images(files: list[Path], image_size: int | None):
 
 
 def _unreadable(what, e: BaseException) -> PyvaeError:
-    return PyvaeError(f"cannot read image {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return PyvaeError(
+        f"cannot read image {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    )
 
 
 class ImageReader:
@@ -200,7 +264,9 @@ class ImageReader:
     float (C*H*W,) tensor in [0, 1]: grey or RGB, resized and cropped to ``image_size`` when given, and
     checked to have ``shape``. One function for the images held in memory and those streamed."""
 
-    def __init__(self, source, grey: bool, image_size: int | None, shape: tuple[int, int, int]) -> None:
+    def __init__(
+        self, source, grey: bool, image_size: int | None, shape: tuple[int, int, int]
+    ) -> None:
         self.source, self.grey, self.image_size, self.shape = source, grey, image_size, shape
 
     def __call__(self, i: int) -> torch.Tensor:
@@ -216,20 +282,27 @@ class ImageReader:
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise _unreadable(what, e) from e
         if x.shape != self.shape:
-            raise PyvaeError(f"image {what} is {x.shape[2]}x{x.shape[1]} but the first is {self.shape[2]}x{self.shape[1]}: "
-                             "give --image-size S to resize and crop every image to S x S")
+            raise PyvaeError(
+                f"image {what} is {x.shape[2]}x{x.shape[1]} but the first is {self.shape[2]}x{self.shape[1]}: "
+                "give --image-size S to resize and crop every image to S x S"
+            )
         return torch.from_numpy(x.reshape(-1))
 
 
 def _pixels(image, grey: bool, image_size: int | None) -> np.ndarray:
     """One image as a (C, H, W) float32 array in [0, 1], resized and cropped when asked."""
 
-    deep = grey and image.mode in ("I;16", "I")  # 16-bit grey keeps its depth: as 32-bit integers, scaled by 1/65535
+    deep = grey and image.mode in (
+        "I;16",
+        "I",
+    )  # 16-bit grey keeps its depth: as 32-bit integers, scaled by 1/65535
     image = image.convert("I" if deep else "L" if grey else "RGB")
     if image_size is not None:
         w, h = image.size
         ratio = image_size / min(w, h)
-        image = image.resize((max(image_size, round(w * ratio)), max(image_size, round(h * ratio))), Image.BILINEAR)
+        image = image.resize(
+            (max(image_size, round(w * ratio)), max(image_size, round(h * ratio))), Image.BILINEAR
+        )
         w, h = image.size
         left, top = (w - image_size) // 2, (h - image_size) // 2
         image = image.crop((left, top, left + image_size, top + image_size))
@@ -244,12 +317,13 @@ def photo_patches(split: str, size: int = 32, seed: int = 0):
     non-overlapping ``size`` x ``size`` patches (520 at 32), 8-bit RGB scaled to [0, 1]; a seeded 80/20
     split into train and test. Offline, for tests and demos of natural images."""
 
-
     patches = []
     for image in load_sample_images().images:  # (427, 640, 3) uint8
         h, w = (image.shape[0] // size) * size, (image.shape[1] // size) * size
         grid = image[:h, :w].reshape(h // size, size, w // size, size, 3).transpose(0, 2, 4, 1, 3)
         patches.append(grid.reshape(-1, 3, size, size))
-    x = torch.from_numpy(np.concatenate(patches).astype(np.float32) / 255.0).reshape(-1, 3 * size * size)
+    x = torch.from_numpy(np.concatenate(patches).astype(np.float32) / 255.0).reshape(
+        -1, 3 * size * size
+    )
     images, _, shape = split_by_fraction(x, (3, size, size), None, split, 0.2, seed)
     return ImageSet(images, None, shape, "photos", split)

@@ -52,7 +52,9 @@ def held_or_streamed(read: Callable[[int], torch.Tensor], n: int, shape: tuple[i
         return streamed
     if n <= READ_IN_PARALLEL:
         return torch.stack([read(i) for i in range(n)])
-    return torch.cat(list(streamed.stream([slice(start, start + 1024) for start in range(0, n, 1024)])))
+    return torch.cat(
+        list(streamed.stream([slice(start, start + 1024) for start in range(0, n, 1024)]))
+    )
 
 
 class StreamedImages(torch.utils.data.Dataset):
@@ -64,8 +66,13 @@ class StreamedImages(torch.utils.data.Dataset):
     same image at every read, in any subset.
     """
 
-    def __init__(self, read: Callable[[int], torch.Tensor], index: torch.Tensor, x_dim: int,
-                 binarize_seed: int | None = None) -> None:
+    def __init__(
+        self,
+        read: Callable[[int], torch.Tensor],
+        index: torch.Tensor,
+        x_dim: int,
+        binarize_seed: int | None = None,
+    ) -> None:
         self.read, self.index, self.x_dim, self.binarize_seed = read, index, x_dim, binarize_seed
 
     ndim, dtype, device = 2, torch.float32, torch.device("cpu")
@@ -88,7 +95,9 @@ class StreamedImages(torch.utils.data.Dataset):
         x = self.read(source)
         if self.binarize_seed is None:
             return x
-        return torch.bernoulli(x, generator=torch.Generator().manual_seed((self.binarize_seed << 32) + source))
+        return torch.bernoulli(
+            x, generator=torch.Generator().manual_seed((self.binarize_seed << 32) + source)
+        )
 
     def subset(self, rows) -> StreamedImages:
         """The rows ``rows`` (a mask or indices), still on disk."""
@@ -105,8 +114,14 @@ class StreamedImages(torch.utils.data.Dataset):
         batches = [every[chunk].reshape(-1).tolist() for chunk in chunks]
         # a generator of its own: the loader's draw of a worker seed leaves the global random stream as it was,
         # so a streamed set trains exactly as the same set held in memory (reading draws nothing)
-        loader = torch.utils.data.DataLoader(self, batch_sampler=batches, num_workers=workers(), collate_fn=torch.stack,
-                                             pin_memory=torch.cuda.is_available(), generator=torch.Generator())
+        loader = torch.utils.data.DataLoader(
+            self,
+            batch_sampler=batches,
+            num_workers=workers(),
+            collate_fn=torch.stack,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator(),
+        )
         try:
             yield from loader
         except PyvaeError as e:  # raised in a worker: its message is the original's traceback
@@ -115,7 +130,9 @@ class StreamedImages(torch.utils.data.Dataset):
 
 def workers() -> int:
     """Processes that decode images for a streamed set: the cores this process may use, one left for training, at most 8."""
-    return max(0, min(8, len(os.sched_getaffinity(0)) - 1)) if hasattr(os, "sched_getaffinity") else 2
+    return (
+        max(0, min(8, len(os.sched_getaffinity(0)) - 1)) if hasattr(os, "sched_getaffinity") else 2
+    )
 
 
 def rows(images, index):
