@@ -32,18 +32,18 @@ import shutil
 import struct
 import tempfile
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-
-from pyvae.errors import DataNotFound, PyvaeError, positive_int
-from pyvae.data.imageset import ImageSet, spread
-from pyvae.data.streaming import StreamedImages, held_or_streamed, rows
-from pyvae.data import sources
-from torchvision import datasets
 from sklearn.datasets import load_digits
+from torchvision import datasets
+
+from pyvae.data import sources
+from pyvae.data.imageset import ImageSet
+from pyvae.data.streaming import StreamedImages, held_or_streamed, rows
+from pyvae.errors import DataNotFound, PyvaeError, positive_int
 
 SPLITS = {
     "binarized_mnist": ("train", "valid", "test"),

@@ -27,13 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from pyvae.errors import PyvaeError
-from pyvae.data.streaming import held_or_streamed, rows
-from pyvae.data.imageset import ImageSet
 from PIL import Image, UnidentifiedImageError
-from PIL import Image
 from sklearn.datasets import load_sample_images
+
+from pyvae.data.imageset import ImageSet
+from pyvae.data.streaming import held_or_streamed, rows
+from pyvae.errors import PyvaeError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
