@@ -1,4 +1,5 @@
-"""AIS speed: time per point per 1000 annealing steps against the arithmetic floor of its gradient evaluations.
+"""AIS speed: time per point per 1000 annealing steps against the arithmetic floor of its gradient
+evaluations.
 
     python benchmarks/ais_speed.py --run runs/binarized_mnist-... --num-points 20 --num-chains 8 --num-steps 200
 
@@ -9,8 +10,8 @@ static binarized MNIST. In one process it then reports:
   the AIS potential performs, forward and backward, through the model's and the guide's programs,
   recorded by a dispatch mode and then timed alone, back to back, with the same shapes
   (the best of ``--floor-repeats``);
-* AIS: ``pyvae.infer.ais.ais_log_likelihood`` on ``--num-points`` test images with ``--num-chains`` chains
-  and ``--num-steps`` steps of ``--leapfrog-steps`` leapfrog steps, its time per gradient
+* AIS: ``pyvae.infer.ais.ais_log_likelihood`` on ``--num-points`` test images with ``--num-chains``
+  chains and ``--num-steps`` steps of ``--leapfrog-steps`` leapfrog steps, its time per gradient
   evaluation, per point per 1000 steps, and the ratio to the floor, both as the program runs
   (``compile=False``) and compiled (``compile=True``; its one-off compilation is timed apart, and
   the recording per chunk is in the timed runs);
@@ -184,7 +185,8 @@ def main():
                 f"  compile={compiled}: {1e3 * per_eval[compiled][-1]:.2f} ms per evaluation, {seconds:.1f} s, "
                 f"{per_point_1000:.2f} s per point per 1000 steps; log p^ {float(result.log_px.mean()):.3f}"
             )
-    # the machine's rate is its best measured in this run: a replay slowed by a passing load is not the floor
+    # the machine's rate is its best measured in this run: a replay slowed by a passing load is not
+    # the floor
     floor = min(floors)
     print(
         f"floor: {1e3 * floor:.2f} ms per evaluation (best of {len(floors)} x {args.floor_repeats} replays, "

@@ -1,14 +1,15 @@
-"""Which default network and optimizer for the quickstart? Alternatives trained alike, scored by test log p(x).
+"""Which default network and optimizer for the quickstart? Alternatives trained alike, scored by
+test log p(x).
 
     python benchmarks/defaults.py --threads 1 --epochs 20 --rounds 2
     python benchmarks/defaults.py --only default relu512-lr2e-3 --rounds 2
 
 Each configuration is trained as ``python -m pyvae train`` trains it on static binarized MNIST (the
-50,000 training images; the test and valid ELBOs after every epoch, as the default run computes them),
-then scored by importance sampling, K = ``--num-samples`` (5000) on ``--num-points`` (1000) test images
-evenly spread (all 10,000 with 0). Round r trains every configuration with seed r, in turn, in this
-one process, so the wall-time ratio to the first configuration (the current default) is taken within
-a round; the end prints each configuration's median and spread over rounds.
+50,000 training images; the test and valid ELBOs after every epoch, as the default run computes
+them), then scored by importance sampling, K = ``--num-samples`` (5000) on ``--num-points`` (1000)
+test images evenly spread (all 10,000 with 0). Round r trains every configuration with seed r, in
+turn, in this one process, so the wall-time ratio to the first configuration (the current default)
+is taken within a round; the end prints each configuration's median and spread over rounds.
 """
 
 import argparse

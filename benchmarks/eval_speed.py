@@ -28,7 +28,8 @@ from pyvae.data.datasets import spread
 
 
 def matmul_rate(hidden, x_dim, device, repeats=20):
-    """Best GFLOP/s of (rows x hidden) @ (hidden x x_dim) plus bias, the decoder's big product, over row counts."""
+    """Best GFLOP/s of (rows x hidden) @ (hidden x x_dim) plus bias, the decoder's big product, over
+    row counts."""
     best_rate = 0.0
     for rows in (1024, 2048, 4096, 8192):
         a = torch.randn(rows, hidden, device=device)
@@ -46,7 +47,8 @@ def matmul_rate(hidden, x_dim, device, repeats=20):
 
 
 def flops_per_sample(z_dim, hidden, x_dim):
-    """Decoder matrix products, plus Bernoulli log p(x|z): x*l - softplus(l) summed, ~3 per pixel."""
+    """Decoder matrix products, plus Bernoulli log p(x|z): x*l - softplus(l) summed, ~3 per
+    pixel."""
     return 2 * (z_dim * hidden + hidden * x_dim) + 3 * x_dim
 
 

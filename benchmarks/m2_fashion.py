@@ -1,4 +1,5 @@
-"""Do unlabelled data help? M2 on Fashion-MNIST with 1000 labels against the same classifier trained on those labels alone.
+"""Do unlabelled data help? M2 on Fashion-MNIST with 1000 labels against the same classifier trained
+on those labels alone.
 
     python benchmarks/m2_fashion.py --epochs 10 --num-labels 1000
 

@@ -9,7 +9,8 @@ A child process trains ``--steps`` SVI steps with ``pyvae.fit`` on random binary
 ``--num-particles``) and reports its peak resident set size (``getrusage`` ``ru_maxrss``), its
 resident size before training (torch imported, model built) and the seconds per step. The first
 configuration is the baseline every ratio is against. ``--max-gb`` caps each child's address space,
-so a configuration that does not fit fails with an allocation error instead of taking the machine down.
+so a configuration that does not fit fails with an allocation error instead of taking the machine
+down.
 """
 
 import argparse
@@ -71,7 +72,8 @@ def resident_mb() -> float:
 
 
 def measure(configuration: tuple[str, str, str], args) -> dict:
-    """One configuration in a child process (address space capped at ``--max-gb``); its report or its error."""
+    """One configuration in a child process (address space capped at ``--max-gb``); its report or
+    its error."""
     argv = [
         sys.executable,
         __file__,

@@ -1,21 +1,24 @@
-"""The quality table: recipes trained by their papers' protocols, their test log p(x) against the papers'.
+"""The quality table: recipes trained by their papers' protocols, their test log p(x) against the
+papers'.
 
     python benchmarks/quality.py configs/recipe_*.yaml --device cuda            # the full protocols
     python benchmarks/quality.py configs/recipe_*.yaml --epochs 20              # a budget in epochs ...
     python benchmarks/quality.py configs/recipe_*.yaml --hours 2 --ais 1000     # ... or in hours per recipe; AIS too
 
-For each recipe (a ``configs/recipe_*.yaml`` whose header has a line ``# published log p(x): -88.56``):
+For each recipe (a ``configs/recipe_*.yaml`` whose header has a line ``# published log p(x):
+-88.56``):
 
-1. ``python -m pyvae train --config RECIPE`` in a child process, with ``--epochs N`` when given; with
-   ``--hours H`` it gets SIGINT after H hours, stops after the current step and keeps its checkpoints
-   (continue it with ``--resume``). The recipe's protocol decides the rest: validation, early
-   stopping, schedule, and which checkpoint is the model (``eval_checkpoint``: best.pt by default).
+1. ``python -m pyvae train --config RECIPE`` in a child process, with ``--epochs N`` when given;
+   with ``--hours H`` it gets SIGINT after H hours, stops after the current step and keeps its
+   checkpoints (continue it with ``--resume``). The recipe's protocol decides the rest: validation,
+   early stopping, schedule, and which checkpoint is the model (``eval_checkpoint``: best.pt by
+   default).
 2. That checkpoint scored on the test set by importance sampling with the guide as proposal,
    K = ``--num-samples`` (5000) on ``--num-points`` points (0: all 10,000), as the papers do; with
    ``--ais T`` also by annealed importance sampling (T steps, ``--ais-chains`` chains per point).
-3. A row of the table: recipe, epochs, training wall time, device, test ELBO (mean_k log w_k from the
-   same draws), test log p(x) ± its standard error over points, Pareto k-hat bands, the published
-   log p(x) and the difference (ours - published: negative means worse than the paper).
+3. A row of the table: recipe, epochs, training wall time, device, test ELBO (mean_k log w_k from
+   the same draws), test log p(x) ± its standard error over points, Pareto k-hat bands, the
+   published log p(x) and the difference (ours - published: negative means worse than the paper).
 
 Writes ``OUT/quality.md`` (the table, also printed), ``OUT/quality.json``, ``OUT/curves.png`` (the
 validation objective per epoch of each recipe) and the run folders ``OUT/<recipe>/`` with their
@@ -58,7 +61,8 @@ def published(recipe: Path) -> float:
 
 
 def train(recipe: Path, run: Path, args, device) -> float:
-    """Train ``recipe`` into ``run`` in a child process (the same pyvae as this one); its wall time in seconds."""
+    """Train ``recipe`` into ``run`` in a child process (the same pyvae as this one); its wall time
+    in seconds."""
     command = [
         sys.executable,
         "-m",
@@ -98,7 +102,8 @@ def train(recipe: Path, run: Path, args, device) -> float:
 
 
 def evaluate(run: Path, args, device) -> dict:
-    """The recipe's checkpoint scored on the test set; the summary of :meth:`pyvae.Evaluation.summary` and what was evaluated."""
+    """The recipe's checkpoint scored on the test set; the summary of
+    :meth:`pyvae.Evaluation.summary` and what was evaluated."""
     config = yaml.safe_load((run / "config.yaml").read_text())
     model, config, _ = load_run(
         run, None if config.get("eval_checkpoint", "best") == "best" else "last"

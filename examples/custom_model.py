@@ -1,4 +1,5 @@
-"""A model of your own, written as plain Pyro: a VAE with two stochastic layers and a Laplace top prior.
+"""A model of your own, written as plain Pyro: a VAE with two stochastic layers and a Laplace top
+prior.
 
     python examples/custom_model.py --epochs 5
 
@@ -18,7 +19,8 @@ from pyvae.data.datasets import binarize_for, load_train_test
 
 
 class TwoLevelVAE(nn.Module):
-    """z2 ~ Laplace(0, 1); z1 | z2 ~ N(mu(z2), sigma(z2)); x | z1 ~ Bernoulli(f(z1)).  Guide: q(z1|x) q(z2|z1)."""
+    """z2 ~ Laplace(0, 1); z1 | z2 ~ N(mu(z2), sigma(z2)); x | z1 ~ Bernoulli(f(z1)).
+    Guide: q(z1|x) q(z2|z1)."""
 
     def __init__(self, x_dim=64, z1=8, z2=2, hidden=64):
         super().__init__()

@@ -86,8 +86,8 @@ def main(argv):
     vae = pyvae.VAE(
         x_dim=train.x_dim, z_dim=2, hidden=(256,), prior=RingPrior(), image_shape=train.image_shape
     )
-    # config.yaml says which data the python -m pyvae commands should find again; fit writes it with the
-    # run folder once the input is checked
+    # config.yaml says which data the python -m pyvae commands should find again; fit writes it with
+    # the run folder once the input is checked
     where = {
         "dataset": train.name,
         "binarize": binarized,

@@ -88,8 +88,8 @@ class World:
 
 
 def sharded(fn, n: int, chunk: int, world: World) -> list | None:
-    """``fn(start, stop)`` for the chunks [0, chunk), [chunk, 2 chunk), ... of n points, dealt out to the
-    processes in turn; the results of all chunks in order on rank 0, None on the others.
+    """``fn(start, stop)`` for the chunks [0, chunk), [chunk, 2 chunk), ... of n points, dealt out
+    to the processes in turn; the results of all chunks in order on rank 0, None on the others.
 
     The chunk grid does not depend on the number of processes, so results seeded per chunk
     or per point are the same, bit for bit, with one process or many.
@@ -110,7 +110,8 @@ def sharded(fn, n: int, chunk: int, world: World) -> list | None:
 
 
 def launched() -> bool:
-    """Whether this process is one of several started by torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK)."""
+    """Whether this process is one of several started by torchrun (which sets WORLD_SIZE, RANK,
+    LOCAL_RANK)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 

@@ -32,7 +32,8 @@ def require_files(*relative: str) -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def compiler_cache(tmp_path_factory):
-    """torch.compile's cache (AIS with compile=True) under pytest's folders, not the system's temporary one."""
+    """torch.compile's cache (AIS with compile=True) under pytest's folders, not the system's
+    temporary one."""
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
     yield
@@ -61,7 +62,8 @@ def binary_data():
 
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
-    """A run folder of a small VAE trained 2 epochs on the static digits (config says evaluate them dynamically)."""
+    """A run folder of a small VAE trained 2 epochs on the static digits (config says evaluate them
+    dynamically)."""
     import pyvae
     from pyvae.data.datasets import binarize, load_dataset
 

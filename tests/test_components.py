@@ -87,7 +87,8 @@ def test_the_vamp_density_in_chunks_is_the_same_sum_with_the_same_gradients(
     whole = torch.logsumexp(q.log_prob(z.unsqueeze(-2).expand(5, 4, 7, 3)), dim=-1) - math.log(7)
     expected = torch.autograd.grad(whole.sum(), wrt)
     # 20 z rows x 7 components; a chunk of 6 pairs: 1 component x 6 rows (rows split 6, 6, 6, 2),
-    # of 45: 2 components x all 20 rows (components split 2, 2, 2, 1), of 1000: one chunk, nothing recomputed
+    # of 45: 2 components x all 20 rows (components split 2, 2, 2, 1), of 1000: one chunk, nothing
+    # recomputed
     monkeypatch.setattr(pyvae.parts.priors, "_bytes_per_pair", lambda fn, h, z: 1)
     monkeypatch.setattr(pyvae.parts.priors, "VAMP_CHUNK_BYTES", {"cpu": pairs})
     chunked = vae.prior().log_prob(z)
@@ -575,7 +576,8 @@ def test_iwae_training_loss_is_the_minibatch_bound_scaled_outside_the_log_mean_e
     make_elbo("iwae", 5, max_plate_nesting=1).loss_and_grads(vae.model, vae.guide, x)
     for mine, pyros in zip(ours, (p.grad for p in vae.parameters())):
         assert torch.allclose(mine, pyros * 256 / 32, rtol=1e-4, atol=1e-3)
-    # Pyro's RenyiELBO given the subsampled plate would put N/M inside the log-mean-exp: not the IWAE bound
+    # Pyro's RenyiELBO given the subsampled plate would put N/M inside the log-mean-exp: not the
+    # IWAE bound
     pyro.set_rng_seed(6)
     inside = make_elbo("iwae", 5, max_plate_nesting=1).loss(vae.model, vae.guide, x, 256)
     assert inside != pytest.approx(loss.item(), rel=1e-3)

@@ -1,4 +1,5 @@
-"""The model and guide as Pyro programs: sites, shapes, plate scaling, ELBO estimators, checkpoints."""
+"""The model and guide as Pyro programs: sites, shapes, plate scaling, ELBO estimators,
+checkpoints."""
 
 import pyro
 import pyro.distributions as dist

@@ -75,7 +75,8 @@ def test_structure_and_log_weights(name, labelled):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_SITES))
 def test_config_rebuilds_the_same_model(name, labelled):
-    """A checkpoint rebuilds a model as cls(**config minus "model"): same parameters, same log-weights."""
+    """A checkpoint rebuilds a model as cls(**config minus "model"): same parameters, same
+    log-weights."""
     model, (x, y) = tiny(name), labelled
     config = json.loads(json.dumps(model.config))
     assert config["model"] == name
@@ -134,7 +135,8 @@ def test_hvae_linear_gaussian_matches_the_closed_form_marginal():
     cov = B @ prior_z1 @ B.T + s**2 * torch.eye(d_x, dtype=torch.float64)
     marginal = torch.distributions.MultivariateNormal(B @ a + b, cov)
 
-    # p(z1 | x) = N(P1 (prior_z1^-1 a + B^T (x - b) / s^2), P1) and p(z2 | z1) = N(P2 A^T S1^-1 (z1 - a), P2)
+    # p(z1 | x) = N(P1 (prior_z1^-1 a + B^T (x - b) / s^2), P1) and
+    # p(z2 | z1) = N(P2 A^T S1^-1 (z1 - a), P2)
     P1 = torch.linalg.inv(torch.linalg.inv(prior_z1) + B.T @ B / s**2)
     P2 = torch.linalg.inv(torch.eye(d2, dtype=torch.float64) + A.T @ torch.linalg.inv(S1) @ A)
     G2 = P2 @ A.T @ torch.linalg.inv(S1)
@@ -179,10 +181,11 @@ def m2_problem(binary_data):
 
 
 def test_m2_log_p_sums_the_classes_of_unlabelled_points_only(binary_data):
-    """With the same draws z_ck ~ q(z | x, c) (same seed, same shapes), an unlabelled point's log p^(x)
-    is logsumexp over c of the estimates log p^(x, c) of runs with every label fixed to c, and a
-    labelled point's estimate is that of its own class: the other classes drop out. Each log-weight is
-    also checked against log p(c) + log p(z) + log p(x | z, c) - log q(z | x, c) by hand."""
+    """With the same draws z_ck ~ q(z | x, c) (same seed, same shapes), an unlabelled point's
+    log p^(x) is logsumexp over c of the estimates log p^(x, c) of runs with every label fixed to c, and
+    a labelled point's estimate is that of its own class: the other classes drop out. Each
+    log-weight is also checked against log p(c) + log p(z) + log p(x | z, c) - log q(z | x, c) by
+    hand."""
     m2, x, y = m2_problem(binary_data)
     k = 5
     shape = program.structure(m2, (x, y))
@@ -218,7 +221,8 @@ def test_m2_log_p_sums_the_classes_of_unlabelled_points_only(binary_data):
 def test_m2_trace_enum_elbo_is_the_m2_bound(binary_data):
     """TraceEnum_ELBO on a mixed minibatch = - sum_unlabelled [sum_c q(c|x) L(x, c) + H(q(.|x))]
     - sum_labelled L(x, y) - the classification factor, exactly: each L(x, c) is a Trace_ELBO of the
-    point with its label fixed to c and z replayed from the draws TraceEnum_ELBO made (same seed)."""
+    point with its label fixed to c and z replayed from the draws TraceEnum_ELBO made (same
+    seed)."""
     m2, x, y = m2_problem(binary_data)
     elbo = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1)
     pyro.set_rng_seed(5)
@@ -438,7 +442,8 @@ def test_semi_supervised_needs_labels():
 # -- through the public API -----------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(EXPECTED_SITES))
 def test_fit_and_log_likelihood(name, labelled):
-    """Two epochs on 64 points: a finite, improving ELBO; then a finite importance-sampled log p(x)."""
+    """Two epochs on 64 points: a finite, improving ELBO; then a finite importance-sampled log
+    p(x)."""
     model, (x, y) = tiny(name), labelled
     data = batch_for(name, x, y)
     data = data[0] if name == "hvae" else data

@@ -1,5 +1,5 @@
-"""The Pyro program is what gets trained, scored and saved: user-written models through the public API,
-checked against closed-form marginals of linear-Gaussian models."""
+"""The Pyro program is what gets trained, scored and saved: user-written models through the public
+API, checked against closed-form marginals of linear-Gaussian models."""
 
 import math
 
@@ -20,8 +20,8 @@ def mvn_log_px(x, mean, cov):
 
 
 class LinearGaussian(nn.Module):
-    """z ~ N(0, prior_scale^2 I), x | z ~ N(W z + b, 0.5^2 I), written as plain Pyro with a bare data plate;
-    the guide is a linear-Gaussian encoder."""
+    """z ~ N(0, prior_scale^2 I), x | z ~ N(W z + b, 0.5^2 I), written as plain Pyro with a bare
+    data plate; the guide is a linear-Gaussian encoder."""
 
     def __init__(self, prior_scale=3.0, nested=False):
         super().__init__()
@@ -89,7 +89,8 @@ def test_a_prior_written_in_model_code_is_what_gets_scored():
     exact = model.exact(x).detach()
     # within Monte Carlo error of the closed form for *this* prior (N(0, 3^2 I))
     assert ((ll.log_px - exact).abs() <= 4 * ll.stderr + 0.02).all(), ll.log_px - exact
-    # a model with the standard prior would be a different marginal: scored as written, not as a template
+    # a model with the standard prior would be a different marginal: scored as written, not as a
+    # template
     unit = LinearGaussian(prior_scale=1.0)
     unit.load_state_dict(model.state_dict())
     assert (unit.exact(x) - exact).abs().mean() > 0.5
@@ -121,9 +122,11 @@ def test_nested_plates_sum_to_the_same_per_point_weights():
 
 
 class TwoLayer(nn.Module):
-    """z2 ~ N(0, I2); z1 | z2 ~ N(A z2 + a, s1^2 I3); x | z1 ~ N(B z1 + c, s^2 I5): a hierarchy in plain Pyro.
+    """z2 ~ N(0, I2); z1 | z2 ~ N(A z2 + a, s1^2 I3); x | z1 ~ N(B z1 + c, s^2 I5): a hierarchy in
+    plain Pyro.
 
-    Marginal: x ~ N(B a + c, B (A A^T + s1^2 I) B^T + s^2 I). The guide is bottom-up: q(z1|x) q(z2|z1)."""
+    Marginal: x ~ N(B a + c, B (A A^T + s1^2 I) B^T + s^2 I). The guide is bottom-up:
+    q(z1|x) q(z2|z1)."""
 
     def __init__(self):
         super().__init__()
@@ -298,7 +301,8 @@ def test_elbo_accepts_any_pyro_elbo_instance():
 
 
 def test_the_custom_model_example_runs(tmp_path, capsys):
-    """examples/custom_model.py, the README's complete example, trains, evaluates, saves and reloads."""
+    """examples/custom_model.py, the README's complete example, trains, evaluates, saves and
+    reloads."""
     import importlib.util
     from pathlib import Path
 
@@ -313,7 +317,8 @@ def test_the_custom_model_example_runs(tmp_path, capsys):
 
 
 def test_the_elbo_leaves_out_training_only_factors():
-    """m2's classification factor shapes training, not the model: its ELBO and log p(x, y) ignore alpha."""
+    """m2's classification factor shapes training, not the model: its ELBO and log p(x, y) ignore
+    alpha."""
     torch.manual_seed(5)
     x, y = torch.rand(12, 16).round(), torch.arange(12) % 3
     values = []

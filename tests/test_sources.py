@@ -1,4 +1,5 @@
-"""Your own data: image folders, .npz and .npy files, and the photos patches, through load_dataset and the CLI."""
+"""Your own data: image folders, .npz and .npy files, and the photos patches, through load_dataset
+and the CLI."""
 
 import re
 
@@ -13,7 +14,8 @@ from pyvae.data.datasets import load_dataset, load_train_test
 
 
 def save_images(folder, n, size=(6, 5), mode="L", seed=0, bright=False):
-    """n random images of ``size`` (width, height) in ``folder``; bright ones have a white top row."""
+    """n random images of ``size`` (width, height) in ``folder``; bright ones have a white top
+    row."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     channels = {"L": (), "RGB": (3,)}[mode]
@@ -221,7 +223,8 @@ def test_a_labelled_folder_trains_a_conditional_model_and_bad_input_writes_nothi
 
 @pytest.mark.parametrize("name, layout", [("cifar10", "NHWC"), ("svhn", "NCHW")])
 def test_torchvision_colour_sets_by_name(name, layout, tmp_path, monkeypatch):
-    """CIFAR and SVHN come through torchvision's own classes (stand-ins here: no files, no network)."""
+    """CIFAR and SVHN come through torchvision's own classes (stand-ins here: no files, no
+    network)."""
     import torchvision.datasets
 
     rng = np.random.default_rng(0)
@@ -253,8 +256,8 @@ def test_a_torchvision_set_not_under_the_data_root_is_a_clear_notice(tmp_path):
 
 
 def test_a_torchvision_set_by_name_read_image_by_image(tmp_path):
-    """EuroSAT through torchvision's own class (an ImageFolder of RGB JPEGs under eurosat/2750): labels
-    from its targets, no split of its own so split by test_fraction, --image-size applied."""
+    """EuroSAT through torchvision's own class (an ImageFolder of RGB JPEGs under eurosat/2750):
+    labels from its targets, no split of its own so split by test_fraction, --image-size applied."""
     for k, name in enumerate(["Forest", "River"]):
         save_images(tmp_path / "eurosat" / "2750" / name, 5 + k, size=(8, 6), mode="RGB", seed=k)
     train, test, _ = load_train_test(
@@ -281,7 +284,8 @@ def test_a_torchvision_set_by_name_read_image_by_image(tmp_path):
 
 
 def test_a_torchvision_set_with_splits_of_its_own(tmp_path, monkeypatch):
-    """A class taking ``split`` (CelebA's) is asked for train or test; attribute targets give no labels."""
+    """A class taking ``split`` (CelebA's) is asked for train or test; attribute targets give no
+    labels."""
     import torchvision.datasets
 
     class StandIn(torch.utils.data.Dataset):
@@ -352,8 +356,8 @@ def test_a_corrupt_image_in_a_streamed_set_is_one_line_naming_it(tmp_path, monke
 def test_a_streamed_folder_trains_exactly_as_held_and_evaluate_finds_it_again(
     tmp_path, monkeypatch, capsys
 ):
-    """The same colour folder held in memory and forced to stream (a DataLoader with workers): the same
-    minibatches, so the same ELBOs to the last digit; then ``evaluate RUN`` reads it again."""
+    """The same colour folder held in memory and forced to stream (a DataLoader with workers): the
+    same minibatches, so the same ELBOs to the last digit; then ``evaluate RUN`` reads it again."""
     import json
 
     import pyvae.data.streaming

@@ -93,7 +93,8 @@ def load_dataset(
     test_fraction: float = 0.1,
     image_size: int | None = None,
 ) -> ImageSet:
-    """One split of a data set; raises :class:`DataNotFound` when it is neither on disk nor downloadable.
+    """One split of a data set; raises :class:`DataNotFound` when it is neither on disk nor
+    downloadable.
 
     ``name`` is a built-in data set or the path of your own (:func:`pyvae.sources.load_path`, which
     takes ``test_fraction`` and ``image_size``).
@@ -129,7 +130,8 @@ def load_dataset(
 
 
 def binarize(data: ImageSet, mode: str, seed: int = 0) -> ImageSet:
-    """``static``: one Bernoulli draw fixed by ``seed``; ``dynamic``: a fresh draw per read; ``none``: as is."""
+    """``static``: one Bernoulli draw fixed by ``seed``; ``dynamic``: a fresh draw per read;
+    ``none``: as is."""
     if mode not in BINARIZE_MODES:
         raise PyvaeError(f"unknown binarize mode {mode!r}; choose from {', '.join(BINARIZE_MODES)}")
     if mode == "none":
@@ -166,7 +168,8 @@ def _binarized_mnist(root: Path, split: str, download: bool) -> ImageSet:
 
 
 def read_amat(path: str | os.PathLike, width: int = 784) -> np.ndarray:
-    """Parse a binarized-MNIST ``.amat`` file: one image per line, ``width`` values 0/1 separated by whitespace.
+    """Parse a binarized-MNIST ``.amat`` file: one image per line, ``width`` values 0/1 separated by
+    whitespace.
 
     Accepts any run of spaces/tabs, trailing spaces and ``\\r\\n`` line ends; any
     other token is an error naming its line.
@@ -253,9 +256,9 @@ def _torchvision_download(name: str, root: Path, split: str) -> None:
 
 # -- CIFAR and SVHN through torchvision ------------------------------------------------
 def _torchvision_arrays(name: str, root: Path, split: str, download: bool) -> ImageSet:
-    """A torchvision data set held as one uint8 array (``data``: CIFAR's (N, H, W, C), SVHN's (N, C, H, W))
-    with integer labels (``targets`` or ``labels``): found under the data root, else downloaded
-    (torchvision checks its md5), else a :class:`DataNotFound` naming where it looked."""
+    """A torchvision data set held as one uint8 array (``data``: CIFAR's (N, H, W, C), SVHN's
+    (N, C, H, W)) with integer labels (``targets`` or ``labels``): found under the data root, else
+    downloaded (torchvision checks its md5), else a :class:`DataNotFound` naming where it looked."""
 
     class_name, splits = TORCHVISION_ARRAYS[name]
     found = _torchvision_instance(
@@ -286,8 +289,8 @@ NOT_TORCHVISION_SETS = (
 
 
 def torchvision_class(name: str):
-    """torchvision's data set class called ``name``, case and underscores aside (``celeba``, ``stl10``,
-    ``oxford_iiit_pet``), or None."""
+    """torchvision's data set class called ``name``, case and underscores aside (``celeba``,
+    ``stl10``, ``oxford_iiit_pet``), or None."""
 
     key = name.replace("_", "").lower()
     return next(
@@ -304,9 +307,10 @@ def _torchvision_items(
     name: str, root: Path, split: str, download: bool, test_fraction: float, image_size: int | None
 ) -> ImageSet:
     """A torchvision data set of (PIL image, target) items, each read through the same
-    :class:`~pyvae.sources.ImageReader` as an image folder's: held in memory when it fits, else streamed.
-    Its own split where its class takes ``train`` or ``split`` (CelebA, STL10, ...), else the whole set
-    split by ``test_fraction``; integer labels where it keeps them (``targets``, ``labels``)."""
+    :class:`~pyvae.sources.ImageReader` as an image folder's: held in memory when it fits, else
+    streamed. Its own split where its class takes ``train`` or ``split`` (CelebA, STL10, ...), else
+    the whole set split by ``test_fraction``; integer labels where it keeps them (``targets``,
+    ``labels``)."""
 
     cls = torchvision_class(name)
     params = inspect.signature(cls).parameters
@@ -337,7 +341,8 @@ def _torchvision_items(
 
 
 def _integer_labels(found) -> torch.Tensor | None:
-    """One class index per item, where the data set keeps them as a list (CelebA's targets are attributes: none)."""
+    """One class index per item, where the data set keeps them as a list (CelebA's targets are
+    attributes: none)."""
     for attribute in ("targets", "labels", "_labels"):
         y = np.asarray(getattr(found, attribute, None))
         if (
@@ -351,8 +356,8 @@ def _integer_labels(found) -> torch.Tensor | None:
 
 
 def _torchvision_instance(cls, name: str, root: Path, split: str, download: bool, kwargs: dict):
-    """``cls(root, **kwargs)`` found under the data root, else downloaded (torchvision checks its md5),
-    else a :class:`DataNotFound` naming where it looked."""
+    """``cls(root, **kwargs)`` found under the data root, else downloaded (torchvision checks its
+    md5), else a :class:`DataNotFound` naming where it looked."""
     takes_download = "download" in inspect.signature(cls).parameters
     try:
         return _construct(
@@ -485,23 +490,24 @@ def resolve_binarize(likelihood, data: ImageSet, mode: str = "auto") -> str:
 
 
 def evaluation_split(data: ImageSet, mode: str, seed: int = 0) -> ImageSet:
-    """A held-out split binarized for evaluation: one fixed draw (seed + 1) where training draws afresh,
-    so test numbers compare across epochs and runs."""
+    """A held-out split binarized for evaluation: one fixed draw (seed + 1) where training draws
+    afresh, so test numbers compare across epochs and runs."""
     return binarize(data, "static" if mode == "dynamic" else mode, seed + 1)
 
 
 def binarize_for(
     likelihood, train: ImageSet, test: ImageSet, mode: str = "auto", seed: int = 0
 ) -> tuple[ImageSet, ImageSet, str]:
-    """(train, test, mode used): both splits binarized as ``mode`` says (see :func:`resolve_binarize`)."""
+    """(train, test, mode used): both splits binarized as ``mode`` says (see
+    :func:`resolve_binarize`)."""
     mode = resolve_binarize(likelihood, train, mode)
     return binarize(train, mode, seed), evaluation_split(test, mode, seed), mode
 
 
 def hold_out(data: ImageSet, fraction: float, seed: int = 0) -> tuple[ImageSet, ImageSet]:
-    """(rest, held): a random ``fraction`` of ``data`` (round(fraction * N) points, at least one, and
-    at least one left) held out as a ``valid`` split, drawn from ``seed``; the two are disjoint and
-    together are ``data``. Each keeps the order the points had in ``data``."""
+    """(rest, held): a random ``fraction`` of ``data`` (round(fraction * N) points, at least one,
+    and at least one left) held out as a ``valid`` split, drawn from ``seed``; the two are disjoint
+    and together are ``data``. Each keeps the order the points had in ``data``."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise PyvaeError(f"valid_fraction must be a number in (0, 1); got {fraction!r}")
     n = len(data)

@@ -190,12 +190,14 @@ def _folder(root: Path, split: str, test_fraction: float, image_size: int | None
 
 
 def _classes(folder: Path) -> list[str]:
-    """The class folders of an ImageFolder layout (sorted, as torchvision's), or [] for a flat folder."""
+    """The class folders of an ImageFolder layout (sorted, as torchvision's), or [] for a flat
+    folder."""
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _listing(folder: Path, classes: list[str]) -> tuple[list[Path], torch.Tensor | None]:
-    """Image files of ``folder`` in a fixed order, and their labels (the index of their class folder)."""
+    """Image files of ``folder`` in a fixed order, and their labels (the index of their class
+    folder)."""
     if not folder.is_dir():
         raise PyvaeError(f"{folder} is not a folder")
     if classes:
@@ -229,9 +231,10 @@ GREY_MODES = ("1", "L", "I;16", "I")
 
 
 def _read_images(files: list[Path], image_size: int | None):
-    """(N, C*H*W) in [0, 1], held or streamed (:func:`pyvae.streaming.held_or_streamed`), and (C, H, W):
-    grey when every image is grey, else colour (RGB). Every file's header is read first, so a file that
-    is not an image, or sizes that differ without ``image_size``, are found before any pixel is."""
+    """(N, C*H*W) in [0, 1], held or streamed (:func:`pyvae.streaming.held_or_streamed`), and (C, H,
+    W): grey when every image is grey, else colour (RGB). Every file's header is read first, so a
+    file that is not an image, or sizes that differ without ``image_size``, are found before any
+    pixel is."""
 
     modes, sizes = [], []
     for f in files:
@@ -259,9 +262,10 @@ def _unreadable(what, e: BaseException) -> PyvaeError:
 
 
 class ImageReader:
-    """Image i of ``source`` (a list of files, or a torchvision data set of (PIL image, target) items) as a
-    float (C*H*W,) tensor in [0, 1]: grey or RGB, resized and cropped to ``image_size`` when given, and
-    checked to have ``shape``. One function for the images held in memory and those streamed."""
+    """Image i of ``source`` (a list of files, or a torchvision data set of (PIL image, target)
+    items) as a float (C*H*W,) tensor in [0, 1]: grey or RGB, resized and cropped to ``image_size``
+    when given, and checked to have ``shape``. One function for the images held in memory and those
+    streamed."""
 
     def __init__(
         self, source, grey: bool, image_size: int | None, shape: tuple[int, int, int]
@@ -312,9 +316,9 @@ def _pixels(image, grey: bool, image_size: int | None) -> np.ndarray:
 
 # -- a real colour data set that ships with scikit-learn ---------------------------------
 def photo_patches(split: str, size: int = 32, seed: int = 0):
-    """``photos``: the two colour photographs scikit-learn ships (a Chinese temple, a flower), cut into
-    non-overlapping ``size`` x ``size`` patches (520 at 32), 8-bit RGB scaled to [0, 1]; a seeded 80/20
-    split into train and test. Offline, for tests and demos of natural images."""
+    """``photos``: the two colour photographs scikit-learn ships (a Chinese temple, a flower), cut
+    into non-overlapping ``size`` x ``size`` patches (520 at 32), 8-bit RGB scaled to [0, 1]; a
+    seeded 80/20 split into train and test. Offline, for tests and demos of natural images."""
 
     patches = []
     for image in load_sample_images().images:  # (427, 640, 3) uint8

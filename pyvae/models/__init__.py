@@ -1,5 +1,5 @@
-"""Built-in models, each a Pyro ``model``/``guide`` pair on a ``torch.nn.Module`` (the contract is in
-:mod:`pyvae.program`), chosen by ``--model``:
+"""Built-in models, each a Pyro ``model``/``guide`` pair on a ``torch.nn.Module`` (the contract is
+in :mod:`pyvae.program`), chosen by ``--model``:
 
 =====  =========================================================================
 vae    p(z) p(x|z), q(z|x): priors, likelihoods, guide families and nets swappable

@@ -134,8 +134,8 @@ class CVAE(nn.Module):
 
 
 def concat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[a, b] along the last dimension, the leading dimensions broadcast: a network input from x (M, D)
-    and labels of shape (C, 1, M) or particles z (K, M, Z)."""
+    """[a, b] along the last dimension, the leading dimensions broadcast: a network input from x (M,
+    D) and labels of shape (C, 1, M) or particles z (K, M, Z)."""
     lead = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
     return torch.cat([a.expand(*lead, a.shape[-1]), b.expand(*lead, b.shape[-1])], dim=-1)
 

@@ -1,4 +1,5 @@
-"""The hierarchical VAE: L >= 2 stochastic layers, top-down model, bottom-up guide (Burda et al. 2016)."""
+"""The hierarchical VAE: L >= 2 stochastic layers, top-down model, bottom-up guide (Burda et al.
+2016)."""
 
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ class HVAE(nn.Module):
             *self.z_dims[:-1],
         )  # what layer l's guide network reads: x, z_1, ..., z_{L-1}
         outputs = (self.likelihood.params_per_pixel * x_dim, *(2 * z for z in self.z_dims[:-1]))
-        # encoders[l]: z_{l} (x for l = 0) -> q(z_{l+1}); decoders[l]: z_{l+1} -> p(z_l) (p(x) for l = 0)
+        # encoders[l]: z_{l} (x for l = 0) -> q(z_{l+1});
+        # decoders[l]: z_{l+1} -> p(z_l) (p(x) for l = 0)
         self.encoders = nn.ModuleList(
             mlp(i, h, 2 * z, activation) for i, h, z in zip(inputs, self.hidden, self.z_dims)
         )
@@ -115,7 +117,8 @@ class HVAE(nn.Module):
 
     # -- the Pyro programs ------------------------------------------------------
     def model(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
-        """p(z_L) prod_{l<L} p(z_l | z_{l+1}) p(x | z_1) for a minibatch x (M, x_dim) of ``num_data`` points."""
+        """p(z_L) prod_{l<L} p(z_l | z_{l+1}) p(x | z_1) for a minibatch x (M, x_dim) of
+        ``num_data`` points."""
         pyro.module(f"{self._pyro_name}.decoders", self.decoders)
         pyro.module(f"{self._pyro_name}.prior", self.prior)
         pyro.module(f"{self._pyro_name}.likelihood", self.likelihood)

@@ -1,4 +1,5 @@
-"""Parts the built-in models share: their image shape, the priors a hierarchy can take, the check of x."""
+"""Parts the built-in models share: their image shape, the priors a hierarchy can take, the check of
+x."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pyvae.parts.priors import PRIORS, Prior, VampPrior
 
 
 def image_shape_for(x_dim: int, image_shape: Sequence[int] | None) -> tuple[int, ...] | None:
-    """``image_shape`` checked to hold ``x_dim`` pixels; without one, (1, s, s) when x_dim = s^2, else None."""
+    """``image_shape`` checked to hold ``x_dim`` pixels; without one, (1, s, s) when x_dim = s^2,
+    else None."""
     if image_shape is None:
         side = math.isqrt(x_dim)
         return (1, side, side) if side * side == x_dim else None

@@ -94,7 +94,8 @@ class Registry(dict):
 
 
 def is_custom(spec: dict, registry: Registry) -> bool:
-    """Whether a recorded part is a user's: a name no built-in has, or the source :meth:`Component.spec` records."""
+    """Whether a recorded part is a user's: a name no built-in has, or the source
+    :meth:`Component.spec` records."""
     return spec.get("name") not in registry or "source" in spec
 
 
@@ -104,7 +105,8 @@ def recorded_name(cls: type[Component]) -> str:
 
 
 def source_of(cls: type) -> str | None:
-    """``/path/file.py:Class`` for a class a file defines at top level, else None (a notebook's, a function's)."""
+    """``/path/file.py:Class`` for a class a file defines at top level, else None (a notebook's, a
+    function's)."""
     if "<locals>" in cls.__qualname__:
         return None
     # its methods' code knows the file even when the module was loaded by path, outside sys.modules;
