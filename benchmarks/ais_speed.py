@@ -1,7 +1,8 @@
 """AIS speed: time per point per 1000 annealing steps against the arithmetic floor of its gradient
 evaluations.
 
-    python benchmarks/ais_speed.py --run runs/binarized_mnist-... --num-points 20 --num-chains 8 --num-steps 200
+    python benchmarks/ais_speed.py --run runs/binarized_mnist-... \
+        --num-points 20 --num-chains 8 --num-steps 200
 
 Without ``--run`` it first trains the quickstart's default model (``--epochs``, default 20) on
 static binarized MNIST. In one process it then reports:
@@ -153,9 +154,10 @@ def main():
         p.requires_grad_(True)
     evaluations = (args.num_steps - 1) * args.leapfrog_steps + 1
     print(
-        f"{len(x)} points x {args.num_chains} chains = {len(x) * args.num_chains} rows; T = {args.num_steps}, "
-        f"{args.leapfrog_steps} leapfrog steps: {evaluations} gradient evaluations; "
-        f"{len(recorder.calls)} matrix products, {flops(recorder.calls) / 1e6:.1f} MFLOP per evaluation (mm/addmm)"
+        f"{len(x)} points x {args.num_chains} chains = {len(x) * args.num_chains} rows; T = "
+        f"{args.num_steps}, {args.leapfrog_steps} leapfrog steps: {evaluations} gradient "
+        f"evaluations; {len(recorder.calls)} matrix products, {flops(recorder.calls) / 1e6:.1f} "
+        "MFLOP per evaluation (mm/addmm)"
     )
     # the one-off compilation of this chunk size, so that the timed runs below find it compiled
     start = time.perf_counter()
@@ -163,13 +165,15 @@ def main():
         vae, x, **{**settings, "num_steps": 2}, compile=True, device=device
     )
     print(
-        f"compile=True: recording and compiling the densities and the gradients-only graph took {time.perf_counter() - start:.1f} s (once per chunk size)"
+        "compile=True: recording and compiling the densities and the gradients-only graph took "
+        f"{time.perf_counter() - start:.1f} s (once per chunk size)"
     )
     floors, per_eval = [], {False: [], True: []}
     for repeat in range(args.repeats):
         floors.append(floor_seconds(recorder.calls, device, args.floor_repeats))
         print(
-            f"run {repeat + 1}: floor {1e3 * floors[-1]:.2f} ms per evaluation ({flops(recorder.calls) / floors[-1] / 1e9:.0f} GFLOP/s)"
+            f"run {repeat + 1}: floor {1e3 * floors[-1]:.2f} ms per evaluation "
+            f"({flops(recorder.calls) / floors[-1] / 1e9:.0f} GFLOP/s)"
         )
         for compiled in (False, True):
             sync(device)
@@ -182,21 +186,22 @@ def main():
             per_eval[compiled].append(seconds / evaluations)
             per_point_1000 = seconds / len(x) * 1000 / args.num_steps
             print(
-                f"  compile={compiled}: {1e3 * per_eval[compiled][-1]:.2f} ms per evaluation, {seconds:.1f} s, "
-                f"{per_point_1000:.2f} s per point per 1000 steps; log p^ {float(result.log_px.mean()):.3f}"
+                f"  compile={compiled}: {1e3 * per_eval[compiled][-1]:.2f} ms per evaluation, "
+                f"{seconds:.1f} s, {per_point_1000:.2f} s per point per 1000 steps; log p^ "
+                f"{float(result.log_px.mean()):.3f}"
             )
     # the machine's rate is its best measured in this run: a replay slowed by a passing load is not
     # the floor
     floor = min(floors)
     print(
-        f"floor: {1e3 * floor:.2f} ms per evaluation (best of {len(floors)} x {args.floor_repeats} replays, "
-        f"{flops(recorder.calls) / floor / 1e9:.0f} GFLOP/s)"
+        f"floor: {1e3 * floor:.2f} ms per evaluation (best of {len(floors)} x {args.floor_repeats} "
+        f"replays, {flops(recorder.calls) / floor / 1e9:.0f} GFLOP/s)"
     )
     for compiled, times in per_eval.items():
         ratios = [t / floor for t in times]
         print(
-            f"compile={compiled}: ratio to floor median {statistics.median(ratios):.2f}, spread {min(ratios):.2f}-{max(ratios):.2f} "
-            f"over {len(ratios)} runs"
+            f"compile={compiled}: ratio to floor median {statistics.median(ratios):.2f}, spread "
+            f"{min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} runs"
         )
     speedup = [a / b for a, b in zip(per_eval[False], per_eval[True])]
     print(

@@ -40,8 +40,9 @@ def machine(device) -> str:
         pass
     gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     return (
-        f"machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"pyro {__import__('pyro').__version__}, pyvae {pyvae.__version__}, device {device}{gpu}"
+        f"machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), pyro {__import__('pyro').__version__}, pyvae "
+        f"{pyvae.__version__}, device {device}{gpu}"
     )
 
 

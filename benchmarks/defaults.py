@@ -132,20 +132,21 @@ def main():
             r["ratio"] = r["seconds"] / baseline
             results.append(r)
             print(
-                f"round {seed}  {name:<30} {r['seconds']:6.1f} s (x{r['ratio']:.2f})  test ELBO {r['test_elbo']:8.2f}  "
-                f"log p(x) {r['log_px']:8.2f} ± {r['stderr']:.2f}",
+                f"round {seed}  {name:<30} {r['seconds']:6.1f} s (x{r['ratio']:.2f})  test ELBO "
+                f"{r['test_elbo']:8.2f}  log p(x) {r['log_px']:8.2f} ± {r['stderr']:.2f}",
                 flush=True,
             )
     print(
-        f"\n| configuration | settings | wall time, s (ratio) | test ELBO | test log p(x), IS K = {args.num_samples}, "
-        f"{args.num_points or 10000} points |\n|---|---|---|---|---|"
+        "\n| configuration | settings | wall time, s (ratio) | test ELBO | test log p(x), IS K = "
+        f"{args.num_samples}, {args.num_points or 10000} points |\n|---|---|---|---|---|"
     )
     for name in names:
         mine = [r for r in results if r["name"] == name]
         s = CONFIGS[name]
         settings = (
-            f"784-{'-'.join(map(str, s['hidden']))}-{args.z_dim} {s['activation']}, {s['elbo']}, lr {s['lr']:g}"
-            f"{' ' + s['lr_schedule'] if 'lr_schedule' in s else ''}, batch {s['batch_size']}"
+            f"784-{'-'.join(map(str, s['hidden']))}-{args.z_dim} {s['activation']}, {s['elbo']}, "
+            f"lr {s['lr']:g}{' ' + s['lr_schedule'] if 'lr_schedule' in s else ''}, batch "
+            f"{s['batch_size']}"
         )
 
         def cell(key, digits=2):
@@ -158,7 +159,8 @@ def main():
             )
 
         print(
-            f"| {name} | {settings} | {cell('seconds', 0)} (x{cell('ratio')}) | {cell('test_elbo')} | {cell('log_px')} |"
+            f"| {name} | {settings} | {cell('seconds', 0)} (x{cell('ratio')}) | "
+            f"{cell('test_elbo')} | {cell('log_px')} |"
         )
 
 

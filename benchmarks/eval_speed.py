@@ -96,7 +96,8 @@ def main():
     rate = matmul_rate(512, 784, device)
     floor_per_point = flops_per_sample(50, 512, 784) * k / (rate * 1e9)
     print(
-        f"matrix-multiply rate: {rate:.1f} GFLOP/s (best of (R x 512) @ (512 x 784) + bias, R = 1024..8192)"
+        f"matrix-multiply rate: {rate:.1f} GFLOP/s (best of (R x 512) @ (512 x 784) + bias, R = "
+        "1024..8192)"
     )
 
     pyvae.log_likelihood(vae, x[:2], k, device=device)  # warm-up
@@ -117,27 +118,32 @@ def main():
     agreement = (ll.log_px[: len(xb)] - theirs_values.cpu()).abs().max().item()
 
     print(
-        f"\nK = {k}, 784-512-50 VAE, {len(x)} test images ({args.baseline_points} for the per-point loop)"
+        f"\nK = {k}, 784-512-50 VAE, {len(x)} test images ({args.baseline_points} for the "
+        "per-point loop)"
     )
     print(f"  {'':34s} {'s/image':>9s} {'10k images':>11s} {'ratio':>7s}")
     print(
-        f"  {'arithmetic floor':34s} {floor_per_point:9.4f} {floor_per_point * 1e4 / 60:9.1f} m {1.0:7.2f}"
+        f"  {'arithmetic floor':34s} {floor_per_point:9.4f} {floor_per_point * 1e4 / 60:9.1f} m "
+        f"{1.0:7.2f}"
     )
     print(
-        f"  {'pyvae.log_likelihood':34s} {ours:9.4f} {ours * 1e4 / 60:9.1f} m {ours / floor_per_point:7.2f}  (x floor)"
+        f"  {'pyvae.log_likelihood':34s} {ours:9.4f} {ours * 1e4 / 60:9.1f} m "
+        f"{ours / floor_per_point:7.2f}  (x floor)"
     )
     print(
-        f"  {'per-point loop (Pythae get_nll)':34s} {theirs:9.4f} {theirs * 1e4 / 60:9.1f} m {theirs / ours:7.2f}  (x pyvae)"
+        f"  {'per-point loop (Pythae get_nll)':34s} {theirs:9.4f} {theirs * 1e4 / 60:9.1f} m "
+        f"{theirs / ours:7.2f}  (x pyvae)"
     )
     print(
-        f"  the two estimates differ by at most {agreement:.3f} nats on the shared images (Monte Carlo noise)"
+        f"  the two estimates differ by at most {agreement:.3f} nats on the shared images (Monte "
+        "Carlo noise)"
     )
 
     if args.memory:
         full = k * 10000 * 784 * 4 / 2**30
         print(
-            f"\npeak resident memory of a process that only evaluates (1 thread); unchunked, the decoded"
-            f" images alone would take {full:.0f} GiB for K = {k} and 10k images"
+            "\npeak resident memory of a process that only evaluates (1 thread); unchunked, the "
+            f"decoded images alone would take {full:.0f} GiB for K = {k} and 10k images"
         )
         for samples, points, batch_size in (
             (k, 100, None),
@@ -147,8 +153,8 @@ def main():
         ):
             before, after = peak_rss(samples, points, batch_size, args.data_dir)
             print(
-                f"  K = {samples:5d}, {points:5d} images, batch_size {batch_size or 'auto':>4}: {after:6.0f} MiB peak"
-                f" ({after - before:5.0f} MiB above the loaded process)"
+                f"  K = {samples:5d}, {points:5d} images, batch_size {batch_size or 'auto':>4}: "
+                f"{after:6.0f} MiB peak ({after - before:5.0f} MiB above the loaded process)"
             )
 
 

@@ -103,21 +103,23 @@ def main():
     m2_seconds = time.perf_counter() - start
 
     print(
-        f"\nFashion-MNIST, {args.num_labels} labels (class-balanced), the rest of the 60,000 unlabelled; "
-        f"test accuracy on 10,000 images"
+        f"\nFashion-MNIST, {args.num_labels} labels (class-balanced), the rest of the 60,000 "
+        "unlabelled; test accuracy on 10,000 images"
     )
     print(
-        "| classifier (784-500-10 softplus) | epochs | wall time | final test accuracy | best test accuracy |"
+        "| classifier (784-500-10 softplus) | epochs | wall time | final test accuracy | best test "
+        "accuracy |"
     )
     print("|---|---|---|---|---|")
     print(
-        f"| labelled points alone (cross-entropy) | {args.baseline_epochs} over {args.num_labels} | {baseline_seconds:.0f} s "
-        f"| {baseline[-1]:.3f} | {max(baseline):.3f} |"
+        f"| labelled points alone (cross-entropy) | {args.baseline_epochs} over {args.num_labels} "
+        f"| {baseline_seconds:.0f} s | {baseline[-1]:.3f} | {max(baseline):.3f} |"
     )
     accuracy = [h["test_accuracy"] for h in history]
     share = "" if args.labelled_share is None else f", labelled share {args.labelled_share}"
     print(
-        f"| M2 (unlabelled points too), alpha {args.alpha}{share} | {args.epochs} over 60,000 | {m2_seconds:.0f} s | {accuracy[-1]:.3f} | {max(accuracy):.3f} |"
+        f"| M2 (unlabelled points too), alpha {args.alpha}{share} | {args.epochs} over 60,000 | "
+        f"{m2_seconds:.0f} s | {accuracy[-1]:.3f} | {max(accuracy):.3f} |"
     )
     print("\nM2 per epoch: " + ", ".join(f"{a:.3f}" for a in accuracy))
     print(

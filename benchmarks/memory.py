@@ -1,7 +1,7 @@
 """Peak memory of training, prior x guide x objective, each configuration in a fresh process.
 
-    python benchmarks/memory.py                          # the worst case at MNIST size, beside the baseline
-    python benchmarks/memory.py --all                    # every built-in prior x guide x objective
+    python benchmarks/memory.py          # the worst case at MNIST size, beside the baseline
+    python benchmarks/memory.py --all    # every built-in prior x guide x objective
     python benchmarks/memory.py --only vamp,iaf,iwae normal,normal,trace
 
 A child process trains ``--steps`` SVI steps with ``pyvae.fit`` on random binary MNIST-sized data
@@ -139,11 +139,13 @@ def main():
             [tuple(c.split(",")) for c in args.only] if args.only else [BASELINE, WORST]
         )
     print(
-        f"batch {args.batch_size}, 784 pixels, z_dim 50, vamp K = 500, iwae K = {args.num_particles}, "
-        f"{args.steps} steps, {args.threads} thread(s), address space capped at {args.max_gb:g} GB"
+        f"batch {args.batch_size}, 784 pixels, z_dim 50, vamp K = 500, iwae K = "
+        f"{args.num_particles}, {args.steps} steps, {args.threads} thread(s), address space capped "
+        f"at {args.max_gb:g} GB"
     )
     print(
-        "| configuration | resident before training | peak resident | peak / baseline | s per step |\n|---|---|---|---|---|"
+        "| configuration | resident before training | peak resident | peak / baseline | s per step "
+        "|\n|---|---|---|---|---|"
     )
     baseline = None
     for configuration in configurations:
@@ -153,8 +155,8 @@ def main():
             continue
         baseline = baseline or r["peak_mb"]
         print(
-            f"| {r['configuration']} | {r['before_mb']:.0f} MB | {r['peak_mb']:.0f} MB | {r['peak_mb'] / baseline:.2f} | "
-            f"{r['seconds_per_step']:.2f} |",
+            f"| {r['configuration']} | {r['before_mb']:.0f} MB | {r['peak_mb']:.0f} MB | "
+            f"{r['peak_mb'] / baseline:.2f} | {r['seconds_per_step']:.2f} |",
             flush=True,
         )
 

@@ -1,9 +1,9 @@
 """The quality table: recipes trained by their papers' protocols, their test log p(x) against the
 papers'.
 
-    python benchmarks/quality.py configs/recipe_*.yaml --device cuda            # the full protocols
-    python benchmarks/quality.py configs/recipe_*.yaml --epochs 20              # a budget in epochs ...
-    python benchmarks/quality.py configs/recipe_*.yaml --hours 2 --ais 1000     # ... or in hours per recipe; AIS too
+    python benchmarks/quality.py configs/recipe_*.yaml --device cuda         # the full protocols
+    python benchmarks/quality.py configs/recipe_*.yaml --epochs 20           # a budget in epochs,
+    python benchmarks/quality.py configs/recipe_*.yaml --hours 2 --ais 1000  # or hours; AIS too
 
 For each recipe (a ``configs/recipe_*.yaml`` whose header has a line ``# published log p(x):
 -88.56``):
@@ -216,8 +216,9 @@ def table(rows: list[dict]) -> str:
     r = rows[0]
     lines.append("")
     lines.append(
-        f"Test log p(x) in nats per image by importance sampling, K = {r['num_samples']}, on {r['num_points']} test "
-        "points (± the standard error over points); difference = ours - published (negative: worse than the paper)."
+        f"Test log p(x) in nats per image by importance sampling, K = {r['num_samples']}, on "
+        f"{r['num_points']} test points (± the standard error over points); difference = ours - "
+        "published (negative: worse than the paper)."
     )
     return "\n".join(lines)
 

@@ -25,7 +25,7 @@ from pyvae.cli.console import Parser, run
 from pyvae.data.datasets import load_train_test
 
 
-# --- the likelihood --------------------------------------------------------------------------
+# --- the likelihood -----------------------------------------------------------------------------
 class Counts(dist.TorchDistribution):
     """x = k / n for k ~ ``base``, a distribution of counts 0..n:
     P(x) = P_base(n x), E[x] = E[k] / n."""
@@ -75,7 +75,7 @@ class Binomial16(pyvae.parts.likelihoods.Likelihood):
             )
 
 
-# --- train it, and leave a run folder the python -m pyvae commands can follow ----------------------
+# --- train it, and leave a run folder the python -m pyvae commands can follow -------------------
 def main(argv):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument(

@@ -172,8 +172,8 @@ def compile_function(
     except Exception as error:  # noqa: BLE001 - whatever make_fx cannot record runs as written (and fails there if it must)
         if _reads_values(error):
             raise NotCompiled(
-                "its Python reads the value of a tensor it computed (control flow, .item(), .tolist(), "
-                ".numpy() or indexing on a tensor)"
+                "its Python reads the value of a tensor it computed (control flow, .item(), "
+                ".tolist(), .numpy() or indexing on a tensor)"
             ) from error
         raise NotCompiled(f"recording it failed: {_first_line(error)}") from error
     attributes = [getattr(graph, n.target) for n in graph.graph.nodes if n.op == "get_attr"]

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=4 examples/mnist_svi.py                 # 4 GPUs (or 4 CPU processes)
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 \\
-        --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 examples/mnist_svi.py   # on each of 2 machines
+        --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 examples/mnist_svi.py  # each of 2 machines
 
 Every process holds the whole model. In each step each process draws its own minibatch
 from its shard of the data (a ``DistributedSampler``: one permutation per epoch, the same
@@ -141,7 +141,8 @@ def init(device: torch.device) -> tuple[World, torch.device]:
             local_rank = 0
         elif local_rank >= visible:
             raise PyvaeError(
-                f"LOCAL_RANK {local_rank} but only {visible} GPUs here; start at most one process per GPU (--nproc_per_node)"
+                f"LOCAL_RANK {local_rank} but only {visible} GPUs here; start at most one process "
+                "per GPU (--nproc_per_node)"
             )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

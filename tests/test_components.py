@@ -225,7 +225,8 @@ def test_bernoulli_log_mass_and_gradient_are_torchs_with_and_without_autograd():
         (
             "discretized_logistic",
             [0.0, 2.0],
-            r"discretized_logistic needs data on the grid k/255 in \[0, 1\]; got values in \[0, 2\]",
+            r"discretized_logistic needs data on the grid k/255 in \[0, 1\]; got values in \[0, "
+            r"2\]",
         ),
     ],
 )
@@ -295,7 +296,8 @@ def test_analytic_kl_equals_monte_carlo_kl(guide, prior):
             analytic = kl_divergence(q, p.expand(q.batch_shape))
         except NotImplementedError:
             pytest.skip(
-                f"no analytic KL for guide {guide} and prior {prior} (meanfield falls back to Monte Carlo)"
+                f"no analytic KL for guide {guide} and prior {prior} (meanfield falls back to "
+                "Monte Carlo)"
             )
         z = q.sample((20000,))
         terms = q.log_prob(z) - p.log_prob(z)
@@ -307,7 +309,8 @@ def test_meanfield_without_analytic_kl_warns_and_falls_back(digits_small):
     vae = pyvae.VAE(x_dim=64, z_dim=2, hidden=(8,), prior="mog")
     with pytest.warns(
         UserWarning,
-        match=r"no analytic KL for latent site z \(the guide's Normal against the prior's MixtureSameFamily\); .* Monte Carlo",
+        match=r"no analytic KL for latent site z \(the guide's Normal against the prior's "
+        r"MixtureSameFamily\); .* Monte Carlo",
     ):
         pyvae.fit(
             vae,

@@ -182,10 +182,10 @@ def m2_problem(binary_data):
 
 def test_m2_log_p_sums_the_classes_of_unlabelled_points_only(binary_data):
     """With the same draws z_ck ~ q(z | x, c) (same seed, same shapes), an unlabelled point's
-    log p^(x) is logsumexp over c of the estimates log p^(x, c) of runs with every label fixed to c, and
-    a labelled point's estimate is that of its own class: the other classes drop out. Each
-    log-weight is also checked against log p(c) + log p(z) + log p(x | z, c) - log q(z | x, c) by
-    hand."""
+    log p^(x) is logsumexp over c of the estimates log p^(x, c) of runs with every label fixed to
+    c, and a labelled point's estimate is that of its own class: the other classes drop out. Each
+    log-weight is also checked by hand against
+    log p(c) + log p(z) + log p(x | z, c) - log q(z | x, c)."""
     m2, x, y = m2_problem(binary_data)
     k = 5
     shape = program.structure(m2, (x, y))

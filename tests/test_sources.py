@@ -183,7 +183,8 @@ def test_a_labelled_folder_trains_a_conditional_model_and_bad_input_writes_nothi
     for argv, message in [
         (
             ["--dataset", str(tmp_path / "nowhere")],
-            "invalid value .*nowhere.* for 'dataset'; allowed: .*or the path of an existing image folder",
+            "invalid value .*nowhere.* for 'dataset'; allowed: .*or the path of an existing image "
+            "folder",
         ),
         (
             ["--dataset", str(tmp_path / "shapes"), "--image-size", "0"],
@@ -206,7 +207,8 @@ def test_a_labelled_folder_trains_a_conditional_model_and_bad_input_writes_nothi
                 "--no-download",
                 "--strict-data",
             ],
-            r"celeba train split not found under .*none \(torchvision's CelebA layout; downloads are off\)",
+            r"celeba train split not found under .*none \(torchvision's CelebA layout; downloads "
+            r"are off\)",
         ),
         (
             ["--dataset", "no_such_set"],

@@ -1,18 +1,18 @@
 """Data sets as flat float tensors in [0, 1].
 
-=================  ===========================  ===================================================
-name               splits                       source
-=================  ===========================  ===================================================
-binarized_mnist    train 50k, valid 10k, test   Larochelle & Murray's static binarization (``.amat``)
-mnist              train 60k, test 10k          torchvision's ``MNIST/raw`` IDX files, grayscale
-fashion_mnist      train 60k, test 10k          torchvision's ``FashionMNIST/raw`` IDX files
-digits             train 1437, test 360         scikit-learn's 8x8 digits, always available offline
-photos             train 416, test 104          32x32 colour patches of scikit-learn's two photographs
-cifar10, cifar100  train 50k, test 10k          torchvision's ``cifar-10-batches-py`` / ``cifar-100-python``
-svhn               train 73k, test 26k          torchvision's ``train_32x32.mat``, ``test_32x32.mat``
-celeba, stl10 ...  its own, or test_fraction    any other image set of ``torchvision.datasets``, by name
-PATH               train, test                  your image folder, .npz or .npy (:mod:`pyvae.sources`)
-=================  ===========================  ===================================================
+=================  ==========================  =====================================================
+name               splits                      source
+=================  ==========================  =====================================================
+binarized_mnist    train 50k, valid 10k, test  Larochelle & Murray's static binarization (``.amat``)
+mnist              train 60k, test 10k         torchvision's ``MNIST/raw`` IDX files, grayscale
+fashion_mnist      train 60k, test 10k         torchvision's ``FashionMNIST/raw`` IDX files
+digits             train 1437, test 360        scikit-learn's 8x8 digits, always available offline
+photos             train 416, test 104         32x32 colour patches of scikit-learn's two photos
+cifar10, cifar100  train 50k, test 10k         ``cifar-10-batches-py``, ``cifar-100-python`` folders
+svhn               train 73k, test 26k         torchvision's ``train_32x32.mat``, ``test_32x32.mat``
+celeba, stl10 ...  its own, or test_fraction   any other ``torchvision.datasets`` image set, by name
+PATH               train, test                 your folder, .npz or .npy (:mod:`pyvae.data.sources`)
+=================  ==========================  =====================================================
 
 The data root is ``data_dir``, else ``$PYVAE_DATA``, else ``./data``. Files found
 there are used as they are; missing ones are downloaded and checked against
@@ -105,8 +105,8 @@ def load_dataset(
             return sources.load_path(name, split, test_fraction, image_size)
         if torchvision_class(name) is None:
             raise PyvaeError(
-                f"unknown dataset {name!r}; choose from {', '.join(SPLITS)}, a data set of torchvision.datasets "
-                "by name, or give the path of an image folder, .npz or .npy"
+                f"unknown dataset {name!r}; choose from {', '.join(SPLITS)}, a data set of "
+                "torchvision.datasets by name, or give the path of an image folder, .npz or .npy"
             )
         if split not in ("train", "test"):
             raise PyvaeError(f"dataset {name!r} has the splits train and test; got {split!r}")
@@ -325,7 +325,8 @@ def _torchvision_items(
     first = found[0][0] if len(found) else None
     if not hasattr(first, "mode"):
         raise PyvaeError(
-            f"{name} under {root}: its items are not (image, target) pairs of PIL images; pyvae reads image data sets"
+            f"{name} under {root}: its items are not (image, target) pairs of PIL images; pyvae "
+            "reads image data sets"
         )
     grey = first.mode in sources.GREY_MODES
     shape = (1 if grey else 3, *((image_size, image_size) if image_size else first.size[::-1]))
@@ -366,9 +367,9 @@ def _torchvision_instance(cls, name: str, root: Path, split: str, download: bool
     except (RuntimeError, FileNotFoundError) as e:  # torchvision: "Dataset not found or corrupted"
         if not download or not takes_download:
             raise DataNotFound(
-                f"{name} {split} split not found under {root} (torchvision's {cls.__name__} layout; "
-                f"{'downloads are off' if takes_download else 'it cannot be downloaded'}); put the files "
-                "there, or point --data-dir / $PYVAE_DATA at a folder that has them"
+                f"{name} {split} split not found under {root} (torchvision's {cls.__name__} "
+                f"layout; {'downloads are off' if takes_download else 'it cannot be downloaded'}); "
+                "put the files there, or point --data-dir / $PYVAE_DATA at a folder that has them"
             ) from e
     try:
         with _removed_on_failure(root):
@@ -475,7 +476,10 @@ def load_train_test(
     except DataNotFound as e:
         if fallback is None or fallback == name:
             raise
-        notice = f"notice: {e}. Training on {fallback!r} instead (use --strict-data to make this an error)."
+        notice = (
+            f"notice: {e}. Training on {fallback!r} instead "
+            "(use --strict-data to make this an error)."
+        )
         return load_dataset(fallback, "train"), load_dataset(fallback, "test"), notice
 
 
@@ -513,7 +517,8 @@ def hold_out(data: ImageSet, fraction: float, seed: int = 0) -> tuple[ImageSet, 
     n = len(data)
     if n < 2:
         raise PyvaeError(
-            f"{data.name} {data.split} has {n} point; holding out a validation fraction needs at least 2"
+            f"{data.name} {data.split} has {n} point; holding out a validation fraction needs at "
+            "least 2"
         )
     held = min(max(1, round(fraction * n)), n - 1)
     chosen = torch.zeros(n, dtype=torch.bool)
@@ -557,11 +562,13 @@ def semi_supervised(data: ImageSet, num_labels: int, seed: int = 0) -> ImageSet:
     classes = labels[labels >= 0].unique().tolist()
     if num_labels > available:
         raise PyvaeError(
-            f"num_labels={num_labels} is more than the {available} labelled points of {data.name} {data.split}"
+            f"num_labels={num_labels} is more than the {available} labelled points of {data.name} "
+            f"{data.split}"
         )
     if num_labels % len(classes):
         raise PyvaeError(
-            f"num_labels={num_labels} is not divisible by the {len(classes)} classes; use a multiple of {len(classes)}"
+            f"num_labels={num_labels} is not divisible by the {len(classes)} classes; use a "
+            f"multiple of {len(classes)}"
         )
     per_class = num_labels // len(classes)
     generator = torch.Generator().manual_seed(seed)

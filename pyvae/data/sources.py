@@ -6,7 +6,7 @@
 PATH                     what it holds
 =======================  ========================================================================
 ``DIR/train``, ``test``  two folders laid out as below, one per split
-``DIR/<class>/*.png``    torchvision's ``ImageFolder`` layout: labels from the class folders (sorted)
+``DIR/<class>/*.png``    torchvision's ``ImageFolder`` layout: labels from the sorted class folders
 ``DIR/*.png``            a flat folder of images, no labels
 ``FILE.npz``             ``x_train``, ``x_test`` and optionally ``y_train``, ``y_test``
 ``FILE.npy``             one array of images, no labels
@@ -56,7 +56,8 @@ def load_path(
     path = Path(path).expanduser()
     if split not in ("train", "test"):
         raise PyvaeError(
-            f"{path} has the splits train and test; got {split!r} (hold out validation data with --valid-fraction)"
+            f"{path} has the splits train and test; got {split!r} (hold out validation data with "
+            "--valid-fraction)"
         )
     if not path.exists():
         raise PyvaeError(
@@ -85,8 +86,9 @@ def _npz(path: Path, split: str):
         for key in ("x_train", "x_test"):
             if key not in arrays:
                 raise PyvaeError(
-                    f"{path} has no array {key!r} (it holds {', '.join(arrays.files) or 'nothing'}); "
-                    "an .npz data set needs x_train and x_test, and may have y_train and y_test"
+                    f"{path} has no array {key!r} (it holds "
+                    f"{', '.join(arrays.files) or 'nothing'}); an .npz data set needs x_train and "
+                    "x_test, and may have y_train and y_test"
                 )
         images, shape = _array(arrays[f"x_{split}"], path, f"x_{split}")
         labels = (
@@ -114,8 +116,8 @@ def _array(
         )
     if x.ndim != 4 or x.shape[1] not in (1, 3) or len(x) == 0:
         raise PyvaeError(
-            f"{path}: {what} has shape {tuple(x.shape)}; expected (N, H, W), (N, H, W, C), (N, C, H, W) "
-            "with C = 1 or 3, or (N, D), and N > 0"
+            f"{path}: {what} has shape {tuple(x.shape)}; expected (N, H, W), (N, H, W, C), (N, C, "
+            "H, W) with C = 1 or 3, or (N, D), and N > 0"
         )
     return _unit_floats(x, f"{path}: {what}").reshape(len(x), -1), tuple(
         int(d) for d in x.shape[1:]
@@ -205,7 +207,8 @@ def _listing(folder: Path, classes: list[str]) -> tuple[list[Path], torch.Tensor
         unknown = sorted(set(found) - set(classes))
         if unknown:
             raise PyvaeError(
-                f"{folder / unknown[0]} is a class the train folder does not have ({', '.join(classes)})"
+                f"{folder / unknown[0]} is a class the train folder does not have "
+                f"({', '.join(classes)})"
             )
         pairs = [(f, k) for k, c in enumerate(classes) for f in _images_in(folder / c)]
     else:
@@ -246,8 +249,9 @@ def _read_images(files: list[Path], image_size: int | None):
             raise _unreadable(f, e) from e
         if image_size is None and sizes[-1] != sizes[0]:
             raise PyvaeError(
-                f"{f} is {sizes[-1][0]}x{sizes[-1][1]} but {files[0]} is {sizes[0][0]}x{sizes[0][1]}: "
-                "give --image-size S to resize and crop every image to S x S"
+                f"{f} is {sizes[-1][0]}x{sizes[-1][1]} but {files[0]} is "
+                f"{sizes[0][0]}x{sizes[0][1]}: give --image-size S to resize and crop every image "
+                "to S x S"
             )
     grey = all(mode in GREY_MODES for mode in modes)
     w, h = (image_size, image_size) if image_size else sizes[0]
@@ -286,8 +290,9 @@ class ImageReader:
             raise _unreadable(what, e) from e
         if x.shape != self.shape:
             raise PyvaeError(
-                f"image {what} is {x.shape[2]}x{x.shape[1]} but the first is {self.shape[2]}x{self.shape[1]}: "
-                "give --image-size S to resize and crop every image to S x S"
+                f"image {what} is {x.shape[2]}x{x.shape[1]} but the first is "
+                f"{self.shape[2]}x{self.shape[1]}: give --image-size S to resize and crop every "
+                "image to S x S"
             )
         return torch.from_numpy(x.reshape(-1))
 

@@ -29,7 +29,7 @@ class HVAE(nn.Module):
 
         z_L ~ p(z_L)                                              (prior, default N(0, I))
         z_l ~ N(mu_l(z_{l+1}), diag sigma_l(z_{l+1})^2)          for l = L-1, ..., 1
-        x   ~ p(x | z_1)                                          (likelihood, default Bernoulli logits)
+        x   ~ p(x | z_1)                                          (likelihood, default Bernoulli)
 
     Guide, bottom-up (each layer sees only the one below: q(z_l | z_{l-1}), z_0 = x)::
 
@@ -69,14 +69,16 @@ class HVAE(nn.Module):
         self.z_dims = tuple(positive_int("each of z_dims", z) for z in z_dims)
         if len(self.z_dims) < 2:
             raise PyvaeError(
-                f"hvae needs at least 2 stochastic layers (z_dims); got {list(z_dims)} — use model 'vae' for one"
+                f"hvae needs at least 2 stochastic layers (z_dims); got {list(z_dims)} — use model "
+                "'vae' for one"
             )
         self.hidden = tuple(
             tuple(positive_int("each hidden width", h) for h in layer) for layer in hidden
         )
         if len(self.hidden) != len(self.z_dims):
             raise PyvaeError(
-                f"hidden needs one list of widths per stochastic layer ({len(self.z_dims)}); got {len(self.hidden)}"
+                f"hidden needs one list of widths per stochastic layer ({len(self.z_dims)}); got "
+                f"{len(self.hidden)}"
             )
         self.image_shape = image_shape_for(x_dim, image_shape)
         self.prior = resolve_prior(prior, "hvae")

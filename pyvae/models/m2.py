@@ -87,7 +87,8 @@ class M2(CVAE):
             or not 0 <= alpha < math.inf
         ):
             raise PyvaeError(
-                f"alpha must be a number >= 0 (the weight of the classification term); got {alpha!r}"
+                "alpha must be a number >= 0 (the weight of the classification term); got "
+                f"{alpha!r}"
             )
         self.alpha = float(alpha)
         self.classifier = mlp(x_dim, self.config["hidden"], num_classes, activation)

@@ -139,13 +139,15 @@ class VAE(nn.Module):
         needed = ("x_dim", "z_dim", "prior", "likelihood", "guide", "encoder", "decoder")
         if any(k not in kwargs for k in needed):
             raise PyvaeError(
-                f"{path} is a pyvae checkpoint without a complete model description; it cannot be loaded"
+                f"{path} is a pyvae checkpoint without a complete model description; it cannot be "
+                "loaded"
             )
         for part, registry in (("prior", PRIORS), ("likelihood", LIKELIHOODS), ("guide", GUIDES)):
             spec = kwargs[part] if isinstance(kwargs[part], dict) else {"name": kwargs[part]}
             if is_custom(spec, registry) and part not in parts:
                 raise PyvaeError(
-                    f"{path} was saved with a custom {part} {spec['name']!r}; pass {part}=... to pyvae.load"
+                    f"{path} was saved with a custom {part} {spec['name']!r}; pass {part}=... to "
+                    "pyvae.load"
                 )
         for part in ("encoder", "decoder"):
             if kwargs.pop(part) == "custom" and part not in parts:
@@ -155,7 +157,8 @@ class VAE(nn.Module):
         unknown = sorted(set(parts) - {"prior", "likelihood", "guide", "encoder", "decoder"})
         if unknown:
             raise PyvaeError(
-                f"unknown part {unknown[0]!r} for pyvae.load; allowed: prior, likelihood, guide, encoder, decoder"
+                f"unknown part {unknown[0]!r} for pyvae.load; allowed: prior, likelihood, guide, "
+                "encoder, decoder"
             )
         return cls(**{**kwargs, **parts})
 

@@ -77,8 +77,9 @@ class Registry(dict):
             "source" in kwargs
         ):  # recorded by Component.spec for a user's class, even one named like a built-in
             raise PyvaeError(
-                f"{self.kind} {name!r} is a custom part defined in {kwargs['source'].rsplit(':', 1)[0]}; "
-                f"pass an instance ({self.kind}=...) or, from the command line, --parts FILE.py"
+                f"{self.kind} {name!r} is a custom part defined in "
+                f"{kwargs['source'].rsplit(':', 1)[0]}; pass an instance ({self.kind}=...) or, "
+                "from the command line, --parts FILE.py"
             )
         if name not in self:
             raise PyvaeError(f"unknown {self.kind} {name!r}; choose from {', '.join(sorted(self))}")

@@ -69,7 +69,8 @@ def value_range(x: torch.Tensor) -> str:
 def check_unit_interval(name: str, x: torch.Tensor) -> None:
     if not bool(torch.isfinite(x).all()) or x.min() < 0 or x.max() > 1:
         raise PyvaeError(
-            f"{name} needs data in [0, 1]; got values in {value_range(x)} — rescale the data to [0, 1]"
+            f"{name} needs data in [0, 1]; got values in {value_range(x)} — rescale the data to "
+            "[0, 1]"
         )
 
 
@@ -422,6 +423,7 @@ class DiscretizedLogistic(Likelihood):
             or not bool(on_grid.all())
         ):
             raise PyvaeError(
-                f"discretized_logistic needs data on the grid k/{levels} in [0, 1]; got values in {value_range(x)}"
-                f"{'' if bool(on_grid.all()) else ' off the grid'} — use 8-bit images scaled by 1/{levels}"
+                f"discretized_logistic needs data on the grid k/{levels} in [0, 1]; got values in "
+                f"{value_range(x)}{'' if bool(on_grid.all()) else ' off the grid'} — use 8-bit "
+                f"images scaled by 1/{levels}"
             )

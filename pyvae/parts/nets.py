@@ -144,7 +144,8 @@ class ConvDecoder(nn.Module):
 def _conv_activation(activation: str) -> type[nn.Module]:
     if activation == GATED:
         raise PyvaeError(
-            "activation 'gated' is for MLPs (net mlp); net 'conv' takes relu, softplus, elu, tanh, leaky_relu or gelu"
+            "activation 'gated' is for MLPs (net mlp); net 'conv' takes relu, softplus, elu, tanh, "
+            "leaky_relu or gelu"
         )
     if activation not in ACTIVATIONS:
         raise PyvaeError(
@@ -222,7 +223,8 @@ class ResidualEncoder(nn.Module):
         stages = residual_stages(h, w)
         if not stages:
             raise PyvaeError(
-                f"net 'resnet' needs images (C, H, W) with even H and W above 4; got {self.image_shape}"
+                "net 'resnet' needs images (C, H, W) with even H and W above 4; got "
+                f"{self.image_shape}"
             )
         layers: list[nn.Module] = [nn.Conv2d(c, stages[0][0], 3, padding=1)]
         for a, b in stages:
@@ -261,7 +263,8 @@ class ResidualDecoder(nn.Module):
         stages = residual_stages(h, w)
         if not stages:
             raise PyvaeError(
-                f"net 'resnet' needs images (C, H, W) with even H and W above 4; got {tuple(image_shape)}"
+                "net 'resnet' needs images (C, H, W) with even H and W above 4; got "
+                f"{tuple(image_shape)}"
             )
         scale = 2 ** len(stages)
         start = (stages[-1][1], h // scale, w // scale)
