@@ -203,7 +203,7 @@ def main():
             f"compile={compiled}: ratio to floor median {statistics.median(ratios):.2f}, spread "
             f"{min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} runs"
         )
-    speedup = [a / b for a, b in zip(per_eval[False], per_eval[True])]
+    speedup = [a / b for a, b in zip(per_eval[False], per_eval[True], strict=True)]
     print(
         f"compiled against the program as written: {statistics.median(speedup):.2f}x faster "
         f"(spread {min(speedup):.2f}-{max(speedup):.2f})"

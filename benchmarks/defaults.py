@@ -99,6 +99,14 @@ def run(name, settings, data, args, device, seed):
     }
 
 
+def cell(rows, key, digits=2):
+    """A table cell: the median of ``key`` over ``rows``, and its range when there are several."""
+    values = [r[key] for r in rows]
+    middle = statistics.median(values)
+    span = f" ({min(values):.{digits}f} to {max(values):.{digits}f})" if len(values) > 1 else ""
+    return f"{middle:.{digits}f}{span}"
+
+
 def main():
     parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--epochs", type=int, default=20)
@@ -148,19 +156,9 @@ def main():
             f"lr {s['lr']:g}{' ' + s['lr_schedule'] if 'lr_schedule' in s else ''}, batch "
             f"{s['batch_size']}"
         )
-
-        def cell(key, digits=2):
-            values = [r[key] for r in mine]
-            middle = statistics.median(values)
-            return f"{middle:.{digits}f}" + (
-                f" ({min(values):.{digits}f} to {max(values):.{digits}f})"
-                if len(values) > 1
-                else ""
-            )
-
         print(
-            f"| {name} | {settings} | {cell('seconds', 0)} (x{cell('ratio')}) | "
-            f"{cell('test_elbo')} | {cell('log_px')} |"
+            f"| {name} | {settings} | {cell(mine, 'seconds', 0)} (x{cell(mine, 'ratio')}) | "
+            f"{cell(mine, 'test_elbo')} | {cell(mine, 'log_px')} |"
         )
 
 

@@ -227,7 +227,7 @@ def curves(rows: list[dict], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         if r["curve"]:
-            epochs, values = zip(*r["curve"])
+            epochs, values = zip(*r["curve"], strict=True)
             (line,) = axis.plot(epochs, values, label=f"{r['recipe']} ({LABELS[r['objective']]})")
             axis.axhline(r["published"], color=line.get_color(), linestyle="--", linewidth=0.8)
     axis.set_xlabel("epoch")

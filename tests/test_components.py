@@ -93,7 +93,7 @@ def test_the_vamp_density_in_chunks_is_the_same_sum_with_the_same_gradients(
     monkeypatch.setattr(pyvae.parts.priors, "VAMP_CHUNK_BYTES", {"cpu": pairs})
     chunked = vae.prior().log_prob(z)
     assert torch.allclose(chunked, whole, atol=1e-5)
-    for a, b in zip(torch.autograd.grad(chunked.sum(), wrt), expected):
+    for a, b in zip(torch.autograd.grad(chunked.sum(), wrt), expected, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
     # under torch.autograd.grad alone (AIS asks for the gradient in z only), and without gradients
     assert torch.allclose(
@@ -577,7 +577,7 @@ def test_iwae_training_loss_is_the_minibatch_bound_scaled_outside_the_log_mean_e
     vae.zero_grad()
     pyro.set_rng_seed(6)
     make_elbo("iwae", 5, max_plate_nesting=1).loss_and_grads(vae.model, vae.guide, x)
-    for mine, pyros in zip(ours, (p.grad for p in vae.parameters())):
+    for mine, pyros in zip(ours, (p.grad for p in vae.parameters()), strict=True):
         assert torch.allclose(mine, pyros * 256 / 32, rtol=1e-4, atol=1e-3)
     # Pyro's RenyiELBO given the subsampled plate would put N/M inside the log-mean-exp: not the
     # IWAE bound

@@ -135,7 +135,9 @@ def test_save_and_load_round_trip_exactly(tmp_path, binary_data):
     pyvae.save(vae, tmp_path / "vae.pt")
     loaded = pyvae.load(tmp_path / "vae.pt")
     assert loaded.config == vae.config
-    for (k1, v1), (k2, v2) in zip(vae.state_dict().items(), loaded.state_dict().items()):
+    for (k1, v1), (k2, v2) in zip(
+        vae.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
         assert k1 == k2 and torch.equal(v1, v2)
     elbo = make_elbo("trace")
     pyro.set_rng_seed(5)

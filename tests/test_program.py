@@ -189,7 +189,8 @@ def test_save_and_load_a_users_class(tmp_path):
     pyvae.save(model, tmp_path / "m.pt")
     again = pyvae.load(tmp_path / "m.pt", model=TwoLayer())
     assert all(
-        torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values())
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True)
     )
     with pytest.raises(
         pyvae.PyvaeError, match=r"holds a .*TwoLayer, not a built-in model; build one and pass it"

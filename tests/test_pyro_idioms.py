@@ -77,7 +77,7 @@ def test_minibatch_and_implicit_plates_optimize_the_full_data_objective(form):
         grads[type(model)] = (loss.item(), [p.grad.clone() for p in model.parameters()])
     (a, ga), (b, gb) = grads.values()
     assert a == pytest.approx(b, rel=1e-5)  # the N/M scaling, whoever applies it
-    assert all(torch.allclose(u, v, rtol=1e-4, atol=1e-5) for u, v in zip(ga, gb))
+    assert all(torch.allclose(u, v, rtol=1e-4, atol=1e-5) for u, v in zip(ga, gb, strict=True))
 
 
 @pytest.mark.parametrize("form", [Subsampled, MinibatchPlate, ImplicitPlate])
@@ -409,7 +409,9 @@ def test_a_semi_supervised_run_stopped_mid_epoch_resumes_exactly(tmp_path, monke
     resumed = pyvae.fit(model, (x, labels), out=tmp_path / "stopped", resume=True, **settings)
     strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
     assert strip(resumed) == strip(reference)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), whole.parameters()))
+    assert all(
+        torch.equal(p, q) for p, q in zip(model.parameters(), whole.parameters(), strict=True)
+    )
 
 
 class Mixture(nn.Module):

@@ -324,7 +324,7 @@ def test_a_set_too_large_for_memory_is_streamed_with_the_same_numbers(tmp_path, 
         pyvae.data.streaming, "available_memory", lambda: 1000
     )  # bytes: 10 images of 3x5x6 floats need 3600
     streamed = load_train_test(str(tmp_path / "big"), test_fraction=0.3)[:2]
-    for h, s in zip(held, streamed):
+    for h, s in zip(held, streamed, strict=True):
         assert (
             isinstance(s.images, pyvae.data.streaming.StreamedImages)
             and s.images.shape == h.images.shape

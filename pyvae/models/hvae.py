@@ -95,10 +95,12 @@ class HVAE(nn.Module):
         # encoders[l]: z_{l} (x for l = 0) -> q(z_{l+1});
         # decoders[l]: z_{l+1} -> p(z_l) (p(x) for l = 0)
         self.encoders = nn.ModuleList(
-            mlp(i, h, 2 * z, activation) for i, h, z in zip(inputs, self.hidden, self.z_dims)
+            mlp(i, h, 2 * z, activation)
+            for i, h, z in zip(inputs, self.hidden, self.z_dims, strict=True)
         )
         self.decoders = nn.ModuleList(
-            mlp(z, h[::-1], o, activation) for z, h, o in zip(self.z_dims, self.hidden, outputs)
+            mlp(z, h[::-1], o, activation)
+            for z, h, o in zip(self.z_dims, self.hidden, outputs, strict=True)
         )
         self.likelihood.bind(self)
         # the prior is over the top layer; it sees a view of this model whose z_dim is z_L's width
@@ -127,8 +129,8 @@ class HVAE(nn.Module):
         top = len(self.z_dims)
         with data_plate(x, num_data):
             z = pyro.sample(f"z{top}", self.prior())
-            for l in range(top - 1, 0, -1):  # z_l from z_{l+1}, from the top down
-                z = pyro.sample(f"z{l}", self.gaussian(self.decoders[l](z)))
+            for layer in range(top - 1, 0, -1):  # z_l from z_{l+1}, from the top down
+                z = pyro.sample(f"z{layer}", self.gaussian(self.decoders[layer](z)))
             pyro.sample("x", self.likelihood(self.decoders[0](z)), obs=x)
         return z
 
@@ -137,8 +139,8 @@ class HVAE(nn.Module):
         pyro.module(f"{self._pyro_name}.encoders", self.encoders)
         with data_plate(x, num_data):
             z = x
-            for l, encoder in enumerate(self.encoders, start=1):  # from the bottom up
-                z = pyro.sample(f"z{l}", self.gaussian(encoder(z)))
+            for layer, encoder in enumerate(self.encoders, start=1):  # from the bottom up
+                z = pyro.sample(f"z{layer}", self.gaussian(encoder(z)))
         return z
 
     def check_batch(self, x: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ The contract a custom ``encoder=``/``decoder=`` module must meet:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -69,7 +70,7 @@ def mlp(
         )
     widths = [in_dim, *hidden, out_dim]
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         if activation == GATED:
             layers.append(GatedDense(a, b) if i < len(widths) - 2 else nn.Linear(a, b))
             continue

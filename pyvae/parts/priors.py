@@ -272,7 +272,8 @@ class _Recomputed(torch.autograd.Function):
         h, z, *parameters = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]
         grads = [
-            torch.zeros_like(t) if need else None for t, need in zip((h, z, *parameters), needs)
+            torch.zeros_like(t) if need else None
+            for t, need in zip((h, z, *parameters), needs, strict=True)
         ]
         for components, rows in ctx.grid:
             with torch.enable_grad():
@@ -285,7 +286,7 @@ class _Recomputed(torch.autograd.Function):
             chunk = torch.autograd.grad(
                 values, [t for _, t in wanted], grad_output[rows, components], allow_unused=True
             )
-            for (i, _), g in zip(wanted, chunk):
+            for (i, _), g in zip(wanted, chunk, strict=True):
                 if g is not None:
                     (
                         grads[0][components] if i == 0 else grads[1][rows] if i == 1 else grads[i]

@@ -320,7 +320,7 @@ def mean_field_violation(module: torch.nn.Module, batch: tuple) -> str | None:
                 if others and log_q.requires_grad
                 else []
             )
-            parents = [k for k, g in zip(others, used) if g is not None]
+            parents = [k for k, g in zip(others, used, strict=False) if g is not None]
             if parents:
                 return (
                     "a mean-field guide, whose latent sites are independent given x; this guide "
