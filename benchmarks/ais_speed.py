@@ -136,9 +136,8 @@ def main():
         start=args.start,
     )
     settings.pop("compile")  # each run below says
-    warnings.simplefilter(
-        "error", pyvae.PyvaeWarning
-    )  # a compiled run that fell back must stop here, not be timed as compiled
+    # a compiled run that fell back must stop here, not be timed as compiled
+    warnings.simplefilter("error", pyvae.PyvaeWarning)
 
     # one gradient evaluation on the same rows AIS runs, its matrix products recorded
     sampler = _Sampler.build(vae, x, args.num_chains, device, None, None)

@@ -84,9 +84,8 @@ def train(recipe: Path, run: Path, args, device) -> float:
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")])),
     }
-    if (
-        args.threads
-    ):  # the child's torch threads too: on a shared CPU, more threads than free cores thrash
+    # the child's torch threads too: on a shared CPU, more threads than free cores thrash
+    if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     start = time.perf_counter()
     child = subprocess.Popen(command, env=env)
@@ -128,9 +127,8 @@ def evaluate(run: Path, args, device) -> dict:
         ais=ais,
     )
     result.write(run / f"eval-quality-K{args.num_samples}")
-    log_px_is = (
-        result.ll.log_px.double()
-    )  # per point, importance sampling's also when AIS is the headline
+    # per point, importance sampling's also when AIS is the headline
+    log_px_is = result.ll.log_px.double()
     return {
         **result.summary(),
         "log_px_is": float(log_px_is.mean()),

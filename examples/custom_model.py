@@ -78,9 +78,8 @@ def main(argv):
     torch.manual_seed(0)
     model = TwoLevelVAE(x_dim=train.x_dim)
     pyvae.fit(model, train, test=test, epochs=args.epochs, batch_size=64, seed=0, beta=1.0)
-    result = pyvae.evaluate(
-        model, test, num_samples=500
-    )  # importance-sampled log p(x) of this very program
+    # importance-sampled log p(x) of this very program
+    result = pyvae.evaluate(model, test, num_samples=500)
     print(result.table())
 
     path = f"{args.out}/checkpoint.pt"
@@ -88,9 +87,8 @@ def main(argv):
 
     pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
     pyvae.save(model, path)
-    again = pyvae.load(
-        path, model=TwoLevelVAE(x_dim=train.x_dim)
-    )  # your class: pass an instance to load into
+    # your class: pass an instance to load into
+    again = pyvae.load(path, model=TwoLevelVAE(x_dim=train.x_dim))
     print(f"saved and reloaded {type(again).__name__} from {path}")
 
 

@@ -123,11 +123,11 @@ def record(
     # computed from them (float(), .tolist(), .numpy(), len() of a mask) cannot be frozen into the
     # graph: it raises
     traced = make_fx(
-        lambda *args: fn(*args),
+        lambda *args: fn(*args),  # a plain function: make_fx counts a method's self
         decomposition_table=decompositions,
         tracing_mode="fake",
         _allow_non_fake_inputs=True,
-    )  # a plain function: make_fx counts a method's self
+    )
     graph = traced(*inputs)
     first = next(n for n in graph.graph.nodes if n.op == "placeholder")
     lifted: dict[str, torch.fx.Node] = {}
@@ -180,9 +180,8 @@ def compile_function(
     key = (graph.code, inputs[0].device.type, tuple((id(t), t._version) for t in attributes))
     if key not in _compiled:
         compiled = torch.compile(graph, fullgraph=True, dynamic=False)
-        settings = torch._inductor.config.patch(
-            CPU_OPTIONS if cpu else {}
-        )  # (freezing is not read from options=)
+        # (freezing is not read from options=)
+        settings = torch._inductor.config.patch(CPU_OPTIONS if cpu else {})
         try:
             with (
                 torch.no_grad(),

@@ -147,9 +147,8 @@ def init(device: torch.device) -> tuple[World, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo"
-        )  # addresses from torchrun's environment
+        # addresses from torchrun's environment
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         atexit.register(_leave)
     return world(), device
 

@@ -40,9 +40,8 @@ data = (
     + (torch.rand(600, 32, generator=g) < 0.05).float()
 ) % 2
 
-torch.manual_seed(
-    rank
-)  # different initial weights in each process: DistributedDataParallel must align them
+# different initial weights in each process: DistributedDataParallel must align them
+torch.manual_seed(rank)
 vae = pyvae.VAE(x_dim=32, z_dim=3, hidden=(24,))
 try:
     pyvae.fit(

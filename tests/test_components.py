@@ -120,10 +120,8 @@ def one_pixel(name, out):
     [
         ("bernoulli", [0.3]),
         ("continuous_bernoulli", [1.7]),
-        (
-            "continuous_bernoulli",
-            [0.001],
-        ),  # near lambda = 1/2, where the constant needs a Taylor series
+        # near lambda = 1/2, where the constant needs a Taylor series
+        ("continuous_bernoulli", [0.001]),
         ("normal", [0.4]),
         ("normal_learned", [0.4]),
         ("laplace", [-0.2]),
@@ -148,7 +146,7 @@ def test_likelihood_is_normalized(name, out):
             lo, hi = (0.0, 1.0) if name in {"continuous_bernoulli", "beta"} else (-20.0, 20.0)
             if (
                 name == "beta"
-            ):  # end masses, plus the density between them on a grid fine at the ends
+            ):  # end masses, plus the density between them on a fine grid at the ends
                 eps = likelihood.eps
                 u = torch.linspace(-1, 1, 400001, dtype=torch.float64)
                 values = (0.5 + (0.5 - eps) * torch.sign(u) * u.abs() ** 6).unsqueeze(-1)
@@ -348,9 +346,8 @@ def test_elbo_auto_takes_the_analytic_kl_only_where_it_is_exact(
     digits_small, build, chosen, capsys
 ):
     torch.manual_seed(0)
-    pyvae.fit(
-        build(), digits_small, epochs=1, batch_size=64, device="cpu", progress=True
-    )  # elbo="auto", the default
+    # elbo="auto", the default
+    pyvae.fit(build(), digits_small, epochs=1, batch_size=64, device="cpu", progress=True)
     assert f"elbo auto: {chosen}" in capsys.readouterr().out
 
 
@@ -428,9 +425,8 @@ def test_the_cli_prints_the_meanfield_warning_as_one_line_of_words(tmp_path):
         in done.stderr
     )
     assert "UserWarning" not in done.stderr and "PyvaeWarning" not in done.stderr
-    with pytest.warns(
-        pyvae.PyvaeWarning, match="no analytic KL"
-    ):  # in process, a handler recording warnings still sees it
+    # in process, a handler recording warnings still sees it
+    with pytest.warns(pyvae.PyvaeWarning, match="no analytic KL"):
         main([*argv, "--out", str(tmp_path / "again")])
 
 
@@ -610,9 +606,8 @@ def test_iwae_training_reports_its_bound(digits_small):
 def test_beta_weights_exactly_the_kl_term(digits_small):
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
     x = digits_small[:16]
-    objective = Objective(
-        vae, "meanfield"
-    )  # beta comes from the trainer's handler, not from the model
+    # beta comes from the trainer's handler, not from the model
+    objective = Objective(vae, "meanfield")
     losses = {}
     for beta in (1.0, 4.0):
         pyro.set_rng_seed(3)
@@ -662,11 +657,8 @@ def test_residual_nets_scale_with_the_image(shape):
         x_dim=x_dim, z_dim=6, net="resnet", image_shape=shape, likelihood="discretized_logistic"
     )
     assert vae.encoder(torch.rand(3, x_dim)).shape == (3, 12)
-    assert vae.decoder(torch.randn(2, 3, 6)).shape == (
-        2,
-        3,
-        2 * x_dim,
-    )  # a particle dimension may lead
+    # a particle dimension may lead
+    assert vae.decoder(torch.randn(2, 3, 6)).shape == (2, 3, 2 * x_dim)
     stages = pyvae.parts.nets.residual_stages(shape[1], shape[2])
     assert len(stages) == {28: 2, 32: 3, 64: 4}[shape[1]]
 
@@ -685,9 +677,8 @@ def test_a_residual_vae_learns_colour_photo_patches():
     )
     before = pyvae.evaluate_elbo(vae, x, num_particles=2)
     pyvae.fit(vae, x, epochs=4, batch_size=32, lr=1e-3, device="cpu", seed=0, progress=False)
-    assert (
-        pyvae.evaluate_elbo(vae, x, num_particles=2) > before + 500
-    )  # nats per 3072-pixel patch (about 2000 here)
+    # nats per 3072-pixel patch (about 2000 here)
+    assert pyvae.evaluate_elbo(vae, x, num_particles=2) > before + 500
     with pytest.raises(
         pyvae.PyvaeError, match="net 'resnet' needs images .* with even H and W above 4"
     ):

@@ -249,10 +249,11 @@ def test_a_parts_file_rebuilds_its_parts_by_kind_even_under_built_in_names(tmp_p
         x_dim=16, z_dim=3, prior=classes["MyNormal"](), likelihood=classes["MyBernoulli"]()
     )
     spec = vae.config["prior"]
+    # not torch's file
     assert (
         spec["name"] == "normal"
         and spec["source"] == f"{(tmp_path / 'parts.py').resolve()}:MyNormal"
-    )  # not torch's file
+    )
     pyvae.save(vae, tmp_path / "vae.pt")
     with pytest.raises(pyvae.PyvaeError, match="custom prior 'normal'; pass prior="):
         pyvae.load(tmp_path / "vae.pt")  # never silently the built-in N(0, I)
@@ -263,9 +264,8 @@ def test_a_parts_file_rebuilds_its_parts_by_kind_even_under_built_in_names(tmp_p
     )
     loaded = pyvae.load(tmp_path / "vae.pt", **parts)
     assert torch.allclose(loaded.prior().mean, torch.full((3,), 0.5))
-    (tmp_path / "reexport.py").write_text(
-        "from parts import MyNormal, MyBernoulli\n"
-    )  # parts kept in a neighbour
+    # parts kept in a neighbour
+    (tmp_path / "reexport.py").write_text("from parts import MyNormal, MyBernoulli\n")
     assert set(custom_parts(vae.config, tmp_path / "reexport.py")) == {"prior", "likelihood"}
     with pytest.raises(pyvae.PyvaeError, match="defines no guide 'MyGuide'; its guides: none"):
         custom_parts(
@@ -274,9 +274,8 @@ def test_a_parts_file_rebuilds_its_parts_by_kind_even_under_built_in_names(tmp_p
 
 
 def test_a_notebook_s_part_named_like_a_built_in_is_never_rebuilt_as_the_built_in(tmp_path):
-    class Normal(
-        pyvae.parts.priors.StandardNormal
-    ):  # defined in a function, as in a notebook: no file to record
+    # defined in a function, as in a notebook: no file to record
+    class Normal(pyvae.parts.priors.StandardNormal):
         name = "normal"
 
         def forward(self):

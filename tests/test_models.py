@@ -231,9 +231,8 @@ def test_m2_trace_enum_elbo_is_the_m2_bound(binary_data):
     without_factor = elbo.differentiable_loss(
         poutine.block(m2.model, hide=["classify"]), m2.guide, x, y
     )
-    pyro.set_rng_seed(
-        5
-    )  # the guide runs first and alone draws: the same z, one per class and point
+    # the guide runs first and alone draws: the same z, one per class and point
+    pyro.set_rng_seed(5)
     z = (
         poutine.trace(poutine.enum(m2.guide, first_available_dim=-2))
         .get_trace(x, y)

@@ -74,9 +74,8 @@ def exact_guide(model: LinearGaussian, widen: float = 1.2) -> None:
         gain = model.W.T / 0.25 / precision.unsqueeze(1)  # (Z, D): posterior mean = gain (x - b)
         model.enc.weight.copy_(torch.cat([gain, torch.zeros(Z, D)]))
         std = widen / precision.sqrt() - 0.05
-        model.enc.bias.copy_(
-            torch.cat([-gain @ model.b, std + torch.log(-torch.expm1(-std))])
-        )  # softplus^-1
+        # softplus^-1
+        model.enc.bias.copy_(torch.cat([-gain @ model.b, std + torch.log(-torch.expm1(-std))]))
 
 
 def test_a_prior_written_in_model_code_is_what_gets_scored():
@@ -217,9 +216,8 @@ def test_save_and_load_a_users_class(tmp_path):
 
 class PlainParam(LinearGaussian):
     def model(self, x, num_data=None):
-        shift = pyro.param(
-            "shift", torch.zeros(D)
-        )  # not a parameter of the module: fit would never train it
+        # not a parameter of the module: fit would never train it
+        shift = pyro.param("shift", torch.zeros(D))
         with pyro.plate("data", size=num_data or len(x), subsample=torch.arange(len(x))):
             z = pyro.sample("z", dist.Normal(torch.zeros(Z), 1.0).to_event(1))
             pyro.sample("x", dist.Normal(z @ self.W.T + shift, 0.5).to_event(1), obs=x)
@@ -334,6 +332,5 @@ def test_the_elbo_leaves_out_training_only_factors():
         )
     assert values[0][0] == pytest.approx(values[1][0], rel=1e-6)
     assert values[0][1] == pytest.approx(values[1][1], rel=1e-6)
-    assert values[0][0] == pytest.approx(
-        values[0][1], abs=1.0
-    )  # one-draw ELBO against the 50-draw mean
+    # one-draw ELBO against the 50-draw mean
+    assert values[0][0] == pytest.approx(values[0][1], abs=1.0)

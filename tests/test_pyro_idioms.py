@@ -256,6 +256,7 @@ def test_a_conditional_program_with_float_inputs_and_a_deterministic_site():
     xs = target.clone()
     xs[:, :2] = -1.0  # two hidden pixels, their values the target
     model = Conditional()
+    # particles drawn one at a time
     pyvae.fit(
         model,
         (xs, target),
@@ -266,7 +267,7 @@ def test_a_conditional_program_with_float_inputs_and_a_deterministic_site():
         device="cpu",
         elbo="iwae",
         num_particles=3,
-    )  # particles drawn one at a time
+    )
     pyro.set_rng_seed(0)
     with pytest.warns(pyvae.PyvaeWarning, match="drawn one at a time"):
         ll = pyvae.log_likelihood(model, (xs, target), num_samples=1000)
@@ -277,9 +278,8 @@ def test_a_conditional_program_with_float_inputs_and_a_deterministic_site():
         mean = model.dec(torch.cat([z, xs.expand(200000, *xs.shape)], -1))[..., :2]
         log_lik = dist.Normal(mean, 1.0).log_prob(target[:, :2]).sum(-1)
         independent = torch.logsumexp(log_lik, 0) - math.log(200000)
-    difference = (
-        ll.log_px - independent
-    )  # IS from a 2-epoch guide is heavy-tailed: checked on average
+    # IS from a 2-epoch guide is heavy-tailed: checked on average
+    difference = ll.log_px - independent
     assert difference.mean().abs() < 0.25, difference
     # the same program written so that particles vectorize: the same estimate to Monte Carlo error
     twin = Vectorized()

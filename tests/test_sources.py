@@ -314,15 +314,13 @@ def test_a_set_too_large_for_memory_is_streamed_with_the_same_numbers(tmp_path, 
     save_images(tmp_path / "big" / "a", 6, mode="RGB", bright=True)
     save_images(tmp_path / "big" / "b", 4, mode="RGB", seed=1)
     held = load_train_test(str(tmp_path / "big"), test_fraction=0.3)[:2]
-    monkeypatch.setattr(
-        pyvae.data.streaming, "READ_IN_PARALLEL", 2
-    )  # held, but read by the DataLoader's workers
+    # held, but read by the DataLoader's workers
+    monkeypatch.setattr(pyvae.data.streaming, "READ_IN_PARALLEL", 2)
     assert torch.equal(
         load_train_test(str(tmp_path / "big"), test_fraction=0.3)[0].images, held[0].images
     )
-    monkeypatch.setattr(
-        pyvae.data.streaming, "available_memory", lambda: 1000
-    )  # bytes: 10 images of 3x5x6 floats need 3600
+    # bytes: 10 images of 3x5x6 floats need 3600
+    monkeypatch.setattr(pyvae.data.streaming, "available_memory", lambda: 1000)
     streamed = load_train_test(str(tmp_path / "big"), test_fraction=0.3)[:2]
     for h, s in zip(held, streamed, strict=True):
         assert (
@@ -345,9 +343,8 @@ def test_a_corrupt_image_in_a_streamed_set_is_one_line_naming_it(tmp_path, monke
 
     save_images(tmp_path / "big", 8)
     whole = (tmp_path / "big" / "005.png").read_bytes()
-    (tmp_path / "big" / "005.png").write_bytes(
-        whole[: len(whole) // 2]
-    )  # its header is whole, its pixels not
+    # its header is whole, its pixels not
+    (tmp_path / "big" / "005.png").write_bytes(whole[: len(whole) // 2])
     monkeypatch.setattr(pyvae.data.streaming, "available_memory", lambda: 100)
     train = load_dataset(str(tmp_path / "big"), "train", test_fraction=0.25)
     with pytest.raises(pyvae.PyvaeError) as info:
@@ -386,9 +383,8 @@ def test_a_streamed_folder_trains_exactly_as_held_and_evaluate_finds_it_again(
         "--no-download",
     ]
     main(["train", *flags, "--out", str(tmp_path / "held")])
-    monkeypatch.setattr(
-        pyvae.data.streaming, "available_memory", lambda: 1000
-    )  # 40 images of 3x6x6 floats need 17,280 bytes
+    # 40 images of 3x6x6 floats need 17,280 bytes
+    monkeypatch.setattr(pyvae.data.streaming, "available_memory", lambda: 1000)
     capsys.readouterr()
     main(["train", *flags, "--out", str(tmp_path / "streamed")])
     assert "binarize=none, streamed from disk (too large for memory)" in capsys.readouterr().out
@@ -403,6 +399,5 @@ def test_a_streamed_folder_trains_exactly_as_held_and_evaluate_finds_it_again(
     main(
         ["evaluate", str(tmp_path / "streamed"), "--num-samples", "4", "--out", str(tmp_path / "e")]
     )
-    assert (
-        json.loads((tmp_path / "e" / "eval.json").read_text())["num_points"] == 4
-    )  # 0.1 of 40 held out as test
+    # 0.1 of 40 held out as test
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["num_points"] == 4

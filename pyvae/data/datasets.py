@@ -267,9 +267,8 @@ def _torchvision_arrays(name: str, root: Path, split: str, download: bool) -> Im
     images = np.asarray(found.data)
     if images.ndim == 4 and images.shape[-1] == 3:  # CIFAR: channels last
         images = images.transpose(0, 3, 1, 2)
-    labels = np.asarray(
-        found.targets if hasattr(found, "targets") else found.labels
-    )  # CIFAR's name, SVHN's
+    # CIFAR's name, SVHN's
+    labels = np.asarray(found.targets if hasattr(found, "targets") else found.labels)
     n, c, h, w = images.shape
     x = torch.from_numpy(
         np.ascontiguousarray(images).reshape(n, c * h * w).astype(np.float32) / 255.0

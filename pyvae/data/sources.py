@@ -300,10 +300,8 @@ class ImageReader:
 def _pixels(image, grey: bool, image_size: int | None) -> np.ndarray:
     """One image as a (C, H, W) float32 array in [0, 1], resized and cropped when asked."""
 
-    deep = grey and image.mode in (
-        "I;16",
-        "I",
-    )  # 16-bit grey keeps its depth: as 32-bit integers, scaled by 1/65535
+    # 16-bit grey keeps its depth: as 32-bit integers, scaled by 1/65535
+    deep = grey and image.mode in ("I;16", "I")
     image = image.convert("I" if deep else "L" if grey else "RGB")
     if image_size is not None:
         w, h = image.size

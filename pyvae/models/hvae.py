@@ -83,14 +83,11 @@ class HVAE(nn.Module):
         self.image_shape = image_shape_for(x_dim, image_shape)
         self.prior = resolve_prior(prior, "hvae")
         self.likelihood = LIKELIHOODS.resolve(likelihood)
-        self.gaussian = (
-            DiagonalNormal()
-        )  # network output (mean, raw scale) -> diagonal Normal, for every layer
+        # network output (mean, raw scale) -> diagonal Normal, for every layer
+        self.gaussian = DiagonalNormal()
 
-        inputs = (
-            x_dim,
-            *self.z_dims[:-1],
-        )  # what layer l's guide network reads: x, z_1, ..., z_{L-1}
+        # what layer l's guide network reads: x, z_1, ..., z_{L-1}
+        inputs = (x_dim, *self.z_dims[:-1])
         outputs = (self.likelihood.params_per_pixel * x_dim, *(2 * z for z in self.z_dims[:-1]))
         # encoders[l]: z_{l} (x for l = 0) -> q(z_{l+1});
         # decoders[l]: z_{l+1} -> p(z_l) (p(x) for l = 0)

@@ -40,12 +40,10 @@ class Component(torch.nn.Module):
         """
         spec = {"name": recorded_name(type(self)), **self.hparams}
         cls = type(self)
-        if not cls.__module__.startswith(
-            "pyvae."
-        ):  # a user's part, marked so even under a built-in's name
-            spec["source"] = (
-                source_of(cls) or f"{cls.__module__}:{cls.__qualname__}"
-            )  # its file, else where it lived
+        # a user's part, marked so even under a built-in's name
+        if not cls.__module__.startswith("pyvae."):
+            # its file, else where it lived
+            spec["source"] = source_of(cls) or f"{cls.__module__}:{cls.__qualname__}"
         return spec
 
 
@@ -73,9 +71,8 @@ class Registry(dict):
             )
         kwargs = dict(value)
         name = kwargs.pop("name")
-        if (
-            "source" in kwargs
-        ):  # recorded by Component.spec for a user's class, even one named like a built-in
+        # recorded by Component.spec for a user's class, even one named like a built-in
+        if "source" in kwargs:
             raise PyvaeError(
                 f"{self.kind} {name!r} is a custom part defined in "
                 f"{kwargs['source'].rsplit(':', 1)[0]}; pass an instance ({self.kind}=...) or, "
