@@ -144,9 +144,8 @@ def test_likelihood_is_normalized(name, out):
             mass = p.log_prob(values).exp().sum()
         else:
             lo, hi = (0.0, 1.0) if name in {"continuous_bernoulli", "beta"} else (-20.0, 20.0)
-            if (
-                name == "beta"
-            ):  # end masses, plus the density between them on a fine grid at the ends
+            # end masses, plus the density between them on a grid fine at the ends
+            if name == "beta":
                 eps = likelihood.eps
                 u = torch.linspace(-1, 1, 400001, dtype=torch.float64)
                 values = (0.5 + (0.5 - eps) * torch.sign(u) * u.abs() ** 6).unsqueeze(-1)
