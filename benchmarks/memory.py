@@ -23,6 +23,12 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+import pyvae
+from pyvae.parts.guides import GUIDES
+from pyvae.parts.priors import PRIORS
+
 OBJECTIVES = ("trace", "meanfield", "iwae")
 WORST = ("vamp", "iaf", "iwae")
 BASELINE = ("normal", "normal", "trace")
@@ -30,10 +36,6 @@ BASELINE = ("normal", "normal", "trace")
 
 def child(prior: str, guide: str, elbo: str, args) -> dict:
     """Train one configuration in this process; its memory and time."""
-    import torch
-
-    import pyvae
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = (torch.rand(args.batch_size * args.steps, 784) < 0.13).float()
@@ -128,9 +130,6 @@ def main():
         print(json.dumps(child(*args.child.split(","), args)))
         return
     if args.all:
-        from pyvae.parts.guides import GUIDES
-        from pyvae.parts.priors import PRIORS
-
         configurations = [BASELINE] + [
             c for c in itertools.product(PRIORS, GUIDES, OBJECTIVES) if c != BASELINE
         ]

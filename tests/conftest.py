@@ -7,7 +7,9 @@ import pyro
 import pytest
 import torch
 
+import pyvae
 from pyvae.cli.app import main
+from pyvae.data.datasets import binarize, load_dataset
 from pyvae.train.objectives import Objective
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,9 +66,6 @@ def binary_data():
 def run_folder(tmp_path_factory):
     """A run folder of a small VAE trained 2 epochs on the static digits (config says evaluate them
     dynamically)."""
-    import pyvae
-    from pyvae.data.datasets import binarize, load_dataset
-
     out = tmp_path_factory.mktemp("run")
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(32,))
     pyvae.fit(

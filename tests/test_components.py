@@ -1,6 +1,8 @@
 """Every prior, likelihood and guide: shapes, normalization, support errors, KL, and training."""
 
 import math
+import subprocess
+import sys
 
 import pyro
 import pytest
@@ -8,8 +10,10 @@ import torch
 from torch.distributions import kl_divergence
 
 import pyvae
+from pyvae.cli.app import main
+from pyvae.data.datasets import binarize, load_dataset
 from pyvae.parts.guides import GUIDES
-from pyvae.parts.likelihoods import LIKELIHOODS
+from pyvae.parts.likelihoods import LIKELIHOODS, DiscretizedLogisticDistribution
 from pyvae.parts.priors import PRIORS
 from pyvae.train.objectives import Objective, make_elbo
 
@@ -159,8 +163,6 @@ def test_likelihood_is_normalized(name, out):
 
 
 def test_discretized_logistic_mean_is_the_masses_weighted_sum():
-    from pyvae.parts.likelihoods import DiscretizedLogisticDistribution
-
     torch.manual_seed(0)
     loc, scale = (
         1.4 * torch.rand(5, 7, dtype=torch.float64) - 0.2,
@@ -351,11 +353,8 @@ def test_elbo_auto_takes_the_analytic_kl_only_where_it_is_exact(
 
 
 def test_meanfield_refuses_a_guide_whose_latents_depend_on_each_other(tmp_path, capsys):
-    from pyvae.cli.app import main
-
-    with pytest.raises(
-        SystemExit
-    ) as info:  # hvae's guide is q(z1|x) q(z2|z1): analytic KLs are not its ELBO
+    # hvae's guide is q(z1|x) q(z2|z1): analytic KLs are not its ELBO
+    with pytest.raises(SystemExit) as info:
         main(
             [
                 "train",
@@ -387,11 +386,6 @@ def test_meanfield_refuses_a_guide_whose_latents_depend_on_each_other(tmp_path, 
 
 
 def test_the_cli_prints_the_meanfield_warning_as_one_line_of_words(tmp_path):
-    import subprocess
-    import sys
-
-    from pyvae.cli.app import main
-
     argv = [
         "train",
         "--dataset",
@@ -432,15 +426,11 @@ def test_the_cli_prints_the_meanfield_warning_as_one_line_of_words(tmp_path):
 # -- every combination trains ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_small():
-    from pyvae.data.datasets import binarize, load_dataset
-
     return binarize(load_dataset("digits", "train"), "static").images[:256]
 
 
 @pytest.fixture(scope="module")
 def digits_gray():
-    from pyvae.data.datasets import load_dataset
-
     # 8-bit levels, so every likelihood (the discretized logistic too) accepts them
     return (load_dataset("digits", "train").images[:256] * 255).round() / 255
 
@@ -663,8 +653,6 @@ def test_residual_nets_scale_with_the_image(shape):
 
 
 def test_a_residual_vae_learns_colour_photo_patches():
-    from pyvae.data.datasets import load_dataset
-
     torch.manual_seed(0)
     x = load_dataset("photos", "train").images[:128]
     vae = pyvae.VAE(

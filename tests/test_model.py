@@ -8,6 +8,7 @@ import torch
 from pyro import poutine
 
 import pyvae
+from pyvae.runs.user_code import custom_parts, import_parts
 from pyvae.train.objectives import make_elbo
 
 
@@ -240,8 +241,6 @@ class MyBernoulli(pyvae.parts.likelihoods.Likelihood):
 
 
 def test_a_parts_file_rebuilds_its_parts_by_kind_even_under_built_in_names(tmp_path):
-    from pyvae.runs.user_code import custom_parts, import_parts
-
     (tmp_path / "shifts.py").write_text("SHIFT = 0.5\n")
     (tmp_path / "parts.py").write_text(PARTS_FILE)
     classes = {c.__name__: c for c in import_parts(tmp_path / "parts.py")}

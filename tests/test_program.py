@@ -1,7 +1,9 @@
 """The Pyro program is what gets trained, scored and saved: user-written models through the public
 API, checked against closed-form marginals of linear-Gaussian models."""
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -11,6 +13,7 @@ from torch import nn
 
 import pyvae
 from pyvae import program
+from pyvae.train.objectives import Objective
 
 D, Z = 5, 2
 
@@ -284,8 +287,6 @@ def test_elbo_accepts_any_pyro_elbo_instance():
         progress=False,
     )
     assert all(math.isfinite(h["train_elbo"]) for h in history)
-    from pyvae.train.objectives import Objective
-
     graph = (
         Objective(model, pyro.infer.TraceGraph_ELBO(num_particles=2000, vectorize_particles=True))
         .loss((x,), 16)
@@ -302,9 +303,6 @@ def test_elbo_accepts_any_pyro_elbo_instance():
 def test_the_custom_model_example_runs(tmp_path, capsys):
     """examples/custom_model.py, the README's complete example, trains, evaluates, saves and
     reloads."""
-    import importlib.util
-    from pathlib import Path
-
     path = Path(__file__).resolve().parents[1] / "examples" / "custom_model.py"
     spec = importlib.util.spec_from_file_location("custom_model", path)
     example = importlib.util.module_from_spec(spec)

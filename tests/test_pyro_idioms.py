@@ -12,6 +12,8 @@ from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
 import pyvae
+from pyvae.data.batching import Call
+from pyvae.train.loop import TrainingStopped
 from pyvae.train.objectives import Objective
 
 from .conftest import interrupted_at
@@ -388,8 +390,6 @@ def test_evaluation_encodes_labels_and_refuses_unlabelled_points_for_an_optional
 
 
 def test_a_semi_supervised_run_stopped_mid_epoch_resumes_exactly(tmp_path, monkeypatch):
-    from pyvae.train.loop import TrainingStopped
-
     x, y = clusters(200)
     labels = torch.full_like(y, -1)
     labels[:20] = y[:20]
@@ -444,8 +444,6 @@ class Mixture(nn.Module):
 
 def test_split_calls_scale_each_group_and_keep_the_program_s_own_factor_scale():
     """sum_l L + sum_u U + alpha N mean_l log q, exactly, from a labelled and an unlabelled call."""
-    from pyvae.data.batching import Call
-
     torch.manual_seed(8)
     x, y = clusters(12)
     y[4:] = -1  # 4 labelled, 8 unlabelled of N = 12

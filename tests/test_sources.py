@@ -1,15 +1,19 @@
 """Your own data: image folders, .npz and .npy files, and the photos patches, through load_dataset
 and the CLI."""
 
+import json
 import re
 
 import numpy as np
 import pytest
 import torch
+import torchvision.datasets
 from PIL import Image
 
 import pyvae
+import pyvae.data.streaming
 from pyvae.cli.app import main
+from pyvae.data.batching import Batches
 from pyvae.data.datasets import load_dataset, load_train_test
 
 
@@ -227,8 +231,6 @@ def test_a_labelled_folder_trains_a_conditional_model_and_bad_input_writes_nothi
 def test_torchvision_colour_sets_by_name(name, layout, tmp_path, monkeypatch):
     """CIFAR and SVHN come through torchvision's own classes (stand-ins here: no files, no
     network)."""
-    import torchvision.datasets
-
     rng = np.random.default_rng(0)
     pixels = rng.integers(
         0, 256, (6, 32, 32, 3) if layout == "NHWC" else (6, 3, 32, 32), dtype=np.uint8
@@ -288,7 +290,6 @@ def test_a_torchvision_set_by_name_read_image_by_image(tmp_path):
 def test_a_torchvision_set_with_splits_of_its_own(tmp_path, monkeypatch):
     """A class taking ``split`` (CelebA's) is asked for train or test; attribute targets give no
     labels."""
-    import torchvision.datasets
 
     class StandIn(torch.utils.data.Dataset):
         def __init__(self, root, split="train", download=False):
@@ -309,8 +310,6 @@ def test_a_torchvision_set_with_splits_of_its_own(tmp_path, monkeypatch):
 
 
 def test_a_set_too_large_for_memory_is_streamed_with_the_same_numbers(tmp_path, monkeypatch):
-    import pyvae.data.streaming
-
     save_images(tmp_path / "big" / "a", 6, mode="RGB", bright=True)
     save_images(tmp_path / "big" / "b", 4, mode="RGB", seed=1)
     held = load_train_test(str(tmp_path / "big"), test_fraction=0.3)[:2]
@@ -338,9 +337,6 @@ def test_a_set_too_large_for_memory_is_streamed_with_the_same_numbers(tmp_path, 
 
 
 def test_a_corrupt_image_in_a_streamed_set_is_one_line_naming_it(tmp_path, monkeypatch):
-    import pyvae.data.streaming
-    from pyvae.data.batching import Batches
-
     save_images(tmp_path / "big", 8)
     whole = (tmp_path / "big" / "005.png").read_bytes()
     # its header is whole, its pixels not
@@ -357,10 +353,6 @@ def test_a_streamed_folder_trains_exactly_as_held_and_evaluate_finds_it_again(
 ):
     """The same colour folder held in memory and forced to stream (a DataLoader with workers): the
     same minibatches, so the same ELBOs to the last digit; then ``evaluate RUN`` reads it again."""
-    import json
-
-    import pyvae.data.streaming
-
     save_images(tmp_path / "pics" / "a", 20, size=(6, 6), mode="RGB", bright=True)
     save_images(tmp_path / "pics" / "b", 20, size=(6, 6), mode="RGB", seed=1)
     flags = [

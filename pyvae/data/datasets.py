@@ -384,10 +384,8 @@ def _torchvision_instance(cls, name: str, root: Path, split: str, download: bool
 def _construct(cls, name: str, root: Path, split: str, /, **kwargs):
     try:
         return cls(str(root), **kwargs)
-    except (
-        ValueError,
-        TypeError,
-    ) as e:  # torchvision: "Unknown value 'test' for argument split. Valid values are ..."
+    # torchvision: "Unknown value 'test' for argument split. Valid values are ..."
+    except (ValueError, TypeError) as e:
         raise PyvaeError(
             f"{name}: torchvision's {cls.__name__} cannot give its {split!r} split: {_reason(e)}"
         ) from e
