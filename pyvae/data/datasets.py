@@ -41,7 +41,7 @@ from sklearn.datasets import load_digits
 from torchvision import datasets
 
 from pyvae.data import sources
-from pyvae.data.imageset import ImageSet
+from pyvae.data.imageset import ImageSet, spread  # noqa: F401 - spread is imported from here
 from pyvae.data.streaming import StreamedImages, held_or_streamed, rows
 from pyvae.errors import DataNotFound, PyvaeError, positive_int
 
