@@ -36,14 +36,13 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import arviz
 import matplotlib
 import torch
 import yaml
 from common import add_common_arguments, setup
 
 import pyvae
-from pyvae.cli.app import evaluation_data, load_run, scored
-from pyvae.data.datasets import spread
 from pyvae.train.protocol import LABELS, best_epoch, objective_key
 
 matplotlib.use("Agg")
@@ -58,6 +57,20 @@ def published(recipe: Path) -> float:
     if found is None:
         sys.exit(f"error: {recipe} has no line '# published log p(x): NUMBER' in its header")
     return float(found.group(1))
+
+
+def child_env(args) -> dict:
+    """The environment of a child ``python -m pyvae``: the same pyvae as this one, and as many
+    torch threads as ``--threads`` gives this process."""
+    source = str(Path(pyvae.__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")])),
+    }
+    # the child's torch threads too: on a shared CPU, more threads than free cores thrash
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    return env
 
 
 def train(recipe: Path, run: Path, args, device) -> float:
@@ -79,16 +92,8 @@ def train(recipe: Path, run: Path, args, device) -> float:
     ]
     command += ["--epochs", str(args.epochs)] if args.epochs else []
     command += ["--data-dir", args.data_dir] if args.data_dir else []
-    source = str(Path(pyvae.__file__).resolve().parents[1])
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")])),
-    }
-    # the child's torch threads too: on a shared CPU, more threads than free cores thrash
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
     start = time.perf_counter()
-    child = subprocess.Popen(command, env=env)
+    child = subprocess.Popen(command, env=child_env(args))
     try:
         code = child.wait(timeout=args.hours * 3600 if args.hours else None)
     except subprocess.TimeoutExpired:
@@ -101,36 +106,28 @@ def train(recipe: Path, run: Path, args, device) -> float:
 
 
 def evaluate(run: Path, args, device) -> dict:
-    """The recipe's checkpoint scored on the test set; the summary of
-    :meth:`pyvae.Evaluation.summary` and what was evaluated."""
+    """The recipe's checkpoint scored on the test set by ``python -m pyvae evaluate`` in a child
+    process: its ``eval.json`` (:meth:`pyvae.Evaluation.summary`), and importance sampling's
+    log p(x) per point from its ``eval.nc`` (kept beside AIS's when AIS is the headline)."""
     config = yaml.safe_load((run / "config.yaml").read_text())
-    model, config, _ = load_run(
-        run, None if config.get("eval_checkpoint", "best") == "best" else "last"
-    )
-    model.to(device)
-    data = evaluation_data(model, config, None, "test", args.data_dir, download=False)
-    x = scored(model, data)
-    x = (
-        spread(x, args.num_points)
-        if not isinstance(x, tuple)
-        else tuple(spread(t, args.num_points) for t in x)
-    )
-    ais = {"num_steps": args.ais, "num_chains": args.ais_chains} if args.ais else None
-    result = pyvae.evaluate(
-        model,
-        x,
-        args.num_samples,
-        device=device,
-        dataset=data.name,
-        split="test",
-        seed=args.seed,
-        ais=ais,
-    )
-    result.write(run / f"eval-quality-K{args.num_samples}")
-    # per point, importance sampling's also when AIS is the headline
-    log_px_is = result.ll.log_px.double()
+    out = run / f"eval-quality-K{args.num_samples}"
+    command = [sys.executable, "-m", "pyvae", "evaluate", str(run), "--split", "test"]
+    command += ["--num-samples", str(args.num_samples), "--seed", str(args.seed)]
+    command += ["--device", device.type, "--no-download", "--out", str(out)]
+    command += ["--checkpoint", "last"] if config.get("eval_checkpoint", "best") != "best" else []
+    command += ["--num-points", str(args.num_points)] if args.num_points else []
+    command += ["--data-dir", args.data_dir] if args.data_dir else []
+    if args.ais:
+        command += ["--method", "ais", "--num-steps", str(args.ais)]
+        command += ["--num-chains", str(args.ais_chains)]
+    code = subprocess.run(command, env=child_env(args)).returncode
+    if code != 0:
+        sys.exit(f"error: evaluating {run} failed with exit code {code}")
+    summary = json.loads((out / "eval.json").read_text())
+    points = arviz.from_netcdf(str(out / "eval.nc")).importance_sampling
+    log_px_is = torch.from_numpy(points["log_px_is" if args.ais else "log_px"].values).double()
     return {
-        **result.summary(),
+        **summary,
         "log_px_is": float(log_px_is.mean()),
         "log_px_is_stderr": float(log_px_is.std() / len(log_px_is) ** 0.5),
     }
@@ -271,9 +268,8 @@ def main():
             parser.error(f"--{name.replace('_', '-')} must be positive; got {value}")
     if args.num_points < 0:
         parser.error(f"--num-points must be >= 0; got {args.num_points}")
-    papers = {
-        recipe: published(recipe) for recipe in args.recipes
-    }  # every header checked before any training
+    # every header checked before any training
+    papers = {recipe: published(recipe) for recipe in args.recipes}
     device = setup(args)
     device_name = (
         torch.cuda.get_device_name(device)

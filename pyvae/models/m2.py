@@ -94,10 +94,8 @@ class M2(CVAE):
         self.classifier = mlp(x_dim, self.config["hidden"], num_classes, activation)
         # log p(y): uniform; a buffer so it follows the model to its device
         self.register_buffer("class_log_prior", torch.full((num_classes,), -math.log(num_classes)))
-        self.config = {
-            **self.config,
-            "alpha": alpha,
-        }  # "model" is already "m2", and the Pyro names "m2<i>"
+        # "model" is already "m2", and the Pyro names "m2<i>"
+        self.config = {**self.config, "alpha": alpha}
 
     # -- q(y | x) ----------------------------------------------------------------
     def classifier_dist(self, x: torch.Tensor) -> dist.Categorical:
