@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the baselines beside this file
+import pyvae
+from pyvae.data import load_dataset
+from pyvae.data.batching import resolve_device
 
-import pyvae  # noqa: E402
-from pyvae.data.batching import resolve_device  # noqa: E402
-from pyvae.data.datasets import load_dataset  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the baselines beside this file
 
 
 def add_common_arguments(parser):

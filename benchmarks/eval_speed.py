@@ -24,7 +24,7 @@ from common import add_common_arguments, setup, static_mnist, sync
 from handwritten import PerPointNLL
 
 import pyvae
-from pyvae.data.datasets import spread
+from pyvae.data.imageset import spread
 
 
 def matmul_rate(hidden, x_dim, device, repeats=20):
@@ -73,7 +73,27 @@ def peak_rss(num_samples, num_points, batch_size, data_dir):
     return result
 
 
-def main():
+def memory_report(k, data_dir):
+    """Peak resident memory of child processes that only evaluate, chunked as pyvae chooses."""
+    full = k * 10000 * 784 * 4 / 2**30
+    print(
+        "\npeak resident memory of a process that only evaluates (1 thread); unchunked, the "
+        f"decoded images alone would take {full:.0f} GiB for K = {k} and 10k images"
+    )
+    for samples, points, batch_size in (
+        (k, 100, None),
+        (1000, 200, None),
+        (1000, 2000, None),
+        (1000, 2000, 16),
+    ):
+        before, after = peak_rss(samples, points, batch_size, data_dir)
+        print(
+            f"  K = {samples:5d}, {points:5d} images, batch_size {batch_size or 'auto':>4}: "
+            f"{after:6.0f} MiB peak ({after - before:5.0f} MiB above the loaded process)"
+        )
+
+
+def arguments():
     parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--num-samples", type=int, default=5000)
     parser.add_argument(
@@ -85,7 +105,11 @@ def main():
     parser.add_argument(
         "--memory", action="store_true", help="also measure peak memory in child processes (CPU)"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main():
+    args = arguments()
     device = setup(args)
     k = args.num_samples
     x = spread(static_mnist("test", args.data_dir), args.num_points)
@@ -140,22 +164,7 @@ def main():
     )
 
     if args.memory:
-        full = k * 10000 * 784 * 4 / 2**30
-        print(
-            "\npeak resident memory of a process that only evaluates (1 thread); unchunked, the "
-            f"decoded images alone would take {full:.0f} GiB for K = {k} and 10k images"
-        )
-        for samples, points, batch_size in (
-            (k, 100, None),
-            (1000, 200, None),
-            (1000, 2000, None),
-            (1000, 2000, 16),
-        ):
-            before, after = peak_rss(samples, points, batch_size, args.data_dir)
-            print(
-                f"  K = {samples:5d}, {points:5d} images, batch_size {batch_size or 'auto':>4}: "
-                f"{after:6.0f} MiB peak ({after - before:5.0f} MiB above the loaded process)"
-            )
+        memory_report(k, args.data_dir)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from common import add_common_arguments, setup, sync
 
 import pyvae
-from pyvae.data.datasets import binarize_for, load_train_test, semi_supervised
+from pyvae.data import binarize_for, load_train_test, semi_supervised
 from pyvae.parts.nets import mlp
 
 
@@ -44,7 +44,7 @@ def labelled_only(train, test, device, epochs, batch_size, lr, seed):
     return history
 
 
-def main():
+def arguments():
     parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument(
         "--epochs", type=int, default=10, help="M2 epochs over the 60,000 training images"
@@ -66,7 +66,11 @@ def main():
     )
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main():
+    args = arguments()
     device = setup(args)
 
     train, test, _ = load_train_test("fashion_mnist", data_dir=args.data_dir, download=False)

@@ -46,7 +46,7 @@ import pyvae
 from pyvae.train.protocol import LABELS, best_epoch, objective_key
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402 - after matplotlib.use("Agg")
 
 PUBLISHED = re.compile(r"^#\s*published log p\(x\):\s*(-?\d+(?:\.\d+)?)\s*$", re.MULTILINE)
 
