@@ -169,7 +169,8 @@ def compile_function(
             keep=frozen if cpu else (),
             decompositions=CPU_DECOMPOSITIONS if cpu else None,
         )
-    except Exception as error:  # noqa: BLE001 - whatever make_fx cannot record runs as written (and fails there if it must)
+    # whatever make_fx cannot record runs as written (and fails there if it must)
+    except Exception as error:
         if _reads_values(error):
             raise NotCompiled(
                 "its Python reads the value of a tensor it computed (control flow, .item(), "
@@ -189,7 +190,8 @@ def compile_function(
                 _quiet("torch.utils.cpp_extension"),
             ):  # "No CUDA runtime is found": says nothing here
                 compiled(*constants, *inputs)  # compiles now, so that a failure is reported here
-        except Exception as error:  # noqa: BLE001 - any compiler failure (no C++ compiler, ...) falls back
+        # any compiler failure (no C++ compiler, ...) falls back
+        except Exception as error:
             raise NotCompiled(f"torch.compile failed: {_first_line(error)}") from error
         _compiled[key] = compiled
         while len(_compiled) > CACHE_SIZE:

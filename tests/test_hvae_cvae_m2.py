@@ -127,7 +127,10 @@ def test_hvae_linear_gaussian_matches_the_closed_form_marginal():
     top, bottom = hvae.decoders[1][0], hvae.decoders[0][0]
     with torch.no_grad():
         top.weight[d1:] = 0  # the raw scale of z1 no longer depends on z2: sigma_1 is a constant
-    f64 = lambda t: t.detach().double()  # noqa: E731
+
+    def f64(t):
+        return t.detach().double()
+
     A, a = f64(top.weight[:d1]), f64(top.bias[:d1])
     S1 = torch.diag((F.softplus(f64(top.bias[d1:])) + 1e-4) ** 2)
     B, b = f64(bottom.weight), f64(bottom.bias)

@@ -407,7 +407,10 @@ def test_a_semi_supervised_run_stopped_mid_epoch_resumes_exactly(tmp_path, monke
     with interrupted_at(monkeypatch, 8), stopped:
         pyvae.fit(model, (x, labels), out=tmp_path / "stopped", **settings)
     resumed = pyvae.fit(model, (x, labels), out=tmp_path / "stopped", resume=True, **settings)
-    strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
+
+    def strip(history):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
     assert strip(resumed) == strip(reference)
     assert all(
         torch.equal(p, q) for p, q in zip(model.parameters(), whole.parameters(), strict=True)
