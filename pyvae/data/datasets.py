@@ -96,8 +96,8 @@ def load_dataset(
     """One split of a data set; raises :class:`DataNotFound` when it is neither on disk nor
     downloadable.
 
-    ``name`` is a built-in data set or the path of your own (:func:`pyvae.sources.load_path`, which
-    takes ``test_fraction`` and ``image_size``).
+    ``name`` is a built-in data set or the path of your own (:func:`pyvae.data.sources.load_path`,
+    which takes ``test_fraction`` and ``image_size``).
     """
 
     if name not in SPLITS:
@@ -306,7 +306,7 @@ def _torchvision_items(
     name: str, root: Path, split: str, download: bool, test_fraction: float, image_size: int | None
 ) -> ImageSet:
     """A torchvision data set of (PIL image, target) items, each read through the same
-    :class:`~pyvae.sources.ImageReader` as an image folder's: held in memory when it fits, else
+    :class:`~pyvae.data.sources.ImageReader` as an image folder's: held in memory when it fits, else
     streamed. Its own split where its class takes ``train`` or ``split`` (CelebA, STL10, ...), else
     the whole set split by ``test_fraction``; integer labels where it keeps them (``targets``,
     ``labels``)."""

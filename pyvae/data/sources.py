@@ -17,7 +17,7 @@ evaluation commands find the same test points). Images are grey or colour, 8-bit
 1/255) or float in [0, 1]; arrays are (N, H, W), (N, H, W, C) or (N, C, H, W) with C in {1, 3},
 or (N, D). ``image_size`` S resizes each image's shorter side to S and crops the centre S x S;
 without it, images of different sizes are an error naming one of them. An image folder too large for
-memory is streamed from disk (:mod:`pyvae.streaming`).
+memory is streamed from disk (:mod:`pyvae.data.streaming`).
 """
 
 from __future__ import annotations
@@ -234,10 +234,10 @@ GREY_MODES = ("1", "L", "I;16", "I")
 
 
 def _read_images(files: list[Path], image_size: int | None):
-    """(N, C*H*W) in [0, 1], held or streamed (:func:`pyvae.streaming.held_or_streamed`), and (C, H,
-    W): grey when every image is grey, else colour (RGB). Every file's header is read first, so a
-    file that is not an image, or sizes that differ without ``image_size``, are found before any
-    pixel is."""
+    """(N, C*H*W) in [0, 1], held or streamed (:func:`pyvae.data.streaming.held_or_streamed`), and
+    (C, H, W): grey when every image is grey, else colour (RGB). Every file's header is read first,
+    so a file that is not an image, or sizes that differ without ``image_size``, are found before
+    any pixel is."""
 
     modes, sizes = [], []
     for f in files:

@@ -3,7 +3,7 @@ them.
 
 A split whose pixels as float32 would take more than half the memory available
 (:func:`fits_in_memory`) is held as a :class:`StreamedImages` instead of one tensor: row i is
-``read(i)``, decoded when it is asked for. :class:`pyvae.batching.Batches` serves it through a
+``read(i)``, decoded when it is asked for. :class:`pyvae.data.batching.Batches` serves it through a
 DataLoader whose worker processes decode the next minibatches while the model trains; everything
 that fits stays one tensor (the fast path). Both paths decode with the same ``read``, so a streamed
 set trains on exactly the numbers the same set held in memory would.

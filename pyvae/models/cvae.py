@@ -35,7 +35,8 @@ class CVAE(nn.Module):
         z_n ~ N(m(x_n, onehot(y_n)), diag s(x_n, onehot(y_n))^2)
 
     The one-hot label is concatenated to the input of both MLPs; sigma = softplus(.) + 1e-4
-    (:class:`pyvae.guides.DiagonalNormal`). log p(x | y) is what the importance sampler scores.
+    (:class:`pyvae.parts.guides.DiagonalNormal`). log p(x | y) is what the importance sampler
+    scores.
     Sites: ``"z"`` and ``"x"``; a batch is ``(x, y)`` with y int64 labels in 0..C-1.
 
     Args:

@@ -36,7 +36,7 @@ class HVAE(nn.Module):
         z_l ~ N(m_l(z_{l-1}), diag s_l(z_{l-1})^2)               for l = 1, ..., L
 
     Each mu/sigma pair comes from an MLP whose last layer outputs the mean and an unconstrained
-    s, sigma = softplus(s) + 1e-4 (:class:`pyvae.guides.DiagonalNormal`). Sites: ``"z1"`` ...
+    s, sigma = softplus(s) + 1e-4 (:class:`pyvae.parts.guides.DiagonalNormal`). Sites: ``"z1"`` ...
     ``"zL"`` and ``"x"``.
 
     Args:
@@ -44,8 +44,8 @@ class HVAE(nn.Module):
         z_dims: widths of z_1, ..., z_L (bottom first); at least two layers.
         hidden: one tuple of hidden widths per stochastic layer: ``hidden[l-1]`` is the MLP from
             z_{l-1} (or x) up to z_l in the guide, and reversed, from z_l down, in the model.
-        prior: p(z_L), a name, spec dict or object from :mod:`pyvae.priors` (not ``vamp``).
-        likelihood: p(x | z_1), from :mod:`pyvae.likelihoods`.
+        prior: p(z_L), a name, spec dict or object from :mod:`pyvae.parts.priors` (not ``vamp``).
+        likelihood: p(x | z_1), from :mod:`pyvae.parts.likelihoods`.
         activation: nonlinearity of every MLP.
         image_shape: (channels, height, width) for pictures; inferred for square one-channel images.
 

@@ -25,7 +25,7 @@ def image_shape_for(x_dim: int, image_shape: Sequence[int] | None) -> tuple[int,
 
 
 def resolve_prior(prior: str | dict | Prior, model_name: str) -> Prior:
-    """A prior from :mod:`pyvae.priors`, except the VampPrior: its components q(z | u) need an
+    """A prior from :mod:`pyvae.parts.priors`, except the VampPrior: its components q(z | u) need an
     encoder from x alone to this model's z, which only the one-layer ``vae`` has."""
     prior = PRIORS.resolve(prior)
     if isinstance(prior, VampPrior):

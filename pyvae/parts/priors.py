@@ -4,7 +4,7 @@ A prior is a :class:`Prior`: the model calls it with no arguments and gets a Pyr
 distribution over z with ``event_shape == (z_dim,)`` and empty batch shape; the
 data plate broadcasts it over the minibatch. A user-defined prior is a few lines::
 
-    class LaplacePrior(pyvae.priors.Prior):
+    class LaplacePrior(pyvae.parts.priors.Prior):
         def bind(self, vae):
             self.register_buffer("loc", torch.zeros(vae.z_dim))
 

@@ -124,7 +124,7 @@ def make_elbo(
 
 class Objective(torch.nn.Module):
     """A training objective as a module: ``objective(calls, beta)`` is the loss of one step's calls
-    (:class:`pyvae.batching.Call`) on the full-data scale, -(estimate of sum_n L(x_n)),
+    (:class:`pyvae.data.batching.Call`) on the full-data scale, -(estimate of sum_n L(x_n)),
     differentiable in the model's parameters; :meth:`loss` is that of a single batch.
 
     Each call's terms are scaled by N_c / M_c (its group's points over the call's), whether the
