@@ -376,10 +376,10 @@ class DiscretizedLogisticDistribution(dist.TorchDistribution):
 
     @property
     def mean(self):
-        """E[x] = sum_k g_k P(g_k) = sum_{k>=1} (g_k - g_{k-1}) P(X >= g_k) over the grid g_k =
-        k/(B-1), and P(X >= g_k) = 1 - F((g_k - h - mu)/s) = sigmoid((mu - g_k + h)/s): one sigmoid
-        per level and pixel, summed level by level (no (B, ...) temporary; 60 times faster than the
-        masses on a CPU)."""
+        """E[x] = sum_k g_k P(g_k) = sum_{k>=1} (g_k - g_{k-1}) P(X >= g_k) over the grid
+        g_k = k/(B-1), and P(X >= g_k) = 1 - F((g_k - h - mu)/s) = sigmoid((mu - g_k + h)/s): one
+        sigmoid per level and pixel, summed level by level (no (B, ...) temporary; 60 times faster
+        than the masses on a CPU)."""
         levels = self.num_levels - 1
         total = torch.zeros_like(self.loc)
         for k in range(1, self.num_levels):
