@@ -1,16 +1,19 @@
-"""AIS speed: time per point per 1000 annealing steps against the arithmetic floor of its gradient evaluations.
+"""AIS speed: time per point per 1000 annealing steps against the arithmetic floor of its gradient
+evaluations.
 
-    python benchmarks/ais_speed.py --run runs/binarized_mnist-... --num-points 20 --num-chains 8 --num-steps 200
+    python benchmarks/ais_speed.py --run runs/binarized_mnist-... \
+        --num-points 20 --num-chains 8 --num-steps 200
 
 Without ``--run`` it first trains the quickstart's default model (``--epochs``, default 20) on
 static binarized MNIST. In one process it then reports:
 
 * the floor: every matrix product (mm, addmm, bmm, convolution) that one gradient evaluation of
   the AIS potential performs, forward and backward, through the model's and the guide's programs,
-  recorded by a dispatch mode and then timed alone, back to back, with the same shapes
+  recorded by a dispatch mode (the products of a public AIS run with one more transition, less
+  those of the shorter run) and then timed alone, back to back, with the same shapes
   (the best of ``--floor-repeats``);
-* AIS: ``pyvae.infer.ais.ais_log_likelihood`` on ``--num-points`` test images with ``--num-chains`` chains
-  and ``--num-steps`` steps of ``--leapfrog-steps`` leapfrog steps, its time per gradient
+* AIS: ``pyvae.ais_log_likelihood`` on ``--num-points`` test images with ``--num-chains``
+  chains and ``--num-steps`` steps of ``--leapfrog-steps`` leapfrog steps, its time per gradient
   evaluation, per point per 1000 steps, and the ratio to the floor, both as the program runs
   (``compile=False``) and compiled (``compile=True``; its one-off compilation is timed apart, and
   the recording per chunk is in the timed runs);
@@ -23,6 +26,7 @@ that beats that rate (inductor's, packing frozen weights) takes off.
 """
 
 import argparse
+import collections
 import statistics
 import tempfile
 import time
@@ -33,8 +37,7 @@ from common import add_common_arguments, setup, static_mnist, sync
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyvae
-from pyvae.data.datasets import spread
-from pyvae.infer.ais import _Chains, _Sampler, _settings
+from pyvae.data.imageset import spread
 
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward"}
 
@@ -105,7 +108,82 @@ def default_model(epochs, device, data_dir):
     return vae
 
 
-def main():
+def one_evaluation(vae, x, settings, device):
+    """The matrix products of one gradient evaluation of the AIS potential on ``x``: those of a run
+    with one more transition of one leapfrog step, less those of the shorter run (the public
+    ``pyvae.ais_log_likelihood`` both times, so the start, the guide's draws and the end cancel)."""
+    runs = []
+    for num_steps in (2, 3):
+        with RecordMatmuls() as recorder:
+            pyvae.ais_log_likelihood(
+                vae, x, **{**settings, "num_steps": num_steps, "leapfrog_steps": 1}, device=device
+            )
+        runs.append(recorder.calls)
+    shorter = collections.Counter(map(signature, runs[0]))
+    extra = []
+    for call in runs[1]:
+        if shorter[signature(call)] > 0:
+            shorter[signature(call)] -= 1
+        else:
+            extra.append(call)
+    return extra
+
+
+def signature(call):
+    """A recorded product as a hashable key: the op, its arguments' shapes and its options."""
+    func, args, kwargs = call
+    return func, repr(args), repr(sorted(kwargs.items()))
+
+
+def timed_runs(vae, x, settings, calls, evaluations, args, device):
+    """(floors, seconds per evaluation {compile: [...]}) of ``--repeats`` rounds, each a replay of
+    ``calls`` and an AIS run of ``evaluations`` gradient evaluations, as written and compiled."""
+    floors, per_eval = [], {False: [], True: []}
+    for repeat in range(args.repeats):
+        floors.append(floor_seconds(calls, device, args.floor_repeats))
+        print(
+            f"run {repeat + 1}: floor {1e3 * floors[-1]:.2f} ms per evaluation "
+            f"({flops(calls) / floors[-1] / 1e9:.0f} GFLOP/s)"
+        )
+        for compiled in (False, True):
+            sync(device)
+            start = time.perf_counter()
+            result = pyvae.ais_log_likelihood(vae, x, **settings, compile=compiled, device=device)
+            sync(device)
+            seconds = time.perf_counter() - start
+            per_eval[compiled].append(seconds / evaluations)
+            per_point_1000 = seconds / len(x) * 1000 / args.num_steps
+            print(
+                f"  compile={compiled}: {1e3 * per_eval[compiled][-1]:.2f} ms per evaluation, "
+                f"{seconds:.1f} s, {per_point_1000:.2f} s per point per 1000 steps; log p^ "
+                f"{float(result.log_px.mean()):.3f}"
+            )
+    return floors, per_eval
+
+
+def report(floors, per_eval, calls, args):
+    """Each way's ratio to the best floor, and compiled against as written."""
+    # the machine's rate is its best measured in this run: a replay slowed by a passing load is not
+    # the floor
+    floor = min(floors)
+    print(
+        f"floor: {1e3 * floor:.2f} ms per evaluation (best of {len(floors)} x {args.floor_repeats} "
+        f"replays, {flops(calls) / floor / 1e9:.0f} GFLOP/s)"
+    )
+    for compiled, times in per_eval.items():
+        ratios = [t / floor for t in times]
+        print(
+            f"compile={compiled}: ratio to floor median {statistics.median(ratios):.2f}, spread "
+            f"{min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} runs"
+        )
+    speedup = [a / b for a, b in zip(per_eval[False], per_eval[True], strict=True)]
+    print(
+        f"compiled against the program as written: {statistics.median(speedup):.2f}x faster "
+        f"(spread {min(speedup):.2f}-{max(speedup):.2f})"
+    )
+
+
+def arguments():
     parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument(
         "--run", help="a run folder (default: train the quickstart's model for --epochs)"
@@ -118,7 +196,11 @@ def main():
     parser.add_argument("--start", default="guide", choices=["guide", "prior"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--floor-repeats", type=int, default=20)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main():
+    args = arguments()
     device = setup(args)
     vae = (
         pyvae.load(f"{args.run}/checkpoint.pt")
@@ -127,80 +209,30 @@ def main():
     )
     vae.to(device).eval()
     x = spread(static_mnist("test", args.data_dir), args.num_points).to(device)
-    settings = _settings(
-        num_steps=args.num_steps,
-        num_chains=args.num_chains,
-        leapfrog_steps=args.leapfrog_steps,
-        start=args.start,
-    )
-    settings.pop("compile")  # each run below says
-    warnings.simplefilter(
-        "error", pyvae.PyvaeWarning
-    )  # a compiled run that fell back must stop here, not be timed as compiled
-
-    # one gradient evaluation on the same rows AIS runs, its matrix products recorded
-    sampler = _Sampler.build(vae, x, args.num_chains, device, None, None)
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    chains = _Chains(vae, (x,), sampler.shape, torch.arange(len(x)), 0, settings, args.num_chains)
-    u = chains.layout.unconstrain(chains._initial(None))
-    chains.guide_sites = chains.constant_guide(u) if args.start == "guide" else None
-    chains.evaluate(u)
-    with RecordMatmuls() as recorder:
-        chains.evaluate(u)
-    for p in vae.parameters():
-        p.requires_grad_(True)
+    settings = {
+        "num_steps": args.num_steps,
+        "num_chains": args.num_chains,
+        "leapfrog_steps": args.leapfrog_steps,
+        "start": args.start,
+    }
+    # a compiled run that fell back must stop here, not be timed as compiled
+    warnings.simplefilter("error", pyvae.PyvaeWarning)
+    calls = one_evaluation(vae, x, settings, device)
     evaluations = (args.num_steps - 1) * args.leapfrog_steps + 1
     print(
-        f"{len(x)} points x {args.num_chains} chains = {len(x) * args.num_chains} rows; T = {args.num_steps}, "
-        f"{args.leapfrog_steps} leapfrog steps: {evaluations} gradient evaluations; "
-        f"{len(recorder.calls)} matrix products, {flops(recorder.calls) / 1e6:.1f} MFLOP per evaluation (mm/addmm)"
+        f"{len(x)} points x {args.num_chains} chains = {len(x) * args.num_chains} rows; T = "
+        f"{args.num_steps}, {args.leapfrog_steps} leapfrog steps: {evaluations} gradient "
+        f"evaluations; {len(calls)} matrix products, {flops(calls) / 1e6:.1f} "
+        "MFLOP per evaluation (mm/addmm)"
     )
     # the one-off compilation of this chunk size, so that the timed runs below find it compiled
     start = time.perf_counter()
-    pyvae.infer.ais.ais_log_likelihood(
-        vae, x, **{**settings, "num_steps": 2}, compile=True, device=device
-    )
+    pyvae.ais_log_likelihood(vae, x, **{**settings, "num_steps": 2}, compile=True, device=device)
     print(
-        f"compile=True: recording and compiling the densities and the gradients-only graph took {time.perf_counter() - start:.1f} s (once per chunk size)"
+        "compile=True: recording and compiling the densities and the gradients-only graph took "
+        f"{time.perf_counter() - start:.1f} s (once per chunk size)"
     )
-    floors, per_eval = [], {False: [], True: []}
-    for repeat in range(args.repeats):
-        floors.append(floor_seconds(recorder.calls, device, args.floor_repeats))
-        print(
-            f"run {repeat + 1}: floor {1e3 * floors[-1]:.2f} ms per evaluation ({flops(recorder.calls) / floors[-1] / 1e9:.0f} GFLOP/s)"
-        )
-        for compiled in (False, True):
-            sync(device)
-            start = time.perf_counter()
-            result = pyvae.infer.ais.ais_log_likelihood(
-                vae, x, **settings, compile=compiled, device=device
-            )
-            sync(device)
-            seconds = time.perf_counter() - start
-            per_eval[compiled].append(seconds / evaluations)
-            per_point_1000 = seconds / len(x) * 1000 / args.num_steps
-            print(
-                f"  compile={compiled}: {1e3 * per_eval[compiled][-1]:.2f} ms per evaluation, {seconds:.1f} s, "
-                f"{per_point_1000:.2f} s per point per 1000 steps; log p^ {float(result.log_px.mean()):.3f}"
-            )
-    # the machine's rate is its best measured in this run: a replay slowed by a passing load is not the floor
-    floor = min(floors)
-    print(
-        f"floor: {1e3 * floor:.2f} ms per evaluation (best of {len(floors)} x {args.floor_repeats} replays, "
-        f"{flops(recorder.calls) / floor / 1e9:.0f} GFLOP/s)"
-    )
-    for compiled, times in per_eval.items():
-        ratios = [t / floor for t in times]
-        print(
-            f"compile={compiled}: ratio to floor median {statistics.median(ratios):.2f}, spread {min(ratios):.2f}-{max(ratios):.2f} "
-            f"over {len(ratios)} runs"
-        )
-    speedup = [a / b for a, b in zip(per_eval[False], per_eval[True])]
-    print(
-        f"compiled against the program as written: {statistics.median(speedup):.2f}x faster "
-        f"(spread {min(speedup):.2f}-{max(speedup):.2f})"
-    )
+    report(*timed_runs(vae, x, settings, calls, evaluations, args, device), calls, args)
 
 
 if __name__ == "__main__":

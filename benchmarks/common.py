@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the baselines beside this file
+import pyvae
+from pyvae.data import load_dataset
+from pyvae.data.batching import resolve_device
 
-import pyvae  # noqa: E402
-from pyvae.data.batching import resolve_device  # noqa: E402
-from pyvae.data.datasets import load_dataset  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the baselines beside this file
 
 
 def add_common_arguments(parser):
@@ -40,8 +40,9 @@ def machine(device) -> str:
         pass
     gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     return (
-        f"machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"pyro {__import__('pyro').__version__}, pyvae {pyvae.__version__}, device {device}{gpu}"
+        f"machine: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), pyro {__import__('pyro').__version__}, pyvae "
+        f"{pyvae.__version__}, device {device}{gpu}"
     )
 
 

@@ -1,14 +1,15 @@
-"""Which default network and optimizer for the quickstart? Alternatives trained alike, scored by test log p(x).
+"""Which default network and optimizer for the quickstart? Alternatives trained alike, scored by
+test log p(x).
 
     python benchmarks/defaults.py --threads 1 --epochs 20 --rounds 2
     python benchmarks/defaults.py --only default relu512-lr2e-3 --rounds 2
 
 Each configuration is trained as ``python -m pyvae train`` trains it on static binarized MNIST (the
-50,000 training images; the test and valid ELBOs after every epoch, as the default run computes them),
-then scored by importance sampling, K = ``--num-samples`` (5000) on ``--num-points`` (1000) test images
-evenly spread (all 10,000 with 0). Round r trains every configuration with seed r, in turn, in this
-one process, so the wall-time ratio to the first configuration (the current default) is taken within
-a round; the end prints each configuration's median and spread over rounds.
+50,000 training images; the test and valid ELBOs after every epoch, as the default run computes
+them), then scored by importance sampling, K = ``--num-samples`` (5000) on ``--num-points`` (1000)
+test images evenly spread (all 10,000 with 0). Round r trains every configuration with seed r, in
+turn, in this one process, so the wall-time ratio to the first configuration (the current default)
+is taken within a round; the end prints each configuration's median and spread over rounds.
 """
 
 import argparse
@@ -19,7 +20,7 @@ import torch
 from common import add_common_arguments, setup, static_mnist, sync
 
 import pyvae
-from pyvae.data.datasets import spread
+from pyvae.data.imageset import spread
 
 #: the current default first: every ratio is against it
 CONFIGS = {
@@ -98,6 +99,14 @@ def run(name, settings, data, args, device, seed):
     }
 
 
+def cell(rows, key, digits=2):
+    """A table cell: the median of ``key`` over ``rows``, and its range when there are several."""
+    values = [r[key] for r in rows]
+    middle = statistics.median(values)
+    span = f" ({min(values):.{digits}f} to {max(values):.{digits}f})" if len(values) > 1 else ""
+    return f"{middle:.{digits}f}{span}"
+
+
 def main():
     parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--epochs", type=int, default=20)
@@ -131,33 +140,25 @@ def main():
             r["ratio"] = r["seconds"] / baseline
             results.append(r)
             print(
-                f"round {seed}  {name:<30} {r['seconds']:6.1f} s (x{r['ratio']:.2f})  test ELBO {r['test_elbo']:8.2f}  "
-                f"log p(x) {r['log_px']:8.2f} ± {r['stderr']:.2f}",
+                f"round {seed}  {name:<30} {r['seconds']:6.1f} s (x{r['ratio']:.2f})  test ELBO "
+                f"{r['test_elbo']:8.2f}  log p(x) {r['log_px']:8.2f} ± {r['stderr']:.2f}",
                 flush=True,
             )
     print(
-        f"\n| configuration | settings | wall time, s (ratio) | test ELBO | test log p(x), IS K = {args.num_samples}, "
-        f"{args.num_points or 10000} points |\n|---|---|---|---|---|"
+        "\n| configuration | settings | wall time, s (ratio) | test ELBO | test log p(x), IS K = "
+        f"{args.num_samples}, {args.num_points or 10000} points |\n|---|---|---|---|---|"
     )
     for name in names:
         mine = [r for r in results if r["name"] == name]
         s = CONFIGS[name]
         settings = (
-            f"784-{'-'.join(map(str, s['hidden']))}-{args.z_dim} {s['activation']}, {s['elbo']}, lr {s['lr']:g}"
-            f"{' ' + s['lr_schedule'] if 'lr_schedule' in s else ''}, batch {s['batch_size']}"
+            f"784-{'-'.join(map(str, s['hidden']))}-{args.z_dim} {s['activation']}, {s['elbo']}, "
+            f"lr {s['lr']:g}{' ' + s['lr_schedule'] if 'lr_schedule' in s else ''}, batch "
+            f"{s['batch_size']}"
         )
-
-        def cell(key, digits=2):
-            values = [r[key] for r in mine]
-            middle = statistics.median(values)
-            return f"{middle:.{digits}f}" + (
-                f" ({min(values):.{digits}f} to {max(values):.{digits}f})"
-                if len(values) > 1
-                else ""
-            )
-
         print(
-            f"| {name} | {settings} | {cell('seconds', 0)} (x{cell('ratio')}) | {cell('test_elbo')} | {cell('log_px')} |"
+            f"| {name} | {settings} | {cell(mine, 'seconds', 0)} (x{cell(mine, 'ratio')}) | "
+            f"{cell(mine, 'test_elbo')} | {cell(mine, 'log_px')} |"
         )
 
 

@@ -24,11 +24,12 @@ from common import add_common_arguments, setup, static_mnist, sync
 from handwritten import PerPointNLL
 
 import pyvae
-from pyvae.data.datasets import spread
+from pyvae.data.imageset import spread
 
 
 def matmul_rate(hidden, x_dim, device, repeats=20):
-    """Best GFLOP/s of (rows x hidden) @ (hidden x x_dim) plus bias, the decoder's big product, over row counts."""
+    """Best GFLOP/s of (rows x hidden) @ (hidden x x_dim) plus bias, the decoder's big product, over
+    row counts."""
     best_rate = 0.0
     for rows in (1024, 2048, 4096, 8192):
         a = torch.randn(rows, hidden, device=device)
@@ -46,7 +47,8 @@ def matmul_rate(hidden, x_dim, device, repeats=20):
 
 
 def flops_per_sample(z_dim, hidden, x_dim):
-    """Decoder matrix products, plus Bernoulli log p(x|z): x*l - softplus(l) summed, ~3 per pixel."""
+    """Decoder matrix products, plus Bernoulli log p(x|z): x*l - softplus(l) summed, ~3 per
+    pixel."""
     return 2 * (z_dim * hidden + hidden * x_dim) + 3 * x_dim
 
 
@@ -71,7 +73,27 @@ def peak_rss(num_samples, num_points, batch_size, data_dir):
     return result
 
 
-def main():
+def memory_report(k, data_dir):
+    """Peak resident memory of child processes that only evaluate, chunked as pyvae chooses."""
+    full = k * 10000 * 784 * 4 / 2**30
+    print(
+        "\npeak resident memory of a process that only evaluates (1 thread); unchunked, the "
+        f"decoded images alone would take {full:.0f} GiB for K = {k} and 10k images"
+    )
+    for samples, points, batch_size in (
+        (k, 100, None),
+        (1000, 200, None),
+        (1000, 2000, None),
+        (1000, 2000, 16),
+    ):
+        before, after = peak_rss(samples, points, batch_size, data_dir)
+        print(
+            f"  K = {samples:5d}, {points:5d} images, batch_size {batch_size or 'auto':>4}: "
+            f"{after:6.0f} MiB peak ({after - before:5.0f} MiB above the loaded process)"
+        )
+
+
+def arguments():
     parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--num-samples", type=int, default=5000)
     parser.add_argument(
@@ -83,7 +105,11 @@ def main():
     parser.add_argument(
         "--memory", action="store_true", help="also measure peak memory in child processes (CPU)"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main():
+    args = arguments()
     device = setup(args)
     k = args.num_samples
     x = spread(static_mnist("test", args.data_dir), args.num_points)
@@ -94,7 +120,8 @@ def main():
     rate = matmul_rate(512, 784, device)
     floor_per_point = flops_per_sample(50, 512, 784) * k / (rate * 1e9)
     print(
-        f"matrix-multiply rate: {rate:.1f} GFLOP/s (best of (R x 512) @ (512 x 784) + bias, R = 1024..8192)"
+        f"matrix-multiply rate: {rate:.1f} GFLOP/s (best of (R x 512) @ (512 x 784) + bias, R = "
+        "1024..8192)"
     )
 
     pyvae.log_likelihood(vae, x[:2], k, device=device)  # warm-up
@@ -115,39 +142,29 @@ def main():
     agreement = (ll.log_px[: len(xb)] - theirs_values.cpu()).abs().max().item()
 
     print(
-        f"\nK = {k}, 784-512-50 VAE, {len(x)} test images ({args.baseline_points} for the per-point loop)"
+        f"\nK = {k}, 784-512-50 VAE, {len(x)} test images ({args.baseline_points} for the "
+        "per-point loop)"
     )
     print(f"  {'':34s} {'s/image':>9s} {'10k images':>11s} {'ratio':>7s}")
     print(
-        f"  {'arithmetic floor':34s} {floor_per_point:9.4f} {floor_per_point * 1e4 / 60:9.1f} m {1.0:7.2f}"
+        f"  {'arithmetic floor':34s} {floor_per_point:9.4f} {floor_per_point * 1e4 / 60:9.1f} m "
+        f"{1.0:7.2f}"
     )
     print(
-        f"  {'pyvae.log_likelihood':34s} {ours:9.4f} {ours * 1e4 / 60:9.1f} m {ours / floor_per_point:7.2f}  (x floor)"
+        f"  {'pyvae.log_likelihood':34s} {ours:9.4f} {ours * 1e4 / 60:9.1f} m "
+        f"{ours / floor_per_point:7.2f}  (x floor)"
     )
     print(
-        f"  {'per-point loop (Pythae get_nll)':34s} {theirs:9.4f} {theirs * 1e4 / 60:9.1f} m {theirs / ours:7.2f}  (x pyvae)"
+        f"  {'per-point loop (Pythae get_nll)':34s} {theirs:9.4f} {theirs * 1e4 / 60:9.1f} m "
+        f"{theirs / ours:7.2f}  (x pyvae)"
     )
     print(
-        f"  the two estimates differ by at most {agreement:.3f} nats on the shared images (Monte Carlo noise)"
+        f"  the two estimates differ by at most {agreement:.3f} nats on the shared images (Monte "
+        "Carlo noise)"
     )
 
     if args.memory:
-        full = k * 10000 * 784 * 4 / 2**30
-        print(
-            f"\npeak resident memory of a process that only evaluates (1 thread); unchunked, the decoded"
-            f" images alone would take {full:.0f} GiB for K = {k} and 10k images"
-        )
-        for samples, points, batch_size in (
-            (k, 100, None),
-            (1000, 200, None),
-            (1000, 2000, None),
-            (1000, 2000, 16),
-        ):
-            before, after = peak_rss(samples, points, batch_size, args.data_dir)
-            print(
-                f"  K = {samples:5d}, {points:5d} images, batch_size {batch_size or 'auto':>4}: {after:6.0f} MiB peak"
-                f" ({after - before:5.0f} MiB above the loaded process)"
-            )
+        memory_report(k, args.data_dir)
 
 
 if __name__ == "__main__":

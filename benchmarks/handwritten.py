@@ -38,7 +38,8 @@ class PlainVAE(nn.Module):
 
 
 class TutorialVAE(nn.Module):
-    """The VAE as Pyro's tutorial writes it: ``pyro.module``, a data plate, ``SVI`` with ``pyro.optim.Adam``."""
+    """The VAE as Pyro's tutorial writes it: ``pyro.module``, a data plate, ``SVI`` with
+    ``pyro.optim.Adam``."""
 
     def __init__(self, x_dim=784, hidden=400, z_dim=50):
         super().__init__()

@@ -1,4 +1,5 @@
-"""Do unlabelled data help? M2 on Fashion-MNIST with 1000 labels against the same classifier trained on those labels alone.
+"""Do unlabelled data help? M2 on Fashion-MNIST with 1000 labels against the same classifier trained
+on those labels alone.
 
     python benchmarks/m2_fashion.py --epochs 10 --num-labels 1000
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from common import add_common_arguments, setup, sync
 
 import pyvae
-from pyvae.data.datasets import binarize_for, load_train_test, semi_supervised
+from pyvae.data import binarize_for, load_train_test, semi_supervised
 from pyvae.parts.nets import mlp
 
 
@@ -43,7 +44,7 @@ def labelled_only(train, test, device, epochs, batch_size, lr, seed):
     return history
 
 
-def main():
+def arguments():
     parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument(
         "--epochs", type=int, default=10, help="M2 epochs over the 60,000 training images"
@@ -65,7 +66,11 @@ def main():
     )
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main():
+    args = arguments()
     device = setup(args)
 
     train, test, _ = load_train_test("fashion_mnist", data_dir=args.data_dir, download=False)
@@ -102,21 +107,23 @@ def main():
     m2_seconds = time.perf_counter() - start
 
     print(
-        f"\nFashion-MNIST, {args.num_labels} labels (class-balanced), the rest of the 60,000 unlabelled; "
-        f"test accuracy on 10,000 images"
+        f"\nFashion-MNIST, {args.num_labels} labels (class-balanced), the rest of the 60,000 "
+        "unlabelled; test accuracy on 10,000 images"
     )
     print(
-        "| classifier (784-500-10 softplus) | epochs | wall time | final test accuracy | best test accuracy |"
+        "| classifier (784-500-10 softplus) | epochs | wall time | final test accuracy | best test "
+        "accuracy |"
     )
     print("|---|---|---|---|---|")
     print(
-        f"| labelled points alone (cross-entropy) | {args.baseline_epochs} over {args.num_labels} | {baseline_seconds:.0f} s "
-        f"| {baseline[-1]:.3f} | {max(baseline):.3f} |"
+        f"| labelled points alone (cross-entropy) | {args.baseline_epochs} over {args.num_labels} "
+        f"| {baseline_seconds:.0f} s | {baseline[-1]:.3f} | {max(baseline):.3f} |"
     )
     accuracy = [h["test_accuracy"] for h in history]
     share = "" if args.labelled_share is None else f", labelled share {args.labelled_share}"
     print(
-        f"| M2 (unlabelled points too), alpha {args.alpha}{share} | {args.epochs} over 60,000 | {m2_seconds:.0f} s | {accuracy[-1]:.3f} | {max(accuracy):.3f} |"
+        f"| M2 (unlabelled points too), alpha {args.alpha}{share} | {args.epochs} over 60,000 | "
+        f"{m2_seconds:.0f} s | {accuracy[-1]:.3f} | {max(accuracy):.3f} |"
     )
     print("\nM2 per epoch: " + ", ".join(f"{a:.3f}" for a in accuracy))
     print(

@@ -1,7 +1,7 @@
 """Peak memory of training, prior x guide x objective, each configuration in a fresh process.
 
-    python benchmarks/memory.py                          # the worst case at MNIST size, beside the baseline
-    python benchmarks/memory.py --all                    # every built-in prior x guide x objective
+    python benchmarks/memory.py          # the worst case at MNIST size, beside the baseline
+    python benchmarks/memory.py --all    # every built-in prior x guide x objective
     python benchmarks/memory.py --only vamp,iaf,iwae normal,normal,trace
 
 A child process trains ``--steps`` SVI steps with ``pyvae.fit`` on random binary MNIST-sized data
@@ -9,7 +9,8 @@ A child process trains ``--steps`` SVI steps with ``pyvae.fit`` on random binary
 ``--num-particles``) and reports its peak resident set size (``getrusage`` ``ru_maxrss``), its
 resident size before training (torch imported, model built) and the seconds per step. The first
 configuration is the baseline every ratio is against. ``--max-gb`` caps each child's address space,
-so a configuration that does not fit fails with an allocation error instead of taking the machine down.
+so a configuration that does not fit fails with an allocation error instead of taking the machine
+down.
 """
 
 import argparse
@@ -22,6 +23,12 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+import pyvae
+from pyvae.parts.guides import GUIDES
+from pyvae.parts.priors import PRIORS
+
 OBJECTIVES = ("trace", "meanfield", "iwae")
 WORST = ("vamp", "iaf", "iwae")
 BASELINE = ("normal", "normal", "trace")
@@ -29,10 +36,6 @@ BASELINE = ("normal", "normal", "trace")
 
 def child(prior: str, guide: str, elbo: str, args) -> dict:
     """Train one configuration in this process; its memory and time."""
-    import torch
-
-    import pyvae
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = (torch.rand(args.batch_size * args.steps, 784) < 0.13).float()
@@ -71,7 +74,8 @@ def resident_mb() -> float:
 
 
 def measure(configuration: tuple[str, str, str], args) -> dict:
-    """One configuration in a child process (address space capped at ``--max-gb``); its report or its error."""
+    """One configuration in a child process (address space capped at ``--max-gb``); its report or
+    its error."""
     argv = [
         sys.executable,
         __file__,
@@ -126,9 +130,6 @@ def main():
         print(json.dumps(child(*args.child.split(","), args)))
         return
     if args.all:
-        from pyvae.parts.guides import GUIDES
-        from pyvae.parts.priors import PRIORS
-
         configurations = [BASELINE] + [
             c for c in itertools.product(PRIORS, GUIDES, OBJECTIVES) if c != BASELINE
         ]
@@ -137,11 +138,13 @@ def main():
             [tuple(c.split(",")) for c in args.only] if args.only else [BASELINE, WORST]
         )
     print(
-        f"batch {args.batch_size}, 784 pixels, z_dim 50, vamp K = 500, iwae K = {args.num_particles}, "
-        f"{args.steps} steps, {args.threads} thread(s), address space capped at {args.max_gb:g} GB"
+        f"batch {args.batch_size}, 784 pixels, z_dim 50, vamp K = 500, iwae K = "
+        f"{args.num_particles}, {args.steps} steps, {args.threads} thread(s), address space capped "
+        f"at {args.max_gb:g} GB"
     )
     print(
-        "| configuration | resident before training | peak resident | peak / baseline | s per step |\n|---|---|---|---|---|"
+        "| configuration | resident before training | peak resident | peak / baseline | s per step "
+        "|\n|---|---|---|---|---|"
     )
     baseline = None
     for configuration in configurations:
@@ -151,8 +154,8 @@ def main():
             continue
         baseline = baseline or r["peak_mb"]
         print(
-            f"| {r['configuration']} | {r['before_mb']:.0f} MB | {r['peak_mb']:.0f} MB | {r['peak_mb'] / baseline:.2f} | "
-            f"{r['seconds_per_step']:.2f} |",
+            f"| {r['configuration']} | {r['before_mb']:.0f} MB | {r['peak_mb']:.0f} MB | "
+            f"{r['peak_mb'] / baseline:.2f} | {r['seconds_per_step']:.2f} |",
             flush=True,
         )
 

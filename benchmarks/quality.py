@@ -1,21 +1,24 @@
-"""The quality table: recipes trained by their papers' protocols, their test log p(x) against the papers'.
+"""The quality table: recipes trained by their papers' protocols, their test log p(x) against the
+papers'.
 
-    python benchmarks/quality.py configs/recipe_*.yaml --device cuda            # the full protocols
-    python benchmarks/quality.py configs/recipe_*.yaml --epochs 20              # a budget in epochs ...
-    python benchmarks/quality.py configs/recipe_*.yaml --hours 2 --ais 1000     # ... or in hours per recipe; AIS too
+    python benchmarks/quality.py configs/recipe_*.yaml --device cuda         # the full protocols
+    python benchmarks/quality.py configs/recipe_*.yaml --epochs 20           # a budget in epochs,
+    python benchmarks/quality.py configs/recipe_*.yaml --hours 2 --ais 1000  # or hours; AIS too
 
-For each recipe (a ``configs/recipe_*.yaml`` whose header has a line ``# published log p(x): -88.56``):
+For each recipe (a ``configs/recipe_*.yaml`` whose header has a line ``# published log p(x):
+-88.56``):
 
-1. ``python -m pyvae train --config RECIPE`` in a child process, with ``--epochs N`` when given; with
-   ``--hours H`` it gets SIGINT after H hours, stops after the current step and keeps its checkpoints
-   (continue it with ``--resume``). The recipe's protocol decides the rest: validation, early
-   stopping, schedule, and which checkpoint is the model (``eval_checkpoint``: best.pt by default).
+1. ``python -m pyvae train --config RECIPE`` in a child process, with ``--epochs N`` when given;
+   with ``--hours H`` it gets SIGINT after H hours, stops after the current step and keeps its
+   checkpoints (continue it with ``--resume``). The recipe's protocol decides the rest: validation,
+   early stopping, schedule, and which checkpoint is the model (``eval_checkpoint``: best.pt by
+   default).
 2. That checkpoint scored on the test set by importance sampling with the guide as proposal,
    K = ``--num-samples`` (5000) on ``--num-points`` points (0: all 10,000), as the papers do; with
    ``--ais T`` also by annealed importance sampling (T steps, ``--ais-chains`` chains per point).
-3. A row of the table: recipe, epochs, training wall time, device, test ELBO (mean_k log w_k from the
-   same draws), test log p(x) ± its standard error over points, Pareto k-hat bands, the published
-   log p(x) and the difference (ours - published: negative means worse than the paper).
+3. A row of the table: recipe, epochs, training wall time, device, test ELBO (mean_k log w_k from
+   the same draws), test log p(x) ± its standard error over points, Pareto k-hat bands, the
+   published log p(x) and the difference (ours - published: negative means worse than the paper).
 
 Writes ``OUT/quality.md`` (the table, also printed), ``OUT/quality.json``, ``OUT/curves.png`` (the
 validation objective per epoch of each recipe) and the run folders ``OUT/<recipe>/`` with their
@@ -33,18 +36,17 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import arviz
 import matplotlib
 import torch
 import yaml
 from common import add_common_arguments, setup
 
 import pyvae
-from pyvae.cli.app import evaluation_data, load_run, scored
-from pyvae.data.datasets import spread
 from pyvae.train.protocol import LABELS, best_epoch, objective_key
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402 - after matplotlib.use("Agg")
 
 PUBLISHED = re.compile(r"^#\s*published log p\(x\):\s*(-?\d+(?:\.\d+)?)\s*$", re.MULTILINE)
 
@@ -57,8 +59,23 @@ def published(recipe: Path) -> float:
     return float(found.group(1))
 
 
+def child_env(args) -> dict:
+    """The environment of a child ``python -m pyvae``: the same pyvae as this one, and as many
+    torch threads as ``--threads`` gives this process."""
+    source = str(Path(pyvae.__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")])),
+    }
+    # the child's torch threads too: on a shared CPU, more threads than free cores thrash
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    return env
+
+
 def train(recipe: Path, run: Path, args, device) -> float:
-    """Train ``recipe`` into ``run`` in a child process (the same pyvae as this one); its wall time in seconds."""
+    """Train ``recipe`` into ``run`` in a child process (the same pyvae as this one); its wall time
+    in seconds."""
     command = [
         sys.executable,
         "-m",
@@ -75,17 +92,8 @@ def train(recipe: Path, run: Path, args, device) -> float:
     ]
     command += ["--epochs", str(args.epochs)] if args.epochs else []
     command += ["--data-dir", args.data_dir] if args.data_dir else []
-    source = str(Path(pyvae.__file__).resolve().parents[1])
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")])),
-    }
-    if (
-        args.threads
-    ):  # the child's torch threads too: on a shared CPU, more threads than free cores thrash
-        env["OMP_NUM_THREADS"] = str(args.threads)
     start = time.perf_counter()
-    child = subprocess.Popen(command, env=env)
+    child = subprocess.Popen(command, env=child_env(args))
     try:
         code = child.wait(timeout=args.hours * 3600 if args.hours else None)
     except subprocess.TimeoutExpired:
@@ -98,36 +106,28 @@ def train(recipe: Path, run: Path, args, device) -> float:
 
 
 def evaluate(run: Path, args, device) -> dict:
-    """The recipe's checkpoint scored on the test set; the summary of :meth:`pyvae.Evaluation.summary` and what was evaluated."""
+    """The recipe's checkpoint scored on the test set by ``python -m pyvae evaluate`` in a child
+    process: its ``eval.json`` (:meth:`pyvae.Evaluation.summary`), and importance sampling's
+    log p(x) per point from its ``eval.nc`` (kept beside AIS's when AIS is the headline)."""
     config = yaml.safe_load((run / "config.yaml").read_text())
-    model, config, _ = load_run(
-        run, None if config.get("eval_checkpoint", "best") == "best" else "last"
-    )
-    model.to(device)
-    data = evaluation_data(model, config, None, "test", args.data_dir, download=False)
-    x = scored(model, data)
-    x = (
-        spread(x, args.num_points)
-        if not isinstance(x, tuple)
-        else tuple(spread(t, args.num_points) for t in x)
-    )
-    ais = {"num_steps": args.ais, "num_chains": args.ais_chains} if args.ais else None
-    result = pyvae.evaluate(
-        model,
-        x,
-        args.num_samples,
-        device=device,
-        dataset=data.name,
-        split="test",
-        seed=args.seed,
-        ais=ais,
-    )
-    result.write(run / f"eval-quality-K{args.num_samples}")
-    log_px_is = (
-        result.ll.log_px.double()
-    )  # per point, importance sampling's also when AIS is the headline
+    out = run / f"eval-quality-K{args.num_samples}"
+    command = [sys.executable, "-m", "pyvae", "evaluate", str(run), "--split", "test"]
+    command += ["--num-samples", str(args.num_samples), "--seed", str(args.seed)]
+    command += ["--device", device.type, "--no-download", "--out", str(out)]
+    command += ["--checkpoint", "last"] if config.get("eval_checkpoint", "best") != "best" else []
+    command += ["--num-points", str(args.num_points)] if args.num_points else []
+    command += ["--data-dir", args.data_dir] if args.data_dir else []
+    if args.ais:
+        command += ["--method", "ais", "--num-steps", str(args.ais)]
+        command += ["--num-chains", str(args.ais_chains)]
+    code = subprocess.run(command, env=child_env(args)).returncode
+    if code != 0:
+        sys.exit(f"error: evaluating {run} failed with exit code {code}")
+    summary = json.loads((out / "eval.json").read_text())
+    points = arviz.from_netcdf(str(out / "eval.nc")).importance_sampling
+    log_px_is = torch.from_numpy(points["log_px_is" if args.ais else "log_px"].values).double()
     return {
-        **result.summary(),
+        **summary,
         "log_px_is": float(log_px_is.mean()),
         "log_px_is_stderr": float(log_px_is.std() / len(log_px_is) ** 0.5),
     }
@@ -211,8 +211,9 @@ def table(rows: list[dict]) -> str:
     r = rows[0]
     lines.append("")
     lines.append(
-        f"Test log p(x) in nats per image by importance sampling, K = {r['num_samples']}, on {r['num_points']} test "
-        "points (± the standard error over points); difference = ours - published (negative: worse than the paper)."
+        f"Test log p(x) in nats per image by importance sampling, K = {r['num_samples']}, on "
+        f"{r['num_points']} test points (± the standard error over points); difference = ours - "
+        "published (negative: worse than the paper)."
     )
     return "\n".join(lines)
 
@@ -221,7 +222,7 @@ def curves(rows: list[dict], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         if r["curve"]:
-            epochs, values = zip(*r["curve"])
+            epochs, values = zip(*r["curve"], strict=True)
             (line,) = axis.plot(epochs, values, label=f"{r['recipe']} ({LABELS[r['objective']]})")
             axis.axhline(r["published"], color=line.get_color(), linestyle="--", linewidth=0.8)
     axis.set_xlabel("epoch")
@@ -267,9 +268,8 @@ def main():
             parser.error(f"--{name.replace('_', '-')} must be positive; got {value}")
     if args.num_points < 0:
         parser.error(f"--num-points must be >= 0; got {args.num_points}")
-    papers = {
-        recipe: published(recipe) for recipe in args.recipes
-    }  # every header checked before any training
+    # every header checked before any training
+    papers = {recipe: published(recipe) for recipe in args.recipes}
     device = setup(args)
     device_name = (
         torch.cuda.get_device_name(device)

@@ -18,7 +18,6 @@ from common import add_common_arguments, setup, static_mnist, sync
 from handwritten import PlainVAE, TutorialVAE
 
 import pyvae
-from pyvae.train.loop import make_adam
 
 
 def handwritten_epoch(state, x, batch_size, device):
@@ -84,7 +83,7 @@ def main():
             # pyvae uses fused Adam; this line separates Pyro's cost from the optimizer's
             "hand-written, fused Adam": (
                 handwritten_epoch,
-                (plain_fused, make_adam(plain_fused.parameters(), 1e-3)),
+                (plain_fused, torch.optim.Adam(plain_fused.parameters(), lr=1e-3, fused=True)),
             ),
             "Pyro tutorial: SVI + Trace_ELBO": (
                 tutorial_epoch,

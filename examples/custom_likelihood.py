@@ -25,9 +25,10 @@ from pyvae.cli.console import Parser, run
 from pyvae.data.datasets import load_train_test
 
 
-# --- the likelihood --------------------------------------------------------------------------
+# --- the likelihood -----------------------------------------------------------------------------
 class Counts(dist.TorchDistribution):
-    """x = k / n for k ~ ``base``, a distribution of counts 0..n: P(x) = P_base(n x), E[x] = E[k] / n."""
+    """x = k / n for k ~ ``base``, a distribution of counts 0..n:
+    P(x) = P_base(n x), E[x] = E[k] / n."""
 
     arg_constraints = {}
     support = constraints.unit_interval
@@ -53,7 +54,8 @@ class Counts(dist.TorchDistribution):
 
 
 class Binomial16(pyvae.parts.likelihoods.Likelihood):
-    """x_i = k_i / 16, k_i ~ Binomial(16, sigmoid(l_i)) independently: one decoder output per pixel."""
+    """x_i = k_i / 16, k_i ~ Binomial(16, sigmoid(l_i)) independently: one decoder output per
+    pixel."""
 
     params_per_pixel = 1  # the logit l_i
     binary_data = False  # grey levels are scored as they are, not binarized
@@ -73,7 +75,7 @@ class Binomial16(pyvae.parts.likelihoods.Likelihood):
             )
 
 
-# --- train it, and leave a run folder the python -m pyvae commands can follow ----------------------
+# --- train it, and leave a run folder the python -m pyvae commands can follow -------------------
 def main(argv):
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument(

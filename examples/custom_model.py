@@ -1,4 +1,5 @@
-"""A model of your own, written as plain Pyro: a VAE with two stochastic layers and a Laplace top prior.
+"""A model of your own, written as plain Pyro: a VAE with two stochastic layers and a Laplace top
+prior.
 
     python examples/custom_model.py --epochs 5
 
@@ -18,7 +19,8 @@ from pyvae.data.datasets import binarize_for, load_train_test
 
 
 class TwoLevelVAE(nn.Module):
-    """z2 ~ Laplace(0, 1); z1 | z2 ~ N(mu(z2), sigma(z2)); x | z1 ~ Bernoulli(f(z1)).  Guide: q(z1|x) q(z2|z1)."""
+    """z2 ~ Laplace(0, 1); z1 | z2 ~ N(mu(z2), sigma(z2)); x | z1 ~ Bernoulli(f(z1)).
+    Guide: q(z1|x) q(z2|z1)."""
 
     def __init__(self, x_dim=64, z1=8, z2=2, hidden=64):
         super().__init__()
@@ -76,9 +78,8 @@ def main(argv):
     torch.manual_seed(0)
     model = TwoLevelVAE(x_dim=train.x_dim)
     pyvae.fit(model, train, test=test, epochs=args.epochs, batch_size=64, seed=0, beta=1.0)
-    result = pyvae.evaluate(
-        model, test, num_samples=500
-    )  # importance-sampled log p(x) of this very program
+    # importance-sampled log p(x) of this very program
+    result = pyvae.evaluate(model, test, num_samples=500)
     print(result.table())
 
     path = f"{args.out}/checkpoint.pt"
@@ -86,9 +87,8 @@ def main(argv):
 
     pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
     pyvae.save(model, path)
-    again = pyvae.load(
-        path, model=TwoLevelVAE(x_dim=train.x_dim)
-    )  # your class: pass an instance to load into
+    # your class: pass an instance to load into
+    again = pyvae.load(path, model=TwoLevelVAE(x_dim=train.x_dim))
     print(f"saved and reloaded {type(again).__name__} from {path}")
 
 

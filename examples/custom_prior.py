@@ -1,7 +1,7 @@
 """A prior of your own in a few lines: a Gaussian mixture whose components sit on a circle.
 
     python examples/custom_prior.py --epochs 5
-    python -m pyvae evaluate runs/custom_prior --parts examples/custom_prior.py   # and every other command
+    python -m pyvae evaluate runs/custom_prior --parts examples/custom_prior.py  # and the rest
 
 A prior is any ``pyvae.parts.priors.Prior``: ``bind`` makes its parameters once z_dim is
 known, ``forward`` returns a Pyro distribution over z with event shape (z_dim,).
@@ -86,8 +86,8 @@ def main(argv):
     vae = pyvae.VAE(
         x_dim=train.x_dim, z_dim=2, hidden=(256,), prior=RingPrior(), image_shape=train.image_shape
     )
-    # config.yaml says which data the python -m pyvae commands should find again; fit writes it with the
-    # run folder once the input is checked
+    # config.yaml says which data the python -m pyvae commands should find again; fit writes it with
+    # the run folder once the input is checked
     where = {
         "dataset": train.name,
         "binarize": binarized,

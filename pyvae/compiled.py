@@ -13,14 +13,14 @@ On a CPU the model's weights are compiled in as constants (inductor's freezing) 
 times its own packed matrix-product kernels against MKL's for each product, keeping the faster:
 on the default model its kernels win for the decoder's large layers and the elementwise work
 around them is fused in (AIS 1.1-1.3x faster than compiled without it; ``benchmarks/RESULTS.md``).
-The price is a longer one-off compilation (15-35 s instead of 3-13 s per graph) and a compiled function
-tied to the weights' values: it is compiled again when they change in place (by a training step).
-Also on a CPU, ``log1p`` is recorded as Kahan's formula from ``log`` (:func:`log1p`), and the ops that
-inductor would expand into a ``log1p`` (softplus, log-sigmoid, the Bernoulli log-mass, logaddexp)
-are expanded at the recording so that theirs is too (others, such as mish, keep ATen's): ATen's
-vectorized ``log1p`` on a CPU is about ten times slower than its ``log``, and on the default model the
-decoder's softplus and the likelihood's log-mass spent a third of each evaluation in it. The
-expansions act below autograd, on the values only: the gradients' formulas are the ops' own.
+The price is a longer one-off compilation (15-35 s instead of 3-13 s per graph) and a compiled
+function tied to the weights' values: it is compiled again when they change in place (by a training
+step). Also on a CPU, ``log1p`` is recorded as Kahan's formula from ``log`` (:func:`log1p`), and the
+ops that inductor would expand into a ``log1p`` (softplus, log-sigmoid, the Bernoulli log-mass,
+logaddexp) are expanded at the recording so that theirs is too (others, such as mish, keep ATen's):
+ATen's vectorized ``log1p`` on a CPU is about ten times slower than its ``log``, and on the default
+model the decoder's softplus and the likelihood's log-mass spent a third of each evaluation in it.
+The expansions act below autograd, on the values only: the gradients' formulas are the ops' own.
 
 The recording runs the function on fake inputs (shapes and dtypes, no data), so a graph cannot
 freeze a value computed from them: a Python decision on one (``if z.sum() > 0``, ``float(z)``,
@@ -53,15 +53,17 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-#: compiled graphs kept per process (AIS compiles two per chunk size), by their code (and the identity and version of their frozen tensors)
+#: compiled graphs kept per process (AIS compiles two per chunk size), by their code (and the
+#: identity and version of their frozen tensors)
 CACHE_SIZE = 16
 _compiled: OrderedDict[tuple, Callable] = OrderedDict()
-#: whether this torch's inductor can be told not to reassociate float arithmetic (:func:`log1p` needs it)
+#: whether this torch's inductor can be told not to reassociate float arithmetic (:func:`log1p`
+#: needs it)
 _EXACT_MATH = hasattr(torch._inductor.config.cpp, "enable_unsafe_math_opt_flag")
-#: inductor's settings on a CPU: the frozen tensors (the weights) become constants of the code, so that
-#: max-autotune may pack them for its own matrix-product kernels (on the default model 1.6x faster than
-#: MKL's for the decoder's layers) and fuse the elementwise work into them; its tables kept off stderr;
-#: float arithmetic kept as written
+#: inductor's settings on a CPU: the frozen tensors (the weights) become constants of the code, so
+#: that max-autotune may pack them for its own matrix-product kernels (on the default model 1.6x
+#: faster than MKL's for the decoder's layers) and fuse the elementwise work into them; its tables
+#: kept off stderr; float arithmetic kept as written
 CPU_OPTIONS = {
     "freezing": True,
     "max_autotune": True,
@@ -84,9 +86,9 @@ def log1p(x: torch.Tensor) -> torch.Tensor:
 
 
 _aten = torch.ops.aten
-#: the recording's expansions on a CPU (see the module's docstring): ops into whose ``log1p`` inductor
-#: would expand them, by torch's own decompositions, and ``log1p`` itself by :func:`log1p`; none where
-#: the compiler's float arithmetic cannot be kept as written
+#: the recording's expansions on a CPU (see the module's docstring): ops into whose ``log1p``
+#: inductor would expand them, by torch's own decompositions, and ``log1p`` itself by :func:`log1p`;
+#: none where the compiler's float arithmetic cannot be kept as written
 CPU_DECOMPOSITIONS = (
     {
         **get_decompositions(
@@ -114,17 +116,18 @@ def record(
     keep: Collection[torch.Tensor] = (),
     decompositions: dict | None = None,
 ) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
-    """``fn`` at ``inputs`` as (a graph taking (*constants, *inputs), the constants it read); the tensors
-    in ``keep`` (by identity) that it read stay attributes of the graph instead; the ops in
+    """``fn`` at ``inputs`` as (a graph taking (*constants, *inputs), the constants it read); the
+    tensors in ``keep`` (by identity) that it read stay attributes of the graph instead; the ops in
     ``decompositions`` recorded as what it maps them to."""
     # fake mode: the inputs are recorded as values without data, so a Python decision on anything
-    # computed from them (float(), .tolist(), .numpy(), len() of a mask) cannot be frozen into the graph: it raises
+    # computed from them (float(), .tolist(), .numpy(), len() of a mask) cannot be frozen into the
+    # graph: it raises
     traced = make_fx(
-        lambda *args: fn(*args),
+        lambda *args: fn(*args),  # a plain function: make_fx counts a method's self
         decomposition_table=decompositions,
         tracing_mode="fake",
         _allow_non_fake_inputs=True,
-    )  # a plain function: make_fx counts a method's self
+    )
     graph = traced(*inputs)
     first = next(n for n in graph.graph.nodes if n.op == "placeholder")
     lifted: dict[str, torch.fx.Node] = {}
@@ -150,13 +153,14 @@ def compile_function(
     fn: Callable, *inputs: torch.Tensor, frozen: Collection[torch.Tensor] = ()
 ) -> Callable:
     """``fn`` (tensors in, a tuple of tensors out) as a compiled function of the same inputs, or
-    :class:`NotCompiled` saying why not. ``fn`` is called once; its outputs should not need gradients
-    (take them inside ``fn`` with ``torch.autograd.grad``): the compiled function runs without autograd.
+    :class:`NotCompiled` saying why not. ``fn`` is called once; its outputs should not need
+    gradients (take them inside ``fn`` with ``torch.autograd.grad``): the compiled function runs
+    without autograd.
 
     On a CPU the tensors in ``frozen`` that ``fn`` reads (a model's parameters) are compiled in as
-    constants (:data:`CPU_OPTIONS`): the function is then one of those tensors' values, and is compiled
-    again for other tensors or once they change in place (a training step); and ``log1p`` is computed
-    from ``log`` (:data:`CPU_DECOMPOSITIONS`)."""
+    constants (:data:`CPU_OPTIONS`): the function is then one of those tensors' values, and is
+    compiled again for other tensors or once they change in place (a training step); and ``log1p``
+    is computed from ``log`` (:data:`CPU_DECOMPOSITIONS`)."""
     cpu = inputs[0].device.type == "cpu"
     try:
         graph, constants = record(
@@ -165,20 +169,20 @@ def compile_function(
             keep=frozen if cpu else (),
             decompositions=CPU_DECOMPOSITIONS if cpu else None,
         )
-    except Exception as error:  # noqa: BLE001 - whatever make_fx cannot record runs as written (and fails there if it must)
+    # whatever make_fx cannot record runs as written (and fails there if it must)
+    except Exception as error:
         if _reads_values(error):
             raise NotCompiled(
-                "its Python reads the value of a tensor it computed (control flow, .item(), .tolist(), "
-                ".numpy() or indexing on a tensor)"
+                "its Python reads the value of a tensor it computed (control flow, .item(), "
+                ".tolist(), .numpy() or indexing on a tensor)"
             ) from error
         raise NotCompiled(f"recording it failed: {_first_line(error)}") from error
     attributes = [getattr(graph, n.target) for n in graph.graph.nodes if n.op == "get_attr"]
     key = (graph.code, inputs[0].device.type, tuple((id(t), t._version) for t in attributes))
     if key not in _compiled:
         compiled = torch.compile(graph, fullgraph=True, dynamic=False)
-        settings = torch._inductor.config.patch(
-            CPU_OPTIONS if cpu else {}
-        )  # (freezing is not read from options=)
+        # (freezing is not read from options=)
+        settings = torch._inductor.config.patch(CPU_OPTIONS if cpu else {})
         try:
             with (
                 torch.no_grad(),
@@ -186,7 +190,8 @@ def compile_function(
                 _quiet("torch.utils.cpp_extension"),
             ):  # "No CUDA runtime is found": says nothing here
                 compiled(*constants, *inputs)  # compiles now, so that a failure is reported here
-        except Exception as error:  # noqa: BLE001 - any compiler failure (no C++ compiler, ...) falls back
+        # any compiler failure (no C++ compiler, ...) falls back
+        except Exception as error:
             raise NotCompiled(f"torch.compile failed: {_first_line(error)}") from error
         _compiled[key] = compiled
         while len(_compiled) > CACHE_SIZE:

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=4 examples/mnist_svi.py                 # 4 GPUs (or 4 CPU processes)
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 \\
-        --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 examples/mnist_svi.py   # on each of 2 machines
+        --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 examples/mnist_svi.py  # each of 2 machines
 
 Every process holds the whole model. In each step each process draws its own minibatch
 from its shard of the data (a ``DistributedSampler``: one permutation per epoch, the same
@@ -88,8 +88,8 @@ class World:
 
 
 def sharded(fn, n: int, chunk: int, world: World) -> list | None:
-    """``fn(start, stop)`` for the chunks [0, chunk), [chunk, 2 chunk), ... of n points, dealt out to the
-    processes in turn; the results of all chunks in order on rank 0, None on the others.
+    """``fn(start, stop)`` for the chunks [0, chunk), [chunk, 2 chunk), ... of n points, dealt out
+    to the processes in turn; the results of all chunks in order on rank 0, None on the others.
 
     The chunk grid does not depend on the number of processes, so results seeded per chunk
     or per point are the same, bit for bit, with one process or many.
@@ -110,7 +110,8 @@ def sharded(fn, n: int, chunk: int, world: World) -> list | None:
 
 
 def launched() -> bool:
-    """Whether this process is one of several started by torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK)."""
+    """Whether this process is one of several started by torchrun (which sets WORLD_SIZE, RANK,
+    LOCAL_RANK)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
@@ -140,14 +141,14 @@ def init(device: torch.device) -> tuple[World, torch.device]:
             local_rank = 0
         elif local_rank >= visible:
             raise PyvaeError(
-                f"LOCAL_RANK {local_rank} but only {visible} GPUs here; start at most one process per GPU (--nproc_per_node)"
+                f"LOCAL_RANK {local_rank} but only {visible} GPUs here; start at most one process "
+                "per GPU (--nproc_per_node)"
             )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo"
-        )  # addresses from torchrun's environment
+        # addresses from torchrun's environment
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         atexit.register(_leave)
     return world(), device
 

@@ -26,7 +26,8 @@ def positive_int(name: str, value) -> int:
 
 
 def positive_number(name: str, value) -> float:
-    """``value`` as a float if it is a finite number > 0; else a :class:`PyvaeError` naming ``name``."""
+    """``value`` as a float if it is a finite number > 0; else a :class:`PyvaeError` naming
+    ``name``."""
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))

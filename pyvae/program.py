@@ -532,9 +532,8 @@ def site_log_prob(site, nesting: int, enum_dims: int, m: int, plate: str) -> tor
     if others:
         log_p = log_p.sum(others, keepdim=True)
     log_p = log_p.movedim(log_p.dim() + data_dim(site, plate), -1)
-    lead = log_p.shape[
-        : log_p.dim() - nesting
-    ]  # enum dims and the particle dim; the plates left are size 1
+    # enum dims and the particle dim; the plates left are size 1
+    lead = log_p.shape[: log_p.dim() - nesting]
     return log_p.reshape(*lead, log_p.shape[-1]).expand(*lead, m)
 
 

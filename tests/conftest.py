@@ -7,7 +7,9 @@ import pyro
 import pytest
 import torch
 
+import pyvae
 from pyvae.cli.app import main
+from pyvae.data.datasets import binarize, load_dataset
 from pyvae.train.objectives import Objective
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +34,8 @@ def require_files(*relative: str) -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def compiler_cache(tmp_path_factory):
-    """torch.compile's cache (AIS with compile=True) under pytest's folders, not the system's temporary one."""
+    """torch.compile's cache (AIS with compile=True) under pytest's folders, not the system's
+    temporary one."""
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
     yield
@@ -61,10 +64,8 @@ def binary_data():
 
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
-    """A run folder of a small VAE trained 2 epochs on the static digits (config says evaluate them dynamically)."""
-    import pyvae
-    from pyvae.data.datasets import binarize, load_dataset
-
+    """A run folder of a small VAE trained 2 epochs on the static digits (config says evaluate them
+    dynamically)."""
     out = tmp_path_factory.mktemp("run")
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(32,))
     pyvae.fit(

@@ -1,4 +1,5 @@
-"""One process of the 2-process data-parallel tests: ``torchrun --nproc_per_node=2 tests/ddp_worker.py OUT [OPTIONS]``.
+"""One process of the 2-process data-parallel tests: ``torchrun --nproc_per_node=2
+tests/ddp_worker.py OUT [OPTIONS]``.
 
 It trains a small VAE with ``pyvae.fit`` (rank 0 writes OUT/run) and leaves each
 process's final parameters in OUT/ranks/<rank>.pt for the test to compare. OPTIONS is
@@ -39,9 +40,8 @@ data = (
     + (torch.rand(600, 32, generator=g) < 0.05).float()
 ) % 2
 
-torch.manual_seed(
-    rank
-)  # different initial weights in each process: DistributedDataParallel must align them
+# different initial weights in each process: DistributedDataParallel must align them
+torch.manual_seed(rank)
 vae = pyvae.VAE(x_dim=32, z_dim=3, hidden=(24,))
 try:
     pyvae.fit(

@@ -1,6 +1,8 @@
 """Every prior, likelihood and guide: shapes, normalization, support errors, KL, and training."""
 
 import math
+import subprocess
+import sys
 
 import pyro
 import pytest
@@ -8,8 +10,10 @@ import torch
 from torch.distributions import kl_divergence
 
 import pyvae
+from pyvae.cli.app import main
+from pyvae.data.datasets import binarize, load_dataset
 from pyvae.parts.guides import GUIDES
-from pyvae.parts.likelihoods import LIKELIHOODS
+from pyvae.parts.likelihoods import LIKELIHOODS, DiscretizedLogisticDistribution
 from pyvae.parts.priors import PRIORS
 from pyvae.train.objectives import Objective, make_elbo
 
@@ -87,12 +91,13 @@ def test_the_vamp_density_in_chunks_is_the_same_sum_with_the_same_gradients(
     whole = torch.logsumexp(q.log_prob(z.unsqueeze(-2).expand(5, 4, 7, 3)), dim=-1) - math.log(7)
     expected = torch.autograd.grad(whole.sum(), wrt)
     # 20 z rows x 7 components; a chunk of 6 pairs: 1 component x 6 rows (rows split 6, 6, 6, 2),
-    # of 45: 2 components x all 20 rows (components split 2, 2, 2, 1), of 1000: one chunk, nothing recomputed
+    # of 45: 2 components x all 20 rows (components split 2, 2, 2, 1), of 1000: one chunk, nothing
+    # recomputed
     monkeypatch.setattr(pyvae.parts.priors, "_bytes_per_pair", lambda fn, h, z: 1)
     monkeypatch.setattr(pyvae.parts.priors, "VAMP_CHUNK_BYTES", {"cpu": pairs})
     chunked = vae.prior().log_prob(z)
     assert torch.allclose(chunked, whole, atol=1e-5)
-    for a, b in zip(torch.autograd.grad(chunked.sum(), wrt), expected):
+    for a, b in zip(torch.autograd.grad(chunked.sum(), wrt), expected, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
     # under torch.autograd.grad alone (AIS asks for the gradient in z only), and without gradients
     assert torch.allclose(
@@ -119,10 +124,8 @@ def one_pixel(name, out):
     [
         ("bernoulli", [0.3]),
         ("continuous_bernoulli", [1.7]),
-        (
-            "continuous_bernoulli",
-            [0.001],
-        ),  # near lambda = 1/2, where the constant needs a Taylor series
+        # near lambda = 1/2, where the constant needs a Taylor series
+        ("continuous_bernoulli", [0.001]),
         ("normal", [0.4]),
         ("normal_learned", [0.4]),
         ("laplace", [-0.2]),
@@ -145,9 +148,8 @@ def test_likelihood_is_normalized(name, out):
             mass = p.log_prob(values).exp().sum()
         else:
             lo, hi = (0.0, 1.0) if name in {"continuous_bernoulli", "beta"} else (-20.0, 20.0)
-            if (
-                name == "beta"
-            ):  # end masses, plus the density between them on a grid fine at the ends
+            # end masses, plus the density between them on a grid fine at the ends
+            if name == "beta":
                 eps = likelihood.eps
                 u = torch.linspace(-1, 1, 400001, dtype=torch.float64)
                 values = (0.5 + (0.5 - eps) * torch.sign(u) * u.abs() ** 6).unsqueeze(-1)
@@ -161,8 +163,6 @@ def test_likelihood_is_normalized(name, out):
 
 
 def test_discretized_logistic_mean_is_the_masses_weighted_sum():
-    from pyvae.parts.likelihoods import DiscretizedLogisticDistribution
-
     torch.manual_seed(0)
     loc, scale = (
         1.4 * torch.rand(5, 7, dtype=torch.float64) - 0.2,
@@ -224,7 +224,8 @@ def test_bernoulli_log_mass_and_gradient_are_torchs_with_and_without_autograd():
         (
             "discretized_logistic",
             [0.0, 2.0],
-            r"discretized_logistic needs data on the grid k/255 in \[0, 1\]; got values in \[0, 2\]",
+            r"discretized_logistic needs data on the grid k/255 in \[0, 1\]; got values in \[0, "
+            r"2\]",
         ),
     ],
 )
@@ -294,7 +295,8 @@ def test_analytic_kl_equals_monte_carlo_kl(guide, prior):
             analytic = kl_divergence(q, p.expand(q.batch_shape))
         except NotImplementedError:
             pytest.skip(
-                f"no analytic KL for guide {guide} and prior {prior} (meanfield falls back to Monte Carlo)"
+                f"no analytic KL for guide {guide} and prior {prior} (meanfield falls back to "
+                "Monte Carlo)"
             )
         z = q.sample((20000,))
         terms = q.log_prob(z) - p.log_prob(z)
@@ -306,7 +308,8 @@ def test_meanfield_without_analytic_kl_warns_and_falls_back(digits_small):
     vae = pyvae.VAE(x_dim=64, z_dim=2, hidden=(8,), prior="mog")
     with pytest.warns(
         UserWarning,
-        match=r"no analytic KL for latent site z \(the guide's Normal against the prior's MixtureSameFamily\); .* Monte Carlo",
+        match=r"no analytic KL for latent site z \(the guide's Normal against the prior's "
+        r"MixtureSameFamily\); .* Monte Carlo",
     ):
         pyvae.fit(
             vae,
@@ -344,18 +347,14 @@ def test_elbo_auto_takes_the_analytic_kl_only_where_it_is_exact(
     digits_small, build, chosen, capsys
 ):
     torch.manual_seed(0)
-    pyvae.fit(
-        build(), digits_small, epochs=1, batch_size=64, device="cpu", progress=True
-    )  # elbo="auto", the default
+    # elbo="auto", the default
+    pyvae.fit(build(), digits_small, epochs=1, batch_size=64, device="cpu", progress=True)
     assert f"elbo auto: {chosen}" in capsys.readouterr().out
 
 
 def test_meanfield_refuses_a_guide_whose_latents_depend_on_each_other(tmp_path, capsys):
-    from pyvae.cli.app import main
-
-    with pytest.raises(
-        SystemExit
-    ) as info:  # hvae's guide is q(z1|x) q(z2|z1): analytic KLs are not its ELBO
+    # hvae's guide is q(z1|x) q(z2|z1): analytic KLs are not its ELBO
+    with pytest.raises(SystemExit) as info:
         main(
             [
                 "train",
@@ -387,11 +386,6 @@ def test_meanfield_refuses_a_guide_whose_latents_depend_on_each_other(tmp_path, 
 
 
 def test_the_cli_prints_the_meanfield_warning_as_one_line_of_words(tmp_path):
-    import subprocess
-    import sys
-
-    from pyvae.cli.app import main
-
     argv = [
         "train",
         "--dataset",
@@ -424,24 +418,19 @@ def test_the_cli_prints_the_meanfield_warning_as_one_line_of_words(tmp_path):
         in done.stderr
     )
     assert "UserWarning" not in done.stderr and "PyvaeWarning" not in done.stderr
-    with pytest.warns(
-        pyvae.PyvaeWarning, match="no analytic KL"
-    ):  # in process, a handler recording warnings still sees it
+    # in process, a handler recording warnings still sees it
+    with pytest.warns(pyvae.PyvaeWarning, match="no analytic KL"):
         main([*argv, "--out", str(tmp_path / "again")])
 
 
 # -- every combination trains ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_small():
-    from pyvae.data.datasets import binarize, load_dataset
-
     return binarize(load_dataset("digits", "train"), "static").images[:256]
 
 
 @pytest.fixture(scope="module")
 def digits_gray():
-    from pyvae.data.datasets import load_dataset
-
     # 8-bit levels, so every likelihood (the discretized logistic too) accepts them
     return (load_dataset("digits", "train").images[:256] * 255).round() / 255
 
@@ -573,9 +562,10 @@ def test_iwae_training_loss_is_the_minibatch_bound_scaled_outside_the_log_mean_e
     vae.zero_grad()
     pyro.set_rng_seed(6)
     make_elbo("iwae", 5, max_plate_nesting=1).loss_and_grads(vae.model, vae.guide, x)
-    for mine, pyros in zip(ours, (p.grad for p in vae.parameters())):
+    for mine, pyros in zip(ours, (p.grad for p in vae.parameters()), strict=True):
         assert torch.allclose(mine, pyros * 256 / 32, rtol=1e-4, atol=1e-3)
-    # Pyro's RenyiELBO given the subsampled plate would put N/M inside the log-mean-exp: not the IWAE bound
+    # Pyro's RenyiELBO given the subsampled plate would put N/M inside the log-mean-exp: not the
+    # IWAE bound
     pyro.set_rng_seed(6)
     inside = make_elbo("iwae", 5, max_plate_nesting=1).loss(vae.model, vae.guide, x, 256)
     assert inside != pytest.approx(loss.item(), rel=1e-3)
@@ -605,9 +595,8 @@ def test_iwae_training_reports_its_bound(digits_small):
 def test_beta_weights_exactly_the_kl_term(digits_small):
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
     x = digits_small[:16]
-    objective = Objective(
-        vae, "meanfield"
-    )  # beta comes from the trainer's handler, not from the model
+    # beta comes from the trainer's handler, not from the model
+    objective = Objective(vae, "meanfield")
     losses = {}
     for beta in (1.0, 4.0):
         pyro.set_rng_seed(3)
@@ -657,18 +646,13 @@ def test_residual_nets_scale_with_the_image(shape):
         x_dim=x_dim, z_dim=6, net="resnet", image_shape=shape, likelihood="discretized_logistic"
     )
     assert vae.encoder(torch.rand(3, x_dim)).shape == (3, 12)
-    assert vae.decoder(torch.randn(2, 3, 6)).shape == (
-        2,
-        3,
-        2 * x_dim,
-    )  # a particle dimension may lead
+    # a particle dimension may lead
+    assert vae.decoder(torch.randn(2, 3, 6)).shape == (2, 3, 2 * x_dim)
     stages = pyvae.parts.nets.residual_stages(shape[1], shape[2])
     assert len(stages) == {28: 2, 32: 3, 64: 4}[shape[1]]
 
 
 def test_a_residual_vae_learns_colour_photo_patches():
-    from pyvae.data.datasets import load_dataset
-
     torch.manual_seed(0)
     x = load_dataset("photos", "train").images[:128]
     vae = pyvae.VAE(
@@ -680,9 +664,8 @@ def test_a_residual_vae_learns_colour_photo_patches():
     )
     before = pyvae.evaluate_elbo(vae, x, num_particles=2)
     pyvae.fit(vae, x, epochs=4, batch_size=32, lr=1e-3, device="cpu", seed=0, progress=False)
-    assert (
-        pyvae.evaluate_elbo(vae, x, num_particles=2) > before + 500
-    )  # nats per 3072-pixel patch (about 2000 here)
+    # nats per 3072-pixel patch (about 2000 here)
+    assert pyvae.evaluate_elbo(vae, x, num_particles=2) > before + 500
     with pytest.raises(
         pyvae.PyvaeError, match="net 'resnet' needs images .* with even H and W above 4"
     ):

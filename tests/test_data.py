@@ -1,4 +1,5 @@
-"""Loaders parse their real formats: the files in $PYVAE_DATA when present, tiny generated ones always."""
+"""Loaders parse their real formats: the files in $PYVAE_DATA when present, tiny generated ones
+always."""
 
 import gzip
 import struct

@@ -1,7 +1,9 @@
-"""The Pyro program is what gets trained, scored and saved: user-written models through the public API,
-checked against closed-form marginals of linear-Gaussian models."""
+"""The Pyro program is what gets trained, scored and saved: user-written models through the public
+API, checked against closed-form marginals of linear-Gaussian models."""
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -11,6 +13,7 @@ from torch import nn
 
 import pyvae
 from pyvae import program
+from pyvae.train.objectives import Objective
 
 D, Z = 5, 2
 
@@ -20,8 +23,8 @@ def mvn_log_px(x, mean, cov):
 
 
 class LinearGaussian(nn.Module):
-    """z ~ N(0, prior_scale^2 I), x | z ~ N(W z + b, 0.5^2 I), written as plain Pyro with a bare data plate;
-    the guide is a linear-Gaussian encoder."""
+    """z ~ N(0, prior_scale^2 I), x | z ~ N(W z + b, 0.5^2 I), written as plain Pyro with a bare
+    data plate; the guide is a linear-Gaussian encoder."""
 
     def __init__(self, prior_scale=3.0, nested=False):
         super().__init__()
@@ -74,9 +77,8 @@ def exact_guide(model: LinearGaussian, widen: float = 1.2) -> None:
         gain = model.W.T / 0.25 / precision.unsqueeze(1)  # (Z, D): posterior mean = gain (x - b)
         model.enc.weight.copy_(torch.cat([gain, torch.zeros(Z, D)]))
         std = widen / precision.sqrt() - 0.05
-        model.enc.bias.copy_(
-            torch.cat([-gain @ model.b, std + torch.log(-torch.expm1(-std))])
-        )  # softplus^-1
+        # softplus^-1
+        model.enc.bias.copy_(torch.cat([-gain @ model.b, std + torch.log(-torch.expm1(-std))]))
 
 
 def test_a_prior_written_in_model_code_is_what_gets_scored():
@@ -89,7 +91,8 @@ def test_a_prior_written_in_model_code_is_what_gets_scored():
     exact = model.exact(x).detach()
     # within Monte Carlo error of the closed form for *this* prior (N(0, 3^2 I))
     assert ((ll.log_px - exact).abs() <= 4 * ll.stderr + 0.02).all(), ll.log_px - exact
-    # a model with the standard prior would be a different marginal: scored as written, not as a template
+    # a model with the standard prior would be a different marginal: scored as written, not as a
+    # template
     unit = LinearGaussian(prior_scale=1.0)
     unit.load_state_dict(model.state_dict())
     assert (unit.exact(x) - exact).abs().mean() > 0.5
@@ -121,9 +124,11 @@ def test_nested_plates_sum_to_the_same_per_point_weights():
 
 
 class TwoLayer(nn.Module):
-    """z2 ~ N(0, I2); z1 | z2 ~ N(A z2 + a, s1^2 I3); x | z1 ~ N(B z1 + c, s^2 I5): a hierarchy in plain Pyro.
+    """z2 ~ N(0, I2); z1 | z2 ~ N(A z2 + a, s1^2 I3); x | z1 ~ N(B z1 + c, s^2 I5): a hierarchy in
+    plain Pyro.
 
-    Marginal: x ~ N(B a + c, B (A A^T + s1^2 I) B^T + s^2 I). The guide is bottom-up: q(z1|x) q(z2|z1)."""
+    Marginal: x ~ N(B a + c, B (A A^T + s1^2 I) B^T + s^2 I). The guide is bottom-up:
+    q(z1|x) q(z2|z1)."""
 
     def __init__(self):
         super().__init__()
@@ -186,7 +191,8 @@ def test_save_and_load_a_users_class(tmp_path):
     pyvae.save(model, tmp_path / "m.pt")
     again = pyvae.load(tmp_path / "m.pt", model=TwoLayer())
     assert all(
-        torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values())
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True)
     )
     with pytest.raises(
         pyvae.PyvaeError, match=r"holds a .*TwoLayer, not a built-in model; build one and pass it"
@@ -213,9 +219,8 @@ def test_save_and_load_a_users_class(tmp_path):
 
 class PlainParam(LinearGaussian):
     def model(self, x, num_data=None):
-        shift = pyro.param(
-            "shift", torch.zeros(D)
-        )  # not a parameter of the module: fit would never train it
+        # not a parameter of the module: fit would never train it
+        shift = pyro.param("shift", torch.zeros(D))
         with pyro.plate("data", size=num_data or len(x), subsample=torch.arange(len(x))):
             z = pyro.sample("z", dist.Normal(torch.zeros(Z), 1.0).to_event(1))
             pyro.sample("x", dist.Normal(z @ self.W.T + shift, 0.5).to_event(1), obs=x)
@@ -282,8 +287,6 @@ def test_elbo_accepts_any_pyro_elbo_instance():
         progress=False,
     )
     assert all(math.isfinite(h["train_elbo"]) for h in history)
-    from pyvae.train.objectives import Objective
-
     graph = (
         Objective(model, pyro.infer.TraceGraph_ELBO(num_particles=2000, vectorize_particles=True))
         .loss((x,), 16)
@@ -298,10 +301,8 @@ def test_elbo_accepts_any_pyro_elbo_instance():
 
 
 def test_the_custom_model_example_runs(tmp_path, capsys):
-    """examples/custom_model.py, the README's complete example, trains, evaluates, saves and reloads."""
-    import importlib.util
-    from pathlib import Path
-
+    """examples/custom_model.py, the README's complete example, trains, evaluates, saves and
+    reloads."""
     path = Path(__file__).resolve().parents[1] / "examples" / "custom_model.py"
     spec = importlib.util.spec_from_file_location("custom_model", path)
     example = importlib.util.module_from_spec(spec)
@@ -313,7 +314,8 @@ def test_the_custom_model_example_runs(tmp_path, capsys):
 
 
 def test_the_elbo_leaves_out_training_only_factors():
-    """m2's classification factor shapes training, not the model: its ELBO and log p(x, y) ignore alpha."""
+    """m2's classification factor shapes training, not the model: its ELBO and log p(x, y) ignore
+    alpha."""
     torch.manual_seed(5)
     x, y = torch.rand(12, 16).round(), torch.arange(12) % 3
     values = []
@@ -328,6 +330,5 @@ def test_the_elbo_leaves_out_training_only_factors():
         )
     assert values[0][0] == pytest.approx(values[1][0], rel=1e-6)
     assert values[0][1] == pytest.approx(values[1][1], rel=1e-6)
-    assert values[0][0] == pytest.approx(
-        values[0][1], abs=1.0
-    )  # one-draw ELBO against the 50-draw mean
+    # one-draw ELBO against the 50-draw mean
+    assert values[0][0] == pytest.approx(values[0][1], abs=1.0)

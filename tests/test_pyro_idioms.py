@@ -12,6 +12,8 @@ from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
 import pyvae
+from pyvae.data.batching import Call
+from pyvae.train.loop import TrainingStopped
 from pyvae.train.objectives import Objective
 
 from .conftest import interrupted_at
@@ -77,7 +79,7 @@ def test_minibatch_and_implicit_plates_optimize_the_full_data_objective(form):
         grads[type(model)] = (loss.item(), [p.grad.clone() for p in model.parameters()])
     (a, ga), (b, gb) = grads.values()
     assert a == pytest.approx(b, rel=1e-5)  # the N/M scaling, whoever applies it
-    assert all(torch.allclose(u, v, rtol=1e-4, atol=1e-5) for u, v in zip(ga, gb))
+    assert all(torch.allclose(u, v, rtol=1e-4, atol=1e-5) for u, v in zip(ga, gb, strict=True))
 
 
 @pytest.mark.parametrize("form", [Subsampled, MinibatchPlate, ImplicitPlate])
@@ -256,6 +258,7 @@ def test_a_conditional_program_with_float_inputs_and_a_deterministic_site():
     xs = target.clone()
     xs[:, :2] = -1.0  # two hidden pixels, their values the target
     model = Conditional()
+    # particles drawn one at a time
     pyvae.fit(
         model,
         (xs, target),
@@ -266,7 +269,7 @@ def test_a_conditional_program_with_float_inputs_and_a_deterministic_site():
         device="cpu",
         elbo="iwae",
         num_particles=3,
-    )  # particles drawn one at a time
+    )
     pyro.set_rng_seed(0)
     with pytest.warns(pyvae.PyvaeWarning, match="drawn one at a time"):
         ll = pyvae.log_likelihood(model, (xs, target), num_samples=1000)
@@ -277,9 +280,8 @@ def test_a_conditional_program_with_float_inputs_and_a_deterministic_site():
         mean = model.dec(torch.cat([z, xs.expand(200000, *xs.shape)], -1))[..., :2]
         log_lik = dist.Normal(mean, 1.0).log_prob(target[:, :2]).sum(-1)
         independent = torch.logsumexp(log_lik, 0) - math.log(200000)
-    difference = (
-        ll.log_px - independent
-    )  # IS from a 2-epoch guide is heavy-tailed: checked on average
+    # IS from a 2-epoch guide is heavy-tailed: checked on average
+    difference = ll.log_px - independent
     assert difference.mean().abs() < 0.25, difference
     # the same program written so that particles vectorize: the same estimate to Monte Carlo error
     twin = Vectorized()
@@ -388,8 +390,6 @@ def test_evaluation_encodes_labels_and_refuses_unlabelled_points_for_an_optional
 
 
 def test_a_semi_supervised_run_stopped_mid_epoch_resumes_exactly(tmp_path, monkeypatch):
-    from pyvae.train.loop import TrainingStopped
-
     x, y = clusters(200)
     labels = torch.full_like(y, -1)
     labels[:20] = y[:20]
@@ -407,9 +407,14 @@ def test_a_semi_supervised_run_stopped_mid_epoch_resumes_exactly(tmp_path, monke
     with interrupted_at(monkeypatch, 8), stopped:
         pyvae.fit(model, (x, labels), out=tmp_path / "stopped", **settings)
     resumed = pyvae.fit(model, (x, labels), out=tmp_path / "stopped", resume=True, **settings)
-    strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
+
+    def strip(history):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
     assert strip(resumed) == strip(reference)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), whole.parameters()))
+    assert all(
+        torch.equal(p, q) for p, q in zip(model.parameters(), whole.parameters(), strict=True)
+    )
 
 
 class Mixture(nn.Module):
@@ -442,8 +447,6 @@ class Mixture(nn.Module):
 
 def test_split_calls_scale_each_group_and_keep_the_program_s_own_factor_scale():
     """sum_l L + sum_u U + alpha N mean_l log q, exactly, from a labelled and an unlabelled call."""
-    from pyvae.data.batching import Call
-
     torch.manual_seed(8)
     x, y = clusters(12)
     y[4:] = -1  # 4 labelled, 8 unlabelled of N = 12

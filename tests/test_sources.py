@@ -1,19 +1,25 @@
-"""Your own data: image folders, .npz and .npy files, and the photos patches, through load_dataset and the CLI."""
+"""Your own data: image folders, .npz and .npy files, and the photos patches, through load_dataset
+and the CLI."""
 
+import json
 import re
 
 import numpy as np
 import pytest
 import torch
+import torchvision.datasets
 from PIL import Image
 
 import pyvae
+import pyvae.data.streaming
 from pyvae.cli.app import main
+from pyvae.data.batching import Batches
 from pyvae.data.datasets import load_dataset, load_train_test
 
 
 def save_images(folder, n, size=(6, 5), mode="L", seed=0, bright=False):
-    """n random images of ``size`` (width, height) in ``folder``; bright ones have a white top row."""
+    """n random images of ``size`` (width, height) in ``folder``; bright ones have a white top
+    row."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     channels = {"L": (), "RGB": (3,)}[mode]
@@ -181,7 +187,8 @@ def test_a_labelled_folder_trains_a_conditional_model_and_bad_input_writes_nothi
     for argv, message in [
         (
             ["--dataset", str(tmp_path / "nowhere")],
-            "invalid value .*nowhere.* for 'dataset'; allowed: .*or the path of an existing image folder",
+            "invalid value .*nowhere.* for 'dataset'; allowed: .*or the path of an existing image "
+            "folder",
         ),
         (
             ["--dataset", str(tmp_path / "shapes"), "--image-size", "0"],
@@ -204,7 +211,8 @@ def test_a_labelled_folder_trains_a_conditional_model_and_bad_input_writes_nothi
                 "--no-download",
                 "--strict-data",
             ],
-            r"celeba train split not found under .*none \(torchvision's CelebA layout; downloads are off\)",
+            r"celeba train split not found under .*none \(torchvision's CelebA layout; downloads "
+            r"are off\)",
         ),
         (
             ["--dataset", "no_such_set"],
@@ -221,9 +229,8 @@ def test_a_labelled_folder_trains_a_conditional_model_and_bad_input_writes_nothi
 
 @pytest.mark.parametrize("name, layout", [("cifar10", "NHWC"), ("svhn", "NCHW")])
 def test_torchvision_colour_sets_by_name(name, layout, tmp_path, monkeypatch):
-    """CIFAR and SVHN come through torchvision's own classes (stand-ins here: no files, no network)."""
-    import torchvision.datasets
-
+    """CIFAR and SVHN come through torchvision's own classes (stand-ins here: no files, no
+    network)."""
     rng = np.random.default_rng(0)
     pixels = rng.integers(
         0, 256, (6, 32, 32, 3) if layout == "NHWC" else (6, 3, 32, 32), dtype=np.uint8
@@ -253,8 +260,8 @@ def test_a_torchvision_set_not_under_the_data_root_is_a_clear_notice(tmp_path):
 
 
 def test_a_torchvision_set_by_name_read_image_by_image(tmp_path):
-    """EuroSAT through torchvision's own class (an ImageFolder of RGB JPEGs under eurosat/2750): labels
-    from its targets, no split of its own so split by test_fraction, --image-size applied."""
+    """EuroSAT through torchvision's own class (an ImageFolder of RGB JPEGs under eurosat/2750):
+    labels from its targets, no split of its own so split by test_fraction, --image-size applied."""
     for k, name in enumerate(["Forest", "River"]):
         save_images(tmp_path / "eurosat" / "2750" / name, 5 + k, size=(8, 6), mode="RGB", seed=k)
     train, test, _ = load_train_test(
@@ -281,8 +288,8 @@ def test_a_torchvision_set_by_name_read_image_by_image(tmp_path):
 
 
 def test_a_torchvision_set_with_splits_of_its_own(tmp_path, monkeypatch):
-    """A class taking ``split`` (CelebA's) is asked for train or test; attribute targets give no labels."""
-    import torchvision.datasets
+    """A class taking ``split`` (CelebA's) is asked for train or test; attribute targets give no
+    labels."""
 
     class StandIn(torch.utils.data.Dataset):
         def __init__(self, root, split="train", download=False):
@@ -303,22 +310,18 @@ def test_a_torchvision_set_with_splits_of_its_own(tmp_path, monkeypatch):
 
 
 def test_a_set_too_large_for_memory_is_streamed_with_the_same_numbers(tmp_path, monkeypatch):
-    import pyvae.data.streaming
-
     save_images(tmp_path / "big" / "a", 6, mode="RGB", bright=True)
     save_images(tmp_path / "big" / "b", 4, mode="RGB", seed=1)
     held = load_train_test(str(tmp_path / "big"), test_fraction=0.3)[:2]
-    monkeypatch.setattr(
-        pyvae.data.streaming, "READ_IN_PARALLEL", 2
-    )  # held, but read by the DataLoader's workers
+    # held, but read by the DataLoader's workers
+    monkeypatch.setattr(pyvae.data.streaming, "READ_IN_PARALLEL", 2)
     assert torch.equal(
         load_train_test(str(tmp_path / "big"), test_fraction=0.3)[0].images, held[0].images
     )
-    monkeypatch.setattr(
-        pyvae.data.streaming, "available_memory", lambda: 1000
-    )  # bytes: 10 images of 3x5x6 floats need 3600
+    # bytes: 10 images of 3x5x6 floats need 3600
+    monkeypatch.setattr(pyvae.data.streaming, "available_memory", lambda: 1000)
     streamed = load_train_test(str(tmp_path / "big"), test_fraction=0.3)[:2]
-    for h, s in zip(held, streamed):
+    for h, s in zip(held, streamed, strict=True):
         assert (
             isinstance(s.images, pyvae.data.streaming.StreamedImages)
             and s.images.shape == h.images.shape
@@ -334,14 +337,10 @@ def test_a_set_too_large_for_memory_is_streamed_with_the_same_numbers(tmp_path, 
 
 
 def test_a_corrupt_image_in_a_streamed_set_is_one_line_naming_it(tmp_path, monkeypatch):
-    import pyvae.data.streaming
-    from pyvae.data.batching import Batches
-
     save_images(tmp_path / "big", 8)
     whole = (tmp_path / "big" / "005.png").read_bytes()
-    (tmp_path / "big" / "005.png").write_bytes(
-        whole[: len(whole) // 2]
-    )  # its header is whole, its pixels not
+    # its header is whole, its pixels not
+    (tmp_path / "big" / "005.png").write_bytes(whole[: len(whole) // 2])
     monkeypatch.setattr(pyvae.data.streaming, "available_memory", lambda: 100)
     train = load_dataset(str(tmp_path / "big"), "train", test_fraction=0.25)
     with pytest.raises(pyvae.PyvaeError) as info:
@@ -352,12 +351,8 @@ def test_a_corrupt_image_in_a_streamed_set_is_one_line_naming_it(tmp_path, monke
 def test_a_streamed_folder_trains_exactly_as_held_and_evaluate_finds_it_again(
     tmp_path, monkeypatch, capsys
 ):
-    """The same colour folder held in memory and forced to stream (a DataLoader with workers): the same
-    minibatches, so the same ELBOs to the last digit; then ``evaluate RUN`` reads it again."""
-    import json
-
-    import pyvae.data.streaming
-
+    """The same colour folder held in memory and forced to stream (a DataLoader with workers): the
+    same minibatches, so the same ELBOs to the last digit; then ``evaluate RUN`` reads it again."""
     save_images(tmp_path / "pics" / "a", 20, size=(6, 6), mode="RGB", bright=True)
     save_images(tmp_path / "pics" / "b", 20, size=(6, 6), mode="RGB", seed=1)
     flags = [
@@ -380,9 +375,8 @@ def test_a_streamed_folder_trains_exactly_as_held_and_evaluate_finds_it_again(
         "--no-download",
     ]
     main(["train", *flags, "--out", str(tmp_path / "held")])
-    monkeypatch.setattr(
-        pyvae.data.streaming, "available_memory", lambda: 1000
-    )  # 40 images of 3x6x6 floats need 17,280 bytes
+    # 40 images of 3x6x6 floats need 17,280 bytes
+    monkeypatch.setattr(pyvae.data.streaming, "available_memory", lambda: 1000)
     capsys.readouterr()
     main(["train", *flags, "--out", str(tmp_path / "streamed")])
     assert "binarize=none, streamed from disk (too large for memory)" in capsys.readouterr().out
@@ -397,6 +391,5 @@ def test_a_streamed_folder_trains_exactly_as_held_and_evaluate_finds_it_again(
     main(
         ["evaluate", str(tmp_path / "streamed"), "--num-samples", "4", "--out", str(tmp_path / "e")]
     )
-    assert (
-        json.loads((tmp_path / "e" / "eval.json").read_text())["num_points"] == 4
-    )  # 0.1 of 40 held out as test
+    # 0.1 of 40 held out as test
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["num_points"] == 4

@@ -1,18 +1,18 @@
 """Data sets as flat float tensors in [0, 1].
 
-=================  ===========================  ===================================================
-name               splits                       source
-=================  ===========================  ===================================================
-binarized_mnist    train 50k, valid 10k, test   Larochelle & Murray's static binarization (``.amat``)
-mnist              train 60k, test 10k          torchvision's ``MNIST/raw`` IDX files, grayscale
-fashion_mnist      train 60k, test 10k          torchvision's ``FashionMNIST/raw`` IDX files
-digits             train 1437, test 360         scikit-learn's 8x8 digits, always available offline
-photos             train 416, test 104          32x32 colour patches of scikit-learn's two photographs
-cifar10, cifar100  train 50k, test 10k          torchvision's ``cifar-10-batches-py`` / ``cifar-100-python``
-svhn               train 73k, test 26k          torchvision's ``train_32x32.mat``, ``test_32x32.mat``
-celeba, stl10 ...  its own, or test_fraction    any other image set of ``torchvision.datasets``, by name
-PATH               train, test                  your image folder, .npz or .npy (:mod:`pyvae.sources`)
-=================  ===========================  ===================================================
+=================  ==========================  =====================================================
+name               splits                      source
+=================  ==========================  =====================================================
+binarized_mnist    train 50k, valid 10k, test  Larochelle & Murray's static binarization (``.amat``)
+mnist              train 60k, test 10k         torchvision's ``MNIST/raw`` IDX files, grayscale
+fashion_mnist      train 60k, test 10k         torchvision's ``FashionMNIST/raw`` IDX files
+digits             train 1437, test 360        scikit-learn's 8x8 digits, always available offline
+photos             train 416, test 104         32x32 colour patches of scikit-learn's two photos
+cifar10, cifar100  train 50k, test 10k         ``cifar-10-batches-py``, ``cifar-100-python`` folders
+svhn               train 73k, test 26k         torchvision's ``train_32x32.mat``, ``test_32x32.mat``
+celeba, stl10 ...  its own, or test_fraction   any other ``torchvision.datasets`` image set, by name
+PATH               train, test                 your folder, .npz or .npy (:mod:`pyvae.data.sources`)
+=================  ==========================  =====================================================
 
 The data root is ``data_dir``, else ``$PYVAE_DATA``, else ``./data``. Files found
 there are used as they are; missing ones are downloaded and checked against
@@ -32,18 +32,18 @@ import shutil
 import struct
 import tempfile
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-
-from pyvae.errors import DataNotFound, PyvaeError, positive_int
-from pyvae.data.imageset import ImageSet, spread
-from pyvae.data.streaming import StreamedImages, held_or_streamed, rows
-from pyvae.data import sources
-from torchvision import datasets
 from sklearn.datasets import load_digits
+from torchvision import datasets
+
+from pyvae.data import sources
+from pyvae.data.imageset import ImageSet, spread  # noqa: F401 - spread is imported from here
+from pyvae.data.streaming import StreamedImages, held_or_streamed, rows
+from pyvae.errors import DataNotFound, PyvaeError, positive_int
 
 SPLITS = {
     "binarized_mnist": ("train", "valid", "test"),
@@ -85,26 +85,38 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def load_dataset(
-    name: str, split: str = "train", *, data_dir: str | os.PathLike | None = None, download: bool = True,
-    test_fraction: float = 0.1, image_size: int | None = None,
+    name: str,
+    split: str = "train",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = True,
+    test_fraction: float = 0.1,
+    image_size: int | None = None,
 ) -> ImageSet:
-    """One split of a data set; raises :class:`DataNotFound` when it is neither on disk nor downloadable.
+    """One split of a data set; raises :class:`DataNotFound` when it is neither on disk nor
+    downloadable.
 
-    ``name`` is a built-in data set or the path of your own (:func:`pyvae.sources.load_path`, which
-    takes ``test_fraction`` and ``image_size``).
+    ``name`` is a built-in data set or the path of your own (:func:`pyvae.data.sources.load_path`,
+    which takes ``test_fraction`` and ``image_size``).
     """
 
     if name not in SPLITS:
         if sources.is_path(name):
             return sources.load_path(name, split, test_fraction, image_size)
         if torchvision_class(name) is None:
-            raise PyvaeError(f"unknown dataset {name!r}; choose from {', '.join(SPLITS)}, a data set of torchvision.datasets "
-                             "by name, or give the path of an image folder, .npz or .npy")
+            raise PyvaeError(
+                f"unknown dataset {name!r}; choose from {', '.join(SPLITS)}, a data set of "
+                "torchvision.datasets by name, or give the path of an image folder, .npz or .npy"
+            )
         if split not in ("train", "test"):
             raise PyvaeError(f"dataset {name!r} has the splits train and test; got {split!r}")
-        return _torchvision_items(name, data_root(data_dir), split, download, test_fraction, image_size)
+        return _torchvision_items(
+            name, data_root(data_dir), split, download, test_fraction, image_size
+        )
     if split not in SPLITS[name]:
-        raise PyvaeError(f"dataset {name!r} has no split {split!r}; choose from {', '.join(SPLITS[name])}")
+        raise PyvaeError(
+            f"dataset {name!r} has no split {split!r}; choose from {', '.join(SPLITS[name])}"
+        )
     root = data_root(data_dir)
     if name == "binarized_mnist":
         return _binarized_mnist(root, split, download)
@@ -118,7 +130,8 @@ def load_dataset(
 
 
 def binarize(data: ImageSet, mode: str, seed: int = 0) -> ImageSet:
-    """``static``: one Bernoulli draw fixed by ``seed``; ``dynamic``: a fresh draw per read; ``none``: as is."""
+    """``static``: one Bernoulli draw fixed by ``seed``; ``dynamic``: a fresh draw per read;
+    ``none``: as is."""
     if mode not in BINARIZE_MODES:
         raise PyvaeError(f"unknown binarize mode {mode!r}; choose from {', '.join(BINARIZE_MODES)}")
     if mode == "none":
@@ -142,16 +155,21 @@ def _binarized_mnist(root: Path, split: str, download: bool) -> ImageSet:
             with _removed_on_failure(folder):
                 _download(BINARIZED_MNIST_URL + path.name, path, BINARIZED_MNIST_SHA256[split])
         except Exception as e:
-            raise DataNotFound(_missing("binarized_mnist", split, [path], f"download failed: {_reason(e)}")) from e
+            raise DataNotFound(
+                _missing("binarized_mnist", split, [path], f"download failed: {_reason(e)}")
+            ) from e
     images = torch.from_numpy(read_amat(path)).float()
     labels = None
     if split == "test" and len(images) == sum(BINARIZED_MNIST_TEST_CLASS_COUNTS):
-        labels = torch.repeat_interleave(torch.arange(10), torch.tensor(BINARIZED_MNIST_TEST_CLASS_COUNTS))
+        labels = torch.repeat_interleave(
+            torch.arange(10), torch.tensor(BINARIZED_MNIST_TEST_CLASS_COUNTS)
+        )
     return ImageSet(images, labels, (1, 28, 28), "binarized_mnist", split)
 
 
 def read_amat(path: str | os.PathLike, width: int = 784) -> np.ndarray:
-    """Parse a binarized-MNIST ``.amat`` file: one image per line, ``width`` values 0/1 separated by whitespace.
+    """Parse a binarized-MNIST ``.amat`` file: one image per line, ``width`` values 0/1 separated by
+    whitespace.
 
     Accepts any run of spaces/tabs, trailing spaces and ``\\r\\n`` line ends; any
     other token is an error naming its line.
@@ -167,7 +185,9 @@ def read_amat(path: str | os.PathLike, width: int = 784) -> np.ndarray:
         raise PyvaeError(f"{path}: line {line} holds a value other than 0 or 1")
     starts = np.concatenate([[0], newlines + 1])
     starts = starts[starts < buf.size]
-    per_line = np.add.reduceat(is_digit, starts, dtype=np.int64) if starts.size else np.zeros(0, np.int64)
+    per_line = (
+        np.add.reduceat(is_digit, starts, dtype=np.int64) if starts.size else np.zeros(0, np.int64)
+    )
     wrong = np.flatnonzero((per_line != width) & (per_line > 0))
     if wrong.size or not per_line.any():
         line = int(wrong[0]) + 1 if wrong.size else 1
@@ -183,12 +203,18 @@ def _torchvision_idx(name: str, root: Path, split: str, download: bool) -> Image
     paths = [_existing(folder / f) for f in wanted]
     if None in paths:
         if not download:
-            raise DataNotFound(_missing(name, split, [folder / f for f in wanted], "downloads are off"))
+            raise DataNotFound(
+                _missing(name, split, [folder / f for f in wanted], "downloads are off")
+            )
         try:
             with _removed_on_failure(folder):
                 _torchvision_download(name, root, split)
         except Exception as e:
-            raise DataNotFound(_missing(name, split, [folder / f for f in wanted], f"download failed: {_reason(e)}")) from e
+            raise DataNotFound(
+                _missing(
+                    name, split, [folder / f for f in wanted], f"download failed: {_reason(e)}"
+                )
+            ) from e
         paths = [_existing(folder / f) for f in wanted]
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
@@ -230,90 +256,139 @@ def _torchvision_download(name: str, root: Path, split: str) -> None:
 
 # -- CIFAR and SVHN through torchvision ------------------------------------------------
 def _torchvision_arrays(name: str, root: Path, split: str, download: bool) -> ImageSet:
-    """A torchvision data set held as one uint8 array (``data``: CIFAR's (N, H, W, C), SVHN's (N, C, H, W))
-    with integer labels (``targets`` or ``labels``): found under the data root, else downloaded
-    (torchvision checks its md5), else a :class:`DataNotFound` naming where it looked."""
+    """A torchvision data set held as one uint8 array (``data``: CIFAR's (N, H, W, C), SVHN's
+    (N, C, H, W)) with integer labels (``targets`` or ``labels``): found under the data root, else
+    downloaded (torchvision checks its md5), else a :class:`DataNotFound` naming where it looked."""
 
     class_name, splits = TORCHVISION_ARRAYS[name]
-    found = _torchvision_instance(getattr(datasets, class_name), name, root, split, download, splits[split])
+    found = _torchvision_instance(
+        getattr(datasets, class_name), name, root, split, download, splits[split]
+    )
     images = np.asarray(found.data)
     if images.ndim == 4 and images.shape[-1] == 3:  # CIFAR: channels last
         images = images.transpose(0, 3, 1, 2)
-    labels = np.asarray(found.targets if hasattr(found, "targets") else found.labels)  # CIFAR's name, SVHN's
+    # CIFAR's name, SVHN's
+    labels = np.asarray(found.targets if hasattr(found, "targets") else found.labels)
     n, c, h, w = images.shape
-    x = torch.from_numpy(np.ascontiguousarray(images).reshape(n, c * h * w).astype(np.float32) / 255.0)
+    x = torch.from_numpy(
+        np.ascontiguousarray(images).reshape(n, c * h * w).astype(np.float32) / 255.0
+    )
     return ImageSet(x, torch.from_numpy(labels.astype(np.int64)), (c, h, w), name, split)
 
 
 # -- any other torchvision data set, read image by image ------------------------------
 #: names in torchvision.datasets that are not a data set of their own
-NOT_TORCHVISION_SETS = ("VisionDataset", "ImageFolder", "DatasetFolder", "FakeData", "wrap_dataset_for_transforms_v2")
+NOT_TORCHVISION_SETS = (
+    "VisionDataset",
+    "ImageFolder",
+    "DatasetFolder",
+    "FakeData",
+    "wrap_dataset_for_transforms_v2",
+)
 
 
 def torchvision_class(name: str):
-    """torchvision's data set class called ``name``, case and underscores aside (``celeba``, ``stl10``,
-    ``oxford_iiit_pet``), or None."""
+    """torchvision's data set class called ``name``, case and underscores aside (``celeba``,
+    ``stl10``, ``oxford_iiit_pet``), or None."""
 
     key = name.replace("_", "").lower()
-    return next((getattr(datasets, c) for c in datasets.__all__ if c.lower() == key and c not in NOT_TORCHVISION_SETS), None)
+    return next(
+        (
+            getattr(datasets, c)
+            for c in datasets.__all__
+            if c.lower() == key and c not in NOT_TORCHVISION_SETS
+        ),
+        None,
+    )
 
 
-def _torchvision_items(name: str, root: Path, split: str, download: bool, test_fraction: float, image_size: int | None) -> ImageSet:
+def _torchvision_items(
+    name: str, root: Path, split: str, download: bool, test_fraction: float, image_size: int | None
+) -> ImageSet:
     """A torchvision data set of (PIL image, target) items, each read through the same
-    :class:`~pyvae.sources.ImageReader` as an image folder's: held in memory when it fits, else streamed.
-    Its own split where its class takes ``train`` or ``split`` (CelebA, STL10, ...), else the whole set
-    split by ``test_fraction``; integer labels where it keeps them (``targets``, ``labels``)."""
+    :class:`~pyvae.data.sources.ImageReader` as an image folder's: held in memory when it fits, else
+    streamed. Its own split where its class takes ``train`` or ``split`` (CelebA, STL10, ...), else
+    the whole set split by ``test_fraction``; integer labels where it keeps them (``targets``,
+    ``labels``)."""
 
     cls = torchvision_class(name)
     params = inspect.signature(cls).parameters
-    own = {"train": split == "train"} if "train" in params else {"split": split} if "split" in params else {}
+    own = (
+        {"train": split == "train"}
+        if "train" in params
+        else {"split": split}
+        if "split" in params
+        else {}
+    )
     found = _torchvision_instance(cls, name, root, split, download, own)
     first = found[0][0] if len(found) else None
     if not hasattr(first, "mode"):
-        raise PyvaeError(f"{name} under {root}: its items are not (image, target) pairs of PIL images; pyvae reads image data sets")
+        raise PyvaeError(
+            f"{name} under {root}: its items are not (image, target) pairs of PIL images; pyvae "
+            "reads image data sets"
+        )
     grey = first.mode in sources.GREY_MODES
     shape = (1 if grey else 3, *((image_size, image_size) if image_size else first.size[::-1]))
-    images = held_or_streamed(sources.ImageReader(found, grey, image_size, shape), len(found), shape)
+    images = held_or_streamed(
+        sources.ImageReader(found, grey, image_size, shape), len(found), shape
+    )
     labels = _integer_labels(found)
     if not own:
-        images, labels, shape = sources.split_by_fraction(images, shape, labels, split, test_fraction)
+        images, labels, shape = sources.split_by_fraction(
+            images, shape, labels, split, test_fraction
+        )
     return ImageSet(images, labels, shape, name, split)
 
 
 def _integer_labels(found) -> torch.Tensor | None:
-    """One class index per item, where the data set keeps them as a list (CelebA's targets are attributes: none)."""
+    """One class index per item, where the data set keeps them as a list (CelebA's targets are
+    attributes: none)."""
     for attribute in ("targets", "labels", "_labels"):
         y = np.asarray(getattr(found, attribute, None))
-        if y.ndim == 1 and len(y) == len(found) and np.issubdtype(y.dtype, np.integer) and (y >= 0).all():
+        if (
+            y.ndim == 1
+            and len(y) == len(found)
+            and np.issubdtype(y.dtype, np.integer)
+            and (y >= 0).all()
+        ):
             return torch.from_numpy(y.astype(np.int64))
     return None
 
 
 def _torchvision_instance(cls, name: str, root: Path, split: str, download: bool, kwargs: dict):
-    """``cls(root, **kwargs)`` found under the data root, else downloaded (torchvision checks its md5),
-    else a :class:`DataNotFound` naming where it looked."""
+    """``cls(root, **kwargs)`` found under the data root, else downloaded (torchvision checks its
+    md5), else a :class:`DataNotFound` naming where it looked."""
     takes_download = "download" in inspect.signature(cls).parameters
     try:
-        return _construct(cls, name, root, split, **kwargs, **({"download": False} if takes_download else {}))
+        return _construct(
+            cls, name, root, split, **kwargs, **({"download": False} if takes_download else {})
+        )
     except (RuntimeError, FileNotFoundError) as e:  # torchvision: "Dataset not found or corrupted"
         if not download or not takes_download:
-            raise DataNotFound(f"{name} {split} split not found under {root} (torchvision's {cls.__name__} layout; "
-                               f"{'downloads are off' if takes_download else 'it cannot be downloaded'}); put the files "
-                               "there, or point --data-dir / $PYVAE_DATA at a folder that has them") from e
+            raise DataNotFound(
+                f"{name} {split} split not found under {root} (torchvision's {cls.__name__} "
+                f"layout; {'downloads are off' if takes_download else 'it cannot be downloaded'}); "
+                "put the files there, or point --data-dir / $PYVAE_DATA at a folder that has them"
+            ) from e
     try:
         with _removed_on_failure(root):
             return _construct(cls, name, root, split, download=True, **kwargs)
     except PyvaeError:
         raise
     except Exception as e:
-        raise DataNotFound(f"{name} {split} split not found under {root} and its download failed: {_reason(e)}") from e
+        raise DataNotFound(
+            f"{name} {split} split not found under {root} and its download failed: {_reason(e)}"
+        ) from e
 
 
 def _construct(cls, name: str, root: Path, split: str, /, **kwargs):
     try:
         return cls(str(root), **kwargs)
-    except (ValueError, TypeError) as e:  # torchvision: "Unknown value 'test' for argument split. Valid values are ..."
-        raise PyvaeError(f"{name}: torchvision's {cls.__name__} cannot give its {split!r} split: {_reason(e)}") from e
+    # torchvision: "Unknown value 'test' for argument split. Valid values are ..."
+    except (ValueError, TypeError) as e:
+        raise PyvaeError(
+            f"{name}: torchvision's {cls.__name__} cannot give its {split!r} split: {_reason(e)}"
+        ) from e
 
 
 # -- scikit-learn digits ------------------------------------------------------------
@@ -324,7 +399,9 @@ def _digits(split: str) -> ImageSet:
     n_train = int(0.8 * len(order))
     idx = order[:n_train] if split == "train" else order[n_train:]
     x = torch.from_numpy(digits.data[idx].astype(np.float32) / 16.0)
-    return ImageSet(x, torch.from_numpy(digits.target[idx].astype(np.int64)), (1, 8, 8), "digits", split)
+    return ImageSet(
+        x, torch.from_numpy(digits.target[idx].astype(np.int64)), (1, 8, 8), "digits", split
+    )
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -396,7 +473,10 @@ def load_train_test(
     except DataNotFound as e:
         if fallback is None or fallback == name:
             raise
-        notice = f"notice: {e}. Training on {fallback!r} instead (use --strict-data to make this an error)."
+        notice = (
+            f"notice: {e}. Training on {fallback!r} instead "
+            "(use --strict-data to make this an error)."
+        )
         return load_dataset(fallback, "train"), load_dataset(fallback, "test"), notice
 
 
@@ -405,32 +485,38 @@ def resolve_binarize(likelihood, data: ImageSet, mode: str = "auto") -> str:
     data (``likelihood.binary_data``) and ``data`` is grayscale, else ``none``."""
     if mode != "auto":
         return mode
-    return "dynamic" if getattr(likelihood, "binary_data", False) and not data.is_binary() else "none"
+    return (
+        "dynamic" if getattr(likelihood, "binary_data", False) and not data.is_binary() else "none"
+    )
 
 
 def evaluation_split(data: ImageSet, mode: str, seed: int = 0) -> ImageSet:
-    """A held-out split binarized for evaluation: one fixed draw (seed + 1) where training draws afresh,
-    so test numbers compare across epochs and runs."""
+    """A held-out split binarized for evaluation: one fixed draw (seed + 1) where training draws
+    afresh, so test numbers compare across epochs and runs."""
     return binarize(data, "static" if mode == "dynamic" else mode, seed + 1)
 
 
 def binarize_for(
     likelihood, train: ImageSet, test: ImageSet, mode: str = "auto", seed: int = 0
 ) -> tuple[ImageSet, ImageSet, str]:
-    """(train, test, mode used): both splits binarized as ``mode`` says (see :func:`resolve_binarize`)."""
+    """(train, test, mode used): both splits binarized as ``mode`` says (see
+    :func:`resolve_binarize`)."""
     mode = resolve_binarize(likelihood, train, mode)
     return binarize(train, mode, seed), evaluation_split(test, mode, seed), mode
 
 
 def hold_out(data: ImageSet, fraction: float, seed: int = 0) -> tuple[ImageSet, ImageSet]:
-    """(rest, held): a random ``fraction`` of ``data`` (round(fraction * N) points, at least one, and
-    at least one left) held out as a ``valid`` split, drawn from ``seed``; the two are disjoint and
-    together are ``data``. Each keeps the order the points had in ``data``."""
+    """(rest, held): a random ``fraction`` of ``data`` (round(fraction * N) points, at least one,
+    and at least one left) held out as a ``valid`` split, drawn from ``seed``; the two are disjoint
+    and together are ``data``. Each keeps the order the points had in ``data``."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise PyvaeError(f"valid_fraction must be a number in (0, 1); got {fraction!r}")
     n = len(data)
     if n < 2:
-        raise PyvaeError(f"{data.name} {data.split} has {n} point; holding out a validation fraction needs at least 2")
+        raise PyvaeError(
+            f"{data.name} {data.split} has {n} point; holding out a validation fraction needs at "
+            "least 2"
+        )
     held = min(max(1, round(fraction * n)), n - 1)
     chosen = torch.zeros(n, dtype=torch.bool)
     chosen[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:held]] = True
@@ -443,7 +529,12 @@ def hold_out(data: ImageSet, fraction: float, seed: int = 0) -> tuple[ImageSet, 
 
 
 def validation_split(
-    train: ImageSet, fraction: float | None = None, seed: int = 0, *, data_dir=None, download: bool = True
+    train: ImageSet,
+    fraction: float | None = None,
+    seed: int = 0,
+    *,
+    data_dir=None,
+    download: bool = True,
 ) -> tuple[ImageSet, ImageSet | None]:
     """(train, valid): with ``fraction``, a held-out part of ``train`` (:func:`hold_out`); else the
     data set's own ``valid`` split where it has one (binarized MNIST's 10,000 images), else None."""
@@ -459,18 +550,22 @@ def semi_supervised(data: ImageSet, num_labels: int, seed: int = 0) -> ImageSet:
     of its C classes, and every other label set to -1 (unlabelled): Kingma et al. (2014)'s setting,
     e.g. 100 labels of MNIST = 10 per digit. Points already at -1 stay unlabelled."""
     if data.labels is None:
-        raise PyvaeError(f"{data.name} {data.split} has no labels; semi_supervised needs labelled data")
+        raise PyvaeError(
+            f"{data.name} {data.split} has no labels; semi_supervised needs labelled data"
+        )
     positive_int("num_labels", num_labels)
     labels = data.labels
     available = int((labels >= 0).sum())
     classes = labels[labels >= 0].unique().tolist()
     if num_labels > available:
         raise PyvaeError(
-            f"num_labels={num_labels} is more than the {available} labelled points of {data.name} {data.split}"
+            f"num_labels={num_labels} is more than the {available} labelled points of {data.name} "
+            f"{data.split}"
         )
     if num_labels % len(classes):
         raise PyvaeError(
-            f"num_labels={num_labels} is not divisible by the {len(classes)} classes; use a multiple of {len(classes)}"
+            f"num_labels={num_labels} is not divisible by the {len(classes)} classes; use a "
+            f"multiple of {len(classes)}"
         )
     per_class = num_labels // len(classes)
     generator = torch.Generator().manual_seed(seed)

@@ -35,7 +35,8 @@ class CVAE(nn.Module):
         z_n ~ N(m(x_n, onehot(y_n)), diag s(x_n, onehot(y_n))^2)
 
     The one-hot label is concatenated to the input of both MLPs; sigma = softplus(.) + 1e-4
-    (:class:`pyvae.guides.DiagonalNormal`). log p(x | y) is what the importance sampler scores.
+    (:class:`pyvae.parts.guides.DiagonalNormal`). log p(x | y) is what the importance sampler
+    scores.
     Sites: ``"z"`` and ``"x"``; a batch is ``(x, y)`` with y int64 labels in 0..C-1.
 
     Args:
@@ -134,8 +135,8 @@ class CVAE(nn.Module):
 
 
 def concat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[a, b] along the last dimension, the leading dimensions broadcast: a network input from x (M, D)
-    and labels of shape (C, 1, M) or particles z (K, M, Z)."""
+    """[a, b] along the last dimension, the leading dimensions broadcast: a network input from x (M,
+    D) and labels of shape (C, 1, M) or particles z (K, M, Z)."""
     lead = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
     return torch.cat([a.expand(*lead, a.shape[-1]), b.expand(*lead, b.shape[-1])], dim=-1)
 

@@ -87,16 +87,15 @@ class M2(CVAE):
             or not 0 <= alpha < math.inf
         ):
             raise PyvaeError(
-                f"alpha must be a number >= 0 (the weight of the classification term); got {alpha!r}"
+                "alpha must be a number >= 0 (the weight of the classification term); got "
+                f"{alpha!r}"
             )
         self.alpha = float(alpha)
         self.classifier = mlp(x_dim, self.config["hidden"], num_classes, activation)
         # log p(y): uniform; a buffer so it follows the model to its device
         self.register_buffer("class_log_prior", torch.full((num_classes,), -math.log(num_classes)))
-        self.config = {
-            **self.config,
-            "alpha": alpha,
-        }  # "model" is already "m2", and the Pyro names "m2<i>"
+        # "model" is already "m2", and the Pyro names "m2<i>"
+        self.config = {**self.config, "alpha": alpha}
 
     # -- q(y | x) ----------------------------------------------------------------
     def classifier_dist(self, x: torch.Tensor) -> dist.Categorical:
@@ -104,7 +103,8 @@ class M2(CVAE):
         return dist.Categorical(logits=self.classifier(x))
 
     def guide_logits(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """log q(y | x) for unlabelled rows (y = -1); 0 at the label and -inf elsewhere for labelled ones.
+        """log q(y | x) for unlabelled rows (y = -1); 0 at the label and -inf elsewhere for labelled
+        ones.
 
         -inf, not probs with zeros: a Categorical given probs clamps them to 1e-7, and then neither
         Pyro's enumeration nor pyvae's importance sampler sees the other classes as impossible.
@@ -117,7 +117,8 @@ class M2(CVAE):
 
     # -- the Pyro programs ------------------------------------------------------
     def model(self, x: torch.Tensor, y: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
-        """p(y) p(z) p(x | y, z), plus the classification factor on labelled points (see the class docstring).
+        """p(y) p(z) p(x | y, z), plus the classification factor on labelled points (see the class
+        docstring).
 
         "y" is not observed here even for labelled points: the guide fixes its value there.
         """
@@ -135,7 +136,8 @@ class M2(CVAE):
         return z
 
     def guide(self, x: torch.Tensor, y: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
-        """q(y | x) (a point mass where labelled), enumerated, then q(z | x, y), in the same plate."""
+        """q(y | x) (a point mass where labelled), enumerated, then q(z | x, y), in the same
+        plate."""
         pyro.module(f"{self._pyro_name}.classifier", self.classifier)
         pyro.module(f"{self._pyro_name}.encoder", self.encoder)
         with data_plate(x, num_data):
@@ -154,6 +156,7 @@ class M2(CVAE):
 
     @torch.no_grad()
     def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """The fraction of points whose label y (0..C-1 each) is the most probable class under q(y | x)."""
+        """The fraction of points whose label y (0..C-1 each) is the most probable class under
+        q(y | x)."""
         check_labels(y, len(x), 0, self.num_classes, self.name)
         return float((self.classify(x) == y.to(x.device)).float().mean())

@@ -1,4 +1,5 @@
-"""Parts the built-in models share: their image shape, the priors a hierarchy can take, the check of x."""
+"""Parts the built-in models share: their image shape, the priors a hierarchy can take, the check of
+x."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pyvae.parts.priors import PRIORS, Prior, VampPrior
 
 
 def image_shape_for(x_dim: int, image_shape: Sequence[int] | None) -> tuple[int, ...] | None:
-    """``image_shape`` checked to hold ``x_dim`` pixels; without one, (1, s, s) when x_dim = s^2, else None."""
+    """``image_shape`` checked to hold ``x_dim`` pixels; without one, (1, s, s) when x_dim = s^2,
+    else None."""
     if image_shape is None:
         side = math.isqrt(x_dim)
         return (1, side, side) if side * side == x_dim else None
@@ -23,7 +25,7 @@ def image_shape_for(x_dim: int, image_shape: Sequence[int] | None) -> tuple[int,
 
 
 def resolve_prior(prior: str | dict | Prior, model_name: str) -> Prior:
-    """A prior from :mod:`pyvae.priors`, except the VampPrior: its components q(z | u) need an
+    """A prior from :mod:`pyvae.parts.priors`, except the VampPrior: its components q(z | u) need an
     encoder from x alone to this model's z, which only the one-layer ``vae`` has."""
     prior = PRIORS.resolve(prior)
     if isinstance(prior, VampPrior):

@@ -47,10 +47,13 @@ class VAE(nn.Module):
         x_dim: number of pixels (data are flat float tensors of shape (batch, x_dim)).
         z_dim: number of latent dimensions.
         hidden: widths of the MLP hidden layers of encoder and decoder (mirrored); ``()`` is linear.
-            Unused by ``net="conv"`` and ``net="resnet"`` (residual blocks whose depth follows the image size).
+            Unused by ``net="conv"`` and ``net="resnet"`` (residual blocks whose depth follows the
+            image size).
         prior, likelihood, guide: a built-in name, a spec dict ``{"name": ..., **settings}``
-            or an object from :mod:`pyvae.priors`, :mod:`pyvae.likelihoods`, :mod:`pyvae.guides`.
-        encoder, decoder: optional custom ``nn.Module`` replacing the MLPs (contract in :mod:`pyvae.nets`).
+            or an object from :mod:`pyvae.parts.priors`, :mod:`pyvae.parts.likelihoods`,
+            :mod:`pyvae.parts.guides`.
+        encoder, decoder: optional custom ``nn.Module`` replacing the MLPs (contract in
+            :mod:`pyvae.parts.nets`).
         activation: nonlinearity of the MLPs (``softplus``, as in Pyro's VAE example).
         image_shape: (channels, height, width) for pictures; inferred for square one-channel images.
         net: ``mlp`` or ``conv`` (two stride-2 convolutions each way, for images such as 28x28).
@@ -132,18 +135,21 @@ class VAE(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict, path="checkpoint", **parts) -> VAE:
-        """Rebuild from a checkpoint's ``config``; custom parts (not built-in names) must be in ``parts``."""
+        """Rebuild from a checkpoint's ``config``; custom parts (not built-in names) must be in
+        ``parts``."""
         kwargs = {k: v for k, v in config.items() if k != "model"}
         needed = ("x_dim", "z_dim", "prior", "likelihood", "guide", "encoder", "decoder")
         if any(k not in kwargs for k in needed):
             raise PyvaeError(
-                f"{path} is a pyvae checkpoint without a complete model description; it cannot be loaded"
+                f"{path} is a pyvae checkpoint without a complete model description; it cannot be "
+                "loaded"
             )
         for part, registry in (("prior", PRIORS), ("likelihood", LIKELIHOODS), ("guide", GUIDES)):
             spec = kwargs[part] if isinstance(kwargs[part], dict) else {"name": kwargs[part]}
             if is_custom(spec, registry) and part not in parts:
                 raise PyvaeError(
-                    f"{path} was saved with a custom {part} {spec['name']!r}; pass {part}=... to pyvae.load"
+                    f"{path} was saved with a custom {part} {spec['name']!r}; pass {part}=... to "
+                    "pyvae.load"
                 )
         for part in ("encoder", "decoder"):
             if kwargs.pop(part) == "custom" and part not in parts:
@@ -153,7 +159,8 @@ class VAE(nn.Module):
         unknown = sorted(set(parts) - {"prior", "likelihood", "guide", "encoder", "decoder"})
         if unknown:
             raise PyvaeError(
-                f"unknown part {unknown[0]!r} for pyvae.load; allowed: prior, likelihood, guide, encoder, decoder"
+                f"unknown part {unknown[0]!r} for pyvae.load; allowed: prior, likelihood, guide, "
+                "encoder, decoder"
             )
         return cls(**{**kwargs, **parts})
 
@@ -168,7 +175,8 @@ class VAE(nn.Module):
 
     # -- the Pyro programs ------------------------------------------------------
     def model(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
-        """p(z) p_theta(x|z) for a minibatch x of shape (M, x_dim) from a data set of ``num_data`` points.
+        """p(z) p_theta(x|z) for a minibatch x of shape (M, x_dim) from a data set of ``num_data``
+        points.
 
         The data plate has size N = ``num_data`` and the minibatch as subsample, so Pyro
         scales the log-densities by N/M. (beta and KL warm-up are applied by the trainer,
@@ -213,7 +221,8 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def latent_mean(self, x: torch.Tensor, num_samples: int = 256) -> torch.Tensor:
-        """E_q[z|x], shape (..., z_dim): exact where the guide family has a mean, else a Monte Carlo average."""
+        """E_q[z|x], shape (..., z_dim): exact where the guide family has a mean, else a Monte Carlo
+        average."""
         q = self.encode(x)
         try:
             return q.mean

@@ -40,12 +40,10 @@ class Component(torch.nn.Module):
         """
         spec = {"name": recorded_name(type(self)), **self.hparams}
         cls = type(self)
-        if not cls.__module__.startswith(
-            "pyvae."
-        ):  # a user's part, marked so even under a built-in's name
-            spec["source"] = (
-                source_of(cls) or f"{cls.__module__}:{cls.__qualname__}"
-            )  # its file, else where it lived
+        # a user's part, marked so even under a built-in's name
+        if not cls.__module__.startswith("pyvae."):
+            # its file, else where it lived
+            spec["source"] = source_of(cls) or f"{cls.__module__}:{cls.__qualname__}"
         return spec
 
 
@@ -73,12 +71,12 @@ class Registry(dict):
             )
         kwargs = dict(value)
         name = kwargs.pop("name")
-        if (
-            "source" in kwargs
-        ):  # recorded by Component.spec for a user's class, even one named like a built-in
+        # recorded by Component.spec for a user's class, even one named like a built-in
+        if "source" in kwargs:
             raise PyvaeError(
-                f"{self.kind} {name!r} is a custom part defined in {kwargs['source'].rsplit(':', 1)[0]}; "
-                f"pass an instance ({self.kind}=...) or, from the command line, --parts FILE.py"
+                f"{self.kind} {name!r} is a custom part defined in "
+                f"{kwargs['source'].rsplit(':', 1)[0]}; pass an instance ({self.kind}=...) or, "
+                "from the command line, --parts FILE.py"
             )
         if name not in self:
             raise PyvaeError(f"unknown {self.kind} {name!r}; choose from {', '.join(sorted(self))}")
@@ -94,7 +92,8 @@ class Registry(dict):
 
 
 def is_custom(spec: dict, registry: Registry) -> bool:
-    """Whether a recorded part is a user's: a name no built-in has, or the source :meth:`Component.spec` records."""
+    """Whether a recorded part is a user's: a name no built-in has, or the source
+    :meth:`Component.spec` records."""
     return spec.get("name") not in registry or "source" in spec
 
 
@@ -104,7 +103,8 @@ def recorded_name(cls: type[Component]) -> str:
 
 
 def source_of(cls: type) -> str | None:
-    """``/path/file.py:Class`` for a class a file defines at top level, else None (a notebook's, a function's)."""
+    """``/path/file.py:Class`` for a class a file defines at top level, else None (a notebook's, a
+    function's)."""
     if "<locals>" in cls.__qualname__:
         return None
     # its methods' code knows the file even when the module was loaded by path, outside sys.modules;

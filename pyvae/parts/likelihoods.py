@@ -48,13 +48,15 @@ class Likelihood(Component):
 
 
 def bits_per_dim(log_px: float, dims: int) -> float:
-    """-log p(x) / (D ln 2): nats per point as bits per pixel, for a mass over discrete pixel values."""
+    """-log p(x) / (D ln 2): nats per point as bits per pixel, for a mass over discrete pixel
+    values."""
     return -log_px / (dims * math.log(2))
 
 
 def coding(model) -> tuple[int, int] | None:
     """(pixels, values per pixel) of a model whose likelihood is a mass over 8-bit-like pixel values
-    (``levels`` > 2: the discretized logistic), where bits per dimension are the usual unit; else None."""
+    (``levels`` > 2: the discretized logistic), where bits per dimension are the usual unit; else
+    None."""
     likelihood, dims = getattr(model, "likelihood", None), getattr(model, "x_dim", None)
     levels = getattr(likelihood, "levels", None)
     return (dims, levels) if levels and levels > 2 and dims else None
@@ -67,7 +69,8 @@ def value_range(x: torch.Tensor) -> str:
 def check_unit_interval(name: str, x: torch.Tensor) -> None:
     if not bool(torch.isfinite(x).all()) or x.min() < 0 or x.max() > 1:
         raise PyvaeError(
-            f"{name} needs data in [0, 1]; got values in {value_range(x)} — rescale the data to [0, 1]"
+            f"{name} needs data in [0, 1]; got values in {value_range(x)} — rescale the data to "
+            "[0, 1]"
         )
 
 
@@ -212,7 +215,8 @@ class NormalLearnedScale(Likelihood):
 
 @LIKELIHOODS.register
 class Laplace(Likelihood):
-    """x_i ~ Laplace(mu_i, b) with a fixed scale b: the absolute-error loss |x - mu| / b + D log(2b)."""
+    """x_i ~ Laplace(mu_i, b) with a fixed scale b: the absolute-error loss
+    |x - mu| / b + D log(2b)."""
 
     name = "laplace"
 
@@ -372,9 +376,10 @@ class DiscretizedLogisticDistribution(dist.TorchDistribution):
 
     @property
     def mean(self):
-        """E[x] = sum_k g_k P(g_k) = sum_{k>=1} (g_k - g_{k-1}) P(X >= g_k) over the grid g_k = k/(B-1), and
-        P(X >= g_k) = 1 - F((g_k - h - mu)/s) = sigmoid((mu - g_k + h)/s): one sigmoid per level and pixel,
-        summed level by level (no (B, ...) temporary; 60 times faster than the masses on a CPU)."""
+        """E[x] = sum_k g_k P(g_k) = sum_{k>=1} (g_k - g_{k-1}) P(X >= g_k) over the grid
+        g_k = k/(B-1), and P(X >= g_k) = 1 - F((g_k - h - mu)/s) = sigmoid((mu - g_k + h)/s): one
+        sigmoid per level and pixel, summed level by level (no (B, ...) temporary; 60 times faster
+        than the masses on a CPU)."""
         levels = self.num_levels - 1
         total = torch.zeros_like(self.loc)
         for k in range(1, self.num_levels):
@@ -384,7 +389,8 @@ class DiscretizedLogisticDistribution(dist.TorchDistribution):
 
 @LIKELIHOODS.register
 class DiscretizedLogistic(Likelihood):
-    """x_i on the 8-bit grid {0, 1/255, ..., 1}: a logistic with the decoder's mu_i and s_i, discretized.
+    """x_i on the 8-bit grid {0, 1/255, ..., 1}: a logistic with the decoder's mu_i and s_i,
+    discretized.
 
     A probability mass, so log p(x) in nats compares directly with the bits/dim
     reported for 8-bit image models (bits/dim = -log p(x) / (D log 2)).
@@ -417,6 +423,7 @@ class DiscretizedLogistic(Likelihood):
             or not bool(on_grid.all())
         ):
             raise PyvaeError(
-                f"discretized_logistic needs data on the grid k/{levels} in [0, 1]; got values in {value_range(x)}"
-                f"{'' if bool(on_grid.all()) else ' off the grid'} — use 8-bit images scaled by 1/{levels}"
+                f"discretized_logistic needs data on the grid k/{levels} in [0, 1]; got values in "
+                f"{value_range(x)}{'' if bool(on_grid.all()) else ' off the grid'} — use 8-bit "
+                f"images scaled by 1/{levels}"
             )

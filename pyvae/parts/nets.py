@@ -11,6 +11,7 @@ The contract a custom ``encoder=``/``decoder=`` module must meet:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -28,13 +29,15 @@ ACTIVATIONS = {
 }
 
 
-#: activations that are layers of their own (the gate has weights), not a function between linear layers
+#: activations that are layers of their own (the gate has weights), not a function between linear
+#: layers
 GATED = "gated"
 MLP_ACTIVATIONS = (*ACTIVATIONS, GATED)
 
 
 class GatedDense(nn.Module):
-    """A gated dense layer (Dauphin et al. 2017; VampPrior's ``GatedDense``, Tomczak & Welling 2018)::
+    """A gated dense layer (Dauphin et al. 2017; VampPrior's ``GatedDense``, Tomczak & Welling
+    2018)::
 
         h = (W1 x + b1) * sigmoid(W2 x + b2)
 
@@ -54,10 +57,12 @@ class GatedDense(nn.Module):
 def mlp(
     in_dim: int, hidden: Sequence[int], out_dim: int, activation: str = "softplus"
 ) -> nn.Sequential:
-    """Linear layers of the given widths with ``activation`` between them; ``hidden=()`` is one linear layer.
+    """Linear layers of the given widths with ``activation`` between them; ``hidden=()`` is one
+    linear layer.
 
     ``activation="gated"`` makes every hidden layer a :class:`GatedDense` (no further nonlinearity),
-    the output layer staying linear: VampPrior's 784-300-300 gated networks are ``hidden=(300, 300)``.
+    the output layer staying linear: VampPrior's 784-300-300 gated networks are
+    ``hidden=(300, 300)``.
     """
     if activation not in MLP_ACTIVATIONS:
         raise PyvaeError(
@@ -65,7 +70,7 @@ def mlp(
         )
     widths = [in_dim, *hidden, out_dim]
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         if activation == GATED:
             layers.append(GatedDense(a, b) if i < len(widths) - 2 else nn.Linear(a, b))
             continue
@@ -79,7 +84,8 @@ NETS = ("mlp", "conv", "resnet")
 
 
 class ConvEncoder(nn.Module):
-    """Two stride-2 convolutions (32 and 64 channels), then a linear layer: (..., C*H*W) -> (..., out_dim)."""
+    """Two stride-2 convolutions (32 and 64 channels), then a linear layer:
+    (..., C*H*W) -> (..., out_dim)."""
 
     def __init__(
         self, image_shape: Sequence[int], out_dim: int, activation: str = "softplus"
@@ -103,7 +109,8 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """A linear layer, then two stride-2 transposed convolutions: (..., z_dim) -> (..., channels*C*H*W).
+    """A linear layer, then two stride-2 transposed convolutions:
+    (..., z_dim) -> (..., channels*C*H*W).
 
     The output is channel-major: all pixels' first parameter, then all pixels' second,
     which is the layout the likelihoods split with ``chunk``.
@@ -138,7 +145,8 @@ class ConvDecoder(nn.Module):
 def _conv_activation(activation: str) -> type[nn.Module]:
     if activation == GATED:
         raise PyvaeError(
-            "activation 'gated' is for MLPs (net mlp); net 'conv' takes relu, softplus, elu, tanh, leaky_relu or gelu"
+            "activation 'gated' is for MLPs (net mlp); net 'conv' takes relu, softplus, elu, tanh, "
+            "leaky_relu or gelu"
         )
     if activation not in ACTIVATIONS:
         raise PyvaeError(
@@ -176,7 +184,8 @@ def residual_stages(
     height: int, width: int, base: int = 32, widest: int = 128
 ) -> list[tuple[int, int]]:
     """(in, out) channels of each stride-2 stage: one per halving while both sides are even and
-    above 4 (28: 2 stages to 7x7; 32: 3 to 4x4; 64: 4 to 4x4), doubling from ``base`` up to ``widest``."""
+    above 4 (28: 2 stages to 7x7; 32: 3 to 4x4; 64: 4 to 4x4), doubling from ``base`` up to
+    ``widest``."""
     stages, channels = [], base
     while height % 2 == 0 and width % 2 == 0 and min(height, width) > 4:
         stages.append((channels, min(2 * channels, widest)))
@@ -185,11 +194,12 @@ def residual_stages(
 
 
 def _init_residual(net: nn.Module) -> None:
-    """He initialization of the convolutions (fan-in, ReLU gain; He et al. 2015) and residual branches that
-    start at zero, so each block starts as the identity (Goyal et al. 2017; Zhang et al. 2019's Fixup).
-    With PyTorch's default initialization every layer shrank the signal, and at 32x32 the decoder's
-    output hardly depended on z (40 times less than the two-layer conv net's) nor the encoder's on x:
-    training collapsed the posterior (on the photos, 0 of 50 units active, 8.08 bits/dim)."""
+    """He initialization of the convolutions (fan-in, ReLU gain; He et al. 2015) and residual
+    branches that start at zero, so each block starts as the identity (Goyal et al. 2017; Zhang et
+    al. 2019's Fixup). With PyTorch's default initialization every layer shrank the signal, and at
+    32x32 the decoder's output hardly depended on z (40 times less than the two-layer conv net's)
+    nor the encoder's on x: training collapsed the posterior (on the photos, 0 of 50 units active,
+    8.08 bits/dim)."""
     for layer in net.modules():
         if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
@@ -214,7 +224,8 @@ class ResidualEncoder(nn.Module):
         stages = residual_stages(h, w)
         if not stages:
             raise PyvaeError(
-                f"net 'resnet' needs images (C, H, W) with even H and W above 4; got {self.image_shape}"
+                "net 'resnet' needs images (C, H, W) with even H and W above 4; got "
+                f"{self.image_shape}"
             )
         layers: list[nn.Module] = [nn.Conv2d(c, stages[0][0], 3, padding=1)]
         for a, b in stages:
@@ -235,9 +246,10 @@ class ResidualEncoder(nn.Module):
 
 
 class ResidualDecoder(nn.Module):
-    """The encoder mirrored: a linear layer, then per stage a residual block and a stride-2 transposed
-    convolution, then a 3x3 convolution to ``params_per_pixel`` channels per image channel:
-    (..., z_dim) -> (..., params_per_pixel*C*H*W), channel-major like :class:`ConvDecoder`."""
+    """The encoder mirrored: a linear layer, then per stage a residual block and a stride-2
+    transposed convolution, then a 3x3 convolution to ``params_per_pixel`` channels per image
+    channel: (..., z_dim) -> (..., params_per_pixel*C*H*W), channel-major like
+    :class:`ConvDecoder`."""
 
     def __init__(
         self,
@@ -252,7 +264,8 @@ class ResidualDecoder(nn.Module):
         stages = residual_stages(h, w)
         if not stages:
             raise PyvaeError(
-                f"net 'resnet' needs images (C, H, W) with even H and W above 4; got {tuple(image_shape)}"
+                "net 'resnet' needs images (C, H, W) with even H and W above 4; got "
+                f"{tuple(image_shape)}"
             )
         scale = 2 ** len(stages)
         start = (stages[-1][1], h // scale, w // scale)

@@ -4,7 +4,7 @@ A prior is a :class:`Prior`: the model calls it with no arguments and gets a Pyr
 distribution over z with ``event_shape == (z_dim,)`` and empty batch shape; the
 data plate broadcasts it over the minibatch. A user-defined prior is a few lines::
 
-    class LaplacePrior(pyvae.priors.Prior):
+    class LaplacePrior(pyvae.parts.priors.Prior):
         def bind(self, vae):
             self.register_buffer("loc", torch.zeros(vae.z_dim))
 
@@ -92,7 +92,8 @@ class Laplace(Prior):
 
 @PRIORS.register
 class StudentT(Prior):
-    """p(z) = prod_d StudentT(z_d; df, 0, scale): polynomial tails, N(0, scale^2) as df -> infinity."""
+    """p(z) = prod_d StudentT(z_d; df, 0, scale): polynomial tails,
+    N(0, scale^2) as df -> infinity."""
 
     name = "student_t"
 
@@ -155,7 +156,8 @@ class VampPrior(Prior):
         self.pseudo_inputs = torch.nn.Parameter(
             0.5 + 0.1 * torch.randn(self.num_components, vae.x_dim)
         )
-        # bound methods, not submodules: the encoder and the guide family stay owned by the VAE alone
+        # bound methods, not submodules: the encoder and the guide family stay owned by the VAE
+        # alone
         self._encoder, self._family, self._family_parameters = (
             vae.encoder.__call__,
             vae.posterior.__call__,
@@ -173,17 +175,18 @@ class VampPrior(Prior):
 class VampMixture(dist.TorchDistribution):
     """(1/K) sum_k q(z | h_k): the guide family ``family`` at K encoder outputs ``h`` (K, P).
 
-    ``log_prob`` scores every z against every component with the family's own ``log_prob``, on a grid
-    of (z, component) chunks each within :data:`VAMP_CHUNK_BYTES`; with gradients, no chunk's
+    ``log_prob`` scores every z against every component with the family's own ``log_prob``, on a
+    grid of (z, component) chunks each within :data:`VAMP_CHUNK_BYTES`; with gradients, no chunk's
     intermediate values are kept: the backward pass recomputes each chunk (:class:`_Recomputed`).
     Memory is one chunk plus the (z, component) log-densities, 4 bytes a pair, whatever the batch,
     the particles and K. A flow guide's log q(z|h_k) at a z it did not draw inverts the flow one
     dimension at a time, whose intermediate values for every pair would otherwise all be held (about
     100 KB per pair for a 2-step IAF on z_dim = 50: 32 GB for a minibatch of 128, K = 500 and 5
-    particles); a diagonal Normal's pair holds about 400 bytes, still gigabytes with IWAE's 50 particles.
-    What a pair holds is measured (:func:`_bytes_per_pair`), so a custom guide family is bounded too.
-    The result is the same sum; the price, where the pairs do not fit one chunk, is one more forward
-    pass. A component whose flow overflows far from its own posterior counts as density 0.
+    particles); a diagonal Normal's pair holds about 400 bytes, still gigabytes with IWAE's 50
+    particles. What a pair holds is measured (:func:`_bytes_per_pair`), so a custom guide family is
+    bounded too. The result is the same sum; the price, where the pairs do not fit one chunk, is one
+    more forward pass. A component whose flow overflows far from its own posterior counts as
+    density 0.
     ``parameters``: the family's own (a flow's), which the gradient must reach.
     """
 
@@ -237,7 +240,8 @@ VAMP_CHUNK_BYTES = {"cpu": 2**27, "cuda": 2**30}
 
 
 def _in_chunks(fn, grid, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """The (rows, components) values of ``fn(h, z)``, a chunk of ``grid`` at a time, into one tensor."""
+    """The (rows, components) values of ``fn(h, z)``, a chunk of ``grid`` at a time, into one
+    tensor."""
     out = None
     for components, rows in grid:
         values = fn(h[components], z[rows])
@@ -252,9 +256,9 @@ def _in_chunks(fn, grid, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 class _Recomputed(torch.autograd.Function):
     """:func:`_in_chunks` that keeps no chunk's graph: the backward pass runs each chunk again, with
     gradients, for h, z and the ``parameters`` it reads (inputs of this node, so each one's gradient
-    leaves it once, as ``DistributedDataParallel``'s hooks expect). Unlike ``torch.utils.checkpoint``
-    (which keeps about 300 MB per chunk of the IAF inverse's bookkeeping, or, re-entrant, refuses
-    ``torch.autograd.grad``), nothing of a chunk outlives it."""
+    leaves it once, as ``DistributedDataParallel``'s hooks expect). Unlike
+    ``torch.utils.checkpoint`` (which keeps about 300 MB per chunk of the IAF inverse's bookkeeping,
+    or, re-entrant, refuses ``torch.autograd.grad``), nothing of a chunk outlives it."""
 
     @staticmethod
     def forward(ctx, fn, grid, h, z, *parameters):
@@ -268,7 +272,8 @@ class _Recomputed(torch.autograd.Function):
         h, z, *parameters = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]
         grads = [
-            torch.zeros_like(t) if need else None for t, need in zip((h, z, *parameters), needs)
+            torch.zeros_like(t) if need else None
+            for t, need in zip((h, z, *parameters), needs, strict=True)
         ]
         for components, rows in ctx.grid:
             with torch.enable_grad():
@@ -281,7 +286,7 @@ class _Recomputed(torch.autograd.Function):
             chunk = torch.autograd.grad(
                 values, [t for _, t in wanted], grad_output[rows, components], allow_unused=True
             )
-            for (i, _), g in zip(wanted, chunk):
+            for (i, _), g in zip(wanted, chunk, strict=True):
                 if g is not None:
                     (
                         grads[0][components] if i == 0 else grads[1][rows] if i == 1 else grads[i]
@@ -292,7 +297,8 @@ class _Recomputed(torch.autograd.Function):
 
 
 def _release_free_memory(device: torch.device) -> None:
-    """Hand the heap's free pages back to the system after a chunk (glibc's ``malloc_trim``; elsewhere nothing).
+    """Hand the heap's free pages back to the system after a chunk (glibc's ``malloc_trim``;
+    elsewhere nothing).
 
     glibc keeps a chunk's freed buffers, and the smaller tensors allocated between them (gradients,
     Adam's state) keep them from being merged and reused: one step of vamp + iaf + trace at batch
@@ -314,9 +320,9 @@ _LIBC = _glibc()
 
 
 def _bytes_per_pair(fn, h: torch.Tensor, z: torch.Tensor) -> int:
-    """Bytes autograd keeps for one more (z, component) pair of ``fn(h, z)``: two rows less one, so that
-    what every call keeps once (a flow's masked weights) is not counted per pair. Without gradients
-    a chunk's temporaries are at most its graph, so the same bound serves."""
+    """Bytes autograd keeps for one more (z, component) pair of ``fn(h, z)``: two rows less one, so
+    that what every call keeps once (a flow's masked weights) is not counted per pair. Without
+    gradients a chunk's temporaries are at most its graph, so the same bound serves."""
     if len(z) >= 2:
         return max(1, _saved_bytes(fn, h[:1], z[:2]) - _saved_bytes(fn, h[:1], z[:1]))
     if len(h) >= 2:

@@ -124,7 +124,7 @@ def make_elbo(
 
 class Objective(torch.nn.Module):
     """A training objective as a module: ``objective(calls, beta)`` is the loss of one step's calls
-    (:class:`pyvae.batching.Call`) on the full-data scale, -(estimate of sum_n L(x_n)),
+    (:class:`pyvae.data.batching.Call`) on the full-data scale, -(estimate of sum_n L(x_n)),
     differentiable in the model's parameters; :meth:`loss` is that of a single batch.
 
     Each call's terms are scaled by N_c / M_c (its group's points over the call's), whether the
@@ -320,7 +320,7 @@ def mean_field_violation(module: torch.nn.Module, batch: tuple) -> str | None:
                 if others and log_q.requires_grad
                 else []
             )
-            parents = [k for k, g in zip(others, used) if g is not None]
+            parents = [k for k, g in zip(others, used, strict=False) if g is not None]
             if parents:
                 return (
                     "a mean-field guide, whose latent sites are independent given x; this guide "

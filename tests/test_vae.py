@@ -1,4 +1,5 @@
-"""The model and guide as Pyro programs: sites, shapes, plate scaling, ELBO estimators, checkpoints."""
+"""The model and guide as Pyro programs: sites, shapes, plate scaling, ELBO estimators,
+checkpoints."""
 
 import pyro
 import pyro.distributions as dist
@@ -7,6 +8,7 @@ import torch
 from pyro import poutine
 
 import pyvae
+from pyvae.runs.user_code import custom_parts, import_parts
 from pyvae.train.objectives import make_elbo
 
 
@@ -134,7 +136,9 @@ def test_save_and_load_round_trip_exactly(tmp_path, binary_data):
     pyvae.save(vae, tmp_path / "vae.pt")
     loaded = pyvae.load(tmp_path / "vae.pt")
     assert loaded.config == vae.config
-    for (k1, v1), (k2, v2) in zip(vae.state_dict().items(), loaded.state_dict().items()):
+    for (k1, v1), (k2, v2) in zip(
+        vae.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
         assert k1 == k2 and torch.equal(v1, v2)
     elbo = make_elbo("trace")
     pyro.set_rng_seed(5)
@@ -237,8 +241,6 @@ class MyBernoulli(pyvae.parts.likelihoods.Likelihood):
 
 
 def test_a_parts_file_rebuilds_its_parts_by_kind_even_under_built_in_names(tmp_path):
-    from pyvae.runs.user_code import custom_parts, import_parts
-
     (tmp_path / "shifts.py").write_text("SHIFT = 0.5\n")
     (tmp_path / "parts.py").write_text(PARTS_FILE)
     classes = {c.__name__: c for c in import_parts(tmp_path / "parts.py")}
@@ -246,10 +248,11 @@ def test_a_parts_file_rebuilds_its_parts_by_kind_even_under_built_in_names(tmp_p
         x_dim=16, z_dim=3, prior=classes["MyNormal"](), likelihood=classes["MyBernoulli"]()
     )
     spec = vae.config["prior"]
+    # not torch's file
     assert (
         spec["name"] == "normal"
         and spec["source"] == f"{(tmp_path / 'parts.py').resolve()}:MyNormal"
-    )  # not torch's file
+    )
     pyvae.save(vae, tmp_path / "vae.pt")
     with pytest.raises(pyvae.PyvaeError, match="custom prior 'normal'; pass prior="):
         pyvae.load(tmp_path / "vae.pt")  # never silently the built-in N(0, I)
@@ -260,9 +263,8 @@ def test_a_parts_file_rebuilds_its_parts_by_kind_even_under_built_in_names(tmp_p
     )
     loaded = pyvae.load(tmp_path / "vae.pt", **parts)
     assert torch.allclose(loaded.prior().mean, torch.full((3,), 0.5))
-    (tmp_path / "reexport.py").write_text(
-        "from parts import MyNormal, MyBernoulli\n"
-    )  # parts kept in a neighbour
+    # parts kept in a neighbour
+    (tmp_path / "reexport.py").write_text("from parts import MyNormal, MyBernoulli\n")
     assert set(custom_parts(vae.config, tmp_path / "reexport.py")) == {"prior", "likelihood"}
     with pytest.raises(pyvae.PyvaeError, match="defines no guide 'MyGuide'; its guides: none"):
         custom_parts(
@@ -271,9 +273,8 @@ def test_a_parts_file_rebuilds_its_parts_by_kind_even_under_built_in_names(tmp_p
 
 
 def test_a_notebook_s_part_named_like_a_built_in_is_never_rebuilt_as_the_built_in(tmp_path):
-    class Normal(
-        pyvae.parts.priors.StandardNormal
-    ):  # defined in a function, as in a notebook: no file to record
+    # defined in a function, as in a notebook: no file to record
+    class Normal(pyvae.parts.priors.StandardNormal):
         name = "normal"
 
         def forward(self):

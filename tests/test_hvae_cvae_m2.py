@@ -75,7 +75,8 @@ def test_structure_and_log_weights(name, labelled):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_SITES))
 def test_config_rebuilds_the_same_model(name, labelled):
-    """A checkpoint rebuilds a model as cls(**config minus "model"): same parameters, same log-weights."""
+    """A checkpoint rebuilds a model as cls(**config minus "model"): same parameters, same
+    log-weights."""
     model, (x, y) = tiny(name), labelled
     config = json.loads(json.dumps(model.config))
     assert config["model"] == name
@@ -126,7 +127,10 @@ def test_hvae_linear_gaussian_matches_the_closed_form_marginal():
     top, bottom = hvae.decoders[1][0], hvae.decoders[0][0]
     with torch.no_grad():
         top.weight[d1:] = 0  # the raw scale of z1 no longer depends on z2: sigma_1 is a constant
-    f64 = lambda t: t.detach().double()  # noqa: E731
+
+    def f64(t):
+        return t.detach().double()
+
     A, a = f64(top.weight[:d1]), f64(top.bias[:d1])
     S1 = torch.diag((F.softplus(f64(top.bias[d1:])) + 1e-4) ** 2)
     B, b = f64(bottom.weight), f64(bottom.bias)
@@ -134,7 +138,8 @@ def test_hvae_linear_gaussian_matches_the_closed_form_marginal():
     cov = B @ prior_z1 @ B.T + s**2 * torch.eye(d_x, dtype=torch.float64)
     marginal = torch.distributions.MultivariateNormal(B @ a + b, cov)
 
-    # p(z1 | x) = N(P1 (prior_z1^-1 a + B^T (x - b) / s^2), P1) and p(z2 | z1) = N(P2 A^T S1^-1 (z1 - a), P2)
+    # p(z1 | x) = N(P1 (prior_z1^-1 a + B^T (x - b) / s^2), P1) and
+    # p(z2 | z1) = N(P2 A^T S1^-1 (z1 - a), P2)
     P1 = torch.linalg.inv(torch.linalg.inv(prior_z1) + B.T @ B / s**2)
     P2 = torch.linalg.inv(torch.eye(d2, dtype=torch.float64) + A.T @ torch.linalg.inv(S1) @ A)
     G2 = P2 @ A.T @ torch.linalg.inv(S1)
@@ -179,10 +184,11 @@ def m2_problem(binary_data):
 
 
 def test_m2_log_p_sums_the_classes_of_unlabelled_points_only(binary_data):
-    """With the same draws z_ck ~ q(z | x, c) (same seed, same shapes), an unlabelled point's log p^(x)
-    is logsumexp over c of the estimates log p^(x, c) of runs with every label fixed to c, and a
-    labelled point's estimate is that of its own class: the other classes drop out. Each log-weight is
-    also checked against log p(c) + log p(z) + log p(x | z, c) - log q(z | x, c) by hand."""
+    """With the same draws z_ck ~ q(z | x, c) (same seed, same shapes), an unlabelled point's
+    log p^(x) is logsumexp over c of the estimates log p^(x, c) of runs with every label fixed to
+    c, and a labelled point's estimate is that of its own class: the other classes drop out. Each
+    log-weight is also checked by hand against
+    log p(c) + log p(z) + log p(x | z, c) - log q(z | x, c)."""
     m2, x, y = m2_problem(binary_data)
     k = 5
     shape = program.structure(m2, (x, y))
@@ -218,7 +224,8 @@ def test_m2_log_p_sums_the_classes_of_unlabelled_points_only(binary_data):
 def test_m2_trace_enum_elbo_is_the_m2_bound(binary_data):
     """TraceEnum_ELBO on a mixed minibatch = - sum_unlabelled [sum_c q(c|x) L(x, c) + H(q(.|x))]
     - sum_labelled L(x, y) - the classification factor, exactly: each L(x, c) is a Trace_ELBO of the
-    point with its label fixed to c and z replayed from the draws TraceEnum_ELBO made (same seed)."""
+    point with its label fixed to c and z replayed from the draws TraceEnum_ELBO made (same
+    seed)."""
     m2, x, y = m2_problem(binary_data)
     elbo = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1)
     pyro.set_rng_seed(5)
@@ -227,9 +234,8 @@ def test_m2_trace_enum_elbo_is_the_m2_bound(binary_data):
     without_factor = elbo.differentiable_loss(
         poutine.block(m2.model, hide=["classify"]), m2.guide, x, y
     )
-    pyro.set_rng_seed(
-        5
-    )  # the guide runs first and alone draws: the same z, one per class and point
+    # the guide runs first and alone draws: the same z, one per class and point
+    pyro.set_rng_seed(5)
     z = (
         poutine.trace(poutine.enum(m2.guide, first_available_dim=-2))
         .get_trace(x, y)
@@ -438,7 +444,8 @@ def test_semi_supervised_needs_labels():
 # -- through the public API -----------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(EXPECTED_SITES))
 def test_fit_and_log_likelihood(name, labelled):
-    """Two epochs on 64 points: a finite, improving ELBO; then a finite importance-sampled log p(x)."""
+    """Two epochs on 64 points: a finite, improving ELBO; then a finite importance-sampled log
+    p(x)."""
     model, (x, y) = tiny(name), labelled
     data = batch_for(name, x, y)
     data = data[0] if name == "hvae" else data
