@@ -1,4 +1,5 @@
-"""``python -m pyvae train --model hvae|cvae|m2`` end to end on the offline digits, and its bad input."""
+"""``python -m pyvae train --model hvae|cvae|m2`` end to end on the offline digits, and its bad
+input."""
 
 import json
 
@@ -149,7 +150,7 @@ def undocumented_flags(help_text: str) -> list[str]:
     lines = [line for line in help_text.split("options:")[1].splitlines() if line.strip()]
     return [
         line.strip()
-        for line, after in zip(lines, lines[1:] + [""])
+        for line, after in zip(lines, lines[1:] + [""], strict=True)
         # an option's help is beside it (after two spaces) or on the more indented line below
         if line.startswith("  -")
         and "  " not in line.strip()
@@ -162,7 +163,8 @@ def undocumented_flags(help_text: str) -> list[str]:
     [
         (
             RuntimeError(
-                "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                "can't allocate memory: "
                 "you tried to allocate 123480309760 bytes. Error code 12"
             ),
             "error: out of memory allocating 115.0 GiB (RuntimeError); lower --batch-size",
@@ -175,7 +177,8 @@ def undocumented_flags(help_text: str) -> list[str]:
         ),
         (
             MemoryError(
-                "Unable to allocate 7.45 GiB for an array with shape (1000000000,) and data type float64"
+                "Unable to allocate 7.45 GiB for an array with shape (1000000000,) "
+                "and data type float64"
             ),  # numpy
             "error: out of memory allocating 7.45 GiB (MemoryError)",
         ),

@@ -97,7 +97,8 @@ def test_two_processes_train_with_identical_parameters_and_only_rank_0_writes(tm
 def test_a_signal_in_one_process_stops_both_and_resuming_matches_an_uninterrupted_run(tmp_path):
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert torchrun(whole).returncode == 0
-    # SIGTERM reaches rank 1 alone, in epoch 2 (10 steps per epoch per process): both stop after that step
+    # SIGTERM reaches rank 1 alone, in epoch 2 (10 steps per epoch per process): both stop after
+    # that step
     result = torchrun(stopped, sigterm_rank1_at_step=15)
     assert result.returncode != 0 and "stopped by SIGTERM at epoch 2, step 5" in result.stderr
     checkpoint = params(stopped / "run" / "checkpoint.pt")

@@ -1,4 +1,5 @@
-"""Training protocols: validation data, early stopping, best.pt, learning-rate schedules, gated layers."""
+"""Training protocols: validation data, early stopping, best.pt, learning-rate schedules, gated
+layers."""
 
 import json
 import math
@@ -36,7 +37,7 @@ def strip(history):
 def same_weights(a, b):
     return all(
         torch.equal(p.cpu(), q.cpu())
-        for p, q in zip(a.state_dict().values(), b.state_dict().values())
+        for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     )
 
 
@@ -96,7 +97,8 @@ def test_validation_numbers_lr_and_best_checkpoint(tmp_path, digits):
     )
     assert all(h.keys() >= {"valid_elbo", "valid_log_px", "lr", "test_elbo"} for h in history)
     assert all(h["lr"] == 3e-3 for h in history)
-    # log (1/K) sum_k w_k bounds log p(x) more tightly than the ELBO (mean_k log w_k), so it is higher
+    # log (1/K) sum_k w_k bounds log p(x) more tightly than the ELBO (mean_k log w_k), so it is
+    # higher
     assert all(h["valid_log_px"] > h["valid_elbo"] for h in history)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines == history
@@ -258,7 +260,8 @@ def test_resuming_with_another_schedule_is_refused_and_changes_nothing(tmp_path,
     for kwargs, message in [
         (
             dict(lr_schedule="iwae", epochs=3),
-            "was trained with lr_schedule 'cosine'; resuming it with 'iwae' would change the schedule mid-run",
+            "was trained with lr_schedule 'cosine'; resuming it with 'iwae' would change the "
+            "schedule mid-run",
         ),
         (
             dict(lr_schedule="cosine", epochs=3),
@@ -277,7 +280,7 @@ def test_resuming_with_another_schedule_is_refused_and_changes_nothing(tmp_path,
                 **kwargs,
             )
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
-    assert all(torch.equal(a, b) for a, b in zip(weights, vae.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(weights, vae.parameters(), strict=True))
 
 
 # -- gated layers ------------------------------------------------------------------------
@@ -332,7 +335,8 @@ TRAIN = [
 
 @pytest.fixture(scope="module")
 def protocol_run(tmp_path_factory):
-    """A run with every protocol flag: validation held out of train, patience, a schedule, gated 2-layer nets."""
+    """A run with every protocol flag: validation held out of train, patience, a schedule, gated
+    2-layer nets."""
     from pyvae.cli.app import main
 
     out = tmp_path_factory.mktemp("protocol") / "run"
@@ -455,7 +459,8 @@ def test_the_last_epoch_s_evaluation_never_overwrites_the_best_s(protocol_run, h
     [
         (
             ["--patience", "3"],
-            "patience 3 needs validation data and there is none: digits has no valid split; hold out part of the training set with --valid-fraction F",
+            "patience 3 needs validation data and there is none: digits has no valid split; "
+            "hold out part of the training set with --valid-fraction F",
         ),
         (["--lr-schedule", "plateau"], "lr_schedule 'plateau' needs validation data"),
         (["--lr-schedule", "step"], "argument --lr-schedule: invalid choice: 'step'"),
@@ -523,8 +528,8 @@ def test_resume_with_another_schedule_and_missing_best_are_one_line_errors(
 
 
 def test_the_quality_table_is_one_command(tmp_path):
-    """benchmarks/quality.py trains a recipe by its protocol, scores its best checkpoint and tabulates it
-    against the recipe's published number."""
+    """benchmarks/quality.py trains a recipe by its protocol, scores its best checkpoint and
+    tabulates it against the recipe's published number."""
     import subprocess
     import sys
 

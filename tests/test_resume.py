@@ -57,16 +57,21 @@ def same_run(a, b):
     for (name, p), q in zip(
         pyvae.load(a / "checkpoint.pt").state_dict().items(),
         pyvae.load(b / "checkpoint.pt").state_dict().values(),
+        strict=True,
     ):
         assert torch.equal(p, q), name
-    strip = lambda path: [
-        {k: v for k, v in json.loads(line).items() if k != "seconds"}
-        for line in path.read_text().splitlines()
-    ]  # noqa: E731
+
+    def strip(path):
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in path.read_text().splitlines()
+        ]
+
     assert strip(a / "metrics.jsonl") == strip(b / "metrics.jsonl")  # no repeated or torn lines
     for (name, p), q in zip(
         pyvae.load(a / "best.pt").state_dict().items(),
         pyvae.load(b / "best.pt").state_dict().values(),
+        strict=True,
     ):
         assert torch.equal(p, q), name
 

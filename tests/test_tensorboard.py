@@ -67,7 +67,8 @@ def test_tensorboard_events_hold_the_epochs_the_pictures_and_the_evaluation(tmp_
     summary = json.loads(next(out.glob("eval-*/eval.json")).read_text())
     assert board.Scalars("eval/log_px")[0].value == pytest.approx(summary["log_px"])
 
-    # the KL draws and pictures do not touch training's random stream: the same run without events is identical
+    # the KL draws and pictures do not touch training's random stream: the same run without
+    # events is identical
     main(
         [
             "train",
@@ -131,8 +132,8 @@ def test_a_colour_8_bit_run_with_a_residual_net_reports_bits_per_dimension(tmp_p
     )
     printed = capsys.readouterr().out
     assert (
-        f"bits/dim (256 levels) train {record['train_elbo_bpd']:.4f}  test {record['test_elbo_bpd']:.4f}"
-        in printed
+        f"bits/dim (256 levels) train {record['train_elbo_bpd']:.4f}  "
+        f"test {record['test_elbo_bpd']:.4f}" in printed
     )
     assert f"{record['test_elbo_bpd']:.4f} bits/dim (256 levels) (epoch 1)" in printed
     board = events(out / "tensorboard")

@@ -1,4 +1,5 @@
-"""SVI training: the ELBO improves, outputs are written, runs are reproducible, bad input is refused."""
+"""SVI training: the ELBO improves, outputs are written, runs are reproducible, bad input is
+refused."""
 
 import json
 
@@ -85,7 +86,7 @@ def test_fit_writes_metrics_and_checkpoint(tmp_path, digits):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines == history
     loaded = pyvae.load(tmp_path / "checkpoint.pt")
-    for a, b in zip(vae.state_dict().values(), loaded.state_dict().values()):
+    for a, b in zip(vae.state_dict().values(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a.cpu(), b)
 
 
@@ -151,7 +152,8 @@ def test_numerical_fault_stops_with_epoch_step_and_last_good_checkpoint(
     monkeypatch.setattr(Objective, "forward", diverging)
     with pytest.raises(
         pyvae.PyvaeError,
-        match=r"non-finite loss at epoch 1, step 3; likely causes: .*last good checkpoint: .*checkpoint.pt",
+        match=r"non-finite loss at epoch 1, step 3; likely causes: "
+        r".*last good checkpoint: .*checkpoint.pt",
     ):
         pyvae.fit(vae, train, epochs=1, batch_size=256, device="cpu", out=tmp_path, progress=False)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2  # untouched
@@ -180,8 +182,9 @@ def test_nan_parameters_are_refused_before_training(digits):
 
 
 def test_clip_norm_bounds_the_update(digits):
-    """Adam is nearly scale-invariant, except for its eps (1e-8): gradients clipped to a norm of 1e-12 barely
-    move the parameters, unclipped ones move them by about lr per step. Fails if fit ignores clip_norm."""
+    """Adam is nearly scale-invariant, except for its eps (1e-8): gradients clipped to a norm of
+    1e-12 barely move the parameters, unclipped ones move them by about lr per step. Fails if fit
+    ignores clip_norm."""
     train, _ = digits
     moved = {}
     for clip in (None, 1e-12):
@@ -198,7 +201,8 @@ def test_clip_norm_bounds_the_update(digits):
             seed=0,
             progress=False,
         )
-        moved[clip] = max(float((a - b).abs().max()) for a, b in zip(before, vae.parameters()))
+        pairs = zip(before, vae.parameters(), strict=True)
+        moved[clip] = max(float((a - b).abs().max()) for a, b in pairs)
     assert moved[None] > 1e-2 and moved[1e-12] < 1e-4, moved
     with pytest.raises(pyvae.PyvaeError, match="clip_norm must be a positive number; got 0"):
         pyvae.fit(vae, train, epochs=1, clip_norm=0, device="cpu", progress=False)
@@ -244,7 +248,7 @@ def test_a_stop_on_the_last_step_of_an_epoch_resumes_exactly(
     resumed = pyvae.fit(vae, train, out=tmp_path / "stopped", resume=True, **settings)
     strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
     assert strip(resumed) == strip(reference)
-    for p, q in zip(vae.parameters(), whole.parameters()):
+    for p, q in zip(vae.parameters(), whole.parameters(), strict=True):
         assert torch.equal(p, q)
     if protocol != "none":
         assert (
