@@ -40,10 +40,14 @@ class CVAE(nn.Module):
     Sites: ``"z"`` and ``"x"``; a batch is ``(x, y)`` with y int64 labels in 0..C-1.
 
     Args:
-        x_dim: pixels per data point; num_classes: C, the number of labels.
-        z_dim: latent width; hidden: hidden widths of the encoder MLP (the decoder mirrors them).
-        prior, likelihood: as for :class:`pyvae.VAE` (the ``vamp`` prior excepted).
-        activation, image_shape: as for :class:`pyvae.VAE`.
+        x_dim: pixels per data point.
+        num_classes: C, the number of labels.
+        z_dim: latent width.
+        hidden: hidden widths of the encoder MLP (the decoder mirrors them).
+        prior: as for :class:`pyvae.VAE` (the ``vamp`` prior excepted).
+        likelihood: as for :class:`pyvae.VAE`.
+        activation: as for :class:`pyvae.VAE`.
+        image_shape: as for :class:`pyvae.VAE`.
 
     The defaults (z 50, one hidden layer of 500 softplus units) are the networks of Kingma
     et al. (2014)'s M2 on MNIST, whose generative model p(x | y, z) this is: a CVAE and an

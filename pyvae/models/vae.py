@@ -49,11 +49,13 @@ class VAE(nn.Module):
         hidden: widths of the MLP hidden layers of encoder and decoder (mirrored); ``()`` is linear.
             Unused by ``net="conv"`` and ``net="resnet"`` (residual blocks whose depth follows the
             image size).
-        prior, likelihood, guide: a built-in name, a spec dict ``{"name": ..., **settings}``
-            or an object from :mod:`pyvae.parts.priors`, :mod:`pyvae.parts.likelihoods`,
-            :mod:`pyvae.parts.guides`.
-        encoder, decoder: optional custom ``nn.Module`` replacing the MLPs (contract in
+        prior: a built-in name, a spec dict ``{"name": ..., **settings}`` or an object from
+            :mod:`pyvae.parts.priors`.
+        likelihood: the same, from :mod:`pyvae.parts.likelihoods`.
+        guide: the same, from :mod:`pyvae.parts.guides`.
+        encoder: optional custom ``nn.Module`` replacing the encoder MLP (contract in
             :mod:`pyvae.parts.nets`).
+        decoder: the same for the decoder MLP.
         activation: nonlinearity of the MLPs (``softplus``, as in Pyro's VAE example).
         image_shape: (channels, height, width) for pictures; inferred for square one-channel images.
         net: ``mlp`` or ``conv`` (two stride-2 convolutions each way, for images such as 28x28).
