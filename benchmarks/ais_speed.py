@@ -37,7 +37,7 @@ from common import add_common_arguments, setup, static_mnist, sync
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyvae
-from pyvae.data.imageset import spread
+from pyvae.data import spread
 
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward"}
 

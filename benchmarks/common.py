@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 import pyvae
-from pyvae.data import load_dataset
-from pyvae.data.batching import resolve_device
+from pyvae.data import load_dataset, resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the baselines beside this file
 

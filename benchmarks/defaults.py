@@ -20,7 +20,7 @@ import torch
 from common import add_common_arguments, setup, static_mnist, sync
 
 import pyvae
-from pyvae.data.imageset import spread
+from pyvae.data import spread
 
 #: the current default first: every ratio is against it
 CONFIGS = {

@@ -24,7 +24,7 @@ from common import add_common_arguments, setup, static_mnist, sync
 from handwritten import PerPointNLL
 
 import pyvae
-from pyvae.data.imageset import spread
+from pyvae.data import spread
 
 
 def matmul_rate(hidden, x_dim, device, repeats=20):

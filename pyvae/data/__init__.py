@@ -7,6 +7,7 @@ held-out splits, streaming from disk, and how a batch is served to a program.
 * :mod:`pyvae.data.batching`: minibatches, labelled and unlabelled calls, the serving plan.
 """
 
+from pyvae.data.batching import resolve_device
 from pyvae.data.datasets import (
     ImageSet,
     binarize,
@@ -18,6 +19,7 @@ from pyvae.data.datasets import (
     semi_supervised,
     validation_split,
 )
+from pyvae.data.imageset import spread
 
 __all__ = [
     "ImageSet",
@@ -27,6 +29,8 @@ __all__ = [
     "hold_out",
     "load_dataset",
     "load_train_test",
+    "resolve_device",
     "semi_supervised",
+    "spread",
     "validation_split",
 ]
