@@ -30,7 +30,14 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from pyvae import distributed
-from pyvae.data.batching import KINDS, Batches, check_data, resolve_device, serving
+from pyvae.data.batching import (
+    KINDS,
+    Batches,
+    check_data,
+    fitting_batch_size,
+    resolve_device,
+    serving,
+)
 from pyvae.errors import PyvaeError, PyvaeWarning, positive_int, positive_number
 from pyvae.parts.likelihoods import bits_per_dim, coding
 from pyvae.program import LocalParams, structure
@@ -171,10 +178,7 @@ def fit(
     ):
         if batches is not None:
             check_data(model, batches, split)
-    if batch_size > len(train_batches):
-        raise PyvaeError(
-            f"batch_size {batch_size} is larger than the training set ({len(train_batches)} points)"
-        )
+    batch_size = fitting_batch_size(batch_size, len(train_batches))
     shapes = world.gather(tuple(train_batches.images.shape))
     if len(set(shapes)) > 1:
         raise PyvaeError(
