@@ -157,9 +157,11 @@ def test_compiled_ais_gives_the_programs_numbers(case, recwarn):
 def test_compiled_ais_runs_the_program_only_to_record_and_check_it(monkeypatch, recwarn):
     """Every leapfrog step, inside a trajectory (gradients alone) or at its end, calls a compiled graph."""
     calls = []
-    densities = pyvae.infer.ais._Chains.densities
+    densities = pyvae.infer.ais.potential.Potential.densities
     monkeypatch.setattr(
-        pyvae.infer.ais._Chains, "densities", lambda self, u: calls.append(1) or densities(self, u)
+        pyvae.infer.ais.potential.Potential,
+        "densities",
+        lambda self, u: calls.append(1) or densities(self, u),
     )
     model = ppca(orthogonal=False)
     result = ais_log_likelihood(model, sample_data(model, 4), num_steps=50, compile=True, **FAST)
@@ -172,14 +174,14 @@ def test_compiled_ais_runs_the_program_only_to_record_and_check_it(monkeypatch, 
 def test_a_gradients_graph_that_cannot_compile_leaves_the_chains_as_written(monkeypatch):
     from pyvae.compiled import NotCompiled
 
-    compile_function = pyvae.infer.ais.compile_function
+    compile_function = pyvae.infer.ais.potential.compile_function
 
     def refuse_gradients(fn, *args, **kwargs):
         if fn.__name__ == "densities_gradients":
             raise NotCompiled("refused by the test")
         return compile_function(fn, *args, **kwargs)
 
-    monkeypatch.setattr(pyvae.infer.ais, "compile_function", refuse_gradients)
+    monkeypatch.setattr(pyvae.infer.ais.potential, "compile_function", refuse_gradients)
     model = ppca(orthogonal=False)
     x = sample_data(model, 4)
     with pytest.warns(

@@ -15,6 +15,7 @@ import pyvae
 from pyvae.cli.app import run
 from pyvae.infer.diagnostics import active_units, evaluate, mutual_information
 from pyvae.infer.importance import iwae_sizes, khat_threshold, log_likelihood
+from pyvae.viz import plots
 
 SIGMA = 0.5
 
@@ -310,13 +311,20 @@ def test_evaluation_report_and_files(tmp_path):
     )
     assert "log p(x)" in result.table() and "Pareto k^" in result.table()
     assert summary["warning"] is None and "WARNING" not in result.table()
-    result.write(tmp_path)
+    assert result.write(tmp_path) == ["eval.json", "eval.nc"]
+    assert plots.evaluation(result, tmp_path) == ["khat.png", "iwae_curve.png", "kl_per_dim.png"]
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["num_samples"] == 100 and saved["khat_bands"]["good"] == 1.0
     idata = arviz.from_netcdf(tmp_path / "eval.nc")
     assert np.allclose(idata.importance_sampling["log_px"].values, result.ll.log_px.numpy())
     for name in ("khat.png", "iwae_curve.png", "kl_per_dim.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_an_evaluation_without_a_dataset_name_has_a_header():
+    vae = ppca()
+    table = evaluate(vae, sample_data(vae, 12), num_samples=20).table()
+    assert table.startswith("evaluation: 12 points, K = 20 importance samples")
 
 
 @pytest.fixture(scope="module")

@@ -10,22 +10,24 @@ of anything scoring below it, like importance sampling) at that T, on data like 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from pyro import poutine
 
 from pyvae import distributed, program
+from pyvae.data.batching import take
 from pyvae.errors import PyvaeError
 from pyvae.infer.ais import (
     AISResult,
+    ais_ladder,
     ais_log_likelihood,
     check,
     compile_session,
-    data_dim,
-    point_seed,
     reverse_ais,
 )
-from pyvae.infer.diagnostics import GRID, ais_ladder, take
+from pyvae.infer.importance import GRID, point_dim, point_seed, seeded
+from pyvae.infer.report import Report
 from pyvae.parts.likelihoods import bits_per_dim, coding
 
 
@@ -42,18 +44,19 @@ def simulate(model: torch.nn.Module, batch: tuple, seed: int = 0) -> tuple[tuple
             f"simulating data needs a model with one observed site; {type(model).__name__} has {shape.observed_sites}"
         )
     device = batch[0].device
-    with program.fork_rng(device), program.LocalParams():
-        torch.manual_seed(point_seed(seed, 0, "simulate"))
+    with seeded(device, point_seed(seed, 0, "simulate")), program.LocalParams():
         trace = poutine.trace(poutine.uncondition(model.model)).get_trace(*batch)
     x = trace.nodes[shape.observed_sites[0]]["value"].reshape(batch[0].shape)
     return (x, *batch[1:]), {name: trace.nodes[name]["value"] for name in shape.continuous_sites}
 
 
 @dataclass
-class BDMCResult:
+class BDMCResult(Report):
     """{T: (forward AIS, reverse AIS)} on the same simulated points; ``lower``/``upper`` per point are
-    their ``log_px``. The gap upper - lower >= 0 in expectation."""
+    their ``log_px``. The gap upper - lower >= 0 in expectation. ``write`` gives ``bdmc.json`` (the
+    picture: :func:`pyvae.viz.plots.bdmc`)."""
 
+    name: ClassVar[str] = "bdmc"
     runs: dict
     #: (pixels per point, values per pixel) when the likelihood is a mass over 8-bit-like pixel values
     coding: tuple[int, int] | None = None
@@ -142,7 +145,7 @@ def bdmc(
     n = data[0].shape[0]
     data = data[0] if len(data) == 1 else data
     _, guide_trace = program.trace_once(model, take(template, 0, 1))
-    dims = {name: data_dim(guide_trace, name, shape.data_plate) for name in latents}
+    dims = {name: point_dim(guide_trace.nodes[name], shape.data_plate) for name in latents}
     runs = {}
     with (
         compile_session()

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import ClassVar
 
 import arviz
 import numpy as np
@@ -21,20 +20,22 @@ import xarray
 from pyro import poutine
 
 from pyvae import distributed, program
-from pyvae.data.batching import Batches, as_tensors, resolve_device
+from pyvae.data.batching import Batches, as_points, resolve_device, take
 from pyvae.data.datasets import spread
-from pyvae.errors import PyvaeError, positive_int
-from pyvae.infer.ais import AISResult, ais_log_likelihood, check, compile_session, point_seed
+from pyvae.errors import PyvaeError
+from pyvae.infer.ais import AISResult, ais_ladder, ais_log_likelihood, check, compile_session
 from pyvae.infer.importance import (
+    GRID,
     MIN_KHAT_SAMPLES,
     LogLikelihood,
-    drawn_once,
     khat_threshold,
     log_likelihood,
+    point_dim,
+    point_seed,
+    seeded,
 )
+from pyvae.infer.report import Report, data_stderr, inference_data, mc_stderr
 from pyvae.parts.likelihoods import bits_per_dim, coding
-from pyvae.runs import write_json
-from pyvae.viz import plots
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 #: the share of points with k^ above the threshold beyond which importance sampling's headline is flagged
@@ -63,7 +64,7 @@ def mutual_information(
     with enumerated sites and for programs that cannot run with particles as a batch dimension.
     """
     device = next(model.parameters()).device
-    batches = Batches(drawn_once(data), device, model)
+    batches = Batches(as_points(data), device, model)
     index = spread(torch.arange(len(batches)), max_points).to(batches.images.device)
     batch = next(batches.select(index, len(index)))
     shape = program.structure(model, batch)
@@ -101,8 +102,7 @@ def _guide_log_prob(trace, nesting: int, n: int, plate: str) -> torch.Tensor:
 
 def _others(site, idx: torch.Tensor, n: int, nesting: int, plate: str) -> torch.Tensor:
     """The site's values of points ``idx`` moved to the particle dimension, each repeated over all n points."""
-    value, event = site["value"], len(site["fn"].event_shape)
-    data_dim = program.data_dim(site, plate) - event
+    value, event, data_dim = site["value"], site["fn"].event_dim, point_dim(site, plate)
     value = value.index_select(data_dim, idx).movedim(data_dim, 0).unsqueeze(data_dim)
     value = value.reshape(len(idx), *(1,) * (nesting + 1 + event - value.dim()), *value.shape[1:])
     shape = list(value.shape)
@@ -111,8 +111,11 @@ def _others(site, idx: torch.Tensor, n: int, nesting: int, plate: str) -> torch.
 
 
 @dataclass
-class Evaluation:
-    """The importance-sampled log-likelihood and the posterior diagnostics of one data set."""
+class Evaluation(Report):
+    """The importance-sampled log-likelihood and the posterior diagnostics of one data set;
+    ``write`` gives ``eval.json`` and ``eval.nc`` (the pictures: :func:`pyvae.viz.plots.evaluation`)."""
+
+    name: ClassVar[str] = "eval"
 
     ll: LogLikelihood
     site: str | None  # the latent site the plots and the headline latent numbers are about
@@ -140,9 +143,9 @@ class Evaluation:
             "num_samples": ll.num_samples,
             "log_px": float(log_px.mean()),
             # Monte Carlo error of that mean, for this fixed set of points
-            "log_px_mc_stderr": float(ll.stderr.double().pow(2).sum().sqrt() / n),
+            "log_px_mc_stderr": mc_stderr(ll.stderr),
             # spread over points: the error of the mean as an estimate over the data distribution
-            "log_px_data_stderr": float(log_px.std() / math.sqrt(n)) if n > 1 else math.nan,
+            "log_px_data_stderr": data_stderr(log_px),
             "nll": float(-log_px.mean()),
             "elbo": float(elbo.mean()),
             "gap": float((log_px - elbo).mean()),
@@ -179,22 +182,17 @@ class Evaluation:
     def ais_summary(self, log_px_is: torch.Tensor, elbo: torch.Tensor) -> dict:
         """The AIS headline replacing IS's: log p(x), its errors, the gap, and IS's figures kept as ``log_px_is``."""
         top = self.ais[max(self.ais)]
-        log_px, n = top.log_px.double(), len(top)
+        log_px = top.log_px.double()
         return {
             "log_px": float(log_px.mean()),
-            "log_px_mc_stderr": float(top.stderr.double().pow(2).sum().sqrt() / n),
-            "log_px_data_stderr": float(log_px.std() / math.sqrt(n)) if n > 1 else math.nan,
+            "log_px_mc_stderr": mc_stderr(top.stderr),
+            "log_px_data_stderr": data_stderr(log_px),
             "nll": float(-log_px.mean()),
             "gap": float((log_px - elbo).mean()),
             "log_px_is": float(log_px_is.mean()),
             "ais_minus_is": float((log_px - log_px_is).mean()),
             "ais": {
-                **top.settings,
-                "acceptance_mean": float(top.acceptance.mean()),
-                "divergences": int(top.divergences.sum()),
-                "failed_chains": int(top.failed_chains.sum()),
-                "compiled_points": int(top.compiled.sum()),
-                "seconds": top.seconds,
+                **top.diagnostics(),
                 "log_px_by_num_steps": {
                     str(t): float(r.log_px.double().mean()) for t, r in sorted(self.ais.items())
                 },
@@ -273,7 +271,7 @@ class Evaluation:
             else ""
         )
         lines = [
-            f"{s['dataset']} {s['split']}: {s['num_points']} points, {how}K = {s['num_samples']} importance samples "
+            f"{self.title()}: {s['num_points']} points, {how}K = {s['num_samples']} importance samples "
             f"({s['seconds']:.1f} s)",
             f"  log p(x)   {s['log_px']:10.3f} ± {s['log_px_mc_stderr']:.3f} (Monte Carlo) "
             f"± {s['log_px_data_stderr']:.3f} (over points)   nats per point; NLL {s['nll']:.3f}",
@@ -310,7 +308,12 @@ class Evaluation:
             )
         return "\n".join(lines)
 
-    def to_inference_data(self) -> arviz.InferenceData:
+    def title(self) -> str:
+        """What was evaluated: the data set and split, when known."""
+        named = " ".join(part for part in (self.dataset, self.split) if part)
+        return named or "evaluation"
+
+    def inference_data(self) -> arviz.InferenceData:
         """Per-point log p^, its standard error, the ELBO, k^ and ESS as an arviz InferenceData."""
         ll = self.ll
         coords = {"point": np.arange(len(ll))}
@@ -340,43 +343,14 @@ class Evaluation:
                 dims=["point", "chain"],
                 coords={**coords, "chain": np.arange(top.num_chains)},
             )
-        dataset = xarray.Dataset(
-            data,
-            attrs={
-                "method": self.method,
-                "num_samples": ll.num_samples,
-                "dataset": self.dataset,
-                "split": self.split,
-                "units": "nats",
-            },
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore"
-            )  # 'importance_sampling' is not one of arviz's standard group names
-            return arviz.InferenceData(importance_sampling=dataset)
-
-    def write(self, out: str | Path) -> None:
-        """``eval.json``, ``eval.nc`` (InferenceData), ``khat.png``, ``iwae_curve.png``, ``kl_per_dim.png``, ``ais.png``."""
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        summary = self.summary()
-        write_json(out / "eval.json", summary)
-        netcdf = self.to_inference_data()
-        tmp = out / ".eval.nc.tmp"
-        netcdf.to_netcdf(str(tmp))
-        tmp.replace(out / "eval.nc")
-        plots.khat(self.ll, out / "khat.png")
-        plots.iwae_curve(summary["iwae"], out / "iwae_curve.png")
-        if self.kl_per_dim is not None:
-            plots.kl_per_dim(self.kl_per_dim, out / "kl_per_dim.png")
-        if self.ais:
-            plots.ais(self.ais, summary["log_px_is"], out / "ais.png")
-
-
-#: points per chunk of the evaluation's fixed grid, on which IS draws are seeded and processes share work
-GRID = {"cpu": 64, "cuda": 512}
+        attrs = {
+            "method": self.method,
+            "num_samples": ll.num_samples,
+            "dataset": self.dataset,
+            "split": self.split,
+            "units": "nats",
+        }
+        return inference_data("importance_sampling", data, attrs)
 
 
 def evaluate(
@@ -411,23 +385,14 @@ def evaluate(
     start = time.perf_counter()
     world = world or distributed.World()
     device = resolve_device(device or next(model.parameters()).device)
-    data = tensors(data)
-    n, grid = (
-        (data if isinstance(data, torch.Tensor) else data[0]).shape[0],
-        GRID.get(device.type, 64),
-    )
+    data = as_points(data)
+    n, grid = data[0].shape[0], GRID.get(device.type, 64)
     if ais:  # before any work: a model AIS cannot run fails now, not after the importance sampling
-        check(
-            model.to(device),
-            tuple(
-                t.to(device) for t in Batches(take(data, 0, 1), torch.device("cpu"), model).first(1)
-            ),
-            **ais,
-        )
+        first = Batches(take(data, 0, 1), torch.device("cpu"), model).first(1)
+        check(model.to(device), tuple(t.to(device) for t in first), **ais)
 
     def importance(first, stop):
-        with program.fork_rng(device):
-            torch.manual_seed(point_seed(seed, first, "importance"))
+        with seeded(device, point_seed(seed, first, "importance")):
             return log_likelihood(
                 model,
                 take(data, first, stop),
@@ -438,36 +403,17 @@ def evaluate(
             )
 
     parts = distributed.sharded(importance, n, grid, world)
-    runs = {}
-    with (
-        compile_session()
-    ):  # a program that cannot be compiled is warned about once, not per chunk and T
-        for steps in ais_ladder(ais["num_steps"]) if ais else ():
-            settings = {**ais, "num_steps": steps}
-            runs[steps] = distributed.sharded(
-                lambda first, stop: ais_log_likelihood(
-                    model,
-                    take(data, first, stop),
-                    **settings,
-                    seed=seed,
-                    point_ids=torch.arange(first, stop),
-                    device=device,
-                    progress=progress,
-                ),
-                n,
-                grid,
-                world,
-            )
+    runs = _ais_ladder(model, data, ais, seed, device, progress, world) if ais else {}
     if not world.main:
         return None
     ll = LogLikelihood.concat(parts)
     site = site or getattr(model, "latent_site", None) or next(iter(ll.latent_means), None)
     if site is not None and site not in ll.latent_means:
         raise PyvaeError(
-            f"site {site!r} is not a per-point continuous latent site; choose from {', '.join(ll.latent_means) or 'none'}"
+            f"site {site!r} is not a per-point continuous latent site; choose from "
+            f"{', '.join(ll.latent_means) or 'none'}"
         )
-    with program.fork_rng(device):
-        torch.manual_seed(seed)
+    with seeded(device, seed):
         information = mutual_information(model, data)
     result = Evaluation(
         ll=ll,
@@ -475,32 +421,31 @@ def evaluate(
         mutual_information=information,
         dataset=dataset,
         split=split,
-        ais={steps: AISResult.concat(p) for steps, p in runs.items()},
+        ais=runs,
         coding=coding(model),
     )
     result.seconds = time.perf_counter() - start
     return result
 
 
-def ais_ladder(num_steps: int) -> list[int]:
-    """T/100, T/10 and T, keeping those >= 10 (and T itself always)."""
-    positive_int("num_steps", num_steps)
-    return sorted({t for t in (num_steps // 100, num_steps // 10) if t >= 10} | {num_steps})
+def _ais_ladder(model, data: tuple, ais: dict, seed, device, progress, world) -> dict:
+    """{T: AIS result} at T/100, T/10 and T (:func:`~pyvae.infer.ais.ais_ladder`) on the grid of
+    :data:`GRID` points, seeded per point; {} off the main process."""
+    runs, grid, n = {}, GRID.get(device.type, 64), data[0].shape[0]
+    # a program that cannot be compiled is warned about once, not per chunk and T
+    with compile_session():
+        for steps in ais_ladder(ais["num_steps"]):
 
+            def chunk(first, stop, steps=steps):
+                return ais_log_likelihood(
+                    model,
+                    take(data, first, stop),
+                    **{**ais, "num_steps": steps},
+                    seed=seed,
+                    point_ids=torch.arange(first, stop),
+                    device=device,
+                    progress=progress,
+                )
 
-def tensors(data):
-    """``data`` as a tensor x or a tuple (x, y, ...), a dynamically binarized set drawn once."""
-    data = drawn_once(data)
-    if isinstance(data, torch.Tensor) or (
-        isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data)
-    ):
-        return data
-    found, _ = as_tensors(data)
-    return found[0] if len(found) == 1 else found
-
-
-def take(data, first: int, stop: int):
-    """Points first..stop-1 of a tensor x or a tuple (x, y)."""
-    return (
-        data[first:stop] if isinstance(data, torch.Tensor) else tuple(t[first:stop] for t in data)
-    )
+            runs[steps] = distributed.sharded(chunk, n, grid, world)
+    return {t: AISResult.concat(p) for t, p in runs.items() if p is not None}

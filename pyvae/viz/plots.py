@@ -33,11 +33,18 @@ def grid(images: torch.Tensor, image_shape: Sequence[int], nrow: int = 8) -> tor
     )
 
 
+#: the narrowest picture :func:`save_grid` writes: a 15 x 15 grid of 28 x 28 images is ~450 px
+MIN_WIDTH = 600
+
+
 def save_grid(
     images: torch.Tensor, image_shape: Sequence[int], path: str | Path, nrow: int = 8
 ) -> None:
-    """:func:`grid` as a PNG."""
+    """:func:`grid` as a PNG at least :data:`MIN_WIDTH` pixels wide: small images are enlarged by
+    a whole factor, each pixel a square block (nearest neighbour), so none is blurred."""
     picture = grid(images, image_shape, nrow)
+    factor = -(-MIN_WIDTH // picture.shape[-1])
+    picture = picture.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
     atomic_write(path, lambda f: save_image(picture, f, format="png"))
 
 
@@ -232,6 +239,24 @@ def ais(runs: dict, log_px_is: float, path: str | Path) -> None:
     right.legend(fontsize=7)
     right.grid(alpha=0.3)
     save_figure(fig, path)
+
+
+def evaluation(result, folder: str | Path) -> list[str]:
+    """The pictures of an :class:`~pyvae.infer.diagnostics.Evaluation` in ``folder``: ``khat.png``,
+    ``iwae_curve.png``, ``kl_per_dim.png`` (a site that factorizes), ``ais.png`` (under AIS);
+    their names."""
+    folder, summary = Path(folder), result.summary()
+    folder.mkdir(parents=True, exist_ok=True)
+    khat(result.ll, folder / "khat.png")
+    iwae_curve(summary["iwae"], folder / "iwae_curve.png")
+    written = ["khat.png", "iwae_curve.png"]
+    if result.kl_per_dim is not None:
+        kl_per_dim(result.kl_per_dim, folder / "kl_per_dim.png")
+        written.append("kl_per_dim.png")
+    if result.ais:
+        ais(result.ais, summary["log_px_is"], folder / "ais.png")
+        written.append("ais.png")
+    return written
 
 
 def bdmc(summary: dict, path: str | Path) -> None:
