@@ -39,7 +39,8 @@ def write_idx(path, array):
 
 @pytest.fixture(scope="module")
 def mnist_like_run(tmp_path_factory):
-    """A run on small generated 28x28 sets in torchvision's layout: sparse "mnist", dense "fashion"."""
+    """A run on small generated 28x28 sets in torchvision's layout: sparse "mnist", dense
+    "fashion"."""
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
     for folder, density in (("MNIST", 0.1), ("FashionMNIST", 0.6)):

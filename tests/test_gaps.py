@@ -44,9 +44,9 @@ def test_bdmc_sandwiches_the_exact_log_likelihood_and_closes_with_t():
 
 
 def test_the_gap_splits_into_approximation_and_amortization(tmp_path):
-    # W with orthogonal columns: the exact posterior is a diagonal Normal, a member of the guide's family,
-    # so the best guide for each point is exact (approximation gap 0) and the random encoder's whole
-    # gap is amortization
+    # W with orthogonal columns: the exact posterior is a diagonal Normal, a member of the guide's
+    # family, so the best guide for each point is exact (approximation gap 0) and the random
+    # encoder's whole gap is amortization
     vae = ppca(orthogonal=True)
     (x,), _ = simulate(vae, (torch.zeros(3, 6),), seed=0)
     result = inference_gap(

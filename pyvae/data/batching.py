@@ -204,7 +204,7 @@ class Batches:
         """The minibatch of each chunk of indices; a streamed set's read ahead by the DataLoader's
         workers."""
         rows = self.images.stream(chunks) if self.streamed else (None for _ in chunks)
-        for idx, x in zip(chunks, rows):
+        for idx, x in zip(chunks, rows, strict=True):
             yield self._serve(idx, x)
 
     def _serve(self, idx, x: torch.Tensor | None = None) -> tuple:

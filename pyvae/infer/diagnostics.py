@@ -38,14 +38,16 @@ from pyvae.infer.report import Report, data_stderr, inference_data, mc_stderr
 from pyvae.parts.likelihoods import bits_per_dim, coding
 
 ACTIVE_UNIT_THRESHOLD = 0.01
-#: the share of points with k^ above the threshold beyond which importance sampling's headline is flagged
+#: the share of points with k^ above the threshold beyond which importance sampling's headline
+#: is flagged
 UNTRUSTED_SHARE = 0.1
 
 
 def active_units(
     z_mean: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD
 ) -> tuple[int, torch.Tensor]:
-    """(number of d with Cov_x(E_q[z_d|x]) > threshold, those variances): Burda et al.'s active units."""
+    """(number of d with Cov_x(E_q[z_d|x]) > threshold, those variances): Burda et al.'s active
+    units."""
     variance = z_mean.reshape(z_mean.shape[0], -1).var(0)
     return int((variance > threshold).sum()), variance
 
@@ -54,7 +56,8 @@ def active_units(
 def mutual_information(
     model: torch.nn.Module, data, max_points: int = 1000, chunk: int = 100
 ) -> float | None:
-    """I(x; latents) under q(latents, x) = q(latents|x) p_data(x), in nats, from N <= ``max_points`` points.
+    """I(x; latents) under q(latents, x) = q(latents|x) p_data(x), in nats, from N <=
+    ``max_points`` points.
 
     I = E[log q(v|x)] - E[log q(v)], with the aggregate posterior q(v_i) ~ (1/N) sum_j q(v_i|x_j)
     at one draw v_i ~ q(.|x_i) per point, every latent site of the guide taken jointly (the
@@ -101,7 +104,8 @@ def _guide_log_prob(trace, nesting: int, n: int, plate: str) -> torch.Tensor:
 
 
 def _others(site, idx: torch.Tensor, n: int, nesting: int, plate: str) -> torch.Tensor:
-    """The site's values of points ``idx`` moved to the particle dimension, each repeated over all n points."""
+    """The site's values of points ``idx`` moved to the particle dimension, each repeated over all
+    n points."""
     value, event, data_dim = site["value"], site["fn"].event_dim, point_dim(site, plate)
     value = value.index_select(data_dim, idx).movedim(data_dim, 0).unsqueeze(data_dim)
     value = value.reshape(len(idx), *(1,) * (nesting + 1 + event - value.dim()), *value.shape[1:])
@@ -113,7 +117,8 @@ def _others(site, idx: torch.Tensor, n: int, nesting: int, plate: str) -> torch.
 @dataclass
 class Evaluation(Report):
     """The importance-sampled log-likelihood and the posterior diagnostics of one data set;
-    ``write`` gives ``eval.json`` and ``eval.nc`` (the pictures: :func:`pyvae.viz.plots.evaluation`)."""
+    ``write`` gives ``eval.json`` and ``eval.nc`` (the pictures:
+    :func:`pyvae.viz.plots.evaluation`)."""
 
     name: ClassVar[str] = "eval"
 
@@ -180,7 +185,8 @@ class Evaluation(Report):
         return summary
 
     def ais_summary(self, log_px_is: torch.Tensor, elbo: torch.Tensor) -> dict:
-        """The AIS headline replacing IS's: log p(x), its errors, the gap, and IS's figures kept as ``log_px_is``."""
+        """The AIS headline replacing IS's: log p(x), its errors, the gap, and IS's figures kept as
+        ``log_px_is``."""
         top = self.ais[max(self.ais)]
         log_px = top.log_px.double()
         return {
@@ -210,7 +216,8 @@ class Evaluation(Report):
 
     @property
     def khat_estimated(self) -> bool:
-        """Whether K is large enough for a Pareto fit to the weights' tail (:data:`MIN_KHAT_SAMPLES`)."""
+        """Whether K is large enough for a Pareto fit to the weights' tail
+        (:data:`MIN_KHAT_SAMPLES`)."""
         return self.ll.num_samples >= MIN_KHAT_SAMPLES
 
     @property
@@ -219,34 +226,38 @@ class Evaluation(Report):
         return float((self.ll.khat > khat_threshold(self.ll.num_samples)).float().mean())
 
     def warning(self) -> str | None:
-        """Why IS's headline is not to be trusted, or None: more than :data:`UNTRUSTED_SHARE` of the
-        points have Pareto k^ above the threshold, where the weights' variance may be infinite, the
-        delta-method ± understates the error and log p^ is likely well below log p(x). None under AIS,
-        whose headline does not rest on these weights."""
+        """Why IS's headline is not to be trusted, or None: more than :data:`UNTRUSTED_SHARE` of
+        the points have Pareto k^ above the threshold, where the weights' variance may be infinite,
+        the delta-method ± understates the error and log p^ is likely well below log p(x). None
+        under AIS, whose headline does not rest on these weights."""
         if self.ais:
             return None
         if not self.khat_estimated:
             return (
-                f"Pareto k^ cannot be estimated from {self.ll.num_samples} draws per point (it needs {MIN_KHAT_SAMPLES}): "
-                "the ± (Monte Carlo) is unchecked and may understate the error; evaluate with more --num-samples"
+                f"Pareto k^ cannot be estimated from {self.ll.num_samples} draws per point (it "
+                f"needs {MIN_KHAT_SAMPLES}): the ± (Monte Carlo) is unchecked and may understate "
+                "the error; evaluate with more --num-samples"
             )
         above = self.khat_above_threshold
         if above <= UNTRUSTED_SHARE:
             return None
         return (
-            f"Pareto k^ > {khat_threshold(self.ll.num_samples):.2f} on {100 * above:.1f}% of points: the ± (Monte Carlo) "
-            "is not to be trusted and log p(x) is likely too low; AIS does not need the guide to cover the posterior: "
-            "python -m pyvae evaluate RUN --method ais"
+            f"Pareto k^ > {khat_threshold(self.ll.num_samples):.2f} on {100 * above:.1f}% of "
+            "points: the ± (Monte Carlo) is not to be trusted and log p(x) is likely too low; AIS "
+            "does not need the guide to cover the posterior: python -m pyvae evaluate RUN --method "
+            "ais"
         )
 
     @property
     def kl_per_dim(self) -> torch.Tensor | None:
-        """E_x KL(q(z_d|x) || p(z_d)) per dimension d of the chosen site (None if it does not factorize)."""
+        """E_x KL(q(z_d|x) || p(z_d)) per dimension d of the chosen site (None if it does not
+        factorize)."""
         per_dim = self.ll.kl_per_dim.get(self.site)
         return per_dim.mean(0) if per_dim is not None else None
 
     def site_summary(self, name: str) -> dict:
-        """KL (mean over points of E_q[log q - log p] of the site), active units and size of one latent site."""
+        """KL (mean over points of E_q[log q - log p] of the site), active units and size of one
+        latent site."""
         count, variance = active_units(self.ll.latent_means[name])
         per_dim = self.ll.kl_per_dim.get(name)
         return {
@@ -266,13 +277,14 @@ class Evaluation(Report):
     def table(self) -> str:
         s = self.summary()
         how = (
-            f"AIS with T = {s['ais']['num_steps']}, {s['ais']['num_chains']} chains{self._compiled_words(s)}; "
+            f"AIS with T = {s['ais']['num_steps']}, {s['ais']['num_chains']} chains"
+            f"{self._compiled_words(s)}; "
             if self.ais
             else ""
         )
         lines = [
-            f"{self.title()}: {s['num_points']} points, {how}K = {s['num_samples']} importance samples "
-            f"({s['seconds']:.1f} s)",
+            f"{self.title()}: {s['num_points']} points, {how}K = {s['num_samples']} importance "
+            f"samples ({s['seconds']:.1f} s)",
             f"  log p(x)   {s['log_px']:10.3f} ± {s['log_px_mc_stderr']:.3f} (Monte Carlo) "
             f"± {s['log_px_data_stderr']:.3f} (over points)   nats per point; NLL {s['nll']:.3f}",
         ]
@@ -280,19 +292,23 @@ class Evaluation(Report):
             lines.append(f"  WARNING    {s['warning']}")
         if "bits_per_dim" in s:
             lines.append(
-                f"  bits/dim   {s['bits_per_dim']:.4f} (ELBO {s['elbo_bits_per_dim']:.4f}): -log2 p(x) / {self.coding[0]} "
-                f"pixels, p(x) a mass over {s['bits_per_dim_levels']} values per pixel"
+                f"  bits/dim   {s['bits_per_dim']:.4f} (ELBO {s['elbo_bits_per_dim']:.4f}): "
+                f"-log2 p(x) / {self.coding[0]} pixels, p(x) a mass over "
+                f"{s['bits_per_dim_levels']} values per pixel"
             )
         if self.ais:
             a = s["ais"]
             ladder = "  ".join(f"T={t}: {v:.3f}" for t, v in a["log_px_by_num_steps"].items())
             lines += [
-                f"  AIS by T   {ladder}; acceptance {a['acceptance_mean']:.2f}, {a['divergences']} divergent proposals"
+                f"  AIS by T   {ladder}; acceptance {a['acceptance_mean']:.2f}, "
+                f"{a['divergences']} divergent proposals"
                 + (f", {a['failed_chains']} failed chains left out" if a["failed_chains"] else ""),
-                f"  IS         {s['log_px_is']:10.3f} (K = {s['num_samples']}): AIS - IS = {s['ais_minus_is']:.3f}",
+                f"  IS         {s['log_px_is']:10.3f} (K = {s['num_samples']}): "
+                f"AIS - IS = {s['ais_minus_is']:.3f}",
             ]
         lines += [
-            f"  ELBO       {s['elbo']:10.3f}    gap log p - ELBO {s['gap']:.3f} (~ KL(q(z|x) || p(z|x)))",
+            f"  ELBO       {s['elbo']:10.3f}    gap log p - ELBO {s['gap']:.3f} "
+            "(~ KL(q(z|x) || p(z|x)))",
             "  IWAE-K     " + "  ".join(f"K={k}: {v:.3f}" for k, v in s["iwae"].items()),
             f"  Pareto k^  {self._khat_line(s)}",
             f"  ESS        mean {s['ess_mean']:.1f}, min {s['ess_min']:.1f} of {s['num_samples']}",
@@ -304,7 +320,8 @@ class Evaluation(Report):
             )
         if s["mutual_information"] is not None:
             lines.append(
-                f"  I(x; latents) {s['mutual_information']:.3f} nats (biased: at most log of the points used)"
+                f"  I(x; latents) {s['mutual_information']:.3f} nats (biased: at most log of the "
+                "points used)"
             )
         return "\n".join(lines)
 

@@ -40,7 +40,8 @@ from pyvae.parts.likelihoods import bits_per_dim, coding
 
 
 class LocalGuide(torch.nn.Module):
-    """The model of ``model`` with the guide of ``guide_copy``: a program whose guide can move alone."""
+    """The model of ``model`` with the guide of ``guide_copy``: a program whose guide can move
+    alone."""
 
     def __init__(self, model: torch.nn.Module, guide_copy: torch.nn.Module) -> None:
         super().__init__()
@@ -58,10 +59,11 @@ def local_optimum(
     check_every: int = 200,
     tolerance: float = 0.01,
 ) -> tuple[LocalGuide, int]:
-    """(model with the guide fitted to ``batch`` alone, Adam steps taken): from the amortized guide,
-    maximize the ``num_particles``-sample ELBO; when its mean over ``check_every`` steps improves by less
-    than ``tolerance`` nats per point, the learning rate drops tenfold (Adam's noise floor hides the
-    last nats), and the third time the fit stops; or after ``steps`` steps. A fit stopped early underestimates ELBO(q*): the approximation gap is then overstated and the
+    """(model with the guide fitted to ``batch`` alone, Adam steps taken): from the amortized
+    guide, maximize the ``num_particles``-sample ELBO; when its mean over ``check_every`` steps
+    improves by less than ``tolerance`` nats per point, the learning rate drops tenfold (Adam's
+    noise floor hides the last nats), and the third time the fit stops; or after ``steps`` steps.
+    A fit stopped early underestimates ELBO(q*): the approximation gap is then overstated and the
     amortization gap understated, never the other way."""
     local = LocalGuide(model, copy.deepcopy(model).requires_grad_(True))
     shape = program.structure(local, batch)
@@ -98,9 +100,9 @@ BITS = {"log_px": "log p(x)", "elbo_local": "ELBO local", "elbo_amortized": "ELB
 
 @dataclass
 class GapResult(Report):
-    """Per point (N,): ``log_px`` (AIS), ``elbo_amortized``, ``elbo_local`` (the best guide for that point),
-    the IS estimates from both guides, and the Adam steps each local fit took. ``write`` gives
-    ``gap.json`` and ``eval.nc`` (the per-point values)."""
+    """Per point (N,): ``log_px`` (AIS), ``elbo_amortized``, ``elbo_local`` (the best guide for
+    that point), the IS estimates from both guides, and the Adam steps each local fit took.
+    ``write`` gives ``gap.json`` and ``eval.nc`` (the per-point values)."""
 
     name: ClassVar[str] = "gap"
 
@@ -112,7 +114,7 @@ class GapResult(Report):
     local_steps: torch.Tensor
     ais: AISResult
     num_samples: int
-    #: (pixels per point, values per pixel) when the likelihood is a mass over 8-bit-like pixel values
+    #: (pixels per point, values per pixel) when the likelihood is a mass over 8-bit-like values
     coding: tuple[int, int] | None = None
 
     def gaps(self) -> dict[str, tuple[float, float]]:
@@ -129,7 +131,8 @@ class GapResult(Report):
         }
 
     def notes(self) -> list[str]:
-        """Words for each gap that cannot be told from zero (:func:`~pyvae.infer.report.within_noise`)."""
+        """Words for each gap that cannot be told from zero
+        (:func:`~pyvae.infer.report.within_noise`)."""
         hints = {
             "approximation": f"AIS with T = {self.ais.num_steps} may be too short to tell "
             "(a larger --num-steps raises log p(x) towards its value)",
@@ -146,7 +149,8 @@ class GapResult(Report):
         gaps = self.gaps()
         return {
             "num_points": len(self.log_px),
-            "units": "nats per point; gaps are differences of log p(x) (AIS) and ELBOs, >= 0 up to Monte Carlo error",
+            "units": "nats per point; gaps are differences of log p(x) (AIS) and ELBOs, >= 0 up "
+            "to Monte Carlo error",
             "log_px": mean(self.log_px),
             "elbo_amortized": mean(self.elbo_amortized),
             "elbo_local": mean(self.elbo_local),
@@ -202,15 +206,18 @@ class GapResult(Report):
         s = self.summary()
         return "\n".join(
             [
-                f"inference gap on {s['num_points']} points (nats per point; log p(x) by AIS T = {s['ais']['num_steps']})",
+                f"inference gap on {s['num_points']} points (nats per point; log p(x) by AIS "
+                f"T = {s['ais']['num_steps']})",
                 f"  log p(x)            {s['log_px']:10.3f}",
                 f"  ELBO, local q*      {s['elbo_local']:10.3f}   approximation gap "
                 f"{s['approximation_gap']:.3f} ± {s['approximation_gap_stderr']:.3f}",
                 f"  ELBO, amortized q   {s['elbo_amortized']:10.3f}   amortization gap  "
                 f"{s['amortization_gap']:.3f} ± {s['amortization_gap_stderr']:.3f}",
-                f"  inference gap       {s['inference_gap']:10.3f}   (= approximation + amortization)",
-                f"  IS (K = {s['num_samples']})      amortized {s['log_px_is_amortized']:.3f}, local {s['log_px_is_local']:.3f};"
-                f" local fits took {s['local_steps_mean']:.0f} Adam steps on average",
+                f"  inference gap       {s['inference_gap']:10.3f}   "
+                "(= approximation + amortization)",
+                f"  IS (K = {s['num_samples']})      amortized {s['log_px_is_amortized']:.3f}, "
+                f"local {s['log_px_is_local']:.3f}; local fits took "
+                f"{s['local_steps_mean']:.0f} Adam steps on average",
                 *(
                     [
                         f"  bits/dim ({s['bits_per_dim_levels']} levels)  "
@@ -235,9 +242,10 @@ def inference_gap(
     seed: int = 0,
     world: distributed.World | None = None,
 ) -> GapResult | None:
-    """The gap decomposition for every point of ``data`` (a tensor x or a tuple (x, y)); ``ais`` holds the
-    settings of :func:`pyvae.ais.ais_log_likelihood`. The ELBOs use ``num_samples`` draws. Under torchrun
-    the points are shared out; rank 0 gets the result, the others None."""
+    """The gap decomposition for every point of ``data`` (a tensor x, a tuple (x, y), ...: as
+    :func:`pyvae.log_likelihood` takes it); ``ais`` holds the settings of
+    :func:`pyvae.ais.ais_log_likelihood`. The ELBOs use ``num_samples`` draws. Under torchrun the
+    points are shared out; rank 0 gets the result, the others None."""
     world = world or distributed.World()
     positive_int("num_samples", num_samples)
     positive_int("local_steps", local_steps)

@@ -126,9 +126,9 @@ class LogLikelihood:
         """The results of consecutive chunks of points as one."""
         first = parts[0]
         cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-        per_site = lambda name: {
+        per_site = lambda name: {  # noqa: E731
             k: torch.cat([getattr(p, name)[k] for p in parts]) for k in getattr(first, name)
-        }  # noqa: E731
+        }
         return LogLikelihood(
             **{name: cat(name) for name in ("log_px", "stderr", "elbo", "khat", "ess")},
             iwae={k: torch.cat([p.iwae[k] for p in parts]) for k in first.iwae},
@@ -208,7 +208,8 @@ def log_likelihood(
     )
     # the data were checked above; re-validating every chunk would only repeat that work
     with pyro.validation_enabled(False):
-        for start, batch in zip(range(0, n, batch_size), batches.in_order(batch_size)):
+        starts, served = range(0, n, batch_size), batches.in_order(batch_size)
+        for start, batch in zip(starts, served, strict=True):
             span = slice(start, start + batch[0].shape[0])
             chunks = []
             for s0 in range(0, num_samples, sample_chunk):

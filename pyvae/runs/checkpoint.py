@@ -5,8 +5,8 @@ instance the caller built (``model=``), checking that the class and every parame
 name and shape match; a checkpoint of one class never comes back as another.
 
 Files are written atomically (:func:`pyvae.runs.files.atomic_write`), so a crash leaves
-either the old checkpoint or the new one, never half of one. They are read with ``torch.load(weights_only=True)``, which never unpickles
-code.
+either the old checkpoint or the new one, never half of one. They are read with
+``torch.load(weights_only=True)``, which never unpickles code.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ FORMAT_VERSION = 1
 
 
 def class_name(module: torch.nn.Module) -> str:
-    """``module.qualname`` of the model's class: what a checkpoint records and :func:`load` checks."""
+    """``module.qualname`` of the model's class: what a checkpoint records and :func:`load`
+    checks."""
     cls = type(module)
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -114,7 +115,8 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, **parts)
         saved, config = "pyvae.models.vae.VAE", {"model": "vae", **config}
     if "state_dict" not in payload or not isinstance(saved, str):
         raise PyvaeError(
-            f"{path} is a pyvae checkpoint without a complete model description; it cannot be loaded"
+            f"{path} is a pyvae checkpoint without a complete model description; it cannot be "
+            "loaded"
         )
     record = payload.get("user_model")
     if model is None and isinstance(record, dict):
@@ -128,7 +130,8 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, **parts)
         name = config.get("model") if isinstance(config, dict) else None
         if name not in MODELS or class_name_of(MODELS[name]) != saved:
             raise PyvaeError(
-                f"{path} holds a {saved}, not a built-in model; build one and pass it: pyvae.load(path, model=...)"
+                f"{path} holds a {saved}, not a built-in model; build one and pass it: "
+                "pyvae.load(path, model=...)"
             )
         cls = MODELS[name]
         if hasattr(cls, "from_config"):
@@ -144,7 +147,8 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, **parts)
         saved = class_name(model)
     if class_name(model) != saved:
         hint = (
-            " (a class saved from a script is __main__.<name>: save and load it from the same module)"
+            " (a class saved from a script is __main__.<name>: save and load it from the same "
+            "module)"
             if "__main__." in saved + class_name(model)
             else ""
         )
@@ -160,7 +164,8 @@ def class_name_of(cls: type) -> str:
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, path) -> None:
-    """``model.load_state_dict`` with a one-line error naming the missing, unexpected and mis-shaped entries."""
+    """``model.load_state_dict`` with a one-line error naming the missing, unexpected and
+    mis-shaped entries."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))

@@ -58,7 +58,8 @@ def import_parts(path: str | Path) -> list[type[Component]]:
             f"--parts must be a Python file defining the run's custom parts; got {str(path)!r}"
         )
     module = import_file(path, f"pyvae_parts_{path.stem}", "--parts")
-    # its own classes and those it imports from its neighbours; pyvae's built-ins are found by name anyway
+    # its own classes and those it imports from its neighbours; pyvae's built-ins are found by
+    # name anyway
     return [
         c
         for c in vars(module).values()
@@ -69,8 +70,9 @@ def import_parts(path: str | Path) -> list[type[Component]]:
 def custom_parts(
     config: dict, parts_file: str | Path | None, where: str = "the checkpoint"
 ) -> dict[str, Component]:
-    """The prior, likelihood and guide of a saved model's ``config`` that are no built-in, built from
-    the classes ``parts_file`` defines with their recorded settings ({} when all are built in)."""
+    """The prior, likelihood and guide of a saved model's ``config`` that are no built-in, built
+    from the classes ``parts_file`` defines with their recorded settings ({} when all are built
+    in)."""
     kinds = {
         "prior": (PRIORS, Prior),
         "likelihood": (LIKELIHOODS, Likelihood),
@@ -90,7 +92,8 @@ def custom_parts(
             for part, s in custom.items()
         )
         raise PyvaeError(
-            f"{where} was trained with a custom {named}; pass --parts FILE.py, the file that defines it"
+            f"{where} was trained with a custom {named}; pass --parts FILE.py, the file that "
+            "defines it"
         )
     classes = import_parts(parts_file)
     built = {}

@@ -62,7 +62,8 @@ def samples(
     label: int | None = None,
     temperature: float = 1.0,
 ) -> None:
-    """A grid of E[x | latents] for latents drawn from the model (class ``label``, or the classes in turn)."""
+    """A grid of E[x | latents] for latents drawn from the model (class ``label``, or the classes
+    in turn)."""
 
     model.eval()
     save_grid(
@@ -81,7 +82,8 @@ def reconstructions(
     rows: int = 2,
     labels: torch.Tensor | None = None,
 ) -> None:
-    """Rows of test images, each above a row of their reconstructions (:func:`reconstruction_pairs`)."""
+    """Rows of test images, each above a row of their reconstructions
+    (:func:`reconstruction_pairs`)."""
     per_row = min(per_row, x.shape[0])
     save_grid(
         reconstruction_pairs(model, x, per_row, rows, labels), model.image_shape, path, nrow=per_row
@@ -95,7 +97,8 @@ def reconstruction_pairs(
     rows: int = 2,
     labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(2 * rows * per_row, x_dim): rows of test images, each followed by the row of their reconstructions.
+    """(2 * rows * per_row, x_dim): rows of test images, each followed by the row of their
+    reconstructions.
 
     The images are spread evenly over ``x``, so a set sorted by class (static
     binarized MNIST's test split is) shows every class.
@@ -114,7 +117,8 @@ def reconstruction_pairs(
 
 
 def elbo_curves(history: list[dict], path: str | Path) -> None:
-    """Train, validation and test ELBO (nats per data point) against epoch (whole epochs on the axis)."""
+    """Train, validation and test ELBO (nats per data point) against epoch (whole epochs on the
+    axis)."""
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     epochs = [h["epoch"] for h in history]
@@ -158,7 +162,7 @@ def khat(ll, path: str | Path) -> None:
 
 def iwae_curve(bounds: dict, path: str | Path) -> None:
     """The IWAE-K bound (nats per data point) against K, from the same draws."""
-    ks, values = zip(*sorted((int(k), v) for k, v in bounds.items()))
+    ks, values = zip(*sorted((int(k), v) for k, v in bounds.items()), strict=True)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(ks, values, marker="o")
     ax.set_xscale("log")
