@@ -1,4 +1,5 @@
-"""Annealed importance sampling against closed forms: probabilistic PCA and a two-layer linear-Gaussian hierarchy."""
+"""Annealed importance sampling against closed forms: probabilistic PCA and a two-layer
+linear-Gaussian hierarchy."""
 
 import json
 import math
@@ -45,6 +46,18 @@ def test_agrees_with_probabilistic_pca_and_its_error_shrinks_with_t():
     assert errors(fine, exact).mean() < errors(ll, exact).mean()  # better than IS with this guide
 
 
+def test_an_ais_result_writes_its_summary_and_per_point_values(tmp_path):
+    vae = ppca()
+    result = ais_log_likelihood(vae, sample_data(vae, 5), num_steps=10, **FAST)
+    assert result.write(tmp_path) == ["ais.json", "ais.nc"]
+    saved = json.loads((tmp_path / "ais.json").read_text())
+    assert saved == pytest.approx(result.summary()) and saved["num_points"] == 5
+    assert saved["log_px"] == pytest.approx(float(result.log_px.double().mean()))
+    per_point = arviz.from_netcdf(tmp_path / "ais.nc").ais
+    assert per_point["log_weights"].shape == (5, 8)
+    assert result.table().startswith("AIS on 5 points: T = 10, 8 chains, 5 leapfrog steps")
+
+
 def test_the_prior_path_and_a_hierarchy_with_a_dependent_guide():
     torch.manual_seed(3)
     vae = ppca(orthogonal=False)
@@ -85,7 +98,8 @@ def test_results_depend_on_the_point_not_on_its_chunk():
 
 
 class Cliff(nn.Module):
-    """z ~ N(0, 2^2); x ~ N(z, 1), but the likelihood is NaN where z > 3: chains that start there fail."""
+    """z ~ N(0, 2^2); x ~ N(z, 1), but the likelihood is NaN where z > 3: chains that start there
+    fail."""
 
     def __init__(self):
         super().__init__()
@@ -104,7 +118,8 @@ class Cliff(nn.Module):
 
 
 class Reads(nn.Module):
-    """PPCA-like, but the model's Python reads the latents' values: a recorded graph would freeze what it read."""
+    """PPCA-like, but the model's Python reads the latents' values: a recorded graph would freeze
+    what it read."""
 
     READS = {
         "a branch": lambda z: z if z.sum() > 0 else -z,
@@ -155,11 +170,14 @@ def test_compiled_ais_gives_the_programs_numbers(case, recwarn):
 
 
 def test_compiled_ais_runs_the_program_only_to_record_and_check_it(monkeypatch, recwarn):
-    """Every leapfrog step, inside a trajectory (gradients alone) or at its end, calls a compiled graph."""
+    """Every leapfrog step, inside a trajectory (gradients alone) or at its end, calls a compiled
+    graph."""
     calls = []
-    densities = pyvae.infer.ais._Chains.densities
+    densities = pyvae.infer.ais.potential.Potential.densities
     monkeypatch.setattr(
-        pyvae.infer.ais._Chains, "densities", lambda self, u: calls.append(1) or densities(self, u)
+        pyvae.infer.ais.potential.Potential,
+        "densities",
+        lambda self, u: calls.append(1) or densities(self, u),
     )
     model = ppca(orthogonal=False)
     result = ais_log_likelihood(model, sample_data(model, 4), num_steps=50, compile=True, **FAST)
@@ -172,14 +190,14 @@ def test_compiled_ais_runs_the_program_only_to_record_and_check_it(monkeypatch, 
 def test_a_gradients_graph_that_cannot_compile_leaves_the_chains_as_written(monkeypatch):
     from pyvae.compiled import NotCompiled
 
-    compile_function = pyvae.infer.ais.compile_function
+    compile_function = pyvae.infer.ais.potential.compile_function
 
     def refuse_gradients(fn, *args, **kwargs):
         if fn.__name__ == "densities_gradients":
             raise NotCompiled("refused by the test")
         return compile_function(fn, *args, **kwargs)
 
-    monkeypatch.setattr(pyvae.infer.ais, "compile_function", refuse_gradients)
+    monkeypatch.setattr(pyvae.infer.ais.potential, "compile_function", refuse_gradients)
     model = ppca(orthogonal=False)
     x = sample_data(model, 4)
     with pytest.warns(
@@ -269,7 +287,7 @@ def test_compile_function_reuses_one_compilation_for_the_same_code():
     )  # other data: an input of the same graph, not baked in
     assert len(compiled._compiled) == before
     for fn, data in ((first, ones), (other, twos)):
-        for mine, theirs in zip(fn(u), energy(u, data)):
+        for mine, theirs in zip(fn(u), energy(u, data), strict=True):
             assert torch.allclose(mine, theirs, atol=1e-5)
 
 
@@ -309,7 +327,7 @@ def test_compiled_graphs_on_a_cpu_compute_log1p_from_log_to_float_rounding():
         and "softplus.default" not in graph.code
         and "softplus_backward" in graph.code
     )  # the gradients' own formulas
-    for mine, theirs in zip(compiled.compile_function(energy, u)(u), energy(u)):
+    for mine, theirs in zip(compiled.compile_function(energy, u)(u), energy(u), strict=True):
         assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-5)
 
 

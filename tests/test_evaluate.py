@@ -15,12 +15,14 @@ import pyvae
 from pyvae.cli.app import run
 from pyvae.infer.diagnostics import active_units, evaluate, mutual_information
 from pyvae.infer.importance import iwae_sizes, khat_threshold, log_likelihood
+from pyvae.viz import plots
 
 SIGMA = 0.5
 
 
 def ppca(x_dim=6, z_dim=2, orthogonal=True, seed=0):
-    """A linear-Gaussian VAE x = W z + b + sigma eps and its exact log p(x) = log N(x; b, W W^T + sigma^2 I)."""
+    """A linear-Gaussian VAE x = W z + b + sigma eps and its exact log p(x) = log N(x; b, W W^T +
+    sigma^2 I)."""
     g = torch.Generator().manual_seed(seed)
     vae = pyvae.VAE(
         x_dim=x_dim, z_dim=z_dim, hidden=(), likelihood=pyvae.parts.likelihoods.Normal(scale=SIGMA)
@@ -43,7 +45,8 @@ def exact_log_px(vae, x):
 
 
 def set_exact_posterior(vae):
-    """Encoder weights that make q(z|x) the exact posterior N(S W^T (x - b) / s^2, S), S = (I + W^T W / s^2)^-1."""
+    """Encoder weights that make q(z|x) the exact posterior N(S W^T (x - b) / s^2, S), S = (I + W^T
+    W / s^2)^-1."""
     w, b = vae.decoder[0].weight.detach().double(), vae.decoder[0].bias.detach().double()
     cov = torch.linalg.inv(torch.eye(w.shape[1], dtype=torch.float64) + w.T @ w / SIGMA**2)
     assert torch.allclose(cov, torch.diag(torch.diag(cov)), atol=1e-5)
@@ -101,7 +104,8 @@ def test_trained_guide_agrees_with_the_closed_form():
     exact = exact_log_px(vae, points)
     z_scores = (ll.log_px - exact.detach()) / ll.stderr.clamp(min=1e-6)
     assert float(z_scores.abs().max()) < 5, z_scores
-    # the mean over points is inside a few of its standard errors (a slight low bias is allowed: it is a lower bound)
+    # the mean over points is inside a few of its standard errors (a slight low bias is allowed:
+    # it is a lower bound)
     se = float(ll.stderr.pow(2).sum().sqrt() / 50)
     assert abs(float(ll.log_px.mean() - exact.mean())) < 4 * se + 1e-3
     assert float(ll.khat.median()) < khat_threshold(2000)
@@ -310,13 +314,20 @@ def test_evaluation_report_and_files(tmp_path):
     )
     assert "log p(x)" in result.table() and "Pareto k^" in result.table()
     assert summary["warning"] is None and "WARNING" not in result.table()
-    result.write(tmp_path)
+    assert result.write(tmp_path) == ["eval.json", "eval.nc"]
+    assert plots.evaluation(result, tmp_path) == ["khat.png", "iwae_curve.png", "kl_per_dim.png"]
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["num_samples"] == 100 and saved["khat_bands"]["good"] == 1.0
     idata = arviz.from_netcdf(tmp_path / "eval.nc")
     assert np.allclose(idata.importance_sampling["log_px"].values, result.ll.log_px.numpy())
     for name in ("khat.png", "iwae_curve.png", "kl_per_dim.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_an_evaluation_without_a_dataset_name_has_a_header():
+    vae = ppca()
+    table = evaluate(vae, sample_data(vae, 12), num_samples=20).table()
+    assert table.startswith("evaluation: 12 points, K = 20 importance samples")
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,13 @@ import struct
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import pyvae
 from pyvae.cli.app import main, run
 from pyvae.data.datasets import binarize, load_dataset
-from pyvae.infer.explore import anomaly_auc, linear_probe, slerp
+from pyvae.infer.explore import anomaly_auc, linear_probe, manifold, slerp
+from pyvae.viz import plots
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,8 @@ def write_idx(path, array):
 
 @pytest.fixture(scope="module")
 def mnist_like_run(tmp_path_factory):
-    """A run on small generated 28x28 sets in torchvision's layout: sparse "mnist", dense "fashion"."""
+    """A run on small generated 28x28 sets in torchvision's layout: sparse "mnist", dense
+    "fashion"."""
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
     for folder, density in (("MNIST", 0.1), ("FashionMNIST", 0.6)):
@@ -183,6 +186,13 @@ def test_bad_input_is_one_line_and_exit_2(digits_run, capsys, tmp_path, argv, me
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "nowhere").exists()  # a failed load leaves no folders behind
+
+
+def test_the_manifold_of_8x8_digits_is_at_least_600_pixels_wide(tmp_path):
+    vae = pyvae.VAE(x_dim=64, z_dim=2, hidden=(8,))
+    plots.save_grid(manifold(vae), vae.image_shape, tmp_path / "manifold.png", nrow=15)
+    width, height = Image.open(tmp_path / "manifold.png").size
+    assert width >= 600 and height >= 600 and width % 152 == 0  # 15 cells of 8 + 2 px, whole x
 
 
 def test_slerp_keeps_the_ends_and_the_norm_of_unit_vectors():

@@ -43,10 +43,10 @@ def test_bdmc_sandwiches_the_exact_log_likelihood_and_closes_with_t():
     assert len(s["per_point"]["lower"]) == 10
 
 
-def test_the_gap_splits_into_approximation_and_amortization():
-    # W with orthogonal columns: the exact posterior is a diagonal Normal, a member of the guide's family,
-    # so the best guide for each point is exact (approximation gap 0) and the random encoder's whole
-    # gap is amortization
+def test_the_gap_splits_into_approximation_and_amortization(tmp_path):
+    # W with orthogonal columns: the exact posterior is a diagonal Normal, a member of the guide's
+    # family, so the best guide for each point is exact (approximation gap 0) and the random
+    # encoder's whole gap is amortization
     vae = ppca(orthogonal=True)
     (x,), _ = simulate(vae, (torch.zeros(3, 6),), seed=0)
     result = inference_gap(
@@ -60,6 +60,13 @@ def test_the_gap_splits_into_approximation_and_amortization():
         s["approximation_gap"] + s["amortization_gap"], abs=1e-6
     )
     assert (result.elbo_amortized < result.elbo_local).all()
+    # an approximation gap of ~0 (or below): the table says it cannot be told from noise
+    table = result.table()
+    assert "within noise: the approximation gap" in table and "amortization gap 1" not in table
+    assert "within noise: the amortization gap" not in table
+    assert s["notes"] and s["approximation_gap_stderr"] > 0
+    assert result.write(tmp_path) == ["gap.json", "eval.nc"]
+    assert json.loads((tmp_path / "gap.json").read_text())["notes"] == s["notes"]
 
 
 def test_bdmc_and_the_gap_of_an_8_bit_likelihood_also_in_bits_per_dimension():

@@ -199,10 +199,6 @@ def test_a_labelled_folder_trains_a_conditional_model_and_bad_input_writes_nothi
             "--image-size resizes the images of a PATH data set",
         ),
         (
-            ["--dataset", str(tmp_path / "shapes"), "--batch-size", "999"],
-            "batch_size 999 is larger than the training set",
-        ),
-        (
             [
                 "--dataset",
                 "celeba",

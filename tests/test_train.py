@@ -97,10 +97,6 @@ def test_bad_training_input_is_a_clear_error(digits):
     cases = [
         (dict(train=gray.images), "bernoulli needs 0/1 data; got values in \\[0, 1\\]"),
         (dict(train=train.images[:, :10]), "10 features per point; the VAE expects x_dim=64"),
-        (
-            dict(train=train.images, batch_size=5000),
-            "batch_size 5000 is larger than the training set",
-        ),
         (dict(train=train.images, epochs=0), "epochs must be a positive integer; got 0"),
         (dict(train=train.images, lr=-1.0), "lr must be a positive number"),
         (dict(train=train.images, elbo="renyi"), "unknown elbo 'renyi'"),

@@ -7,17 +7,17 @@ Used by training and by evaluation alike, so evaluation needs nothing from train
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from pyvae import distributed
-from pyvae.errors import PyvaeError
-from pyvae.program import batch_arity, batch_slots, label_site
+from pyvae.data.datasets import ImageSet, spread
 from pyvae.data.streaming import StreamedImages
-from pyvae.data.datasets import ImageSet
-from pyvae.data.datasets import spread
+from pyvae.errors import PyvaeError, PyvaeWarning
+from pyvae.program import batch_arity, batch_slots, label_site
 
 DEVICES = ("auto", "cpu", "cuda")
 #: points of a streamed set that :func:`check_data` checks
@@ -82,6 +82,19 @@ def as_tensors(data) -> tuple[tuple, bool]:
     if isinstance(x, torch.Tensor) and not x.is_floating_point():
         x = x.float()
     return (x, *tensors[1:]), dynamic
+
+
+def as_points(data) -> tuple:
+    """``data`` (as :func:`as_tensors` takes it) as the tuple (x, *others) of its tensors, a
+    dynamically binarized set drawn once: every point scored on one fixed image."""
+    if isinstance(data, ImageSet) and data.dynamic:
+        data = (data.draw(), data.labels) if data.labels is not None else data.draw()
+    return as_tensors(data)[0]
+
+
+def take(points: tuple, first: int, stop: int) -> tuple:
+    """Points first..stop-1 of the tuple (x, *others) (:func:`as_points`)."""
+    return tuple(t[first:stop] for t in points)
 
 
 def _stacked(items: list) -> tuple:
@@ -191,7 +204,7 @@ class Batches:
         """The minibatch of each chunk of indices; a streamed set's read ahead by the DataLoader's
         workers."""
         rows = self.images.stream(chunks) if self.streamed else (None for _ in chunks)
-        for idx, x in zip(chunks, rows):
+        for idx, x in zip(chunks, rows, strict=True):
             yield self._serve(idx, x)
 
     def _serve(self, idx, x: torch.Tensor | None = None) -> tuple:
@@ -203,6 +216,20 @@ class Batches:
 def _on(idx, t: torch.Tensor):
     """Indices ``idx`` usable on ``t``: a streamed set's indices may live on another device."""
     return idx.to(t.device) if torch.is_tensor(idx) else idx
+
+
+def fitting_batch_size(batch_size: int, n: int) -> int:
+    """``batch_size``, or the training set's ``n`` points when that is smaller (saying so): a small
+    folder of images still trains, one step per epoch."""
+    if batch_size <= n:
+        return batch_size
+    warnings.warn(
+        f"batch_size {batch_size} is larger than the training set ({n} points): training "
+        f"with the whole set as the batch (batch_size {n})",
+        PyvaeWarning,
+        stacklevel=3,
+    )
+    return n
 
 
 def check_data(module: torch.nn.Module, batches: Batches, what: str) -> None:

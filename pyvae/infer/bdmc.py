@@ -10,28 +10,31 @@ of anything scoring below it, like importance sampling) at that T, on data like 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from pyro import poutine
 
 from pyvae import distributed, program
+from pyvae.data.batching import take
 from pyvae.errors import PyvaeError
 from pyvae.infer.ais import (
     AISResult,
+    ais_ladder,
     ais_log_likelihood,
     check,
     compile_session,
-    data_dim,
-    point_seed,
     reverse_ais,
 )
-from pyvae.infer.diagnostics import GRID, ais_ladder, take
+from pyvae.infer.importance import GRID, point_dim, point_seed, seeded
+from pyvae.infer.report import Report
 from pyvae.parts.likelihoods import bits_per_dim, coding
 
 
 @torch.no_grad()
 def simulate(model: torch.nn.Module, batch: tuple, seed: int = 0) -> tuple[tuple, dict]:
-    """(the batch with x replaced by draws x ~ p(x | z), {latent site: the z ~ p(z) that made them}).
+    """(the batch with x replaced by draws x ~ p(x | z), {latent site: the z ~ p(z) that made
+    them}).
 
     ``batch`` gives the number of points and their shapes (and the labels of a conditional
     model, which are kept); its x is not used. The model must observe one site.
@@ -39,23 +42,25 @@ def simulate(model: torch.nn.Module, batch: tuple, seed: int = 0) -> tuple[tuple
     shape = program.structure(model, batch)
     if len(shape.observed_sites) != 1:
         raise PyvaeError(
-            f"simulating data needs a model with one observed site; {type(model).__name__} has {shape.observed_sites}"
+            "simulating data needs a model with one observed site; "
+            f"{type(model).__name__} has {shape.observed_sites}"
         )
     device = batch[0].device
-    with program.fork_rng(device), program.LocalParams():
-        torch.manual_seed(point_seed(seed, 0, "simulate"))
+    with seeded(device, point_seed(seed, 0, "simulate")), program.LocalParams():
         trace = poutine.trace(poutine.uncondition(model.model)).get_trace(*batch)
     x = trace.nodes[shape.observed_sites[0]]["value"].reshape(batch[0].shape)
     return (x, *batch[1:]), {name: trace.nodes[name]["value"] for name in shape.continuous_sites}
 
 
 @dataclass
-class BDMCResult:
-    """{T: (forward AIS, reverse AIS)} on the same simulated points; ``lower``/``upper`` per point are
-    their ``log_px``. The gap upper - lower >= 0 in expectation."""
+class BDMCResult(Report):
+    """{T: (forward AIS, reverse AIS)} on the same simulated points; ``lower``/``upper`` per point
+    are their ``log_px``. The gap upper - lower >= 0 in expectation. ``write`` gives ``bdmc.json``
+    (the picture: :func:`pyvae.viz.plots.bdmc`)."""
 
+    name: ClassVar[str] = "bdmc"
     runs: dict
-    #: (pixels per point, values per pixel) when the likelihood is a mass over 8-bit-like pixel values
+    #: (pixels per point, values per pixel) when the likelihood is a mass over 8-bit-like values
     coding: tuple[int, int] | None = None
 
     def summary(self) -> dict:
@@ -68,7 +73,8 @@ class BDMCResult:
                 "gap": up - low,
                 "seconds": lower.seconds + upper.seconds,
             }
-            if self.coding:  # the sandwich in bits per dimension: the upper bound on log p(x) is the lower one in bits
+            # the sandwich in bits per dimension: the upper bound on log p(x) is the lower in bits
+            if self.coding:
                 by_t[str(steps)]["bits_per_dim"] = {
                     k: bits_per_dim(v, self.coding[0]) for k, v in (("lower", low), ("upper", up))
                 }
@@ -88,8 +94,8 @@ class BDMCResult:
                 )
             },
             **by_t[str(top_t)],
-            "units": "nats per point; lower: forward AIS, a stochastic lower bound on log p(x); upper: reverse AIS from the "
-            "simulating z, a stochastic upper bound",
+            "units": "nats per point; lower: forward AIS, a stochastic lower bound on log p(x); "
+            "upper: reverse AIS from the simulating z, a stochastic upper bound",
             "by_num_steps": by_t,
             "acceptance_mean": {
                 "forward": float(lower.acceptance.mean()),
@@ -106,15 +112,17 @@ class BDMCResult:
     def table(self) -> str:
         s = self.summary()
         lines = [
-            f"BDMC on {s['num_points']} points simulated from the model; {s['num_chains']} chains, {s['leapfrog_steps']} "
-            f"leapfrog steps, {s['schedule']} schedule (nats per point)"
+            f"BDMC on {s['num_points']} points simulated from the model; {s['num_chains']} chains, "
+            f"{s['leapfrog_steps']} leapfrog steps, {s['schedule']} schedule (nats per point)"
         ]
         for steps, row in s["by_num_steps"].items():
             bits = row.get("bits_per_dim")
             lines.append(
-                f"  T={steps:<7} lower {row['lower']:10.3f}   upper {row['upper']:10.3f}   gap {row['gap']:.3f}   ({row['seconds']:.0f} s)"
+                f"  T={steps:<7} lower {row['lower']:10.3f}   upper {row['upper']:10.3f}   "
+                f"gap {row['gap']:.3f}   ({row['seconds']:.0f} s)"
                 + (
-                    f"   bits/dim ({self.coding[1]} levels) {bits['upper']:.4f} to {bits['lower']:.4f}"
+                    f"   bits/dim ({self.coding[1]} levels) "
+                    f"{bits['upper']:.4f} to {bits['lower']:.4f}"
                     if bits
                     else ""
                 )
@@ -132,17 +140,17 @@ def bdmc(
     ladder: bool = True,
     **settings,
 ) -> BDMCResult | None:
-    """Forward and reverse AIS on data simulated from ``model`` with ``template``'s shapes (its labels kept),
-    at T = ``num_steps`` (and T/100, T/10 with ``ladder``); ``settings`` as :func:`pyvae.ais.ais_log_likelihood`.
+    """Forward and reverse AIS on data simulated from ``model`` with ``template``'s shapes (its
+    labels kept), at T = ``num_steps`` (and T/100, T/10 with ``ladder``); ``settings`` as
+    :func:`pyvae.ais.ais_log_likelihood`.
     Under torchrun the points are shared out; rank 0 gets the result, the others None."""
     world = world or distributed.World()
     device = template[0].device
     shape = check(model, take(template, 0, 1), num_steps=num_steps, **settings)
     data, latents = simulate(model, template, seed)
     n = data[0].shape[0]
-    data = data[0] if len(data) == 1 else data
     _, guide_trace = program.trace_once(model, take(template, 0, 1))
-    dims = {name: data_dim(guide_trace, name, shape.data_plate) for name in latents}
+    dims = {name: point_dim(guide_trace.nodes[name], shape.data_plate) for name in latents}
     runs = {}
     with (
         compile_session()

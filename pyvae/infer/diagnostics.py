@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import ClassVar
 
 import arviz
 import numpy as np
@@ -21,30 +20,34 @@ import xarray
 from pyro import poutine
 
 from pyvae import distributed, program
-from pyvae.data.batching import Batches, as_tensors, resolve_device
+from pyvae.data.batching import Batches, as_points, resolve_device, take
 from pyvae.data.datasets import spread
-from pyvae.errors import PyvaeError, positive_int
-from pyvae.infer.ais import AISResult, ais_log_likelihood, check, compile_session, point_seed
+from pyvae.errors import PyvaeError
+from pyvae.infer.ais import AISResult, ais_ladder, ais_log_likelihood, check, compile_session
 from pyvae.infer.importance import (
+    GRID,
     MIN_KHAT_SAMPLES,
     LogLikelihood,
-    drawn_once,
     khat_threshold,
     log_likelihood,
+    point_dim,
+    point_seed,
+    seeded,
 )
+from pyvae.infer.report import Report, data_stderr, inference_data, mc_stderr
 from pyvae.parts.likelihoods import bits_per_dim, coding
-from pyvae.runs import write_json
-from pyvae.viz import plots
 
 ACTIVE_UNIT_THRESHOLD = 0.01
-#: the share of points with k^ above the threshold beyond which importance sampling's headline is flagged
+#: the share of points with k^ above the threshold beyond which importance sampling's headline
+#: is flagged
 UNTRUSTED_SHARE = 0.1
 
 
 def active_units(
     z_mean: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD
 ) -> tuple[int, torch.Tensor]:
-    """(number of d with Cov_x(E_q[z_d|x]) > threshold, those variances): Burda et al.'s active units."""
+    """(number of d with Cov_x(E_q[z_d|x]) > threshold, those variances): Burda et al.'s active
+    units."""
     variance = z_mean.reshape(z_mean.shape[0], -1).var(0)
     return int((variance > threshold).sum()), variance
 
@@ -53,7 +56,8 @@ def active_units(
 def mutual_information(
     model: torch.nn.Module, data, max_points: int = 1000, chunk: int = 100
 ) -> float | None:
-    """I(x; latents) under q(latents, x) = q(latents|x) p_data(x), in nats, from N <= ``max_points`` points.
+    """I(x; latents) under q(latents, x) = q(latents|x) p_data(x), in nats, from N <=
+    ``max_points`` points.
 
     I = E[log q(v|x)] - E[log q(v)], with the aggregate posterior q(v_i) ~ (1/N) sum_j q(v_i|x_j)
     at one draw v_i ~ q(.|x_i) per point, every latent site of the guide taken jointly (the
@@ -63,7 +67,7 @@ def mutual_information(
     with enumerated sites and for programs that cannot run with particles as a batch dimension.
     """
     device = next(model.parameters()).device
-    batches = Batches(drawn_once(data), device, model)
+    batches = Batches(as_points(data), device, model)
     index = spread(torch.arange(len(batches)), max_points).to(batches.images.device)
     batch = next(batches.select(index, len(index)))
     shape = program.structure(model, batch)
@@ -100,9 +104,9 @@ def _guide_log_prob(trace, nesting: int, n: int, plate: str) -> torch.Tensor:
 
 
 def _others(site, idx: torch.Tensor, n: int, nesting: int, plate: str) -> torch.Tensor:
-    """The site's values of points ``idx`` moved to the particle dimension, each repeated over all n points."""
-    value, event = site["value"], len(site["fn"].event_shape)
-    data_dim = program.data_dim(site, plate) - event
+    """The site's values of points ``idx`` moved to the particle dimension, each repeated over all
+    n points."""
+    value, event, data_dim = site["value"], site["fn"].event_dim, point_dim(site, plate)
     value = value.index_select(data_dim, idx).movedim(data_dim, 0).unsqueeze(data_dim)
     value = value.reshape(len(idx), *(1,) * (nesting + 1 + event - value.dim()), *value.shape[1:])
     shape = list(value.shape)
@@ -111,8 +115,12 @@ def _others(site, idx: torch.Tensor, n: int, nesting: int, plate: str) -> torch.
 
 
 @dataclass
-class Evaluation:
-    """The importance-sampled log-likelihood and the posterior diagnostics of one data set."""
+class Evaluation(Report):
+    """The importance-sampled log-likelihood and the posterior diagnostics of one data set;
+    ``write`` gives ``eval.json`` and ``eval.nc`` (the pictures:
+    :func:`pyvae.viz.plots.evaluation`)."""
+
+    name: ClassVar[str] = "eval"
 
     ll: LogLikelihood
     site: str | None  # the latent site the plots and the headline latent numbers are about
@@ -140,9 +148,9 @@ class Evaluation:
             "num_samples": ll.num_samples,
             "log_px": float(log_px.mean()),
             # Monte Carlo error of that mean, for this fixed set of points
-            "log_px_mc_stderr": float(ll.stderr.double().pow(2).sum().sqrt() / n),
+            "log_px_mc_stderr": mc_stderr(ll.stderr),
             # spread over points: the error of the mean as an estimate over the data distribution
-            "log_px_data_stderr": float(log_px.std() / math.sqrt(n)) if n > 1 else math.nan,
+            "log_px_data_stderr": data_stderr(log_px),
             "nll": float(-log_px.mean()),
             "elbo": float(elbo.mean()),
             "gap": float((log_px - elbo).mean()),
@@ -177,24 +185,20 @@ class Evaluation:
         return summary
 
     def ais_summary(self, log_px_is: torch.Tensor, elbo: torch.Tensor) -> dict:
-        """The AIS headline replacing IS's: log p(x), its errors, the gap, and IS's figures kept as ``log_px_is``."""
+        """The AIS headline replacing IS's: log p(x), its errors, the gap, and IS's figures kept as
+        ``log_px_is``."""
         top = self.ais[max(self.ais)]
-        log_px, n = top.log_px.double(), len(top)
+        log_px = top.log_px.double()
         return {
             "log_px": float(log_px.mean()),
-            "log_px_mc_stderr": float(top.stderr.double().pow(2).sum().sqrt() / n),
-            "log_px_data_stderr": float(log_px.std() / math.sqrt(n)) if n > 1 else math.nan,
+            "log_px_mc_stderr": mc_stderr(top.stderr),
+            "log_px_data_stderr": data_stderr(log_px),
             "nll": float(-log_px.mean()),
             "gap": float((log_px - elbo).mean()),
             "log_px_is": float(log_px_is.mean()),
             "ais_minus_is": float((log_px - log_px_is).mean()),
             "ais": {
-                **top.settings,
-                "acceptance_mean": float(top.acceptance.mean()),
-                "divergences": int(top.divergences.sum()),
-                "failed_chains": int(top.failed_chains.sum()),
-                "compiled_points": int(top.compiled.sum()),
-                "seconds": top.seconds,
+                **top.diagnostics(),
                 "log_px_by_num_steps": {
                     str(t): float(r.log_px.double().mean()) for t, r in sorted(self.ais.items())
                 },
@@ -212,7 +216,8 @@ class Evaluation:
 
     @property
     def khat_estimated(self) -> bool:
-        """Whether K is large enough for a Pareto fit to the weights' tail (:data:`MIN_KHAT_SAMPLES`)."""
+        """Whether K is large enough for a Pareto fit to the weights' tail
+        (:data:`MIN_KHAT_SAMPLES`)."""
         return self.ll.num_samples >= MIN_KHAT_SAMPLES
 
     @property
@@ -221,34 +226,38 @@ class Evaluation:
         return float((self.ll.khat > khat_threshold(self.ll.num_samples)).float().mean())
 
     def warning(self) -> str | None:
-        """Why IS's headline is not to be trusted, or None: more than :data:`UNTRUSTED_SHARE` of the
-        points have Pareto k^ above the threshold, where the weights' variance may be infinite, the
-        delta-method ± understates the error and log p^ is likely well below log p(x). None under AIS,
-        whose headline does not rest on these weights."""
+        """Why IS's headline is not to be trusted, or None: more than :data:`UNTRUSTED_SHARE` of
+        the points have Pareto k^ above the threshold, where the weights' variance may be infinite,
+        the delta-method ± understates the error and log p^ is likely well below log p(x). None
+        under AIS, whose headline does not rest on these weights."""
         if self.ais:
             return None
         if not self.khat_estimated:
             return (
-                f"Pareto k^ cannot be estimated from {self.ll.num_samples} draws per point (it needs {MIN_KHAT_SAMPLES}): "
-                "the ± (Monte Carlo) is unchecked and may understate the error; evaluate with more --num-samples"
+                f"Pareto k^ cannot be estimated from {self.ll.num_samples} draws per point (it "
+                f"needs {MIN_KHAT_SAMPLES}): the ± (Monte Carlo) is unchecked and may understate "
+                "the error; evaluate with more --num-samples"
             )
         above = self.khat_above_threshold
         if above <= UNTRUSTED_SHARE:
             return None
         return (
-            f"Pareto k^ > {khat_threshold(self.ll.num_samples):.2f} on {100 * above:.1f}% of points: the ± (Monte Carlo) "
-            "is not to be trusted and log p(x) is likely too low; AIS does not need the guide to cover the posterior: "
-            "python -m pyvae evaluate RUN --method ais"
+            f"Pareto k^ > {khat_threshold(self.ll.num_samples):.2f} on {100 * above:.1f}% of "
+            "points: the ± (Monte Carlo) is not to be trusted and log p(x) is likely too low; AIS "
+            "does not need the guide to cover the posterior: python -m pyvae evaluate RUN --method "
+            "ais"
         )
 
     @property
     def kl_per_dim(self) -> torch.Tensor | None:
-        """E_x KL(q(z_d|x) || p(z_d)) per dimension d of the chosen site (None if it does not factorize)."""
+        """E_x KL(q(z_d|x) || p(z_d)) per dimension d of the chosen site (None if it does not
+        factorize)."""
         per_dim = self.ll.kl_per_dim.get(self.site)
         return per_dim.mean(0) if per_dim is not None else None
 
     def site_summary(self, name: str) -> dict:
-        """KL (mean over points of E_q[log q - log p] of the site), active units and size of one latent site."""
+        """KL (mean over points of E_q[log q - log p] of the site), active units and size of one
+        latent site."""
         count, variance = active_units(self.ll.latent_means[name])
         per_dim = self.ll.kl_per_dim.get(name)
         return {
@@ -268,13 +277,14 @@ class Evaluation:
     def table(self) -> str:
         s = self.summary()
         how = (
-            f"AIS with T = {s['ais']['num_steps']}, {s['ais']['num_chains']} chains{self._compiled_words(s)}; "
+            f"AIS with T = {s['ais']['num_steps']}, {s['ais']['num_chains']} chains"
+            f"{self._compiled_words(s)}; "
             if self.ais
             else ""
         )
         lines = [
-            f"{s['dataset']} {s['split']}: {s['num_points']} points, {how}K = {s['num_samples']} importance samples "
-            f"({s['seconds']:.1f} s)",
+            f"{self.title()}: {s['num_points']} points, {how}K = {s['num_samples']} importance "
+            f"samples ({s['seconds']:.1f} s)",
             f"  log p(x)   {s['log_px']:10.3f} ± {s['log_px_mc_stderr']:.3f} (Monte Carlo) "
             f"± {s['log_px_data_stderr']:.3f} (over points)   nats per point; NLL {s['nll']:.3f}",
         ]
@@ -282,19 +292,23 @@ class Evaluation:
             lines.append(f"  WARNING    {s['warning']}")
         if "bits_per_dim" in s:
             lines.append(
-                f"  bits/dim   {s['bits_per_dim']:.4f} (ELBO {s['elbo_bits_per_dim']:.4f}): -log2 p(x) / {self.coding[0]} "
-                f"pixels, p(x) a mass over {s['bits_per_dim_levels']} values per pixel"
+                f"  bits/dim   {s['bits_per_dim']:.4f} (ELBO {s['elbo_bits_per_dim']:.4f}): "
+                f"-log2 p(x) / {self.coding[0]} pixels, p(x) a mass over "
+                f"{s['bits_per_dim_levels']} values per pixel"
             )
         if self.ais:
             a = s["ais"]
             ladder = "  ".join(f"T={t}: {v:.3f}" for t, v in a["log_px_by_num_steps"].items())
             lines += [
-                f"  AIS by T   {ladder}; acceptance {a['acceptance_mean']:.2f}, {a['divergences']} divergent proposals"
+                f"  AIS by T   {ladder}; acceptance {a['acceptance_mean']:.2f}, "
+                f"{a['divergences']} divergent proposals"
                 + (f", {a['failed_chains']} failed chains left out" if a["failed_chains"] else ""),
-                f"  IS         {s['log_px_is']:10.3f} (K = {s['num_samples']}): AIS - IS = {s['ais_minus_is']:.3f}",
+                f"  IS         {s['log_px_is']:10.3f} (K = {s['num_samples']}): "
+                f"AIS - IS = {s['ais_minus_is']:.3f}",
             ]
         lines += [
-            f"  ELBO       {s['elbo']:10.3f}    gap log p - ELBO {s['gap']:.3f} (~ KL(q(z|x) || p(z|x)))",
+            f"  ELBO       {s['elbo']:10.3f}    gap log p - ELBO {s['gap']:.3f} "
+            "(~ KL(q(z|x) || p(z|x)))",
             "  IWAE-K     " + "  ".join(f"K={k}: {v:.3f}" for k, v in s["iwae"].items()),
             f"  Pareto k^  {self._khat_line(s)}",
             f"  ESS        mean {s['ess_mean']:.1f}, min {s['ess_min']:.1f} of {s['num_samples']}",
@@ -306,11 +320,17 @@ class Evaluation:
             )
         if s["mutual_information"] is not None:
             lines.append(
-                f"  I(x; latents) {s['mutual_information']:.3f} nats (biased: at most log of the points used)"
+                f"  I(x; latents) {s['mutual_information']:.3f} nats (biased: at most log of the "
+                "points used)"
             )
         return "\n".join(lines)
 
-    def to_inference_data(self) -> arviz.InferenceData:
+    def title(self) -> str:
+        """What was evaluated: the data set and split, when known."""
+        named = " ".join(part for part in (self.dataset, self.split) if part)
+        return named or "evaluation"
+
+    def inference_data(self) -> arviz.InferenceData:
         """Per-point log p^, its standard error, the ELBO, k^ and ESS as an arviz InferenceData."""
         ll = self.ll
         coords = {"point": np.arange(len(ll))}
@@ -340,43 +360,14 @@ class Evaluation:
                 dims=["point", "chain"],
                 coords={**coords, "chain": np.arange(top.num_chains)},
             )
-        dataset = xarray.Dataset(
-            data,
-            attrs={
-                "method": self.method,
-                "num_samples": ll.num_samples,
-                "dataset": self.dataset,
-                "split": self.split,
-                "units": "nats",
-            },
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore"
-            )  # 'importance_sampling' is not one of arviz's standard group names
-            return arviz.InferenceData(importance_sampling=dataset)
-
-    def write(self, out: str | Path) -> None:
-        """``eval.json``, ``eval.nc`` (InferenceData), ``khat.png``, ``iwae_curve.png``, ``kl_per_dim.png``, ``ais.png``."""
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        summary = self.summary()
-        write_json(out / "eval.json", summary)
-        netcdf = self.to_inference_data()
-        tmp = out / ".eval.nc.tmp"
-        netcdf.to_netcdf(str(tmp))
-        tmp.replace(out / "eval.nc")
-        plots.khat(self.ll, out / "khat.png")
-        plots.iwae_curve(summary["iwae"], out / "iwae_curve.png")
-        if self.kl_per_dim is not None:
-            plots.kl_per_dim(self.kl_per_dim, out / "kl_per_dim.png")
-        if self.ais:
-            plots.ais(self.ais, summary["log_px_is"], out / "ais.png")
-
-
-#: points per chunk of the evaluation's fixed grid, on which IS draws are seeded and processes share work
-GRID = {"cpu": 64, "cuda": 512}
+        attrs = {
+            "method": self.method,
+            "num_samples": ll.num_samples,
+            "dataset": self.dataset,
+            "split": self.split,
+            "units": "nats",
+        }
+        return inference_data("importance_sampling", data, attrs)
 
 
 def evaluate(
@@ -411,23 +402,14 @@ def evaluate(
     start = time.perf_counter()
     world = world or distributed.World()
     device = resolve_device(device or next(model.parameters()).device)
-    data = tensors(data)
-    n, grid = (
-        (data if isinstance(data, torch.Tensor) else data[0]).shape[0],
-        GRID.get(device.type, 64),
-    )
+    data = as_points(data)
+    n, grid = data[0].shape[0], GRID.get(device.type, 64)
     if ais:  # before any work: a model AIS cannot run fails now, not after the importance sampling
-        check(
-            model.to(device),
-            tuple(
-                t.to(device) for t in Batches(take(data, 0, 1), torch.device("cpu"), model).first(1)
-            ),
-            **ais,
-        )
+        first = Batches(take(data, 0, 1), torch.device("cpu"), model).first(1)
+        check(model.to(device), tuple(t.to(device) for t in first), **ais)
 
     def importance(first, stop):
-        with program.fork_rng(device):
-            torch.manual_seed(point_seed(seed, first, "importance"))
+        with seeded(device, point_seed(seed, first, "importance")):
             return log_likelihood(
                 model,
                 take(data, first, stop),
@@ -438,36 +420,17 @@ def evaluate(
             )
 
     parts = distributed.sharded(importance, n, grid, world)
-    runs = {}
-    with (
-        compile_session()
-    ):  # a program that cannot be compiled is warned about once, not per chunk and T
-        for steps in ais_ladder(ais["num_steps"]) if ais else ():
-            settings = {**ais, "num_steps": steps}
-            runs[steps] = distributed.sharded(
-                lambda first, stop: ais_log_likelihood(
-                    model,
-                    take(data, first, stop),
-                    **settings,
-                    seed=seed,
-                    point_ids=torch.arange(first, stop),
-                    device=device,
-                    progress=progress,
-                ),
-                n,
-                grid,
-                world,
-            )
+    runs = _ais_ladder(model, data, ais, seed, device, progress, world) if ais else {}
     if not world.main:
         return None
     ll = LogLikelihood.concat(parts)
     site = site or getattr(model, "latent_site", None) or next(iter(ll.latent_means), None)
     if site is not None and site not in ll.latent_means:
         raise PyvaeError(
-            f"site {site!r} is not a per-point continuous latent site; choose from {', '.join(ll.latent_means) or 'none'}"
+            f"site {site!r} is not a per-point continuous latent site; choose from "
+            f"{', '.join(ll.latent_means) or 'none'}"
         )
-    with program.fork_rng(device):
-        torch.manual_seed(seed)
+    with seeded(device, seed):
         information = mutual_information(model, data)
     result = Evaluation(
         ll=ll,
@@ -475,32 +438,31 @@ def evaluate(
         mutual_information=information,
         dataset=dataset,
         split=split,
-        ais={steps: AISResult.concat(p) for steps, p in runs.items()},
+        ais=runs,
         coding=coding(model),
     )
     result.seconds = time.perf_counter() - start
     return result
 
 
-def ais_ladder(num_steps: int) -> list[int]:
-    """T/100, T/10 and T, keeping those >= 10 (and T itself always)."""
-    positive_int("num_steps", num_steps)
-    return sorted({t for t in (num_steps // 100, num_steps // 10) if t >= 10} | {num_steps})
+def _ais_ladder(model, data: tuple, ais: dict, seed, device, progress, world) -> dict:
+    """{T: AIS result} at T/100, T/10 and T (:func:`~pyvae.infer.ais.ais_ladder`) on the grid of
+    :data:`GRID` points, seeded per point; {} off the main process."""
+    runs, grid, n = {}, GRID.get(device.type, 64), data[0].shape[0]
+    # a program that cannot be compiled is warned about once, not per chunk and T
+    with compile_session():
+        for steps in ais_ladder(ais["num_steps"]):
 
+            def chunk(first, stop, steps=steps):
+                return ais_log_likelihood(
+                    model,
+                    take(data, first, stop),
+                    **{**ais, "num_steps": steps},
+                    seed=seed,
+                    point_ids=torch.arange(first, stop),
+                    device=device,
+                    progress=progress,
+                )
 
-def tensors(data):
-    """``data`` as a tensor x or a tuple (x, y, ...), a dynamically binarized set drawn once."""
-    data = drawn_once(data)
-    if isinstance(data, torch.Tensor) or (
-        isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data)
-    ):
-        return data
-    found, _ = as_tensors(data)
-    return found[0] if len(found) == 1 else found
-
-
-def take(data, first: int, stop: int):
-    """Points first..stop-1 of a tensor x or a tuple (x, y)."""
-    return (
-        data[first:stop] if isinstance(data, torch.Tensor) else tuple(t[first:stop] for t in data)
-    )
+            runs[steps] = distributed.sharded(chunk, n, grid, world)
+    return {t: AISResult.concat(p) for t, p in runs.items() if p is not None}

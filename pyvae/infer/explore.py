@@ -26,7 +26,8 @@ def prior_images(
     model: torch.nn.Module, n: int, label: int | None = None, temperature: float = 1.0
 ) -> torch.Tensor:
     """n images E[x | latents] with the latents drawn from the model; a labelled model draws class
-    ``label`` (default: the classes in turn). ``temperature`` scales z about the prior mean (VAE only)."""
+    ``label`` (default: the classes in turn). ``temperature`` scales z about the prior mean (VAE
+    only)."""
     labelled = program.batch_arity(model) == 2
     if label is not None and not labelled:
         raise PyvaeError(
@@ -36,7 +37,8 @@ def prior_images(
         return model.sample(n, temperature)
     if temperature != 1.0:
         raise PyvaeError(
-            f"temperature is defined for the vae model's single prior; {type(model).__name__} samples at 1 only"
+            "temperature is defined for the vae model's single prior; "
+            f"{type(model).__name__} samples at 1 only"
         )
     device = next(model.parameters()).device
     x = torch.zeros(n, model.x_dim, device=device)
@@ -81,7 +83,8 @@ def require_vae(model: torch.nn.Module, what: str) -> VAE:
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation between rows of a and b at fractions t (shape (steps,)): (rows, steps, dim)."""
+    """Spherical interpolation between rows of a and b at fractions t (shape (steps,)): (rows,
+    steps, dim)."""
     a_n, b_n = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
     omega = torch.arccos((a_n * b_n).sum(-1).clamp(-1 + 1e-7, 1 - 1e-7)).unsqueeze(-1)  # (rows, 1)
     t = t.reshape(1, -1, 1)
@@ -95,7 +98,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def interpolations(
     vae: VAE, x_from: torch.Tensor, x_to: torch.Tensor, steps: int = 10, spherical: bool = False
 ) -> torch.Tensor:
-    """Decoded paths between the latent means of paired images: (pairs * steps, x_dim), row by row."""
+    """Decoded paths between the latent means of paired images: (pairs * steps, x_dim), row by
+    row."""
     a, b = vae.latent_mean(x_from), vae.latent_mean(x_to)
     t = torch.linspace(0, 1, steps, device=a.device)
     z = slerp(a, b, t) if spherical else a.unsqueeze(1) + t.reshape(1, -1, 1) * (b - a).unsqueeze(1)
@@ -104,7 +108,8 @@ def interpolations(
 
 @torch.no_grad()
 def prior_quantiles(vae: VAE, quantiles: torch.Tensor, num_samples: int = 20000) -> torch.Tensor:
-    """The prior's marginal quantiles per latent dimension, (len(quantiles), z_dim), from samples."""
+    """The prior's marginal quantiles per latent dimension, (len(quantiles), z_dim), from
+    samples."""
     z = vae.prior().sample((num_samples,))
     return torch.quantile(z, quantiles.to(z.device), dim=0)
 
@@ -124,7 +129,8 @@ def traversal(vae: VAE, dims: list[int], steps: int = 9) -> torch.Tensor:
 
 @torch.no_grad()
 def manifold(vae: VAE, steps: int = 15) -> torch.Tensor:
-    """For z_dim = 2: images decoded on the grid of the prior's marginal quantiles (steps x steps)."""
+    """For z_dim = 2: images decoded on the grid of the prior's marginal quantiles (steps x
+    steps)."""
     values = prior_quantiles(vae, torch.linspace(0.03, 0.97, steps))
     z = torch.stack(torch.meshgrid(values[:, 0], values[:, 1].flip(0), indexing="xy"), -1).reshape(
         -1, 2
@@ -133,7 +139,8 @@ def manifold(vae: VAE, steps: int = 15) -> torch.Tensor:
 
 
 def linear_probe(z: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
-    """Logistic-regression accuracy from latent means, on a stratified 50/50 split, and k-means purity."""
+    """Logistic-regression accuracy from latent means, on a stratified 50/50 split, and k-means
+    purity."""
     z_train, z_test, y_train, y_test = train_test_split(
         z, labels, test_size=0.5, random_state=seed, stratify=labels
     )
@@ -154,7 +161,8 @@ def linear_probe(z: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
 
 
 def embedding_2d(z: np.ndarray) -> tuple[np.ndarray, str]:
-    """The latent means themselves when z_dim = 2, otherwise their first two principal components."""
+    """The latent means themselves when z_dim = 2, otherwise their first two principal
+    components."""
     if z.shape[1] == 2:
         return z, "z"
     return PCA(n_components=2).fit_transform(z), "PCA of z"

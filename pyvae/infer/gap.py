@@ -16,9 +16,8 @@ log p(x) is AIS's (:mod:`pyvae.ais`); both ELBOs are estimated with the same K d
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from typing import ClassVar
 
 import arviz
 import numpy as np
@@ -26,15 +25,23 @@ import torch
 import xarray
 
 from pyvae import distributed, program
+from pyvae.data.batching import as_points, take
 from pyvae.errors import positive_int, positive_number
-from pyvae.infer.ais import AISResult, ais_log_likelihood, check, compile_session, point_seed
-from pyvae.infer.diagnostics import take
-from pyvae.infer.importance import LogLikelihood, log_likelihood
+from pyvae.infer.ais import AISResult, ais_log_likelihood, check, compile_session
+from pyvae.infer.importance import LogLikelihood, log_likelihood, point_seed, seeded
+from pyvae.infer.report import (
+    Report,
+    inference_data,
+    mc_stderr,
+    stderr_of_mean,
+    within_noise,
+)
 from pyvae.parts.likelihoods import bits_per_dim, coding
 
 
 class LocalGuide(torch.nn.Module):
-    """The model of ``model`` with the guide of ``guide_copy``: a program whose guide can move alone."""
+    """The model of ``model`` with the guide of ``guide_copy``: a program whose guide can move
+    alone."""
 
     def __init__(self, model: torch.nn.Module, guide_copy: torch.nn.Module) -> None:
         super().__init__()
@@ -52,10 +59,11 @@ def local_optimum(
     check_every: int = 200,
     tolerance: float = 0.01,
 ) -> tuple[LocalGuide, int]:
-    """(model with the guide fitted to ``batch`` alone, Adam steps taken): from the amortized guide,
-    maximize the ``num_particles``-sample ELBO; when its mean over ``check_every`` steps improves by less
-    than ``tolerance`` nats per point, the learning rate drops tenfold (Adam's noise floor hides the
-    last nats), and the third time the fit stops; or after ``steps`` steps. A fit stopped early underestimates ELBO(q*): the approximation gap is then overstated and the
+    """(model with the guide fitted to ``batch`` alone, Adam steps taken): from the amortized
+    guide, maximize the ``num_particles``-sample ELBO; when its mean over ``check_every`` steps
+    improves by less than ``tolerance`` nats per point, the learning rate drops tenfold (Adam's
+    noise floor hides the last nats), and the third time the fit stops; or after ``steps`` steps.
+    A fit stopped early underestimates ELBO(q*): the approximation gap is then overstated and the
     amortization gap understated, never the other way."""
     local = LocalGuide(model, copy.deepcopy(model).requires_grad_(True))
     shape = program.structure(local, batch)
@@ -91,9 +99,12 @@ BITS = {"log_px": "log p(x)", "elbo_local": "ELBO local", "elbo_amortized": "ELB
 
 
 @dataclass
-class GapResult:
-    """Per point (N,): ``log_px`` (AIS), ``elbo_amortized``, ``elbo_local`` (the best guide for that point),
-    the IS estimates from both guides, and the Adam steps each local fit took."""
+class GapResult(Report):
+    """Per point (N,): ``log_px`` (AIS), ``elbo_amortized``, ``elbo_local`` (the best guide for
+    that point), the IS estimates from both guides, and the Adam steps each local fit took.
+    ``write`` gives ``gap.json`` and ``eval.nc`` (the per-point values)."""
+
+    name: ClassVar[str] = "gap"
 
     log_px: torch.Tensor
     elbo_amortized: torch.Tensor
@@ -103,32 +114,58 @@ class GapResult:
     local_steps: torch.Tensor
     ais: AISResult
     num_samples: int
-    #: (pixels per point, values per pixel) when the likelihood is a mass over 8-bit-like pixel values
+    #: (pixels per point, values per pixel) when the likelihood is a mass over 8-bit-like values
     coding: tuple[int, int] | None = None
 
-    def summary(self) -> dict:
-        mean = lambda t: float(t.double().mean())  # noqa: E731
+    def gaps(self) -> dict[str, tuple[float, float]]:
+        """{gap: (mean over points, its standard error)} of the approximation and amortization
+        gaps (paired differences per point: their spread over points, or AIS's Monte Carlo error
+        for one point)."""
         per_point = {
             "approximation": self.log_px - self.elbo_local,
             "amortization": self.elbo_local - self.elbo_amortized,
         }
         return {
+            k: (float(v.double().mean()), stderr_of_mean(v, self.ais.stderr))
+            for k, v in per_point.items()
+        }
+
+    def notes(self) -> list[str]:
+        """Words for each gap that cannot be told from zero
+        (:func:`~pyvae.infer.report.within_noise`)."""
+        hints = {
+            "approximation": f"AIS with T = {self.ais.num_steps} may be too short to tell "
+            "(a larger --num-steps raises log p(x) towards its value)",
+            "amortization": "the local fits may have stopped early (a larger --local-steps)",
+        }
+        words = (
+            within_noise(mean, se, f"the {k} gap", hints[k])
+            for k, (mean, se) in self.gaps().items()
+        )
+        return [w for w in words if w]
+
+    def summary(self) -> dict:
+        mean = lambda t: float(t.double().mean())  # noqa: E731
+        gaps = self.gaps()
+        return {
             "num_points": len(self.log_px),
-            "units": "nats per point; gaps are differences of log p(x) (AIS) and ELBOs, >= 0 up to Monte Carlo error",
+            "units": "nats per point; gaps are differences of log p(x) (AIS) and ELBOs, >= 0 up "
+            "to Monte Carlo error",
             "log_px": mean(self.log_px),
             "elbo_amortized": mean(self.elbo_amortized),
             "elbo_local": mean(self.elbo_local),
             "inference_gap": mean(self.log_px - self.elbo_amortized),
-            "approximation_gap": mean(per_point["approximation"]),
-            "amortization_gap": mean(per_point["amortization"]),
+            "approximation_gap": gaps["approximation"][0],
+            "approximation_gap_stderr": gaps["approximation"][1],
+            "amortization_gap": gaps["amortization"][0],
+            "amortization_gap_stderr": gaps["amortization"][1],
+            "notes": self.notes(),
             "log_px_is_amortized": mean(self.log_px_is),
             "log_px_is_local": mean(self.log_px_is_local),
             "num_samples": self.num_samples,
             "ais": {
                 **self.ais.settings,
-                "log_px_stderr": float(
-                    self.ais.stderr.double().pow(2).sum().sqrt() / len(self.log_px)
-                ),
+                "log_px_stderr": mc_stderr(self.ais.stderr),
             },
             "local_steps_mean": mean(self.local_steps),
             "per_point": {
@@ -148,9 +185,8 @@ class GapResult:
             ),
         }
 
-    def to_netcdf(self, path) -> None:
-        """The per-point values as an arviz InferenceData group ``inference_gap``, written atomically."""
-
+    def inference_data(self) -> arviz.InferenceData:
+        """The per-point values as an arviz InferenceData group ``inference_gap``."""
         names = (
             "log_px",
             "elbo_amortized",
@@ -164,25 +200,24 @@ class GapResult:
             name: xarray.DataArray(getattr(self, name).numpy(), dims=["point"], coords=coords)
             for name in names
         }
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # not one of arviz's standard group names
-            idata = arviz.InferenceData(inference_gap=xarray.Dataset(data, attrs={"units": "nats"}))
-        path = Path(path)
-        tmp = path.with_name("." + path.name + ".tmp")
-        idata.to_netcdf(str(tmp))
-        tmp.replace(path)
+        return inference_data("inference_gap", data, {"units": "nats"})
 
     def table(self) -> str:
         s = self.summary()
         return "\n".join(
             [
-                f"inference gap on {s['num_points']} points (nats per point; log p(x) by AIS T = {s['ais']['num_steps']})",
+                f"inference gap on {s['num_points']} points (nats per point; log p(x) by AIS "
+                f"T = {s['ais']['num_steps']})",
                 f"  log p(x)            {s['log_px']:10.3f}",
-                f"  ELBO, local q*      {s['elbo_local']:10.3f}   approximation gap {s['approximation_gap']:.3f}",
-                f"  ELBO, amortized q   {s['elbo_amortized']:10.3f}   amortization gap  {s['amortization_gap']:.3f}",
-                f"  inference gap       {s['inference_gap']:10.3f}   (= approximation + amortization)",
-                f"  IS (K = {s['num_samples']})      amortized {s['log_px_is_amortized']:.3f}, local {s['log_px_is_local']:.3f};"
-                f" local fits took {s['local_steps_mean']:.0f} Adam steps on average",
+                f"  ELBO, local q*      {s['elbo_local']:10.3f}   approximation gap "
+                f"{s['approximation_gap']:.3f} ± {s['approximation_gap_stderr']:.3f}",
+                f"  ELBO, amortized q   {s['elbo_amortized']:10.3f}   amortization gap  "
+                f"{s['amortization_gap']:.3f} ± {s['amortization_gap_stderr']:.3f}",
+                f"  inference gap       {s['inference_gap']:10.3f}   "
+                "(= approximation + amortization)",
+                f"  IS (K = {s['num_samples']})      amortized {s['log_px_is_amortized']:.3f}, "
+                f"local {s['log_px_is_local']:.3f}; local fits took "
+                f"{s['local_steps_mean']:.0f} Adam steps on average",
                 *(
                     [
                         f"  bits/dim ({s['bits_per_dim_levels']} levels)  "
@@ -191,6 +226,7 @@ class GapResult:
                     if "bits_per_dim" in s
                     else []
                 ),
+                *(f"  NOTE  {note}" for note in s["notes"]),
             ]
         )
 
@@ -206,28 +242,27 @@ def inference_gap(
     seed: int = 0,
     world: distributed.World | None = None,
 ) -> GapResult | None:
-    """The gap decomposition for every point of ``data`` (a tensor x or a tuple (x, y)); ``ais`` holds the
-    settings of :func:`pyvae.ais.ais_log_likelihood`. The ELBOs use ``num_samples`` draws. Under torchrun
-    the points are shared out; rank 0 gets the result, the others None."""
+    """The gap decomposition for every point of ``data`` (a tensor x, a tuple (x, y), ...: as
+    :func:`pyvae.log_likelihood` takes it); ``ais`` holds the settings of
+    :func:`pyvae.ais.ais_log_likelihood`. The ELBOs use ``num_samples`` draws. Under torchrun the
+    points are shared out; rank 0 gets the result, the others None."""
     world = world or distributed.World()
     positive_int("num_samples", num_samples)
     positive_int("local_steps", local_steps)
     positive_number("lr", lr)
     device = next(model.parameters()).device
-    check(model, tuple(t.to(device) for t in _batch(take(data, 0, 1))), **ais)
-    n = _batch(data)[0].shape[0]
+    data = as_points(data)
+    check(model, tuple(t.to(device) for t in take(data, 0, 1)), **ais)
+    n = data[0].shape[0]
 
     def per_point(first, stop):
         rows = []
         for i in range(first, stop):
-            batch = tuple(t.to(device) for t in _batch(take(data, i, i + 1)))
-            with program.fork_rng(device):
-                torch.manual_seed(point_seed(seed, i, "local"))
-                amortized = log_likelihood(
-                    model, batch if len(batch) > 1 else batch[0], num_samples
-                )
+            batch = tuple(t.to(device) for t in take(data, i, i + 1))
+            with seeded(device, point_seed(seed, i, "local")):
+                amortized = log_likelihood(model, batch, num_samples)
                 local, steps = local_optimum(model, batch, steps=local_steps, lr=lr)
-                fitted = log_likelihood(local, batch if len(batch) > 1 else batch[0], num_samples)
+                fitted = log_likelihood(local, batch, num_samples)
             rows.append((amortized, fitted, steps))
         x = take(data, first, stop)
         annealed = ais_log_likelihood(
@@ -256,7 +291,3 @@ def inference_gap(
         num_samples=num_samples,
         coding=coding(model),
     )
-
-
-def _batch(data) -> tuple:
-    return (data,) if isinstance(data, torch.Tensor) else tuple(data)

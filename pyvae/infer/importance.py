@@ -21,9 +21,11 @@ Everything is in nats per data point; the NLL is the negative of ``log_px``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import arviz
@@ -33,8 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyvae import program
-from pyvae.data.batching import Batches, check_data, resolve_device
-from pyvae.data.datasets import ImageSet
+from pyvae.data.batching import Batches, as_points, check_data, resolve_device
 from pyvae.errors import PyvaeError, PyvaeWarning, positive_int
 
 #: how many floats one chunk's rows may hold: 32 MB in float32 on a CPU, 128 MB on a GPU. Each
@@ -42,6 +43,11 @@ from pyvae.errors import PyvaeError, PyvaeWarning, positive_int
 #: 8 MB chunk (cache-sized) made that overhead ~25% of the time, 32 MB makes it small
 #: (benchmarks/RESULTS.md)
 CHUNK_ELEMENTS = {"cpu": 2**23, "cuda": 2**25}
+
+#: points per chunk of a fixed grid on which draws are seeded and processes share work
+GRID = {"cpu": 64, "cuda": 512}
+#: what a seed is for: independent streams for every (seed, point index, purpose)
+STREAMS = {"ais": 0, "simulate": 1, "importance": 2, "local": 3}
 
 KHAT_BANDS = (
     ("good", -math.inf, 0.5),
@@ -54,6 +60,28 @@ KHAT_BANDS = (
 #: the fewest draws whose weights have a tail of 5 for arviz's Pareto fit:
 #: ceil(min(0.2 K, 3 sqrt K)) >= 5
 MIN_KHAT_SAMPLES = 21
+
+
+def point_seed(seed: int, index: int, purpose: str = "ais") -> int:
+    """The seed of data point ``index``'s random stream for ``purpose`` (a key of
+    :data:`STREAMS`)."""
+    state = np.random.SeedSequence([seed, index, STREAMS[purpose]]).generate_state(1, np.uint64)
+    return int(state[0] >> 1)
+
+
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int) -> Iterator[None]:
+    """Torch's generators seeded with ``seed`` inside, restored after
+    (:func:`pyvae.program.fork_rng`): the caller's random streams do not move."""
+    with program.fork_rng(device):
+        torch.manual_seed(seed)
+        yield
+
+
+def point_dim(site, plate: str) -> int:
+    """The (negative) dimension of ``site``'s value that indexes the data points: the data
+    plate's batch dimension (:func:`pyvae.program.data_dim`) left of the event dimensions."""
+    return program.data_dim(site, plate) - site["fn"].event_dim
 
 
 def khat_threshold(num_samples: int) -> float:
@@ -98,9 +126,9 @@ class LogLikelihood:
         """The results of consecutive chunks of points as one."""
         first = parts[0]
         cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-        per_site = lambda name: {
+        per_site = lambda name: {  # noqa: E731
             k: torch.cat([getattr(p, name)[k] for p in parts]) for k in getattr(first, name)
-        }  # noqa: E731
+        }
         return LogLikelihood(
             **{name: cat(name) for name in ("log_px", "stderr", "elbo", "khat", "ess")},
             iwae={k: torch.cat([p.iwae[k] for p in parts]) for k in first.iwae},
@@ -149,7 +177,7 @@ def log_likelihood(
     positive_int("num_samples", num_samples)
     device = resolve_device(device or next(model.parameters()).device)
     model.to(device).eval()
-    batches = Batches(drawn_once(data), device, model)
+    batches = Batches(as_points(data), device, model)
     check_data(model, batches, "data")
     shape = program.structure(model, batches.first(1))
     strata, per_row = _chunk_shape(model, batches.first(1), shape)
@@ -180,7 +208,8 @@ def log_likelihood(
     )
     # the data were checked above; re-validating every chunk would only repeat that work
     with pyro.validation_enabled(False):
-        for start, batch in zip(range(0, n, batch_size), batches.in_order(batch_size)):
+        starts, served = range(0, n, batch_size), batches.in_order(batch_size)
+        for start, batch in zip(starts, served, strict=True):
             span = slice(start, start + batch[0].shape[0])
             chunks = []
             for s0 in range(0, num_samples, sample_chunk):
@@ -218,15 +247,6 @@ def _say_one_at_a_time(model) -> None:
         "pyvae",
         0,
     )
-
-
-def drawn_once(data):
-    """``data`` with a dynamically binarized ImageSet drawn once (every point scored on one fixed
-    image)."""
-
-    if isinstance(data, ImageSet) and data.dynamic:
-        return (data.draw(), data.labels) if data.labels is not None else data.draw()
-    return data
 
 
 def _chunk_shape(model, batch: tuple, shape: program.Structure) -> tuple[int, int]:

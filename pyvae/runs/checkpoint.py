@@ -5,8 +5,8 @@ instance the caller built (``model=``), checking that the class and every parame
 name and shape match; a checkpoint of one class never comes back as another.
 
 Files are written atomically (:func:`pyvae.runs.files.atomic_write`), so a crash leaves
-either the old checkpoint or the new one, never half of one. They are read with ``torch.load(weights_only=True)``, which never unpickles
-code.
+either the old checkpoint or the new one, never half of one. They are read with
+``torch.load(weights_only=True)``, which never unpickles code.
 """
 
 from __future__ import annotations
@@ -26,12 +26,15 @@ FORMAT_VERSION = 1
 
 
 def class_name(module: torch.nn.Module) -> str:
-    """``module.qualname`` of the model's class: what a checkpoint records and :func:`load` checks."""
+    """``module.qualname`` of the model's class: what a checkpoint records and :func:`load`
+    checks."""
     cls = type(module)
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def save(model: torch.nn.Module, path: str | os.PathLike, keep_previous: bool = False, **extra) -> None:
+def save(
+    model: torch.nn.Module, path: str | os.PathLike, keep_previous: bool = False, **extra
+) -> None:
     """Write ``model`` (weights, class, constructor arguments if it has ``config``) to ``path``;
     ``extra`` entries are stored alongside, and so is the record of a model built from a user's
     file (:data:`USER_MODEL`): what rebuilds it by importing that file again (no code is saved).
@@ -67,8 +70,7 @@ def read(path: str | os.PathLike) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupted, or needs arbitrary unpickling
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PyvaeError(f"cannot read checkpoint {path}: {first_line}") from e
+        raise PyvaeError(_unreadable(path, e)) from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise PyvaeError(f"{path} is not a pyvae checkpoint")
     if payload.get("format_version") != FORMAT_VERSION:
@@ -77,6 +79,22 @@ def read(path: str | os.PathLike) -> dict:
             f"this pyvae reads version {FORMAT_VERSION}"
         )
     return payload
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """One line on why ``path`` cannot be read: damaged (a zip archive cut short or corrupted,
+    whose torch message is a page of miniz internals) or the first line of torch's reason; with the
+    ``<name>.prev<suffix>`` that :func:`save` keeps beside it offered when there is one."""
+    text = str(error).strip()
+    if "PytorchStreamReader" in text or "zip archive" in text or "miniz" in text:
+        why = "the file is damaged (cut short or corrupted: not a complete zip archive)"
+    else:
+        why = (text.splitlines() or [type(error).__name__])[0]
+    previous = path.with_name(f"{path.stem}.prev{path.suffix}")
+    offer = (
+        f"; the previous checkpoint {previous} is beside it: use that" if previous.is_file() else ""
+    )
+    return f"cannot read checkpoint {path}: {why}{offer}"
 
 
 def load(path: str | os.PathLike, model: torch.nn.Module | None = None, **parts) -> torch.nn.Module:
@@ -91,21 +109,29 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, **parts)
     payload = read(path)
     saved = payload.get("class")
     config = payload.get("config")
-    if saved is None and isinstance(config, dict) and "x_dim" in config:  # written before models had classes
+    if (
+        saved is None and isinstance(config, dict) and "x_dim" in config
+    ):  # written before models had classes
         saved, config = "pyvae.models.vae.VAE", {"model": "vae", **config}
     if "state_dict" not in payload or not isinstance(saved, str):
-        raise PyvaeError(f"{path} is a pyvae checkpoint without a complete model description; it cannot be loaded")
+        raise PyvaeError(
+            f"{path} is a pyvae checkpoint without a complete model description; it cannot be "
+            "loaded"
+        )
     record = payload.get("user_model")
     if model is None and isinstance(record, dict):
         cls, file = record.get("class"), record.get("file")
-        raise PyvaeError(f"{path} holds {cls} from {file}, a class of your own: pyvae.load needs "
-                         f"an instance, pyvae.load(path, model={cls}(...)) (python -m pyvae "
-                         "commands import the file themselves)")
+        raise PyvaeError(
+            f"{path} holds {cls} from {file}, a class of your own: pyvae.load needs "
+            f"an instance, pyvae.load(path, model={cls}(...)) (python -m pyvae "
+            "commands import the file themselves)"
+        )
     if model is None:
         name = config.get("model") if isinstance(config, dict) else None
         if name not in MODELS or class_name_of(MODELS[name]) != saved:
             raise PyvaeError(
-                f"{path} holds a {saved}, not a built-in model; build one and pass it: pyvae.load(path, model=...)"
+                f"{path} holds a {saved}, not a built-in model; build one and pass it: "
+                "pyvae.load(path, model=...)"
             )
         cls = MODELS[name]
         if hasattr(cls, "from_config"):
@@ -113,13 +139,22 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, **parts)
         else:
             model = cls(**{**{k: v for k, v in config.items() if k != "model"}, **parts})
     elif parts:
-        raise PyvaeError(f"pass either model= or parts ({', '.join(parts)}) to pyvae.load, not both")
+        raise PyvaeError(
+            f"pass either model= or parts ({', '.join(parts)}) to pyvae.load, not both"
+        )
     if isinstance(record, dict) and type(model).__qualname__ == record.get("class"):
         # imported from its file under a module name of pyvae's: the class's own name decides
         saved = class_name(model)
     if class_name(model) != saved:
-        hint = " (a class saved from a script is __main__.<name>: save and load it from the same module)" if "__main__." in saved + class_name(model) else ""
-        raise PyvaeError(f"{path} holds a {saved}; it cannot be loaded into a {class_name(model)}{hint}")
+        hint = (
+            " (a class saved from a script is __main__.<name>: save and load it from the same "
+            "module)"
+            if "__main__." in saved + class_name(model)
+            else ""
+        )
+        raise PyvaeError(
+            f"{path} holds a {saved}; it cannot be loaded into a {class_name(model)}{hint}"
+        )
     load_weights(model, payload["state_dict"], path)
     return model
 
@@ -129,13 +164,23 @@ def class_name_of(cls: type) -> str:
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, path) -> None:
-    """``model.load_state_dict`` with a one-line error naming the missing, unexpected and mis-shaped entries."""
+    """``model.load_state_dict`` with a one-line error naming the missing, unexpected and
+    mis-shaped entries."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and own[k].shape != state_dict[k].shape
+    ]
     if missing or unexpected or shapes:
-        parts = [f"missing {', '.join(missing[:5])}" if missing else "", f"unexpected {', '.join(unexpected[:5])}" if unexpected else "",
-                 f"shapes differ (saved vs model): {', '.join(shapes[:5])}" if shapes else ""]
-        raise PyvaeError(f"checkpoint {path} does not match the model: " + "; ".join(p for p in parts if p))
+        parts = [
+            f"missing {', '.join(missing[:5])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:5])}" if unexpected else "",
+            f"shapes differ (saved vs model): {', '.join(shapes[:5])}" if shapes else "",
+        ]
+        raise PyvaeError(
+            f"checkpoint {path} does not match the model: " + "; ".join(p for p in parts if p)
+        )
     model.load_state_dict(state_dict)

@@ -14,11 +14,15 @@ from pathlib import Path
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[object], None]) -> None:
-    """Call ``write(file_object)`` on a temporary file and rename it to ``path`` when complete."""
+    """Call ``write(file_object)`` on a temporary file and rename it to ``path`` when complete.
+
+    The file gets the permissions ``open`` would give a new one, 0o666 & ~umask (``mkstemp``
+    makes it 0o600, private to its owner)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -26,6 +30,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[object], None]) -> No
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, value) -> None:

@@ -12,12 +12,11 @@ import importlib.util
 import inspect
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from pyvae.errors import PyvaeError
-from pyvae.parts.component import Component, is_custom
+from pyvae.parts.component import Component, is_custom, recorded_name
 from pyvae.parts.guides import GUIDES, Guide
 from pyvae.parts.likelihoods import LIKELIHOODS, Likelihood
 from pyvae.parts.priors import PRIORS, Prior
@@ -55,33 +54,59 @@ def import_parts(path: str | Path) -> list[type[Component]]:
     never runs code."""
     path = Path(path)
     if path.suffix != ".py" or not path.is_file():
-        raise PyvaeError(f"--parts must be a Python file defining the run's custom parts; got {str(path)!r}")
+        raise PyvaeError(
+            f"--parts must be a Python file defining the run's custom parts; got {str(path)!r}"
+        )
     module = import_file(path, f"pyvae_parts_{path.stem}", "--parts")
-    # its own classes and those it imports from its neighbours; pyvae's built-ins are found by name anyway
-    return [c for c in vars(module).values()
-            if inspect.isclass(c) and issubclass(c, Component) and not c.__module__.startswith("pyvae.")]
+    # its own classes and those it imports from its neighbours; pyvae's built-ins are found by
+    # name anyway
+    return [
+        c
+        for c in vars(module).values()
+        if inspect.isclass(c) and issubclass(c, Component) and not c.__module__.startswith("pyvae.")
+    ]
 
 
-def custom_parts(config: dict, parts_file: str | Path | None, where: str = "the checkpoint") -> dict[str, Component]:
-    """The prior, likelihood and guide of a saved model's ``config`` that are no built-in, built from
-    the classes ``parts_file`` defines with their recorded settings ({} when all are built in)."""
-    kinds = {"prior": (PRIORS, Prior), "likelihood": (LIKELIHOODS, Likelihood), "guide": (GUIDES, Guide)}
-    custom = {part: spec for part, (registry, _) in kinds.items()
-              if isinstance(spec := config.get(part), dict) and is_custom(spec, registry)}
+def custom_parts(
+    config: dict, parts_file: str | Path | None, where: str = "the checkpoint"
+) -> dict[str, Component]:
+    """The prior, likelihood and guide of a saved model's ``config`` that are no built-in, built
+    from the classes ``parts_file`` defines with their recorded settings ({} when all are built
+    in)."""
+    kinds = {
+        "prior": (PRIORS, Prior),
+        "likelihood": (LIKELIHOODS, Likelihood),
+        "guide": (GUIDES, Guide),
+    }
+    custom = {
+        part: spec
+        for part, (registry, _) in kinds.items()
+        if isinstance(spec := config.get(part), dict) and is_custom(spec, registry)
+    }
     if not custom:
         return {}
     if parts_file is None:
-        named = ", ".join(f"{part} {s['name']}" + (f" (defined in {s['source'].rsplit(':', 1)[0]})" if s.get("source") else "")
-                          for part, s in custom.items())
-        raise PyvaeError(f"{where} was trained with a custom {named}; pass --parts FILE.py, the file that defines it")
+        named = ", ".join(
+            f"{part} {s['name']}"
+            + (f" (defined in {s['source'].rsplit(':', 1)[0]})" if s.get("source") else "")
+            for part, s in custom.items()
+        )
+        raise PyvaeError(
+            f"{where} was trained with a custom {named}; pass --parts FILE.py, the file that "
+            "defines it"
+        )
     classes = import_parts(parts_file)
     built = {}
     for part, spec in custom.items():
         of_kind = {recorded_name(c): c for c in classes if issubclass(c, kinds[part][1])}
         if spec["name"] not in of_kind:
-            raise PyvaeError(f"--parts {parts_file} defines no {part} {spec['name']!r}; "
-                             f"its {part}s: {', '.join(of_kind) or 'none'}")
-        built[part] = of_kind[spec["name"]](**{k: v for k, v in spec.items() if k not in ("name", "source")})
+            raise PyvaeError(
+                f"--parts {parts_file} defines no {part} {spec['name']!r}; "
+                f"its {part}s: {', '.join(of_kind) or 'none'}"
+            )
+        built[part] = of_kind[spec["name"]](
+            **{k: v for k, v in spec.items() if k not in ("name", "source")}
+        )
     return built
 
 
@@ -109,20 +134,25 @@ def model_file_spec(value) -> dict:
         value = {"file": file, "class": name}
     unknown = sorted(set(value) - set(MODEL_KEYS))
     if unknown:
-        raise PyvaeError(f"unknown key {unknown[0]!r} in the model mapping; "
-                         f"allowed: {', '.join(MODEL_KEYS)}")
+        raise PyvaeError(
+            f"unknown key {unknown[0]!r} in the model mapping; allowed: {', '.join(MODEL_KEYS)}"
+        )
     for key in ("file", "class"):
         if not isinstance(value.get(key), str) or not value[key]:
-            raise PyvaeError(f"model {key!r} must be a non-empty string (FILE.py:Class); "
-                             f"got {value.get(key)!r}")
+            raise PyvaeError(
+                f"model {key!r} must be a non-empty string (FILE.py:Class); got {value.get(key)!r}"
+            )
     args = value.get("args") or {}
     if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
-        raise PyvaeError(f"model 'args' must be a mapping of argument names to values; "
-                         f"got {args!r}")
+        raise PyvaeError(
+            f"model 'args' must be a mapping of argument names to values; got {args!r}"
+        )
     bad = next((k for k, v in args.items() if not plain(v)), None)
     if bad is not None:
-        raise PyvaeError(f"model argument {bad}={args[bad]!r}: allowed are numbers, booleans, "
-                         "strings, null, and lists or mappings of them")
+        raise PyvaeError(
+            f"model argument {bad}={args[bad]!r}: allowed are numbers, booleans, "
+            "strings, null, and lists or mappings of them"
+        )
     sha = {"sha256": value["sha256"]} if value.get("sha256") is not None else {}
     return {"file": value["file"], "class": value["class"], "args": dict(args), **sha}
 
@@ -157,20 +187,29 @@ def model_file_digest(spec: dict, path: Path, run: str | None) -> str:
     ``spec`` records a sha256 (a run's record), is unchanged; else a one-line error saying which."""
     named, run_name = f"{spec['file']}:{spec['class']}", run or "the run"
     if path.suffix != ".py":
-        raise PyvaeError(f"--model {named}: {spec['file']} is not a Python file; name a .py file "
-                         "and a class in it")
+        raise PyvaeError(
+            f"--model {named}: {spec['file']} is not a Python file; name a .py file "
+            "and a class in it"
+        )
     if not path.is_file() and "sha256" in spec:
-        raise PyvaeError(f"the model file {path} that {run_name} was trained with is missing; "
-                         f"put it back (it defined {spec['class']})")
+        raise PyvaeError(
+            f"the model file {path} that {run_name} was trained with is missing; "
+            f"put it back (it defined {spec['class']})"
+        )
     if not path.is_file():
         raise PyvaeError(f"--model {named}: there is no file {path}")
     digest = file_sha256(path)
     if spec.get("sha256") not in (None, digest):
         # a config.yaml given again (--config) records the hash too: the edit may be on purpose
-        fix = ("restore it or train anew" if run
-               else "restore it, or delete sha256 from the config to train it as it is now")
-        raise PyvaeError(f"the model file {path} has changed since {run_name} was trained with it "
-                         f"(sha256 {spec['sha256'][:12]}... then, {digest[:12]}... now); {fix}")
+        fix = (
+            "restore it or train anew"
+            if run
+            else "restore it, or delete sha256 from the config to train it as it is now"
+        )
+        raise PyvaeError(
+            f"the model file {path} has changed since {run_name} was trained with it "
+            f"(sha256 {spec['sha256'][:12]}... then, {digest[:12]}... now); {fix}"
+        )
     return digest
 
 
@@ -180,15 +219,21 @@ def check_model_class(module, spec: dict, path: Path) -> None:
     name = spec["class"]
     cls = vars(module).get(name)
     if not inspect.isclass(cls):
-        own = [k for k, c in vars(module).items()
-               if inspect.isclass(c) and c.__module__ == module.__name__]
-        raise PyvaeError(f"--model: {path} defines no class {name!r}; "
-                         f"its classes: {', '.join(own) or 'none'}")
+        own = [
+            k
+            for k, c in vars(module).items()
+            if inspect.isclass(c) and c.__module__ == module.__name__
+        ]
+        raise PyvaeError(
+            f"--model: {path} defines no class {name!r}; its classes: {', '.join(own) or 'none'}"
+        )
     lacking = [m for m in ("model", "guide") if not callable(getattr(cls, m, None))]
     if not issubclass(cls, torch.nn.Module) or lacking:
         why = f"has no method {lacking[0]}" if lacking else "is not a torch.nn.Module"
-        raise PyvaeError(f"--model: {name} in {path} {why}; a pyvae model is a torch.nn.Module "
-                         "with Pyro methods model(*batch, num_data=None) and guide(...)")
+        raise PyvaeError(
+            f"--model: {name} in {path} {why}; a pyvae model is a torch.nn.Module "
+            "with Pyro methods model(*batch, num_data=None) and guide(...)"
+        )
     check_model_args(cls, spec["args"], f"{name} ({path})")
 
 
@@ -200,13 +245,19 @@ def check_model_args(cls: type, args: dict, named: str) -> None:
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     unknown = [] if takes_any else sorted(set(args) - set(keywords))
     if unknown:
-        raise PyvaeError(f"unknown model argument {unknown[0]!r} for {named}; "
-                         f"allowed: {', '.join(keywords) or 'none'}")
-    needed = [k for k in keywords if params[k].default is params[k].empty
-              and k not in args and k not in DATA_ARGS]
+        raise PyvaeError(
+            f"unknown model argument {unknown[0]!r} for {named}; "
+            f"allowed: {', '.join(keywords) or 'none'}"
+        )
+    needed = [
+        k
+        for k in keywords
+        if params[k].default is params[k].empty and k not in args and k not in DATA_ARGS
+    ]
     if needed:
-        raise PyvaeError(f"{named} needs the argument {needed[0]!r}; "
-                         f"pass --model-arg {needed[0]}=VALUE")
+        raise PyvaeError(
+            f"{named} needs the argument {needed[0]!r}; pass --model-arg {needed[0]}=VALUE"
+        )
 
 
 def build_user_model(cls: type, record: dict, data: dict) -> torch.nn.Module:
@@ -217,8 +268,10 @@ def build_user_model(cls: type, record: dict, data: dict) -> torch.nn.Module:
     params, args = inspect.signature(cls.__init__).parameters, record["args"]
     filled = {k: data[k] for k in DATA_ARGS if k in params and k not in args and k in data}
     if "num_classes" in params and "num_classes" not in args and "num_classes" not in data:
-        raise PyvaeError(f"{record['class']} takes num_classes; the data set has no labels "
-                         "(pass --model-arg num_classes=N)")
+        raise PyvaeError(
+            f"{record['class']} takes num_classes; the data set has no labels "
+            "(pass --model-arg num_classes=N)"
+        )
     if "image_shape" in filled:
         filled["image_shape"] = tuple(filled["image_shape"])
     try:

@@ -62,7 +62,13 @@ import pyro
 import torch
 
 from pyvae import distributed
-from pyvae.data.batching import Batches, check_data, resolve_device, serving
+from pyvae.data.batching import (
+    Batches,
+    check_data,
+    fitting_batch_size,
+    resolve_device,
+    serving,
+)
 from pyvae.errors import PyvaeError, PyvaeWarning, positive_int, positive_number
 from pyvae.program import structure
 from pyvae.runs import atomic_write
@@ -189,8 +195,9 @@ def _fit(arguments: dict) -> list[dict]:
     world, device = distributed.init(resolve_device(arguments["device"]))
     progress = arguments["progress"] and world.main
     data = (arguments["train"], arguments["test"], arguments["valid"])
-    splits = _served(model, data, device, arguments["batch_size"], world)
-    plan = serving(model, splits[0], arguments["batch_size"], world, arguments["labelled_share"])
+    splits = _served(model, data, device, world)
+    batch_size = fitting_batch_size(arguments["batch_size"], len(splits[0]))
+    plan = serving(model, splits[0], batch_size, world, arguments["labelled_share"])
     elbo, shape = _settle_objective(
         model, objective, elbo, num_particles, plan, arguments["kl_sites"], world, progress
     )
@@ -271,7 +278,7 @@ def _tracker(arguments: dict) -> Callback | None:
     return hooks.MLflowCallback(params, tracking_uri)
 
 
-def _served(model, splits, device, batch_size: int, world) -> list[Batches | None]:
+def _served(model, splits, device, world) -> list[Batches | None]:
     """The training, test and validation data as :class:`~pyvae.data.batching.Batches` on
     ``device`` (None where not given), checked against the model, and the model moved there."""
     names = ("training data", "test data", "validation data")
@@ -282,10 +289,6 @@ def _served(model, splits, device, batch_size: int, world) -> list[Batches | Non
     for batches, name in zip(served, names, strict=True):
         if batches is not None:
             check_data(model, batches, name)
-    if batch_size > len(served[0]):
-        raise PyvaeError(
-            f"batch_size {batch_size} is larger than the training set ({len(served[0])} points)"
-        )
     shapes = world.gather(tuple(served[0].images.shape))
     if len(set(shapes)) > 1:
         raise PyvaeError(

@@ -33,11 +33,18 @@ def grid(images: torch.Tensor, image_shape: Sequence[int], nrow: int = 8) -> tor
     )
 
 
+#: the narrowest picture :func:`save_grid` writes: a 15 x 15 grid of 28 x 28 images is ~450 px
+MIN_WIDTH = 600
+
+
 def save_grid(
     images: torch.Tensor, image_shape: Sequence[int], path: str | Path, nrow: int = 8
 ) -> None:
-    """:func:`grid` as a PNG."""
+    """:func:`grid` as a PNG at least :data:`MIN_WIDTH` pixels wide: small images are enlarged by
+    a whole factor, each pixel a square block (nearest neighbour), so none is blurred."""
     picture = grid(images, image_shape, nrow)
+    factor = -(-MIN_WIDTH // picture.shape[-1])
+    picture = picture.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
     atomic_write(path, lambda f: save_image(picture, f, format="png"))
 
 
@@ -55,7 +62,8 @@ def samples(
     label: int | None = None,
     temperature: float = 1.0,
 ) -> None:
-    """A grid of E[x | latents] for latents drawn from the model (class ``label``, or the classes in turn)."""
+    """A grid of E[x | latents] for latents drawn from the model (class ``label``, or the classes
+    in turn)."""
 
     model.eval()
     save_grid(
@@ -74,7 +82,8 @@ def reconstructions(
     rows: int = 2,
     labels: torch.Tensor | None = None,
 ) -> None:
-    """Rows of test images, each above a row of their reconstructions (:func:`reconstruction_pairs`)."""
+    """Rows of test images, each above a row of their reconstructions
+    (:func:`reconstruction_pairs`)."""
     per_row = min(per_row, x.shape[0])
     save_grid(
         reconstruction_pairs(model, x, per_row, rows, labels), model.image_shape, path, nrow=per_row
@@ -88,7 +97,8 @@ def reconstruction_pairs(
     rows: int = 2,
     labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(2 * rows * per_row, x_dim): rows of test images, each followed by the row of their reconstructions.
+    """(2 * rows * per_row, x_dim): rows of test images, each followed by the row of their
+    reconstructions.
 
     The images are spread evenly over ``x``, so a set sorted by class (static
     binarized MNIST's test split is) shows every class.
@@ -107,7 +117,8 @@ def reconstruction_pairs(
 
 
 def elbo_curves(history: list[dict], path: str | Path) -> None:
-    """Train, validation and test ELBO (nats per data point) against epoch (whole epochs on the axis)."""
+    """Train, validation and test ELBO (nats per data point) against epoch (whole epochs on the
+    axis)."""
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     epochs = [h["epoch"] for h in history]
@@ -151,7 +162,7 @@ def khat(ll, path: str | Path) -> None:
 
 def iwae_curve(bounds: dict, path: str | Path) -> None:
     """The IWAE-K bound (nats per data point) against K, from the same draws."""
-    ks, values = zip(*sorted((int(k), v) for k, v in bounds.items()))
+    ks, values = zip(*sorted((int(k), v) for k, v in bounds.items()), strict=True)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(ks, values, marker="o")
     ax.set_xscale("log")
@@ -232,6 +243,24 @@ def ais(runs: dict, log_px_is: float, path: str | Path) -> None:
     right.legend(fontsize=7)
     right.grid(alpha=0.3)
     save_figure(fig, path)
+
+
+def evaluation(result, folder: str | Path) -> list[str]:
+    """The pictures of an :class:`~pyvae.infer.diagnostics.Evaluation` in ``folder``: ``khat.png``,
+    ``iwae_curve.png``, ``kl_per_dim.png`` (a site that factorizes), ``ais.png`` (under AIS);
+    their names."""
+    folder, summary = Path(folder), result.summary()
+    folder.mkdir(parents=True, exist_ok=True)
+    khat(result.ll, folder / "khat.png")
+    iwae_curve(summary["iwae"], folder / "iwae_curve.png")
+    written = ["khat.png", "iwae_curve.png"]
+    if result.kl_per_dim is not None:
+        kl_per_dim(result.kl_per_dim, folder / "kl_per_dim.png")
+        written.append("kl_per_dim.png")
+    if result.ais:
+        ais(result.ais, summary["log_px_is"], folder / "ais.png")
+        written.append("ais.png")
+    return written
 
 
 def bdmc(summary: dict, path: str | Path) -> None:
