@@ -17,8 +17,7 @@ import pyro
 import pytest
 
 from pyvae.cli.app import COMMANDS
-
-from .conftest import ROOT
+from tests.conftest import ROOT
 
 PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
 FENCE = re.compile(

@@ -50,6 +50,3 @@ def main(argv: list[str] | None = None) -> None:
 
 
 __all__ = ["COMMANDS", "Command", "main", "run"]
-
-# the names tests call the commands by (tests/test_evaluate.py, tests/test_explore.py)
-train_main, evaluate_main, anomaly_main = (COMMANDS[n] for n in ("train", "evaluate", "anomaly"))

@@ -7,7 +7,6 @@ from pyvae import distributed
 from pyvae.cli.console import writable_dir
 from pyvae.cli.trained import ais_settings, check_positive, last_suffix, scored_run
 from pyvae.infer.bdmc import bdmc
-from pyvae.runs import write_json
 from pyvae.viz import plots
 
 
@@ -21,8 +20,7 @@ def main(args) -> None:
     result = bdmc(vae, batch, seed=args.seed, world=world, **ais)
     if world.main:
         print(result.table())
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "bdmc.json", result.summary())
+        written = result.write(out)
         plots.bdmc(result.summary(), out / "bdmc.png")
-        print(f"wrote {out}/bdmc.json, bdmc.png")
+        print(f"wrote {out}/" + ", ".join([*written, "bdmc.png"]))
     distributed.shutdown()

@@ -9,6 +9,7 @@ from pyvae import distributed
 from pyvae.cli.console import writable_dir
 from pyvae.cli.trained import ais_settings, check_positive, last_suffix, scored_run
 from pyvae.infer.diagnostics import evaluate
+from pyvae.viz import plots
 
 
 def main(args) -> None:
@@ -35,8 +36,6 @@ def main(args) -> None:
     )
     if world.main:
         print(result.table())
-        result.write(out)
-        written = ["eval.json", "eval.nc", "khat.png", "iwae_curve.png"]
-        written += ["kl_per_dim.png"] if result.kl_per_dim is not None else []
-        print(f"wrote {out}/" + ", ".join(written + (["ais.png"] if ais else [])))
+        written = result.write(out) + plots.evaluation(result, out)
+        print(f"wrote {out}/" + ", ".join(written))
     distributed.shutdown()

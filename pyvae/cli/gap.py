@@ -7,7 +7,6 @@ from pyvae import distributed
 from pyvae.cli.console import writable_dir
 from pyvae.cli.trained import ais_settings, check_positive, last_suffix, scored_run
 from pyvae.infer.gap import inference_gap
-from pyvae.runs import write_json
 
 
 def main(args) -> None:
@@ -28,8 +27,5 @@ def main(args) -> None:
     )
     if world.main:
         print(result.table())
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "gap.json", result.summary())
-        result.to_netcdf(out / "eval.nc")
-        print(f"wrote {out}/gap.json, eval.nc")
+        print(f"wrote {out}/" + ", ".join(result.write(out)))
     distributed.shutdown()

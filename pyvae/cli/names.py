@@ -1,5 +1,5 @@
 """The names the command line offers as choices, as plain tuples: parsing a command and printing
-its help import no torch. tests/test_cli_help.py checks each against the registry or constant it
+its help import no torch. tests/cli/test_cli_help.py checks each against the registry or constant it
 names (pyvae.parts, pyvae.data, pyvae.models, pyvae.train, pyvae.infer.ais)."""
 
 PRIORS = ("flow", "laplace", "learned_normal", "mog", "normal", "student_t", "vamp")

@@ -45,6 +45,7 @@ from pyvae.distributed import init, shutdown
 from pyvae.errors import DataNotFound, PyvaeError
 from pyvae.infer.diagnostics import evaluate
 from pyvae.models import MODELS, takes_unlabelled
+from pyvae.parts.component import check_settings
 from pyvae.parts.guides import GUIDES
 from pyvae.parts.likelihoods import LIKELIHOODS, coding
 from pyvae.parts.priors import PRIORS
@@ -344,13 +345,8 @@ def build_model(config, train, likelihood):
     says otherwise."""
     spec = dict(config.model) if isinstance(config.model, dict) else {"name": config.model}
     cls = MODELS[spec.pop("name")]
+    check_settings(cls, spec, f"model {config.model!r}")
     allowed_args = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    unknown = sorted(set(spec) - allowed_args)
-    if unknown:
-        raise PyvaeError(
-            f"unknown setting {unknown[0]!r} for model {config.model!r}; "
-            f"allowed: {', '.join(sorted(allowed_args))}"
-        )
     flags = {
         "prior": config.prior,
         "likelihood": likelihood,
@@ -433,6 +429,7 @@ def report(model, config, out, history, test, dataset, board, tracker) -> None:
         result = test_log_likelihood(model, config, test, dataset)
         folder = out / f"eval-{dataset}-test-K{config.eval_samples}{last_suffix(chosen)}"
         result.write(folder)
+        plots.evaluation(result, folder)
         if board is not None:
             board.evaluation(result.summary(), result.table(), evaluated["epoch"])
         if tracker is not None:

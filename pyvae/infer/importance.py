@@ -180,16 +180,8 @@ def log_likelihood(
     batches = Batches(as_points(data), device, model)
     check_data(model, batches, "data")
     shape = program.structure(model, batches.first(1))
-    strata, per_row = _chunk_shape(model, batches.first(1), shape)
-    rows = max(1, CHUNK_ELEMENTS.get(device.type, 2**21) // per_row)
-    n = len(batches)
-    if batch_size is None:
-        batch_size = max(1, min(n, rows // (num_samples if shape.vectorized else 1)))
-    positive_int("batch_size", batch_size)
-    sample_chunk = max(1, min(num_samples, rows // batch_size)) if shape.vectorized else 1
-    if not shape.vectorized and num_samples > 1:
-        _say_one_at_a_time(model)
-    sizes = iwae_sizes(num_samples)
+    strata, batch_size, sample_chunk = _chunks(model, batches, shape, num_samples, batch_size)
+    n, sizes = len(batches), iwae_sizes(num_samples)
 
     # results go into tensors allocated once: thousands of small per-chunk tensors kept
     # alive between the large chunk buffers fragment the heap until memory grows with N
@@ -237,6 +229,22 @@ def log_likelihood(
         num_samples=num_samples,
         log_weights=log_weights,
     )
+
+
+def _chunks(model, batches, shape, num_samples: int, batch_size: int | None):
+    """(strata, points per chunk, samples per pass): as many rows per pass as
+    :data:`CHUNK_ELEMENTS` allows on the device; one sample at a time for a program that cannot
+    vectorize particles (said once)."""
+    device = batches.device
+    strata, per_row = _chunk_shape(model, batches.first(1), shape)
+    rows = max(1, CHUNK_ELEMENTS.get(device.type, 2**21) // per_row)
+    if batch_size is None:
+        batch_size = max(1, min(len(batches), rows // (num_samples if shape.vectorized else 1)))
+    positive_int("batch_size", batch_size)
+    sample_chunk = max(1, min(num_samples, rows // batch_size)) if shape.vectorized else 1
+    if not shape.vectorized and num_samples > 1:
+        _say_one_at_a_time(model)
+    return strata, batch_size, sample_chunk
 
 
 def _say_one_at_a_time(model) -> None:

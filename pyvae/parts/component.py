@@ -81,14 +81,20 @@ class Registry(dict):
         if name not in self:
             raise PyvaeError(f"unknown {self.kind} {name!r}; choose from {', '.join(sorted(self))}")
         cls = self[name]
-        allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        unknown = sorted(set(kwargs) - allowed)
-        if unknown:
-            raise PyvaeError(
-                f"unknown setting {unknown[0]!r} for {self.kind} {name!r}; "
-                f"allowed: {', '.join(sorted(allowed)) or 'none'}"
-            )
+        check_settings(cls, kwargs, f"{self.kind} {name!r}")
         return cls(**kwargs)
+
+
+def check_settings(cls: type, settings: dict, named: str) -> None:
+    """Every key of ``settings`` must be an argument of ``cls``'s constructor: else a one-line
+    error naming the first that is not and the ones allowed."""
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        raise PyvaeError(
+            f"unknown setting {unknown[0]!r} for {named}; "
+            f"allowed: {', '.join(sorted(allowed)) or 'none'}"
+        )
 
 
 def is_custom(spec: dict, registry: Registry) -> bool:

@@ -8,8 +8,7 @@ import torch
 from pyvae.cli.app import main
 from pyvae.infer.bdmc import bdmc, simulate
 from pyvae.infer.gap import inference_gap
-
-from .test_evaluate import exact_log_px, ppca
+from tests.infer.test_evaluate import exact_log_px, ppca
 
 FAST = {"num_chains": 8, "leapfrog_steps": 5}
 

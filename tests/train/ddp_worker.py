@@ -1,5 +1,5 @@
 """One process of the 2-process data-parallel tests: ``torchrun --nproc_per_node=2
-tests/ddp_worker.py OUT [OPTIONS]``.
+tests/train/ddp_worker.py OUT [OPTIONS]``.
 
 It trains a small VAE with ``pyvae.fit`` (rank 0 writes OUT/run) and leaves each
 process's final parameters in OUT/ranks/<rank>.pt for the test to compare. OPTIONS is

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import pyvae
-
-from .conftest import ROOT
+from tests.conftest import ROOT
 
 EXAMPLE = ROOT / "examples" / "mnist_svi.py"
 ARGS = [

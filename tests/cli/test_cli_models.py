@@ -7,8 +7,7 @@ import pytest
 
 import pyvae
 from pyvae.cli.app import main
-
-from .conftest import exits_2
+from tests.conftest import exits_2
 
 COMMON = [
     "--dataset",

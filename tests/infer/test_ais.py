@@ -15,9 +15,8 @@ from torch import nn
 import pyvae
 from pyvae.cli.app import main
 from pyvae.infer.ais import ais_log_likelihood, reverse_ais, schedule
-
-from .test_evaluate import exact_log_px, ppca, sample_data
-from .test_program import TwoLayer
+from tests.infer.test_evaluate import exact_log_px, ppca, sample_data
+from tests.program.test_program import TwoLayer
 
 FAST = {"num_chains": 8, "leapfrog_steps": 5}
 

@@ -8,8 +8,7 @@ import pytest
 
 from pyvae.cli import names
 from pyvae.cli.flags import SPECS, markdown_table, parser
-
-from .conftest import ROOT, exits_2
+from tests.conftest import ROOT, exits_2
 
 HEAVY = ("torch", "pyro", "arviz", "matplotlib")
 

@@ -8,8 +8,7 @@ import torch
 
 import pyvae
 from pyvae.data.datasets import binarize, load_dataset
-
-from .conftest import interrupted_at
+from tests.conftest import interrupted_at
 
 
 @pytest.fixture(scope="module")

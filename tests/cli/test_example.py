@@ -11,11 +11,10 @@ import sys
 import pytest
 import yaml
 
-from pyvae.cli.app import run
+from pyvae.cli.app import COMMANDS, run
 from pyvae.cli.config import TrainConfig
 from pyvae.cli.train import parse_args
-
-from .conftest import ROOT
+from tests.conftest import ROOT
 
 EXAMPLE = ROOT / "examples" / "mnist_svi.py"
 
@@ -205,7 +204,7 @@ def pyvae_error():
     [("custom_prior", ["--dataset", "digits", "--no-download"]), ("custom_likelihood", [])],
 )
 def test_custom_part_examples_leave_run_folders_the_commands_follow(name, extra, tmp_path, capsys):
-    from pyvae.cli.app import evaluate_main
+    evaluate_main = COMMANDS["evaluate"]
 
     example = example_module(name)
     out = tmp_path / "run"
@@ -248,8 +247,7 @@ def test_custom_part_examples_leave_run_folders_the_commands_follow(name, extra,
 @pytest.mark.parametrize("name", ["custom_prior", "custom_likelihood", "custom_model"])
 def test_the_examples_document_their_flags_and_take_debug(name, tmp_path, capsys):
     from pyvae import PyvaeError
-
-    from .test_cli_models import undocumented_flags
+    from tests.cli.test_cli_models import undocumented_flags
 
     example = example_module(name)
     with pytest.raises(SystemExit) as info:

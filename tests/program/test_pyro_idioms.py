@@ -15,8 +15,7 @@ import pyvae
 from pyvae.data.batching import Call
 from pyvae.train.loop import TrainingStopped
 from pyvae.train.objectives import Objective
-
-from .conftest import interrupted_at
+from tests.conftest import interrupted_at
 
 D, Z, C = 5, 2, 3
 

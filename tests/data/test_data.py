@@ -19,8 +19,7 @@ from pyvae.data.datasets import (
 )
 from pyvae.errors import DataNotFound, PyvaeError
 from pyvae.parts.likelihoods import Bernoulli
-
-from .conftest import require_files
+from tests.conftest import require_files
 
 
 def write_idx(path, array, compress):

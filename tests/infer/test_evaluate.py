@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pyro.infer import Importance
 
 import pyvae
-from pyvae.cli.app import run
+from pyvae.cli.app import COMMANDS, run
 from pyvae.infer.diagnostics import active_units, evaluate, mutual_information
 from pyvae.infer.importance import iwae_sizes, khat_threshold, log_likelihood
 from pyvae.viz import plots
@@ -343,7 +343,7 @@ def trained_run(tmp_path_factory):
 
 
 def test_evaluate_command(trained_run, capsys):
-    from pyvae.cli.app import evaluate_main
+    evaluate_main = COMMANDS["evaluate"]
 
     out = trained_run / "ev"
     run(
@@ -399,7 +399,7 @@ def test_evaluate_accepts_image_sets():
     ],
 )
 def test_evaluate_command_bad_input(trained_run, capsys, argv, message):
-    from pyvae.cli.app import evaluate_main
+    evaluate_main = COMMANDS["evaluate"]
 
     if argv == ["RUN", "--broken-config"]:
         broken = trained_run.parent / "broken"

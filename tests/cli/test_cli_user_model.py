@@ -12,8 +12,7 @@ import yaml
 import pyvae
 from pyvae.cli.app import main
 from pyvae.cli.train import model_args, parse_args
-
-from .conftest import exits_2
+from tests.conftest import exits_2
 
 TINY = """
 import pyro, pyro.distributions as dist, torch

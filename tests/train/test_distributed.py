@@ -14,10 +14,9 @@ import pyvae
 import pyvae.cli.app
 from pyvae.data.batching import Batches
 from pyvae.distributed import World
+from tests.conftest import ROOT
 
-from .conftest import ROOT
-
-WORKER = ROOT / "tests" / "ddp_worker.py"
+WORKER = ROOT / "tests" / "train" / "ddp_worker.py"
 
 
 def free_port() -> int:

@@ -10,8 +10,7 @@ import torch
 import pyvae
 from pyvae.data.datasets import binarize, hold_out, load_dataset, validation_split
 from pyvae.train.protocol import Schedule, iwae_factor
-
-from .conftest import require_files
+from tests.conftest import require_files
 
 
 @pytest.fixture(scope="module")
@@ -533,7 +532,7 @@ def test_the_quality_table_is_one_command(tmp_path):
     import subprocess
     import sys
 
-    from .conftest import ROOT
+    from tests.conftest import ROOT
 
     recipe = tmp_path / "recipe_tiny.yaml"
     recipe.write_text(
