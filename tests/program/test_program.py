@@ -301,7 +301,7 @@ def test_elbo_accepts_any_pyro_elbo_instance():
 
 
 def test_the_custom_model_example_runs(tmp_path, capsys):
-    """examples/custom_model.py, the README's complete example, trains, evaluates, saves and
+    """examples/custom_model.py, a complete model of one's own, trains, evaluates, saves and
     reloads."""
     path = Path(__file__).resolve().parents[2] / "examples" / "custom_model.py"
     spec = importlib.util.spec_from_file_location("custom_model", path)
