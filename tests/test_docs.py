@@ -4,11 +4,15 @@ A fenced ``python`` block runs as written: the blocks of one page in order, in o
 (a page's later blocks build on its earlier ones), in a temporary folder, with the data root
 ``$PYVAE_DATA`` of the environment. A block right after ``<!-- not run: REASON -->`` is not run:
 it is listed as a skipped test with its reason. Bash blocks are not run (they train for minutes,
-download data or start torchrun); every ``python -m pyvae COMMAND`` in them must name a command
-the CLI has, and every ``examples/*.py`` or ``configs/*.yaml`` they name must exist.
+download data or start torchrun); every ``python -m pyvae COMMAND FLAGS`` (or
+``examples/mnist_svi.py FLAGS``) in them must name a command the CLI has and parse with that
+command's parser, and every ``examples/*.py`` or ``configs/*.yaml`` they name must exist.
 """
 
+import contextlib
+import io
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +21,7 @@ import pyro
 import pytest
 
 from pyvae.cli.app import COMMANDS
+from pyvae.cli.flags import parser
 from tests.conftest import ROOT
 
 PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -108,3 +113,46 @@ def test_shell_blocks_name_commands_and_files_that_exist(page):
             )
         for path in re.findall(r"\b(?:examples|configs|benchmarks)/[\w./-]+\.(?:py|yaml)\b", code):
             assert (ROOT / path).is_file(), f"{name(page)}:{line}: {path} does not exist"
+
+
+#: words that end a command on a shell line
+SHELL_ENDS = ("|", "&&", "||", ";", ">", "2>&1")
+
+
+def shell_commands(code: str):
+    """(command, its words) of every pyvae command line in a bash block: continuations joined,
+    comments and what follows a pipe or ``&&`` left out."""
+    for line in code.replace("\\\n", " ").splitlines():
+        words = shlex.split(line, comments=True)
+        for i, word in enumerate(words):
+            if word == "pyvae" and words[i - 1 : i] == ["-m"] and i + 1 < len(words):
+                command, rest = words[i + 1], words[i + 2 :]
+            elif word.endswith("examples/mnist_svi.py"):
+                command, rest = "train", words[i + 1 :]
+            else:
+                continue
+            end = next((j for j, w in enumerate(rest) if w in SHELL_ENDS), len(rest))
+            yield command, rest[:end]
+            break
+
+
+@pytest.mark.parametrize("page", PAGES, ids=name)
+def test_shell_blocks_give_flags_their_command_parses(page):
+    for lang, line, code, _ in blocks(page):
+        for command, words in shell_commands(code) if lang == "bash" else ():
+            if command not in COMMANDS:
+                continue  # named by the test above
+            said = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()):
+                    parser(command).parse_args(words)
+            except SystemExit as e:
+                why = (said.getvalue().strip().splitlines() or [""])[-1]
+                assert not e.code, f"{name(page)}:{line}: {command} {shlex.join(words)}: {why}"
+
+
+def test_a_shell_line_gives_its_command_and_flags_alone():
+    code = "PYVAE_DATA=d python -m pyvae evaluate runs/a \\\n  --method ais  # AIS\nls | wc\n"
+    assert list(shell_commands(code)) == [("evaluate", ["runs/a", "--method", "ais"])]
+    code = "python examples/mnist_svi.py --epochs 2 2>&1 | tail -3\n"
+    assert list(shell_commands(code)) == [("train", ["--epochs", "2"])]
