@@ -11,6 +11,7 @@ import pyvae
 from pyvae.cli.app import main
 from pyvae.data.datasets import binarize, load_dataset
 from pyvae.train.objectives import Objective
+from pyvae.train.run import Training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,19 +92,21 @@ def exits_2(argv, capsys) -> str:
 
 
 @contextlib.contextmanager
-def interrupted_at(monkeypatch, call: int, signum: int = signal.SIGINT):
-    """Within the block, the training objective's ``call``-th step sends ``signum`` to this process
-    (as a user's Ctrl-C mid-epoch would arrive)."""
-    forward, calls = Objective.forward, []
+def interrupted_at(monkeypatch, call: int, signum: int = signal.SIGINT, during: str = "gradients"):
+    """Within the block, the ``call``-th training step gets ``signum`` (as a user's Ctrl-C
+    mid-epoch would arrive): while its loss and gradients are computed (``during="gradients"``,
+    which undoes the step) or as its update is applied (``"update"``, which completes it)."""
+    owner, name = (Objective, "forward") if during == "gradients" else (Training, "_update")
+    original, calls = getattr(owner, name), []
 
-    def forward_then_signal(self, *args, **kwargs):
+    def then_signal(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == call:
             os.kill(os.getpid(), signum)
-        return forward(self, *args, **kwargs)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Objective, "forward", forward_then_signal)
+    monkeypatch.setattr(owner, name, then_signal)
     try:
         yield
     finally:
-        monkeypatch.setattr(Objective, "forward", forward)
+        monkeypatch.setattr(owner, name, original)

@@ -10,12 +10,14 @@ setting ``run.stop = True``. Every process of a ``torchrun`` job calls every hoo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -53,6 +55,10 @@ class Callback:
     def on_epoch_end(self, run, record: dict) -> None:
         """After the epoch's ``record`` (its ELBOs, validation, metrics) joined ``run.history``."""
 
+    def on_stop(self, run) -> None:
+        """A signal (``run.signum``) asked training to stop inside the step after ``run.step``,
+        which was undone: the run is as it was after ``run.step``."""
+
     def on_train_end(self, run, error: BaseException | None) -> None:
         """After the last epoch, or when training fails (``error``, re-raised after the hooks)."""
 
@@ -78,6 +84,10 @@ class Callbacks(Callback):
     def on_epoch_end(self, run, record: dict) -> None:
         for callback in self.callbacks:
             callback.on_epoch_end(run, record)
+
+    def on_stop(self, run) -> None:
+        for callback in self.callbacks:
+            callback.on_stop(run)
 
     def on_train_end(self, run, error: BaseException | None) -> None:
         for callback in self.callbacks:
@@ -165,8 +175,10 @@ class Checkpoints(Callback):
     :class:`TrainingStopped`. It holds what resuming needs (:mod:`pyvae.train.resume`)."""
 
     def on_step_end(self, run) -> None:
-        if not run.signum:
-            return
+        if run.signum:
+            self.on_stop(run)
+
+    def on_stop(self, run) -> None:
         self.save(
             run,
             run.epoch - 1,
@@ -176,9 +188,10 @@ class Checkpoints(Callback):
         )
         raise TrainingStopped(
             run.signum,
-            f"stopped by {signal.Signals(run.signum).name} at epoch {run.epoch}, step "
-            f"{run.step_in_epoch}; checkpoint written to {run.out / 'checkpoint.pt'}; continue "
-            f"with --resume {run.out}",
+            f"stopped by {signal.Signals(run.signum).name} at epoch {run.epoch}, "
+            + (f"step {run.step_in_epoch}" if run.step_in_epoch else "before its first step")
+            + f"; checkpoint written to {run.out / 'checkpoint.pt'}; continue with --resume "
+            f"{run.out}",
         )
 
     def on_epoch_end(self, run, record: dict) -> None:
@@ -218,19 +231,45 @@ class TrainingStopped(KeyboardInterrupt):
         self.signum = signum
 
 
+class StepAborted(BaseException):
+    """Raised by :class:`StopOnSignal` inside a step that can be undone (a ``BaseException``, so
+    that no ``except Exception`` in a model swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopOnSignal:
-    """Turns SIGINT and SIGTERM into a request to stop after the current step (main thread only):
-    ``signum`` is the signal received, None before any."""
+    """Turns SIGINT and SIGTERM into a request to stop (main thread only): ``signum`` is the
+    signal received, None before any. Inside :meth:`abortable` (a step's loss and gradients, which
+    change nothing yet) the signal stops the step at once, raising :class:`StepAborted`, so that a
+    step of minutes does not hold it up; elsewhere training stops after the current step."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.signum: int | None = None
-        self.previous = {}
+        self.previous, self.inside = {}, False
         if enabled and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._request)
 
     def _request(self, signum, frame) -> None:
         self.signum = signum
+        if self.inside:
+            self.inside = False
+            raise StepAborted(signum)
+
+    @contextlib.contextmanager
+    def abortable(self, allowed: bool = True) -> Iterator[None]:
+        """A section a signal may abort (``allowed``: one process; with several, each stops
+        after the step, together); a signal already received aborts it before it starts."""
+        if allowed and self.previous and self.signum:
+            raise StepAborted(self.signum)
+        self.inside = allowed and bool(self.previous)
+        try:
+            yield
+        finally:
+            self.inside = False
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():

@@ -20,6 +20,7 @@ folder, and hands over to a :class:`~pyvae.train.run.Training`, whose loop is::
     for each epoch, unless a callback set run.stop:
         on_epoch_begin
         for each minibatch: one Adam step, then on_step_end
+            (a signal while its gradients are computed undoes the step: on_stop)
         the epoch's record: train ELBO, test/valid scores, metrics (run.history gets it)
         on_epoch_end(record)
     on_train_end(error)                  (also when training fails; the error is then re-raised)
@@ -31,7 +32,7 @@ in this order, then the user's ``callbacks``:
 * ``TensorBoard`` (``tensorboard=``): events per step and per epoch;
 * ``EpochLine`` (``progress``): one line per epoch on stdout;
 * with ``out``: ``BestCheckpoint`` (best.pt), ``MetricsFile`` (metrics.jsonl), ``Checkpoints``
-  (checkpoint.pt after every epoch, and mid-epoch on SIGINT/SIGTERM, then raising
+  (checkpoint.pt after every epoch, and mid-epoch on SIGINT/SIGTERM, at once, then raising
   ``TrainingStopped``);
 * ``EarlyStopping``: sets ``run.stop`` once the best validation objective is ``patience`` old;
 * ``MLflowCallback`` (``track="mlflow"``): parameters, per-epoch metrics, artifacts.

@@ -44,6 +44,21 @@ def rng_state() -> dict:
     return state
 
 
+def torch_rng(device: torch.device) -> tuple:
+    """torch's generator states a training step draws from (the CPU's, and ``device``'s on a
+    GPU): cheap to take before every step, so that a step a signal aborts can be undone."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def set_torch_rng(saved: tuple, device: torch.device) -> None:
+    """Put back the states :func:`torch_rng` took."""
+    cpu, cuda = saved
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
 def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal.tolist()), gauss))

@@ -21,7 +21,7 @@ from pyvae.parts.likelihoods import bits_per_dim, coding
 from pyvae.program import LocalParams, structure
 from pyvae.train import protocol
 from pyvae.train import resume as state
-from pyvae.train.callbacks import BPD_KEYS, Callbacks, StopOnSignal
+from pyvae.train.callbacks import BPD_KEYS, Callbacks, StepAborted, StopOnSignal
 from pyvae.train.objectives import make_elbo
 
 
@@ -97,10 +97,12 @@ class Training:
                     break
                 self.epoch = epoch
                 self.callbacks.on_epoch_begin(self)
-                for step_in_epoch, calls in self.batches():
+                for step_in_epoch, calls, before in self.batches():
                     self.step_in_epoch = step_in_epoch
-                    self.train_step(calls, signals)
-                    self.callbacks.on_step_end(self)
+                    if self.train_step(calls, signals, before):
+                        self.callbacks.on_step_end(self)
+                    else:
+                        self.callbacks.on_stop(self)
                 self.history.append(self.epoch_record())
                 self.callbacks.on_epoch_end(self, self.history[-1])
         except BaseException as e:
@@ -133,17 +135,46 @@ class Training:
             disable=not self.settings["progress"] or not sys.stderr.isatty(),
             file=sys.stderr,
         )
-        return enumerate(bar, start=done + 1)
+        return self._with_generators(enumerate(bar, start=done + 1))
+
+    def _with_generators(self, numbered):
+        """(step in epoch, calls, torch's generators before the calls were drawn) of each step:
+        a dynamically binarized minibatch draws from them as it is served."""
+        while True:
+            before = state.torch_rng(self.device)
+            step = next(numbered, None)
+            if step is None:
+                return
+            yield (*step, before)
 
     def kl_weight(self) -> float:
         warmup = self.settings["kl_warmup_epochs"]
         beta = self.settings["beta"]
         return beta * min(1.0, self.step / (warmup * self.steps_per_epoch)) if warmup else beta
 
-    def train_step(self, calls: list, signals: StopOnSignal) -> None:
+    def train_step(self, calls: list, signals: StopOnSignal, before: tuple) -> bool:
         """One Adam step on the minibatch ``calls``; a non-finite loss or gradient is an error,
-        raised before the step, so no checkpoint ever holds NaNs."""
+        raised before the step, so no checkpoint ever holds NaNs. A signal while its loss and
+        gradients are computed undoes it (``before``: torch's generators as they were) and
+        returns False: nothing of the step remains, so the run resumes with it exactly."""
         self.step += 1
+        try:
+            with signals.abortable(self.world.size == 1):
+                losses = self._gradients(calls)
+        except StepAborted as stopped:
+            self.step, self.step_in_epoch, self.signum = (
+                self.step - 1,
+                self.step_in_epoch - 1,
+                stopped.signum,
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            state.set_torch_rng(before, self.device)
+            return False
+        self._update(calls, signals, losses)
+        return True
+
+    def _gradients(self, calls: list) -> torch.Tensor:
+        """The minibatch's loss and its gradients (nothing changed yet but ``.grad``)."""
         self.optimizer.zero_grad(set_to_none=True)
         # the first step runs with Pyro's and torch's validation (shapes, supports, parameter
         # constraints), which catches a broken model or part; the data were checked before, so
@@ -154,8 +185,11 @@ class Training:
             losses = self.loss_of(calls, self.kl_weight())  # (model's, auxiliary) x calls
         loss = losses.sum()
         loss.backward()
-        self.loss, losses = loss.detach(), losses.detach()
-        self.validated = True
+        self.loss, self.validated = loss.detach(), True
+        return losses.detach()
+
+    def _update(self, calls: list, signals: StopOnSignal, losses: torch.Tensor) -> None:
+        """Adam's step from the gradients, after the checks that keep NaNs out of checkpoints."""
         clip_norm, grad_norm = self.settings["clip_norm"], None
         if clip_norm:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip_norm)

@@ -401,8 +401,8 @@ def test_a_semi_supervised_run_stopped_mid_epoch_resumes_exactly(tmp_path, monke
 
     torch.manual_seed(0)
     model = SemiSupervised()
-    # step 2 of epoch 2 (6 steps per epoch: 180 unlabelled, 30 a step)
-    stopped = pytest.raises(TrainingStopped, match="stopped by SIGINT at epoch 2, step 2")
+    # inside step 2 of epoch 2 (6 steps per epoch: 180 unlabelled, 30 a step), which is undone
+    stopped = pytest.raises(TrainingStopped, match="stopped by SIGINT at epoch 2, step 1")
     with interrupted_at(monkeypatch, 8), stopped:
         pyvae.fit(model, (x, labels), out=tmp_path / "stopped", **settings)
     resumed = pyvae.fit(model, (x, labels), out=tmp_path / "stopped", resume=True, **settings)

@@ -2,6 +2,9 @@
 refused."""
 
 import json
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -236,9 +239,9 @@ def test_a_stop_on_the_last_step_of_an_epoch_resumes_exactly(
 
     torch.manual_seed(0)
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
-    # the last step of epoch 2
+    # the last step of epoch 2, the signal arriving as its update is applied
     stopped = pytest.raises(TrainingStopped, match="stopped by SIGINT at epoch 2, step 6")
-    with interrupted_at(monkeypatch, 12), stopped:
+    with interrupted_at(monkeypatch, 12, during="update"), stopped:
         pyvae.fit(vae, train, out=tmp_path / "stopped", **settings)
     resumed = pyvae.fit(vae, train, out=tmp_path / "stopped", resume=True, **settings)
     strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
@@ -273,3 +276,77 @@ def test_a_mid_epoch_checkpoint_of_an_older_pyvae_resumes(tmp_path, digits, monk
     torch.save(payload, path)
     resumed = pyvae.fit(vae, train, out=tmp_path / "stopped", resume=True, **settings)
     assert resumed[-1]["train_elbo"] == pytest.approx(reference[-1]["train_elbo"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call, where",
+    [(12, "epoch 2, step 5"), (7, "epoch 2, before its first step"), (1, "epoch 1, before")],
+)
+def test_a_signal_inside_a_step_undoes_it_and_the_run_resumes_exactly(
+    tmp_path, monkeypatch, call, where
+):
+    """The signal arrives while a step computes its gradients (the last of epoch 2, the first of
+    epoch 2, the very first): the step is undone (its minibatch, dynamically binarized, is drawn
+    again on resume from the same generators) and the resumed run ends with the uninterrupted
+    run's weights and history."""
+    from pyvae.train.loop import TrainingStopped
+
+    train = binarize(load_dataset("digits", "train"), "dynamic")  # 6 steps of 256 per epoch
+    settings = dict(
+        epochs=3, batch_size=256, kl_warmup_epochs=2, seed=5, device="cpu", progress=False
+    )
+    torch.manual_seed(0)
+    whole = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    reference = pyvae.fit(whole, train, out=tmp_path / "whole", **settings)
+
+    torch.manual_seed(0)
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    stopped = pytest.raises(TrainingStopped, match=f"stopped by SIGINT at {where}")
+    with interrupted_at(monkeypatch, call), stopped:
+        pyvae.fit(vae, train, out=tmp_path / "stopped", **settings)
+    resumed = pyvae.fit(vae, train, out=tmp_path / "stopped", resume=True, **settings)
+
+    def strip(history):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+    assert strip(resumed) == strip(reference)
+    for p, q in zip(vae.parameters(), whole.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+class Slow(pyvae.VAE):
+    """A VAE whose guide, in training step ``signal_in``, gets SIGINT and then keeps computing
+    for up to 20 s: a step of minutes, as a large VampPrior under a flow guide can take."""
+
+    def __init__(self, signal_in: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.signal_in, self.steps_done, self.finished = signal_in, 0, False
+
+    def guide(self, x, num_data=None):
+        if self.training and self.steps_done + 1 == self.signal_in:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(2000):
+                time.sleep(0.01)
+            self.finished = True
+        return super().guide(x, num_data)
+
+
+class CountSteps(pyvae.train.Callback):
+    def __init__(self, model: Slow) -> None:
+        self.model = model
+
+    def on_step_end(self, run) -> None:
+        self.model.steps_done = run.step
+
+
+def test_a_signal_stops_a_long_step_at_once_with_a_checkpoint(tmp_path):
+    from pyvae.train.loop import TrainingStopped
+
+    x = (torch.rand(64, 16, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    vae = Slow(signal_in=3, x_dim=16, z_dim=2, hidden=(8,))
+    settings = dict(epochs=2, batch_size=16, seed=0, device="cpu", progress=False)
+    with pytest.raises(TrainingStopped, match="at epoch 1, step 2; checkpoint written"):
+        pyvae.fit(vae, x, out=tmp_path / "run", callbacks=[CountSteps(vae)], **settings)
+    assert not vae.finished  # the long step was left at the signal, not run to its end
+    payload = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert payload["training"]["step"] == 2
