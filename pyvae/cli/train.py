@@ -9,7 +9,6 @@ sampled test log-likelihood of the checkpoint chosen by ``--eval-checkpoint``.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import re
 import sys
@@ -345,8 +344,7 @@ def build_model(config, train, likelihood):
     says otherwise."""
     spec = dict(config.model) if isinstance(config.model, dict) else {"name": config.model}
     cls = MODELS[spec.pop("name")]
-    check_settings(cls, spec, f"model {config.model!r}")
-    allowed_args = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    allowed_args = check_settings(cls, spec, f"model {config.model!r}")
     flags = {
         "prior": config.prior,
         "likelihood": likelihood,

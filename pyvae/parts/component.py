@@ -85,9 +85,9 @@ class Registry(dict):
         return cls(**kwargs)
 
 
-def check_settings(cls: type, settings: dict, named: str) -> None:
-    """Every key of ``settings`` must be an argument of ``cls``'s constructor: else a one-line
-    error naming the first that is not and the ones allowed."""
+def check_settings(cls: type, settings: dict, named: str) -> set[str]:
+    """The names ``cls``'s constructor takes, every key of ``settings`` among them: else a
+    one-line error naming the first that is not and the ones allowed."""
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = sorted(set(settings) - allowed)
     if unknown:
@@ -95,6 +95,7 @@ def check_settings(cls: type, settings: dict, named: str) -> None:
             f"unknown setting {unknown[0]!r} for {named}; "
             f"allowed: {', '.join(sorted(allowed)) or 'none'}"
         )
+    return allowed
 
 
 def is_custom(spec: dict, registry: Registry) -> bool:

@@ -25,18 +25,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(out, **options):
-    command = [
+def torchrun_command(script, *args) -> list[str]:
+    """``torchrun`` of ``script`` with ``args`` in 2 processes on this machine, on a free port."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
         "--master_addr=127.0.0.1",
         f"--master_port={free_port()}",
-        str(WORKER),
-        str(out),
-        json.dumps(options),
+        str(script),
+        *args,
     ]
+
+
+def torchrun(out, **options):
+    command = torchrun_command(WORKER, str(out), json.dumps(options))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
@@ -129,14 +133,8 @@ def test_a_signal_in_one_process_stops_both_and_resuming_matches_an_uninterrupte
 
 
 def test_the_example_under_torchrun_writes_one_run_folder(tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        str(ROOT / "examples" / "mnist_svi.py"),
+    command = torchrun_command(
+        ROOT / "examples" / "mnist_svi.py",
         "--epochs",
         "2",
         "--no-download",
@@ -146,7 +144,7 @@ def test_the_example_under_torchrun_writes_one_run_folder(tmp_path):
         "32",
         "--eval-samples",
         "0",
-    ]
+    )
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
