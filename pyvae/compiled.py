@@ -40,7 +40,6 @@ compilation.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 from collections import OrderedDict
@@ -71,6 +70,9 @@ CPU_OPTIONS = {
     "max_autotune_report_choices_stats": False,
     **({"cpp.enable_unsafe_math_opt_flag": False} if _EXACT_MATH else {}),
 }
+#: inductor's settings on a CPU without frozen weights (a training step): float arithmetic kept as
+#: written, which :func:`log1p` needs
+EXACT_OPTIONS = {"cpp.enable_unsafe_math_opt_flag": False} if _EXACT_MATH else {}
 
 
 def log1p(x: torch.Tensor) -> torch.Tensor:
@@ -115,10 +117,10 @@ def record(
     *inputs: torch.Tensor,
     keep: Collection[torch.Tensor] = (),
     decompositions: dict | None = None,
-) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
-    """``fn`` at ``inputs`` as (a graph taking (*constants, *inputs), the constants it read); the
-    tensors in ``keep`` (by identity) that it read stay attributes of the graph instead; the ops in
-    ``decompositions`` recorded as what it maps them to."""
+) -> tuple[torch.fx.GraphModule, list[torch.Tensor], Noise]:
+    """``fn`` at ``inputs`` as (a graph taking (*constants, *noise, *inputs), the constants it read,
+    its :class:`Noise`); the tensors in ``keep`` (by identity) that it read stay attributes of the
+    graph instead; the ops in ``decompositions`` recorded as what it maps them to."""
     # fake mode: the inputs are recorded as values without data, so a Python decision on anything
     # computed from them (float(), .tolist(), .numpy(), len() of a mask) cannot be frozen into the
     # graph: it raises
@@ -145,30 +147,127 @@ def record(
     constants = [getattr(graph, target) for target in lifted]
     for target in lifted:
         delattr(graph, target)  # a cached graph must not keep this chunk's tensors alive
+    noise = lift_noise(graph.graph, first)
     graph.recompile()
-    return graph, constants
+    return graph, constants, noise
+
+
+class Noise:
+    """The random draws of a recording, made again as the function made them: the same ops with
+    the same shapes, in the same order, from torch's generators. The compiled function takes them
+    as inputs, so its draws are the function's own (a seeded run draws the same numbers compiled
+    or not, and a resumed run the same as an uninterrupted one), and the compiled graph holds no
+    generator of its own (what a CUDA graph needs)."""
+
+    def __init__(self, graph: torch.fx.Graph | None = None) -> None:
+        self.module = None if graph is None else torch.fx.GraphModule(torch.nn.Module(), graph)
+
+    def __call__(self) -> tuple[torch.Tensor, ...]:
+        return () if self.module is None else self.module()
+
+
+def _is_random(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and torch.Tag.nondeterministic_seeded in getattr(
+        node.target, "tags", ()
+    )
+
+
+def lift_noise(graph: torch.fx.Graph, before: torch.fx.Node) -> Noise:
+    """Replace every random op of ``graph`` by an input (placed before ``before``), and return the
+    :class:`Noise` that draws them. A draw whose arguments are computed from the function's inputs
+    (a Gamma's, whose shape parameter the guide computes) cannot be made apart from it:
+    :class:`NotCompiled`."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    noise, copies, drawn = torch.fx.Graph(), {}, []
+    for i, node in enumerate([n for n in graph.nodes if _is_random(n)]):
+        needed = _ancestors(node)
+        if any(n.op != "call_function" for n in needed):
+            raise NotCompiled(
+                f"it draws noise ({node.target}) whose distribution it computes: only noise of "
+                "fixed shape (Normal, Uniform, ... reparameterized draws) can be an input"
+            )
+        for n in sorted(needed, key=order.__getitem__):
+            if n not in copies:
+                copies[n] = noise.node_copy(n, copies.__getitem__)
+        drawn.append(copies[node])
+        with graph.inserting_before(before):
+            placeholder = graph.placeholder(f"noise{i}")
+        if node.target._schema.is_mutable:  # x.normal_(): x's later readers read the draw
+            node.args[0].replace_all_uses_with(placeholder)
+        node.replace_all_uses_with(placeholder)
+        graph.erase_node(node)
+    for node in reversed([n for n in graph.nodes if n in copies and not n.users]):
+        graph.erase_node(node)  # the draws' empty tensors
+    if not drawn:
+        return Noise()
+    noise.output(tuple(drawn))
+    return Noise(noise)
+
+
+def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    """``node`` and every node it is computed from."""
+    found, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in found:
+            found.add(n)
+            stack.extend(n.all_input_nodes)
+    return found
 
 
 def compile_function(
-    fn: Callable, *inputs: torch.Tensor, frozen: Collection[torch.Tensor] = ()
-) -> Callable:
+    fn: Callable,
+    *inputs: torch.Tensor,
+    frozen: Collection[torch.Tensor] = (),
+    autotune: bool = True,
+) -> Compiled:
     """``fn`` (tensors in, a tuple of tensors out) as a compiled function of the same inputs, or
     :class:`NotCompiled` saying why not. ``fn`` is called once; its outputs should not need
     gradients (take them inside ``fn`` with ``torch.autograd.grad``): the compiled function runs
-    without autograd.
+    without autograd. Its random draws are made as ``fn`` made them (:class:`Noise`).
 
     On a CPU the tensors in ``frozen`` that ``fn`` reads (a model's parameters) are compiled in as
-    constants (:data:`CPU_OPTIONS`): the function is then one of those tensors' values, and is
-    compiled again for other tensors or once they change in place (a training step); and ``log1p``
-    is computed from ``log`` (:data:`CPU_DECOMPOSITIONS`)."""
+    constants and, with ``autotune``, max-autotune picks the matrix-product kernels
+    (:data:`CPU_OPTIONS`): the function is then one of those tensors' values, and is compiled again
+    for other tensors or once they change in place (a training step); and ``log1p`` is computed
+    from ``log`` (:data:`CPU_DECOMPOSITIONS`). A training step freezes nothing and does not
+    autotune: its weights change every step, and the tuning would cost more than it saves."""
     cpu = inputs[0].device.type == "cpu"
+    graph, constants, noise = _record(fn, inputs, frozen if cpu else (), cpu)
+    attributes = [getattr(graph, n.target) for n in graph.graph.nodes if n.op == "get_attr"]
+    key = (
+        graph.code,
+        inputs[0].device.type,
+        autotune,
+        tuple((id(t), t._version) for t in attributes),
+    )
+    if key not in _compiled:
+        options = (CPU_OPTIONS if autotune else EXACT_OPTIONS) if cpu else {}
+        _compiled[key] = _compile(graph, Compiled(graph, constants, noise), inputs, options)
+        while len(_compiled) > CACHE_SIZE:
+            _compiled.popitem(last=False)
+    _compiled.move_to_end(key)
+    return Compiled(_compiled[key], constants, noise)
+
+
+class Compiled:
+    """A compiled recording and what it is called with besides the inputs: the ``constants`` it
+    read (the same tensors each call, so it reads their current values) and its ``noise``."""
+
+    def __init__(self, compiled: Callable, constants: list[torch.Tensor], noise: Noise) -> None:
+        self.compiled, self.constants, self.noise = compiled, constants, noise
+
+    def __call__(self, *inputs: torch.Tensor):
+        with torch.no_grad():
+            return self.compiled(*self.constants, *self.noise(), *inputs)
+
+
+def _record(fn: Callable, inputs: tuple, keep: Collection[torch.Tensor], cpu: bool):
+    """:func:`record` with the CPU's expansions, its failures as :class:`NotCompiled`."""
     try:
-        graph, constants = record(
-            fn,
-            *inputs,
-            keep=frozen if cpu else (),
-            decompositions=CPU_DECOMPOSITIONS if cpu else None,
-        )
+        return record(fn, *inputs, keep=keep, decompositions=CPU_DECOMPOSITIONS if cpu else None)
+    except NotCompiled:
+        raise
     # whatever make_fx cannot record runs as written (and fails there if it must)
     except Exception as error:
         if _reads_values(error):
@@ -177,32 +276,26 @@ def compile_function(
                 ".tolist(), .numpy() or indexing on a tensor)"
             ) from error
         raise NotCompiled(f"recording it failed: {_first_line(error)}") from error
-    attributes = [getattr(graph, n.target) for n in graph.graph.nodes if n.op == "get_attr"]
-    key = (graph.code, inputs[0].device.type, tuple((id(t), t._version) for t in attributes))
-    if key not in _compiled:
-        compiled = torch.compile(graph, fullgraph=True, dynamic=False)
-        # (freezing is not read from options=)
-        settings = torch._inductor.config.patch(CPU_OPTIONS if cpu else {})
-        try:
-            with (
-                torch.no_grad(),
-                settings,
-                _quiet("torch.utils.cpp_extension"),
-            ):  # "No CUDA runtime is found": says nothing here
-                compiled(*constants, *inputs)  # compiles now, so that a failure is reported here
-        # any compiler failure (no C++ compiler, ...) falls back
-        except Exception as error:
-            raise NotCompiled(f"torch.compile failed: {_first_line(error)}") from error
-        _compiled[key] = compiled
-        while len(_compiled) > CACHE_SIZE:
-            _compiled.popitem(last=False)
-    _compiled.move_to_end(key)
-    return functools.partial(_run, _compiled[key], constants)
 
 
-def _run(compiled: Callable, constants: list[torch.Tensor], *inputs: torch.Tensor):
-    with torch.no_grad():
-        return compiled(*constants, *inputs)
+def _compile(graph: torch.fx.GraphModule, call: Compiled, inputs: tuple, options: dict):
+    """``graph`` compiled by inductor with ``options``, compiled now (called as ``call`` calls it,
+    torch's generators left as they were) so that a failure is reported here."""
+    call.compiled = torch.compile(graph, fullgraph=True, dynamic=False)
+    # (freezing is not read from options=)
+    settings = torch._inductor.config.patch(options)
+    device = inputs[0].device
+    try:
+        with (
+            settings,
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            _quiet("torch.utils.cpp_extension"),  # "No CUDA runtime is found": says nothing here
+        ):
+            call(*inputs)
+    # any compiler failure (no C++ compiler, ...) falls back
+    except Exception as error:
+        raise NotCompiled(f"torch.compile failed: {_first_line(error)}") from error
+    return call.compiled
 
 
 @contextlib.contextmanager

@@ -41,13 +41,23 @@ import contextlib
 import functools
 import inspect
 import math
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
+import pyro.infer.traceenum_elbo as pyro_traceenum
+import pyro.infer.util as pyro_infer_util
+import pyro.util
 import torch
+from opt_einsum import shared_intermediates
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
+from pyro.infer.util import Dice
+from pyro.ops import packed
+from pyro.ops.einsum.adjoint import require_backward
+from pyro.ops.rings import MarginalRing
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
@@ -163,16 +173,111 @@ class LocalParams(Messenger):
     is answered with that ``nn.Parameter`` itself, so Pyro's global param store is never filled
     (pyvae's optimizers take ``module.parameters()`` directly) and two models never share weights
     through it. :func:`structure` refuses any other ``pyro.param`` (a plain tensor, a constraint):
-    it would never be trained."""
+    it would never be trained. With ``tensors``, any tensor given is the answer: a recording runs
+    the module with tensors standing for its parameters (:func:`recordable`)."""
+
+    def __init__(self, tensors: bool = False) -> None:
+        super().__init__()
+        self.kind = torch.Tensor if tensors else torch.nn.Parameter
 
     def _process_message(self, msg) -> None:
-        if (
-            msg["type"] == "param"
-            and len(msg["args"]) > 1
-            and isinstance(msg["args"][1], torch.nn.Parameter)
-        ):
+        given = msg["args"][1] if len(msg["args"]) > 1 else None
+        if msg["type"] == "param" and isinstance(given, self.kind):
             msg["value"] = msg["args"][1]
             msg["done"] = True
+
+
+def _detached(value):
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def _unchecked(value, *args, **kwargs):
+    return value
+
+
+@contextlib.contextmanager
+def recordable() -> Iterator[None]:
+    """A context in which Pyro's ELBOs can be recorded as a graph (:mod:`pyvae.compiled`): they
+    read two values as Python numbers, which a recording cannot (its tensors have no values):
+    ``torch_item`` (the loss's value beside its surrogate, as a float) is the detached tensor
+    instead, which is the same number, and ``warn_if_nan`` (a warning about a NaN loss) does not
+    look (pyvae's loop refuses a non-finite loss after each step). Pyro's and torch's validation
+    is off (its checks read values too); ``pyro.param`` is answered with the tensor given
+    (:class:`LocalParams` with ``tensors``). ``TraceEnum_ELBO`` computes its expectation with
+    :class:`StaticDice`."""
+    instead = {id(pyro_infer_util.torch_item): _detached, id(pyro.util.warn_if_nan): _unchecked}
+    patched = [
+        (module, name, value)
+        for module in [m for n, m in list(sys.modules.items()) if n.startswith("pyro.") and m]
+        for name, value in list(vars(module).items())
+        if id(value) in instead
+    ]
+    for module, name, value in patched:
+        setattr(module, name, instead[id(value)])
+    patched.append((pyro_traceenum, "Dice", pyro_traceenum.Dice))
+    pyro_traceenum.Dice = StaticDice
+    try:
+        with pyro.validation_enabled(False), LocalParams(tensors=True):
+            yield
+    finally:
+        for module, name, value in patched:
+            setattr(module, name, value)
+
+
+class StaticDice(Dice):
+    """Pyro's ``Dice`` with the one step a recording cannot follow made static.
+
+    Pyro's ``compute_expectation`` sums prob * cost over the enumerated values; where a value has
+    probability 0 (M2's labelled points: q(y|x) is 0 off the label) the cost may be infinite, so it
+    first asks whether any probability is 0 (a value a recording does not have) and then drops those
+    entries with ``masked_select`` (a shape that depends on values). Here both are one
+    ``torch.where``: the sum over the values with probability > 0 of prob * cost, the same number,
+    and the gradients (a zero, not a NaN, where the probability is 0). The rest is Pyro's code
+    (pyro/infer/util.py, Apache 2.0) as it is."""
+
+    def compute_expectation(self, costs):
+        with shared_intermediates() as cache:
+            ring = MarginalRing(cache=cache)
+            expected_cost = 0.0
+            for ordinal, cost_terms in costs.items():
+                log_factors = self._get_log_factors(ordinal)
+                scale = math.exp(sum(x for x in log_factors if not isinstance(x, torch.Tensor)))
+                log_factors = [x for x in log_factors if isinstance(x, torch.Tensor)]
+                probs, queries = self._marginals(ring, ordinal, cost_terms, log_factors)
+                for cost in cost_terms:
+                    key = frozenset(cost._pyro_dims)
+                    prob = probs[key]
+                    prob._pyro_dims = queries[key]._pyro_dims
+                    cost, prob = packed.broadcast_all(cost, prob)
+                    mask = prob > 0
+                    terms = torch.where(mask, prob * torch.where(mask, cost, 0.0), 0.0)
+                    expected_cost = expected_cost + scale * terms.sum()
+        return expected_cost
+
+    @staticmethod
+    def _marginals(ring, ordinal, cost_terms, log_factors) -> tuple[dict, dict]:
+        """Pyro's: the marginal probability of each cost term's dimensions, by a sum-product
+        contraction of the log factors and its backward pass."""
+        queries = {frozenset(cost._pyro_dims): None for cost in cost_terms}
+        for log_factor in log_factors:
+            key = frozenset(log_factor._pyro_dims)
+            if queries.get(key, False) is None:
+                queries[key] = log_factor
+        for cost in cost_terms:
+            key = frozenset(cost._pyro_dims)
+            if queries[key] is None:
+                query = torch.zeros_like(cost)
+                query._pyro_dims = cost._pyro_dims
+                log_factors.append(query)
+                queries[key] = query
+        # plates never need to be product-contracted (plate-based dependency ordering)
+        sum_dims = set().union(*(x._pyro_dims for x in log_factors)) - ordinal
+        for query in queries.values():
+            require_backward(query)
+        root = ring.sumproduct(log_factors, sum_dims)
+        root._pyro_backward()
+        probs = {key: query._pyro_backward_result.exp() for key, query in queries.items()}
+        return probs, queries
 
 
 # -- traces -------------------------------------------------------------------------

@@ -156,6 +156,15 @@ class TrainConfig:
             "clip the gradient's total norm to this (default: no clipping)", positive=True
         ),
     )
+    compile: str = field(
+        default="auto",
+        metadata=_meta(
+            "run each step's loss and gradients as one graph recorded from the program and "
+            "compiled: auto (when the run is long enough to repay it and it measures faster), "
+            "on, off",
+            choices=names.COMPILE,
+        ),
+    )
     epochs: int = field(default=10, metadata=_meta("passes over the training set", min=1))
     batch_size: int = field(default=128, metadata=_meta("data points per SVI step", min=1))
     lr: float = field(default=2e-3, metadata=_meta("Adam's learning rate", positive=True))

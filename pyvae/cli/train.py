@@ -221,6 +221,7 @@ def main(args) -> None:
         resume=bool(config.resume),
         tensorboard=board,
         callbacks=[tracker] if tracker is not None else [],
+        compile=config.compile,
     )
     shutdown()  # leave torchrun's process group: what follows is rank 0's alone
     if world.main:

@@ -85,6 +85,7 @@ from pyvae.train.objectives import (
     sites_without_analytic_kl,
 )
 from pyvae.train.run import Training, Validation, make_adam, shared_elbo
+from pyvae.train.step import check_compile
 
 # importable from here as before the split
 __all__ = [
@@ -128,6 +129,7 @@ def fit(
     callbacks: list[Callback] | None = None,
     track: str | None = None,
     tracking_uri: str | None = None,
+    compile: str = "auto",
 ) -> list[dict]:
     """Train ``model`` in place by SVI with Adam; return one dict per epoch. How a run goes, what
     its folder ``out`` holds and how ``resume`` continues it: see the module's docstring.
@@ -167,6 +169,13 @@ def fit(
     each epoch as a metric, the run folder's pictures and JSON/YAML files as artifacts) in the
     store ``tracking_uri``, by default the file store ``out/mlruns``; it needs the optional mlflow
     package (``pip install "pyvae[mlflow]"``).
+
+    ``compile`` is ``auto``, ``on`` or ``off``: whether each step's loss and gradients run as one
+    compiled graph recorded from the program (:mod:`pyvae.train.step`; the same numbers up to
+    floating-point reassociation, 1.5-5x faster a step on a CPU). ``auto`` compiles a run long
+    enough to repay the compilation, keeps it if it measured faster, and says what it chose (with
+    ``progress``); ``on`` compiles whenever the program can be recorded. A program that cannot be
+    recorded trains as written, with a notice saying why. Under ``torchrun`` steps run as written.
     """
     return _fit(dict(locals()))
 
@@ -244,6 +253,7 @@ def _check_settings(arguments: dict) -> None:
             raise PyvaeError(f"{name} must be an integer >= 0; got {value!r}")
     valid = arguments["valid"] is not None
     protocol.check(arguments["patience"], arguments["lr_schedule"], valid)
+    check_compile(arguments["compile"])
     bad = [c for c in arguments["callbacks"] or [] if not isinstance(c, Callback)]
     if bad:
         raise PyvaeError(

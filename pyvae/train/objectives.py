@@ -219,7 +219,7 @@ class Objective(torch.nn.Module):
             model, guide = (DataScale(call.group / call.num_data)(p) for p in (model, guide))
         if self.enumerate:
             guide = config_enumerate(guide, "parallel")
-        if beta != 1.0:
+        if isinstance(beta, torch.Tensor) or beta != 1.0:  # a tensor: KL warm-up, recorded
             model, guide = (LatentScale(beta, self.kl_sites)(program) for program in (model, guide))
         with LocalParams():
             main = self._elbo_loss(self.elbo, model, guide, batch) * scale

@@ -23,6 +23,7 @@ from pyvae.train import protocol
 from pyvae.train import resume as state
 from pyvae.train.callbacks import BPD_KEYS, Callbacks, StepAborted, StopOnSignal
 from pyvae.train.objectives import make_elbo
+from pyvae.train.step import Step
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:
@@ -63,8 +64,15 @@ class Training:
         self.objective_key = protocol.objective_key(settings["elbo"], settings["valid_samples"])
         self.num_data = settings["num_data"]
         self.callbacks = Callbacks(callbacks)
-        self.loss_of = (
+        loss_of = (
             objective if world.size == 1 else torch.nn.parallel.DistributedDataParallel(objective)
+        )
+        self.step_of = Step(
+            objective,
+            loss_of,
+            settings["compile"] if world.size == 1 else "off",
+            beta_varies=bool(settings["kl_warmup_epochs"]),
+            say=print if settings["progress"] else _silent,
         )
         self.step, self.history, self.resumed = 0, [], {}
         self.stop, self.signum, self.validated, self.loss = False, 0, False, None
@@ -118,6 +126,7 @@ class Training:
         mid-epoch resumes inside it: the epoch's order is drawn again, the batches already used
         are skipped, the generators go on from the stop."""
         self.model.train()
+        self.step_of.new_epoch()
         self.epoch_lr = self.schedule.lr
         done = self.resumed.get("step_in_epoch", 0) if self.epoch == self.first_epoch else 0
         self.started = time.perf_counter() - (self.resumed["partial_seconds"] if done else 0.0)
@@ -176,17 +185,10 @@ class Training:
     def _gradients(self, calls: list) -> torch.Tensor:
         """The minibatch's loss and its gradients (nothing changed yet but ``.grad``)."""
         self.optimizer.zero_grad(set_to_none=True)
-        # the first step runs with Pyro's and torch's validation (shapes, supports, parameter
-        # constraints), which catches a broken model or part; the data were checked before, so
-        # the remaining steps skip those checks (they cost about 5% of a step on a CPU)
-        with pyro.validation_enabled(
-            not self.validated and pyro.infer.util.is_validation_enabled()
-        ):
-            losses = self.loss_of(calls, self.kl_weight())  # (model's, auxiliary) x calls
-        loss = losses.sum()
-        loss.backward()
-        self.loss, self.validated = loss.detach(), True
-        return losses.detach()
+        remaining = self.epochs * self.steps_per_epoch - self.step
+        losses = self.step_of(calls, self.kl_weight(), not self.validated, remaining)
+        self.loss, self.validated = losses.sum(), True
+        return losses
 
     def _update(self, calls: list, signals: StopOnSignal, losses: torch.Tensor) -> None:
         """Adam's step from the gradients, after the checks that keep NaNs out of checkpoints."""
@@ -286,6 +288,10 @@ class Validation:
         points = torch.linspace(0, len(valid) - 1, n, device=valid.images.device).long()
         chunk = max(1, VALID_IS_CHUNK // (k * valid.images[0].numel()))
         return shared_elbo(self.model, valid, self.world, "iwae", k, chunk, self.shape, points)
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 def tally(sums: torch.Tensor, calls: list, losses: torch.Tensor) -> None:

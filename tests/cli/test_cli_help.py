@@ -86,6 +86,7 @@ def test_the_light_names_are_the_registries_names():
     from pyvae.parts.priors import PRIORS
     from pyvae.train.objectives import ELBO_CHOICES
     from pyvae.train.protocol import SCHEDULES
+    from pyvae.train.step import COMPILE_CHOICES
 
     assert names.PRIORS == tuple(sorted(PRIORS))
     assert names.LIKELIHOODS == tuple(sorted(LIKELIHOODS))
@@ -95,6 +96,7 @@ def test_the_light_names_are_the_registries_names():
     assert names.DEVICES == tuple(DEVICES) and names.BINARIZE_MODES == tuple(BINARIZE_MODES)
     assert names.DATASETS == tuple(SPLITS) and names.MODELS == tuple(MODELS)
     assert names.AIS_SCHEDULES == tuple(AIS_SCHEDULES) and names.AIS_STARTS == tuple(STARTS)
+    assert names.COMPILE == COMPILE_CHOICES
 
 
 def test_track_is_a_choice(capsys):

@@ -1,0 +1,253 @@
+"""A training step's loss and gradients: the objective run as written, or recorded and compiled.
+
+As written, each step runs the user's model and guide through Pyro's handlers and autograd:
+Python, the traces' bookkeeping, and some forty small kernels one at a time. Compiled, the step is
+recorded once per kind of step (:func:`pyvae.compiled.compile_function`): the same objective, run
+with tensors standing for the minibatch and the parameters, its loss and
+``torch.autograd.grad`` of it traced into one graph of aten operations, which inductor compiles.
+The guide's reparameterized draws (``loc + scale * eps``) take their noise ``eps`` as an input,
+drawn as the program draws it (:class:`pyvae.compiled.Noise`): compiled and as written, a seeded
+step gives the same loss and gradients up to floating-point reassociation, and a resumed run
+draws what an uninterrupted one draws. Each later step of that kind calls the compiled graph.
+
+A kind of step is what the recording depends on, checked each step (about 10 us): the calls'
+shapes, dtypes, devices and sizes (N, the group, the kind), the KL weight unless it changes
+(KL warm-up makes it an input), the set of trainable parameters, and every submodule's train/eval
+mode and Python numbers and strings (a model whose code branches on ``self.temperature`` is
+recorded again when it changes). A kind is recorded the second time an epoch serves it: the
+first step of a run is checked by Pyro's validation as written, and the one short last batch of an
+epoch costs no compilation. What the program computes from anything else (a global variable) is
+frozen at the recording: train such a program with ``compile="off"``.
+
+A program that cannot be recorded (its Python reads a computed tensor's value: ``.tolist()``,
+``if z.sum() > 0``; noise whose distribution it computes, as a Gamma's; a score-function
+gradient's surrogate that reads values) trains as written, with a one-line notice naming why.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import pyro
+import torch
+
+from pyvae.compiled import Compiled, NotCompiled, compile_function
+from pyvae.data.batching import Call
+from pyvae.errors import PyvaeError
+from pyvae.program import recordable
+
+#: what ``compile`` accepts: compile when it pays (``auto``), always (``on``), never (``off``)
+COMPILE_CHOICES = ("auto", "on", "off")
+#: ``auto`` compiles a run whose remaining steps would take at least this long as written: the
+#: compilation takes 2-15 s on a CPU (2 s when inductor's cache has the graph), and saves 35-80% of
+#: a step (benchmarks/RESULTS.md)
+AUTO_MIN_SECONDS = 60.0
+#: compiled steps timed before ``auto`` keeps the compiled step (or goes back)
+AUTO_TRIALS = 5
+
+
+def check_compile(value) -> str:
+    if value not in COMPILE_CHOICES:
+        raise PyvaeError(f"unknown compile {value!r}; choose from {', '.join(COMPILE_CHOICES)}")
+    return value
+
+
+class Step:
+    """``step(calls, beta, validate, remaining)``: the loss of one step's calls
+    (:class:`pyvae.train.objectives.Objective`, (2, C)) with the gradients of its sum put in the
+    parameters' ``.grad``; as written (through ``loss_of``, the objective or its
+    ``DistributedDataParallel`` wrapper), or compiled (see the module's docstring). ``mode`` is
+    one of :data:`COMPILE_CHOICES`; ``beta_varies``: the KL weight changes step by step (an input
+    of the recording); ``say`` prints what ``auto`` chose and why a program runs as written."""
+
+    def __init__(
+        self,
+        objective: torch.nn.Module,
+        loss_of: Callable,
+        mode: str,
+        beta_varies: bool,
+        say: Callable[[str], None],
+    ) -> None:
+        self.objective, self.loss_of, self.mode = objective, loss_of, check_compile(mode)
+        self.beta_varies, self.say = beta_varies, say
+        self.compiled: dict[tuple, Compiled | None] = {}
+        self.seen: Counter = Counter()
+        self.eager_seconds: list[float] = []
+        self.trials: dict[tuple, list[float]] = {}
+        #: why the program runs as written (once a recording failed, no other is tried)
+        self.uncompiled: str | None = "compile is off" if mode == "off" else None
+
+    def new_epoch(self) -> None:
+        self.seen.clear()
+
+    def __call__(self, calls: list[Call], beta: float, validate: bool, remaining: int):
+        key = self._key(calls, beta)
+        if key not in self.compiled and self.uncompiled is None:
+            self.seen[key] += 1
+            # auto waits for a step timed as written (the first, validated, is slower)
+            if self.seen[key] >= 2 and (self.mode != "auto" or self.eager_seconds):
+                self._compile(key, calls, beta, remaining)
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            return self._as_written(calls, beta, validate)
+        started = time.perf_counter()
+        losses = self._run(compiled, calls, beta)
+        if key in self.trials:
+            self._judge(key, _seconds(started, losses), remaining)
+        return losses
+
+    def _as_written(self, calls: list[Call], beta: float, validate: bool) -> torch.Tensor:
+        started = time.perf_counter()
+        # the first step runs with Pyro's and torch's validation (shapes, supports, parameter
+        # constraints), which catches a broken model or part; the data were checked before, so
+        # the remaining steps skip those checks (they cost about 5% of a step on a CPU)
+        with pyro.validation_enabled(validate and pyro.infer.util.is_validation_enabled()):
+            losses = self.loss_of(calls, beta)  # (model's, auxiliary) x calls
+        losses.sum().backward()
+        if not validate:
+            seconds = _seconds(started, losses)
+            self.eager_seconds = [*self.eager_seconds[-(AUTO_TRIALS - 1) :], seconds]
+        return losses.detach()
+
+    def _run(self, compiled: Compiled, calls: list[Call], beta: float) -> torch.Tensor:
+        losses, *grads = compiled(*self._inputs(calls, beta))
+        grads = iter(grads)
+        for p, used in zip(self._params(), compiled.used, strict=True):
+            p.grad = next(grads) if used else None
+        return losses
+
+    # -- what a recording depends on -----------------------------------------------------
+    def _params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.objective.parameters() if p.requires_grad]
+
+    def _key(self, calls: list[Call], beta: float) -> tuple:
+        calls_key = tuple(
+            (c.kind, c.group, c.num_data, tuple(_describe(a) for a in c.args)) for c in calls
+        )
+        params = tuple((id(p), p.requires_grad) for p in self.objective.parameters())
+        modules = tuple(_settings(m) for m in self.objective.modules())
+        return calls_key, None if self.beta_varies else beta, params, modules
+
+    def _inputs(self, calls: list[Call], beta: float) -> list[torch.Tensor]:
+        tensors = [a for c in calls for a in c.args if isinstance(a, torch.Tensor)]
+        if self.beta_varies:
+            tensors.append(torch.tensor(float(beta), device=tensors[0].device))
+        return [*tensors, *self._params()]
+
+    # -- recording and compiling -----------------------------------------------------------
+    def _compile(self, key: tuple, calls: list[Call], beta: float, remaining: int) -> None:
+        """Record and compile the step of ``key`` (``auto``: if the run is long enough)."""
+        self.compiled[key] = None
+        if self.mode == "auto":
+            eager = _median(self.eager_seconds)
+            if eager * remaining < AUTO_MIN_SECONDS:
+                self.say(
+                    f"compile auto: runs as written (its remaining {remaining} steps take about "
+                    f"{eager * remaining:.0f} s, too few to repay a compilation)"
+                )
+                self.uncompiled = "too short a run"
+                return
+        started = time.perf_counter()
+        try:
+            self.compiled[key] = self._record(calls, beta)
+        except NotCompiled as why:
+            self.uncompiled = str(why)
+            self.say(f"compile {self.mode}: the program trains as written: {why}")
+            return
+        seconds = _seconds(started, None)
+        if self.mode == "auto":
+            self.trials[key] = []
+            self.compile_seconds = seconds
+        else:
+            self.say(f"compile on: the training step compiled in {seconds:.1f} s")
+
+    def _record(self, calls: list[Call], beta: float) -> Compiled:
+        names = [n for n, p in self.objective.named_parameters() if p.requires_grad]
+        inputs = self._inputs(calls, beta)
+        split = len(inputs) - len(names)
+        used: list[bool] = []
+
+        def step(*tensors: torch.Tensor) -> tuple:
+            leaves = [p.detach().requires_grad_() for p in tensors[split:]]
+            served, step_beta = _rebuilt(calls, tensors[:split], beta, self.beta_varies)
+            with recordable():
+                losses = torch.func.functional_call(
+                    self.objective, dict(zip(names, leaves, strict=True)), (served, step_beta)
+                )
+            grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+            used[:] = [g is not None for g in grads]
+            return (losses.detach(), *(g for g in grads if g is not None))
+
+        compiled = compile_function(step, *inputs, autotune=False)
+        compiled.used = used  # which parameters have a gradient (the others keep None)
+        trainable = [t for t in compiled.constants if t.requires_grad]
+        if trainable:
+            raise NotCompiled(
+                f"it reads a trainable tensor of shape {tuple(trainable[0].shape)} that is not "
+                "a parameter of the model, whose gradient the recording would not take"
+            )
+        return compiled
+
+    def _judge(self, key: tuple, seconds: float, remaining: int) -> None:
+        """``auto``: keep the compiled step if it measured faster than as written."""
+        trials = self.trials[key]
+        trials.append(seconds)
+        if len(trials) <= AUTO_TRIALS:  # the first call may still be warming up
+            return
+        del self.trials[key]
+        compiled, eager = _median(trials[1:]), _median(self.eager_seconds)
+        if compiled >= eager:
+            self.compiled[key] = None
+            self.say(
+                f"compile auto: runs as written: the compiled step took {compiled * 1e3:.2f} ms "
+                f"against {eager * 1e3:.2f} ms as written"
+            )
+            return
+        self.say(
+            f"compile auto: the training step compiled in {self.compile_seconds:.1f} s runs in "
+            f"{compiled * 1e3:.2f} ms against {eager * 1e3:.2f} ms as written (about "
+            f"{(eager - compiled) * remaining:.0f} s saved over the run's remaining {remaining} "
+            "steps)"
+        )
+
+
+def _rebuilt(calls: list[Call], tensors: tuple, beta: float, beta_varies: bool):
+    """``calls`` with their tensors replaced by ``tensors`` (and the KL weight by the last of them
+    when it varies): what the recording runs the objective on."""
+    given = iter(tensors)
+    served = [
+        Call(
+            tuple(next(given) if isinstance(a, torch.Tensor) else a for a in c.args),
+            c.group,
+            c.num_data,
+            c.kind,
+        )
+        for c in calls
+    ]
+    return served, next(given) if beta_varies else beta
+
+
+def _describe(value) -> tuple:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), value.dtype, value.device
+    return (value,)
+
+
+def _settings(module: torch.nn.Module) -> tuple:
+    """A module's train/eval mode and Python numbers and strings: what a program's code may branch
+    on besides tensors."""
+    return tuple((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str)))
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2] if values else math.inf
+
+
+def _seconds(started: float, result: torch.Tensor | None) -> float:
+    """Seconds since ``started``, once the work that made ``result`` on a GPU is done."""
+    if result is not None and result.device.type == "cuda":
+        torch.cuda.synchronize(result.device)
+    return time.perf_counter() - started

@@ -1,0 +1,202 @@
+"""The compiled training step (pyvae.train.step): the same loss and gradients as the program run
+as written, from the same noise, for every family of program; a program that cannot be recorded
+trains as written and says why; compile on or off, a run trains to the same weights, and a run
+stopped and resumed with compile on ends where an uninterrupted one does."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+import pyvae
+from pyvae.data.batching import Call
+from pyvae.errors import PyvaeError
+from pyvae.program import structure
+from pyvae.train.objectives import Objective
+from pyvae.train.step import Step
+from tests.conftest import interrupted_at
+
+X_DIM = 16
+
+
+class TutorialVAE(nn.Module):
+    """As Pyro's tutorial writes a VAE: ``pyro.module``, a plate of the minibatch's size."""
+
+    def __init__(self, z_dim: int = 2) -> None:
+        super().__init__()
+        self.z_dim = z_dim
+        self.encoder = nn.Sequential(nn.Linear(X_DIM, 8), nn.Softplus(), nn.Linear(8, 2 * z_dim))
+        self.decoder = nn.Sequential(nn.Linear(z_dim, 8), nn.Softplus(), nn.Linear(8, X_DIM))
+
+    def model(self, x):
+        pyro.module("decoder", self.decoder)
+        with pyro.plate("data", x.shape[0]):
+            loc = x.new_zeros(x.shape[0], self.z_dim)
+            z = pyro.sample("latent", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
+            pyro.sample("obs", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.module("encoder", self.encoder)
+        with pyro.plate("data", x.shape[0]):
+            loc, raw = self.encoder(x).chunk(2, -1)
+            pyro.sample("latent", dist.Normal(loc, nn.functional.softplus(raw)).to_event(1))
+
+
+class Branching(TutorialVAE):
+    """A guide whose Python reads a value it computed: it cannot be recorded."""
+
+    def guide(self, x):
+        pyro.module("encoder", self.encoder)
+        with pyro.plate("data", x.shape[0]):
+            loc, raw = self.encoder(x).chunk(2, -1)
+            scale = nn.functional.softplus(raw) * (2.0 if loc.sum() > 0 else 1.0)
+            pyro.sample("latent", dist.Normal(loc, scale).to_event(1))
+
+
+def _points(n: int = 24) -> torch.Tensor:
+    return torch.rand(n, X_DIM, generator=torch.Generator().manual_seed(1)).round()
+
+
+def _labels(n: int = 24) -> torch.Tensor:
+    return torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(2))
+
+
+def _calls(name: str) -> list[Call]:
+    x, y = _points(), _labels()
+    if name == "m2":  # a labelled and an unlabelled call, as a semi-supervised step makes them
+        unlabelled = torch.full((16,), -1)
+        return [Call((x[:8], y[:8]), 80, 800, "labelled"), Call((x[8:], unlabelled), 720, 800)]
+    return [Call((x, y) if name == "cvae" else (x,), 500, 500)]
+
+
+FAMILIES = {
+    "vae": (lambda: pyvae.VAE(X_DIM, 2, hidden=(8,)), "meanfield", 1),
+    "vae mog prior, iaf guide": (
+        lambda: pyvae.VAE(X_DIM, 2, hidden=(8,), prior="mog", guide="iaf"),
+        "trace",
+        1,
+    ),
+    "vae flow prior, lowrank guide, logistic likelihood": (
+        lambda: pyvae.VAE(
+            X_DIM, 2, hidden=(8,), prior="flow", guide="lowrank", likelihood="discretized_logistic"
+        ),
+        "trace",
+        1,
+    ),
+    "vae vamp prior, iwae": (lambda: pyvae.VAE(X_DIM, 2, hidden=(8,), prior="vamp"), "iwae", 3),
+    "hvae": (lambda: pyvae.HVAE(X_DIM, (3, 2), hidden=((8,), (8,))), "trace", 1),
+    "cvae": (lambda: pyvae.CVAE(X_DIM, 3, 2, hidden=(8,)), "meanfield", 1),
+    "m2 enumerated": (lambda: pyvae.M2(X_DIM, 3, 2, hidden=(8,)), "enum", 1),
+    "user program": (TutorialVAE, "trace", 1),
+}
+
+
+def _step(model, elbo: str, particles: int, calls: list[Call], beta_varies=False) -> Step:
+    objective = Objective(model, elbo, particles)
+    objective.enumerate = elbo == "enum"
+    objective.fill_plate_nesting(structure(model, calls[0].args).max_plate_nesting)
+    return Step(objective, objective, "on", beta_varies, say=print)
+
+
+def _loss_and_grads(step: Step, model, calls, beta=1.0, seed=3):
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        p.grad = None
+    losses = step(calls, beta, False, 10**6)
+    return losses, [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_compiled_step_gives_the_programs_loss_and_gradients(family, capsys):
+    make, elbo, particles = FAMILIES[family]
+    torch.manual_seed(0)
+    model, calls = make(), _calls(family.split()[0])
+    step = _step(model, elbo, particles, calls)
+    _loss_and_grads(step, model, calls)  # the first step settles the objective (its scaling)
+    written, written_grads = _loss_and_grads(step, model, calls)  # the first time: as written
+    assert not any(step.compiled.values())
+    compiled, compiled_grads = _loss_and_grads(step, model, calls)  # recorded and compiled
+    assert "compile on: the training step compiled in" in capsys.readouterr().out
+    assert [c is not None for c in step.compiled.values()] == [True]
+    torch.testing.assert_close(compiled, written, rtol=1e-5, atol=1e-5)
+    for a, b in zip(compiled_grads, written_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * (1 + b.abs().max()))
+    # other noise, another loss: the draws are inputs, not constants of the graph
+    assert not torch.equal(_loss_and_grads(step, model, calls, seed=4)[0], compiled)
+
+
+def test_the_kl_weight_of_a_warm_up_is_an_input_of_one_recording():
+    torch.manual_seed(0)
+    model, calls = pyvae.VAE(X_DIM, 2, hidden=(8,)), _calls("vae")
+    step = _step(model, "meanfield", 1, calls, beta_varies=True)
+    for beta in (0.1, 0.2, 0.3, 0.3):
+        written = _loss_and_grads(step, model, calls, beta)[0]
+    torch.testing.assert_close(_loss_and_grads(step, model, calls, 0.3)[0], written)
+    assert len(step.compiled) == 1 and None not in step.compiled.values()
+    assert not torch.allclose(_loss_and_grads(step, model, calls, 0.9)[0], written)
+
+
+def test_a_step_is_recorded_again_when_its_shape_or_the_models_settings_change():
+    torch.manual_seed(0)
+    model = TutorialVAE()
+    step = _step(model, "trace", 1, _calls("vae"))
+    small = [Call((_points(8),), 500, 500)]
+    for calls in (_calls("vae"), _calls("vae"), small, _calls("vae"), small):
+        _loss_and_grads(step, model, calls)
+    assert len(step.compiled) == 2 and None not in step.compiled.values()
+    model.z_dim_note = 3  # a Python number the program could read
+    for _ in range(2):
+        _loss_and_grads(step, model, small)
+    assert len(step.compiled) == 3
+
+
+def test_a_program_that_cannot_be_recorded_trains_as_written_and_says_why(capsys):
+    torch.manual_seed(0)
+    history = pyvae.fit(Branching(), _points(64), epochs=2, batch_size=16, compile="on")
+    out = capsys.readouterr().out
+    assert "compile on: the program trains as written: its Python reads the value" in out
+    assert all(torch.isfinite(torch.tensor(h["train_elbo"])) for h in history)
+
+
+def test_compile_on_and_off_train_to_the_same_weights():
+    x = _points(96)
+    weights = {}
+    for mode in ("off", "on"):
+        torch.manual_seed(0)
+        model = pyvae.VAE(X_DIM, 2, hidden=(8,))
+        pyvae.fit(model, x, epochs=3, batch_size=32, seed=1, kl_warmup_epochs=1, compile=mode)
+        weights[mode] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(weights["on"], weights["off"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_short_run_on_auto_runs_as_written_and_says_so(capsys):
+    pyvae.fit(pyvae.VAE(X_DIM, 2, hidden=(8,)), _points(64), epochs=1, batch_size=16)
+    assert "compile auto: runs as written (its remaining" in capsys.readouterr().out
+
+
+def test_an_unknown_compile_setting_is_refused():
+    with pytest.raises(PyvaeError, match="unknown compile 'yes'; choose from auto, on, off"):
+        pyvae.fit(pyvae.VAE(X_DIM, 2), _points(8), epochs=1, compile="yes")
+
+
+def test_a_run_stopped_and_resumed_with_compile_on_ends_as_an_uninterrupted_one(
+    tmp_path, monkeypatch
+):
+    from pyvae.train.loop import TrainingStopped
+
+    x = _points(96)  # batch 32: 3 steps per epoch
+    settings = dict(epochs=3, batch_size=32, seed=5, kl_warmup_epochs=1, compile="on")
+    torch.manual_seed(0)
+    whole = pyvae.VAE(X_DIM, 2, hidden=(8,))
+    pyvae.fit(whole, x, out=tmp_path / "whole", progress=False, **settings)
+    torch.manual_seed(0)
+    vae = pyvae.VAE(X_DIM, 2, hidden=(8,))
+    stopped = pytest.raises(TrainingStopped, match="at epoch 2, step 2")
+    with interrupted_at(monkeypatch, 5, during="update"), stopped:
+        pyvae.fit(vae, x, out=tmp_path / "stopped", progress=False, **settings)
+    pyvae.fit(vae, x, out=tmp_path / "stopped", resume=True, progress=False, **settings)
+    for p, q in zip(vae.parameters(), whole.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
