@@ -33,6 +33,7 @@ def main(args) -> None:
         seed=args.seed,
         ais=ais,
         world=world,
+        compile=args.compile,
     )
     if world.main:
         print(result.table())

@@ -86,11 +86,12 @@ AIS_FLAGS = (
     ),
     Flag(
         "--compile",
-        "record the densities and their gradients once as a graph (and the gradients alone as "
-        "a second) and compile them (torch.compile): about 2.5-3x faster per step on a CPU, after "
-        "about 30-45 s of compiling",
-        False,
-        {"action": "store_true"},
+        "record the programs' densities once as a graph and compile it (torch.compile): "
+        "importance sampling compiles on auto when points x K >= 2 million; AIS's densities and "
+        "gradients only on 'on' (about 2.5-3x faster per step on a CPU, after 30-45 s of "
+        "compiling); --compile alone means on",
+        "auto",
+        {"choices": names.COMPILE, "nargs": "?", "const": "on"},
     ),
 )
 

@@ -193,7 +193,7 @@ def ais_settings(args) -> dict:
         "leapfrog_steps": args.leapfrog_steps,
         "schedule": args.schedule,
         "start": args.ais_start,
-        "compile": args.compile,
+        "compile": args.compile == "on",
     }
 
 

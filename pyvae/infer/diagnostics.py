@@ -25,6 +25,8 @@ from pyvae.data.datasets import spread
 from pyvae.errors import PyvaeError
 from pyvae.infer.ais import AISResult, ais_ladder, ais_log_likelihood, check, compile_session
 from pyvae.infer.importance import (
+    AUTO_DRAWS,
+    COMPILE_CHOICES,
     GRID,
     MIN_KHAT_SAMPLES,
     LogLikelihood,
@@ -32,6 +34,7 @@ from pyvae.infer.importance import (
     log_likelihood,
     point_dim,
     point_seed,
+    scoring_session,
     seeded,
 )
 from pyvae.infer.report import Report, data_stderr, inference_data, mc_stderr
@@ -384,6 +387,7 @@ def evaluate(
     seed: int = 0,
     ais: dict | None = None,
     world: distributed.World | None = None,
+    compile: str = "auto",
 ) -> Evaluation | None:
     """Importance-sampled log p(x) with K = ``num_samples`` plus the posterior diagnostics of every
     latent site; ``site`` picks the one the plots show (default: the model's ``latent_site``, else
@@ -396,7 +400,9 @@ def evaluate(
     Random draws are seeded from ``seed`` per chunk of :data:`GRID` points (IS) and per point
     (AIS), so the numbers do not depend on the global random state or on ``world``: under
     torchrun the chunks are shared out among the processes and the result is gathered on
-    rank 0 (the others get None).
+    rank 0 (the others get None). ``compile`` is :func:`~pyvae.infer.importance.log_likelihood`'s,
+    for all the points together (``auto``: N x K of at least
+    :data:`~pyvae.infer.importance.AUTO_DRAWS`); AIS's is in ``ais``.
     """
 
     start = time.perf_counter()
@@ -417,9 +423,14 @@ def evaluate(
                 batch_size,
                 device=device,
                 progress=progress,
+                compile="on" if compiled else "off",
             )
 
-    parts = distributed.sharded(importance, n, grid, world)
+    if compile not in COMPILE_CHOICES:
+        raise PyvaeError(f"unknown compile {compile!r}; choose from {', '.join(COMPILE_CHOICES)}")
+    compiled = compile == "on" or (compile == "auto" and n * num_samples >= AUTO_DRAWS)
+    with scoring_session():
+        parts = distributed.sharded(importance, n, grid, world)
     runs = _ais_ladder(model, data, ais, seed, device, progress, world) if ais else {}
     if not world.main:
         return None

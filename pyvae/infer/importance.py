@@ -22,10 +22,12 @@ Everything is in nats per data point; the NLL is the negative of ``log_px``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import sys
 import warnings
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import arviz
@@ -35,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyvae import program
+from pyvae.compiled import NotCompiled, compile_function
 from pyvae.data.batching import Batches, as_points, check_data, resolve_device
 from pyvae.errors import PyvaeError, PyvaeWarning, positive_int
 
@@ -163,6 +166,7 @@ def log_likelihood(
     device: str | torch.device | None = None,
     keep_log_weights: bool = False,
     progress: bool = False,
+    compile: str = "auto",
 ) -> LogLikelihood:
     """Importance-sampled log p(x) of every data point, K = ``num_samples``, from the model's
     programs.
@@ -173,8 +177,15 @@ def log_likelihood(
     K x N: ``batch_size`` points at a time (chosen from :data:`CHUNK_ELEMENTS` when None),
     their K samples in as few passes as fit. The log-weights are kept only with
     ``keep_log_weights``.
+
+    ``compile`` (``auto``, ``on``, ``off``): whether each chunk's numbers come from one graph
+    recorded from the programs and compiled with the weights frozen (:class:`Scorer`; the same
+    numbers from the same draws, up to floating-point reassociation). ``auto`` compiles an
+    estimate of at least :data:`AUTO_DRAWS` draws in all.
     """
     positive_int("num_samples", num_samples)
+    if compile not in COMPILE_CHOICES:
+        raise PyvaeError(f"unknown compile {compile!r}; choose from {', '.join(COMPILE_CHOICES)}")
     device = resolve_device(device or next(model.parameters()).device)
     model.to(device).eval()
     batches = Batches(as_points(data), device, model)
@@ -188,6 +199,7 @@ def log_likelihood(
     out = {name: torch.empty(n) for name in ("log_px", "stderr", "elbo", "khat", "ess")}
     iwae = torch.empty(len(sizes), n)
     stats = _SiteStats(shape, n)
+    scorer = Scorer.of(model, shape, stats, compile, n * num_samples)
     elbo = torch.zeros(n)
     log_weights = torch.empty(n, strata, num_samples) if keep_log_weights else None
     # a bar only on a terminal: no carriage-return frames in log files
@@ -205,10 +217,11 @@ def log_likelihood(
             span = slice(start, start + batch[0].shape[0])
             chunks = []
             for s0 in range(0, num_samples, sample_chunk):
-                w = program.log_weights(model, batch, min(sample_chunk, num_samples - s0), shape)
-                chunks.append(w.per_point())
-                stats.add(w, span, per_dim=s0 == 0)
-                elbo[span] += w.log_w.shape[1] * w.elbo().cpu()
+                k = min(sample_chunk, num_samples - s0)
+                per_point, chunk_elbo, values = scorer(batch, k, s0 == 0)
+                chunks.append(per_point)
+                stats.add(values, k, span, per_dim=s0 == 0)
+                elbo[span] += k * chunk_elbo.cpu()
             log_w = torch.cat(chunks, dim=2)  # (M, C, K)
             for name, values in _summarize(log_w, sizes).items():
                 if name == "iwae":
@@ -229,6 +242,113 @@ def log_likelihood(
         num_samples=num_samples,
         log_weights=log_weights,
     )
+
+
+#: what ``compile`` accepts (:func:`log_likelihood`, :func:`pyvae.infer.diagnostics.evaluate`)
+COMPILE_CHOICES = ("auto", "on", "off")
+#: ``compile="auto"`` compiles an estimate with at least this many draws (points x K) in all: on a
+#: CPU about a minute of the default model as written, which a compilation (10-40 s the first
+#: time, a few seconds from inductor's cache) repays
+AUTO_DRAWS = 2_000_000
+#: the compiled chunk scorers of the current :func:`scoring_session`, by model and weights
+_session: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "pyvae_scoring_session", default=None
+)
+
+
+@contextlib.contextmanager
+def scoring_session() -> Iterator[None]:
+    """The :func:`log_likelihood` calls inside share their compiled chunks (evaluate makes one call
+    per grid chunk of points): each kind of chunk is recorded once, not once per call."""
+    if _session.get() is not None:
+        yield
+        return
+    token = _session.set({})
+    try:
+        yield
+    finally:
+        _session.reset(token)
+
+
+class Scorer:
+    """One chunk's numbers, ``scorer(batch, k, per_dim)`` = (log-weights (M, C, K), the ELBO of the
+    draws (M,), the site statistics :meth:`_SiteStats.values`): the programs run as written
+    (:func:`pyvae.program.log_weights`), or recorded and compiled with the model's weights frozen
+    (:func:`pyvae.compiled.compile_function`, as AIS compiles its densities). The guide's draws
+    are inputs drawn as the program draws them, so a seeded chunk gives the same numbers either
+    way. A kind of chunk (its shapes, K, ``per_dim``) is compiled the second time it comes; the
+    first runs as written and settles which sites have statistics. A program that cannot be
+    recorded runs as written, with a warning saying why."""
+
+    def __init__(self, model, shape, stats: _SiteStats, compile: bool) -> None:
+        self.model, self.shape, self.stats, self.compile = model, shape, stats, compile
+        self.compiled: dict[tuple, Callable | None] = {}
+        self.seen: Counter = Counter()
+        self.uncompiled = not compile
+        self.names: dict[tuple, list] = {}  # each compiled kind's statistics, in output order
+
+    @staticmethod
+    def of(model, shape, stats: _SiteStats, compile: str, draws: int) -> Scorer:
+        """The scorer of this call: the session's (with the weights as they are now) if any."""
+        wanted = compile == "on" or (compile == "auto" and draws >= AUTO_DRAWS)
+        session = _session.get()
+        if session is None or not wanted:
+            return Scorer(model, shape, stats, wanted)
+        key = (id(model), tuple((id(p), p._version) for p in model.parameters()))
+        if key not in session:
+            session.clear()  # other weights: those scorers are done
+            session[key] = Scorer(model, shape, stats, wanted)
+        scorer = session[key]
+        scorer.stats = stats
+        return scorer
+
+    def __call__(self, batch: tuple, k: int, per_dim: bool):
+        key = (tuple(_described(a) for a in batch), k, per_dim)
+        if key not in self.compiled and not self.uncompiled:
+            self.seen[key] += 1
+            if self.seen[key] >= 2:
+                self.compiled[key] = self._compiled(batch, k, per_dim)
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            return self._as_written(batch, k, per_dim)
+        per_point, elbo, *values = compiled(*[a for a in batch if torch.is_tensor(a)])
+        return per_point, elbo, dict(zip(self.names[key], values, strict=True))
+
+    def _as_written(self, batch: tuple, k: int, per_dim: bool):
+        w = program.log_weights(self.model, batch, k, self.shape)
+        return w.per_point(), w.elbo(), self.stats.values(w, per_dim)
+
+    def _compiled(self, batch: tuple, k: int, per_dim: bool) -> Callable | None:
+        names: list = []
+        tensors = [a for a in batch if torch.is_tensor(a)]
+
+        def chunk(*given: torch.Tensor) -> tuple:
+            served = iter(given)
+            full = tuple(next(served) if torch.is_tensor(a) else a for a in batch)
+            per_point, elbo, values = self._as_written(full, k, per_dim)
+            names[:] = list(values)
+            return (per_point, elbo, *values.values())
+
+        frozen = [*self.model.parameters(), *self.model.buffers()]
+        try:
+            with program.recordable():
+                compiled = compile_function(chunk, *tensors, frozen=frozen)
+        except NotCompiled as why:
+            self.uncompiled = True
+            warnings.warn(
+                f"importance sampling runs the program uncompiled: {why}",
+                PyvaeWarning,
+                stacklevel=3,
+            )
+            return None
+        self.names[(tuple(_described(a) for a in batch), k, per_dim)] = names
+        return compiled
+
+
+def _described(value) -> tuple:
+    if torch.is_tensor(value):
+        return tuple(value.shape), value.dtype, value.device
+    return (value,)
 
 
 def _chunks(model, batches, shape, num_samples: int, batch_size: int | None):
@@ -282,24 +402,28 @@ class _SiteStats:
         self.sums = {"means": {}, "kl": {}, "kl_per_dim": {}}
         self.counts = {"means": torch.zeros(n), "kl": torch.zeros(n), "kl_per_dim": torch.zeros(n)}
 
-    def add(self, w: program.Weights, span: slice, per_dim: bool) -> None:
-        k, nesting = w.log_w.shape[1], self.shape.max_plate_nesting
+    def values(self, w: program.Weights, per_dim: bool) -> dict[tuple[str, str], torch.Tensor]:
+        """{(kind, site): per-point value} of one chunk's draws; a site in a nested plate, which
+        has no per-point summary, is dropped for good."""
+        nesting, values = self.shape.max_plate_nesting, {}
         for name in list(self.sites):
             try:
-                values = {"means": program.site_mean(w.guide_trace.nodes[name], w, nesting)}
+                values["means", name] = program.site_mean(w.guide_trace.nodes[name], w, nesting)
             except PyvaeError:  # in a nested plate: no per-point summary
                 self.sites.remove(name)
                 continue
-            values["kl"] = program.site_kl(name, w, nesting)
+            values["kl", name] = program.site_kl(name, w, nesting)
             if per_dim:
-                values["kl_per_dim"] = program.site_kl(name, w, nesting, per_dim=True)
-            for kind, value in values.items():
-                if value is None:
-                    continue
-                store = self.sums[kind]
-                if name not in store:
-                    store[name] = torch.zeros(self.n, *value.shape[1:])
-                store[name][span] += k * value.cpu()
+                values["kl_per_dim", name] = program.site_kl(name, w, nesting, per_dim=True)
+        return {key: value for key, value in values.items() if value is not None}
+
+    def add(self, values: dict, k: int, span: slice, per_dim: bool) -> None:
+        """Add one chunk's :meth:`values` from ``k`` draws per point."""
+        for (kind, name), value in values.items():
+            store = self.sums[kind]
+            if name not in store:
+                store[name] = torch.zeros(self.n, *value.shape[1:])
+            store[name][span] += k * value.cpu()
         for kind in ("means", "kl") + (("kl_per_dim",) if per_dim else ()):
             self.counts[kind][span] += k
 

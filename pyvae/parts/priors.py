@@ -143,13 +143,26 @@ class VampPrior(Prior):
     the data), pushed through the VAE's own encoder and guide family, so the prior is
     the aggregate posterior of K learned "images". Its density is computed a chunk of
     components at a time (:class:`VampMixture`), so memory does not grow with K.
+
+    ``components``: ``guide``, the guide family itself (the paper's prior), or ``base``, the guide
+    family's base distribution, p(z) = (1/K) sum_k b(z | u_k): for a flow guide (iaf) the diagonal
+    Normal before the flow, for every other guide the same as ``guide``. Under a flow guide the
+    paper's prior needs log q(z | u_k) at z the flow did not draw, which inverts the flow one
+    dimension at a time for every (point, pseudo-input) pair: 20-100x the default model's step, so
+    training refuses it (:meth:`training_refusal`) and ``base`` is the fast choice; a trained run
+    of it still loads and is evaluated as it was trained.
     """
 
     name = "vamp"
 
-    def __init__(self, num_components: int = 500) -> None:
-        super().__init__(num_components=num_components)
+    def __init__(self, num_components: int = 500, components: str = "guide") -> None:
+        super().__init__(num_components=num_components, components=components)
         self.num_components = positive_int("vamp num_components", num_components)
+        if components not in VAMP_COMPONENTS:
+            raise PyvaeError(
+                f"vamp components must be one of {', '.join(VAMP_COMPONENTS)}; got {components!r}"
+            )
+        self.components = components
 
     def bind(self, vae: torch.nn.Module) -> None:
         super().bind(vae)
@@ -164,12 +177,34 @@ class VampPrior(Prior):
             vae.posterior.parameters,
         )
 
+    def _base(self, h: torch.Tensor) -> dist.TorchDistribution:
+        q = self._family(h)
+        return q.base_dist if isinstance(q, dist.TransformedDistribution) else q
+
     def forward(self) -> dist.TorchDistribution:
+        family = self._family if self.components == "guide" else self._base
         return VampMixture(
             self._encoder(self.pseudo_inputs.clamp(0, 1)),
-            self._family,
-            list(self._family_parameters()),
+            family,
+            list(self._family_parameters()) if self.components == "guide" else [],
         )
+
+    def training_refusal(self) -> str | None:
+        """Why training with this prior is refused, or None (see the class)."""
+        with torch.no_grad():
+            q = self._family(self._encoder(self.pseudo_inputs[:1].clamp(0, 1)))
+        if self.components == "guide" and isinstance(q, dist.TransformedDistribution):
+            return (
+                "the vamp prior under a flow guide inverts the flow for every (point, "
+                "pseudo-input) pair, 20-100x slower than the default model; use "
+                "{name: vamp, components: base} (its components the guide's base Normal), another "
+                "prior, or guide normal or lowrank"
+            )
+        return None
+
+
+#: :class:`VampPrior`'s ``components``
+VAMP_COMPONENTS = ("guide", "base")
 
 
 class VampMixture(dist.TorchDistribution):

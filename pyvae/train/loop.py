@@ -184,6 +184,7 @@ def _fit(arguments: dict) -> list[dict]:
     """:func:`fit`, given its ``arguments``: check them, settle the objective, make the folder,
     run the :class:`~pyvae.train.run.Training`."""
     _check_settings(arguments)
+    _check_trainable(arguments["model"])
     model, elbo, out, num_particles = (
         arguments[k] for k in ("model", "elbo", "out", "num_particles")
     )
@@ -264,6 +265,16 @@ def _check_settings(arguments: dict) -> None:
             f"unknown track {arguments['track']!r}; choose from "
             f"{', '.join(str(t) for t in TRACKERS)}"
         )
+
+
+def _check_trainable(model: torch.nn.Module) -> None:
+    """A part that would make training a trap says so up front (``training_refusal()``: the
+    VampPrior under a flow guide, :class:`pyvae.parts.priors.VampPrior`)."""
+    for module in model.modules():
+        refusal = getattr(module, "training_refusal", None)
+        why = refusal() if callable(refusal) else None
+        if why:
+            raise PyvaeError(f"{type(model).__name__} is not trained: {why}")
 
 
 #: fit's ``track`` values: no tracking, or MLflow (:class:`~pyvae.train.callbacks.MLflowCallback`)

@@ -10,14 +10,15 @@ drawn as the program draws it (:class:`pyvae.compiled.Noise`): compiled and as w
 step gives the same loss and gradients up to floating-point reassociation, and a resumed run
 draws what an uninterrupted one draws. Each later step of that kind calls the compiled graph.
 
-A kind of step is what the recording depends on, checked each step (about 10 us): the calls'
-shapes, dtypes, devices and sizes (N, the group, the kind), the KL weight unless it changes
-(KL warm-up makes it an input), the set of trainable parameters, and every submodule's train/eval
-mode and Python numbers and strings (a model whose code branches on ``self.temperature`` is
-recorded again when it changes). A kind is recorded the second time an epoch serves it: the
-first step of a run is checked by Pyro's validation as written, and the one short last batch of an
-epoch costs no compilation. What the program computes from anything else (a global variable) is
-frozen at the recording: train such a program with ``compile="off"``.
+A kind of step is what the recording depends on: the calls' shapes, dtypes, devices and sizes
+(N, the group, the kind), the KL weight unless it changes (KL warm-up makes it an input), and the
+values of every submodule's Python settings (train/eval mode, numbers, strings: a model whose code
+branches on ``self.temperature`` is recorded again when it changes), all checked each step (a few
+microseconds); which parameters are trainable and which settings a module has are listed again
+each epoch, and when a module gains or loses an attribute. A kind is recorded the second time an
+epoch serves it: the first step of a run is checked by Pyro's validation as written, and the one
+short last batch of an epoch costs no compilation. What the program computes from anything else (a
+global variable) is frozen at the recording: train such a program with ``compile="off"``.
 
 A program that cannot be recorded (its Python reads a computed tensor's value: ``.tolist()``,
 ``if z.sum() > 0``; noise whose distribution it computes, as a Gamma's; a score-function
@@ -79,9 +80,29 @@ class Step:
         self.trials: dict[tuple, list[float]] = {}
         #: why the program runs as written (once a recording failed, no other is tried)
         self.uncompiled: str | None = "compile is off" if mode == "off" else None
+        self._watch()
 
     def new_epoch(self) -> None:
         self.seen.clear()
+        self._watch()
+
+    def _watch(self) -> None:
+        """List what a recording depends on besides the calls (read again each epoch, and when a
+        module gains or loses an attribute): the trainable parameters, and each module's Python
+        settings (train/eval mode, numbers, strings), whose values are then checked each step."""
+        self.modules = list(self.objective.modules())
+        self.params = [p for p in self.objective.parameters() if p.requires_grad]
+        self.watched = [
+            (module, name)
+            for module in self.modules
+            for name, value in vars(module).items()
+            if value is None or isinstance(value, (bool, int, float, str))
+        ]
+        self.sizes = self._sizes()
+        self.listed = (tuple(map(id, self.params)), tuple(name for _, name in self.watched))
+
+    def _sizes(self) -> tuple[int, ...]:
+        return tuple(len(vars(module)) for module in self.modules)
 
     def __call__(self, calls: list[Call], beta: float, validate: bool, remaining: int):
         key = self._key(calls, beta)
@@ -115,27 +136,25 @@ class Step:
     def _run(self, compiled: Compiled, calls: list[Call], beta: float) -> torch.Tensor:
         losses, *grads = compiled(*self._inputs(calls, beta))
         grads = iter(grads)
-        for p, used in zip(self._params(), compiled.used, strict=True):
+        for p, used in zip(self.params, compiled.used, strict=True):
             p.grad = next(grads) if used else None
         return losses
 
     # -- what a recording depends on -----------------------------------------------------
-    def _params(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.objective.parameters() if p.requires_grad]
-
     def _key(self, calls: list[Call], beta: float) -> tuple:
+        if self._sizes() != self.sizes:
+            self._watch()
         calls_key = tuple(
             (c.kind, c.group, c.num_data, tuple(_describe(a) for a in c.args)) for c in calls
         )
-        params = tuple((id(p), p.requires_grad) for p in self.objective.parameters())
-        modules = tuple(_settings(m) for m in self.objective.modules())
-        return calls_key, None if self.beta_varies else beta, params, modules
+        settings = tuple(_setting(vars(module).get(name)) for module, name in self.watched)
+        return calls_key, None if self.beta_varies else beta, self.listed, settings
 
     def _inputs(self, calls: list[Call], beta: float) -> list[torch.Tensor]:
         tensors = [a for c in calls for a in c.args if isinstance(a, torch.Tensor)]
         if self.beta_varies:
             tensors.append(torch.tensor(float(beta), device=tensors[0].device))
-        return [*tensors, *self._params()]
+        return [*tensors, *self.params]
 
     # -- recording and compiling -----------------------------------------------------------
     def _compile(self, key: tuple, calls: list[Call], beta: float, remaining: int) -> None:
@@ -166,6 +185,8 @@ class Step:
 
     def _record(self, calls: list[Call], beta: float) -> Compiled:
         names = [n for n, p in self.objective.named_parameters() if p.requires_grad]
+        if len(names) != len(self.params):  # the parameters changed since the epoch began
+            self._watch()
         inputs = self._inputs(calls, beta)
         split = len(inputs) - len(names)
         used: list[bool] = []
@@ -236,10 +257,10 @@ def _describe(value) -> tuple:
     return (value,)
 
 
-def _settings(module: torch.nn.Module) -> tuple:
-    """A module's train/eval mode and Python numbers and strings: what a program's code may branch
-    on besides tensors."""
-    return tuple((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str)))
+def _setting(value):
+    """A watched attribute's value as a key: itself if a Python number, string or None; for
+    anything else (an unset cache that got filled) only that it is set."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else object
 
 
 def _median(values: list[float]) -> float:

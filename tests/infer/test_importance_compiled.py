@@ -1,0 +1,107 @@
+"""Importance sampling compiled (pyvae.infer.importance.Scorer): from the same draws, the same
+log-weights, log p(x), bounds and per-site statistics as the programs run as written; recorded
+once per kind of chunk; a program that cannot be recorded is scored as written and says why."""
+
+import pytest
+import torch
+
+import pyvae
+import pyvae.compiled
+import pyvae.infer.importance as importance
+from pyvae.infer import diagnostics
+from pyvae.infer.diagnostics import evaluate
+from pyvae.infer.importance import log_likelihood
+from tests.train.test_compile import Branching, TutorialVAE
+
+X_DIM = 16
+
+
+@pytest.fixture(autouse=True)
+def untuned(monkeypatch):
+    """Inductor without max-autotune's timing of matrix-product kernels (tests/infer/test_ais.py
+    compiles with it): the recording and its numbers are what these tests check, in seconds."""
+    monkeypatch.setitem(pyvae.compiled.CPU_OPTIONS, "max_autotune", False)
+
+
+def _points(n: int = 8) -> torch.Tensor:
+    return torch.rand(n, X_DIM, generator=torch.Generator().manual_seed(1)).round()
+
+
+MODELS = {
+    "vae mog prior, iaf guide": lambda: pyvae.VAE(X_DIM, 2, hidden=(8,), prior="mog", guide="iaf"),
+    "hvae": lambda: pyvae.HVAE(X_DIM, (3, 2), hidden=((8,), (8,))),
+    "m2 enumerated": lambda: pyvae.M2(X_DIM, 3, 2, hidden=(8,)),
+    "user program": TutorialVAE,
+}
+
+
+def _scored(model, x, compile: str, monkeypatch):
+    """log_likelihood in chunks of 2 points, seeded, and how often the programs were traced."""
+    traced, log_weights = [], importance.program.log_weights
+
+    def counted(*args, **kwargs):
+        traced.append(1)
+        return log_weights(*args, **kwargs)
+
+    monkeypatch.setattr(importance.program, "log_weights", counted)
+    torch.manual_seed(7)
+    result = log_likelihood(
+        model, x, num_samples=40, batch_size=2, keep_log_weights=True, compile=compile
+    )
+    monkeypatch.setattr(importance.program, "log_weights", log_weights)
+    return result, len(traced)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compiled_importance_sampling_gives_the_programs_numbers(name, monkeypatch, recwarn):
+    torch.manual_seed(0)
+    model, x = MODELS[name](), _points()
+    x = (x, torch.tensor([0, -1, 2, -1, -1, 1, -1, -1])) if name.startswith("m2") else x
+    written, traced_written = _scored(model, x, "off", monkeypatch)
+    compiled, traced_compiled = _scored(model, x, "on", monkeypatch)
+    assert not [w for w in recwarn if issubclass(w.category, pyvae.PyvaeWarning)]
+    # one trace sizes the chunks; then four chunks: as written, four traces; compiled, the first
+    # as written and one recording
+    assert (traced_written, traced_compiled) == (5, 3)
+    for field in ("log_px", "stderr", "elbo", "ess", "log_weights"):
+        torch.testing.assert_close(getattr(compiled, field), getattr(written, field))
+    for size, bound in written.iwae.items():
+        torch.testing.assert_close(compiled.iwae[size], bound)
+    for field in ("latent_means", "kl", "kl_per_dim"):
+        assert getattr(compiled, field).keys() == getattr(written, field).keys()
+        for site, value in getattr(written, field).items():
+            torch.testing.assert_close(getattr(compiled, field)[site], value)
+
+
+def test_evaluate_shares_its_compiled_chunks_across_its_calls(monkeypatch):
+    torch.manual_seed(0)
+    model, x = pyvae.VAE(X_DIM, 2, hidden=(8,)), _points(8)
+    compiled = []
+    original = importance.compile_function
+
+    def counted(*args, **kwargs):
+        compiled.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(importance, "compile_function", counted)
+    monkeypatch.setattr(diagnostics, "GRID", {"cpu": 2})  # four calls of log_likelihood
+    on = evaluate(model, x, num_samples=30, batch_size=2, compile="on").ll
+    off = evaluate(model, x, num_samples=30, batch_size=2, compile="off").ll
+    assert len(compiled) == 1
+    torch.testing.assert_close(on.log_px, off.log_px)
+
+
+def test_a_program_that_cannot_be_recorded_is_scored_as_written_and_says_why(monkeypatch):
+    torch.manual_seed(0)
+    model, x = Branching(), _points()
+    written, _ = _scored(model, x, "off", monkeypatch)
+    with pytest.warns(pyvae.PyvaeWarning, match="importance sampling runs the program uncompiled"):
+        compiled, _ = _scored(model, x, "on", monkeypatch)
+    torch.testing.assert_close(compiled.log_px, written.log_px)
+
+
+def test_auto_compiles_only_large_estimates_and_unknown_settings_are_refused(monkeypatch):
+    model, x = TutorialVAE(), _points()
+    assert _scored(model, x, "auto", monkeypatch)[1] == 5  # 8 x 40 draws: as written
+    with pytest.raises(pyvae.PyvaeError, match="unknown compile 'fast'; choose from auto, on"):
+        log_likelihood(model, x, num_samples=4, compile="fast")
