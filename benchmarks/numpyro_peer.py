@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from common import add_common_arguments, setup, static_mnist
 from handwritten import PlainVAE
-from train_speed import handwritten_epoch, pyvae_run, repeated
+from train_speed import PyvaeRun, Repeated, handwritten_epoch, measure
 
 import pyvae
 
@@ -124,21 +124,16 @@ def torch_epochs(x: torch.Tensor, batch_size: int, rounds: int, device) -> dict:
     torch.manual_seed(0)
     plain = PlainVAE().to(device)
     configs = {
-        "hand-written PyTorch (analytic KL)": (
-            repeated(handwritten_epoch),
-            (plain.loss, torch.optim.Adam(plain.parameters(), lr=1e-3)),
+        "hand-written PyTorch (analytic KL)": Repeated(
+            handwritten_epoch, (plain.loss, torch.optim.Adam(plain.parameters(), lr=1e-3))
         ),
-        "pyvae fit, elbo=meanfield": (pyvae_run("meanfield"), pyvae.VAE(784, 50).to(device)),
-        "pyvae fit, elbo=meanfield, compile on": (
-            pyvae_run("meanfield", "on"),
-            pyvae.VAE(784, 50).to(device),
+        "pyvae fit, elbo=meanfield": PyvaeRun("meanfield", "off", pyvae.VAE(784, 50).to(device)),
+        "pyvae fit, elbo=meanfield, compile on": PyvaeRun(
+            "meanfield", "on", pyvae.VAE(784, 50).to(device)
         ),
     }
-    times = {}
-    for name, (run, state) in configs.items():
-        measured = run(state, x, batch_size, device, rounds + 1)[1:]  # the first warms up
-        times[name] = statistics.median(seconds for seconds, _ in measured)
-    return times
+    times, _, _ = measure(configs, x, batch_size, device, rounds)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main():

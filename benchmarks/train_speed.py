@@ -4,13 +4,14 @@
     python benchmarks/train_speed.py --device cpu --model tiny --batch-sizes 128 --rounds 3
 
 Static binarized MNIST (50,000 images), MLP 784-400-50 (``--model tiny``: the images pooled
-to 8x8, MLP 64-16-2), Adam lr 1e-3. For each batch size each configuration runs ``--rounds`` + 1
-epochs in a row (pyvae's in one ``fit`` call, as a user runs them). The first is a warm-up: it
-holds the compilations (torch.compile's; pyvae's recording and compiling of the step), so its
-excess over the median epoch, printed beside it, is what they cost in this process (inductor's
-on-disk cache makes a second process's cheaper). The median epoch time of each configuration is
-reported as images/s and as a ratio to the hand-written eager epoch (1.00 = as fast as plain
-PyTorch), and the median time of one step (data served, loss, gradients, update) beside it.
+to 8x8, MLP 64-16-2), Adam lr 1e-3. For each batch size the configurations take turns, one epoch
+each, for ``--rounds`` + 1 rounds (pyvae's each a ``fit`` call, :class:`PyvaeRun`). The first
+round is a warm-up: it holds the compilations (torch.compile's; pyvae's recording and compiling
+of the step), so its excess over the median epoch, printed beside it, is what they cost in this
+process (inductor's on-disk cache makes a second process's cheaper). The median epoch time of
+each configuration is reported as images/s and as a ratio to the hand-written eager epoch (1.00 =
+as fast as plain PyTorch), and the median time of one step (data served, loss, gradients, update)
+beside it: for pyvae compiled, the time of every step of a long run.
 """
 
 import argparse
@@ -71,35 +72,59 @@ class StepClock(Callback):
         self.epochs[-1].append(time.perf_counter())
 
 
-def repeated(epoch):
-    """An epoch function as a run of ``epochs`` epochs: [(seconds, seconds per step)]."""
+class Repeated:
+    """A hand-written configuration: ``epoch()`` runs one epoch, (seconds, seconds per step)."""
 
-    def run(state, x, batch_size, device, epochs):
-        return [epoch(state, x, batch_size, device) for _ in range(epochs)]
+    def __init__(self, epoch, state):
+        self.run, self.state = epoch, state
 
-    return run
+    def start(self, x, batch_size, device, epochs):
+        self.args = (x, batch_size, device)
+
+    def epoch(self):
+        return self.run(self.state, *self.args)
+
+    def finish(self):
+        pass
 
 
-def pyvae_run(elbo, compile="off"):
-    """``epochs`` epochs of one ``fit`` call, as a user runs them (a compiled step is recorded
-    once, in the first epoch)."""
+class PyvaeRun(Callback):
+    """pyvae's configuration: ``epoch()`` is one ``fit`` call of one epoch. A run of many epochs
+    records its compiled step once; here each call records it again (0.1-0.3 s, a cache hit for
+    the compilation) and runs its first two steps as written, which the epoch's time includes and
+    the median step time does not. (One ``fit`` call per configuration, its epochs taking turns
+    with the others', would need threads: Pyro's handler stack is global to the process, and idle
+    OpenMP teams of parked threads slow the running one.)"""
 
-    def run(vae, x, batch_size, device, epochs):
-        clock = StepClock()
-        history = pyvae.fit(
-            vae,
+    def __init__(self, elbo, compile, vae):
+        self.elbo, self.compile, self.vae = elbo, compile, vae
+
+    def start(self, x, batch_size, device, epochs):
+        self.args = (x, batch_size, device)
+
+    def on_epoch_begin(self, run):
+        self.ticks = []
+
+    def on_step_end(self, run):
+        self.ticks.append(time.perf_counter())
+
+    def epoch(self):
+        x, batch_size, device = self.args
+        (record,) = pyvae.fit(
+            self.vae,
             x,
-            epochs=epochs,
+            epochs=1,
             batch_size=batch_size,
-            elbo=elbo,
+            elbo=self.elbo,
             device=device,
             progress=False,
-            compile=compile,
-            callbacks=[clock],
+            compile=self.compile,
+            callbacks=[self],
         )
-        return [(h["seconds"], step_seconds(t)) for h, t in zip(history, clock.epochs, strict=True)]
+        return record["seconds"], step_seconds(self.ticks)
 
-    return run
+    def finish(self):
+        pass
 
 
 def step_seconds(ticks):
@@ -130,12 +155,7 @@ def main():
     print(f"model: MLP {'-'.join(map(str, sizes))}")
     for batch_size in args.batch_sizes:
         configs = configurations(sizes, device)
-        times, steps, warmups = {}, {}, {}
-        for name, (run, state) in configs.items():
-            # the first epoch warms up allocators, caches, compilers, CUDA kernels
-            first, *measured = run(state, x, batch_size, device, args.rounds + 1)
-            times[name], steps[name] = [m[0] for m in measured], [m[1] for m in measured]
-            warmups[name] = first[0]
+        times, steps, warmups = measure(configs, x, batch_size, device, args.rounds)
         base = statistics.median(times[BASE])
         base_step = statistics.median(steps[BASE])
         print(f"\nbatch size {batch_size}: median of {args.rounds} epochs")
@@ -152,6 +172,26 @@ def main():
 
 
 BASE = "hand-written PyTorch (analytic KL)"
+
+
+def measure(configs, x, batch_size, device, rounds):
+    """Each configuration's epochs, round-robin: round 0 warms up (allocators, caches,
+    compilers, CUDA kernels); ({name: epoch seconds}, {name: seconds per step}, {name: round 0's
+    seconds})."""
+    for config in configs.values():
+        config.start(x, batch_size, device, rounds + 1)
+    times, steps, warmups = ({name: [] for name in configs} for _ in range(3))
+    for round_ in range(rounds + 1):
+        for name, config in configs.items():
+            seconds, step = config.epoch()
+            if round_ == 0:
+                warmups[name] = seconds
+            else:
+                times[name].append(seconds)
+                steps[name].append(step)
+    for config in configs.values():
+        config.finish()
+    return times, steps, warmups
 
 
 def configurations(sizes, device):
@@ -172,22 +212,20 @@ def configurations(sizes, device):
         tutorial.model, tutorial.guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO()
     )
     return {
-        BASE: (repeated(handwritten_epoch), (plain.loss, adam(plain))),
+        BASE: Repeated(handwritten_epoch, (plain.loss, adam(plain))),
         # pyvae uses fused Adam; this line separates Pyro's cost from the optimizer's
-        "hand-written, fused Adam": (
-            repeated(handwritten_epoch),
-            (fused.loss, adam(fused, fused=True)),
+        "hand-written, fused Adam": Repeated(
+            handwritten_epoch, (fused.loss, adam(fused, fused=True))
         ),
         # the limit: the same code through torch.compile
-        "hand-written, torch.compile, fused Adam": (
-            repeated(handwritten_epoch),
-            (torch.compile(compiled.loss), adam(compiled, fused=True)),
+        "hand-written, torch.compile, fused Adam": Repeated(
+            handwritten_epoch, (torch.compile(compiled.loss), adam(compiled, fused=True))
         ),
-        "Pyro tutorial: SVI + Trace_ELBO": (repeated(tutorial_epoch), svi),
-        "pyvae fit, elbo=trace": (pyvae_run("trace"), vae()),
-        "pyvae fit, elbo=meanfield": (pyvae_run("meanfield"), vae()),
-        "pyvae fit, elbo=meanfield, compile on": (pyvae_run("meanfield", "on"), vae()),
-        "pyvae fit, elbo=trace, compile on": (pyvae_run("trace", "on"), vae()),
+        "Pyro tutorial: SVI + Trace_ELBO": Repeated(tutorial_epoch, svi),
+        "pyvae fit, elbo=trace": PyvaeRun("trace", "off", vae()),
+        "pyvae fit, elbo=meanfield": PyvaeRun("meanfield", "off", vae()),
+        "pyvae fit, elbo=meanfield, compile on": PyvaeRun("meanfield", "on", vae()),
+        "pyvae fit, elbo=trace, compile on": PyvaeRun("trace", "on", vae()),
     }
 
 

@@ -1,6 +1,9 @@
 """A tensor function of a Pyro program recorded once as a graph of aten operations, and compiled.
 
-AIS evaluates the same densities and their gradients thousands of times at new latent values.
+Three callers: a training step's loss and gradients (:mod:`pyvae.train.step`), a chunk of
+importance sampling's log-weights (:class:`pyvae.infer.importance.Scorer`) and AIS's densities
+(:mod:`pyvae.infer.ais.potential`). AIS evaluates the same densities and their gradients
+thousands of times at new latent values.
 Run as written, every evaluation re-runs the program: Python, Pyro's handlers, the trace's
 bookkeeping, autograd's graph building, and then some forty small kernels one at a time.
 :func:`compile_function` instead records one run with ``make_fx`` (autograd's backward pass
@@ -35,6 +38,13 @@ out) and the same frozen weights share one compiled function (:data:`CACHE_SIZE`
 ``torch.compile`` guards on the inputs' shapes and dtypes and recompiles if they differ), so a
 second chunk of points of the same size costs a recording (about 0.3 s; AIS makes two), not a
 compilation.
+
+A function that draws random numbers (a guide's reparameterized ``loc + scale * eps``) has each
+draw replaced by an input (:func:`lift_noise`), drawn on every call by the same torch ops, in the
+same order, from torch's generators (:class:`Noise`): compiled or not, a seeded call gives the same
+numbers, and the graph holds no generator of its own (inductor's would draw other numbers; a CUDA
+graph cannot hold one). A draw whose distribution is computed (a Gamma's ``_standard_gamma`` of a
+computed shape, a Categorical's ``multinomial``) cannot be made apart: :class:`NotCompiled`.
 """
 
 from __future__ import annotations
@@ -243,7 +253,7 @@ def compile_function(
     )
     if key not in _compiled:
         options = (CPU_OPTIONS if autotune else EXACT_OPTIONS) if cpu else {}
-        _compiled[key] = _compile(graph, Compiled(graph, constants, noise), inputs, options)
+        _compiled[key] = _compile(graph, constants, noise, inputs, options)
         while len(_compiled) > CACHE_SIZE:
             _compiled.popitem(last=False)
     _compiled.move_to_end(key)
@@ -278,10 +288,10 @@ def _record(fn: Callable, inputs: tuple, keep: Collection[torch.Tensor], cpu: bo
         raise NotCompiled(f"recording it failed: {_first_line(error)}") from error
 
 
-def _compile(graph: torch.fx.GraphModule, call: Compiled, inputs: tuple, options: dict):
-    """``graph`` compiled by inductor with ``options``, compiled now (called as ``call`` calls it,
-    torch's generators left as they were) so that a failure is reported here."""
-    call.compiled = torch.compile(graph, fullgraph=True, dynamic=False)
+def _compile(graph, constants: list, noise: Noise, inputs: tuple, options: dict) -> Callable:
+    """``graph`` compiled by inductor with ``options``, compiled now (called as :class:`Compiled`
+    calls it, torch's generators left as they were) so that a failure is reported here."""
+    compiled = torch.compile(graph, fullgraph=True, dynamic=False)
     # (freezing is not read from options=)
     settings = torch._inductor.config.patch(options)
     device = inputs[0].device
@@ -291,11 +301,11 @@ def _compile(graph: torch.fx.GraphModule, call: Compiled, inputs: tuple, options
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
             _quiet("torch.utils.cpp_extension"),  # "No CUDA runtime is found": says nothing here
         ):
-            call(*inputs)
+            Compiled(compiled, constants, noise)(*inputs)
     # any compiler failure (no C++ compiler, ...) falls back
     except Exception as error:
         raise NotCompiled(f"torch.compile failed: {_first_line(error)}") from error
-    return call.compiled
+    return compiled
 
 
 @contextlib.contextmanager

@@ -159,9 +159,9 @@ class TrainConfig:
     compile: str = field(
         default="auto",
         metadata=_meta(
-            "run each step's loss and gradients as one graph recorded from the program and "
-            "compiled: auto (when the run is long enough to repay it and it measures faster), "
-            "on, off",
+            "run each step's loss and gradients (and the test log-likelihood's chunks) as one "
+            "graph recorded from the program and compiled: auto (when the run is long enough to "
+            "repay it and it measures faster), on, off",
             choices=names.COMPILE,
         ),
     )

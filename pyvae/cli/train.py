@@ -460,7 +460,13 @@ def test_log_likelihood(model, config, test, dataset: str):
     if (isinstance(test, tuple) and len(test) > 1) or needs_labels(model):
         data = (data, test[1][points] if isinstance(test, tuple) else test.labels[points])
     result = evaluate(
-        model, data, config.eval_samples, dataset=dataset, split="test", progress=True
+        model,
+        data,
+        config.eval_samples,
+        dataset=dataset,
+        split="test",
+        progress=True,
+        compile=config.compile,
     )
     print(result.table())
     return result
