@@ -47,9 +47,11 @@ def test_prior_shapes_and_normalization(name):
 
 def test_prior_settings_and_errors():
     assert PRIORS.resolve({"name": "student_t", "df": 7}).df == 7
+    # the components' form is written into every spec (checkpoints), so a run keeps its density
     assert pyvae.parts.priors.VampPrior(num_components=3).spec() == {
         "name": "vamp",
         "num_components": 3,
+        "components": "guide",
     }
     with pytest.raises(pyvae.PyvaeError, match="student_t df must be a positive number; got -1"):
         pyvae.parts.priors.StudentT(df=-1)
