@@ -67,12 +67,15 @@ class Training:
         loss_of = (
             objective if world.size == 1 else torch.nn.parallel.DistributedDataParallel(objective)
         )
+        say = print if settings["progress"] else _silent
+        if world.size > 1 and settings["compile"] == "on":
+            say("compile on: under torchrun the steps run as written (DistributedDataParallel)")
         self.step_of = Step(
             objective,
             loss_of,
             settings["compile"] if world.size == 1 else "off",
             beta_varies=bool(settings["kl_warmup_epochs"]),
-            say=print if settings["progress"] else _silent,
+            say=say,
         )
         self.step, self.history, self.resumed = 0, [], {}
         self.stop, self.signum, self.validated, self.loss = False, 0, False, None

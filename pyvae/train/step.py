@@ -43,8 +43,8 @@ from pyvae.program import recordable
 #: what ``compile`` accepts: compile when it pays (``auto``), always (``on``), never (``off``)
 COMPILE_CHOICES = ("auto", "on", "off")
 #: ``auto`` compiles a run whose remaining steps would take at least this long as written: the
-#: compilation takes 2-15 s on a CPU (2 s when inductor's cache has the graph), and saves 35-80% of
-#: a step (benchmarks/RESULTS.md)
+#: compilation takes 2-25 s on a CPU (12-13 s for the default model, 2-5 s when inductor's cache
+#: has the graph), and saves 25-70% of a step (benchmarks/RESULTS.md)
 AUTO_MIN_SECONDS = 60.0
 #: compiled steps timed before ``auto`` keeps the compiled step (or goes back)
 AUTO_TRIALS = 5
