@@ -62,6 +62,8 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
+from pyvae.errors import PyvaeError
+
 #: compiled graphs kept per process (AIS compiles two per chunk size), by their code (and the
 #: identity and version of their frozen tensors)
 CACHE_SIZE = 16
@@ -116,6 +118,26 @@ CPU_DECOMPOSITIONS = (
     if _EXACT_MATH
     else {}
 )
+
+
+#: what ``compile`` accepts (training, importance sampling): compile when it pays (``auto``),
+#: always (``on``), never (``off``)
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+def check_compile(value) -> str:
+    """``value`` if it is one of :data:`COMPILE_CHOICES`, else a :class:`PyvaeError`."""
+    if value not in COMPILE_CHOICES:
+        raise PyvaeError(f"unknown compile {value!r}; choose from {', '.join(COMPILE_CHOICES)}")
+    return value
+
+
+def describe(value) -> tuple:
+    """What a recording depends on of one argument: a tensor's shape, dtype and device, anything
+    else itself (it is a constant of the recording)."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), value.dtype, value.device
+    return (value,)
 
 
 class NotCompiled(Exception):

@@ -36,5 +36,5 @@ AIS_STARTS = ("guide", "prior")
 #: a run folder's checkpoints: best.pt (the best validation epoch) and checkpoint.pt (the last)
 CHECKPOINTS = ("best", "last")
 TRACKERS = ("none", "mlflow")
-#: pyvae.train.step.COMPILE_CHOICES
+#: pyvae.compiled.COMPILE_CHOICES
 COMPILE = ("auto", "on", "off")

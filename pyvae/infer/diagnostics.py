@@ -20,16 +20,16 @@ import xarray
 from pyro import poutine
 
 from pyvae import distributed, program
+from pyvae.compiled import check_compile
 from pyvae.data.batching import Batches, as_points, resolve_device, take
 from pyvae.data.datasets import spread
 from pyvae.errors import PyvaeError
 from pyvae.infer.ais import AISResult, ais_ladder, ais_log_likelihood, check, compile_session
 from pyvae.infer.importance import (
-    AUTO_DRAWS,
-    COMPILE_CHOICES,
     GRID,
     MIN_KHAT_SAMPLES,
     LogLikelihood,
+    compiles,
     khat_threshold,
     log_likelihood,
     point_dim,
@@ -426,9 +426,7 @@ def evaluate(
                 compile="on" if compiled else "off",
             )
 
-    if compile not in COMPILE_CHOICES:
-        raise PyvaeError(f"unknown compile {compile!r}; choose from {', '.join(COMPILE_CHOICES)}")
-    compiled = compile == "on" or (compile == "auto" and n * num_samples >= AUTO_DRAWS)
+    compiled = compiles(check_compile(compile), n * num_samples)
     with scoring_session():
         parts = distributed.sharded(importance, n, grid, world)
     runs = _ais_ladder(model, data, ais, seed, device, progress, world) if ais else {}

@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyvae import program
-from pyvae.compiled import NotCompiled, compile_function
+from pyvae.compiled import NotCompiled, check_compile, compile_function, describe
 from pyvae.data.batching import Batches, as_points, check_data, resolve_device
 from pyvae.errors import PyvaeError, PyvaeWarning, positive_int
 
@@ -184,8 +184,7 @@ def log_likelihood(
     estimate of at least :data:`AUTO_DRAWS` draws in all.
     """
     positive_int("num_samples", num_samples)
-    if compile not in COMPILE_CHOICES:
-        raise PyvaeError(f"unknown compile {compile!r}; choose from {', '.join(COMPILE_CHOICES)}")
+    check_compile(compile)
     device = resolve_device(device or next(model.parameters()).device)
     model.to(device).eval()
     batches = Batches(as_points(data), device, model)
@@ -244,8 +243,6 @@ def log_likelihood(
     )
 
 
-#: what ``compile`` accepts (:func:`log_likelihood`, :func:`pyvae.infer.diagnostics.evaluate`)
-COMPILE_CHOICES = ("auto", "on", "off")
 #: ``compile="auto"`` compiles an estimate with at least this many draws (points x K) in all: on a
 #: CPU about a minute of the default model as written, which a compilation (10-40 s the first
 #: time, a few seconds from inductor's cache) repays
@@ -254,6 +251,12 @@ AUTO_DRAWS = 2_000_000
 _session: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
     "pyvae_scoring_session", default=None
 )
+
+
+def compiles(compile: str, draws: int) -> bool:
+    """Whether an estimate of ``draws`` draws (points x K) in all is compiled: ``on``, or ``auto``
+    with at least :data:`AUTO_DRAWS`."""
+    return compile == "on" or (compile == "auto" and draws >= AUTO_DRAWS)
 
 
 @contextlib.contextmanager
@@ -281,7 +284,7 @@ class Scorer:
     recorded runs as written, with a warning saying why."""
 
     def __init__(self, model, shape, stats: _SiteStats, compile: bool) -> None:
-        self.model, self.shape, self.stats, self.compile = model, shape, stats, compile
+        self.model, self.shape, self.stats = model, shape, stats
         self.compiled: dict[tuple, Callable | None] = {}
         self.seen: Counter = Counter()
         self.uncompiled = not compile
@@ -290,7 +293,7 @@ class Scorer:
     @staticmethod
     def of(model, shape, stats: _SiteStats, compile: str, draws: int) -> Scorer:
         """The scorer of this call: the session's (with the weights as they are now) if any."""
-        wanted = compile == "on" or (compile == "auto" and draws >= AUTO_DRAWS)
+        wanted = compiles(compile, draws)
         session = _session.get()
         if session is None or not wanted:
             return Scorer(model, shape, stats, wanted)
@@ -303,11 +306,11 @@ class Scorer:
         return scorer
 
     def __call__(self, batch: tuple, k: int, per_dim: bool):
-        key = (tuple(_described(a) for a in batch), k, per_dim)
+        key = (tuple(describe(a) for a in batch), k, per_dim)
         if key not in self.compiled and not self.uncompiled:
             self.seen[key] += 1
             if self.seen[key] >= 2:
-                self.compiled[key] = self._compiled(batch, k, per_dim)
+                self.compiled[key] = self._compiled(key, batch, k, per_dim)
         compiled = self.compiled.get(key)
         if compiled is None:
             return self._as_written(batch, k, per_dim)
@@ -318,7 +321,7 @@ class Scorer:
         w = program.log_weights(self.model, batch, k, self.shape)
         return w.per_point(), w.elbo(), self.stats.values(w, per_dim)
 
-    def _compiled(self, batch: tuple, k: int, per_dim: bool) -> Callable | None:
+    def _compiled(self, key: tuple, batch: tuple, k: int, per_dim: bool) -> Callable | None:
         names: list = []
         tensors = [a for a in batch if torch.is_tensor(a)]
 
@@ -341,14 +344,8 @@ class Scorer:
                 stacklevel=3,
             )
             return None
-        self.names[(tuple(_described(a) for a in batch), k, per_dim)] = names
+        self.names[key] = names
         return compiled
-
-
-def _described(value) -> tuple:
-    if torch.is_tensor(value):
-        return tuple(value.shape), value.dtype, value.device
-    return (value,)
 
 
 def _chunks(model, batches, shape, num_samples: int, batch_size: int | None):

@@ -63,6 +63,7 @@ import pyro
 import torch
 
 from pyvae import distributed
+from pyvae.compiled import check_compile
 from pyvae.data.batching import (
     Batches,
     check_data,
@@ -85,7 +86,6 @@ from pyvae.train.objectives import (
     sites_without_analytic_kl,
 )
 from pyvae.train.run import Training, Validation, make_adam, shared_elbo
-from pyvae.train.step import check_compile
 
 # importable from here as before the split
 __all__ = [

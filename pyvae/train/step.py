@@ -35,13 +35,16 @@ from collections.abc import Callable
 import pyro
 import torch
 
-from pyvae.compiled import Compiled, NotCompiled, compile_function
+from pyvae.compiled import (
+    Compiled,
+    NotCompiled,
+    check_compile,
+    compile_function,
+    describe,
+)
 from pyvae.data.batching import Call
-from pyvae.errors import PyvaeError
 from pyvae.program import recordable
 
-#: what ``compile`` accepts: compile when it pays (``auto``), always (``on``), never (``off``)
-COMPILE_CHOICES = ("auto", "on", "off")
 #: ``auto`` compiles a run whose remaining steps would take at least this long as written: the
 #: compilation takes 2-25 s on a CPU (12-13 s for the default model, 2-5 s when inductor's cache
 #: has the graph), and saves 25-70% of a step (benchmarks/RESULTS.md)
@@ -50,19 +53,14 @@ AUTO_MIN_SECONDS = 60.0
 AUTO_TRIALS = 5
 
 
-def check_compile(value) -> str:
-    if value not in COMPILE_CHOICES:
-        raise PyvaeError(f"unknown compile {value!r}; choose from {', '.join(COMPILE_CHOICES)}")
-    return value
-
-
 class Step:
     """``step(calls, beta, validate, remaining)``: the loss of one step's calls
     (:class:`pyvae.train.objectives.Objective`, (2, C)) with the gradients of its sum put in the
     parameters' ``.grad``; as written (through ``loss_of``, the objective or its
     ``DistributedDataParallel`` wrapper), or compiled (see the module's docstring). ``mode`` is
-    one of :data:`COMPILE_CHOICES`; ``beta_varies``: the KL weight changes step by step (an input
-    of the recording); ``say`` prints what ``auto`` chose and why a program runs as written."""
+    one of :data:`pyvae.compiled.COMPILE_CHOICES`; ``beta_varies``: the KL weight changes step by
+    step (an input of the recording); ``say`` prints what ``auto`` chose and why a program runs as
+    written."""
 
     def __init__(
         self,
@@ -145,7 +143,7 @@ class Step:
         if self._sizes() != self.sizes:
             self._watch()
         calls_key = tuple(
-            (c.kind, c.group, c.num_data, tuple(_describe(a) for a in c.args)) for c in calls
+            (c.kind, c.group, c.num_data, tuple(describe(a) for a in c.args)) for c in calls
         )
         settings = tuple(_setting(vars(module).get(name)) for module, name in self.watched)
         return calls_key, None if self.beta_varies else beta, self.listed, settings
@@ -249,12 +247,6 @@ def _rebuilt(calls: list[Call], tensors: tuple, beta: float, beta_varies: bool):
         for c in calls
     ]
     return served, next(given) if beta_varies else beta
-
-
-def _describe(value) -> tuple:
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape), value.dtype, value.device
-    return (value,)
 
 
 def _setting(value):

@@ -75,6 +75,7 @@ def test_the_train_table_reads_the_config_s_metadata():
 
 
 def test_the_light_names_are_the_registries_names():
+    from pyvae.compiled import COMPILE_CHOICES
     from pyvae.data.batching import DEVICES
     from pyvae.data.datasets import BINARIZE_MODES, SPLITS
     from pyvae.infer.ais import SCHEDULES as AIS_SCHEDULES
@@ -86,7 +87,6 @@ def test_the_light_names_are_the_registries_names():
     from pyvae.parts.priors import PRIORS
     from pyvae.train.objectives import ELBO_CHOICES
     from pyvae.train.protocol import SCHEDULES
-    from pyvae.train.step import COMPILE_CHOICES
 
     assert names.PRIORS == tuple(sorted(PRIORS))
     assert names.LIKELIHOODS == tuple(sorted(LIKELIHOODS))
