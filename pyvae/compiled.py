@@ -140,6 +140,47 @@ def describe(value) -> tuple:
     return (value,)
 
 
+class Watched:
+    """What a recording of ``module`` depends on besides its arguments, for a key checked before
+    each call (a few microseconds): which parameters are trainable, and the values of every
+    submodule's Python settings (train/eval mode, numbers, strings: a program whose code branches on
+    ``self.temperature`` is recorded again when it changes). The lists are read again by
+    :meth:`refresh`, and by :meth:`key` when a module gains or loses an attribute."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.refresh()
+
+    def refresh(self) -> None:
+        """List the trainable parameters and the settings anew."""
+        self.modules = list(self.module.modules())
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.settings = [
+            (module, name)
+            for module in self.modules
+            for name, value in vars(module).items()
+            if value is None or isinstance(value, (bool, int, float, str))
+        ]
+        self.sizes = self._sizes()
+        self.listed = (tuple(map(id, self.params)), tuple(name for _, name in self.settings))
+
+    def _sizes(self) -> tuple[int, ...]:
+        return tuple(len(vars(module)) for module in self.modules)
+
+    def key(self) -> tuple:
+        """The parameters' identities, the settings' names and their values now."""
+        if self._sizes() != self.sizes:
+            self.refresh()
+        values = tuple(_setting(vars(module).get(name)) for module, name in self.settings)
+        return self.listed, values
+
+
+def _setting(value):
+    """A setting's value as a key: itself if a Python number, string or None; for anything else
+    (an unset cache that got filled) only that it is set."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else object
+
+
 class NotCompiled(Exception):
     """Why a function could not be recorded or compiled, in words for a one-line warning."""
 

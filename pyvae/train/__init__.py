@@ -3,6 +3,8 @@
 
 * :mod:`pyvae.train.loop`: ``fit`` and ``evaluate_elbo``; the story of a run.
 * :mod:`pyvae.train.run`: ``Training``, the state and loop of one run.
+* :mod:`pyvae.train.step`: a step's loss and gradients, run as written or compiled.
+* :mod:`pyvae.train.validation`: each epoch's ELBOs and validation log p(x), as written or compiled.
 * :mod:`pyvae.train.callbacks`: what happens around the steps (checkpoints, early stopping, MLflow).
 * :mod:`pyvae.train.objectives`: the ELBO, mean-field ELBO, IWAE and enumerated ELBO as losses.
 * :mod:`pyvae.train.protocol`: validation objective, early stopping, schedules.

@@ -85,7 +85,8 @@ from pyvae.train.objectives import (
     mean_field_violation,
     sites_without_analytic_kl,
 )
-from pyvae.train.run import Training, Validation, make_adam, shared_elbo
+from pyvae.train.run import Training, make_adam
+from pyvae.train.validation import Validation, shared_elbo
 
 # importable from here as before the split
 __all__ = [
@@ -176,6 +177,8 @@ def fit(
     enough to repay the compilation, keeps it if it measured faster, and says what it chose (with
     ``progress``); ``on`` compiles whenever the program can be recorded. A program that cannot be
     recorded trains as written, with a notice saying why. Under ``torchrun`` steps run as written.
+    The epochs' ELBOs and validation log p(x) are compiled with ``on``, and with ``auto`` when they
+    draw enough (:class:`pyvae.train.validation.Validation`).
     """
     return _fit(dict(locals()))
 

@@ -1,5 +1,6 @@
 """One training run: :class:`Training`, whose loop takes the SVI steps and calls the callbacks of
-:mod:`pyvae.train.callbacks` around them, and :class:`Validation`, the numbers of each epoch.
+:mod:`pyvae.train.callbacks` around them (each epoch's further numbers:
+:class:`pyvae.train.validation.Validation`).
 
 All ELBO numbers are in nats per data point (see :mod:`pyvae.train.loop`).
 """
@@ -11,19 +12,15 @@ import time
 
 import pyro
 import torch
-from pyro import poutine
 from tqdm.auto import tqdm
 
-from pyvae import distributed
-from pyvae.data.batching import KINDS, Batches
+from pyvae.data.batching import KINDS
 from pyvae.errors import PyvaeError
-from pyvae.parts.likelihoods import bits_per_dim, coding
-from pyvae.program import LocalParams, structure
 from pyvae.train import protocol
 from pyvae.train import resume as state
-from pyvae.train.callbacks import BPD_KEYS, Callbacks, StepAborted, StopOnSignal
-from pyvae.train.objectives import make_elbo
+from pyvae.train.callbacks import Callbacks, StepAborted, StopOnSignal
 from pyvae.train.step import Step
+from pyvae.train.validation import speaker
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:
@@ -67,7 +64,7 @@ class Training:
         loss_of = (
             objective if world.size == 1 else torch.nn.parallel.DistributedDataParallel(objective)
         )
-        say = print if settings["progress"] else _silent
+        say = speaker(settings["progress"])
         if world.size > 1 and settings["compile"] == "on":
             say("compile on: under torchrun the steps run as written (DistributedDataParallel)")
         self.step_of = Step(
@@ -239,64 +236,6 @@ class Training:
         )
 
 
-#: the validation log p(x) by importance sampling (``valid_samples``) uses at most this many points
-VALID_IS_POINTS = 1000
-#: numbers (points x samples x pixels) per chunk of that estimate, which bounds its memory
-VALID_IS_CHUNK = 2**23
-
-
-class Validation:
-    """The numbers of an epoch beyond training's, all with beta = 1 in nats per point:
-    ``test_elbo`` (``test_iwae`` for ``iwae``) on ``test``; ``valid_elbo`` (``valid_iwae``) on
-    ``valid``, with ``valid_samples`` = K also ``valid_log_px`` = mean_n log (1/K) sum_k w_nk on
-    :data:`VALID_IS_POINTS` points evenly spread, the K-sample bound's estimate; each of
-    ``metrics`` (a function of the model); for 8-bit images the ELBOs in bits per dimension."""
-
-    def __init__(self, model, test, valid, world, shape, settings: dict) -> None:
-        self.model, self.test, self.valid, self.world, self.shape = model, test, valid, world, shape
-        self.elbo, self.num_particles = settings["elbo"], settings["num_particles"]
-        self.valid_samples, self.metrics = settings["valid_samples"], settings["metrics"] or {}
-
-    def _bounds(self, data: Batches, split: str) -> dict:
-        elbo = "trace" if self.elbo == "iwae" else self.elbo
-        scores = {
-            f"{split}_elbo": shared_elbo(self.model, data, self.world, elbo, shape=self.shape)
-        }
-        if self.elbo == "iwae":
-            scores[f"{split}_iwae"] = shared_elbo(
-                self.model, data, self.world, "iwae", self.num_particles, shape=self.shape
-            )
-        return scores
-
-    def scores(self, record: dict) -> None:
-        """Add the scores to the epoch's ``record`` (the bits per dimension of its
-        ``train_elbo`` too)."""
-        if self.test is not None:
-            record.update(self._bounds(self.test, "test"))
-        if self.valid is not None:
-            record.update(self._bounds(self.valid, "valid"))
-            if self.valid_samples:
-                record["valid_log_px"] = self._log_px()
-        for name, metric in self.metrics.items():
-            self.model.eval()
-            with torch.no_grad():
-                record[name] = float(metric(self.model))
-        if (coded := coding(self.model)) is not None:
-            bpd = {f"{k}_bpd": bits_per_dim(record[k], coded[0]) for k in BPD_KEYS if k in record}
-            record.update(bpd)
-
-    def _log_px(self) -> float:
-        valid, k = self.valid, self.valid_samples
-        n = min(len(valid), VALID_IS_POINTS)
-        points = torch.linspace(0, len(valid) - 1, n, device=valid.images.device).long()
-        chunk = max(1, VALID_IS_CHUNK // (k * valid.images[0].numel()))
-        return shared_elbo(self.model, valid, self.world, "iwae", k, chunk, self.shape, points)
-
-
-def _silent(message: str) -> None:
-    pass
-
-
 def tally(sums: torch.Tensor, calls: list, losses: torch.Tensor) -> None:
     """Add one step to ``sums`` (kinds x [objective, model's loss, points],
     :data:`~pyvae.batching.KINDS`): each call's losses, which estimate the sum over its group's N_c
@@ -332,34 +271,3 @@ def train_elbos(sums: torch.Tensor, sizes: dict) -> dict:
     if len(sizes) > 1:
         record.update({f"train_elbo_{k}": -float(means[k][1] / means[k][2]) for k in sizes})
     return record
-
-
-@torch.no_grad()
-def shared_elbo(
-    model: torch.nn.Module,
-    data: Batches,
-    world: distributed.World,
-    elbo,
-    num_particles: int = 1,
-    batch_size: int = 1000,
-    shape=None,
-    points: torch.Tensor | None = None,
-) -> float:
-    """The ELBO of ``model`` on ``data`` (nats per point) with the points dealt out over the
-    processes of ``world``; ``shape`` is the program's :class:`~pyvae.program.Structure` when the
-    caller has traced it already; ``points`` the indices to score (default all)."""
-    model.eval()
-    shape = shape or structure(model, data.first())
-    objective = make_elbo(elbo, num_particles, shape.max_plate_nesting, vectorize=shape.vectorized)
-    points = torch.arange(len(data), device=data.images.device) if points is None else points
-    mine = points[world.rank :: world.size]
-    # the ELBO of the model alone: pyro.factor sites (training-only terms such as m2's classifier)
-    # are left out
-    program = poutine.block(
-        model.model, hide_fn=lambda msg: msg["infer"].get("is_auxiliary", False)
-    )
-    with LocalParams():
-        batches = data.select(mine, batch_size)
-        total = sum(objective.loss(program, model.guide, *batch) for batch in batches)  # plain sums
-    total = world.sum(torch.tensor(float(total), dtype=torch.float64, device=data.device))
-    return -float(total) / len(points)

@@ -38,6 +38,7 @@ import torch
 from pyvae.compiled import (
     Compiled,
     NotCompiled,
+    Watched,
     check_compile,
     compile_function,
     describe,
@@ -45,10 +46,11 @@ from pyvae.compiled import (
 from pyvae.data.batching import Call
 from pyvae.program import recordable
 
-#: ``auto`` compiles a run whose remaining steps would take at least this long as written: the
-#: compilation takes 2-25 s on a CPU (12-13 s for the default model, 2-5 s when inductor's cache
-#: has the graph), and saves 25-70% of a step (benchmarks/RESULTS.md)
-AUTO_MIN_SECONDS = 60.0
+#: ``auto`` compiles a run whose remaining steps would take at least this long as written: a
+#: compilation saves 25-70% of a step on a CPU and takes 2-5 s for the default model (4-5 s the
+#: first time, 2-3 s from inductor's cache; 12-15 s on a machine that never ran torch.compile:
+#: benchmarks/RESULTS.md), which the smallest saving repays from here on
+AUTO_MIN_SECONDS = 20.0
 #: compiled steps timed before ``auto`` keeps the compiled step (or goes back)
 AUTO_TRIALS = 5
 
@@ -78,29 +80,11 @@ class Step:
         self.trials: dict[tuple, list[float]] = {}
         #: why the program runs as written (once a recording failed, no other is tried)
         self.uncompiled: str | None = "compile is off" if mode == "off" else None
-        self._watch()
+        self.watched = Watched(objective)
 
     def new_epoch(self) -> None:
         self.seen.clear()
-        self._watch()
-
-    def _watch(self) -> None:
-        """List what a recording depends on besides the calls (read again each epoch, and when a
-        module gains or loses an attribute): the trainable parameters, and each module's Python
-        settings (train/eval mode, numbers, strings), whose values are then checked each step."""
-        self.modules = list(self.objective.modules())
-        self.params = [p for p in self.objective.parameters() if p.requires_grad]
-        self.watched = [
-            (module, name)
-            for module in self.modules
-            for name, value in vars(module).items()
-            if value is None or isinstance(value, (bool, int, float, str))
-        ]
-        self.sizes = self._sizes()
-        self.listed = (tuple(map(id, self.params)), tuple(name for _, name in self.watched))
-
-    def _sizes(self) -> tuple[int, ...]:
-        return tuple(len(vars(module)) for module in self.modules)
+        self.watched.refresh()
 
     def __call__(self, calls: list[Call], beta: float, validate: bool, remaining: int):
         key = self._key(calls, beta)
@@ -134,25 +118,22 @@ class Step:
     def _run(self, compiled: Compiled, calls: list[Call], beta: float) -> torch.Tensor:
         losses, *grads = compiled(*self._inputs(calls, beta))
         grads = iter(grads)
-        for p, used in zip(self.params, compiled.used, strict=True):
+        for p, used in zip(self.watched.params, compiled.used, strict=True):
             p.grad = next(grads) if used else None
         return losses
 
     # -- what a recording depends on -----------------------------------------------------
     def _key(self, calls: list[Call], beta: float) -> tuple:
-        if self._sizes() != self.sizes:
-            self._watch()
         calls_key = tuple(
             (c.kind, c.group, c.num_data, tuple(describe(a) for a in c.args)) for c in calls
         )
-        settings = tuple(_setting(vars(module).get(name)) for module, name in self.watched)
-        return calls_key, None if self.beta_varies else beta, self.listed, settings
+        return calls_key, None if self.beta_varies else beta, self.watched.key()
 
     def _inputs(self, calls: list[Call], beta: float) -> list[torch.Tensor]:
         tensors = [a for c in calls for a in c.args if isinstance(a, torch.Tensor)]
         if self.beta_varies:
             tensors.append(torch.tensor(float(beta), device=tensors[0].device))
-        return [*tensors, *self.params]
+        return [*tensors, *self.watched.params]
 
     # -- recording and compiling -----------------------------------------------------------
     def _compile(self, key: tuple, calls: list[Call], beta: float, remaining: int) -> None:
@@ -183,8 +164,8 @@ class Step:
 
     def _record(self, calls: list[Call], beta: float) -> Compiled:
         names = [n for n, p in self.objective.named_parameters() if p.requires_grad]
-        if len(names) != len(self.params):  # the parameters changed since the epoch began
-            self._watch()
+        if len(names) != len(self.watched.params):  # the parameters changed since the epoch began
+            self.watched.refresh()
         inputs = self._inputs(calls, beta)
         split = len(inputs) - len(names)
         used: list[bool] = []
@@ -247,12 +228,6 @@ def _rebuilt(calls: list[Call], tensors: tuple, beta: float, beta_varies: bool):
         for c in calls
     ]
     return served, next(given) if beta_varies else beta
-
-
-def _setting(value):
-    """A watched attribute's value as a key: itself if a Python number, string or None; for
-    anything else (an unset cache that got filled) only that it is set."""
-    return value if value is None or isinstance(value, (bool, int, float, str)) else object
 
 
 def _median(values: list[float]) -> float:

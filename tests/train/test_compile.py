@@ -1,7 +1,8 @@
 """The compiled training step (pyvae.train.step): the same loss and gradients as the program run
 as written, from the same noise, for every family of program; a program that cannot be recorded
-trains as written and says why; compile on or off, a run trains to the same weights, and a run
-stopped and resumed with compile on ends where an uninterrupted one does."""
+trains as written and says why; compile on or off, a run trains to the same weights and scores the
+same validation numbers, and a run stopped and resumed with compile on ends where an
+uninterrupted one does."""
 
 import pyro
 import pyro.distributions as dist
@@ -155,10 +156,31 @@ def test_a_step_is_recorded_again_when_its_shape_or_the_models_settings_change()
 
 def test_a_program_that_cannot_be_recorded_trains_as_written_and_says_why(capsys):
     torch.manual_seed(0)
-    history = pyvae.fit(Branching(), _points(64), epochs=2, batch_size=16, compile="on")
+    held = _points(16)
+    history = pyvae.fit(Branching(), _points(64), valid=held, epochs=2, batch_size=16, compile="on")
     out = capsys.readouterr().out
     assert "compile on: the program trains as written: its Python reads the value" in out
+    assert "compile on: validation scores the program as written: its Python reads" in out
+    assert all(torch.isfinite(torch.tensor(h["valid_elbo"])) for h in history)
     assert all(torch.isfinite(torch.tensor(h["train_elbo"])) for h in history)
+
+
+def test_validation_scores_compiled_are_the_programs_scores(capsys):
+    x, held = _points(96), _points(40)
+    records = {}
+    for mode in ("off", "on"):
+        torch.manual_seed(0)
+        model = pyvae.VAE(X_DIM, 2, hidden=(8,))
+        settings = dict(elbo="iwae", num_particles=3, valid_samples=20, compile=mode)
+        records[mode] = pyvae.fit(
+            model, x, test=held, valid=held, epochs=2, batch_size=32, seed=1, **settings
+        )
+    out = capsys.readouterr().out
+    # the ELBO, the IWAE-3 bound and log p(x) with K = 20, each compiled once for the run
+    assert out.count("compile on: a validation score (") == 3
+    for off, on in zip(records["off"], records["on"], strict=True):
+        for key in ("test_elbo", "test_iwae", "valid_elbo", "valid_iwae", "valid_log_px"):
+            assert on[key] == pytest.approx(off[key], rel=1e-5, abs=1e-4), key
 
 
 def test_compile_on_and_off_train_to_the_same_weights():
