@@ -16,9 +16,10 @@ values of every submodule's Python settings (train/eval mode, numbers, strings: 
 branches on ``self.temperature`` is recorded again when it changes), all checked each step (a few
 microseconds); which parameters are trainable and which settings a module has are listed again
 each epoch, and when a module gains or loses an attribute. A kind is recorded the second time an
-epoch serves it: the first step of a run is checked by Pyro's validation as written, and the one
-short last batch of an epoch costs no compilation. What the program computes from anything else (a
-global variable) is frozen at the recording: train such a program with ``compile="off"``.
+epoch serves it (under ``auto``, once five steps were timed as written): the first step of a run
+is checked by Pyro's validation as written, and the one short last batch of an epoch costs no
+compilation. What the program computes from anything else (a global variable) is frozen at the
+recording: train such a program with ``compile="off"``.
 
 A program that cannot be recorded (its Python reads a computed tensor's value: ``.tolist()``,
 ``if z.sum() > 0``; noise whose distribution it computes, as a Gamma's; a score-function
@@ -51,7 +52,8 @@ from pyvae.program import recordable
 #: first time, 2-3 s from inductor's cache; 12-15 s on a machine that never ran torch.compile:
 #: benchmarks/RESULTS.md), which the smallest saving repays from here on
 AUTO_MIN_SECONDS = 20.0
-#: compiled steps timed before ``auto`` keeps the compiled step (or goes back)
+#: steps timed as written before ``auto`` compiles, and compiled steps timed before it keeps the
+#: compiled step (or goes back)
 AUTO_TRIALS = 5
 
 
@@ -137,17 +139,22 @@ class Step:
 
     # -- recording and compiling -----------------------------------------------------------
     def _compile(self, key: tuple, calls: list[Call], beta: float, remaining: int) -> None:
-        """Record and compile the step of ``key`` (``auto``: if the run is long enough)."""
-        self.compiled[key] = None
+        """Record and compile the step of ``key`` (``auto``: if the run is long enough, once
+        :data:`AUTO_TRIALS` steps were timed as written: the first few warm up, and one alone
+        would flatter the compiled step)."""
         if self.mode == "auto":
             eager = _median(self.eager_seconds)
             if eager * remaining < AUTO_MIN_SECONDS:
+                self.compiled[key] = None
                 self.say(
                     f"compile auto: runs as written (its remaining {remaining} steps take about "
                     f"{eager * remaining:.0f} s, too few to repay a compilation)"
                 )
                 self.uncompiled = "too short a run"
                 return
+            if len(self.eager_seconds) < AUTO_TRIALS:
+                return
+        self.compiled[key] = None
         started = time.perf_counter()
         try:
             self.compiled[key] = self._record(calls, beta)

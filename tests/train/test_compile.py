@@ -4,6 +4,8 @@ trains as written and says why; compile on or off, a run trains to the same weig
 same validation numbers, and a run stopped and resumed with compile on ends where an
 uninterrupted one does."""
 
+import re
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -14,6 +16,7 @@ import pyvae
 from pyvae.data.batching import Call
 from pyvae.errors import PyvaeError
 from pyvae.program import structure
+from pyvae.train import step as step_module
 from pyvae.train.objectives import Objective
 from pyvae.train.step import Step
 from tests.conftest import interrupted_at
@@ -197,6 +200,18 @@ def test_compile_on_and_off_train_to_the_same_weights():
 def test_a_short_run_on_auto_runs_as_written_and_says_so(capsys):
     pyvae.fit(pyvae.VAE(X_DIM, 2, hidden=(8,)), _points(64), epochs=1, batch_size=16)
     assert "compile auto: runs as written (its remaining" in capsys.readouterr().out
+
+
+def test_auto_on_a_long_enough_run_compiles_and_says_which_step_it_kept(capsys, monkeypatch):
+    monkeypatch.setattr(step_module, "AUTO_MIN_SECONDS", 0.0)  # any run is long enough
+    # 16 steps: one validated, five timed as written, then six compiled before the choice
+    pyvae.fit(pyvae.VAE(X_DIM, 2, hidden=(8,)), _points(256), epochs=1, batch_size=16)
+    kept = re.search(
+        r"compile auto: (the training step compiled in [0-9.]+ s runs in [0-9.]+ ms against "
+        r"[0-9.]+ ms as written|runs as written: the compiled step took [0-9.]+ ms against)",
+        capsys.readouterr().out,
+    )
+    assert kept is not None
 
 
 def test_an_unknown_compile_setting_is_refused():
