@@ -52,7 +52,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Iterator
 
 import torch
@@ -138,6 +138,27 @@ def describe(value) -> tuple:
     if isinstance(value, torch.Tensor):
         return tuple(value.shape), value.dtype, value.device
     return (value,)
+
+
+class Recordings:
+    """Compiled functions by kind (a key of what a recording depends on), each recorded the second
+    time its kind comes: the first call runs as written (a kind that comes once costs no
+    compilation), and a kind whose recording failed, or every kind once ``off`` is set (a program
+    that cannot be recorded, or compilation not wanted), runs as written."""
+
+    def __init__(self, wanted: bool) -> None:
+        self.compiled: dict[tuple, Compiled | None] = {}
+        self.seen: Counter = Counter()
+        self.off = not wanted
+
+    def get(self, key: tuple, record: Callable[[], Compiled | None]) -> Compiled | None:
+        """The compiled function of ``key``, made by ``record()`` the second time ``key`` comes;
+        None: run it as written."""
+        if key not in self.compiled and not self.off:
+            self.seen[key] += 1
+            if self.seen[key] >= 2:
+                self.compiled[key] = record()
+        return self.compiled.get(key)
 
 
 class Watched:

@@ -26,7 +26,6 @@ import contextvars
 import math
 import sys
 import warnings
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -37,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyvae import program
-from pyvae.compiled import NotCompiled, check_compile, compile_function, describe
+from pyvae.compiled import NotCompiled, Recordings, check_compile, compile_function, describe
 from pyvae.data.batching import Batches, as_points, check_data, resolve_device
 from pyvae.errors import PyvaeError, PyvaeWarning, positive_int
 
@@ -285,9 +284,7 @@ class Scorer:
 
     def __init__(self, model, shape, stats: _SiteStats, compile: bool) -> None:
         self.model, self.shape, self.stats = model, shape, stats
-        self.compiled: dict[tuple, Callable | None] = {}
-        self.seen: Counter = Counter()
-        self.uncompiled = not compile
+        self.recordings = Recordings(compile)
         self.names: dict[tuple, list] = {}  # each compiled kind's statistics, in output order
 
     @staticmethod
@@ -307,11 +304,7 @@ class Scorer:
 
     def __call__(self, batch: tuple, k: int, per_dim: bool):
         key = (tuple(describe(a) for a in batch), k, per_dim)
-        if key not in self.compiled and not self.uncompiled:
-            self.seen[key] += 1
-            if self.seen[key] >= 2:
-                self.compiled[key] = self._compiled(key, batch, k, per_dim)
-        compiled = self.compiled.get(key)
+        compiled = self.recordings.get(key, lambda: self._compiled(key, batch, k, per_dim))
         if compiled is None:
             return self._as_written(batch, k, per_dim)
         per_point, elbo, *values = compiled(*[a for a in batch if torch.is_tensor(a)])
@@ -337,7 +330,7 @@ class Scorer:
             with program.recordable():
                 compiled = compile_function(chunk, *tensors, frozen=frozen)
         except NotCompiled as why:
-            self.uncompiled = True
+            self.recordings.off = True
             warnings.warn(
                 f"importance sampling runs the program uncompiled: {why}",
                 PyvaeWarning,

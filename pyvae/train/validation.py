@@ -10,7 +10,6 @@ parameters read at every call, so that one compilation serves every epoch.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Callable
 
 import pyro
@@ -18,7 +17,14 @@ import torch
 from pyro import poutine
 
 from pyvae import distributed
-from pyvae.compiled import Compiled, NotCompiled, Watched, compile_function, describe
+from pyvae.compiled import (
+    Compiled,
+    NotCompiled,
+    Recordings,
+    Watched,
+    compile_function,
+    describe,
+)
 from pyvae.data.batching import Batches
 from pyvae.infer.importance import compiles
 from pyvae.parts.likelihoods import bits_per_dim, coding
@@ -123,9 +129,7 @@ class BatchLosses:
     def __init__(self, model, wanted: bool, mode: str, say: Callable[[str], None]) -> None:
         self.model, self.mode, self.say = model, mode, say
         self.watched = Watched(model)
-        self.compiled: dict[tuple, Compiled | None] = {}
-        self.seen: Counter = Counter()
-        self.uncompiled = not wanted
+        self.recordings = Recordings(wanted)
 
     def __call__(self, objective, program, guide, batch: tuple):
         key = (
@@ -135,11 +139,7 @@ class BatchLosses:
             tuple(describe(a) for a in batch),
             self.watched.key(),
         )
-        if key not in self.compiled and not self.uncompiled:
-            self.seen[key] += 1
-            if self.seen[key] >= 2:
-                self.compiled[key] = self._record(objective, program, guide, batch)
-        compiled = self.compiled.get(key)
+        compiled = self.recordings.get(key, lambda: self._record(objective, program, guide, batch))
         if compiled is None:
             return batch_loss(objective, program, guide, batch)
         return compiled(*[a for a in batch if torch.is_tensor(a)])[0]
@@ -148,7 +148,7 @@ class BatchLosses:
         def loss(*given: torch.Tensor) -> tuple[torch.Tensor]:
             served = iter(given)
             full = tuple(next(served) if torch.is_tensor(a) else a for a in batch)
-            return (torch.as_tensor(batch_loss(objective, program, guide, full)),)
+            return (recordable_loss(objective, program, guide, full),)
 
         started = time.perf_counter()
         try:
@@ -157,7 +157,7 @@ class BatchLosses:
                     loss, *[a for a in batch if torch.is_tensor(a)], autotune=False
                 )
         except NotCompiled as why:
-            self.uncompiled = True
+            self.recordings.off = True
             self.say(f"compile {self.mode}: validation scores the program as written: {why}")
             return None
         self.say(
@@ -168,13 +168,20 @@ class BatchLosses:
         return compiled
 
 
-def batch_loss(objective: pyro.infer.ELBO, program, guide, batch: tuple):
-    """``objective``'s loss of ``program`` and ``guide`` on ``batch``: its differentiable loss where
-    it has one (the same number; Pyro's ``loss`` of the IWAE bound reads it as a Python float,
-    which a recording cannot), else its ``loss``."""
-    if hasattr(objective, "differentiable_loss"):
-        return objective.differentiable_loss(program, guide, *batch)
+def batch_loss(objective: pyro.infer.ELBO, program, guide, batch: tuple) -> float:
+    """``objective``'s loss of ``program`` and ``guide`` on ``batch``."""
     return objective.loss(program, guide, *batch)
+
+
+def recordable_loss(objective: pyro.infer.ELBO, program, guide, batch: tuple) -> torch.Tensor:
+    """:func:`batch_loss`'s number in a form a recording can follow: Pyro's ``loss`` reads it as a
+    Python number (``TraceEnum_ELBO``'s and ``RenyiELBO``'s by ``.item()``); its
+    ``differentiable_loss`` does not, but refuses a loss without a gradient graph, so gradients are
+    on while it runs (nothing takes them)."""
+    if not hasattr(objective, "differentiable_loss"):
+        return torch.as_tensor(objective.loss(program, guide, *batch))
+    with torch.enable_grad():
+        return objective.differentiable_loss(program, guide, *batch).detach()
 
 
 @torch.no_grad()
