@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import pyvae
+import pyvae.compiled
 from pyvae.cli.app import main
 from pyvae.data.datasets import binarize, load_dataset
 from pyvae.train.objectives import Objective
@@ -44,6 +45,14 @@ def compiler_cache(tmp_path_factory):
         del os.environ["TORCHINDUCTOR_CACHE_DIR"]
     else:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
+@pytest.fixture
+def untuned(monkeypatch):
+    """Inductor without max-autotune's timing of matrix-product kernels (which builds and times a
+    kernel per choice): tests of what a recording computes compile in seconds. test_ais's
+    softplus-Bernoulli VAE keeps it, for the path users run."""
+    monkeypatch.setitem(pyvae.compiled.CPU_OPTIONS, "max_autotune", False)
 
 
 @pytest.fixture(autouse=True)

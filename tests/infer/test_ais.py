@@ -147,7 +147,7 @@ class Reads(nn.Module):
 
 
 @pytest.mark.parametrize("case", ["guide", "prior", "dependent guide"])
-def test_compiled_ais_gives_the_programs_numbers(case, recwarn):
+def test_compiled_ais_gives_the_programs_numbers(case, recwarn, untuned):
     torch.manual_seed(4)
     if case == "dependent guide":
         model, x, start = TwoLayer(), torch.randn(6, 5), "guide"
@@ -168,7 +168,7 @@ def test_compiled_ais_gives_the_programs_numbers(case, recwarn):
     assert (errors(compiled, exact) <= 4 * compiled.stderr + 0.05).all()
 
 
-def test_compiled_ais_runs_the_program_only_to_record_and_check_it(monkeypatch, recwarn):
+def test_compiled_ais_runs_the_program_only_to_record_and_check_it(monkeypatch, recwarn, untuned):
     """Every leapfrog step, inside a trajectory (gradients alone) or at its end, calls a compiled
     graph."""
     calls = []
@@ -186,7 +186,7 @@ def test_compiled_ais_runs_the_program_only_to_record_and_check_it(monkeypatch, 
     assert len(calls) <= 4  # two recordings and one check, against 49 x 5 evaluations as written
 
 
-def test_a_gradients_graph_that_cannot_compile_leaves_the_chains_as_written(monkeypatch):
+def test_a_gradients_graph_that_cannot_compile_leaves_the_chains_as_written(monkeypatch, untuned):
     from pyvae.compiled import NotCompiled
 
     compile_function = pyvae.infer.ais.potential.compile_function
@@ -344,7 +344,7 @@ def test_compiled_ais_of_a_softplus_bernoulli_vae_gives_the_programs_numbers(rec
     )
 
 
-def test_compiled_ais_follows_the_model_s_weights_when_they_change(recwarn):
+def test_compiled_ais_follows_the_model_s_weights_when_they_change(recwarn, untuned):
     model = ppca(orthogonal=False)
     x = sample_data(model, 6)
     before = ais_log_likelihood(model, x, num_steps=20, compile=True, **FAST)
@@ -361,7 +361,7 @@ def test_compiled_ais_follows_the_model_s_weights_when_they_change(recwarn):
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_failed_chains_are_reported_not_averaged_in(compile, recwarn):
+def test_failed_chains_are_reported_not_averaged_in(compile, recwarn, untuned):
     result = ais_log_likelihood(
         Cliff(), torch.zeros(6, 1), num_steps=10, num_chains=16, leapfrog_steps=3, compile=compile
     )
@@ -407,7 +407,7 @@ def test_the_sigmoid_schedule():
     assert b[1] - b[0] < 1 / 100 and b[51] - b[50] > 1 / 100  # small steps at the ends
 
 
-def test_the_evaluate_command_scores_by_ais_beside_is(run_folder, capsys):
+def test_the_evaluate_command_scores_by_ais_beside_is(run_folder, capsys, untuned):
     out = run_folder / "ais"
     main(
         [

@@ -16,11 +16,8 @@ from tests.train.test_compile import Branching, TutorialVAE
 X_DIM = 16
 
 
-@pytest.fixture(autouse=True)
-def untuned(monkeypatch):
-    """Inductor without max-autotune's timing of matrix-product kernels (tests/infer/test_ais.py
-    compiles with it): the recording and its numbers are what these tests check, in seconds."""
-    monkeypatch.setitem(pyvae.compiled.CPU_OPTIONS, "max_autotune", False)
+# the recording and its numbers are what these tests check: compiled without max-autotune
+pytestmark = pytest.mark.usefixtures("untuned")
 
 
 def _points(n: int = 8) -> torch.Tensor:
