@@ -32,6 +32,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import NamedTuple
 
 import pyro
 import torch
@@ -57,6 +58,14 @@ AUTO_MIN_SECONDS = 20.0
 AUTO_TRIALS = 5
 
 
+class Recorded(NamedTuple):
+    """A compiled step and which of the trainable parameters it gives a gradient (the others keep
+    ``.grad`` None, as the step as written leaves them)."""
+
+    compiled: Compiled
+    used: list[bool]
+
+
 class Step:
     """``step(calls, beta, validate, remaining)``: the loss of one step's calls
     (:class:`pyvae.train.objectives.Objective`, (2, C)) with the gradients of its sum put in the
@@ -76,7 +85,7 @@ class Step:
     ) -> None:
         self.objective, self.loss_of, self.mode = objective, loss_of, check_compile(mode)
         self.beta_varies, self.say = beta_varies, say
-        self.compiled: dict[tuple, Compiled | None] = {}
+        self.compiled: dict[tuple, Recorded | None] = {}
         self.seen: Counter = Counter()
         self.eager_seconds: list[float] = []
         self.trials: dict[tuple, list[float]] = {}
@@ -95,11 +104,11 @@ class Step:
             # auto waits for a step timed as written (the first, validated, is slower)
             if self.seen[key] >= 2 and (self.mode != "auto" or self.eager_seconds):
                 self._compile(key, calls, beta, remaining)
-        compiled = self.compiled.get(key)
-        if compiled is None:
+        recorded = self.compiled.get(key)
+        if recorded is None:
             return self._as_written(calls, beta, validate)
         started = time.perf_counter()
-        losses = self._run(compiled, calls, beta)
+        losses = self._run(recorded, calls, beta)
         if key in self.trials:
             self._judge(key, _seconds(started, losses), remaining)
         return losses
@@ -117,10 +126,10 @@ class Step:
             self.eager_seconds = [*self.eager_seconds[-(AUTO_TRIALS - 1) :], seconds]
         return losses.detach()
 
-    def _run(self, compiled: Compiled, calls: list[Call], beta: float) -> torch.Tensor:
-        losses, *grads = compiled(*self._inputs(calls, beta))
+    def _run(self, recorded: Recorded, calls: list[Call], beta: float) -> torch.Tensor:
+        losses, *grads = recorded.compiled(*self._inputs(calls, beta))
         grads = iter(grads)
-        for p, used in zip(self.watched.params, compiled.used, strict=True):
+        for p, used in zip(self.watched.params, recorded.used, strict=True):
             p.grad = next(grads) if used else None
         return losses
 
@@ -169,7 +178,7 @@ class Step:
         else:
             self.say(f"compile on: the training step compiled in {seconds:.1f} s")
 
-    def _record(self, calls: list[Call], beta: float) -> Compiled:
+    def _record(self, calls: list[Call], beta: float) -> Recorded:
         names = [n for n, p in self.objective.named_parameters() if p.requires_grad]
         if len(names) != len(self.watched.params):  # the parameters changed since the epoch began
             self.watched.refresh()
@@ -189,14 +198,13 @@ class Step:
             return (losses.detach(), *(g for g in grads if g is not None))
 
         compiled = compile_function(step, *inputs, autotune=False)
-        compiled.used = used  # which parameters have a gradient (the others keep None)
         trainable = [t for t in compiled.constants if t.requires_grad]
         if trainable:
             raise NotCompiled(
                 f"it reads a trainable tensor of shape {tuple(trainable[0].shape)} that is not "
                 "a parameter of the model, whose gradient the recording would not take"
             )
-        return compiled
+        return Recorded(compiled, used)
 
     def _judge(self, key: tuple, seconds: float, remaining: int) -> None:
         """``auto``: keep the compiled step if it measured faster than as written."""
