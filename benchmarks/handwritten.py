@@ -66,7 +66,8 @@ class TutorialVAE(nn.Module):
 
 
 class PerPointNLL:
-    """Pythae's ``get_nll`` loop: one data point at a time, its K samples in chunks of ``chunk``.
+    """Pythae's ``get_nll`` loop: one data point at a time, its K samples in chunks of ``chunk``
+    (the last one shorter when ``chunk`` does not divide K).
 
     Same estimator as ``pyvae.log_likelihood`` (log-mean-exp of p(x, z)/q(z|x) with z ~ q):
     the baseline for ``eval_speed.py``.
@@ -80,8 +81,8 @@ class PerPointNLL:
         out = []
         for point in x:
             log_w = []
-            for _ in range(self.num_samples // self.chunk):
-                xs = point.expand(self.chunk, -1)
+            for start in range(0, self.num_samples, self.chunk):
+                xs = point.expand(min(self.chunk, self.num_samples - start), -1)
                 loc, raw = self.vae.encoder(xs).chunk(2, dim=-1)
                 q = torch.distributions.Normal(loc, F.softplus(raw) + 1e-4)
                 z = q.sample()
