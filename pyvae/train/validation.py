@@ -161,9 +161,9 @@ class BatchLosses:
             self.say(f"compile {self.mode}: validation scores the program as written: {why}")
             return None
         self.say(
-            f"compile {self.mode}: a validation score ({type(objective).__name__}, "
-            f"{objective.num_particles} particles, {batch[0].shape[0]} points a batch) compiled "
-            f"in {time.perf_counter() - started:.1f} s"
+            f"compile {self.mode}: a validation score ({type(objective).__name__}, K = "
+            f"{objective.num_particles}, {batch[0].shape[0]} points a batch) compiled in "
+            f"{time.perf_counter() - started:.1f} s"
         )
         return compiled
 
