@@ -13,6 +13,7 @@ from pyvae.cli.app import main
 from pyvae.data.datasets import binarize, load_dataset
 from pyvae.train.objectives import Objective
 from pyvae.train.run import Training
+from pyvae.train.validation import Validation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,8 +105,13 @@ def exits_2(argv, capsys) -> str:
 def interrupted_at(monkeypatch, call: int, signum: int = signal.SIGINT, during: str = "gradients"):
     """Within the block, the ``call``-th training step gets ``signum`` (as a user's Ctrl-C
     mid-epoch would arrive): while its loss and gradients are computed (``during="gradients"``,
-    which undoes the step) or as its update is applied (``"update"``, which completes it)."""
-    owner, name = (Objective, "forward") if during == "gradients" else (Training, "_update")
+    which undoes the step) or as its update is applied (``"update"``, which completes it); with
+    ``during="validation"``, the ``call``-th epoch's scoring gets it."""
+    owner, name = {
+        "gradients": (Objective, "forward"),
+        "update": (Training, "_update"),
+        "validation": (Validation, "scores"),
+    }[during]
     original, calls = getattr(owner, name), []
 
     def then_signal(self, *args, **kwargs):

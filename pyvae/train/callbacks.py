@@ -242,9 +242,10 @@ class StepAborted(BaseException):
 
 class StopOnSignal:
     """Turns SIGINT and SIGTERM into a request to stop (main thread only): ``signum`` is the
-    signal received, None before any. Inside :meth:`abortable` (a step's loss and gradients, which
-    change nothing yet) the signal stops the step at once, raising :class:`StepAborted`, so that a
-    step of minutes does not hold it up; elsewhere training stops after the current step."""
+    signal received, None before any. Inside :meth:`abortable` (a step's loss and gradients, or an
+    epoch's scores, which change nothing yet) the signal stops the work at once, raising
+    :class:`StepAborted`, so that a step of minutes does not hold it up; elsewhere training stops
+    after the current step."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.signum: int | None = None

@@ -111,7 +111,7 @@ class Training:
                         self.callbacks.on_step_end(self)
                     else:
                         self.callbacks.on_stop(self)
-                self.history.append(self.epoch_record())
+                self.history.append(self.closing_record(signals))
                 self.callbacks.on_epoch_end(self, self.history[-1])
         except BaseException as e:
             error = e
@@ -129,6 +129,7 @@ class Training:
         self.step_of.new_epoch()
         self.epoch_lr = self.schedule.lr
         done = self.resumed.get("step_in_epoch", 0) if self.epoch == self.first_epoch else 0
+        self.step_in_epoch = done
         self.started = time.perf_counter() - (self.resumed["partial_seconds"] if done else 0.0)
         self.sums = torch.zeros(len(KINDS), 3, device=self.device)
         if done:
@@ -207,6 +208,21 @@ class Training:
         self.optimizer.step()
         self.signum = signum
         tally(self.sums, calls, losses)
+
+    def closing_record(self, signals: StopOnSignal) -> dict:
+        """:meth:`epoch_record`, which a signal aborts at once (one process): scoring changes
+        nothing, so the run stops as after the epoch's last step, its generators put back, and the
+        resumed run scores the epoch with the same draws (a validation of many importance samples,
+        or its first compilation, may take a while)."""
+        before = state.torch_rng(self.device)
+        try:
+            with signals.abortable(self.world.size == 1):
+                return self.epoch_record()
+        except StepAborted as stopped:
+            self.signum = stopped.signum
+            state.set_torch_rng(before, self.device)
+            self.callbacks.on_stop(self)  # writes the checkpoint and raises TrainingStopped
+            raise
 
     def epoch_record(self) -> dict:
         """The epoch's ``train_elbo`` (each process summed its shard; together they cover the

@@ -314,6 +314,33 @@ def test_a_signal_inside_a_step_undoes_it_and_the_run_resumes_exactly(
         assert torch.equal(p, q)
 
 
+def test_a_signal_while_an_epoch_is_scored_stops_at_once_and_the_run_resumes_exactly(
+    tmp_path, monkeypatch, digits
+):
+    """The signal arrives while epoch 2's validation log p(x) is estimated: the run stops there,
+    as after the epoch's last step, and the resumed run scores epoch 2 with the same draws."""
+    from pyvae.train.loop import TrainingStopped
+
+    train, test = digits  # 6 steps of 256 per epoch
+    settings = dict(epochs=3, batch_size=256, seed=5, valid=test, valid_samples=10, progress=False)
+    torch.manual_seed(0)
+    whole = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    reference = pyvae.fit(whole, train, out=tmp_path / "whole", **settings)
+    torch.manual_seed(0)
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    stopped = pytest.raises(TrainingStopped, match="stopped by SIGINT at epoch 2, step 6")
+    with interrupted_at(monkeypatch, 2, during="validation"), stopped:
+        pyvae.fit(vae, train, out=tmp_path / "stopped", **settings)
+    assert (
+        len(torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["history"]) == 1
+    )
+    resumed = pyvae.fit(vae, train, out=tmp_path / "stopped", resume=True, **settings)
+    strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
+    assert strip(resumed) == strip(reference)
+    for p, q in zip(vae.parameters(), whole.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
 class Slow(pyvae.VAE):
     """A VAE whose guide, in training step ``signal_in``, gets SIGINT and then keeps computing
     for up to 20 s: a step of minutes, as a large VampPrior under a flow guide can take."""
