@@ -163,10 +163,12 @@ class Recordings:
 
 class Watched:
     """What a recording of ``module`` depends on besides its arguments, for a key checked before
-    each call (a few microseconds): which parameters are trainable, and the values of every
-    submodule's Python settings (train/eval mode, numbers, strings: a program whose code branches on
-    ``self.temperature`` is recorded again when it changes). The lists are read again by
-    :meth:`refresh`, and by :meth:`key` when a module gains or loses an attribute."""
+    each call (a few microseconds): which tensors its parameters and buffers are (a recording reads
+    them by identity: one replaced, not updated in place, needs a new recording) and which are
+    trainable, and the values of every submodule's Python settings (train/eval mode, numbers,
+    strings: a program whose code branches on ``self.temperature`` is recorded again when it
+    changes). The lists are read again by :meth:`refresh`, and by :meth:`key` when a module gains
+    or loses an attribute."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module
@@ -183,13 +185,18 @@ class Watched:
             if value is None or isinstance(value, (bool, int, float, str))
         ]
         self.sizes = self._sizes()
-        self.listed = (tuple(map(id, self.params)), tuple(name for _, name in self.settings))
+        tensors = [*self.module.parameters(), *self.module.buffers()]
+        self.listed = (
+            tuple(map(id, self.params)),
+            tuple(map(id, tensors)),
+            tuple(name for _, name in self.settings),
+        )
 
     def _sizes(self) -> tuple[int, ...]:
         return tuple(len(vars(module)) for module in self.modules)
 
     def key(self) -> tuple:
-        """The parameters' identities, the settings' names and their values now."""
+        """The tensors' identities, the settings' names and their values now."""
         if self._sizes() != self.sizes:
             self.refresh()
         values = tuple(_setting(vars(module).get(name)) for module, name in self.settings)

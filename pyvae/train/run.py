@@ -213,14 +213,15 @@ class Training:
         """:meth:`epoch_record`, which a signal aborts at once (one process): scoring changes
         nothing, so the run stops as after the epoch's last step, its generators put back, and the
         resumed run scores the epoch with the same draws (a validation of many importance samples,
-        or its first compilation, may take a while)."""
-        before = state.torch_rng(self.device)
+        or its first compilation, may take a while). The user's metrics may draw from python's or
+        numpy's generators: all of them are put back."""
+        before = state.rng_state()
         try:
             with signals.abortable(self.world.size == 1):
                 return self.epoch_record()
         except StepAborted as stopped:
             self.signum = stopped.signum
-            state.set_torch_rng(before, self.device)
+            state.set_rng_state(before)
             self.callbacks.on_stop(self)  # writes the checkpoint and raises TrainingStopped
             raise
 

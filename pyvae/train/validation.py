@@ -30,7 +30,7 @@ from pyvae.infer.importance import compiles
 from pyvae.parts.likelihoods import bits_per_dim, coding
 from pyvae.program import LocalParams, recordable, structure
 from pyvae.train.callbacks import BPD_KEYS
-from pyvae.train.objectives import make_elbo
+from pyvae.train.objectives import IWAE, make_elbo
 
 #: the validation log p(x) by importance sampling (``valid_samples``) uses at most this many points
 VALID_IS_POINTS = 1000
@@ -84,6 +84,7 @@ class Validation:
     def scores(self, record: dict) -> None:
         """Add the scores to the epoch's ``record`` (the bits per dimension of its
         ``train_elbo`` too)."""
+        self.losses.watched.refresh()  # a tensor of the model replaced since the last epoch
         if self.test is not None:
             record.update(self._bounds(self.test, "test"))
         if self.valid is not None:
@@ -142,7 +143,8 @@ class BatchLosses:
         compiled = self.recordings.get(key, lambda: self._record(objective, program, guide, batch))
         if compiled is None:
             return batch_loss(objective, program, guide, batch)
-        return compiled(*[a for a in batch if torch.is_tensor(a)])[0]
+        # a Python float as Pyro's loss is, so that the batches add up in double precision
+        return float(compiled(*[a for a in batch if torch.is_tensor(a)])[0])
 
     def _record(self, objective, program, guide, batch: tuple) -> Compiled | None:
         def loss(*given: torch.Tensor) -> tuple[torch.Tensor]:
@@ -174,14 +176,18 @@ def batch_loss(objective: pyro.infer.ELBO, program, guide, batch: tuple) -> floa
 
 
 def recordable_loss(objective: pyro.infer.ELBO, program, guide, batch: tuple) -> torch.Tensor:
-    """:func:`batch_loss`'s number in a form a recording can follow: Pyro's ``loss`` reads it as a
-    Python number (``TraceEnum_ELBO``'s and ``RenyiELBO``'s by ``.item()``); its
-    ``differentiable_loss`` does not, but refuses a loss without a gradient graph, so gradients are
-    on while it runs (nothing takes them)."""
-    if not hasattr(objective, "differentiable_loss"):
-        return torch.as_tensor(objective.loss(program, guide, *batch))
-    with torch.enable_grad():
-        return objective.differentiable_loss(program, guide, *batch).detach()
+    """:func:`batch_loss`'s number in a form a recording can follow. Pyro's ``loss`` of
+    ``TraceEnum_ELBO`` and ``RenyiELBO`` reads it by ``.item()``: pyvae's IWAE records its
+    ``differentiable_loss`` instead; ``TraceEnum_ELBO``'s refuses a loss without a gradient graph,
+    so gradients are on while it runs (nothing takes them; code that asks
+    ``torch.is_grad_enabled()`` takes its training branch there). The others' ``loss`` records as
+    it is (:func:`pyvae.program.recordable`)."""
+    if isinstance(objective, IWAE):
+        return objective.differentiable_loss(program, guide, *batch)
+    if isinstance(objective, pyro.infer.TraceEnum_ELBO):
+        with torch.enable_grad():
+            return objective.differentiable_loss(program, guide, *batch).detach()
+    return torch.as_tensor(objective.loss(program, guide, *batch))
 
 
 @torch.no_grad()
