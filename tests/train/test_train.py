@@ -220,34 +220,48 @@ def test_resume_needs_a_run_written_by_fit(tmp_path, digits):
         pyvae.fit(other, train, epochs=2, resume=True, out=tmp_path, device="cpu", progress=False)
 
 
+def _whole_and_stopped(tmp_path, monkeypatch, train, settings, where, call, during="gradients"):
+    """(the model trained uninterrupted in ``tmp_path/whole``, its history; the same model, from
+    the same initial weights, in a run stopped by SIGINT at the ``call``-th ``during``, which
+    must say it stopped at ``where``, in ``tmp_path/stopped``)."""
+    from pyvae.train.loop import TrainingStopped
+
+    torch.manual_seed(0)
+    whole = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    reference = pyvae.fit(whole, train, out=tmp_path / "whole", **settings)
+    torch.manual_seed(0)
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    stopped = pytest.raises(TrainingStopped, match=f"stopped by SIGINT at {where}")
+    with interrupted_at(monkeypatch, call, during=during), stopped:
+        pyvae.fit(vae, train, out=tmp_path / "stopped", **settings)
+    return whole, reference, vae
+
+
+def _resumed_exactly(tmp_path, train, settings, whole, reference, vae) -> None:
+    """The stopped run, resumed, ends with the uninterrupted run's history (but the seconds) and
+    weights."""
+    resumed = pyvae.fit(vae, train, out=tmp_path / "stopped", resume=True, **settings)
+    strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
+    assert strip(resumed) == strip(reference)
+    for p, q in zip(vae.parameters(), whole.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("protocol", ["none", "cosine", "plateau"])
 def test_a_stop_on_the_last_step_of_an_epoch_resumes_exactly(
     tmp_path, digits, monkeypatch, protocol
 ):
     """Also with a learning-rate schedule, validation data, early stopping and best.pt."""
-    from pyvae.train.loop import TrainingStopped
-
     train, test = digits  # 1437 points, batch 256: 6 steps per epoch
     settings = dict(
         epochs=3, batch_size=256, kl_warmup_epochs=2, seed=5, device="cpu", progress=False
     )
     if protocol != "none":
         settings.update(lr_schedule=protocol, valid=test, valid_samples=10, patience=2)
-    torch.manual_seed(0)
-    whole = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
-    reference = pyvae.fit(whole, train, out=tmp_path / "whole", **settings)
-
-    torch.manual_seed(0)
-    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
     # the last step of epoch 2, the signal arriving as its update is applied
-    stopped = pytest.raises(TrainingStopped, match="stopped by SIGINT at epoch 2, step 6")
-    with interrupted_at(monkeypatch, 12, during="update"), stopped:
-        pyvae.fit(vae, train, out=tmp_path / "stopped", **settings)
-    resumed = pyvae.fit(vae, train, out=tmp_path / "stopped", resume=True, **settings)
-    strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
-    assert strip(resumed) == strip(reference)
-    for p, q in zip(vae.parameters(), whole.parameters(), strict=True):
-        assert torch.equal(p, q)
+    stop = ("epoch 2, step 6", 12, "update")
+    runs = _whole_and_stopped(tmp_path, monkeypatch, train, settings, *stop)
+    _resumed_exactly(tmp_path, train, settings, *runs)
     if protocol != "none":
         assert (
             torch.load(tmp_path / "stopped" / "best.pt", weights_only=True)["epoch"]
@@ -257,18 +271,10 @@ def test_a_stop_on_the_last_step_of_an_epoch_resumes_exactly(
 
 def test_a_mid_epoch_checkpoint_of_an_older_pyvae_resumes(tmp_path, digits, monkeypatch):
     """Before issue 28 a stop mid-epoch saved the epoch's objective as one number."""
-    from pyvae.train.loop import TrainingStopped
-
     train, _ = digits
     settings = dict(epochs=2, batch_size=256, seed=5, device="cpu", progress=False)
-    torch.manual_seed(0)
-    whole = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
-    reference = pyvae.fit(whole, train, out=tmp_path / "whole", **settings)
-    torch.manual_seed(0)
-    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
-    # step 3 of epoch 2
-    with interrupted_at(monkeypatch, 9), pytest.raises(TrainingStopped):
-        pyvae.fit(vae, train, out=tmp_path / "stopped", **settings)
+    # step 3 of epoch 2, undone
+    _, reference, vae = _whole_and_stopped(tmp_path, monkeypatch, train, settings, "epoch 2", 9)
     path = tmp_path / "stopped" / "checkpoint.pt"
     payload = torch.load(path, weights_only=True)
     training = payload["training"]
@@ -289,29 +295,12 @@ def test_a_signal_inside_a_step_undoes_it_and_the_run_resumes_exactly(
     epoch 2, the very first): the step is undone (its minibatch, dynamically binarized, is drawn
     again on resume from the same generators) and the resumed run ends with the uninterrupted
     run's weights and history."""
-    from pyvae.train.loop import TrainingStopped
-
     train = binarize(load_dataset("digits", "train"), "dynamic")  # 6 steps of 256 per epoch
     settings = dict(
         epochs=3, batch_size=256, kl_warmup_epochs=2, seed=5, device="cpu", progress=False
     )
-    torch.manual_seed(0)
-    whole = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
-    reference = pyvae.fit(whole, train, out=tmp_path / "whole", **settings)
-
-    torch.manual_seed(0)
-    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
-    stopped = pytest.raises(TrainingStopped, match=f"stopped by SIGINT at {where}")
-    with interrupted_at(monkeypatch, call), stopped:
-        pyvae.fit(vae, train, out=tmp_path / "stopped", **settings)
-    resumed = pyvae.fit(vae, train, out=tmp_path / "stopped", resume=True, **settings)
-
-    def strip(history):
-        return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
-
-    assert strip(resumed) == strip(reference)
-    for p, q in zip(vae.parameters(), whole.parameters(), strict=True):
-        assert torch.equal(p, q)
+    runs = _whole_and_stopped(tmp_path, monkeypatch, train, settings, where, call)
+    _resumed_exactly(tmp_path, train, settings, *runs)
 
 
 def test_a_signal_while_an_epoch_is_scored_stops_at_once_and_the_run_resumes_exactly(
@@ -319,26 +308,14 @@ def test_a_signal_while_an_epoch_is_scored_stops_at_once_and_the_run_resumes_exa
 ):
     """The signal arrives while epoch 2's validation log p(x) is estimated: the run stops there,
     as after the epoch's last step, and the resumed run scores epoch 2 with the same draws."""
-    from pyvae.train.loop import TrainingStopped
-
     train, test = digits  # 6 steps of 256 per epoch
     settings = dict(epochs=3, batch_size=256, seed=5, valid=test, valid_samples=10, progress=False)
-    torch.manual_seed(0)
-    whole = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
-    reference = pyvae.fit(whole, train, out=tmp_path / "whole", **settings)
-    torch.manual_seed(0)
-    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
-    stopped = pytest.raises(TrainingStopped, match="stopped by SIGINT at epoch 2, step 6")
-    with interrupted_at(monkeypatch, 2, during="validation"), stopped:
-        pyvae.fit(vae, train, out=tmp_path / "stopped", **settings)
+    stop = ("epoch 2, step 6", 2, "validation")
+    runs = _whole_and_stopped(tmp_path, monkeypatch, train, settings, *stop)
     assert (
         len(torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["history"]) == 1
     )
-    resumed = pyvae.fit(vae, train, out=tmp_path / "stopped", resume=True, **settings)
-    strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
-    assert strip(resumed) == strip(reference)
-    for p, q in zip(vae.parameters(), whole.parameters(), strict=True):
-        assert torch.equal(p, q)
+    _resumed_exactly(tmp_path, train, settings, *runs)
 
 
 class Slow(pyvae.VAE):
