@@ -1,6 +1,6 @@
 """Training speed against NumPyro's jitted SVI on the same model, data, ELBO, optimizer and batch.
 
-    python benchmarks/numpyro_peer.py --device cpu --batch-sizes 128 --rounds 3 --repeats 2
+    python benchmarks/numpyro_peer.py --device cpu --batch-sizes 128 --rounds 5 --repeats 2
 
 NumPyro is an optional peer: it runs in a virtual environment of its own, made by this script
 the first time (``--venv``, default ``~/.cache/pyvae-benchmarks/numpyro``; ``pip install numpyro
@@ -9,12 +9,13 @@ jax[cpu]`` from the package registry), in a child process. The model is the one 
 guide (sigma = softplus(.) + 1e-4), a N(0, I) prior and Bernoulli logits, the mean-field ELBO
 (analytic KL) and Adam at lr 1e-3. NumPyro runs it two ways: ``jit(svi.update)`` once per step, as
 its users write it, and a whole epoch in one ``jit`` (``lax.fori_loop`` over the steps, as its VAE
-example does). Each repeat measures the hand-written PyTorch epoch (the baseline), pyvae's epoch
-(``elbo="meanfield"``, as written and compiled; a ``fit`` call per epoch, which records the
-compiled step again each time, so the compiled epoch of a long run, its median step time x the
-steps, is printed beside it) and both NumPyro epochs, one warm-up epoch then the median of
-``--rounds``; the ratios are to that repeat's hand-written epoch (NumPyro's in its child, run
-right after).
+example does). The configurations take turns epoch by epoch, NumPyro's included (its child stays
+up and runs an epoch when asked), so that this machine's drifting speed moves them all alike: the
+hand-written PyTorch epoch (the baseline), pyvae's epoch (``elbo="meanfield"``, as written and
+compiled; a ``fit`` call per epoch, which records the compiled step again each time, so the
+compiled epoch of a long run, its median step time x the steps, is printed beside it) and both
+NumPyro epochs; one warm-up round, then the median of ``--rounds`` of each one's ratio to the
+baseline's epoch of the same round.
 """
 
 import argparse
@@ -47,7 +48,7 @@ from jax.example_libraries import stax
 import numpyro, numpyro.distributions as dist
 from numpyro.infer import SVI, TraceMeanField_ELBO
 
-path, batch_size, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, batch_size = sys.argv[1], int(sys.argv[2])
 x = jnp.asarray(np.load(path), dtype=jnp.float32)
 n, steps = x.shape[0], x.shape[0] // batch_size
 
@@ -85,16 +86,14 @@ def whole_epoch(state, key):
         return svi.update(state, batch)
     return lax.fori_loop(0, steps, body, (state, jnp.zeros(())))
 
-times = {"per_step": [], "whole_epoch": []}
-for r in range(rounds + 1):
-    for name, epoch in (("per_step", per_step), ("whole_epoch", whole_epoch)):
-        start = time.perf_counter()
-        state, loss = epoch(state, random.PRNGKey(r))
-        jax.block_until_ready(loss)
-        if r > 0:
-            times[name].append(time.perf_counter() - start)
-print(json.dumps({"jax": jax.__version__, "numpyro": numpyro.__version__,
-                  "loss": float(loss) / n, "times": times}))
+epochs = {"per_step": per_step, "whole_epoch": whole_epoch}
+print(json.dumps({"jax": jax.__version__, "numpyro": numpyro.__version__}), flush=True)
+for r, name in enumerate(sys.stdin):
+    start = time.perf_counter()
+    state, loss = epochs[name.strip()](state, random.PRNGKey(r))
+    jax.block_until_ready(loss)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "loss": float(loss) / n}), flush=True)
 """
 
 
@@ -109,51 +108,99 @@ def venv_python(venv: Path) -> Path:
     return python
 
 
-def numpyro_epochs(python: Path, data: Path, batch_size: int, rounds: int) -> dict:
-    """NumPyro's per-step and whole-epoch times in a child process (XLA uses every core)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(
-        [str(python), "-c", CHILD, str(data), str(batch_size), str(rounds)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"numpyro child failed: {done.stderr.strip().splitlines()[-1]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+class NumpyroPeer:
+    """NumPyro's epoch (``kind``: "per_step" or "whole_epoch") in its ``child``, a configuration of
+    :func:`train_speed.measure`; seconds per step are not known there (None)."""
+
+    def __init__(self, child: "Child", kind: str) -> None:
+        self.child, self.kind = child, kind
+
+    def start(self, x, batch_size, device, epochs):
+        pass
+
+    def epoch(self):
+        return self.child.ask(self.kind)["seconds"], None
+
+    def finish(self):
+        pass
 
 
-def torch_epochs(x: torch.Tensor, batch_size: int, rounds: int, device) -> dict:
-    """The hand-written and pyvae epochs: a warm-up, then the median of ``rounds``."""
+class Child:
+    """NumPyro's child process, up until closed: it runs one epoch of a kind per request."""
+
+    def __init__(self, python: Path, data: Path, batch_size: int) -> None:
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        command = [str(python), "-c", CHILD, str(data), str(batch_size)]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        self.versions = self._answer()
+
+    def ask(self, kind: str) -> dict:
+        self.process.stdin.write(kind + "\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def _answer(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise SystemExit(f"numpyro child failed (exit {self.process.wait()}; its stderr above)")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+BASE = "hand-written PyTorch (analytic KL)"
+COMPILED = "pyvae fit, elbo=meanfield, compile on"
+#: pyvae compiled's epoch in a long run: its median step time x the steps of an epoch
+STEADY = "pyvae compiled, median step x steps"
+PER_STEP = "NumPyro, jit(svi.update) per step"
+
+
+def epochs(x: torch.Tensor, batch_size: int, rounds: int, device, child: Child) -> dict:
+    """Every configuration's epoch seconds, round by round (round 0, the warm-up, left out);
+    pyvae compiled's long-run epoch (:data:`STEADY`) from its median step of each round."""
     torch.manual_seed(0)
     plain = PlainVAE().to(device)
     configs = {
-        "hand-written PyTorch (analytic KL)": Repeated(
+        BASE: Repeated(
             handwritten_epoch, (plain.loss, torch.optim.Adam(plain.parameters(), lr=1e-3))
         ),
         "pyvae fit, elbo=meanfield": PyvaeRun("meanfield", "off", pyvae.VAE(784, 50).to(device)),
-        "pyvae fit, elbo=meanfield, compile on": PyvaeRun(
-            "meanfield", "on", pyvae.VAE(784, 50).to(device)
-        ),
+        COMPILED: PyvaeRun("meanfield", "on", pyvae.VAE(784, 50).to(device)),
+        PER_STEP: NumpyroPeer(child, "per_step"),
+        "NumPyro, epoch in one jit": NumpyroPeer(child, "whole_epoch"),
     }
     times, steps, _ = measure(configs, x, batch_size, device, rounds)
-    medians = {name: statistics.median(values) for name, values in times.items()}
     # a run of many epochs records its step once; each fit call here records it again
-    per_epoch = math.ceil(len(x) / batch_size)
-    compiled = "pyvae fit, elbo=meanfield, compile on"
-    medians[STEADY] = statistics.median(steps[compiled]) * per_epoch
-    return medians
+    times[STEADY] = [step * math.ceil(len(x) / batch_size) for step in steps[COMPILED]]
+    return times
 
 
-#: pyvae compiled's epoch in a long run: its median step time x the steps of an epoch
-STEADY = "pyvae compiled, median step x steps"
+def report(times: dict, repeat: int, n: int) -> None:
+    """Median seconds, images per second and ratio to the hand-written epoch of the same round
+    (median and spread), one line each; then pyvae compiled's long-run epoch over NumPyro's."""
+    for name, values in times.items():
+        t = statistics.median(values)
+        ratios = [a / b for a, b in zip(values, times[BASE], strict=True)]
+        print(
+            f"  repeat {repeat + 1}  {name:38s} {t:7.2f} s  {n / t:8.0f} img/s  "
+            f"{statistics.median(ratios):5.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+        )
+    ratios = [a / b for a, b in zip(times[STEADY], times[PER_STEP], strict=True)]
+    print(
+        f"  repeat {repeat + 1}  pyvae compiled (long run) / NumPyro jit per step: "
+        f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+    )
 
 
 def main():
     parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2, help="whole measurements, each paired")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=2, help="whole measurements")
     parser.add_argument("--num-points", type=int, help="use the first N training images")
     parser.add_argument("--venv", type=Path, default=VENV, help="NumPyro's virtual environment")
     args = parser.parse_args()
@@ -166,27 +213,12 @@ def main():
         data = Path(tmp) / "x.npy"
         np.save(data, x.cpu().numpy().astype(np.uint8))
         for batch_size in args.batch_sizes:
-            print(f"\nbatch size {batch_size}, {len(x)} images: median of {args.rounds} epochs")
+            print(f"\nbatch size {batch_size}, {len(x)} images: median of {args.rounds} rounds")
+            child = Child(python, data, batch_size)
+            print(f"  (jax {child.versions['jax']}, numpyro {child.versions['numpyro']})")
             for repeat in range(args.repeats):
-                times = torch_epochs(x, batch_size, args.rounds, device)
-                peer = numpyro_epochs(python, data, batch_size, args.rounds)
-                for name, key in PEER_NAMES.items():
-                    times[name] = statistics.median(peer["times"][key])
-                report(times, repeat, len(x))
-                print(f"  (jax {peer['jax']}, numpyro {peer['numpyro']}, loss {peer['loss']:.1f})")
-
-
-PEER_NAMES = {
-    "NumPyro, jit(svi.update) per step": "per_step",
-    "NumPyro, epoch in one jit": "whole_epoch",
-}
-
-
-def report(times: dict, repeat: int, n: int) -> None:
-    """Seconds, images per second and the ratio to the hand-written epoch, one line each."""
-    base = times["hand-written PyTorch (analytic KL)"]
-    for name, t in times.items():
-        print(f"  repeat {repeat + 1}  {name:38s} {t:7.2f} s  {n / t:8.0f} img/s  {t / base:5.2f}")
+                report(epochs(x, batch_size, args.rounds, device, child), repeat, len(x))
+            child.close()
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ bookkeeping, autograd's graph building, and then some forty small kernels one at
 :func:`compile_function` instead records one run with ``make_fx`` (autograd's backward pass
 included, as explicit operations), lifts every tensor the run read without computing it (the
 data, the guide's fixed parameters; the module's parameters too, except on a CPU, below) to an
-input, and hands the graph to ``torch.compile`` (inductor), which fuses the elementwise kernels
-around the matrix products.
+input, and hands the graph to inductor (``torch._inductor.compile``: ``torch.compile``'s
+compiler without its Python guards, which a graph of known inputs does not need), which fuses the
+elementwise kernels around the matrix products.
 The program stays the single source of truth: the graph is what it executed, nothing re-derived.
 On a CPU the model's weights are compiled in as constants (inductor's freezing) and max-autotune
 times its own packed matrix-product kernels against MKL's for each product, keeping the faster:
@@ -34,10 +35,9 @@ decides by its permutation's entries, so AIS from an IAF guide runs uncompiled; 
 (``start="prior"``) it compiles. Tensors the function reads without computing them (parameters,
 data) are real and may be read freely: they are the recording's constants, passed again on
 every call. Two recordings with the same code (every view's shape and Python number written
-out) and the same frozen weights share one compiled function (:data:`CACHE_SIZE` kept per process;
-``torch.compile`` guards on the inputs' shapes and dtypes and recompiles if they differ), so a
-second chunk of points of the same size costs a recording (about 0.3 s; AIS makes two), not a
-compilation.
+out), the same inputs' shapes, strides and dtypes and the same frozen weights share one compiled
+function (:data:`CACHE_SIZE` kept per process), so a second chunk of points of the same size
+costs a recording (about 0.3 s; AIS makes two), not a compilation.
 
 A function that draws random numbers (a guide's reparameterized ``loc + scale * eps``) has each
 draw replaced by an input (:func:`lift_noise`), drawn on every call by the same torch ops, in the
@@ -64,7 +64,8 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from pyvae.errors import PyvaeError
 
-#: compiled graphs kept per process (AIS compiles two per chunk size), by their code (and the
+#: compiled graphs kept per process (AIS compiles two per chunk size), by their code, their
+#: inputs' layouts (and the
 #: identity and version of their frozen tensors)
 CACHE_SIZE = 16
 _compiled: OrderedDict[tuple, Callable] = OrderedDict()
@@ -266,6 +267,13 @@ class Noise:
     def __call__(self) -> tuple[torch.Tensor, ...]:
         return () if self.module is None else self.module()
 
+    def layouts(self) -> tuple:
+        """The draws' shapes, strides, dtypes and devices, as recorded (nothing drawn)."""
+        if self.module is None:
+            return ()
+        (drawn,) = self.module.graph.output_node().args
+        return tuple(_layout(node.meta["val"]) for node in drawn)
+
 
 def _is_random(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and torch.Tag.nondeterministic_seeded in getattr(
@@ -338,7 +346,8 @@ def compile_function(
     attributes = [getattr(graph, n.target) for n in graph.graph.nodes if n.op == "get_attr"]
     key = (
         graph.code,
-        inputs[0].device.type,
+        tuple(_layout(t) for t in (*constants, *inputs)),
+        noise.layouts(),
         autotune,
         tuple((id(t), t._version) for t in attributes),
     )
@@ -349,6 +358,11 @@ def compile_function(
             _compiled.popitem(last=False)
     _compiled.move_to_end(key)
     return Compiled(_compiled[key], constants, noise)
+
+
+def _layout(value: torch.Tensor) -> tuple:
+    """What code compiled for ``value`` assumes of it (the compiled code has no guards)."""
+    return tuple(value.shape), value.stride(), value.dtype, value.device
 
 
 class Compiled:
@@ -380,23 +394,23 @@ def _record(fn: Callable, inputs: tuple, keep: Collection[torch.Tensor], cpu: bo
 
 
 def _compile(graph, constants: list, noise: Noise, inputs: tuple, options: dict) -> Callable:
-    """``graph`` compiled by inductor with ``options``, compiled now (called as :class:`Compiled`
-    calls it, torch's generators left as they were) so that a failure is reported here."""
-    compiled = torch.compile(graph, fullgraph=True, dynamic=False)
-    # (freezing is not read from options=)
-    settings = torch._inductor.config.patch(options)
+    """``graph`` compiled by inductor with ``options`` for inputs shaped, strided and typed as
+    :class:`Compiled` calls it (``torch._inductor.compile``, without ``torch.compile``'s Python
+    guards: they cost 0.5 ms of the default model's 5 ms step; the key of :func:`compile_function`
+    and the callers' keys do their work, and the compiled code asserts every input's size and
+    stride). Torch's generators are left as they were."""
     device = inputs[0].device
     try:
         with (
-            settings,
+            torch._inductor.config.patch(options),
+            torch.no_grad(),  # the graph holds its own gradients: it needs none of autograd
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
             _quiet("torch.utils.cpp_extension"),  # "No CUDA runtime is found": says nothing here
         ):
-            Compiled(compiled, constants, noise)(*inputs)
+            return torch._inductor.compile(graph, [*constants, *noise(), *inputs])
     # any compiler failure (no C++ compiler, ...) falls back
     except Exception as error:
         raise NotCompiled(f"torch.compile failed: {_first_line(error)}") from error
-    return compiled
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 import contextlib
 import os
 import signal
+import time
 from pathlib import Path
 
 import pyro
@@ -102,11 +103,18 @@ def exits_2(argv, capsys) -> str:
 
 
 @contextlib.contextmanager
-def interrupted_at(monkeypatch, call: int, signum: int = signal.SIGINT, during: str = "gradients"):
+def interrupted_at(
+    monkeypatch,
+    call: int,
+    signum: int = signal.SIGINT,
+    during: str = "gradients",
+    after: float = 0.0,
+):
     """Within the block, the ``call``-th training step gets ``signum`` (as a user's Ctrl-C
     mid-epoch would arrive): while its loss and gradients are computed (``during="gradients"``,
     which undoes the step) or as its update is applied (``"update"``, which completes it); with
-    ``during="validation"``, the ``call``-th epoch's scoring gets it."""
+    ``during="validation"``, the ``call``-th epoch's scoring gets it. The call has run ``after``
+    seconds when the signal comes."""
     owner, name = {
         "gradients": (Objective, "forward"),
         "update": (Training, "_update"),
@@ -117,6 +125,7 @@ def interrupted_at(monkeypatch, call: int, signum: int = signal.SIGINT, during: 
     def then_signal(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == call:
+            time.sleep(after)
             os.kill(os.getpid(), signum)
         return original(self, *args, **kwargs)
 

@@ -215,13 +215,15 @@ class Training:
         resumed run scores the epoch with the same draws (a validation of many importance samples,
         or its first compilation, may take a while). The user's metrics may draw from python's or
         numpy's generators: all of them are put back."""
-        before = state.rng_state()
+        before, trained = state.rng_state(), self.seconds()
         try:
             with signals.abortable(self.world.size == 1):
                 return self.epoch_record()
         except StepAborted as stopped:
             self.signum = stopped.signum
             state.set_rng_state(before)
+            # the resumed run scores the epoch again: its seconds count one scoring, not two
+            self.started = time.perf_counter() - trained
             self.callbacks.on_stop(self)  # writes the checkpoint and raises TrainingStopped
             raise
 

@@ -220,7 +220,9 @@ def test_resume_needs_a_run_written_by_fit(tmp_path, digits):
         pyvae.fit(other, train, epochs=2, resume=True, out=tmp_path, device="cpu", progress=False)
 
 
-def _whole_and_stopped(tmp_path, monkeypatch, train, settings, where, call, during="gradients"):
+def _whole_and_stopped(
+    tmp_path, monkeypatch, train, settings, where, call, during="gradients", after=0.0
+):
     """(the model trained uninterrupted in ``tmp_path/whole``, its history; the same model, from
     the same initial weights, in a run stopped by SIGINT at the ``call``-th ``during``, which
     must say it stopped at ``where``, in ``tmp_path/stopped``)."""
@@ -232,7 +234,7 @@ def _whole_and_stopped(tmp_path, monkeypatch, train, settings, where, call, duri
     torch.manual_seed(0)
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
     stopped = pytest.raises(TrainingStopped, match=f"stopped by SIGINT at {where}")
-    with interrupted_at(monkeypatch, call, during=during), stopped:
+    with interrupted_at(monkeypatch, call, during=during, after=after), stopped:
         pyvae.fit(vae, train, out=tmp_path / "stopped", **settings)
     return whole, reference, vae
 
@@ -306,15 +308,17 @@ def test_a_signal_inside_a_step_undoes_it_and_the_run_resumes_exactly(
 def test_a_signal_while_an_epoch_is_scored_stops_at_once_and_the_run_resumes_exactly(
     tmp_path, monkeypatch, digits
 ):
-    """The signal arrives while epoch 2's validation log p(x) is estimated: the run stops there,
-    as after the epoch's last step, and the resumed run scores epoch 2 with the same draws."""
+    """The signal arrives while epoch 2's validation log p(x) is estimated (1 s into it): the run
+    stops there, as after the epoch's last step (the second of scoring it did not count in the
+    epoch's seconds, which the resumed run's scoring will), and the resumed run scores epoch 2
+    with the same draws."""
     train, test = digits  # 6 steps of 256 per epoch
     settings = dict(epochs=3, batch_size=256, seed=5, valid=test, valid_samples=10, progress=False)
-    stop = ("epoch 2, step 6", 2, "validation")
+    stop = ("epoch 2, step 6", 2, "validation", 1.0)
     runs = _whole_and_stopped(tmp_path, monkeypatch, train, settings, *stop)
-    assert (
-        len(torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["history"]) == 1
-    )
+    checkpoint = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert len(checkpoint["history"]) == 1
+    assert checkpoint["training"]["partial_seconds"] < 1.0
     _resumed_exactly(tmp_path, train, settings, *runs)
 
 
