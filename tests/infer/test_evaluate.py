@@ -233,8 +233,14 @@ def test_agrees_with_pyro_importance_on_one_data_point():
     pyro.set_rng_seed(0)
     ours = log_likelihood(vae, x, num_samples=20000)
     pyro.set_rng_seed(1)
-    theirs = Importance(vae.model, guide=vae.guide, num_samples=20000).run(x).get_log_normalizer()
-    assert abs(float(ours.log_px[0]) - float(theirs)) < 5 * float(ours.stderr[0]) + 1e-3
+    # Pyro runs the program once per draw: fewer draws, and its standard error beside ours (about
+    # 0.11 nats at 3000 draws: these weights are heavy-tailed); the two within three of them
+    importance = Importance(vae.model, guide=vae.guide, num_samples=3000).run(x)
+    theirs = float(importance.get_log_normalizer())
+    weights = torch.stack(importance.log_weights).exp()
+    theirs_stderr = float(weights.std() / weights.mean()) / math.sqrt(len(weights))
+    stderr = math.hypot(float(ours.stderr[0]), theirs_stderr)
+    assert abs(float(ours.log_px[0]) - theirs) < 3 * stderr
     assert (
         abs(float(ours.log_px[0]) - float(exact_log_px(vae, x)[0]))
         < 5 * float(ours.stderr[0]) + 1e-3
