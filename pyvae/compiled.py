@@ -134,11 +134,17 @@ def check_compile(value) -> str:
 
 
 def describe(value) -> tuple:
-    """What a recording depends on of one argument: a tensor's shape, dtype and device, anything
-    else itself (it is a constant of the recording)."""
+    """What a recording depends on of one argument: a tensor's shape, strides, dtype and device
+    (:func:`_layout`: what its compiled code assumes), anything else itself (it is a constant of
+    the recording)."""
     if isinstance(value, torch.Tensor):
-        return tuple(value.shape), value.dtype, value.device
+        return _layout(value)
     return (value,)
+
+
+def _layout(value: torch.Tensor) -> tuple:
+    """What code compiled for ``value`` assumes of it (the compiled code has no guards)."""
+    return tuple(value.shape), value.stride(), value.dtype, value.device
 
 
 class Recordings:
@@ -360,11 +366,6 @@ def compile_function(
     return Compiled(_compiled[key], constants, noise)
 
 
-def _layout(value: torch.Tensor) -> tuple:
-    """What code compiled for ``value`` assumes of it (the compiled code has no guards)."""
-    return tuple(value.shape), value.stride(), value.dtype, value.device
-
-
 class Compiled:
     """A compiled recording and what it is called with besides the inputs: the ``constants`` it
     read (the same tensors each call, so it reads their current values) and its ``noise``."""
@@ -395,10 +396,11 @@ def _record(fn: Callable, inputs: tuple, keep: Collection[torch.Tensor], cpu: bo
 
 def _compile(graph, constants: list, noise: Noise, inputs: tuple, options: dict) -> Callable:
     """``graph`` compiled by inductor with ``options`` for inputs shaped, strided and typed as
-    :class:`Compiled` calls it (``torch._inductor.compile``, without ``torch.compile``'s Python
-    guards: they cost 0.5 ms of the default model's 5 ms step; the key of :func:`compile_function`
-    and the callers' keys do their work, and the compiled code asserts every input's size and
-    stride). Torch's generators are left as they were."""
+    :class:`Compiled` calls it, and called once, so that a failure (no C++ compiler, a kernel
+    that does not launch) is reported here; torch's generators are left as they were. It is
+    ``torch._inductor.compile``, without ``torch.compile``'s Python guards, which cost 0.5 ms of
+    the default model's 5 ms step: the compiled code is only called with inputs laid out as these
+    (the key of :func:`compile_function`, and the callers' keys by :func:`describe`)."""
     device = inputs[0].device
     try:
         with (
@@ -407,10 +409,11 @@ def _compile(graph, constants: list, noise: Noise, inputs: tuple, options: dict)
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
             _quiet("torch.utils.cpp_extension"),  # "No CUDA runtime is found": says nothing here
         ):
-            return torch._inductor.compile(graph, [*constants, *noise(), *inputs])
-    # any compiler failure (no C++ compiler, ...) falls back
+            compiled = torch._inductor.compile(graph, [*constants, *noise(), *inputs])
+            Compiled(compiled, constants, noise)(*inputs)
     except Exception as error:
         raise NotCompiled(f"torch.compile failed: {_first_line(error)}") from error
+    return compiled
 
 
 @contextlib.contextmanager

@@ -10,11 +10,11 @@ drawn as the program draws it (:class:`pyvae.compiled.Noise`): compiled and as w
 step gives the same loss and gradients up to floating-point reassociation, and a resumed run
 draws what an uninterrupted one draws. Each later step of that kind calls the compiled graph.
 
-A kind of step is what the recording depends on: the calls' shapes, dtypes, devices and sizes
-(N, the group, the kind), the KL weight unless it changes (KL warm-up makes it an input), and the
-values of every submodule's Python settings (train/eval mode, numbers, strings: a model whose code
-branches on ``self.temperature`` is recorded again when it changes), all checked each step (a few
-microseconds); which parameters are trainable and which settings a module has are listed again
+A kind of step is what the recording depends on: the calls' shapes, strides, dtypes, devices and
+sizes (N, the group, the kind), the KL weight unless it changes (KL warm-up makes it an input), and
+the values of every submodule's Python settings (train/eval mode, numbers, strings: a model whose
+code branches on ``self.temperature`` is recorded again when it changes), all checked each step (a
+few microseconds); which parameters are trainable and which settings a module has are listed again
 each epoch, and when a module gains or loses an attribute. A kind is recorded the second time an
 epoch serves it (under ``auto``, once five steps were timed as written): the first step of a run
 is checked by Pyro's validation as written, and the one short last batch of an epoch costs no

@@ -102,3 +102,19 @@ def test_auto_compiles_only_large_estimates_and_unknown_settings_are_refused(mon
     assert _scored(model, x, "auto", monkeypatch)[1] == 5  # 8 x 40 draws: as written
     with pytest.raises(pyvae.PyvaeError, match="unknown compile 'fast'; choose from auto, on"):
         log_likelihood(model, x, num_samples=4, compile="fast")
+
+
+def test_a_compiled_function_serves_only_inputs_laid_out_as_it_was_compiled_for():
+    """The compiled code has no guards: a recording of the same code for an input of the same
+    shape but other strides is compiled for them (a transposed view of it is read right), and the
+    callers' keys tell the layouts apart."""
+    x = torch.arange(12.0).reshape(3, 4)
+    column_major = x.t().contiguous().t()  # the same values and shape
+
+    def transposed(v):
+        return (v.t() * 1,)
+
+    for given in (x, column_major):
+        (out,) = pyvae.compiled.compile_function(transposed, given, autotune=False)(given)
+        torch.testing.assert_close(out, x.t())
+    assert pyvae.compiled.describe(x) != pyvae.compiled.describe(column_major)
