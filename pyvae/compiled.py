@@ -64,9 +64,8 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from pyvae.errors import PyvaeError
 
-#: compiled graphs kept per process (AIS compiles two per chunk size), by their code, their
-#: inputs' layouts (and the
-#: identity and version of their frozen tensors)
+#: compiled graphs kept per process (AIS compiles two per chunk size), by their code, their inputs'
+#: layouts and the identity and version of their frozen tensors
 CACHE_SIZE = 16
 _compiled: OrderedDict[tuple, Callable] = OrderedDict()
 #: whether this torch's inductor can be told not to reassociate float arithmetic (:func:`log1p`
