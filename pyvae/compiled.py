@@ -149,22 +149,31 @@ def _layout(value: torch.Tensor) -> tuple:
 class Recordings:
     """Compiled functions by kind (a key of what a recording depends on), each recorded the second
     time its kind comes: the first call runs as written (a kind that comes once costs no
-    compilation), and a kind whose recording failed, or every kind once ``off`` is set (a program
-    that cannot be recorded, or compilation not wanted), runs as written."""
+    compilation). Every kind runs as written when compilation is not ``wanted``, and once a
+    recording failed (:class:`NotCompiled`: a program that cannot be recorded), which
+    ``failed(why)`` is told once."""
 
-    def __init__(self, wanted: bool) -> None:
-        self.compiled: dict[tuple, Compiled | None] = {}
+    def __init__(self, wanted: bool, failed: Callable[[NotCompiled], None]) -> None:
+        self.compiled: dict[tuple, Callable | None] = {}
         self.seen: Counter = Counter()
-        self.off = not wanted
+        self.off, self.failed = not wanted, failed
 
-    def get(self, key: tuple, record: Callable[[], Compiled | None]) -> Compiled | None:
+    def get(self, key: tuple, record: Callable[[], Callable]) -> Callable | None:
         """The compiled function of ``key``, made by ``record()`` the second time ``key`` comes;
         None: run it as written."""
         if key not in self.compiled and not self.off:
             self.seen[key] += 1
             if self.seen[key] >= 2:
-                self.compiled[key] = record()
+                self.compiled[key] = self._recorded(record)
         return self.compiled.get(key)
+
+    def _recorded(self, record: Callable[[], Callable]) -> Callable | None:
+        try:
+            return record()
+        except NotCompiled as why:
+            self.off = True
+            self.failed(why)
+            return None
 
 
 class Watched:

@@ -284,7 +284,7 @@ class Scorer:
 
     def __init__(self, model, shape, stats: _SiteStats, compile: bool) -> None:
         self.model, self.shape, self.stats = model, shape, stats
-        self.recordings = Recordings(compile)
+        self.recordings = Recordings(compile, _uncompiled)
         self.names: dict[tuple, list] = {}  # each compiled kind's statistics, in output order
 
     @staticmethod
@@ -314,7 +314,7 @@ class Scorer:
         w = program.log_weights(self.model, batch, k, self.shape)
         return w.per_point(), w.elbo(), self.stats.values(w, per_dim)
 
-    def _compiled(self, key: tuple, batch: tuple, k: int, per_dim: bool) -> Callable | None:
+    def _compiled(self, key: tuple, batch: tuple, k: int, per_dim: bool) -> Callable:
         names: list = []
         tensors = [a for a in batch if torch.is_tensor(a)]
 
@@ -326,19 +326,17 @@ class Scorer:
             return (per_point, elbo, *values.values())
 
         frozen = [*self.model.parameters(), *self.model.buffers()]
-        try:
-            with program.recordable():
-                compiled = compile_function(chunk, *tensors, frozen=frozen)
-        except NotCompiled as why:
-            self.recordings.off = True
-            warnings.warn(
-                f"importance sampling runs the program uncompiled: {why}",
-                PyvaeWarning,
-                stacklevel=3,
-            )
-            return None
+        with program.recordable():
+            compiled = compile_function(chunk, *tensors, frozen=frozen)
         self.names[key] = names
         return compiled
+
+
+def _uncompiled(why: NotCompiled) -> None:
+    """What :class:`Scorer`'s recordings say once, when a recording fails."""
+    warnings.warn(
+        f"importance sampling runs the program uncompiled: {why}", PyvaeWarning, stacklevel=3
+    )
 
 
 def _chunks(model, batches, shape, num_samples: int, batch_size: int | None):

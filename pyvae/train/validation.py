@@ -130,7 +130,7 @@ class BatchLosses:
     def __init__(self, model, wanted: bool, mode: str, say: Callable[[str], None]) -> None:
         self.model, self.mode, self.say = model, mode, say
         self.watched = Watched(model)
-        self.recordings = Recordings(wanted)
+        self.recordings = Recordings(wanted, self._uncompiled)
 
     def __call__(self, objective, program, guide, batch: tuple):
         key = (
@@ -146,28 +146,26 @@ class BatchLosses:
         # a Python float as Pyro's loss is, so that the batches add up in double precision
         return float(compiled(*[a for a in batch if torch.is_tensor(a)])[0])
 
-    def _record(self, objective, program, guide, batch: tuple) -> Compiled | None:
+    def _record(self, objective, program, guide, batch: tuple) -> Compiled:
         def loss(*given: torch.Tensor) -> tuple[torch.Tensor]:
             served = iter(given)
             full = tuple(next(served) if torch.is_tensor(a) else a for a in batch)
             return (recordable_loss(objective, program, guide, full),)
 
         started = time.perf_counter()
-        try:
-            with recordable():
-                compiled = compile_function(
-                    loss, *[a for a in batch if torch.is_tensor(a)], autotune=False
-                )
-        except NotCompiled as why:
-            self.recordings.off = True
-            self.say(f"compile {self.mode}: validation scores the program as written: {why}")
-            return None
+        with recordable():
+            compiled = compile_function(
+                loss, *[a for a in batch if torch.is_tensor(a)], autotune=False
+            )
         self.say(
             f"compile {self.mode}: a validation score ({type(objective).__name__}, K = "
             f"{objective.num_particles}, {batch[0].shape[0]} points a batch) compiled in "
             f"{time.perf_counter() - started:.1f} s"
         )
         return compiled
+
+    def _uncompiled(self, why: NotCompiled) -> None:
+        self.say(f"compile {self.mode}: validation scores the program as written: {why}")
 
 
 def batch_loss(objective: pyro.infer.ELBO, program, guide, batch: tuple) -> float:
