@@ -63,7 +63,7 @@ import pyro
 import torch
 
 from pyvae import distributed
-from pyvae.compiled import check_compile
+from pyvae.compiled import NotCompiled, check_compile
 from pyvae.data.batching import (
     Batches,
     check_data,
@@ -72,6 +72,7 @@ from pyvae.data.batching import (
     serving,
 )
 from pyvae.errors import PyvaeError, PyvaeWarning, positive_int, positive_number
+from pyvae.infer.importance import compiles
 from pyvae.program import structure
 from pyvae.runs import atomic_write
 from pyvae.train import callbacks as hooks
@@ -86,7 +87,7 @@ from pyvae.train.objectives import (
     sites_without_analytic_kl,
 )
 from pyvae.train.run import Training, make_adam
-from pyvae.train.validation import Validation, shared_elbo
+from pyvae.train.validation import BatchLosses, Validation, shared_elbo, speaker
 
 # importable from here as before the split
 __all__ = [
@@ -407,14 +408,31 @@ def evaluate_elbo(
     num_particles: int = 1,
     batch_size: int = 1000,
     device: str | torch.device | None = None,
+    compile: str = "auto",
 ) -> float:
     """The ELBO of ``model`` on ``data`` in nats per data point (a single-sample estimate per point
     by default), computed by running the model's own programs under ``elbo``.
 
     With ``elbo="iwae"`` and ``num_particles=K``, the K-sample importance-weighted bound instead.
+
+    ``compile`` (``auto``, ``on``, ``off``): each shape of batch is recorded from the programs and
+    compiled (:class:`~pyvae.train.validation.BatchLosses`, as a run's validation is), the same
+    number up to floating-point reassociation; ``auto`` compiles when the points times
+    ``num_particles`` reach :data:`~pyvae.infer.importance.AUTO_DRAWS`. A program that cannot be
+    recorded is scored as written, with a warning saying why.
     """
+    mode = check_compile(compile)
     if not isinstance(data, Batches):
         device = resolve_device(device or next(model.parameters()).device)
         data = Batches(data, device, model)
         check_data(model, data, "data")
-    return shared_elbo(model, data, distributed.World(), elbo, num_particles, batch_size)
+    wanted = compiles(mode, len(data) * num_particles)
+    losses = BatchLosses(model, wanted, mode, speaker(False), _elbo_uncompiled)
+    world = distributed.World()
+    return shared_elbo(model, data, world, elbo, num_particles, batch_size, losses=losses)
+
+
+def _elbo_uncompiled(why: NotCompiled) -> None:
+    """What :func:`evaluate_elbo` says once, when its programs cannot be recorded."""
+    # at evaluate_elbo's caller: past Recordings, BatchLosses, shared_elbo's sum and no_grad
+    warnings.warn(f"evaluate_elbo runs the program uncompiled: {why}", PyvaeWarning, stacklevel=10)

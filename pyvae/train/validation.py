@@ -124,13 +124,21 @@ class BatchLosses:
     settings (:class:`pyvae.compiled.Watched`). The parameters are inputs, read at each call, so
     one compilation serves the run's epochs; the guide's draws are inputs drawn as the program
     draws them, so a seeded score is the same compiled or not, up to floating-point
-    reassociation. A program that cannot be recorded is scored as written, ``say`` saying why once
-    (as the training step's recording, ``mode`` names the setting)."""
+    reassociation. ``say`` tells what was compiled, in how long; a program that cannot be recorded
+    is scored as written, ``failed`` saying why once (by default ``say``, naming the setting
+    ``mode`` as the training step's recording does)."""
 
-    def __init__(self, model, wanted: bool, mode: str, say: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        model,
+        wanted: bool,
+        mode: str,
+        say: Callable[[str], None],
+        failed: Callable[[NotCompiled], None] | None = None,
+    ) -> None:
         self.model, self.mode, self.say = model, mode, say
         self.watched = Watched(model)
-        self.recordings = Recordings(wanted, self._uncompiled)
+        self.recordings = Recordings(wanted, failed or self._uncompiled)
 
     def __call__(self, objective, program, guide, batch: tuple):
         key = (

@@ -20,7 +20,7 @@ from pyvae.program import structure
 from pyvae.train import step as step_module
 from pyvae.train.objectives import Objective
 from pyvae.train.step import Step
-from pyvae.train.validation import Validation
+from pyvae.train.validation import BatchLosses, Validation
 from tests.conftest import interrupted_at
 
 X_DIM = 16
@@ -205,6 +205,50 @@ def test_validation_scores_compiled_are_the_programs_scores(family, capsys):
         assert records[1][key] == pytest.approx(value, rel=1e-5, abs=1e-4), key
 
 
+@pytest.mark.parametrize(
+    "make, data, elbo, particles",
+    [
+        (lambda: pyvae.VAE(X_DIM, 2, hidden=(8,)), _points(64), "iwae", 3),
+        (lambda: pyvae.M2(X_DIM, 3, 2, hidden=(8,)), (_points(64), _labels(64)), "enum", 1),
+    ],
+    ids=["vae iwae", "m2 enumerated"],
+)
+def test_evaluate_elbo_compiled_gives_the_programs_number(make, data, elbo, particles, monkeypatch):
+    torch.manual_seed(0)
+    model = make()
+    recorded = []
+    monkeypatch.setattr(BatchLosses, "_record", _counting(BatchLosses._record, recorded))
+    scores = {}
+    for mode in ("off", "on"):
+        torch.manual_seed(3)  # four batches of 16: the first as written, the others compiled
+        scores[mode] = pyvae.evaluate_elbo(
+            model, data, elbo=elbo, num_particles=particles, batch_size=16, compile=mode
+        )
+    assert len(recorded) == 1
+    assert scores["on"] == pytest.approx(scores["off"], rel=1e-6, abs=1e-5)
+
+
+def _counting(method, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return method(*args, **kwargs)
+
+    return counted
+
+
+def test_evaluate_elbo_of_a_program_that_cannot_be_recorded_warns_its_caller_once():
+    torch.manual_seed(0)
+    model, x = Branching(), _points(64)
+    with pytest.warns(pyvae.PyvaeWarning, match="evaluate_elbo runs the program uncompiled: its "):
+        torch.manual_seed(3)
+        compiled = pyvae.evaluate_elbo(model, x, batch_size=16, compile="on")
+    with pytest.warns(pyvae.PyvaeWarning) as warned:
+        pyvae.evaluate_elbo(model, x, batch_size=16, compile="on")
+    assert [w.filename for w in warned] == [__file__]  # once, at the line that called it
+    torch.manual_seed(3)
+    assert compiled == pyvae.evaluate_elbo(model, x, batch_size=16, compile="off")
+
+
 def test_compile_on_and_off_train_to_the_same_weights():
     x = _points(96)
     weights = {}
@@ -236,6 +280,8 @@ def test_auto_on_a_long_enough_run_compiles_and_says_which_step_it_kept(capsys, 
 def test_an_unknown_compile_setting_is_refused():
     with pytest.raises(PyvaeError, match="unknown compile 'yes'; choose from auto, on, off"):
         pyvae.fit(pyvae.VAE(X_DIM, 2), _points(8), epochs=1, compile="yes")
+    with pytest.raises(PyvaeError, match="unknown compile 'yes'; choose from auto, on, off"):
+        pyvae.evaluate_elbo(pyvae.VAE(X_DIM, 2), _points(8), compile="yes")
 
 
 def test_a_run_stopped_and_resumed_with_compile_on_ends_as_an_uninterrupted_one(
