@@ -43,18 +43,26 @@ A function that draws random numbers (a guide's reparameterized ``loc + scale * 
 draw replaced by an input (:func:`lift_noise`), drawn on every call by the same torch ops, in the
 same order, from torch's generators (:class:`Noise`): compiled or not, a seeded call gives the same
 numbers, and the graph holds no generator of its own (inductor's would draw other numbers; a CUDA
-graph cannot hold one). A draw whose distribution is computed (a Gamma's ``_standard_gamma`` of a
-computed shape, a Categorical's ``multinomial``) cannot be made apart: :class:`NotCompiled`.
+graph cannot hold one). Noise shaped like a computed tensor (dropout's ``empty_like(x)
+.bernoulli_(p)``) is drawn on an empty tensor of that layout. A draw whose distribution is computed
+(a Gamma's ``_standard_gamma`` of a computed shape, a Categorical's ``multinomial``), one made in
+place into a view, and a draw from Python's or numpy's generators (which the recording would
+freeze) cannot be made apart: :class:`NotCompiled`. What the recording and the compiled function's
+first call do to a module they run is undone (:func:`untouched`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
+import operator
+import random
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch._inductor.config
 from torch._decomp import get_decompositions
@@ -179,11 +187,12 @@ class Recordings:
 class Watched:
     """What a recording of ``module`` depends on besides its arguments, for a key checked before
     each call (a few microseconds): which tensors its parameters and buffers are (a recording reads
-    them by identity: one replaced, not updated in place, needs a new recording) and which are
-    trainable, and the values of every submodule's Python settings (train/eval mode, numbers,
-    strings: a program whose code branches on ``self.temperature`` is recorded again when it
-    changes). The lists are read again by :meth:`refresh`, and by :meth:`key` when a module gains
-    or loses an attribute."""
+    them by identity: one replaced, not updated in place, needs a new recording), which parameters
+    are trainable and which submodules it has, all checked at every call; the values of every
+    submodule's Python settings (train/eval mode, numbers, strings: a program whose code branches
+    on ``self.temperature`` is recorded again when it changes); which tensors its other tensor
+    attributes are (``self.mask``, a plain attribute that is not a buffer), listed again by
+    :meth:`refresh` (each epoch), and by :meth:`key` when a module gains or loses an attribute."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module
@@ -200,19 +209,39 @@ class Watched:
             if value is None or isinstance(value, (bool, int, float, str))
         ]
         self.sizes = self._sizes()
-        tensors = [*self.module.parameters(), *self.module.buffers()]
+        self.holders = [d for m in self.modules for d in _members_of(m)]
+        self.all_params = list(self.module.parameters())
+        self.members = self._members()
+        self.trainable = [p.requires_grad for p in self.all_params]
+        attributes = [v for m in self.modules for v in vars(m).values() if torch.is_tensor(v)]
         self.listed = (
-            tuple(map(id, self.params)),
-            tuple(map(id, tensors)),
+            tuple(map(id, self.members)),
+            tuple(self.trainable),
             tuple(name for _, name in self.settings),
+            tuple(map(id, attributes)),
         )
 
     def _sizes(self) -> tuple[int, ...]:
         return tuple(len(vars(module)) for module in self.modules)
 
+    def _members(self) -> list:
+        """The parameters, buffers and submodules the modules hold now."""
+        return [v for held in self.holders for v in held.values()]
+
+    def _changed(self) -> bool:
+        """Whether a module gained or lost an attribute, holds another parameter, buffer or
+        submodule, or a parameter was made trainable or frozen."""
+        members = self._members()
+        return (
+            self._sizes() != self.sizes
+            or len(members) != len(self.members)
+            or not all(map(operator.is_, members, self.members))
+            or [p.requires_grad for p in self.all_params] != self.trainable
+        )
+
     def key(self) -> tuple:
         """The tensors' identities, the settings' names and their values now."""
-        if self._sizes() != self.sizes:
+        if self._changed():
             self.refresh()
         values = tuple(_setting(vars(module).get(name)) for module, name in self.settings)
         return self.listed, values
@@ -222,6 +251,54 @@ def _setting(value):
     """A setting's value as a key: itself if a Python number, string or None; for anything else
     (an unset cache that got filled) only that it is set."""
     return value if value is None or isinstance(value, (bool, int, float, str)) else object
+
+
+@contextlib.contextmanager
+def untouched(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` left as it was by what runs inside: a recording runs the program once, and the
+    compiled function's trial call a step, neither of which is one. Attributes set or replaced get
+    their values back and buffers updated in place (BatchNorm's running statistics) their values.
+    A tensor the program stored in a public attribute (``self.last_norm = loc.norm()``) is
+    :class:`NotCompiled`: compiled, the program would never store it again. (Caches a module keeps
+    in private attributes, as Pyro's transforms keep their last ``(x, y)``, are only put back.)"""
+    modules = list(module.modules())
+    before = [(m, dict(vars(m)), *(dict(d) for d in _members_of(m))) for m in modules]
+    buffers = [(b, b._version, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        stored = [
+            f"{type(m).__name__}.{name}"
+            for m, attributes, *_ in before
+            for name, value in vars(m).items()
+            if torch.is_tensor(value)
+            and not name.startswith("_")
+            and attributes.get(name) is not value
+        ]
+        _restore(before, buffers)
+    if stored:
+        raise NotCompiled(
+            f"it stores a tensor it computed on its module ({stored[0]}), which a compiled step "
+            "would not store again"
+        )
+
+
+def _members_of(m: torch.nn.Module) -> tuple[dict, dict, dict]:
+    return m._parameters, m._buffers, m._modules
+
+
+def _restore(before: list, buffers: list) -> None:
+    """Put back what :func:`untouched` saw."""
+    for m, attributes, *members in before:
+        for held, saved in zip(_members_of(m), members, strict=True):
+            held.clear()
+            held.update(saved)
+        vars(m).clear()
+        vars(m).update(attributes)
+    with torch.no_grad():
+        for buffer, version, value in buffers:
+            if buffer._version != version:
+                buffer.copy_(value)
 
 
 class NotCompiled(Exception):
@@ -246,7 +323,15 @@ def record(
         tracing_mode="fake",
         _allow_non_fake_inputs=True,
     )
+    python, numpy = random.getstate(), np.random.get_state()
     graph = traced(*inputs)
+    if random.getstate() != python or not _same_numpy_state(np.random.get_state(), numpy):
+        random.setstate(python)  # as if nothing had been recorded
+        np.random.set_state(numpy)
+        raise NotCompiled(
+            "it draws from Python's or numpy's random generator, whose draws a recording would "
+            "freeze into constants"
+        )
     first = next(n for n in graph.graph.nodes if n.op == "placeholder")
     lifted: dict[str, torch.fx.Node] = {}
     kept = {id(t) for t in keep}
@@ -266,6 +351,11 @@ def record(
     noise = lift_noise(graph.graph, first)
     graph.recompile()
     return graph, constants, noise
+
+
+def _same_numpy_state(a: tuple, b: tuple) -> bool:
+    """Whether two of numpy's legacy generator states are the same (its keys are an array)."""
+    return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 class Noise:
@@ -309,13 +399,19 @@ def lift_noise(graph: torch.fx.Graph, before: torch.fx.Node) -> Noise:
                 f"it draws noise ({node.target}) whose distribution it computes: only noise of "
                 "fixed shape (Normal, Uniform, ... reparameterized draws) can be an input"
             )
+        mutable = node.target._schema.is_mutable
+        if mutable and _is_view(node.args[0]):
+            raise NotCompiled(
+                f"it draws noise ({node.target}) in place into a view of a tensor, whose other "
+                "readers an input would not reach"
+            )
         for n in sorted(needed, key=order.__getitem__):
             if n not in copies:
-                copies[n] = noise.node_copy(n, copies.__getitem__)
+                copies[n] = _copy(noise, n, copies)
         drawn.append(copies[node])
         with graph.inserting_before(before):
             placeholder = graph.placeholder(f"noise{i}")
-        if node.target._schema.is_mutable:  # x.normal_(): x's later readers read the draw
+        if mutable:  # x.normal_(): x's later readers read the draw
             node.args[0].replace_all_uses_with(placeholder)
         node.replace_all_uses_with(placeholder)
         graph.erase_node(node)
@@ -327,15 +423,64 @@ def lift_noise(graph: torch.fx.Graph, before: torch.fx.Node) -> Noise:
     return Noise(noise)
 
 
+#: ops that read only their first argument's layout (shape, strides, dtype, device), never its
+#: values: ``torch.empty_like(x).bernoulli_(p)`` (dropout) draws noise of a fixed distribution
+_LAYOUT_ONLY = frozenset(
+    op.default
+    for op in (
+        _aten.empty_like,
+        _aten.zeros_like,
+        _aten.ones_like,
+        _aten.full_like,
+        _aten.rand_like,
+        _aten.randn_like,
+        _aten.new_empty,
+        _aten.new_empty_strided,
+        _aten.new_zeros,
+        _aten.new_ones,
+        _aten.new_full,
+    )
+)
+
+
+def _value_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes whose values ``node`` reads."""
+    if node.target in _LAYOUT_ONLY:
+        return [n for n in node.all_input_nodes if n is not node.args[0]]
+    return node.all_input_nodes
+
+
 def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
-    """``node`` and every node it is computed from."""
+    """``node`` and every node whose values it is computed from."""
     found, stack = set(), [node]
     while stack:
         n = stack.pop()
         if n not in found:
             found.add(n)
-            stack.extend(n.all_input_nodes)
+            stack.extend(_value_inputs(n))
     return found
+
+
+def _copy(noise: torch.fx.Graph, node: torch.fx.Node, copies: dict) -> torch.fx.Node:
+    """``node`` copied into ``noise``; a layout-only op's template stands in as an empty tensor of
+    the same layout, so that the draw is made by the same op on the same layout."""
+    if node.target not in _LAYOUT_ONLY:
+        return noise.node_copy(node, copies.__getitem__)
+    like = node.args[0].meta["val"]
+    template = noise.call_function(
+        _aten.empty_strided.default,
+        (list(like.shape), list(like.stride())),
+        {"dtype": like.dtype, "device": like.device},
+    )
+    return noise.node_copy(node, lambda n: template if n is node.args[0] else copies[n])
+
+
+def _is_view(node) -> bool:
+    """Whether ``node`` is an aten view of another tensor (its output aliases an input)."""
+    schema = getattr(getattr(node, "target", None), "_schema", None)
+    return schema is not None and any(
+        r.alias_info is not None and not r.alias_info.is_write for r in schema.returns
+    )
 
 
 def compile_function(
@@ -363,7 +508,7 @@ def compile_function(
         tuple(_layout(t) for t in (*constants, *inputs)),
         noise.layouts(),
         autotune,
-        tuple((id(t), t._version) for t in attributes),
+        fingerprint(attributes),
     )
     if key not in _compiled:
         options = (CPU_OPTIONS if autotune else EXACT_OPTIONS) if cpu else {}
@@ -372,6 +517,18 @@ def compile_function(
             _compiled.popitem(last=False)
     _compiled.move_to_end(key)
     return Compiled(_compiled[key], constants, noise)
+
+
+def fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:
+    """Which tensors these are and what they hold: identities, versions and a digest of their
+    bytes (a change through ``.data``, as an EMA or ``vector_to_parameters`` makes, keeps the
+    version). A key of what a compiled function froze in."""
+    return tuple((id(t), t._version, _digest(t)) for t in tensors)
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    data = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
+    return hashlib.blake2b(data.numpy(), digest_size=16).digest()
 
 
 class Compiled:

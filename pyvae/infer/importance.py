@@ -36,7 +36,15 @@ import torch
 from tqdm.auto import tqdm
 
 from pyvae import program
-from pyvae.compiled import NotCompiled, Recordings, check_compile, compile_function, describe
+from pyvae.compiled import (
+    NotCompiled,
+    Recordings,
+    check_compile,
+    compile_function,
+    describe,
+    fingerprint,
+    untouched,
+)
 from pyvae.data.batching import Batches, as_points, check_data, resolve_device
 from pyvae.errors import PyvaeError, PyvaeWarning, positive_int
 
@@ -294,7 +302,7 @@ class Scorer:
         session = _session.get()
         if session is None or not wanted:
             return Scorer(model, shape, stats, wanted)
-        key = (id(model), tuple((id(p), p._version) for p in model.parameters()))
+        key = (id(model), fingerprint([*model.parameters(), *model.buffers()]))
         if key not in session:
             session.clear()  # other weights: those scorers are done
             session[key] = Scorer(model, shape, stats, wanted)
@@ -326,7 +334,7 @@ class Scorer:
             return (per_point, elbo, *values.values())
 
         frozen = [*self.model.parameters(), *self.model.buffers()]
-        with program.recordable():
+        with program.recordable(), untouched(self.model):
             compiled = compile_function(chunk, *tensors, frozen=frozen)
         self.names[key] = names
         return compiled

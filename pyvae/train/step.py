@@ -11,19 +11,24 @@ step gives the same loss and gradients up to floating-point reassociation, and a
 draws what an uninterrupted one draws. Each later step of that kind calls the compiled graph.
 
 A kind of step is what the recording depends on: the calls' shapes, strides, dtypes, devices and
-sizes (N, the group, the kind), the KL weight unless it changes (KL warm-up makes it an input), and
-the values of every submodule's Python settings (train/eval mode, numbers, strings: a model whose
-code branches on ``self.temperature`` is recorded again when it changes), all checked each step (a
-few microseconds); which parameters are trainable and which settings a module has are listed again
-each epoch, and when a module gains or loses an attribute. A kind is recorded the second time an
-epoch serves it (under ``auto``, once five steps were timed as written): the first step of a run
-is checked by Pyro's validation as written, and the one short last batch of an epoch costs no
-compilation. What the program computes from anything else (a global variable) is frozen at the
-recording: train such a program with ``compile="off"``.
+sizes (N, the group, the kind), the KL weight unless it changes (KL warm-up makes it an input),
+which parameters, buffers and submodules the modules hold and which parameters are trainable (a
+callback that freezes the encoder mid-epoch), and the values of every submodule's Python settings
+(train/eval mode, numbers, strings: a model whose code branches on ``self.temperature`` is
+recorded again when it changes), all checked each step (a few microseconds); which settings and
+plain tensor attributes (``self.mask``) a module has are listed again each epoch, and when a
+module gains or loses an attribute (:class:`pyvae.compiled.Watched`). A kind is recorded the
+second time an epoch serves it (under ``auto``, once five steps were timed as written): the first
+step of a run is checked by Pyro's validation as written, and the one short last batch of an epoch
+costs no compilation. The recording leaves the model as it found it (BatchNorm's running
+statistics count the steps, not the recording). What the program computes from anything else (a
+global variable) is frozen at the recording: train such a program with ``compile="off"``.
 
 A program that cannot be recorded (its Python reads a computed tensor's value: ``.tolist()``,
-``if z.sum() > 0``; noise whose distribution it computes, as a Gamma's; a score-function
-gradient's surrogate that reads values) trains as written, with a one-line notice naming why.
+``if z.sum() > 0``; noise whose distribution it computes, as a Gamma's; draws from Python's or
+numpy's generators; a computed tensor it stores on its module; a score-function gradient's
+surrogate that reads values) trains as written, with a one-line notice naming why. Dropout's noise
+has a fixed distribution and is an input like the guide's.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from pyvae.compiled import (
     check_compile,
     compile_function,
     describe,
+    untouched,
 )
 from pyvae.data.batching import Call
 from pyvae.program import recordable
@@ -195,9 +201,11 @@ class Step:
                 )
             grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
             used[:] = [g is not None for g in grads]
-            return (losses.detach(), *(g for g in grads if g is not None))
+            laid = (_laid_like(g, p) for g, p in zip(grads, leaves, strict=True) if g is not None)
+            return (losses.detach(), *laid)
 
-        compiled = compile_function(step, *inputs, autotune=False)
+        with untouched(self.objective):
+            compiled = compile_function(step, *inputs, autotune=False)
         trainable = [t for t in compiled.constants if t.requires_grad]
         if trainable:
             raise NotCompiled(
@@ -243,6 +251,15 @@ def _rebuilt(calls: list[Call], tensors: tuple, beta: float, beta_varies: bool):
         for c in calls
     ]
     return served, next(given) if beta_varies else beta
+
+
+def _laid_like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``grad`` with ``param``'s strides, as autograd lays out a ``.grad`` (fused Adam reads a
+    gradient and its parameter element by element in memory order: a transposed one would update
+    the wrong entries)."""
+    if grad.stride() == param.stride():
+        return grad
+    return grad.new_empty_strided(param.shape, param.stride()).copy_(grad)
 
 
 def _median(values: list[float]) -> float:

@@ -24,6 +24,7 @@ from pyvae.compiled import (
     Watched,
     compile_function,
     describe,
+    untouched,
 )
 from pyvae.data.batching import Batches
 from pyvae.infer.importance import compiles
@@ -161,7 +162,7 @@ class BatchLosses:
             return (recordable_loss(objective, program, guide, full),)
 
         started = time.perf_counter()
-        with recordable():
+        with recordable(), untouched(self.model):
             compiled = compile_function(
                 loss, *[a for a in batch if torch.is_tensor(a)], autotune=False
             )

@@ -2,6 +2,7 @@
 log-weights, log p(x), bounds and per-site statistics as the programs run as written; recorded
 once per kind of chunk; a program that cannot be recorded is scored as written and says why."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,3 +119,42 @@ def test_a_compiled_function_serves_only_inputs_laid_out_as_it_was_compiled_for(
         (out,) = pyvae.compiled.compile_function(transposed, given, autotune=False)(given)
         torch.testing.assert_close(out, x.t())
     assert pyvae.compiled.describe(x) != pyvae.compiled.describe(column_major)
+
+
+def test_compiled_importance_sampling_follows_weights_changed_through_data(monkeypatch):
+    """An EMA or ``vector_to_parameters`` writes through ``.data``, which keeps the tensors'
+    versions: what the compiled chunks froze in is told apart by its bytes."""
+    torch.manual_seed(0)
+    model, x = TutorialVAE(), _points()
+    with importance.scoring_session():
+        _scored(model, x, "on", monkeypatch)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data.mul_(0.5)
+        compiled, _ = _scored(model, x, "on", monkeypatch)
+    written, _ = _scored(model, x, "off", monkeypatch)
+    torch.testing.assert_close(compiled.log_px, written.log_px)
+
+
+def test_noise_a_recording_cannot_make_apart_is_refused():
+    """Drawn in place into a view (its base's readers would keep the zeros), or from Python's or
+    numpy's generators (frozen into constants): not compiled, and numpy's generator left as if
+    nothing had been recorded."""
+    x = torch.zeros(4, 3)
+
+    def into_a_view(v):
+        eps = torch.zeros(v.shape[0], 3)
+        eps[:, 0].normal_()
+        return (v + eps,)
+
+    def from_numpy(v):
+        return (v + float(np.random.normal()),)
+
+    with pytest.raises(pyvae.compiled.NotCompiled, match="in place into a view of a tensor"):
+        pyvae.compiled.compile_function(into_a_view, x, autotune=False)
+    np.random.seed(0)
+    first = np.random.normal()
+    np.random.seed(0)
+    with pytest.raises(pyvae.compiled.NotCompiled, match="Python's or numpy's random generator"):
+        pyvae.compiled.compile_function(from_numpy, x, autotune=False)
+    assert np.random.normal() == first

@@ -60,6 +60,53 @@ class Branching(TutorialVAE):
             pyro.sample("latent", dist.Normal(loc, scale).to_event(1))
 
 
+class Dropped(TutorialVAE):
+    """A decoder with dropout: noise of a fixed distribution, shaped like a computed tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoder = nn.Sequential(
+            nn.Linear(2, 8), nn.Softplus(), nn.Dropout(0.25), nn.Linear(8, X_DIM)
+        )
+
+
+class Tied(TutorialVAE):
+    """A parameter read transposed: its gradient comes out of the graph laid out unlike it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tied = nn.Parameter(torch.randn(X_DIM, 2) * 0.1)
+
+    def model(self, x):
+        pyro.module("decoder", self.decoder)
+        with pyro.plate("data", x.shape[0]):
+            loc = x.new_zeros(x.shape[0], self.z_dim)
+            z = pyro.sample("latent", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
+            logits = torch.einsum("bk,dk->bd", z, self.tied) + self.decoder(z)
+            pyro.sample("obs", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+
+class Normalized(TutorialVAE):
+    """An encoder with batch normalization: each step updates its running statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Linear(X_DIM, 8), nn.Softplus(), nn.BatchNorm1d(8), nn.Linear(8, 4)
+        )
+
+
+class Logging(TutorialVAE):
+    """A guide that keeps a computed tensor on its module for a callback to log."""
+
+    def guide(self, x):
+        pyro.module("encoder", self.encoder)
+        with pyro.plate("data", x.shape[0]):
+            loc, raw = self.encoder(x).chunk(2, -1)
+            self.last_loc_norm = loc.detach().norm()
+            pyro.sample("latent", dist.Normal(loc, nn.functional.softplus(raw)).to_event(1))
+
+
 def _points(n: int = 24) -> torch.Tensor:
     return torch.rand(n, X_DIM, generator=torch.Generator().manual_seed(1)).round()
 
@@ -95,6 +142,8 @@ FAMILIES = {
     "cvae": (lambda: pyvae.CVAE(X_DIM, 3, 2, hidden=(8,)), "meanfield", 1),
     "m2 enumerated": (lambda: pyvae.M2(X_DIM, 3, 2, hidden=(8,)), "enum", 1),
     "user program": (TutorialVAE, "trace", 1),
+    "user program with dropout": (Dropped, "trace", 1),
+    "user program reading a parameter transposed": (Tied, "trace", 1),
 }
 
 
@@ -126,12 +175,45 @@ def test_the_compiled_step_gives_the_programs_loss_and_gradients(family, capsys)
     assert "compile on: the training step compiled in" in capsys.readouterr().out
     assert [c is not None for c in step.compiled.values()] == [True]
     torch.testing.assert_close(compiled, written, rtol=1e-5, atol=1e-5)
-    for a, b in zip(compiled_grads, written_grads, strict=True):
+    for a, b, p in zip(compiled_grads, written_grads, model.parameters(), strict=True):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * (1 + b.abs().max()))
+            assert a.stride() == p.stride()  # as autograd lays it out: fused Adam needs that
     # other noise, another loss: the draws are inputs, not constants of the graph
     assert not torch.equal(_loss_and_grads(step, model, calls, seed=4)[0], compiled)
+
+
+def test_compiling_leaves_the_models_state_as_the_steps_as_written_leave_it():
+    """Recording runs the program once, and the compiled step's trial call runs a step: neither may
+    count as a step for batch normalization's running statistics."""
+    states = []
+    for mode in ("off", "on"):
+        torch.manual_seed(0)
+        model, calls = Normalized(), _calls("vae")
+        step = _step(model, "meanfield", 1, calls)
+        step.uncompiled = "compile is off" if mode == "off" else None
+        losses = [_loss_and_grads(step, model, calls, seed=i)[0] for i in range(4)]
+        states.append((torch.stack(losses), dict(model.encoder[2].state_dict())))
+    assert step.compiled and None not in step.compiled.values()
+    (written, written_state), (compiled, compiled_state) = states
+    torch.testing.assert_close(compiled, written, rtol=1e-5, atol=1e-5)
+    assert compiled_state["num_batches_tracked"] == written_state["num_batches_tracked"]
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(compiled_state[name], written_state[name])
+
+
+def test_a_program_that_stores_a_tensor_on_its_module_trains_as_written(capsys):
+    torch.manual_seed(0)
+    model, calls = Logging(), _calls("vae")
+    step = _step(model, "trace", 1, calls)
+    for i in range(3):
+        _loss_and_grads(step, model, calls, seed=i)
+        torch.manual_seed(i)
+        assert float(model.last_loc_norm) > 0  # a real tensor, this step's
+    assert "trains as written: it stores a tensor it computed on its module (Logging.last_loc_" in (
+        capsys.readouterr().out
+    )
 
 
 def test_the_kl_weight_of_a_warm_up_is_an_input_of_one_recording():
@@ -157,6 +239,51 @@ def test_a_step_is_recorded_again_when_its_shape_or_the_models_settings_change()
     for _ in range(2):
         _loss_and_grads(step, model, small)
     assert len(step.compiled) == 3
+
+
+def test_a_step_follows_parameters_frozen_or_replaced_at_once():
+    """A callback that freezes the encoder, or swaps a layer's weight, mid-epoch: the next step
+    gives exactly the gradients the program as written gives."""
+    torch.manual_seed(0)
+    model, calls = TutorialVAE(), _calls("vae")
+    step = _step(model, "trace", 1, calls)
+    for _ in range(3):
+        _loss_and_grads(step, model, calls)
+    assert None not in step.compiled.values()
+    model.encoder[0].weight.requires_grad_(False)
+    model.decoder[2].weight = nn.Parameter(torch.zeros(X_DIM, 8))
+    for _ in range(2):  # as written, then recorded for the new parameters
+        written, written_grads = _loss_and_grads(step, model, calls, seed=5)
+    compiled, compiled_grads = _loss_and_grads(step, model, calls, seed=5)
+    assert len(step.compiled) == 2 and None not in step.compiled.values()
+    torch.testing.assert_close(compiled, written, rtol=1e-5, atol=1e-5)
+    assert model.encoder[0].weight.grad is None
+    for a, b in zip(compiled_grads, written_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * (1 + b.abs().max()))
+
+
+def test_a_plain_tensor_attribute_replaced_is_read_anew_from_the_next_epoch():
+    class Masked(TutorialVAE):
+        def model(self, x):
+            return super().model(x * self.mask)
+
+    torch.manual_seed(0)
+    model, calls = Masked(), _calls("vae")
+    model.mask = torch.ones(X_DIM)
+    step = _step(model, "trace", 1, calls)
+    for _ in range(3):
+        _loss_and_grads(step, model, calls)
+    before = _loss_and_grads(step, model, calls, seed=5)[0]
+    model.mask = torch.zeros(X_DIM)  # not a buffer: the program's own attribute
+    step.new_epoch()
+    for _ in range(3):  # as written, recorded again, compiled
+        compiled = _loss_and_grads(step, model, calls, seed=5)[0]
+    step.uncompiled = "compile is off"
+    written = _loss_and_grads(step, model, calls, seed=5)[0]
+    torch.testing.assert_close(compiled, written, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(compiled, before)
 
 
 def test_a_program_that_cannot_be_recorded_trains_as_written_and_says_why(capsys):

@@ -22,7 +22,7 @@ import torch
 from pyro import poutine
 
 from pyvae import program
-from pyvae.compiled import NotCompiled, compile_function
+from pyvae.compiled import NotCompiled, compile_function, untouched
 from pyvae.errors import PyvaeWarning
 from pyvae.infer.ais.schedule import Layout
 
@@ -155,8 +155,9 @@ class Potential:
             return
         frozen = [*self.model.parameters(), *self.model.buffers()]
         try:
-            potential = compile_function(self.densities, u, frozen=frozen)
-            gradients = compile_function(self.densities_gradients, u, frozen=frozen)
+            with untouched(self.model):
+                potential = compile_function(self.densities, u, frozen=frozen)
+                gradients = compile_function(self.densities_gradients, u, frozen=frozen)
             program_s = self.densities(u)
             mine = (*potential(u), *gradients(u))
             if not all(map(_same, mine, (*program_s, *program_s[3:]))):
