@@ -59,6 +59,7 @@ import logging
 import math
 import operator
 import random
+import sys
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Iterable, Iterator
 
@@ -66,6 +67,7 @@ import numpy as np
 import torch
 import torch._inductor.config
 from torch._decomp import get_decompositions
+from torch._inductor.codecache import PyCodeCache
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
@@ -75,7 +77,11 @@ from pyvae.errors import PyvaeError
 #: compiled graphs kept per process (AIS compiles two per chunk size), by their code, their inputs'
 #: layouts and the identity and version of their frozen tensors
 CACHE_SIZE = 16
+#: distinct sets of frozen weights whose compiled functions are kept (:func:`_evict`)
+FROZEN_SETS = 2
 _compiled: OrderedDict[tuple, Callable] = OrderedDict()
+#: the Python modules inductor loaded for each of them
+_loaded: dict[tuple, list] = {}
 #: whether this torch's inductor can be told not to reassociate float arithmetic (:func:`log1p`
 #: needs it)
 _EXACT_MATH = hasattr(torch._inductor.config.cpp, "enable_unsafe_math_opt_flag")
@@ -512,11 +518,43 @@ def compile_function(
     )
     if key not in _compiled:
         options = (CPU_OPTIONS if autotune else EXACT_OPTIONS) if cpu else {}
+        loaded = len(getattr(PyCodeCache, "modules", ()))
         _compiled[key] = _compile(graph, constants, noise, inputs, options)
-        while len(_compiled) > CACHE_SIZE:
-            _compiled.popitem(last=False)
+        _loaded[key] = list(getattr(PyCodeCache, "modules", ())[loaded:])
     _compiled.move_to_end(key)
+    _evict()
     return Compiled(_compiled[key], constants, noise)
+
+
+def _evict() -> None:
+    """Keep :data:`CACHE_SIZE` compiled functions, and of those that froze weights in only the
+    ones of the :data:`FROZEN_SETS` weights used last: each holds its weights and their packed
+    copies, and weights seen once (a checkpoint evaluated) seldom come back. Inductor's own
+    cache of the code it loaded lets go of them too (it keeps every module, constants and all)."""
+    evicted = []
+    while len(_compiled) > CACHE_SIZE:
+        evicted.append(_compiled.popitem(last=False)[0])
+    recent = []
+    for key in reversed(_compiled):
+        if key[-1] and key[-1] not in recent:
+            recent.append(key[-1])
+    evicted += [k for k in _compiled if k[-1] in recent[FROZEN_SETS:]]
+    for key in evicted:
+        _forget(_loaded.pop(key, []))
+        _compiled.pop(key, None)
+
+
+def _forget(modules: list) -> None:
+    """Drop inductor's references to the Python modules it loaded for one compilation: its list of
+    loaded modules and ``sys.modules``. (Whoever still calls the compiled function keeps it.)"""
+    kept = getattr(PyCodeCache, "modules", None)
+    if kept is None:
+        return
+    ids = {id(m) for m in modules}
+    kept[:] = [m for m in kept if id(m) not in ids]
+    for module in modules:
+        if sys.modules.get(module.__name__) is module:
+            del sys.modules[module.__name__]
 
 
 def fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:

@@ -2,6 +2,9 @@
 log-weights, log p(x), bounds and per-site statistics as the programs run as written; recorded
 once per kind of chunk; a program that cannot be recorded is scored as written and says why."""
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -158,3 +161,18 @@ def test_noise_a_recording_cannot_make_apart_is_refused():
     with pytest.raises(pyvae.compiled.NotCompiled, match="Python's or numpy's random generator"):
         pyvae.compiled.compile_function(from_numpy, x, autotune=False)
     assert np.random.normal() == first
+
+
+def test_compiled_functions_keep_only_the_weights_of_the_last_two_models_alive(monkeypatch):
+    """Evaluating checkpoints one after another: each compiled chunk froze its model's weights in
+    (inductor's loaded code holds them too), and those of all but the last two models are let go."""
+    monkeypatch.setattr(pyvae.compiled, "_compiled", type(pyvae.compiled._compiled)())
+    x, alive = _points(), []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = TutorialVAE()
+        _scored(model, x, "on", monkeypatch)
+        alive.append(weakref.ref(next(model.parameters())))
+        del model
+    gc.collect()
+    assert [ref() is not None for ref in alive] == [False, True, True]
