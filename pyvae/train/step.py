@@ -98,6 +98,7 @@ class Step:
         #: why the program runs as written (once a recording failed, no other is tried)
         self.uncompiled: str | None = "compile is off" if mode == "off" else None
         self.watched = Watched(objective)
+        self.said_changed: set[str] = set()  # settings named by _say_why_again
 
     def new_epoch(self) -> None:
         self.seen.clear()
@@ -178,11 +179,34 @@ class Step:
             self.say(f"compile {self.mode}: the program trains as written: {why}")
             return
         seconds = _seconds(started, None)
+        self._say_why_again(key, seconds)
         if self.mode == "auto":
             self.trials[key] = []
             self.compile_seconds = seconds
         else:
             self.say(f"compile on: the training step compiled in {seconds:.1f} s")
+
+    def _say_why_again(self, key: tuple, seconds: float) -> None:
+        """Name the settings whose new values made ``key`` a kind of its own, the first time: a
+        number annealed by a callback costs a compilation at each change."""
+        calls, beta, (listed, values) = key
+        changed = {
+            f"{type(module).__name__}.{name}"
+            for other_calls, other_beta, (other_listed, other_values) in self.compiled
+            if (other_calls, other_beta, other_listed) == (calls, beta, listed)
+            for (module, name), now, then in zip(
+                self.watched.settings, values, other_values, strict=True
+            )
+            if now != then
+        }
+        if changed and not changed <= self.said_changed:
+            self.said_changed |= changed
+            self.say(
+                f"compile {self.mode}: the step was recorded again ({seconds:.1f} s) because "
+                f"{', '.join(sorted(changed))} changed; a number that changes often costs a "
+                "compilation each time: keep it in a tensor buffer updated in place, which the "
+                "compiled step reads at every call"
+            )
 
     def _record(self, calls: list[Call], beta: float) -> Recorded:
         names = [n for n, p in self.objective.named_parameters() if p.requires_grad]

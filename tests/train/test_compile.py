@@ -241,6 +241,27 @@ def test_a_step_is_recorded_again_when_its_shape_or_the_models_settings_change()
     assert len(step.compiled) == 3
 
 
+def test_a_setting_that_changes_says_what_each_change_costs(capsys):
+    class Tempered(TutorialVAE):
+        temperature = 1.0
+
+        def model(self, x):
+            return super().model(x) if self.temperature > 0 else None
+
+    torch.manual_seed(0)
+    model, calls = Tempered(), _calls("vae")
+    model.temperature = 1.0
+    step = _step(model, "trace", 1, calls)
+    _loss_and_grads(step, model, calls)  # the first step settles the objective (its scaling)
+    for temperature in (1.0, 1.0, 0.5, 0.5, 0.25, 0.25):
+        model.temperature = temperature
+        _loss_and_grads(step, model, calls)
+    out = capsys.readouterr().out
+    assert len(step.compiled) == 3 and None not in step.compiled.values()
+    said = "the step was recorded again ("
+    assert out.count(said) == 1 and "because Tempered.temperature changed; a number" in out
+
+
 def test_a_step_follows_parameters_frozen_or_replaced_at_once():
     """A callback that freezes the encoder, or swaps a layer's weight, mid-epoch: the next step
     gives exactly the gradients the program as written gives."""
