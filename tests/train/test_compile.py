@@ -262,6 +262,29 @@ def test_a_setting_that_changes_says_what_each_change_costs(capsys):
     assert out.count(said) == 1 and "because Tempered.temperature changed; a number" in out
 
 
+def test_a_number_kept_in_a_buffer_and_changed_in_place_needs_no_new_recording():
+    class Tempered(TutorialVAE):
+        def model(self, x):
+            pyro.module("decoder", self.decoder)
+            with pyro.plate("data", x.shape[0]):
+                loc = x.new_zeros(x.shape[0], self.z_dim)
+                z = pyro.sample("latent", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
+                logits = self.decoder(z) / self.temperature
+                pyro.sample("obs", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+    torch.manual_seed(0)
+    model, calls = Tempered(), _calls("vae")
+    model.register_buffer("temperature", torch.tensor(1.0))
+    step = _step(model, "trace", 1, calls)
+    for _ in range(3):
+        _loss_and_grads(step, model, calls)
+    model.temperature.fill_(0.5)
+    compiled = _loss_and_grads(step, model, calls, seed=5)[0]
+    assert len(step.compiled) == 1
+    step.uncompiled = "compile is off"
+    torch.testing.assert_close(compiled, _loss_and_grads(step, model, calls, seed=5)[0])
+
+
 def test_a_step_follows_parameters_frozen_or_replaced_at_once():
     """A callback that freezes the encoder, or swaps a layer's weight, mid-epoch: the next step
     gives exactly the gradients the program as written gives."""
