@@ -43,12 +43,12 @@ A function that draws random numbers (a guide's reparameterized ``loc + scale * 
 draw replaced by an input (:func:`lift_noise`), drawn on every call by the same torch ops, in the
 same order, from torch's generators (:class:`Noise`): compiled or not, a seeded call gives the same
 numbers, and the graph holds no generator of its own (inductor's would draw other numbers; a CUDA
-graph cannot hold one). Noise shaped like a computed tensor (dropout's ``empty_like(x)
-.bernoulli_(p)``) is drawn on an empty tensor of that layout. A draw whose distribution is computed
-(a Gamma's ``_standard_gamma`` of a computed shape, a Categorical's ``multinomial``), one made in
-place into a view, and a draw from Python's or numpy's generators (which the recording would
-freeze) cannot be made apart: :class:`NotCompiled`. What the recording and the compiled function's
-first call do to a module they run is undone (:func:`untouched`).
+graph cannot hold one). Noise shaped like a computed tensor (dropout's
+``empty_like(x).bernoulli_(p)`` on a CPU) is drawn on an empty tensor of that layout. A draw whose
+distribution is computed (a Gamma's ``_standard_gamma`` of a computed shape, a Categorical's
+``multinomial``), one made in place into a view, and a draw from Python's or numpy's generators
+(which the recording would freeze) cannot be made apart: :class:`NotCompiled`. What the recording
+and the compiled function's first call do to a module they run is undone (:func:`untouched`).
 """
 
 from __future__ import annotations
@@ -219,7 +219,13 @@ class Watched:
         self.all_params = list(self.module.parameters())
         self.members = self._members()
         self.trainable = [p.requires_grad for p in self.all_params]
-        attributes = [v for m in self.modules for v in vars(m).values() if torch.is_tensor(v)]
+        # a module's private tensors are its caches (Pyro's coupling layers keep their last scale)
+        attributes = [
+            v
+            for m in self.modules
+            for name, v in vars(m).items()
+            if torch.is_tensor(v) and not name.startswith("_")
+        ]
         self.listed = (
             tuple(map(id, self.members)),
             tuple(self.trainable),
@@ -263,13 +269,16 @@ def _setting(value):
 def untouched(module: torch.nn.Module) -> Iterator[None]:
     """``module`` left as it was by what runs inside: a recording runs the program once, and the
     compiled function's trial call a step, neither of which is one. Attributes set or replaced get
-    their values back and buffers updated in place (BatchNorm's running statistics) their values.
-    A tensor the program stored in a public attribute (``self.last_norm = loc.norm()``) is
-    :class:`NotCompiled`: compiled, the program would never store it again. (Caches a module keeps
-    in private attributes, as Pyro's transforms keep their last ``(x, y)``, are only put back.)"""
+    their values back, and tensors updated in place (BatchNorm's running statistics, a counter
+    kept in a plain attribute) their values. A tensor the program stored in a public attribute
+    (``self.last_norm = loc.norm()``) is :class:`NotCompiled`: compiled, the program would never
+    store it again. (Caches a module keeps in private attributes, as Pyro's transforms keep their
+    last ``(x, y)``, and what a forward pre-hook recomputes before every forward, as
+    ``weight_norm``'s ``weight``, are only put back.)"""
     modules = list(module.modules())
     before = [(m, dict(vars(m)), *(dict(d) for d in _members_of(m))) for m in modules]
-    buffers = [(b, b._version, b.detach().clone()) for b in module.buffers()]
+    plain = [v for m in modules for v in vars(m).values() if torch.is_tensor(v)]
+    values = [(t, t._version, t.detach().clone()) for t in (*module.buffers(), *plain)]
     try:
         yield
     finally:
@@ -279,9 +288,10 @@ def untouched(module: torch.nn.Module) -> Iterator[None]:
             for name, value in vars(m).items()
             if torch.is_tensor(value)
             and not name.startswith("_")
+            and name not in _hooked(m)
             and attributes.get(name) is not value
         ]
-        _restore(before, buffers)
+        _restore(before, values)
     if stored:
         raise NotCompiled(
             f"it stores a tensor it computed on its module ({stored[0]}), which a compiled step "
@@ -289,11 +299,17 @@ def untouched(module: torch.nn.Module) -> Iterator[None]:
         )
 
 
+def _hooked(m: torch.nn.Module) -> set:
+    """The attributes ``m``'s forward pre-hooks set before every forward (``weight_norm``'s and
+    ``spectral_norm``'s hooks name theirs)."""
+    return {getattr(hook, "name", None) for hook in m._forward_pre_hooks.values()}
+
+
 def _members_of(m: torch.nn.Module) -> tuple[dict, dict, dict]:
     return m._parameters, m._buffers, m._modules
 
 
-def _restore(before: list, buffers: list) -> None:
+def _restore(before: list, values: list) -> None:
     """Put back what :func:`untouched` saw."""
     for m, attributes, *members in before:
         for held, saved in zip(_members_of(m), members, strict=True):
@@ -302,9 +318,9 @@ def _restore(before: list, buffers: list) -> None:
         vars(m).clear()
         vars(m).update(attributes)
     with torch.no_grad():
-        for buffer, version, value in buffers:
-            if buffer._version != version:
-                buffer.copy_(value)
+        for tensor, version, value in values:
+            if tensor._version != version:
+                tensor.copy_(value)
 
 
 class NotCompiled(Exception):
@@ -564,8 +580,12 @@ def fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:
     return tuple((id(t), t._version, _digest(t)) for t in tensors)
 
 
-def _digest(t: torch.Tensor) -> bytes:
-    data = t.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
+def _digest(t: torch.Tensor) -> bytes | None:
+    """A digest of a CPU tensor's bytes; None elsewhere, where nothing is frozen in (the compiled
+    functions read the tensors at every call) and reading them back would cost a copy."""
+    if t.device.type != "cpu":
+        return None
+    data = t.detach().reshape(-1).contiguous().view(torch.uint8)
     return hashlib.blake2b(data.numpy(), digest_size=16).digest()
 
 

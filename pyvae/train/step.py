@@ -16,7 +16,7 @@ which parameters, buffers and submodules the modules hold and which parameters a
 callback that freezes the encoder mid-epoch), and the values of every submodule's Python settings
 (train/eval mode, numbers, strings: a model whose code branches on ``self.temperature`` is
 recorded again when it changes), all checked each step (a few microseconds); which settings and
-plain tensor attributes (``self.mask``) a module has are listed again each epoch, and when a
+public plain tensor attributes (``self.mask``) a module has are listed again each epoch, and when a
 module gains or loses an attribute (:class:`pyvae.compiled.Watched`). A kind is recorded the
 second time an epoch serves it (under ``auto``, once five steps were timed as written): the first
 step of a run is checked by Pyro's validation as written, and the one short last batch of an epoch
@@ -27,8 +27,9 @@ global variable) is frozen at the recording: train such a program with ``compile
 A program that cannot be recorded (its Python reads a computed tensor's value: ``.tolist()``,
 ``if z.sum() > 0``; noise whose distribution it computes, as a Gamma's; draws from Python's or
 numpy's generators; a computed tensor it stores on its module; a score-function gradient's
-surrogate that reads values) trains as written, with a one-line notice naming why. Dropout's noise
-has a fixed distribution and is an input like the guide's.
+surrogate that reads values) trains as written, with a one-line notice naming why. On a CPU
+dropout's noise is an input like the guide's (on a GPU torch's fused dropout reads its input: as
+written).
 """
 
 from __future__ import annotations
