@@ -75,7 +75,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from pyvae.errors import PyvaeError
 
 #: compiled graphs kept per process (AIS compiles two per chunk size), by their code, their inputs'
-#: layouts and the identity and version of their frozen tensors
+#: layouts and their frozen tensors (:func:`fingerprint`)
 CACHE_SIZE = 16
 #: distinct sets of frozen weights whose compiled functions are kept (:func:`_evict`)
 FROZEN_SETS = 2
