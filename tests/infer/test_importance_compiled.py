@@ -164,15 +164,18 @@ def test_noise_a_recording_cannot_make_apart_is_refused():
 
 
 def test_compiled_functions_keep_only_the_weights_of_the_last_two_models_alive(monkeypatch):
-    """Evaluating checkpoints one after another: each compiled chunk froze its model's weights in
-    (inductor's loaded code holds them too), and those of all but the last two models are let go."""
+    """Evaluating checkpoints one after another: each compilation froze its model's weights in
+    (inductor's loaded code holds them too), and those of all but the last two are let go."""
     monkeypatch.setattr(pyvae.compiled, "_compiled", type(pyvae.compiled._compiled)())
-    x, alive = _points(), []
+    x, alive = torch.ones(3, 4), []
     for seed in range(3):
-        torch.manual_seed(seed)
-        model = TutorialVAE()
-        _scored(model, x, "on", monkeypatch)
-        alive.append(weakref.ref(next(model.parameters())))
-        del model
+        weight = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed))
+
+        def decoder(v, weight=weight):
+            return (torch.sigmoid(v @ weight.t()),)
+
+        pyvae.compiled.compile_function(decoder, x, frozen=[weight])
+        alive.append(weakref.ref(weight))
+        del weight, decoder
     gc.collect()
     assert [ref() is not None for ref in alive] == [False, True, True]
