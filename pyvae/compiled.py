@@ -219,13 +219,7 @@ class Watched:
         self.all_params = list(self.module.parameters())
         self.members = self._members()
         self.trainable = [p.requires_grad for p in self.all_params]
-        # a module's private tensors are its caches (Pyro's coupling layers keep their last scale)
-        attributes = [
-            v
-            for m in self.modules
-            for name, v in vars(m).items()
-            if torch.is_tensor(v) and not name.startswith("_")
-        ]
+        attributes = [v for m in self.modules for _, v in _public_tensors(m)]
         self.listed = (
             tuple(map(id, self.members)),
             tuple(self.trainable),
@@ -277,19 +271,17 @@ def untouched(module: torch.nn.Module) -> Iterator[None]:
     ``weight_norm``'s ``weight``, are only put back.)"""
     modules = list(module.modules())
     before = [(m, dict(vars(m)), *(dict(d) for d in _members_of(m))) for m in modules]
-    plain = [v for m in modules for v in vars(m).values() if torch.is_tensor(v)]
-    values = [(t, t._version, t.detach().clone()) for t in (*module.buffers(), *plain)]
+    tensors = {id(t): t for t in module.buffers()}
+    tensors.update((id(t), t) for m in modules for _, t in _public_tensors(m))
+    values = [(t, t._version, t.detach().clone()) for t in tensors.values() if not t.is_inference()]
     try:
         yield
     finally:
         stored = [
             f"{type(m).__name__}.{name}"
             for m, attributes, *_ in before
-            for name, value in vars(m).items()
-            if torch.is_tensor(value)
-            and not name.startswith("_")
-            and name not in _hooked(m)
-            and attributes.get(name) is not value
+            for name, value in _public_tensors(m)
+            if attributes.get(name) is not value
         ]
         _restore(before, values)
     if stored:
@@ -299,10 +291,16 @@ def untouched(module: torch.nn.Module) -> Iterator[None]:
         )
 
 
-def _hooked(m: torch.nn.Module) -> set:
-    """The attributes ``m``'s forward pre-hooks set before every forward (``weight_norm``'s and
-    ``spectral_norm``'s hooks name theirs)."""
-    return {getattr(hook, "name", None) for hook in m._forward_pre_hooks.values()}
+def _public_tensors(m: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``m``'s plain tensor attributes that are its program's: not private (a module's caches, as
+    Pyro's coupling layers keep their last scale), and not set by its forward pre-hooks before
+    every forward (``weight_norm``'s and ``spectral_norm``'s hooks name theirs)."""
+    hooked = {getattr(hook, "name", None) for hook in m._forward_pre_hooks.values()}
+    return [
+        (name, value)
+        for name, value in vars(m).items()
+        if torch.is_tensor(value) and not name.startswith("_") and name not in hooked
+    ]
 
 
 def _members_of(m: torch.nn.Module) -> tuple[dict, dict, dict]:
@@ -550,11 +548,17 @@ def _evict() -> None:
     evicted = []
     while len(_compiled) > CACHE_SIZE:
         evicted.append(_compiled.popitem(last=False)[0])
-    recent = []
+    groups: list[set] = []  # weights, the most recently used first: graphs sharing any are one
     for key in reversed(_compiled):
-        if key[-1] and key[-1] not in recent:
-            recent.append(key[-1])
-    evicted += [k for k in _compiled if k[-1] in recent[FROZEN_SETS:]]
+        frozen = set(key[-1])
+        if not frozen:
+            continue
+        rank = next((i for i, group in enumerate(groups) if group & frozen), len(groups))
+        if rank == len(groups):
+            groups.append(set())
+        groups[rank] |= frozen
+        if rank >= FROZEN_SETS:
+            evicted.append(key)
     for key in evicted:
         _forget(_loaded.pop(key, []))
         _compiled.pop(key, None)
@@ -577,15 +581,15 @@ def fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:
     """Which tensors these are and what they hold: identities, versions and a digest of their
     bytes (a change through ``.data``, as an EMA or ``vector_to_parameters`` makes, keeps the
     version). A key of what a compiled function froze in."""
-    return tuple((id(t), t._version, _digest(t)) for t in tensors)
+    return tuple((id(t), None if t.is_inference() else t._version, _digest(t)) for t in tensors)
 
 
 def _digest(t: torch.Tensor) -> bytes | None:
-    """A digest of a CPU tensor's bytes; None elsewhere, where nothing is frozen in (the compiled
-    functions read the tensors at every call) and reading them back would cost a copy."""
-    if t.device.type != "cpu":
+    """A digest of a dense CPU tensor's bytes; None elsewhere: on a GPU nothing is frozen in (the
+    compiled functions read the tensors at every call) and reading them back would cost a copy."""
+    if t.device.type != "cpu" or t.layout != torch.strided or t.is_quantized:
         return None
-    data = t.detach().reshape(-1).contiguous().view(torch.uint8)
+    data = t.detach().resolve_conj().resolve_neg().reshape(-1).contiguous().view(torch.uint8)
     return hashlib.blake2b(data.numpy(), digest_size=16).digest()
 
 

@@ -165,17 +165,24 @@ def test_noise_a_recording_cannot_make_apart_is_refused():
 
 def test_compiled_functions_keep_only_the_weights_of_the_last_two_models_alive(monkeypatch):
     """Evaluating checkpoints one after another: each compilation froze its model's weights in
-    (inductor's loaded code holds them too), and those of all but the last two are let go."""
+    (inductor's loaded code holds them too), and those of all but the last two models are let go;
+    two graphs of one model that read different weights (importance sampling's, AIS's) are kept
+    together."""
     monkeypatch.setattr(pyvae.compiled, "_compiled", type(pyvae.compiled._compiled)())
     x, alive = torch.ones(3, 4), []
     for seed in range(3):
-        weight = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed))
+        encoder, decoder = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(seed))
 
-        def decoder(v, weight=weight):
-            return (torch.sigmoid(v @ weight.t()),)
+        def both(v, encoder=encoder, decoder=decoder):
+            return (torch.sigmoid(v @ encoder.t() @ decoder.t()),)
 
-        pyvae.compiled.compile_function(decoder, x, frozen=[weight])
-        alive.append(weakref.ref(weight))
-        del weight, decoder
+        def decoding(v, decoder=decoder):
+            return (torch.sigmoid(v @ decoder.t()),)
+
+        pyvae.compiled.compile_function(both, x, frozen=[encoder, decoder])
+        pyvae.compiled.compile_function(decoding, x, frozen=[decoder])
+        alive.append(weakref.ref(decoder))
+        del encoder, decoder, both, decoding
     gc.collect()
     assert [ref() is not None for ref in alive] == [False, True, True]
+    assert len(pyvae.compiled._compiled) == 4
