@@ -207,7 +207,8 @@ class Watched:
     def refresh(self) -> None:
         """List the trainable parameters and the settings anew."""
         self.modules = list(self.module.modules())
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.all_params = list(self.module.parameters())
+        self.params = [p for p in self.all_params if p.requires_grad]
         self.settings = [
             (module, name)
             for module in self.modules
@@ -216,7 +217,6 @@ class Watched:
         ]
         self.sizes = self._sizes()
         self.holders = [d for m in self.modules for d in _members_of(m)]
-        self.all_params = list(self.module.parameters())
         self.members = self._members()
         self.trainable = [p.requires_grad for p in self.all_params]
         attributes = [v for m in self.modules for _, v in _public_tensors(m)]
