@@ -60,7 +60,10 @@ def untuned(monkeypatch):
 @pytest.fixture(autouse=True)
 def seeded():
     pyro.set_rng_seed(0)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    # the suite runs in one process per core (pytest-xdist): two threads each would oversubscribe
+    # the cores, and torch's waiting threads spin
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    torch.set_num_threads(1 if workers and int(workers) > 1 else min(2, torch.get_num_threads()))
     yield
 
 
