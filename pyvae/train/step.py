@@ -20,9 +20,11 @@ public plain tensor attributes (``self.mask``) a module has are listed again eac
 module gains or loses an attribute (:class:`pyvae.compiled.Watched`). A kind is recorded the
 second time an epoch serves it (under ``auto``, once five steps were timed as written): the first
 step of a run is checked by Pyro's validation as written, and the one short last batch of an epoch
-costs no compilation. The recording leaves the model as it found it (BatchNorm's running
-statistics count the steps, not the recording). What the program computes from anything else (a
-global variable) is frozen at the recording: train such a program with ``compile="off"``.
+costs no compilation; under ``auto`` a kind that a setting's new value made is compiled only if
+it would live long enough to repay its compilation, judged by the kinds its earlier values made.
+The recording leaves the model as it found it (BatchNorm's running statistics count the steps,
+not the recording). What the program computes from anything else (a global variable) is frozen at
+the recording: train such a program with ``compile="off"``.
 
 A program that cannot be recorded (its Python reads a computed tensor's value: ``.tolist()``,
 ``if z.sum() > 0``; noise whose distribution it computes, as a Gamma's; draws from Python's or
@@ -100,6 +102,12 @@ class Step:
         self.uncompiled: str | None = "compile is off" if mode == "off" else None
         self.watched = Watched(objective)
         self.said_changed: set[str] = set()  # settings named by _say_why_again
+        self.said_short: set[str] = set()  # and by _short_lived
+        # auto's ledger: the compiled steps each kind ran, what compiling it took, and the
+        # seconds a compiled step saved (the last judged)
+        self.served: Counter = Counter()
+        self.cost: dict[tuple, float] = {}
+        self.saving: float | None = None
 
     def new_epoch(self) -> None:
         self.seen.clear()
@@ -117,6 +125,7 @@ class Step:
             return self._as_written(calls, beta, validate)
         started = time.perf_counter()
         losses = self._run(recorded, calls, beta)
+        self.served[key] += 1
         if key in self.trials:
             self._judge(key, _seconds(started, losses), remaining)
         return losses
@@ -171,6 +180,9 @@ class Step:
                 return
             if len(self.eager_seconds) < AUTO_TRIALS:
                 return
+            if self._short_lived(key, remaining):
+                self.compiled[key] = None
+                return
         self.compiled[key] = None
         started = time.perf_counter()
         try:
@@ -180,6 +192,7 @@ class Step:
             self.say(f"compile {self.mode}: the program trains as written: {why}")
             return
         seconds = _seconds(started, None)
+        self.cost[key] = seconds
         self._say_why_again(key, seconds)
         if self.mode == "auto":
             self.trials[key] = []
@@ -187,19 +200,53 @@ class Step:
         else:
             self.say(f"compile on: the training step compiled in {seconds:.1f} s")
 
-    def _say_why_again(self, key: tuple, seconds: float) -> None:
-        """Name the settings whose new values made ``key`` a kind of its own, the first time: a
-        number annealed by a callback costs a compilation at each change."""
-        calls, beta, (listed, values) = key
-        changed = {
+    def _siblings(self, key: tuple) -> list[tuple]:
+        """The kinds recorded before ``key`` that differ from it only in the settings' values."""
+        calls, beta, (listed, _) = key
+        return [
+            other
+            for other in self.compiled
+            if other != key and (other[0], other[1], other[2][0]) == (calls, beta, listed)
+        ]
+
+    def _changed_settings(self, key: tuple) -> set[str]:
+        """The settings whose values set ``key`` apart from the kinds recorded before it."""
+        values = key[2][1]
+        return {
             f"{type(module).__name__}.{name}"
-            for other_calls, other_beta, (other_listed, other_values) in self.compiled
-            if (other_calls, other_beta, other_listed) == (calls, beta, listed)
+            for other in self._siblings(key)
             for (module, name), now, then in zip(
-                self.watched.settings, values, other_values, strict=True
+                self.watched.settings, values, other[2][1], strict=True
             )
             if now != then
         }
+
+    def _short_lived(self, key: tuple, remaining: int) -> bool:
+        """``auto``: whether ``key``, a kind that new values of settings made, would not repay its
+        compilation: if it lives as long as the kinds settings made before it (the median of their
+        compiled steps), its saving per step falls short of what their compilations took."""
+        # the first of the siblings is the run's own kind, which no change of a setting made
+        made = [k for k in self._siblings(key)[1:] if k in self.cost and k not in self.trials]
+        if self.saving is None or not made:
+            return False
+        lived = min(_median([self.served[k] for k in made]), remaining)
+        cost = _median([self.cost[k] for k in made])
+        if self.saving * lived >= cost:
+            return False
+        changed = self._changed_settings(key)
+        if not changed <= self.said_short:
+            self.said_short |= changed
+            self.say(
+                f"compile auto: steps after {', '.join(sorted(changed))} changed run as written: "
+                f"each value lasted about {lived:.0f} steps, which save {self.saving * lived:.1f} "
+                f"s compiled against a compilation of {cost:.1f} s"
+            )
+        return True
+
+    def _say_why_again(self, key: tuple, seconds: float) -> None:
+        """Name the settings whose new values made ``key`` a kind of its own, the first time: a
+        number annealed by a callback costs a compilation at each change."""
+        changed = self._changed_settings(key)
         if changed and not changed <= self.said_changed:
             self.said_changed |= changed
             self.say(
@@ -247,6 +294,7 @@ class Step:
             return
         del self.trials[key]
         compiled, eager = _median(trials[1:]), _median(self.eager_seconds)
+        self.saving = eager - compiled
         if compiled >= eager:
             self.compiled[key] = None
             self.say(

@@ -272,13 +272,16 @@ def test_a_step_is_recorded_again_when_its_shape_or_the_models_settings_change()
     assert len(step.compiled) == 3
 
 
+class Tempered(TutorialVAE):
+    """A model whose code branches on a Python number, as a callback's annealing sets it."""
+
+    temperature = 1.0
+
+    def model(self, x):
+        return super().model(x) if self.temperature > 0 else None
+
+
 def test_a_setting_that_changes_says_what_each_change_costs(capsys):
-    class Tempered(TutorialVAE):
-        temperature = 1.0
-
-        def model(self, x):
-            return super().model(x) if self.temperature > 0 else None
-
     torch.manual_seed(0)
     model, calls = Tempered(), _calls("vae")
     model.temperature = 1.0
@@ -291,6 +294,46 @@ def test_a_setting_that_changes_says_what_each_change_costs(capsys):
     assert len(step.compiled) == 2 and None not in step.compiled.values()
     said = "the step was recorded again ("
     assert out.count(said) == 1 and "because Tempered.temperature changed; a number" in out
+
+
+@pytest.mark.parametrize("cost", [5.0, 0.001])
+def test_auto_weighs_how_long_a_settings_kind_lives_against_its_compilation(cost, monkeypatch):
+    """Under auto, a setting changed every epoch makes a kind per epoch: once one such kind lived,
+    the next is compiled only if a kind's life of compiled steps repays what compiling it took
+    (timed here by a fake clock: 2 ms a step as written, 1 ms compiled, ``cost`` s a compilation,
+    so one ms is saved a step against ``cost``)."""
+    ran_compiled = []
+    real_run = Step._run
+    monkeypatch.setattr(Step, "_run", lambda self, *a: ran_compiled.append(1) or real_run(self, *a))
+
+    def seconds(started, result):  # a compilation, a compiled step, a step as written
+        if result is None:
+            return cost
+        return 0.001 if ran_compiled and ran_compiled.pop() else 0.002
+
+    monkeypatch.setattr(step_module, "_seconds", seconds)
+    said = []
+    torch.manual_seed(0)
+    model, calls = Tempered(), _calls("vae")
+    objective = Objective(model, "trace", 1)
+    objective.fill_plate_nesting(structure(model, calls[0].args).max_plate_nesting)
+    step = Step(objective, objective, "auto", False, say=said.append)
+    step(calls, 1.0, True, 10**6)  # the validated first step
+    kinds = []
+    for temperature in (1.0, 0.5, 0.25):  # an epoch of 12 steps at each value
+        model.temperature = temperature
+        step.new_epoch()
+        for _ in range(12):
+            step(calls, 1.0, False, 10**6)
+        kinds.append(step.compiled[step._key(calls, 1.0)] is not None)
+    # the run's own kind and the first a setting made are compiled; that one lived 11 steps, 11 ms
+    # saved, so the third is compiled only when compiling costs less than that
+    assert kinds == [True, True, cost < 0.011]
+    notices = [s for s in said if "run as written: each value lasted about 11 steps" in s]
+    if cost < 0.011:
+        assert not notices
+    else:
+        assert len(notices) == 1 and "after Tempered.temperature changed" in notices[0]
 
 
 def test_a_number_kept_in_a_buffer_and_changed_in_place_needs_no_new_recording():
