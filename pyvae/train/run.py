@@ -210,15 +210,19 @@ class Training:
         tally(self.sums, calls, losses)
 
     def closing_record(self, signals: StopOnSignal) -> dict:
-        """:meth:`epoch_record`, which a signal aborts at once (one process): scoring changes
-        nothing, so the run stops as after the epoch's last step, its generators put back, and the
-        resumed run scores the epoch with the same draws (a validation of many importance samples,
-        or its first compilation, may take a while). The user's metrics may draw from python's or
-        numpy's generators: all of them are put back."""
+        """:meth:`epoch_record`, which a signal aborts at once (one process; with several, the
+        processes agree once all have scored): scoring changes nothing, so the run stops as after
+        the epoch's last step, its generators put back, and the resumed run scores the epoch with
+        the same draws (a validation of many importance samples, or its first compilation, may
+        take a while). The user's metrics may draw from python's or numpy's generators: all of
+        them are put back."""
         before, trained = state.rng_state(), self.seconds()
         try:
             with signals.abortable(self.world.size == 1):
-                return self.epoch_record()
+                record = self.epoch_record()
+            if self.world.size > 1 and (signum := self._any_signal(signals)):
+                raise StepAborted(signum)  # the scores were not abortable: all ran them through
+            return record
         except StepAborted as stopped:
             self.signum = stopped.signum
             state.set_rng_state(before)
@@ -226,6 +230,11 @@ class Training:
             self.started = time.perf_counter() - trained
             self.callbacks.on_stop(self)  # writes the checkpoint and raises TrainingStopped
             raise
+
+    def _any_signal(self, signals: StopOnSignal) -> int:
+        """The signal any of the processes received (0: none); all of them must ask."""
+        flag = torch.tensor([signals.signum or 0], device=self.device)
+        return int(self.world.max(flag).item())
 
     def epoch_record(self) -> dict:
         """The epoch's ``train_elbo`` (each process summed its shard; together they cover the

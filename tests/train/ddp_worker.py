@@ -4,7 +4,8 @@ tests/train/ddp_worker.py OUT [OPTIONS]``.
 It trains a small VAE with ``pyvae.fit`` (rank 0 writes OUT/run) and leaves each
 process's final parameters in OUT/ranks/<rank>.pt for the test to compare. OPTIONS is
 JSON: arguments of ``fit``; ``sigterm_rank1_at_step`` to send SIGTERM to rank 1
-alone during that training step; ``rank1_points`` to give rank 1 another data set.
+alone during that training step, ``sigterm_rank1_at_scoring`` during that epoch's scoring;
+``rank1_points`` to give rank 1 another data set.
 """
 
 import json
@@ -33,6 +34,16 @@ if stop_at is not None and rank == 1:
         return forward(self, *args, **kwargs)
 
     pyvae.train.objectives.Objective.forward = forward_then_signal
+scored_at = options.pop("sigterm_rank1_at_scoring", None)
+if scored_at is not None and rank == 1:
+    scores = pyvae.train.validation.Validation.scores
+
+    def scores_then_signal(self, record):
+        if record["epoch"] == scored_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return scores(self, record)
+
+    pyvae.train.validation.Validation.scores = scores_then_signal
 g = torch.Generator().manual_seed(1)
 prototypes = (torch.rand(4, 32, generator=g) > 0.5).float()
 data = (

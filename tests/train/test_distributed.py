@@ -121,6 +121,12 @@ def test_a_signal_in_one_process_stops_both_and_resuming_matches_an_uninterrupte
             device="cpu",
             progress=False,
         )
+    # SIGTERM to rank 1 while the last epoch is scored (nothing steps after it): both stop once
+    # they have scored, the epoch's steps done and its record left for the resumed run to score
+    result = torchrun(stopped, resume=True, sigterm_rank1_at_scoring=4)
+    assert result.returncode != 0 and "stopped by SIGTERM at epoch 4, step 10" in result.stderr
+    checkpoint = params(stopped / "run" / "checkpoint.pt")
+    assert checkpoint["epoch"] == 3 and checkpoint["training"]["step_in_epoch"] == 10
     result = torchrun(stopped, resume=True)
     assert result.returncode == 0, result.stderr[-3000:]
     final, reference = (
