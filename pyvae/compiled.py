@@ -506,13 +506,16 @@ def _is_view(node) -> bool:
 def compile_function(
     fn: Callable,
     *inputs: torch.Tensor,
+    module: torch.nn.Module | None = None,
     frozen: Collection[torch.Tensor] = (),
     autotune: bool = True,
 ) -> Compiled:
     """``fn`` (tensors in, a tuple of tensors out) as a compiled function of the same inputs, or
     :class:`NotCompiled` saying why not. ``fn`` is called once; its outputs should not need
     gradients (take them inside ``fn`` with ``torch.autograd.grad``): the compiled function runs
-    without autograd. Its random draws are made as ``fn`` made them (:class:`Noise`).
+    without autograd. Its random draws are made as ``fn`` made them (:class:`Noise`). The
+    ``module`` that ``fn`` runs is left as it was (:func:`untouched`): neither that call nor the
+    compiled function's trial call is one of the program's runs.
 
     On a CPU the tensors in ``frozen`` that ``fn`` reads (a model's parameters) are compiled in as
     constants and, with ``autotune``, max-autotune picks the matrix-product kernels
@@ -521,20 +524,21 @@ def compile_function(
     from ``log`` (:data:`CPU_DECOMPOSITIONS`). A training step freezes nothing and does not
     autotune: its weights change every step, and the tuning would cost more than it saves."""
     cpu = inputs[0].device.type == "cpu"
-    graph, constants, noise = _record(fn, inputs, frozen if cpu else (), cpu)
-    attributes = [getattr(graph, n.target) for n in graph.graph.nodes if n.op == "get_attr"]
-    key = (
-        graph.code,
-        tuple(_layout(t) for t in (*constants, *inputs)),
-        noise.layouts(),
-        autotune,
-        fingerprint(attributes),
-    )
-    if key not in _compiled:
-        options = (CPU_OPTIONS if autotune else EXACT_OPTIONS) if cpu else {}
-        loaded = len(getattr(PyCodeCache, "modules", ()))
-        _compiled[key] = _compile(graph, constants, noise, inputs, options)
-        _loaded[key] = list(getattr(PyCodeCache, "modules", ())[loaded:])
+    with untouched(module) if module is not None else contextlib.nullcontext():
+        graph, constants, noise = _record(fn, inputs, frozen if cpu else (), cpu)
+        attributes = [getattr(graph, n.target) for n in graph.graph.nodes if n.op == "get_attr"]
+        key = (
+            graph.code,
+            tuple(_layout(t) for t in (*constants, *inputs)),
+            noise.layouts(),
+            autotune,
+            fingerprint(attributes),
+        )
+        if key not in _compiled:
+            options = (CPU_OPTIONS if autotune else EXACT_OPTIONS) if cpu else {}
+            loaded = len(getattr(PyCodeCache, "modules", ()))
+            _compiled[key] = _compile(graph, constants, noise, inputs, options)
+            _loaded[key] = list(getattr(PyCodeCache, "modules", ())[loaded:])
     _compiled.move_to_end(key)
     _evict()
     return Compiled(_compiled[key], constants, noise)

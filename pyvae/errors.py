@@ -1,8 +1,23 @@
-"""The one exception type pyvae raises for bad input.
+"""The one exception type pyvae raises for bad input, and its warnings.
 
 Every user-facing entry point turns a :class:`PyvaeError` into a one-line message
 and exit code 2; anything else is a bug and keeps its traceback.
 """
+
+import importlib.util
+import os
+import sys
+import warnings
+
+
+def _package_dir(name: str) -> str:
+    spec = importlib.util.find_spec(name)
+    return os.path.dirname(os.path.abspath(spec.origin)) if spec and spec.origin else name
+
+
+#: where a warning's line is never shown: pyvae, and the libraries between its frames and the
+#: user's (torch's ``no_grad`` decorator, Pyro's handlers)
+_LIBRARIES = tuple(_package_dir(name) + os.sep for name in ("pyvae", "torch", "pyro"))
 
 
 class PyvaeError(ValueError):
@@ -12,6 +27,15 @@ class PyvaeError(ValueError):
 class PyvaeWarning(UserWarning):
     """Something the user should know that does not stop the work; the CLI prints it as one
     ``warning: ...`` line, without Python's file and line prefix."""
+
+
+def warn(message: str) -> None:
+    """A :class:`PyvaeWarning` shown at the first line outside pyvae (and torch and Pyro) that led
+    here: the user's call, however deep inside pyvae the cause was found."""
+    frame, level = sys._getframe(1), 2  # level 2: the caller of this function
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARIES):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, PyvaeWarning, stacklevel=level)
 
 
 class DataNotFound(PyvaeError):

@@ -7,7 +7,6 @@ Used by training and by evaluation alike, so evaluation needs nothing from train
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +15,7 @@ from torch.utils.data.distributed import DistributedSampler
 from pyvae import distributed
 from pyvae.data.datasets import ImageSet, spread
 from pyvae.data.streaming import StreamedImages
-from pyvae.errors import PyvaeError, PyvaeWarning
+from pyvae.errors import PyvaeError, warn
 from pyvae.program import batch_arity, batch_slots, label_site
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -223,11 +222,9 @@ def fitting_batch_size(batch_size: int, n: int) -> int:
     folder of images still trains, one step per epoch."""
     if batch_size <= n:
         return batch_size
-    warnings.warn(
+    warn(
         f"batch_size {batch_size} is larger than the training set ({n} points): training "
-        f"with the whole set as the batch (batch_size {n})",
-        PyvaeWarning,
-        stacklevel=3,
+        f"with the whole set as the batch (batch_size {n})"
     )
     return n
 

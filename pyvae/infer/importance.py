@@ -43,10 +43,9 @@ from pyvae.compiled import (
     compile_function,
     describe,
     fingerprint,
-    untouched,
 )
 from pyvae.data.batching import Batches, as_points, check_data, resolve_device
-from pyvae.errors import PyvaeError, PyvaeWarning, positive_int
+from pyvae.errors import PyvaeError, PyvaeWarning, positive_int, warn
 
 #: how many floats one chunk's rows may hold: 32 MB in float32 on a CPU, 128 MB on a GPU. Each
 #: chunk is one trace of guide and model, whose Pyro bookkeeping costs ~1-2 ms; on a CPU an
@@ -334,17 +333,15 @@ class Scorer:
             return (per_point, elbo, *values.values())
 
         frozen = [*self.model.parameters(), *self.model.buffers()]
-        with program.recordable(), untouched(self.model):
-            compiled = compile_function(chunk, *tensors, frozen=frozen)
+        with program.recordable():
+            compiled = compile_function(chunk, *tensors, module=self.model, frozen=frozen)
         self.names[key] = names
         return compiled
 
 
 def _uncompiled(why: NotCompiled) -> None:
     """What :class:`Scorer`'s recordings say once, when a recording fails."""
-    warnings.warn(
-        f"importance sampling runs the program uncompiled: {why}", PyvaeWarning, stacklevel=3
-    )
+    warn(f"importance sampling runs the program uncompiled: {why}")
 
 
 def _chunks(model, batches, shape, num_samples: int, batch_size: int | None):

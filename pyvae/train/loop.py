@@ -71,7 +71,7 @@ from pyvae.data.batching import (
     resolve_device,
     serving,
 )
-from pyvae.errors import PyvaeError, PyvaeWarning, positive_int, positive_number
+from pyvae.errors import PyvaeError, PyvaeWarning, positive_int, positive_number, warn
 from pyvae.infer.importance import compiles
 from pyvae.program import structure
 from pyvae.runs import atomic_write
@@ -434,5 +434,4 @@ def evaluate_elbo(
 
 def _elbo_uncompiled(why: NotCompiled) -> None:
     """What :func:`evaluate_elbo` says once, when its programs cannot be recorded."""
-    # at evaluate_elbo's caller: past Recordings, BatchLosses, shared_elbo's sum and no_grad
-    warnings.warn(f"evaluate_elbo runs the program uncompiled: {why}", PyvaeWarning, stacklevel=10)
+    warn(f"evaluate_elbo runs the program uncompiled: {why}")

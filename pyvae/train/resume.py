@@ -9,7 +9,6 @@ in it. A checkpoint whose state has another version cannot be resumed (its weigh
 from __future__ import annotations
 
 import random
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pyro
 import torch
 
 from pyvae import distributed
-from pyvae.errors import PyvaeError
+from pyvae.errors import PyvaeError, warn
 from pyvae.runs import read
 
 VERSION = 2
@@ -113,12 +112,11 @@ def restore(
             "part of the state)"
         )
     else:
-        warnings.warn(
+        warn(
             f"{path} was written by {written_by} training process(es), resuming in {world.size}: "
             "training goes on after the last completed epoch, but not bit-identically to an "
             "uninterrupted run (the shards and each process's random generators differ, and a KL "
-            "warm-up still under way moves to the new number of steps per epoch)",
-            stacklevel=3,
+            "warm-up still under way moves to the new number of steps per epoch)"
         )
         pyro.set_rng_seed(training["order_seed"] + training["step"] + world.rank)
     training = dict(training)

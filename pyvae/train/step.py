@@ -52,7 +52,6 @@ from pyvae.compiled import (
     check_compile,
     compile_function,
     describe,
-    untouched,
 )
 from pyvae.data.batching import Call
 from pyvae.program import recordable
@@ -276,8 +275,7 @@ class Step:
             laid = (_laid_like(g, p) for g, p in zip(grads, leaves, strict=True) if g is not None)
             return (losses.detach(), *laid)
 
-        with untouched(self.objective):
-            compiled = compile_function(step, *inputs, autotune=False)
+        compiled = compile_function(step, *inputs, module=self.objective, autotune=False)
         trainable = [t for t in compiled.constants if t.requires_grad]
         if trainable:
             raise NotCompiled(

@@ -24,7 +24,6 @@ from pyvae.compiled import (
     Watched,
     compile_function,
     describe,
-    untouched,
 )
 from pyvae.data.batching import Batches
 from pyvae.infer.importance import compiles
@@ -162,10 +161,9 @@ class BatchLosses:
             return (recordable_loss(objective, program, guide, full),)
 
         started = time.perf_counter()
-        with recordable(), untouched(self.model):
-            compiled = compile_function(
-                loss, *[a for a in batch if torch.is_tensor(a)], autotune=False
-            )
+        tensors = [a for a in batch if torch.is_tensor(a)]
+        with recordable():
+            compiled = compile_function(loss, *tensors, module=self.model, autotune=False)
         self.say(
             f"compile {self.mode}: a validation score ({type(objective).__name__}, K = "
             f"{objective.num_particles}, {batch[0].shape[0]} points a batch) compiled in "

@@ -201,8 +201,9 @@ def test_a_gradients_graph_that_cannot_compile_leaves_the_chains_as_written(monk
     x = sample_data(model, 4)
     with pytest.warns(
         pyvae.PyvaeWarning, match="AIS runs the program uncompiled: refused by the test"
-    ):
+    ) as warned:
         compiled = ais_log_likelihood(model, x, num_steps=10, compile=True, **FAST)
+    assert warned[0].filename == __file__  # at the user's call, not inside pyvae
     as_written = ais_log_likelihood(model, x, num_steps=10, **FAST)
     assert torch.equal(compiled.log_weights, as_written.log_weights) and not compiled.compiled.any()
 

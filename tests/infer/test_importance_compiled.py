@@ -96,8 +96,10 @@ def test_a_program_that_cannot_be_recorded_is_scored_as_written_and_says_why(mon
     torch.manual_seed(0)
     model, x = Branching(), _points()
     written, _ = _scored(model, x, "off", monkeypatch)
-    with pytest.warns(pyvae.PyvaeWarning, match="importance sampling runs the program uncompiled"):
+    uncompiled = "importance sampling runs the program uncompiled"
+    with pytest.warns(pyvae.PyvaeWarning, match=uncompiled) as warned:
         compiled, _ = _scored(model, x, "on", monkeypatch)
+    assert warned[0].filename == __file__  # at the user's call, not inside pyvae
     torch.testing.assert_close(compiled.log_px, written.log_px)
 
 

@@ -56,8 +56,9 @@ def test_a_training_set_smaller_than_the_batch_trains_as_one_batch(binary_data, 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         history = pyvae.fit(vae, few, epochs=1, batch_size=128, device="cpu", progress=False)
-    said = [str(w.message) for w in caught if issubclass(w.category, pyvae.PyvaeWarning)]
-    assert said == [
+    said = [w for w in caught if issubclass(w.category, pyvae.PyvaeWarning)]
+    assert [w.filename for w in said] == [__file__]  # at the call of fit
+    assert [str(w.message) for w in said] == [
         "batch_size 128 is larger than the training set (20 points): training with the whole "
         "set as the batch (batch_size 20)"
     ]

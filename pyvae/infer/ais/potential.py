@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import warnings
 from collections.abc import Iterator
 
 import torch
 from pyro import poutine
 
 from pyvae import program
-from pyvae.compiled import NotCompiled, compile_function, untouched
-from pyvae.errors import PyvaeWarning
+from pyvae.compiled import NotCompiled, compile_function
+from pyvae.errors import warn
 from pyvae.infer.ais.schedule import Layout
 
 #: why the AIS runs of the current :func:`compile_session` run uncompiled, once one could not
@@ -155,16 +154,17 @@ class Potential:
             return
         frozen = [*self.model.parameters(), *self.model.buffers()]
         try:
-            with untouched(self.model):
-                potential = compile_function(self.densities, u, frozen=frozen)
-                gradients = compile_function(self.densities_gradients, u, frozen=frozen)
+            potential = compile_function(self.densities, u, module=self.model, frozen=frozen)
+            gradients = compile_function(
+                self.densities_gradients, u, module=self.model, frozen=frozen
+            )
             program_s = self.densities(u)
             mine = (*potential(u), *gradients(u))
             if not all(map(_same, mine, (*program_s, *program_s[3:]))):
                 raise NotCompiled("its compiled densities differ from the program's")
         except NotCompiled as why:
             session["uncompiled"] = str(why)
-            warnings.warn(f"AIS runs the program uncompiled: {why}", PyvaeWarning, stacklevel=2)
+            warn(f"AIS runs the program uncompiled: {why}")
             return
         self.potential, self.gradients = potential, gradients
 
