@@ -57,6 +57,24 @@ def untuned(monkeypatch):
     monkeypatch.setitem(pyvae.compiled.CPU_OPTIONS, "max_autotune", False)
 
 
+@pytest.fixture
+def count_calls(monkeypatch):
+    """``count_calls(owner, name)``: ``owner.name`` (a function or a method) made to note each
+    call in the list it returns, for as long as the test runs."""
+
+    def count(owner, name: str) -> list:
+        calls, original = [], getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+        return calls
+
+    return count
+
+
 @pytest.fixture(autouse=True)
 def seeded():
     pyro.set_rng_seed(0)

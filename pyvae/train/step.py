@@ -103,10 +103,10 @@ class Step:
         self.said_changed: set[str] = set()  # settings named by _say_why_again
         self.said_short: set[str] = set()  # and by _short_lived
         # auto's ledger: the compiled steps each kind ran, what compiling it took, and the
-        # seconds a compiled step saved (the last judged)
+        # seconds a compiled step of each kind judged saved
         self.served: Counter = Counter()
         self.cost: dict[tuple, float] = {}
-        self.saving: float | None = None
+        self.savings: list[float] = []
 
     def new_epoch(self) -> None:
         self.seen.clear()
@@ -223,21 +223,23 @@ class Step:
     def _short_lived(self, key: tuple, remaining: int) -> bool:
         """``auto``: whether ``key``, a kind that new values of settings made, would not repay its
         compilation: if it lives as long as the kinds settings made before it (the median of their
-        compiled steps), its saving per step falls short of what their compilations took."""
+        compiled steps), the median saving per step of the kinds judged falls short of what their
+        compilations took."""
         # the first of the siblings is the run's own kind, which no change of a setting made
         made = [k for k in self._siblings(key)[1:] if k in self.cost and k not in self.trials]
-        if self.saving is None or not made:
+        if not self.savings or not made:
             return False
+        saving = _median(self.savings)
         lived = min(_median([self.served[k] for k in made]), remaining)
         cost = _median([self.cost[k] for k in made])
-        if self.saving * lived >= cost:
+        if saving * lived >= cost:
             return False
         changed = self._changed_settings(key)
         if not changed <= self.said_short:
             self.said_short |= changed
             self.say(
                 f"compile auto: steps after {', '.join(sorted(changed))} changed run as written: "
-                f"each value lasted about {lived:.0f} steps, which save {self.saving * lived:.1f} "
+                f"each value lasted about {lived:.0f} steps, which save {saving * lived:.1f} "
                 f"s compiled against a compilation of {cost:.1f} s"
             )
         return True
@@ -292,7 +294,7 @@ class Step:
             return
         del self.trials[key]
         compiled, eager = _median(trials[1:]), _median(self.eager_seconds)
-        self.saving = eager - compiled
+        self.savings.append(eager - compiled)
         if compiled >= eager:
             self.compiled[key] = None
             self.say(

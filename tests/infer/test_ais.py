@@ -168,16 +168,10 @@ def test_compiled_ais_gives_the_programs_numbers(case, recwarn, untuned):
     assert (errors(compiled, exact) <= 4 * compiled.stderr + 0.05).all()
 
 
-def test_compiled_ais_runs_the_program_only_to_record_and_check_it(monkeypatch, recwarn, untuned):
+def test_compiled_ais_runs_the_program_only_to_record_and_check_it(count_calls, recwarn, untuned):
     """Every leapfrog step, inside a trajectory (gradients alone) or at its end, calls a compiled
     graph."""
-    calls = []
-    densities = pyvae.infer.ais.potential.Potential.densities
-    monkeypatch.setattr(
-        pyvae.infer.ais.potential.Potential,
-        "densities",
-        lambda self, u: calls.append(1) or densities(self, u),
-    )
+    calls = count_calls(pyvae.infer.ais.potential.Potential, "densities")
     model = ppca(orthogonal=False)
     result = ais_log_likelihood(model, sample_data(model, 4), num_steps=50, compile=True, **FAST)
     assert result.compiled.all() and not [

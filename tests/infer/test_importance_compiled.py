@@ -36,30 +36,23 @@ MODELS = {
 }
 
 
-def _scored(model, x, compile: str, monkeypatch):
+def _scored(model, x, compile: str, count_calls):
     """log_likelihood in chunks of 2 points, seeded, and how often the programs were traced."""
-    traced, log_weights = [], importance.program.log_weights
-
-    def counted(*args, **kwargs):
-        traced.append(1)
-        return log_weights(*args, **kwargs)
-
-    monkeypatch.setattr(importance.program, "log_weights", counted)
+    traced = count_calls(importance.program, "log_weights")
     torch.manual_seed(7)
     result = log_likelihood(
         model, x, num_samples=40, batch_size=2, keep_log_weights=True, compile=compile
     )
-    monkeypatch.setattr(importance.program, "log_weights", log_weights)
     return result, len(traced)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_compiled_importance_sampling_gives_the_programs_numbers(name, monkeypatch, recwarn):
+def test_compiled_importance_sampling_gives_the_programs_numbers(name, recwarn, count_calls):
     torch.manual_seed(0)
     model, x = MODELS[name](), _points()
     x = (x, torch.tensor([0, -1, 2, -1, -1, 1, -1, -1])) if name.startswith("m2") else x
-    written, traced_written = _scored(model, x, "off", monkeypatch)
-    compiled, traced_compiled = _scored(model, x, "on", monkeypatch)
+    written, traced_written = _scored(model, x, "off", count_calls)
+    compiled, traced_compiled = _scored(model, x, "on", count_calls)
     assert not [w for w in recwarn if issubclass(w.category, pyvae.PyvaeWarning)]
     # one trace sizes the chunks; then four chunks: as written, four traces; compiled, the first
     # as written and one recording
@@ -74,17 +67,10 @@ def test_compiled_importance_sampling_gives_the_programs_numbers(name, monkeypat
             torch.testing.assert_close(getattr(compiled, field)[site], value)
 
 
-def test_evaluate_shares_its_compiled_chunks_across_its_calls(monkeypatch):
+def test_evaluate_shares_its_compiled_chunks_across_its_calls(monkeypatch, count_calls):
     torch.manual_seed(0)
     model, x = pyvae.VAE(X_DIM, 2, hidden=(8,)), _points(8)
-    compiled = []
-    original = importance.compile_function
-
-    def counted(*args, **kwargs):
-        compiled.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(importance, "compile_function", counted)
+    compiled = count_calls(importance, "compile_function")
     monkeypatch.setattr(diagnostics, "GRID", {"cpu": 2})  # four calls of log_likelihood
     on = evaluate(model, x, num_samples=30, batch_size=2, compile="on").ll
     off = evaluate(model, x, num_samples=30, batch_size=2, compile="off").ll
@@ -92,20 +78,20 @@ def test_evaluate_shares_its_compiled_chunks_across_its_calls(monkeypatch):
     torch.testing.assert_close(on.log_px, off.log_px)
 
 
-def test_a_program_that_cannot_be_recorded_is_scored_as_written_and_says_why(monkeypatch):
+def test_a_program_that_cannot_be_recorded_is_scored_as_written_and_says_why(count_calls):
     torch.manual_seed(0)
     model, x = Branching(), _points()
-    written, _ = _scored(model, x, "off", monkeypatch)
+    written, _ = _scored(model, x, "off", count_calls)
     uncompiled = "importance sampling runs the program uncompiled"
     with pytest.warns(pyvae.PyvaeWarning, match=uncompiled) as warned:
-        compiled, _ = _scored(model, x, "on", monkeypatch)
+        compiled, _ = _scored(model, x, "on", count_calls)
     assert warned[0].filename == __file__  # at the user's call, not inside pyvae
     torch.testing.assert_close(compiled.log_px, written.log_px)
 
 
-def test_auto_compiles_only_large_estimates_and_unknown_settings_are_refused(monkeypatch):
+def test_auto_compiles_only_large_estimates_and_unknown_settings_are_refused(count_calls):
     model, x = TutorialVAE(), _points()
-    assert _scored(model, x, "auto", monkeypatch)[1] == 5  # 8 x 40 draws: as written
+    assert _scored(model, x, "auto", count_calls)[1] == 5  # 8 x 40 draws: as written
     with pytest.raises(pyvae.PyvaeError, match="unknown compile 'fast'; choose from auto, on"):
         log_likelihood(model, x, num_samples=4, compile="fast")
 
@@ -126,18 +112,18 @@ def test_a_compiled_function_serves_only_inputs_laid_out_as_it_was_compiled_for(
     assert pyvae.compiled.describe(x) != pyvae.compiled.describe(column_major)
 
 
-def test_compiled_importance_sampling_follows_weights_changed_through_data(monkeypatch):
+def test_compiled_importance_sampling_follows_weights_changed_through_data(count_calls):
     """An EMA or ``vector_to_parameters`` writes through ``.data``, which keeps the tensors'
     versions: what the compiled chunks froze in is told apart by its bytes."""
     torch.manual_seed(0)
     model, x = TutorialVAE(), _points()
     with importance.scoring_session():
-        _scored(model, x, "on", monkeypatch)
+        _scored(model, x, "on", count_calls)
         with torch.no_grad():
             for p in model.parameters():
                 p.data.mul_(0.5)
-        compiled, _ = _scored(model, x, "on", monkeypatch)
-    written, _ = _scored(model, x, "off", monkeypatch)
+        compiled, _ = _scored(model, x, "on", count_calls)
+    written, _ = _scored(model, x, "off", count_calls)
     torch.testing.assert_close(compiled.log_px, written.log_px)
 
 

@@ -297,14 +297,14 @@ def test_a_setting_that_changes_says_what_each_change_costs(capsys):
 
 
 @pytest.mark.parametrize("cost", [5.0, 0.001])
-def test_auto_weighs_how_long_a_settings_kind_lives_against_its_compilation(cost, monkeypatch):
+def test_auto_weighs_how_long_a_settings_kind_lives_against_its_compilation(
+    cost, monkeypatch, count_calls
+):
     """Under auto, a setting changed every epoch makes a kind per epoch: once one such kind lived,
     the next is compiled only if a kind's life of compiled steps repays what compiling it took
     (timed here by a fake clock: 2 ms a step as written, 1 ms compiled, ``cost`` s a compilation,
     so one ms is saved a step against ``cost``)."""
-    ran_compiled = []
-    real_run = Step._run
-    monkeypatch.setattr(Step, "_run", lambda self, *a: ran_compiled.append(1) or real_run(self, *a))
+    ran_compiled = count_calls(Step, "_run")
 
     def seconds(started, result):  # a compilation, a compiled step, a step as written
         if result is None:
@@ -457,11 +457,10 @@ def test_validation_scores_compiled_are_the_programs_scores(family, capsys):
     ],
     ids=["vae iwae", "m2 enumerated"],
 )
-def test_evaluate_elbo_compiled_gives_the_programs_number(make, data, elbo, particles, monkeypatch):
+def test_evaluate_elbo_compiled_gives_the_programs_number(make, data, elbo, particles, count_calls):
     torch.manual_seed(0)
     model = make()
-    recorded = []
-    monkeypatch.setattr(BatchLosses, "_record", _counting(BatchLosses._record, recorded))
+    recorded = count_calls(BatchLosses, "_record")
     scores = {}
     for mode in ("off", "on"):
         torch.manual_seed(3)  # four batches of 16: the first as written, the others compiled
@@ -470,14 +469,6 @@ def test_evaluate_elbo_compiled_gives_the_programs_number(make, data, elbo, part
         )
     assert len(recorded) == 1
     assert scores["on"] == pytest.approx(scores["off"], rel=1e-6, abs=1e-5)
-
-
-def _counting(method, calls: list):
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return method(*args, **kwargs)
-
-    return counted
 
 
 def test_evaluate_elbo_of_a_program_that_cannot_be_recorded_warns_its_caller_once():
