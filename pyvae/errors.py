@@ -11,7 +11,10 @@ import warnings
 
 
 def _package_dir(name: str) -> str:
-    spec = importlib.util.find_spec(name)
+    try:
+        spec = importlib.util.find_spec(name)
+    except ValueError:  # imported without a spec (an embedded interpreter)
+        spec = None
     return os.path.dirname(os.path.abspath(spec.origin)) if spec and spec.origin else name
 
 

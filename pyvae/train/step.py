@@ -21,7 +21,8 @@ module gains or loses an attribute (:class:`pyvae.compiled.Watched`). A kind is 
 second time an epoch serves it (under ``auto``, once five steps were timed as written): the first
 step of a run is checked by Pyro's validation as written, and the one short last batch of an epoch
 costs no compilation; under ``auto`` a kind that a setting's new value made is compiled only if
-it would live long enough to repay its compilation, judged by the kinds its earlier values made.
+it would live long enough to repay its compilation, judged by the kinds its earlier values made,
+or once it has outlived them.
 The recording leaves the model as it found it (BatchNorm's running statistics count the steps,
 not the recording). What the program computes from anything else (a global variable) is frozen at
 the recording: train such a program with ``compile="off"``.
@@ -102,11 +103,13 @@ class Step:
         self.watched = Watched(objective)
         self.said_changed: set[str] = set()  # settings named by _say_why_again
         self.said_short: set[str] = set()  # and by _short_lived
-        # auto's ledger: the compiled steps each kind ran, what compiling it took, and the
-        # seconds a compiled step of each kind judged saved
-        self.served: Counter = Counter()
+        # auto's ledger: the steps each kind served since it was first considered for compiling,
+        # what compiling it took, the seconds a compiled step of it saved (once judged), and the
+        # kinds left as written as short-lived, with the life they were expected to have
+        self.lived: Counter = Counter()
         self.cost: dict[tuple, float] = {}
-        self.savings: list[float] = []
+        self.saved: dict[tuple, float] = {}
+        self.skipped: dict[tuple, float] = {}
 
     def new_epoch(self) -> None:
         self.seen.clear()
@@ -114,6 +117,10 @@ class Step:
 
     def __call__(self, calls: list[Call], beta: float, validate: bool, remaining: int):
         key = self._key(calls, beta)
+        if key in self.compiled:  # a kind once considered (a setting changed every step is not)
+            self.lived[key] += 1
+            if key in self.skipped and self.lived[key] > self.skipped[key]:
+                del self.skipped[key], self.compiled[key]  # it outlived the values before it
         if key not in self.compiled and self.uncompiled is None:
             self.seen[key] += 1
             # auto waits for a step timed as written (the first, validated, is slower)
@@ -124,7 +131,6 @@ class Step:
             return self._as_written(calls, beta, validate)
         started = time.perf_counter()
         losses = self._run(recorded, calls, beta)
-        self.served[key] += 1
         if key in self.trials:
             self._judge(key, _seconds(started, losses), remaining)
         return losses
@@ -222,27 +228,36 @@ class Step:
 
     def _short_lived(self, key: tuple, remaining: int) -> bool:
         """``auto``: whether ``key``, a kind that new values of settings made, would not repay its
-        compilation: if it lives as long as the kinds settings made before it (the median of their
-        compiled steps), the median saving per step of the kinds judged falls short of what their
-        compilations took."""
-        # the first of the siblings is the run's own kind, which no change of a setting made
-        made = [k for k in self._siblings(key)[1:] if k in self.cost and k not in self.trials]
-        if not self.savings or not made:
+        compilation if it lived as long as the compiled kinds the same settings made before it
+        (the median of the steps they served): the median of what a compiled step of theirs
+        saved, times that life, falls short of the median of what compiling them took. Such a
+        kind runs as written until it outlives that life (a value annealed, then held)."""
+        made = [k for k in self._siblings(key) if k in self.cost]
+        savings = [saved for k in made if (saved := self._saving(k)) is not None]
+        if not savings:
             return False
-        saving = _median(self.savings)
-        lived = min(_median([self.served[k] for k in made]), remaining)
-        cost = _median([self.cost[k] for k in made])
-        if saving * lived >= cost:
+        life = min(_median([self.lived[k] for k in made]), remaining)
+        saving, cost = _median(savings), _median([self.cost[k] for k in made])
+        if self.lived[key] > life or saving * life >= cost:
             return False
+        self.skipped[key] = life
         changed = self._changed_settings(key)
         if not changed <= self.said_short:
             self.said_short |= changed
             self.say(
                 f"compile auto: steps after {', '.join(sorted(changed))} changed run as written: "
-                f"each value lasted about {lived:.0f} steps, which save {saving * lived:.1f} "
-                f"s compiled against a compilation of {cost:.1f} s"
+                f"each value lasted about {life:.0f} steps, which save {saving * life:.1f} s "
+                f"compiled against a compilation of {cost:.1f} s"
             )
         return True
+
+    def _saving(self, key: tuple) -> float | None:
+        """What a compiled step of ``key`` saved: as judged, or from the steps timed before its
+        kind ended (a value that lived fewer steps than a judgement takes); None if none."""
+        if key in self.saved:
+            return self.saved[key]
+        timed = self.trials.get(key, [])[1:]  # the first compiled call may still warm up
+        return _median(self.eager_seconds) - _median(timed) if timed else None
 
     def _say_why_again(self, key: tuple, seconds: float) -> None:
         """Name the settings whose new values made ``key`` a kind of its own, the first time: a
@@ -294,7 +309,7 @@ class Step:
             return
         del self.trials[key]
         compiled, eager = _median(trials[1:]), _median(self.eager_seconds)
-        self.savings.append(eager - compiled)
+        self.saved[key] = eager - compiled
         if compiled >= eager:
             self.compiled[key] = None
             self.say(
