@@ -22,7 +22,7 @@ second time an epoch serves it (under ``auto``, once five steps were timed as wr
 step of a run is checked by Pyro's validation as written, and the one short last batch of an epoch
 costs no compilation; under ``auto`` a kind that a setting's new value made is compiled only if
 it would live long enough to repay its compilation, judged by the kinds its earlier values made,
-or once it has outlived them.
+or once it has lived twice as long as they did.
 The recording leaves the model as it found it (BatchNorm's running statistics count the steps,
 not the recording). What the program computes from anything else (a global variable) is frozen at
 the recording: train such a program with ``compile="off"``.
@@ -105,7 +105,7 @@ class Step:
         self.said_short: set[str] = set()  # and by _short_lived
         # auto's ledger: the steps each kind served since it was first considered for compiling,
         # what compiling it took, the seconds a compiled step of it saved (once judged), and the
-        # kinds left as written as short-lived, with the life they were expected to have
+        # kinds left as written as short-lived, with the steps after which they are not
         self.lived: Counter = Counter()
         self.cost: dict[tuple, float] = {}
         self.saved: dict[tuple, float] = {}
@@ -231,16 +231,17 @@ class Step:
         compilation if it lived as long as the compiled kinds the same settings made before it
         (the median of the steps they served): the median of what a compiled step of theirs
         saved, times that life, falls short of the median of what compiling them took. Such a
-        kind runs as written until it outlives that life (a value annealed, then held)."""
+        kind runs as written until it has lived twice that life (a value annealed, then held:
+        having outlived the others, it is likely to live as long again)."""
         made = [k for k in self._siblings(key) if k in self.cost]
         savings = [saved for k in made if (saved := self._saving(k)) is not None]
         if not savings:
             return False
         life = min(_median([self.lived[k] for k in made]), remaining)
         saving, cost = _median(savings), _median([self.cost[k] for k in made])
-        if self.lived[key] > life or saving * life >= cost:
+        if self.lived[key] > 2 * life or saving * life >= cost:
             return False
-        self.skipped[key] = life
+        self.skipped[key] = 2 * life
         changed = self._changed_settings(key)
         if not changed <= self.said_short:
             self.said_short |= changed

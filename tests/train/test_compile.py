@@ -304,7 +304,7 @@ def test_auto_weighs_how_long_a_settings_kind_lives_against_its_compilation(
     compiled, the next is compiled only if a life as long as that one's repays compiling it
     (timed by a fake clock: 2 ms a step as written, 1 ms compiled, ``cost`` s a compilation),
     even when no kind lived long enough to be judged; a value then held is compiled once it
-    outlives the values before it."""
+    has lived twice as long as the values before it."""
     ran_compiled = count_calls(Step, "_run")
 
     def seconds(started, result):  # a compilation, a compiled step, a step as written
@@ -329,7 +329,7 @@ def test_auto_weighs_how_long_a_settings_kind_lives_against_its_compilation(
         kinds.append(step.compiled.get(step._key(calls, 1.0)) is not None)
     # 1.0: its steps are timed as written; 0.5: compiled at its second step, it serves 3 more
     # (1 ms saved each, too few to judge); 0.25: 3 ms saved would not repay ``cost``; 0.125 as
-    # well, until its fifth step outlives those 3
+    # well, until it has served twice those 3 steps
     expensive = cost > 0.003
     assert kinds == [False, True, not expensive, not expensive, True, True]
     notices = [s for s in said if "run as written: each value lasted about 3 steps" in s]
