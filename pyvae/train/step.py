@@ -22,10 +22,10 @@ second time an epoch serves it (under ``auto``, once five steps were timed as wr
 step of a run is checked by Pyro's validation as written, and the one short last batch of an epoch
 costs no compilation; under ``auto`` a kind that a setting's new value made is compiled only if
 it would live long enough to repay its compilation, judged by the kinds its earlier values made,
-or once it has lived twice as long as they did.
-The recording leaves the model as it found it (BatchNorm's running statistics count the steps,
-not the recording). What the program computes from anything else (a global variable) is frozen at
-the recording: train such a program with ``compile="off"``.
+or once it has lived twice as long as they did. The recording leaves the model as it found it
+(BatchNorm's running statistics count the steps, not the recording). What the program computes
+from anything else (a global variable) is frozen at the recording: train such a program with
+``compile="off"``.
 
 A program that cannot be recorded (its Python reads a computed tensor's value: ``.tolist()``,
 ``if z.sum() > 0``; noise whose distribution it computes, as a Gamma's; draws from Python's or
@@ -120,7 +120,7 @@ class Step:
         if key in self.compiled:  # a kind once considered (a setting changed every step is not)
             self.lived[key] += 1
             if key in self.skipped and self.lived[key] > self.skipped[key]:
-                del self.skipped[key], self.compiled[key]  # it outlived the values before it
+                del self.skipped[key], self.compiled[key]  # twice the earlier values' life
         if key not in self.compiled and self.uncompiled is None:
             self.seen[key] += 1
             # auto waits for a step timed as written (the first, validated, is slower)
