@@ -22,10 +22,10 @@ second time an epoch serves it (under ``auto``, once five steps were timed as wr
 step of a run is checked by Pyro's validation as written, and the one short last batch of an epoch
 costs no compilation; under ``auto`` a kind that a setting's new value made is compiled only if
 it would live long enough to repay its compilation, judged by the kinds its earlier values made,
-or once it has lived twice as long as they did. The recording leaves the model as it found it
-(BatchNorm's running statistics count the steps, not the recording). What the program computes
-from anything else (a global variable) is frozen at the recording: train such a program with
-``compile="off"``.
+or once it has lived twice as long as they did (and five steps). The recording leaves the model
+as it found it (BatchNorm's running statistics count the steps, not the recording). What the
+program computes from anything else (a global variable) is frozen at the recording: train such a
+program with ``compile="off"``.
 
 A program that cannot be recorded (its Python reads a computed tensor's value: ``.tolist()``,
 ``if z.sum() > 0``; noise whose distribution it computes, as a Gamma's; draws from Python's or
@@ -103,13 +103,15 @@ class Step:
         self.watched = Watched(objective)
         self.said_changed: set[str] = set()  # settings named by _say_why_again
         self.said_short: set[str] = set()  # and by _short_lived
-        # auto's ledger: the steps each kind served since it was first considered for compiling,
-        # what compiling it took, the seconds a compiled step of it saved (once judged), and the
-        # kinds left as written as short-lived, with the steps after which they are not
+        # auto's ledger: the steps each kind served after it was first considered for compiling,
+        # what compiling it took, the seconds a compiled step of it saved (once judged), the
+        # kinds left as written as short-lived, with the steps after which they are not, and
+        # those that outlived that
         self.lived: Counter = Counter()
         self.cost: dict[tuple, float] = {}
         self.saved: dict[tuple, float] = {}
         self.skipped: dict[tuple, float] = {}
+        self.outlived: set[tuple] = set()
 
     def new_epoch(self) -> None:
         self.seen.clear()
@@ -120,7 +122,8 @@ class Step:
         if key in self.compiled:  # a kind once considered (a setting changed every step is not)
             self.lived[key] += 1
             if key in self.skipped and self.lived[key] > self.skipped[key]:
-                del self.skipped[key], self.compiled[key]  # twice the earlier values' life
+                del self.skipped[key], self.compiled[key]  # it outlived the earlier values
+                self.outlived.add(key)
         if key not in self.compiled and self.uncompiled is None:
             self.seen[key] += 1
             # auto waits for a step timed as written (the first, validated, is slower)
@@ -231,33 +234,41 @@ class Step:
         compilation if it lived as long as the compiled kinds the same settings made before it
         (the median of the steps they served): the median of what a compiled step of theirs
         saved, times that life, falls short of the median of what compiling them took. Such a
-        kind runs as written until it has lived twice that life (a value annealed, then held:
-        having outlived the others, it is likely to live as long again)."""
+        kind runs as written until it has lived twice that life and the steps of a judgement
+        more (a value annealed, then held: having outlived the others, it is likely to live as
+        long again), and is then compiled, unless compiled steps saved nothing at all."""
         made = [k for k in self._siblings(key) if k in self.cost]
         savings = [saved for k in made if (saved := self._saving(k)) is not None]
         if not savings:
             return False
         life = min(_median([self.lived[k] for k in made]), remaining)
         saving, cost = _median(savings), _median([self.cost[k] for k in made])
-        if self.lived[key] > 2 * life or saving * life >= cost:
+        if saving > 0 and (key in self.outlived or saving * life >= cost):
             return False
-        self.skipped[key] = 2 * life
+        self.skipped[key] = 2 * life + AUTO_TRIALS
         changed = self._changed_settings(key)
         if not changed <= self.said_short:
             self.said_short |= changed
-            self.say(
-                f"compile auto: steps after {', '.join(sorted(changed))} changed run as written: "
+            repays = (
                 f"each value lasted about {life:.0f} steps, which save {saving * life:.1f} s "
                 f"compiled against a compilation of {cost:.1f} s"
+                if saving > 0
+                else "compiled, the earlier values' steps were no faster"
+            )
+            self.say(
+                f"compile auto: steps after {', '.join(sorted(changed))} changed run as written: "
+                + repays
             )
         return True
 
     def _saving(self, key: tuple) -> float | None:
         """What a compiled step of ``key`` saved: as judged, or from the steps timed before its
-        kind ended (a value that lived fewer steps than a judgement takes); None if none."""
+        kind ended (a value that lived fewer steps than a judgement takes; the first compiled
+        call, which may still warm up, only if it was the one); None if none."""
         if key in self.saved:
             return self.saved[key]
-        timed = self.trials.get(key, [])[1:]  # the first compiled call may still warm up
+        trials = self.trials.get(key, [])
+        timed = trials[1:] or trials
         return _median(self.eager_seconds) - _median(timed) if timed else None
 
     def _say_why_again(self, key: tuple, seconds: float) -> None:

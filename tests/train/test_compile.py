@@ -296,21 +296,30 @@ def test_a_setting_that_changes_says_what_each_change_costs(capsys):
     assert out.count(said) == 1 and "because Tempered.temperature changed; a number" in out
 
 
-@pytest.mark.parametrize("cost", [5.0, 0.001])
+@pytest.mark.parametrize(
+    "compiled_seconds, cost, kinds, notice",
+    [
+        (0.001, 5.0, [False, True, False, False, False, True], "each value lasted about 3 steps"),
+        (0.001, 0.001, [False, True, True, True, True, True], None),
+        (0.003, 0.001, [False, True, False, False, False, False], "steps were no faster"),
+    ],
+    ids=["compiling costs more than a value saves", "less", "compiled steps are slower"],
+)
 def test_auto_weighs_how_long_a_settings_kind_lives_against_its_compilation(
-    cost, monkeypatch, count_calls
+    compiled_seconds, cost, kinds, notice, monkeypatch, count_calls
 ):
     """Under auto, a setting changed every epoch makes a kind per epoch. Once a kind it made was
     compiled, the next is compiled only if a life as long as that one's repays compiling it
-    (timed by a fake clock: 2 ms a step as written, 1 ms compiled, ``cost`` s a compilation),
-    even when no kind lived long enough to be judged; a value then held is compiled once it
-    has lived twice as long as the values before it."""
+    (timed by a fake clock: 2 ms a step as written, ``compiled_seconds`` compiled, ``cost`` a
+    compilation), even when no kind lived long enough to be judged; a value then held is compiled
+    once it has lived twice as long as the values before it, and five steps more, unless
+    compiled steps were slower."""
     ran_compiled = count_calls(Step, "_run")
 
     def seconds(started, result):  # a compilation, a compiled step, a step as written
         if result is None:
             return cost
-        return 0.001 if ran_compiled and ran_compiled.pop() else 0.002
+        return compiled_seconds if ran_compiled and ran_compiled.pop() else 0.002
 
     monkeypatch.setattr(step_module, "_seconds", seconds)
     said = []
@@ -320,23 +329,21 @@ def test_auto_weighs_how_long_a_settings_kind_lives_against_its_compilation(
     objective.fill_plate_nesting(structure(model, calls[0].args).max_plate_nesting)
     step = Step(objective, objective, "auto", False, say=said.append)
     step(calls, 1.0, True, 10**6)  # the validated first step
-    kinds = []
+    compiled = []
     for temperature in (1.0, 0.5, 0.25, 0.125, 0.125, 0.125):  # epochs of 5 steps
         model.temperature = temperature
         step.new_epoch()
         for _ in range(5):
             step(calls, 1.0, False, 10**6)
-        kinds.append(step.compiled.get(step._key(calls, 1.0)) is not None)
+        compiled.append(step.compiled.get(step._key(calls, 1.0)) is not None)
     # 1.0: its steps are timed as written; 0.5: compiled at its second step, it serves 3 more
-    # (1 ms saved each, too few to judge); 0.25: 3 ms saved would not repay ``cost``; 0.125 as
-    # well, until it has served twice those 3 steps
-    expensive = cost > 0.003
-    assert kinds == [False, True, not expensive, not expensive, True, True]
-    notices = [s for s in said if "run as written: each value lasted about 3 steps" in s]
-    if expensive:
-        assert len(notices) == 1 and "after Tempered.temperature changed" in notices[0]
-    else:
-        assert not notices
+    # (too few to judge); 0.25 and 0.125 are weighed against those 3; the held 0.125 has lived
+    # 2 x 3 + 5 steps at the fourth step of its third epoch
+    assert compiled == kinds
+    notices = [s for s in said if "changed run as written" in s]
+    assert [notice in s and "after Tempered.temperature" in s for s in notices] == (
+        [True] if notice else []
+    )
 
 
 def test_a_number_kept_in_a_buffer_and_changed_in_place_needs_no_new_recording():
