@@ -7,6 +7,7 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
+from torch._inductor import codecache
 
 import pyvae
 import pyvae.compiled
@@ -38,11 +39,18 @@ def require_files(*relative: str) -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def compiler_cache(tmp_path_factory):
-    """torch.compile's cache (AIS with compile=True) under pytest's folders, not the system's
-    temporary one."""
+    """Inductor's cache under pytest's folders, not the system's temporary one: its compiled
+    code (``TORCHINDUCTOR_CACHE_DIR``) and its precompiled C++ headers, which it keeps in the
+    system's temporary folder whatever that variable says."""
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
-    yield
+    headers = {"_HEADER_DIR": str(tmp_path_factory.mktemp("inductor-headers"))}
+    headers["_HEADER_LOCK_DIR"] = os.path.join(headers["_HEADER_DIR"], "locks")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, folder in headers.items():
+            if hasattr(codecache, name):  # a private name of torch 2.x's inductor
+                patch.setattr(codecache, name, folder)
+        yield
     if before is None:
         del os.environ["TORCHINDUCTOR_CACHE_DIR"]
     else:
