@@ -346,23 +346,25 @@ def test_auto_weighs_how_long_a_settings_kind_lives_against_its_compilation(
     )
 
 
-def test_a_number_kept_in_a_buffer_and_changed_in_place_needs_no_new_recording():
-    class Buffered(TutorialVAE):
-        def model(self, x):
-            pyro.module("decoder", self.decoder)
-            with pyro.plate("data", x.shape[0]):
-                loc = x.new_zeros(x.shape[0], self.z_dim)
-                z = pyro.sample("latent", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
-                logits = self.decoder(z) / self.temperature
-                pyro.sample("obs", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+class Cooled(nn.Module):
+    """Logits divided by a temperature kept in a buffer (a decoder's last layer)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("temperature", torch.tensor(1.0))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits / self.temperature
+
+
+def test_a_number_kept_in_a_buffer_and_changed_in_place_needs_no_new_recording():
     torch.manual_seed(0)
-    model, calls = Buffered(), _calls("vae")
-    model.register_buffer("temperature", torch.tensor(1.0))
+    model, calls = TutorialVAE(), _calls("vae")
+    model.decoder.append(Cooled())
     step = _step(model, "trace", 1, calls)
     for _ in range(3):
         _loss_and_grads(step, model, calls)
-    model.temperature.fill_(0.5)
+    model.decoder[-1].temperature.fill_(0.5)
     compiled = _loss_and_grads(step, model, calls, seed=5)[0]
     assert len(step.compiled) == 1
     torch.testing.assert_close(compiled, _written(step, model, calls)[0])
