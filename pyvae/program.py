@@ -201,7 +201,7 @@ def recordable() -> Iterator[None]:
     read two values as Python numbers, which a recording cannot (its tensors have no values):
     ``torch_item`` (the loss's value beside its surrogate, as a float) is the detached tensor
     instead, which is the same number, and ``warn_if_nan`` (a warning about a NaN loss) does not
-    look (pyvae's loop refuses a non-finite loss after each step). Pyro's and torch's validation
+    look (pyvae's training loop refuses a non-finite loss). Pyro's and torch's validation
     is off (its checks read values too); ``pyro.param`` is answered with the tensor given
     (:class:`LocalParams` with ``tensors``). ``TraceEnum_ELBO`` computes its expectation with
     :class:`StaticDice`."""

@@ -22,6 +22,9 @@ from pyvae.train.callbacks import Callbacks, StepAborted, StopOnSignal
 from pyvae.train.step import Step
 from pyvae.train.validation import speaker
 
+#: at most this many seconds of steps pass between two reads of :class:`Faults` on the host
+FAULT_CHECK_SECONDS = 1.0
+
 
 def make_adam(params, lr: float) -> torch.optim.Adam:
     """Adam with torch's fused kernel where the device supports it (one kernel for all parameters
@@ -77,6 +80,7 @@ class Training:
         self.step, self.history, self.resumed = 0, [], {}
         self.stop, self.signum, self.validated, self.loss = False, 0, False, None
         self._seed_or_restore(settings["seed"])
+        self.faults = Faults(self.optimizer, self.step, device)
         self.epoch, self.step_in_epoch = len(self.history), 0
 
     def _seed_or_restore(self, seed: int | None) -> None:
@@ -110,6 +114,7 @@ class Training:
                     if self.train_step(calls, signals, before):
                         self.callbacks.on_step_end(self)
                     else:
+                        self.check_faults()  # a stop's checkpoint is never written after one
                         self.callbacks.on_stop(self)
                 self.history.append(self.closing_record(signals))
                 self.callbacks.on_epoch_end(self, self.history[-1])
@@ -163,8 +168,8 @@ class Training:
         return beta * min(1.0, self.step / (warmup * self.steps_per_epoch)) if warmup else beta
 
     def train_step(self, calls: list, signals: StopOnSignal, before: tuple) -> bool:
-        """One Adam step on the minibatch ``calls``; a non-finite loss or gradient is an error,
-        raised before the step, so no checkpoint ever holds NaNs. A signal while its loss and
+        """One Adam step on the minibatch ``calls``; a non-finite loss or gradient is an error
+        (:class:`Faults`: the weights stay as they were before it). A signal while its loss and
         gradients are computed undoes it (``before``: torch's generators as they were) and
         returns False: nothing of the step remains, so the run resumes with it exactly."""
         self.step += 1
@@ -192,22 +197,32 @@ class Training:
         return losses
 
     def _update(self, calls: list, signals: StopOnSignal, losses: torch.Tensor) -> None:
-        """Adam's step from the gradients, after the checks that keep NaNs out of checkpoints."""
-        clip_norm, grad_norm = self.settings["clip_norm"], None
+        """Adam's step from the gradients, unless this or an earlier step's loss or gradient was
+        not finite (:class:`Faults`)."""
+        clip_norm, finite = self.settings["clip_norm"], torch.isfinite(self.loss).expand(2)
         if clip_norm:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip_norm)
-        bad_loss = not bool(torch.isfinite(self.loss))
-        bad_gradient = grad_norm is not None and not bool(torch.isfinite(grad_norm))
+            finite = torch.stack([finite[0], torch.isfinite(grad_norm)])
         signum = signals.signum or 0
-        # the processes stop together: on a fault or a signal in any of them
+        # the processes skip, stop and fail together: on a fault or a signal in any of them
         if self.world.size > 1:
-            flags = torch.tensor([bad_loss, bad_gradient, signum], device=self.device)
-            bad_loss, bad_gradient, signum = self.world.max(flags).tolist()
-        if bad_loss or bad_gradient:
-            raise PyvaeError(self._fault("loss" if bad_loss else "gradient"))
+            flags = torch.cat([(~finite).long(), torch.full((1,), signum, device=self.device)])
+            flags = self.world.max(flags)
+            finite, signum = flags[:2] == 0, int(flags[2])
+        self.faults.record(finite)
+        if signum or self.faults.due():
+            self.check_faults()
         self.optimizer.step()
         self.signum = signum
         tally(self.sums, calls, losses)
+
+    def check_faults(self) -> None:
+        """Raise the run's first non-finite loss or gradient, if there was one (after an epoch's
+        steps, before a stop's checkpoint, and at least every :data:`FAULT_CHECK_SECONDS`)."""
+        first = self.faults.first()
+        if first is not None:
+            what, step = first
+            raise PyvaeError(self._fault(what, step - (self.step - self.step_in_epoch)))
 
     def closing_record(self, signals: StopOnSignal) -> dict:
         """:meth:`epoch_record`, which a signal aborts at once (one process; with several, the
@@ -216,6 +231,7 @@ class Training:
         the same draws (a validation of many importance samples, or its first compilation, may
         take a while). The user's metrics may draw from python's or numpy's generators: all of
         them are put back."""
+        self.check_faults()  # the weights from before a fault are not worth scoring
         before, trained = state.rng_state(), self.seconds()
         try:
             with signals.abortable(self.world.size == 1):
@@ -253,15 +269,56 @@ class Training:
         """Seconds the current epoch has trained (before a stop included)."""
         return time.perf_counter() - self.started
 
-    def _fault(self, what: str) -> str:
+    def _fault(self, what: str, step_in_epoch: int) -> str:
         last = None if self.out is None else self.out / "checkpoint.pt"
         last = last if last is not None and last.is_file() else None
         return (
-            f"non-finite {what} at epoch {self.epoch}, step {self.step_in_epoch}; likely causes: a "
+            f"non-finite {what} at epoch {self.epoch}, step {step_in_epoch}; likely causes: a "
             "learning rate too high, a likelihood scale too small for the data, or exploding "
             "decoder outputs (try a lower --lr or --clip-norm); last good checkpoint: "
             f"{last or 'none written yet'}"
         )
+
+
+class Faults:
+    """The first non-finite loss or gradient of a run, kept on the device: a step need not wait
+    for its loss to reach the host (on a GPU that would stall the device's queue every step).
+    Fused Adam reads :attr:`found` as its ``found_inf`` (torch's protocol for ``GradScaler``) and
+    skips its update on the device from the first fault on, moments and step counts included, so
+    the weights and the optimizer stay as they were before it until the host reads it
+    (:meth:`first`). An optimizer that cannot skip on the device has it read after every step,
+    before its update."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, step: int, device) -> None:
+        self.start = step
+        self.deferred = bool(optimizer.defaults.get("fused"))
+        self.finite = torch.ones(2, dtype=torch.bool, device=device)  # [loss, gradient] so far
+        self.steps = torch.zeros(2, dtype=torch.long, device=device)  # steps before either's fault
+        self.found = torch.zeros((), dtype=torch.float32, device=device)  # 1.0: skip updates
+        if self.deferred:
+            optimizer.found_inf = self.found
+        self.read_at = time.perf_counter()
+
+    def record(self, finite: torch.Tensor) -> None:
+        """One step's [loss is finite, gradient is finite], before its update."""
+        self.finite.logical_and_(finite)
+        self.steps.add_(self.finite)
+        torch.logical_not(self.finite.all(), out=self.found)
+
+    def due(self) -> bool:
+        """Whether the host should read the faults now."""
+        return not self.deferred or time.perf_counter() - self.read_at >= FAULT_CHECK_SECONDS
+
+    def first(self) -> tuple[str, int] | None:
+        """The first fault ("loss" or "gradient", the run's step that had it; the loss on a tie),
+        or None."""
+        self.read_at = time.perf_counter()
+        finite, steps = self.finite.tolist(), self.steps.tolist()
+        faulted = [k for k in (0, 1) if not finite[k]]
+        if not faulted:
+            return None
+        kind = min(faulted, key=lambda k: steps[k])
+        return ("loss", "gradient")[kind], self.start + steps[kind] + 1
 
 
 def tally(sums: torch.Tensor, calls: list, losses: torch.Tensor) -> None:

@@ -168,7 +168,7 @@ class Step:
     def _inputs(self, calls: list[Call], beta: float) -> list[torch.Tensor]:
         tensors = [a for c in calls for a in c.args if isinstance(a, torch.Tensor)]
         if self.beta_varies:
-            tensors.append(torch.tensor(float(beta), device=tensors[0].device))
+            tensors.append(torch.full((), float(beta), device=tensors[0].device))
         return [*tensors, *self.watched.params]
 
     # -- recording and compiling -----------------------------------------------------------

@@ -12,6 +12,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import pyvae
 from pyvae.compiled import fingerprint, untouched
@@ -19,6 +20,7 @@ from pyvae.data.batching import Batches, Call
 from pyvae.distributed import World
 from pyvae.errors import PyvaeError
 from pyvae.program import structure
+from pyvae.train import run as run_module
 from pyvae.train import step as step_module
 from pyvae.train.objectives import Objective
 from pyvae.train.step import Step
@@ -505,6 +507,56 @@ def test_compile_on_and_off_train_to_the_same_weights():
         pyvae.fit(model, x, epochs=3, batch_size=32, seed=1, kl_warmup_epochs=1, compile=mode)
         weights[mode] = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.testing.assert_close(weights["on"], weights["off"], rtol=1e-4, atol=1e-5)
+
+
+class HostReads(TorchFunctionMode):
+    """The tensors' values Python reads (on a GPU each read waits for the device's queue)."""
+
+    READS = {
+        torch.Tensor.__bool__,
+        torch.Tensor.__float__,
+        torch.Tensor.__index__,
+        torch.Tensor.__int__,
+        torch.Tensor.item,
+        torch.Tensor.numpy,
+        torch.Tensor.tolist,
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls, self.reads, self.active = 0, [], False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        if func in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_compiled_steps_read_no_value_on_the_host(monkeypatch, capsys):
+    """A GPU runs compiled steps back to back: the loop reads nothing of a step's values (a
+    warm-up's KL weight is an input, the loss's and the clipped gradient's finiteness are read
+    after the epoch, :class:`pyvae.train.run.Faults`)."""
+    monkeypatch.setattr(run_module, "FAULT_CHECK_SECONDS", float("inf"))
+    watched = HostReads()
+
+    class Watch(pyvae.train.Callback):
+        def on_step_end(self, run):
+            if run.step_in_epoch == 3:  # the first two run as written, the third compiles
+                watched.__enter__()
+                watched.active = True
+            elif run.step_in_epoch == 10:
+                self.on_train_end(run, None)
+
+        def on_train_end(self, run, error):
+            if watched.active:
+                watched.__exit__(None, None, None)
+                watched.active = False
+
+    settings = dict(epochs=1, batch_size=32, kl_warmup_epochs=1, clip_norm=10.0, compile="on")
+    pyvae.fit(pyvae.VAE(X_DIM, 2, hidden=(8,)), _points(320), callbacks=[Watch()], **settings)
+    assert "compile on: the training step compiled in" in capsys.readouterr().out
+    assert watched.calls > 0 and watched.reads == []  # seven compiled steps
 
 
 def test_a_short_run_on_auto_runs_as_written_and_says_so(capsys):

@@ -1,6 +1,7 @@
 """SVI training: the ELBO improves, outputs are written, runs are reproducible, bad input is
 refused."""
 
+import copy
 import json
 import os
 import signal
@@ -124,9 +125,14 @@ def test_cuda_without_a_gpu_is_a_clear_error(digits):
         pyvae.fit(vae, digits[0], epochs=1, device="cuda", progress=False)
 
 
+@pytest.mark.parametrize(
+    "what, clip_norm, fused",
+    [("loss", None, True), ("gradient", 10.0, True), ("loss", None, False)],
+)
 def test_numerical_fault_stops_with_epoch_step_and_last_good_checkpoint(
-    tmp_path, digits, monkeypatch
+    tmp_path, digits, monkeypatch, what, clip_norm, fused
 ):
+    from pyvae.train import run as run_module
     from pyvae.train.objectives import Objective
 
     train, _ = digits
@@ -138,22 +144,54 @@ def test_numerical_fault_stops_with_epoch_step_and_last_good_checkpoint(
         and torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2
     )
 
-    # the loss turns NaN at the third step of the first epoch, as a diverging run's would
+    # the third step of the first epoch diverges, as a diverging run's would: its loss turns
+    # NaN, or (clipped) its gradient, sqrt's at 0 times |w - w|'s, while the loss stays finite
     calls = {"n": 0}
     real = Objective.forward
 
     def diverging(self, *args, **kwargs):
         calls["n"] += 1
         loss = real(self, *args, **kwargs)
-        return loss * float("nan") if calls["n"] == 3 else loss
+        if calls["n"] != 3:
+            return loss
+        w = next(self.parameters())
+        return loss * float("nan") if what == "loss" else loss + (w - w.detach()).abs().sqrt()[0, 0]
+
+    # fused Adam skips its updates on the device, and the host reads the faults only after the
+    # epoch's six steps: the three after the fault leave the weights and Adam's state as the
+    # fault found them; plain Adam cannot skip, so the fault is read before its update
+    monkeypatch.setattr(run_module, "FAULT_CHECK_SECONDS", float("inf"))
+    if not fused:
+        monkeypatch.setattr(run_module, "make_adam", lambda p, lr: torch.optim.Adam(p, lr=lr))
+    before = {}
+
+    class Before(pyvae.train.Callback):
+        def on_step_end(self, run):
+            if run.step_in_epoch == 2:
+                before["weights"] = copy.deepcopy(run.model.state_dict())
+                before["adam"], before["run"] = copy.deepcopy(run.optimizer.state_dict()), run
 
     monkeypatch.setattr(Objective, "forward", diverging)
     with pytest.raises(
         pyvae.PyvaeError,
-        match=r"non-finite loss at epoch 1, step 3; likely causes: "
+        match=rf"non-finite {what} at epoch 1, step 3; likely causes: "
         r".*last good checkpoint: .*checkpoint.pt",
     ):
-        pyvae.fit(vae, train, epochs=1, batch_size=256, device="cpu", out=tmp_path, progress=False)
+        pyvae.fit(
+            vae,
+            train,
+            epochs=1,
+            batch_size=256,
+            clip_norm=clip_norm,
+            device="cpu",
+            out=tmp_path,
+            callbacks=[Before()],
+            progress=False,
+        )
+    assert calls["n"] == before["run"].step_in_epoch == (6 if fused else 3)
+    torch.testing.assert_close(vae.state_dict(), before["weights"], rtol=0, atol=0)
+    adam = before["run"].optimizer.state_dict()["state"]
+    torch.testing.assert_close(adam, before["adam"]["state"], rtol=0, atol=0)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2  # untouched
     calls["n"] = 0
     with pytest.raises(pyvae.PyvaeError, match="last good checkpoint: none written yet"):
@@ -162,6 +200,7 @@ def test_numerical_fault_stops_with_epoch_step_and_last_good_checkpoint(
             train,
             epochs=1,
             batch_size=256,
+            clip_norm=clip_norm,
             device="cpu",
             out=tmp_path / "fresh",
             progress=False,
