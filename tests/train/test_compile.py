@@ -510,7 +510,8 @@ def test_compile_on_and_off_train_to_the_same_weights():
 
 
 class HostReads(TorchFunctionMode):
-    """The tensors' values Python reads (on a GPU each read waits for the device's queue)."""
+    """What waits for a GPU's queue: Python reading a tensor's value, a tensor made from Python's
+    data (a blocking copy to the device), ``nonzero`` (its size is read)."""
 
     READS = {
         torch.Tensor.__bool__,
@@ -520,6 +521,9 @@ class HostReads(TorchFunctionMode):
         torch.Tensor.item,
         torch.Tensor.numpy,
         torch.Tensor.tolist,
+        torch.Tensor.nonzero,
+        torch.nonzero,
+        torch.tensor,
     }
 
     def __init__(self) -> None:
