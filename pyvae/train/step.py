@@ -319,10 +319,11 @@ class Step:
         trials.append(seconds)
         if len(trials) <= AUTO_TRIALS:  # the first call may still be warming up
             return
+        self.saved[key] = saving = self._saving(key)
         del self.trials[key]
-        compiled, eager = _median(trials[1:]), _median(self.eager_seconds)
-        self.saved[key] = eager - compiled
-        if compiled >= eager:
+        eager = _median(self.eager_seconds)
+        compiled = eager - saving
+        if saving <= 0:
             self.compiled[key] = None
             self.say(
                 f"compile auto: runs as written: the compiled step took {compiled * 1e3:.2f} ms "
@@ -332,7 +333,7 @@ class Step:
         self.say(
             f"compile auto: the training step compiled in {self.compile_seconds:.1f} s runs in "
             f"{compiled * 1e3:.2f} ms against {eager * 1e3:.2f} ms as written (about "
-            f"{(eager - compiled) * remaining:.0f} s saved over the run's remaining {remaining} "
+            f"{saving * remaining:.0f} s saved over the run's remaining {remaining} "
             "steps)"
         )
 
