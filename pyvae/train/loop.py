@@ -41,9 +41,9 @@ in this order, then the user's ``callbacks``:
 ``out_files`` ({name: text}, e.g. the CLI's ``config.yaml``): a refused run writes nothing. Then
 ``metrics.jsonl`` gets one line per epoch and ``checkpoint.pt`` is rewritten atomically after each,
 the one before kept as ``checkpoint.prev.pt``; ``best.pt`` holds the weights of the epoch with the
-highest validation objective (the earliest on ties). A non-finite loss (or clipped gradient) stops
-training with a :class:`PyvaeError` naming the epoch and step, the weights as they were before that
-step (:class:`pyvae.train.run.Faults`); they are then not saved: no checkpoint ever holds NaNs.
+highest validation objective (the earliest on ties). A non-finite loss or gradient stops training
+with a :class:`PyvaeError` naming the epoch and step, the parameters as they were before that step
+(:class:`pyvae.train.run.Faults`); they are then not saved: no checkpoint ever holds NaNs.
 
 **Resume**: with ``resume`` (and ``out``), training continues after the last completed epoch of
 ``out/checkpoint.pt`` (or inside the epoch a signal stopped): weights, optimizer and learning-rate

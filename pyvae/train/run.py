@@ -80,7 +80,9 @@ class Training:
         self.step, self.history, self.resumed = 0, [], {}
         self.stop, self.signum, self.validated, self.loss = False, 0, False, None
         self._seed_or_restore(settings["seed"])
-        self.faults = Faults(self.optimizer, self.step, device)
+        # under torchrun the processes agree on a signal every step, a read anyway: the faults are
+        # read with it, so that all of them raise at the same step
+        self.faults = Faults(self.optimizer, self.step, device, deferred=world.size == 1)
         self.epoch, self.step_in_epoch = len(self.history), 0
 
     def _seed_or_restore(self, seed: int | None) -> None:
@@ -199,10 +201,9 @@ class Training:
     def _update(self, calls: list, signals: StopOnSignal, losses: torch.Tensor) -> None:
         """Adam's step from the gradients, unless this or an earlier step's loss or gradient was
         not finite (:class:`Faults`)."""
-        clip_norm, finite = self.settings["clip_norm"], torch.isfinite(self.loss).expand(2)
-        if clip_norm:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip_norm)
-            finite = torch.stack([finite[0], torch.isfinite(grad_norm)])
+        if self.settings["clip_norm"]:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings["clip_norm"])
+        finite = self.faults.check(self.loss, self.model.parameters())
         signum = signals.signum or 0
         # the processes skip, stop and fail together: on a fault or a signal in any of them
         if self.world.size > 1:
@@ -283,24 +284,42 @@ class Training:
 class Faults:
     """The first non-finite loss or gradient of a run, kept on the device: a step need not wait
     for its loss to reach the host (on a GPU that would stall the device's queue every step).
+
     Fused Adam reads :attr:`found` as its ``found_inf`` (torch's protocol for ``GradScaler``) and
     skips its update on the device from the first fault on, moments and step counts included, so
-    the weights and the optimizer stay as they were before it until the host reads it
-    (:meth:`first`). An optimizer that cannot skip on the device has it read after every step,
-    before its update."""
+    the parameters and the optimizer stay as they were before it until the host reads it
+    (:meth:`first`); buffers (BatchNorm's running statistics) and the callbacks of the steps in
+    between go on. Not ``deferred`` (or with an optimizer that cannot skip on the device), it is
+    read after every step, before its update."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, step: int, device) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, step: int, device, deferred: bool) -> None:
         self.start = step
-        self.deferred = bool(optimizer.defaults.get("fused"))
+        self.deferred = deferred and bool(optimizer.defaults.get("fused"))
         self.finite = torch.ones(2, dtype=torch.bool, device=device)  # [loss, gradient] so far
         self.steps = torch.zeros(2, dtype=torch.long, device=device)  # steps before either's fault
         self.found = torch.zeros((), dtype=torch.float32, device=device)  # 1.0: skip updates
+        self.bad_gradient = torch.zeros((), dtype=torch.float32, device=device)
+        self.one = torch.ones((), dtype=torch.float32, device=device)
         if self.deferred:
             optimizer.found_inf = self.found
         self.read_at = time.perf_counter()
 
+    def check(self, loss: torch.Tensor, params) -> torch.Tensor:
+        """This step's [loss is finite, every gradient is finite], on the device; the gradients in
+        one pass, by GradScaler's check (which multiplies them by 1 as it reads them)."""
+        grads: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            if p.grad is not None:
+                grads.setdefault(p.grad.dtype, []).append(p.grad)
+        self.bad_gradient.zero_()
+        for same_dtype in grads.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                same_dtype, self.bad_gradient, self.one
+            )
+        return torch.stack([torch.isfinite(loss), self.bad_gradient == 0])
+
     def record(self, finite: torch.Tensor) -> None:
-        """One step's [loss is finite, gradient is finite], before its update."""
+        """One step's :meth:`check` (agreed by the processes), before its update."""
         self.finite.logical_and_(finite)
         self.steps.add_(self.finite)
         torch.logical_not(self.finite.all(), out=self.found)
