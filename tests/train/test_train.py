@@ -177,22 +177,13 @@ def test_numerical_fault_stops_with_epoch_step_and_last_good_checkpoint(
                 before["adam"], before["run"] = copy.deepcopy(run.optimizer.state_dict()), run
 
     monkeypatch.setattr(Objective, "forward", diverging)
+    settings = dict(epochs=1, batch_size=256, clip_norm=clip_norm, device="cpu", progress=False)
     with pytest.raises(
         pyvae.PyvaeError,
         match=rf"non-finite {what} at epoch 1, step 3; likely causes: "
         r".*last good checkpoint: .*checkpoint.pt",
     ):
-        pyvae.fit(
-            vae,
-            train,
-            epochs=1,
-            batch_size=256,
-            clip_norm=clip_norm,
-            device="cpu",
-            out=tmp_path,
-            callbacks=[Before()],
-            progress=False,
-        )
+        pyvae.fit(vae, train, out=tmp_path, callbacks=[Before()], **settings)
     assert calls["n"] == before["run"].step_in_epoch == (6 if fused else 3)
     torch.testing.assert_close(vae.state_dict(), before["weights"], rtol=0, atol=0)
     adam = before["run"].optimizer.state_dict()["state"]
@@ -200,16 +191,7 @@ def test_numerical_fault_stops_with_epoch_step_and_last_good_checkpoint(
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2  # untouched
     calls["n"] = 0
     with pytest.raises(pyvae.PyvaeError, match="last good checkpoint: none written yet"):
-        pyvae.fit(
-            vae,
-            train,
-            epochs=1,
-            batch_size=256,
-            clip_norm=clip_norm,
-            device="cpu",
-            out=tmp_path / "fresh",
-            progress=False,
-        )
+        pyvae.fit(vae, train, out=tmp_path / "fresh", **settings)
 
 
 def test_nan_parameters_are_refused_before_training(digits):
