@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -55,6 +56,24 @@ class World:
         if self.size > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor
+
+    def average(self, tensors: list[torch.Tensor]) -> None:
+        """``tensors`` made their means over the processes, in place: one all-reduce of them laid
+        end to end (as ``DistributedDataParallel`` averages gradients, in buckets)."""
+        if self.size == 1 or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.size
+        for t, mean in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+            t.copy_(mean.view(t.shape))
+
+    def share(self, tensors: Iterable[torch.Tensor]) -> None:
+        """``tensors`` set to rank 0's, in place (as ``DistributedDataParallel`` sends rank 0's
+        buffers before each step)."""
+        if self.size > 1:
+            for t in tensors:
+                dist.broadcast(t, src=0)
 
     def gather(self, obj) -> list:
         """[obj of rank 0, obj of rank 1, ...] in every process."""

@@ -42,7 +42,8 @@ class Training:
     The KL weight at step t is beta min(1, t / (W S)) for a warm-up of W epochs of S steps, else
     beta. The loss is a module (the objective, or under ``torchrun`` the objective wrapped in
     ``DistributedDataParallel``, which averages the processes' gradients and sends rank 0's
-    buffers each step: a user's network may keep running statistics).
+    buffers each step: a user's network may keep running statistics; compiled steps do the
+    same themselves, :class:`~pyvae.train.step.Step`).
 
     What callbacks read: ``model``, ``optimizer``, ``schedule``, ``world``, ``out`` (the run
     folder or None), ``epochs``, ``epoch`` (the current one; the last completed before the first),
@@ -67,15 +68,18 @@ class Training:
         loss_of = (
             objective if world.size == 1 else torch.nn.parallel.DistributedDataParallel(objective)
         )
-        say = speaker(settings["progress"])
-        if world.size > 1 and settings["compile"] == "on":
-            say("compile on: under torchrun the steps run as written (DistributedDataParallel)")
+        say, mode = speaker(settings["progress"]), settings["compile"]
+        if world.size > 1 and mode == "auto":
+            # the processes must run the same kind of step, and each would time its own
+            say("compile auto: under torchrun the steps run as written; --compile on compiles them")
+            mode = "off"
         self.step_of = Step(
             objective,
             loss_of,
-            settings["compile"] if world.size == 1 else "off",
+            mode,
             beta_varies=bool(settings["kl_warmup_epochs"]),
             say=say,
+            world=world,
         )
         self.step, self.history, self.resumed = 0, [], {}
         self.stop, self.signum, self.validated, self.loss = False, 0, False, None

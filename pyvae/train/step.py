@@ -55,6 +55,7 @@ from pyvae.compiled import (
     describe,
 )
 from pyvae.data.batching import Call
+from pyvae.distributed import World
 from pyvae.program import recordable
 
 #: ``auto`` compiles a run whose remaining steps would take at least this long as written: a
@@ -82,7 +83,9 @@ class Step:
     ``DistributedDataParallel`` wrapper), or compiled (see the module's docstring). ``mode`` is
     one of :data:`pyvae.compiled.COMPILE_CHOICES`; ``beta_varies``: the KL weight changes step by
     step (an input of the recording); ``say`` prints what ``auto`` chose and why a program runs as
-    written."""
+    written. Under torchrun (``world``) a compiled step averages the processes' gradients and takes
+    rank 0's buffers itself, as ``DistributedDataParallel`` does for a step as written, and the
+    processes record each kind of step together: all of them, or none (then all run as written)."""
 
     def __init__(
         self,
@@ -91,9 +94,10 @@ class Step:
         mode: str,
         beta_varies: bool,
         say: Callable[[str], None],
+        world: World | None = None,
     ) -> None:
         self.objective, self.loss_of, self.mode = objective, loss_of, check_compile(mode)
-        self.beta_varies, self.say = beta_varies, say
+        self.beta_varies, self.say, self.world = beta_varies, say, world or World()
         self.compiled: dict[tuple, Recorded | None] = {}
         self.seen: Counter = Counter()
         self.eager_seconds: list[float] = []
@@ -152,7 +156,9 @@ class Step:
         return losses.detach()
 
     def _run(self, recorded: Recorded, calls: list[Call], beta: float) -> torch.Tensor:
+        self.world.share(self.objective.buffers())
         losses, *grads = recorded.compiled(*self._inputs(calls, beta))
+        self.world.average(grads)
         grads = iter(grads)
         for p, used in zip(self.watched.params, recorded.used, strict=True):
             p.grad = next(grads) if used else None
@@ -194,11 +200,16 @@ class Step:
         self.compiled[key] = None
         started = time.perf_counter()
         try:
-            self.compiled[key] = self._record(calls, beta)
-        except NotCompiled as why:
-            self.uncompiled = str(why)
+            recorded, why = self._record(calls, beta), None
+        except NotCompiled as failed:
+            why = str(failed)
+        if not self._recorded_by_all(why is None) and why is None:
+            why = "another training process could not record its step"
+        if why is not None:
+            self.uncompiled = why
             self.say(f"compile {self.mode}: the program trains as written: {why}")
             return
+        self.compiled[key] = recorded
         seconds = _seconds(started, None)
         self.cost[key] = seconds
         self._say_why_again(key, seconds)
@@ -207,6 +218,14 @@ class Step:
             self.compile_seconds = seconds
         else:
             self.say(f"compile on: the training step compiled in {seconds:.1f} s")
+
+    def _recorded_by_all(self, recorded: bool) -> bool:
+        """Whether every process recorded its step: under torchrun they run the same kind of step
+        (a compiled step's all-reduce of the gradients meets no other's)."""
+        if self.world.size == 1:
+            return recorded
+        device = self.watched.params[0].device
+        return not self.world.max(torch.tensor([int(not recorded)], device=device)).item()
 
     def _siblings(self, key: tuple) -> list[tuple]:
         """The kinds recorded before ``key`` that differ from it only in the settings' values."""

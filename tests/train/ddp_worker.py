@@ -61,8 +61,7 @@ try:
         test=data[500:],
         device="cpu",
         out=out / "run",
-        progress=False,
-        **{"epochs": 4, "batch_size": 25, "seed": 0, **options},
+        **{"epochs": 4, "batch_size": 25, "seed": 0, "progress": False, **options},
     )
 finally:
     (out / "ranks").mkdir(parents=True, exist_ok=True)
