@@ -68,17 +68,12 @@ class Training:
         loss_of = (
             objective if world.size == 1 else torch.nn.parallel.DistributedDataParallel(objective)
         )
-        say, mode = speaker(settings["progress"]), settings["compile"]
-        if world.size > 1 and mode == "auto":
-            # the processes must run the same kind of step, and each would time its own
-            say("compile auto: under torchrun the steps run as written; --compile on compiles them")
-            mode = "off"
         self.step_of = Step(
             objective,
             loss_of,
-            mode,
+            settings["compile"],
             beta_varies=bool(settings["kl_warmup_epochs"]),
-            say=say,
+            say=speaker(settings["progress"]),
             world=world,
         )
         self.step, self.history, self.resumed = 0, [], {}

@@ -84,8 +84,9 @@ class Step:
     one of :data:`pyvae.compiled.COMPILE_CHOICES`; ``beta_varies``: the KL weight changes step by
     step (an input of the recording); ``say`` prints what ``auto`` chose and why a program runs as
     written. Under torchrun (``world``) a compiled step averages the processes' gradients and takes
-    rank 0's buffers itself, as ``DistributedDataParallel`` does for a step as written, and the
-    processes record each kind of step together: all of them, or none (then all run as written)."""
+    rank 0's buffers itself, as ``DistributedDataParallel`` does for a step as written; the
+    processes record each kind of step together (all of them, or none: then all run as written),
+    and ``auto`` times each step by its slowest process, so that all of them choose alike."""
 
     def __init__(
         self,
@@ -139,7 +140,7 @@ class Step:
         started = time.perf_counter()
         losses = self._run(recorded, calls, beta)
         if key in self.trials:
-            self._judge(key, _seconds(started, losses), remaining)
+            self._judge(key, self._seconds(started, losses), remaining)
         return losses
 
     def _as_written(self, calls: list[Call], beta: float, validate: bool) -> torch.Tensor:
@@ -150,8 +151,8 @@ class Step:
         with pyro.validation_enabled(validate and pyro.infer.util.is_validation_enabled()):
             losses = self.loss_of(calls, beta)  # (model's, auxiliary) x calls
         losses.sum().backward()
-        if not validate:
-            seconds = _seconds(started, losses)
+        if not validate and self.mode == "auto":
+            seconds = self._seconds(started, losses)
             self.eager_seconds = [*self.eager_seconds[-(AUTO_TRIALS - 1) :], seconds]
         return losses.detach()
 
@@ -210,7 +211,7 @@ class Step:
             self.say(f"compile {self.mode}: the program trains as written: {why}")
             return
         self.compiled[key] = recorded
-        seconds = _seconds(started, None)
+        seconds = self._seconds(started, None)
         self.cost[key] = seconds
         self._say_why_again(key, seconds)
         if self.mode == "auto":
@@ -218,6 +219,15 @@ class Step:
             self.compile_seconds = seconds
         else:
             self.say(f"compile on: the training step compiled in {seconds:.1f} s")
+
+    def _seconds(self, started: float, result: torch.Tensor | None) -> float:
+        """:func:`_seconds`; under torchrun the slowest process's, which every process then has: a
+        step lasts as long as its slowest process, and ``auto`` decides alike in all of them."""
+        seconds = _seconds(started, result)
+        if self.world.size == 1:
+            return seconds
+        mine = torch.tensor([seconds], dtype=torch.float64, device=self.watched.params[0].device)
+        return self.world.max(mine).item()
 
     def _recorded_by_all(self, recorded: bool) -> bool:
         """Whether every process recorded its step: under torchrun they run the same kind of step

@@ -5,7 +5,8 @@ It trains a small VAE with ``pyvae.fit`` (rank 0 writes OUT/run) and leaves each
 process's final parameters in OUT/ranks/<rank>.pt for the test to compare. OPTIONS is
 JSON: arguments of ``fit``; ``sigterm_rank1_at_step`` to send SIGTERM to rank 1
 alone during that training step, ``sigterm_rank1_at_scoring`` during that epoch's scoring;
-``rank1_points`` to give rank 1 another data set.
+``rank1_points`` to give rank 1 another data set; ``auto_min_seconds`` for
+``pyvae.train.step.AUTO_MIN_SECONDS``.
 """
 
 import json
@@ -34,6 +35,7 @@ if stop_at is not None and rank == 1:
         return forward(self, *args, **kwargs)
 
     pyvae.train.objectives.Objective.forward = forward_then_signal
+pyvae.train.step.AUTO_MIN_SECONDS = options.pop("auto_min_seconds", 20.0)
 scored_at = options.pop("sigterm_rank1_at_scoring", None)
 if scored_at is not None and rank == 1:
     scores = pyvae.train.validation.Validation.scores
