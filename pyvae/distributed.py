@@ -9,8 +9,9 @@ from its shard of the data (a ``DistributedSampler``: one permutation per epoch,
 in every process, dealt out so the shards are disjoint) and computes the loss of its
 minibatch on the full-data scale, -(N/M) sum_{n in batch} L(x_n). The ELBO runs inside a
 ``torch.nn.Module`` wrapped in ``DistributedDataParallel``, which averages the gradients
-of the processes during the backward pass: the average of W unbiased estimates of the
-gradient of the full-data ELBO is one with W times the minibatch. Every process then takes
+of the processes during the backward pass (a compiled step averages them itself,
+:meth:`World.average`): the average of W unbiased estimates of the gradient of the
+full-data ELBO is one with W times the minibatch. Every process then takes
 the same optimizer step, so the parameters stay identical. ``--batch-size`` is per
 process; an epoch takes 1/W of the steps.
 
@@ -62,9 +63,9 @@ class World:
         end to end (as ``DistributedDataParallel`` averages gradients, in buckets)."""
         if self.size == 1 or not tensors:
             return
-        flat = torch.cat([t.reshape(-1) for t in tensors])
+        # divided first, as DDP does: a sum of half-precision gradients might overflow
+        flat = torch.cat([t.reshape(-1) for t in tensors]) / self.size
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= self.size
         for t, mean in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
             t.copy_(mean.view(t.shape))
 

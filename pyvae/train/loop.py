@@ -177,9 +177,10 @@ def fit(
     floating-point reassociation, 1.5-5x faster a step on a CPU). ``auto`` compiles a run long
     enough to repay the compilation, keeps it if it measured faster, and says what it chose (with
     ``progress``); ``on`` compiles whenever the program can be recorded. A program that cannot be
-    recorded trains as written, with a notice saying why. Under ``torchrun`` steps run as written.
-    The epochs' ELBOs and validation log p(x) are compiled with ``on``, and with ``auto`` when they
-    draw enough (:class:`pyvae.train.validation.Validation`).
+    recorded trains as written, with a notice saying why. Under ``torchrun`` every process's step
+    is compiled alike (a compiled step averages the gradients itself). The epochs' ELBOs and
+    validation log p(x) are compiled with ``on``, and with ``auto`` when they draw enough
+    (:class:`pyvae.train.validation.Validation`).
     """
     return _fit(dict(locals()))
 

@@ -204,8 +204,7 @@ class Step:
             recorded, why = self._record(calls, beta), None
         except NotCompiled as failed:
             why = str(failed)
-        if not self._recorded_by_all(why is None) and why is None:
-            why = "another training process could not record its step"
+        why = self._why_any_failed(why)
         if why is not None:
             self.uncompiled = why
             self.say(f"compile {self.mode}: the program trains as written: {why}")
@@ -229,13 +228,13 @@ class Step:
         mine = torch.tensor([seconds], dtype=torch.float64, device=self.watched.params[0].device)
         return self.world.max(mine).item()
 
-    def _recorded_by_all(self, recorded: bool) -> bool:
-        """Whether every process recorded its step: under torchrun they run the same kind of step
-        (a compiled step's all-reduce of the gradients meets no other's)."""
+    def _why_any_failed(self, why: str | None) -> str | None:
+        """Why this process, or under torchrun the first that did, could not record its step:
+        the processes run the same kind of step (a compiled step's all-reduce of the gradients
+        meets no other's)."""
         if self.world.size == 1:
-            return recorded
-        device = self.watched.params[0].device
-        return not self.world.max(torch.tensor([int(not recorded)], device=device)).item()
+            return why
+        return next((reason for reason in self.world.gather(why) if reason is not None), None)
 
     def _siblings(self, key: tuple) -> list[tuple]:
         """The kinds recorded before ``key`` that differ from it only in the settings' values."""

@@ -6,7 +6,8 @@ process's final parameters in OUT/ranks/<rank>.pt for the test to compare. OPTIO
 JSON: arguments of ``fit``; ``sigterm_rank1_at_step`` to send SIGTERM to rank 1
 alone during that training step, ``sigterm_rank1_at_scoring`` during that epoch's scoring;
 ``rank1_points`` to give rank 1 another data set; ``auto_min_seconds`` for
-``pyvae.train.step.AUTO_MIN_SECONDS``.
+``pyvae.train.step.AUTO_MIN_SECONDS``; ``grads_at_step`` to leave the gradients of that
+step in OUT/ranks/<rank>.grads.pt.
 """
 
 import json
@@ -53,6 +54,18 @@ data = (
     + (torch.rand(600, 32, generator=g) < 0.05).float()
 ) % 2
 
+grads_at, callbacks = options.pop("grads_at_step", None), []
+if grads_at is not None:
+
+    class Grads(pyvae.train.Callback):
+        def on_step_end(self, run):
+            if run.step == grads_at:
+                grads = {n: p.grad.clone() for n, p in run.model.named_parameters()}
+                (out / "ranks").mkdir(parents=True, exist_ok=True)
+                torch.save(grads, out / "ranks" / f"{rank}.grads.pt")
+
+    callbacks.append(Grads())
+
 # different initial weights in each process: DistributedDataParallel must align them
 torch.manual_seed(rank)
 vae = pyvae.VAE(x_dim=32, z_dim=3, hidden=(24,))
@@ -63,6 +76,7 @@ try:
         test=data[500:],
         device="cpu",
         out=out / "run",
+        callbacks=callbacks,
         **{"epochs": 4, "batch_size": 25, "seed": 0, "progress": False, **options},
     )
 finally:

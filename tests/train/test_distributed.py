@@ -144,10 +144,16 @@ def test_compiled_steps_under_torchrun_train_as_the_steps_as_written(tmp_path):
     it for the steps as written: the first, validated, and none short here); under auto each
     step is timed by its slowest process, so both compile, keep or drop the compiled step alike."""
     written, compiled, auto = tmp_path / "written", tmp_path / "compiled", tmp_path / "auto"
-    assert torchrun(written, compile="off").returncode == 0
-    result = torchrun(compiled, compile="on", progress=True)
+    assert torchrun(written, compile="off", grads_at_step=3).returncode == 0
+    result = torchrun(compiled, compile="on", progress=True, grads_at_step=3)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "compile on: the training step compiled in" in result.stdout
+    # the third step is the first compiled: its gradients are the mean, not the sum (Adam's
+    # update hardly tells them apart)
+    for rank in (0, 1):
+        grads = [params(run / "ranks" / f"{rank}.grads.pt") for run in (compiled, written)]
+        for name, grad in grads[0].items():
+            torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-4)
     reference = params(written / "ranks" / "0.pt")
     for name, value in params(compiled / "ranks" / "0.pt").items():
         assert torch.equal(value, params(compiled / "ranks" / "1.pt")[name]), name  # one mean
