@@ -7,6 +7,7 @@ All ELBO numbers are in nats per data point (see :mod:`pyvae.train.loop`).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -121,6 +122,7 @@ class Training:
                 self.callbacks.on_epoch_end(self, self.history[-1])
         except BaseException as e:
             error = e
+            self._note_unread_fault(e)
             raise
         finally:
             signals.restore()  # also when training fails: the caller's Ctrl-C must work again
@@ -223,6 +225,17 @@ class Training:
         if first is not None:
             what, step = first
             raise PyvaeError(self._fault(what, step - (self.step - self.step_in_epoch)))
+
+    def _note_unread_fault(self, error: BaseException) -> None:
+        """Add to ``error`` the fault the steps had and the host had not read yet (a Ctrl-C, or a
+        callback's error, would hide it: the parameters are those from before it)."""
+        with contextlib.suppress(Exception):  # a device that fails to answer: the error stands
+            first = self.faults.first()
+            if first is not None:
+                what, step = first
+                fault = self._fault(what, step - (self.step - self.step_in_epoch))
+                if fault not in str(error):
+                    error.add_note(f"before it: {fault}")
 
     def closing_record(self, signals: StopOnSignal) -> dict:
         """:meth:`epoch_record`, which a signal aborts at once (one process; with several, the

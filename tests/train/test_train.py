@@ -194,6 +194,33 @@ def test_numerical_fault_stops_with_epoch_step_and_last_good_checkpoint(
         pyvae.fit(vae, train, out=tmp_path / "fresh", **settings)
 
 
+def test_an_error_before_a_fault_was_read_names_the_fault(digits, monkeypatch):
+    from pyvae.train import run as run_module
+    from pyvae.train.objectives import Objective
+
+    calls, real = {"n": 0}, Objective.forward
+
+    def diverging(self, *args, **kwargs):
+        calls["n"] += 1
+        return real(self, *args, **kwargs) * (float("nan") if calls["n"] == 2 else 1.0)
+
+    class Failing(pyvae.train.Callback):
+        def on_step_end(self, run):
+            if run.step_in_epoch == 4:
+                raise RuntimeError("a callback's own error")
+
+    monkeypatch.setattr(run_module, "FAULT_CHECK_SECONDS", float("inf"))
+    monkeypatch.setattr(Objective, "forward", diverging)
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
+    with pytest.raises(RuntimeError, match="a callback's own error") as raised:
+        pyvae.fit(vae, digits[0], epochs=1, batch_size=256, callbacks=[Failing()], progress=False)
+    assert raised.value.__notes__ == [
+        "before it: non-finite loss at epoch 1, step 2; likely causes: a learning rate too high, "
+        "a likelihood scale too small for the data, or exploding decoder outputs (try a lower "
+        "--lr or --clip-norm); last good checkpoint: none written yet"
+    ]
+
+
 def test_nan_parameters_are_refused_before_training(digits):
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
     with torch.no_grad():
