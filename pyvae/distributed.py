@@ -59,22 +59,24 @@ class World:
         return tensor
 
     def average(self, tensors: list[torch.Tensor]) -> None:
-        """``tensors`` made their means over the processes, in place: one all-reduce of them laid
-        end to end (as ``DistributedDataParallel`` averages gradients, in buckets)."""
-        if self.size == 1 or not tensors:
-            return
-        # divided first, as DDP does: a sum of half-precision gradients might overflow
-        flat = torch.cat([t.reshape(-1) for t in tensors]) / self.size
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        for t, mean in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
-            t.copy_(mean.view(t.shape))
+        """``tensors`` made their means over the processes, in place: one all-reduce of those of
+        each dtype laid end to end (as ``DistributedDataParallel`` averages gradients, in
+        buckets)."""
+        if self.size > 1:
+            for same in _by_dtype(tensors):
+                # divided first, as DDP does: a sum of half-precision gradients might overflow
+                flat = _end_to_end(same) / self.size
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                _put_back(flat, same)
 
     def share(self, tensors: Iterable[torch.Tensor]) -> None:
-        """``tensors`` set to rank 0's, in place (as ``DistributedDataParallel`` sends rank 0's
-        buffers before each step)."""
+        """``tensors`` set to rank 0's, in place: one broadcast of those of each dtype laid end
+        to end (as ``DistributedDataParallel`` sends rank 0's buffers before each step)."""
         if self.size > 1:
-            for t in tensors:
-                dist.broadcast(t, src=0)
+            for same in _by_dtype(tensors):
+                flat = _end_to_end(same)
+                dist.broadcast(flat, src=0)
+                _put_back(flat, same)
 
     def gather(self, obj) -> list:
         """[obj of rank 0, obj of rank 1, ...] in every process."""
@@ -105,6 +107,24 @@ class World:
         yield
         if self.local_rank == 0:
             self.barrier()
+
+
+def _by_dtype(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return list(groups.values())
+
+
+def _end_to_end(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One contiguous copy of ``tensors`` (a collective needs contiguous memory)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _put_back(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy :func:`_end_to_end`'s ``flat`` back into ``tensors``, each with its own strides."""
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+        t.copy_(part.view(t.shape))
 
 
 def sharded(fn, n: int, chunk: int, world: World) -> list | None:

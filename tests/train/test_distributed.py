@@ -139,6 +139,26 @@ def test_a_signal_in_one_process_stops_both_and_resuming_matches_an_uninterrupte
     assert metrics(stopped / "run") == metrics(whole / "run")
 
 
+def test_tensors_averaged_and_shared_among_processes_keep_their_layout(tmp_path):
+    """What a compiled step does in DistributedDataParallel's stead: gradients averaged, buffers
+    taken from rank 0, each of any dtype and strides."""
+    command = torchrun_command(ROOT / "tests" / "train" / "world_worker.py", str(tmp_path))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        ones, transposed, wide = got["averaged"]
+        assert torch.equal(ones, torch.full((2, 3), 0.5))
+        assert transposed.stride() == (1, 2)
+        assert torch.equal(transposed, torch.arange(6.0).reshape(3, 2).t() + 0.5)
+        assert wide.dtype == torch.float64 and torch.equal(wide, torch.full((4,), 1.0).double())
+        zeros, transposed, wide, integer = got["shared"]
+        assert torch.equal(zeros, torch.zeros(2, 3)) and transposed.stride() == (1, 2)
+        assert torch.equal(transposed, torch.arange(6.0).reshape(3, 2).t())
+        assert torch.equal(wide, torch.full((4,), 0.5).double()) and integer.item() == 7
+
+
 def test_compiled_steps_under_torchrun_train_as_the_steps_as_written(tmp_path):
     """Each process's compiled step averages the gradients itself (DistributedDataParallel does
     it for the steps as written: the first, validated, and none short here); under auto each
