@@ -151,7 +151,7 @@ class Step:
         with pyro.validation_enabled(validate and pyro.infer.util.is_validation_enabled()):
             losses = self.loss_of(calls, beta)  # (model's, auxiliary) x calls
         losses.sum().backward()
-        if not validate and self.mode == "auto":
+        if not validate and self.mode == "auto" and self.uncompiled is None:  # auto may decide
             seconds = self._seconds(started, losses)
             self.eager_seconds = [*self.eager_seconds[-(AUTO_TRIALS - 1) :], seconds]
         return losses.detach()
