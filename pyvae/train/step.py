@@ -140,7 +140,7 @@ class Step:
         started = time.perf_counter()
         losses = self._run(recorded, calls, beta)
         if key in self.trials:
-            self._judge(key, self._seconds(started, losses), remaining)
+            self._judge(key, self._timed(started, losses), remaining)
         return losses
 
     def _as_written(self, calls: list[Call], beta: float, validate: bool) -> torch.Tensor:
@@ -152,7 +152,7 @@ class Step:
             losses = self.loss_of(calls, beta)  # (model's, auxiliary) x calls
         losses.sum().backward()
         if not validate and self.mode == "auto" and self.uncompiled is None:  # auto may decide
-            seconds = self._seconds(started, losses)
+            seconds = self._timed(started, losses)
             self.eager_seconds = [*self.eager_seconds[-(AUTO_TRIALS - 1) :], seconds]
         return losses.detach()
 
@@ -210,7 +210,7 @@ class Step:
             self.say(f"compile {self.mode}: the program trains as written: {why}")
             return
         self.compiled[key] = recorded
-        seconds = self._seconds(started, None)
+        seconds = self._timed(started, None)
         self.cost[key] = seconds
         self._say_why_again(key, seconds)
         if self.mode == "auto":
@@ -219,7 +219,7 @@ class Step:
         else:
             self.say(f"compile on: the training step compiled in {seconds:.1f} s")
 
-    def _seconds(self, started: float, result: torch.Tensor | None) -> float:
+    def _timed(self, started: float, result: torch.Tensor | None) -> float:
         """:func:`_seconds`; under torchrun the slowest process's, which every process then has: a
         step lasts as long as its slowest process, and ``auto`` decides alike in all of them."""
         seconds = _seconds(started, result)
