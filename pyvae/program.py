@@ -311,6 +311,7 @@ def trace_once(module: torch.nn.Module, batch: tuple, num_data: int | None = Non
     model, guide = bound(module.model, num_data), bound(module.guide, num_data)
     with (
         fork_rng(device),
+        kept_buffers(module),
         torch.no_grad(),
         poutine.block(),
         LocalParams(),
@@ -318,6 +319,22 @@ def trace_once(module: torch.nn.Module, batch: tuple, num_data: int | None = Non
         guide_trace = poutine.trace(guide).get_trace(*batch)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*batch)
     return model_trace, guide_trace
+
+
+@contextlib.contextmanager
+def kept_buffers(module: torch.nn.Module) -> Iterator[None]:
+    """A context after which ``module``'s buffers hold their values from before it: a look at the
+    program must not count as a step (BatchNorm's running statistics, a counter). Those it left
+    alone are not written (a write is a new version, which :func:`pyvae.compiled.fingerprint`
+    reads as a change)."""
+    kept = [(b, b.clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in kept:
+                if not torch.equal(buffer, value):
+                    buffer.copy_(value)
 
 
 def structure(module: torch.nn.Module, batch: tuple) -> Structure:
@@ -382,6 +399,7 @@ def _vectorizes(module: torch.nn.Module, batch: tuple, nesting: int) -> bool:
     try:
         with (
             fork_rng(device),
+            kept_buffers(module),
             torch.no_grad(),
             poutine.block(),
         ):

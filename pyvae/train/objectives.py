@@ -40,6 +40,7 @@ from pyvae.program import (
     accepts_num_data,
     bound,
     fork_rng,
+    kept_buffers,
     plate_full_size,
     sample_sites,
     structure,
@@ -176,8 +177,10 @@ class Objective(torch.nn.Module):
         """Whether the program scales by N/M itself: its data plate's declared size when called with
         ``num_data`` is N (a subsampled plate) or the batch's M (pyvae scales); anything else is an
         error."""
-        # read on a batch smaller than N: at M = N both answers fit, and a later call may be smaller
-        args, n = tuple(t[:1] for t in call.args), call.num_data
+        # read on a batch smaller than N: at M = N both answers fit, and a later call may be
+        # smaller; of two points where N allows (batch normalization needs two)
+        n = call.num_data
+        args = tuple(t[: 2 if n > 2 else 1] for t in call.args)
         m = args[0].shape[0]
         if not accepts_num_data(self.module.model) or m == n:
             self.self_scaled = False  # N = 1: nothing to scale
@@ -303,6 +306,7 @@ def mean_field_violation(module: torch.nn.Module, batch: tuple) -> str | None:
     names = [s["name"] for s in latent]
     with (
         fork_rng(batch[0].device),
+        kept_buffers(module),
         torch.enable_grad(),
         poutine.block(),
         LocalParams(),

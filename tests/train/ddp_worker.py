@@ -7,7 +7,8 @@ JSON: arguments of ``fit``; ``sigterm_rank1_at_step`` to send SIGTERM to rank 1
 alone during that training step, ``sigterm_rank1_at_scoring`` during that epoch's scoring;
 ``rank1_points`` to give rank 1 another data set; ``auto_min_seconds`` for
 ``pyvae.train.step.AUTO_MIN_SECONDS``; ``grads_at_step`` to leave the gradients of that
-step in OUT/ranks/<rank>.grads.pt.
+step in OUT/ranks/<rank>.grads.pt; ``batchnorm`` to normalize the encoder's input by batch
+(running statistics: buffers that each step updates).
 """
 
 import json
@@ -69,6 +70,8 @@ if grads_at is not None:
 # different initial weights in each process: DistributedDataParallel must align them
 torch.manual_seed(rank)
 vae = pyvae.VAE(x_dim=32, z_dim=3, hidden=(24,))
+if options.pop("batchnorm", False):
+    vae.encoder = torch.nn.Sequential(torch.nn.BatchNorm1d(32), *vae.encoder)
 try:
     pyvae.fit(
         vae,

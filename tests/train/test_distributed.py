@@ -160,24 +160,26 @@ def test_tensors_averaged_and_shared_among_processes_keep_their_layout(tmp_path)
 
 
 def test_compiled_steps_under_torchrun_train_as_the_steps_as_written(tmp_path):
-    """Each process's compiled step averages the gradients itself (DistributedDataParallel does
-    it for the steps as written: the first, validated, and none short here); under auto each
-    step is timed by its slowest process, so both compile, keep or drop the compiled step alike."""
+    """Each process's compiled step averages the gradients and takes rank 0's buffers itself
+    (DistributedDataParallel does both for the steps as written: the first, validated, and none
+    short here); under auto each step is timed by its slowest process, so both compile, keep or
+    drop the compiled step alike. The encoder normalizes by batch: each process updates the
+    running statistics it took from rank 0 with its own minibatch, as under DDP."""
     written, compiled, auto = tmp_path / "written", tmp_path / "compiled", tmp_path / "auto"
-    assert torchrun(written, compile="off", grads_at_step=3).returncode == 0
-    result = torchrun(compiled, compile="on", progress=True, grads_at_step=3)
+    assert torchrun(written, compile="off", grads_at_step=3, batchnorm=True).returncode == 0
+    result = torchrun(compiled, compile="on", progress=True, grads_at_step=3, batchnorm=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "compile on: the training step compiled in" in result.stdout
-    # the third step is the first compiled: its gradients are the mean, not the sum (Adam's
-    # update hardly tells them apart)
     for rank in (0, 1):
+        # the third step is the first compiled: its gradients (tens, on the full data's
+        # scale) are the mean, not the sum (Adam's update hardly tells them apart)
         grads = [params(run / "ranks" / f"{rank}.grads.pt") for run in (compiled, written)]
         for name, grad in grads[0].items():
-            torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-4)
-    reference = params(written / "ranks" / "0.pt")
-    for name, value in params(compiled / "ranks" / "0.pt").items():
-        assert torch.equal(value, params(compiled / "ranks" / "1.pt")[name]), name  # one mean
-        torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(grad, grads[1][name], rtol=1e-3, atol=1e-3)
+        ends = [params(run / "ranks" / f"{rank}.pt") for run in (compiled, written)]
+        for name, value in ends[0].items():
+            torch.testing.assert_close(value, ends[1][name], rtol=1e-4, atol=1e-5)
+    assert_same_parameters(compiled)
     for mine, theirs in zip(metrics(compiled / "run"), metrics(written / "run"), strict=True):
         assert mine == pytest.approx(theirs, rel=1e-5)
     # 10 steps an epoch: the first validated, five timed as written, then compiled and judged
@@ -187,8 +189,15 @@ def test_compiled_steps_under_torchrun_train_as_the_steps_as_written(tmp_path):
         r"compile auto: (the training step compiled in|runs as written: the compiled step)",
         result.stdout,
     )
-    ranks = [params(auto / "ranks" / f"{r}.pt") for r in (0, 1)]
-    assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
+    assert_same_parameters(auto)
+
+
+def assert_same_parameters(out):
+    """The processes' parameters are one, bit for bit (buffers of their own batches aside)."""
+    ranks = [params(out / "ranks" / f"{r}.pt") for r in (0, 1)]
+    for name, value in ranks[0].items():
+        if "running_" not in name and "num_batches" not in name:
+            assert torch.equal(value, ranks[1][name]), name
 
 
 def test_the_example_under_torchrun_writes_one_run_folder(tmp_path):
