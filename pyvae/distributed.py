@@ -63,7 +63,7 @@ class World:
         each dtype laid end to end (as ``DistributedDataParallel`` averages gradients, in
         buckets)."""
         if self.size > 1:
-            for same in _by_dtype(tensors):
+            for same in by_dtype(tensors):
                 # divided first, as DDP does: a sum of half-precision gradients might overflow
                 flat = _end_to_end(same) / self.size
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
@@ -73,7 +73,7 @@ class World:
         """``tensors`` set to rank 0's, in place: one broadcast of those of each dtype laid end
         to end (as ``DistributedDataParallel`` sends rank 0's buffers before each step)."""
         if self.size > 1:
-            for same in _by_dtype(tensors):
+            for same in by_dtype(tensors):
                 flat = _end_to_end(same)
                 dist.broadcast(flat, src=0)
                 _put_back(flat, same)
@@ -109,7 +109,8 @@ class World:
             self.barrier()
 
 
-def _by_dtype(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
+def by_dtype(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``tensors`` in lists of one dtype each (what one collective or foreach kernel takes)."""
     groups: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         groups.setdefault(t.dtype, []).append(t)

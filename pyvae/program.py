@@ -42,7 +42,7 @@ import functools
 import inspect
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import pyro
@@ -321,20 +321,26 @@ def trace_once(module: torch.nn.Module, batch: tuple, num_data: int | None = Non
     return model_trace, guide_trace
 
 
-@contextlib.contextmanager
-def kept_buffers(module: torch.nn.Module) -> Iterator[None]:
+def kept_buffers(module: torch.nn.Module):
     """A context after which ``module``'s buffers hold their values from before it: a look at the
-    program must not count as a step (BatchNorm's running statistics, a counter). Those it left
-    alone are not written (a write is a new version, which :func:`pyvae.compiled.fingerprint`
-    reads as a change)."""
-    kept = [(b, b.clone()) for b in module.buffers()]
+    program must not count as a step (BatchNorm's running statistics, a counter)."""
+    return kept_values(module.buffers())
+
+
+@contextlib.contextmanager
+def kept_values(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+    """A context after which the ``tensors`` updated in place inside hold their values from before
+    it. Only those with a new version are written back (a write is itself a new version, which
+    :func:`pyvae.compiled.fingerprint` reads as a change), as :func:`pyvae.compiled.untouched`
+    puts values back (a floor's modules do not import each other: the two keep a copy each)."""
+    values = [(t, t._version, t.detach().clone()) for t in tensors if not t.is_inference()]
     try:
         yield
     finally:
         with torch.no_grad():
-            for buffer, value in kept:
-                if not torch.equal(buffer, value):
-                    buffer.copy_(value)
+            for tensor, version, value in values:
+                if tensor._version != version:
+                    tensor.copy_(value)
 
 
 def structure(module: torch.nn.Module, batch: tuple) -> Structure:

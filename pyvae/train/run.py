@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyvae.data.batching import KINDS
+from pyvae.distributed import by_dtype
 from pyvae.errors import PyvaeError
 from pyvae.train import protocol
 from pyvae.train import resume as state
@@ -221,21 +222,25 @@ class Training:
     def check_faults(self) -> None:
         """Raise the run's first non-finite loss or gradient, if there was one (after an epoch's
         steps, before a stop's checkpoint, and at least every :data:`FAULT_CHECK_SECONDS`)."""
-        first = self.faults.first()
-        if first is not None:
-            what, step = first
-            raise PyvaeError(self._fault(what, step - (self.step - self.step_in_epoch)))
+        fault = self._first_fault()
+        if fault is not None:
+            raise PyvaeError(fault)
 
     def _note_unread_fault(self, error: BaseException) -> None:
         """Add to ``error`` the fault the steps had and the host had not read yet (a Ctrl-C, or a
         callback's error, would hide it: the parameters are those from before it)."""
         with contextlib.suppress(Exception):  # a device that fails to answer: the error stands
-            first = self.faults.first()
-            if first is not None:
-                what, step = first
-                fault = self._fault(what, step - (self.step - self.step_in_epoch))
-                if fault not in str(error):
-                    error.add_note(f"before it: {fault}")
+            fault = self._first_fault()
+            if fault is not None and fault not in str(error):
+                error.add_note(f"before it: {fault}")
+
+    def _first_fault(self) -> str | None:
+        """The message of the run's first fault (:meth:`Faults.first`, read now), or None."""
+        first = self.faults.first()
+        if first is None:
+            return None
+        what, step = first
+        return self._fault(what, step - (self.step - self.step_in_epoch))
 
     def closing_record(self, signals: StopOnSignal) -> dict:
         """:meth:`epoch_record`, which a signal aborts at once (one process; with several, the
@@ -319,12 +324,8 @@ class Faults:
     def check(self, loss: torch.Tensor, params) -> torch.Tensor:
         """This step's [loss is finite, every gradient is finite], on the device; the gradients in
         one pass, by GradScaler's check (which multiplies them by 1 as it reads them)."""
-        grads: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in params:
-            if p.grad is not None:
-                grads.setdefault(p.grad.dtype, []).append(p.grad)
         self.bad_gradient.zero_()
-        for same_dtype in grads.values():
+        for same_dtype in by_dtype(p.grad for p in params if p.grad is not None):
             torch._amp_foreach_non_finite_check_and_unscale_(
                 same_dtype, self.bad_gradient, self.one
             )

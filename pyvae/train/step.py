@@ -215,7 +215,6 @@ class Step:
         self._say_why_again(key, seconds)
         if self.mode == "auto":
             self.trials[key] = []
-            self.compile_seconds = seconds
         else:
             self.say(f"compile on: the training step compiled in {seconds:.1f} s")
 
@@ -359,7 +358,7 @@ class Step:
             )
             return
         self.say(
-            f"compile auto: the training step compiled in {self.compile_seconds:.1f} s runs in "
+            f"compile auto: the training step compiled in {self.cost[key]:.1f} s runs in "
             f"{compiled * 1e3:.2f} ms against {eager * 1e3:.2f} ms as written (about "
             f"{saving * remaining:.0f} s saved over the run's remaining {remaining} "
             "steps)"

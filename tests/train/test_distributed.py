@@ -40,8 +40,8 @@ def torchrun_command(script, *args) -> list[str]:
     ]
 
 
-def torchrun(out, **options):
-    command = torchrun_command(WORKER, str(out), json.dumps(options))
+def torchrun(out, script=WORKER, **options):
+    command = torchrun_command(script, str(out), json.dumps(options))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
@@ -142,9 +142,7 @@ def test_a_signal_in_one_process_stops_both_and_resuming_matches_an_uninterrupte
 def test_tensors_averaged_and_shared_among_processes_keep_their_layout(tmp_path):
     """What a compiled step does in DistributedDataParallel's stead: gradients averaged, buffers
     taken from rank 0, each of any dtype and strides."""
-    command = torchrun_command(ROOT / "tests" / "train" / "world_worker.py", str(tmp_path))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    result = torchrun(tmp_path, script=ROOT / "tests" / "train" / "world_worker.py")
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
         got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
