@@ -176,6 +176,7 @@ class VampPrior(Prior):
             vae.posterior.__call__,
             vae.posterior.parameters,
         )
+        self._encoder_outputs = vae.posterior.encoder_outputs(vae.z_dim)
 
     def _base(self, h: torch.Tensor) -> dist.TorchDistribution:
         q = self._family(h)
@@ -190,9 +191,11 @@ class VampPrior(Prior):
         )
 
     def training_refusal(self) -> str | None:
-        """Why training with this prior is refused, or None (see the class)."""
+        """Why training with this prior is refused, or None (see the class). Whether the family is
+        a flow is read from it alone: the encoder may normalize by batch, and this look is no step
+        of its running statistics."""
         with torch.no_grad():
-            q = self._family(self._encoder(self.pseudo_inputs[:1].clamp(0, 1)))
+            q = self._family(self.pseudo_inputs.new_zeros(1, self._encoder_outputs))
         if self.components == "guide" and isinstance(q, dist.TransformedDistribution):
             return (
                 "the vamp prior under a flow guide inverts the flow for every (point, "

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import pyvae
 from pyvae.cli.app import main
 from pyvae.infer.bdmc import bdmc, simulate
 from pyvae.infer.gap import inference_gap
@@ -160,3 +161,19 @@ def test_bad_input_is_one_line_and_writes_nothing(run_folder, tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_bdmc_and_the_gap_of_a_model_left_in_training_mode_leave_its_statistics_alone():
+    """Evaluation runs the model in evaluation mode, as log_likelihood and AIS do: a network that
+    normalizes by batch uses its running statistics, which no look at a single point updates."""
+    torch.manual_seed(0)
+    normalized = torch.nn.Sequential(torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 4))
+    vae = pyvae.VAE(x_dim=6, z_dim=2, hidden=(), likelihood="normal", encoder=normalized)
+    vae.train()
+    x = torch.randn(4, 6)
+    before = [b.clone() for b in normalized.buffers()]
+    assert bdmc(vae, (x,), num_steps=10, ladder=False, **FAST).summary()["by_num_steps"]
+    vae.train()
+    gap = inference_gap(vae, x, ais={"num_steps": 10, **FAST}, num_samples=20, local_steps=5)
+    assert torch.isfinite(gap.log_px).all()
+    assert all(torch.equal(b, a) for b, a in zip(before, normalized.buffers(), strict=True))

@@ -221,14 +221,20 @@ def test_an_error_before_a_fault_was_read_names_the_fault(digits, monkeypatch):
     ]
 
 
-def test_a_model_with_batch_normalization_trains_and_its_statistics_count_the_steps(digits):
-    """pyvae looks at the program before training (its plates, its scaling, whether it vectorizes),
-    some looks on two points: batch normalization needs more than one, and a look is no step."""
-    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
-    vae.encoder = torch.nn.Sequential(torch.nn.BatchNorm1d(64), *vae.encoder)
+@pytest.mark.parametrize("prior", ["normal", "vamp"])
+def test_a_model_with_batch_normalization_trains_and_its_statistics_count_the_steps(digits, prior):
+    """pyvae looks at the program before training (its plates, its scaling, whether it vectorizes,
+    whether a part refuses training), some looks on two points: batch normalization needs more than
+    one, and a look is no step. The VampPrior runs the encoder too, on its pseudo-inputs: two
+    batches a step."""
+    normalized = torch.nn.Sequential(torch.nn.BatchNorm1d(64), torch.nn.Linear(64, 16))
+    encoder = torch.nn.Sequential(normalized, torch.nn.Softplus(), torch.nn.Linear(16, 8))
+    vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,), prior=prior, encoder=encoder)
     history = pyvae.fit(vae, digits[0], epochs=2, batch_size=256, device="cpu", progress=False)
     assert history[-1]["train_elbo"] > history[0]["train_elbo"]
-    assert vae.encoder[0].num_batches_tracked.item() == 2 * 6  # 1437 points: 6 steps an epoch
+    batches = {"normal": 1, "vamp": 2}[prior]
+    # 1437 points: 6 steps an epoch
+    assert normalized[0].num_batches_tracked.item() == 2 * 6 * batches
 
 
 def test_nan_parameters_are_refused_before_training(digits):
