@@ -15,6 +15,7 @@ from torch import nn
 import pyvae
 from pyvae.cli.app import main
 from pyvae.infer.ais import ais_log_likelihood, reverse_ais, schedule
+from tests.devices import DEVICES
 from tests.infer.test_evaluate import exact_log_px, ppca, sample_data
 from tests.program.test_program import TwoLayer
 
@@ -146,8 +147,9 @@ class Reads(nn.Module):
             pyro.sample("z", dist.Normal(x / 2, 0.8).to_event(1))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["guide", "prior", "dependent guide"])
-def test_compiled_ais_gives_the_programs_numbers(case, recwarn, untuned):
+def test_compiled_ais_gives_the_programs_numbers(case, device, recwarn, untuned):
     torch.manual_seed(4)
     if case == "dependent guide":
         model, x, start = TwoLayer(), torch.randn(6, 5), "guide"
@@ -156,8 +158,9 @@ def test_compiled_ais_gives_the_programs_numbers(case, recwarn, untuned):
         model, start = ppca(orthogonal=False), case
         x = sample_data(model, 6)
         exact = exact_log_px(model, x)
-    compiled = ais_log_likelihood(model, x, num_steps=200, start=start, compile=True, **FAST)
-    as_written = ais_log_likelihood(model, x, num_steps=200, start=start, **FAST)
+    settings = dict(num_steps=200, start=start, device=device, **FAST)
+    compiled = ais_log_likelihood(model, x, compile=True, **settings)
+    as_written = ais_log_likelihood(model, x, **settings)
     assert not [w for w in recwarn if issubclass(w.category, pyvae.PyvaeWarning)]  # it did compile
     assert compiled.settings["compile"] and not as_written.settings["compile"]
     assert compiled.compiled.all() and not as_written.compiled.any()

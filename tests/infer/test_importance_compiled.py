@@ -15,6 +15,7 @@ import pyvae.infer.importance as importance
 from pyvae.infer import diagnostics
 from pyvae.infer.diagnostics import evaluate
 from pyvae.infer.importance import log_likelihood
+from tests.devices import DEVICES
 from tests.train.test_compile import Branching, TutorialVAE
 
 X_DIM = 16
@@ -36,23 +37,25 @@ MODELS = {
 }
 
 
-def _scored(model, x, compile: str, count_calls):
+def _scored(model, x, compile: str, count_calls, device="cpu"):
     """log_likelihood in chunks of 2 points, seeded, and how often the programs were traced."""
     traced = count_calls(importance.program, "log_weights")
     torch.manual_seed(7)
-    result = log_likelihood(
-        model, x, num_samples=40, batch_size=2, keep_log_weights=True, compile=compile
-    )
+    settings = dict(num_samples=40, batch_size=2, keep_log_weights=True, device=device)
+    result = log_likelihood(model, x, compile=compile, **settings)
     return result, len(traced)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(MODELS))
-def test_compiled_importance_sampling_gives_the_programs_numbers(name, recwarn, count_calls):
+def test_compiled_importance_sampling_gives_the_programs_numbers(
+    name, device, recwarn, count_calls
+):
     torch.manual_seed(0)
     model, x = MODELS[name](), _points()
     x = (x, torch.tensor([0, -1, 2, -1, -1, 1, -1, -1])) if name.startswith("m2") else x
-    written, traced_written = _scored(model, x, "off", count_calls)
-    compiled, traced_compiled = _scored(model, x, "on", count_calls)
+    written, traced_written = _scored(model, x, "off", count_calls, device)
+    compiled, traced_compiled = _scored(model, x, "on", count_calls, device)
     assert not [w for w in recwarn if issubclass(w.category, pyvae.PyvaeWarning)]
     # one trace sizes the chunks; then four chunks: as written, four traces; compiled, the first
     # as written and one recording

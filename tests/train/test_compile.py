@@ -26,6 +26,7 @@ from pyvae.train.objectives import Objective
 from pyvae.train.step import Step
 from pyvae.train.validation import BatchLosses, Validation
 from tests.conftest import interrupted_at
+from tests.devices import DEVICES
 
 X_DIM = 16
 
@@ -121,10 +122,10 @@ def _labels(n: int = 24) -> torch.Tensor:
     return torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(2))
 
 
-def _calls(name: str) -> list[Call]:
-    x, y = _points(), _labels()
+def _calls(name: str, device: str = "cpu") -> list[Call]:
+    x, y = _points().to(device), _labels().to(device)
     if name == "m2":  # a labelled and an unlabelled call, as a semi-supervised step makes them
-        unlabelled = torch.full((16,), -1)
+        unlabelled = torch.full((16,), -1, device=device)
         return [Call((x[:8], y[:8]), 80, 800, "labelled"), Call((x[8:], unlabelled), 720, 800)]
     return [Call((x, y) if name == "cvae" else (x,), 500, 500)]
 
@@ -167,11 +168,14 @@ def _loss_and_grads(step: Step, model, calls, beta=1.0, seed=3):
     return losses, [p.grad for p in model.parameters()]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_the_compiled_step_gives_the_programs_loss_and_gradients(family, capsys):
+def test_the_compiled_step_gives_the_programs_loss_and_gradients(family, device, capsys):
+    if device == "cuda" and "dropout" in family:
+        pytest.skip("on a GPU dropout draws its noise in a fused kernel: the step runs as written")
     make, elbo, particles = FAMILIES[family]
     torch.manual_seed(0)
-    model, calls = make(), _calls(family.split()[0])
+    model, calls = make().to(device), _calls(family.split()[0], device)
     step = _step(model, elbo, particles, calls)
     _loss_and_grads(step, model, calls)  # the first step settles the objective (its scaling)
     written, written_grads = _loss_and_grads(step, model, calls)  # the first time: as written
@@ -498,13 +502,15 @@ def test_evaluate_elbo_of_a_program_that_cannot_be_recorded_warns_its_caller_onc
     assert compiled == pyvae.evaluate_elbo(model, x, batch_size=16, compile="off")
 
 
-def test_compile_on_and_off_train_to_the_same_weights():
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_on_and_off_train_to_the_same_weights(device):
     x = _points(96)
     weights = {}
     for mode in ("off", "on"):
         torch.manual_seed(0)
         model = pyvae.VAE(X_DIM, 2, hidden=(8,))
-        pyvae.fit(model, x, epochs=3, batch_size=32, seed=1, kl_warmup_epochs=1, compile=mode)
+        settings = dict(epochs=3, batch_size=32, seed=1, kl_warmup_epochs=1, device=device)
+        pyvae.fit(model, x, compile=mode, **settings)
         weights[mode] = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.testing.assert_close(weights["on"], weights["off"], rtol=1e-4, atol=1e-5)
 
@@ -537,18 +543,23 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_compiled_steps_read_no_value_on_the_host(monkeypatch, capsys):
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_steps_read_no_value_on_the_host(device, monkeypatch, capsys):
     """A GPU runs compiled steps back to back: the loop reads nothing of a step's values (a
     warm-up's KL weight is an input, the loss's and the clipped gradient's finiteness are read
-    after the epoch, :class:`pyvae.train.run.Faults`)."""
+    after the epoch, :class:`pyvae.train.run.Faults`). On a GPU, CUDA's own check of what waits
+    for the device (``torch.cuda.set_sync_debug_mode``) watches too."""
     monkeypatch.setattr(run_module, "FAULT_CHECK_SECONDS", float("inf"))
     watched = HostReads()
+    cuda = device == "cuda"
 
     class Watch(pyvae.train.Callback):
         def on_step_end(self, run):
             if run.step_in_epoch == 3:  # the first two run as written, the third compiles
                 watched.__enter__()
                 watched.active = True
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("warn")
             elif run.step_in_epoch == 10:
                 self.on_train_end(run, None)
 
@@ -556,11 +567,47 @@ def test_compiled_steps_read_no_value_on_the_host(monkeypatch, capsys):
             if watched.active:
                 watched.__exit__(None, None, None)
                 watched.active = False
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("default")
 
     settings = dict(epochs=1, batch_size=32, kl_warmup_epochs=1, clip_norm=10.0, compile="on")
-    pyvae.fit(pyvae.VAE(X_DIM, 2, hidden=(8,)), _points(320), callbacks=[Watch()], **settings)
+    model = pyvae.VAE(X_DIM, 2, hidden=(8,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pyvae.fit(model, _points(320), callbacks=[Watch()], device=device, **settings)
     assert "compile on: the training step compiled in" in capsys.readouterr().out
     assert watched.calls > 0 and watched.reads == []  # seven compiled steps
+    assert [str(w.message) for w in caught if "synchroniz" in str(w.message)] == []
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_graph_captures_the_compiled_step():
+    """The compiled step is capturable: static shapes, no host synchronization, no allocation the
+    graph cannot own. Replaying a CUDA graph of it gives the numbers of a call of it."""
+    torch.manual_seed(0)
+    model, calls = pyvae.VAE(X_DIM, 2, hidden=(8,)).cuda(), _calls("vae", "cuda")
+    step = _step(model, "meanfield", 1, calls)
+    for _ in range(3):  # the third step records and compiles
+        _loss_and_grads(step, model, calls)
+    (recorded,) = [r for r in step.compiled.values() if r is not None]
+    compiled = recorded.compiled
+    inputs = [*compiled.constants, *compiled.noise(), *step._inputs(calls, 1.0)]
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.no_grad():  # as pyvae calls it (the graph holds its own gradients)
+        expected = [t.clone() for t in compiled.compiled(*inputs)]
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up outside the capture, as torch's recipe does
+            for _ in range(2):
+                compiled.compiled(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            captured = compiled.compiled(*inputs)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert len(captured) == len(expected) == 1 + sum(recorded.used)
+    for a, b in zip(captured, expected, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_a_short_run_on_auto_runs_as_written_and_says_so(capsys):

@@ -13,6 +13,7 @@ import torch
 import pyvae
 from pyvae.data.datasets import binarize, load_dataset
 from tests.conftest import interrupted_at
+from tests.devices import DEVICES
 
 
 @pytest.fixture(scope="module")
@@ -134,15 +135,16 @@ def test_cuda_without_a_gpu_is_a_clear_error(digits):
         ("loss", None, False),
     ],
 )
+@pytest.mark.parametrize("device", DEVICES)
 def test_numerical_fault_stops_with_epoch_step_and_last_good_checkpoint(
-    tmp_path, digits, monkeypatch, what, clip_norm, fused
+    tmp_path, digits, monkeypatch, what, clip_norm, fused, device
 ):
     from pyvae.train import run as run_module
     from pyvae.train.objectives import Objective
 
     train, _ = digits
     vae = pyvae.VAE(x_dim=64, z_dim=4, hidden=(16,))
-    pyvae.fit(vae, train, epochs=2, batch_size=256, device="cpu", out=tmp_path, progress=False)
+    pyvae.fit(vae, train, epochs=2, batch_size=256, device=device, out=tmp_path, progress=False)
     previous = torch.load(tmp_path / "checkpoint.prev.pt", weights_only=True)
     assert (
         previous["epoch"] == 1
@@ -177,7 +179,7 @@ def test_numerical_fault_stops_with_epoch_step_and_last_good_checkpoint(
                 before["adam"], before["run"] = copy.deepcopy(run.optimizer.state_dict()), run
 
     monkeypatch.setattr(Objective, "forward", diverging)
-    settings = dict(epochs=1, batch_size=256, clip_norm=clip_norm, device="cpu", progress=False)
+    settings = dict(epochs=1, batch_size=256, clip_norm=clip_norm, device=device, progress=False)
     with pytest.raises(
         pyvae.PyvaeError,
         match=rf"non-finite {what} at epoch 1, step 3; likely causes: "
