@@ -168,6 +168,17 @@ class DataScale(Messenger):
             msg["scale"] = self.scale * msg["scale"]
 
 
+class Unscaled(Messenger):
+    """Score every sample site at scale 1: the program's densities as written, without the weights
+    a ``poutine.scale`` puts on them for training (a KL annealing factor, a loss scaled by 1/N), as
+    :func:`log_weights` scores them. Outermost, it sees each site after the program's own
+    handlers."""
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] == "sample":
+            msg["scale"] = 1.0
+
+
 class LocalParams(Messenger):
     """Keep ``pyro.module``'s parameters in their module: a ``pyro.param(name, parameter)`` message
     is answered with that ``nn.Parameter`` itself, so Pyro's global param store is never filled

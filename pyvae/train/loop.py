@@ -160,8 +160,9 @@ def fit(
 
     Each dict has ``epoch``, ``train_elbo`` (the average of the minibatch values of the training
     objective during the epoch: the beta-weighted ELBO when beta is not 1, the IWAE bound for
-    ``iwae``), ``beta`` (the KL weight at the end of the epoch), ``test_elbo`` (the plain ELBO,
-    beta = 1, on ``test`` after the epoch, when given; for ``iwae`` also ``test_iwae``, the
+    ``iwae``, the program's ``poutine.scale`` weights included), ``beta`` (the KL weight at the end
+    of the epoch), ``test_elbo`` (the plain ELBO, beta = 1 and no ``poutine.scale`` weights, as
+    log p(x) has none, on ``test`` after the epoch, when given; for ``iwae`` also ``test_iwae``, the
     K-sample bound), the validation numbers, ``lr`` (the rate the epoch trained with) and
     ``seconds``; all in nats per data point.
 
@@ -412,7 +413,8 @@ def evaluate_elbo(
     compile: str = "auto",
 ) -> float:
     """The ELBO of ``model`` on ``data`` in nats per data point (a single-sample estimate per point
-    by default), computed by running the model's own programs under ``elbo``.
+    by default), computed by running the model's own programs under ``elbo``, their densities
+    unweighted by any ``poutine.scale`` in them (as :func:`pyvae.log_likelihood` scores them).
 
     With ``elbo="iwae"`` and ``num_particles=K``, the K-sample importance-weighted bound instead.
 

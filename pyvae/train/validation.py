@@ -28,7 +28,7 @@ from pyvae.compiled import (
 from pyvae.data.batching import Batches
 from pyvae.infer.importance import compiles
 from pyvae.parts.likelihoods import bits_per_dim, coding
-from pyvae.program import LocalParams, recordable, structure
+from pyvae.program import LocalParams, Unscaled, recordable, structure
 from pyvae.train.callbacks import BPD_KEYS
 from pyvae.train.objectives import IWAE, make_elbo
 
@@ -217,13 +217,14 @@ def shared_elbo(
     points = torch.arange(len(data), device=data.images.device) if points is None else points
     mine = points[world.rank :: world.size]
     # the ELBO of the model alone: pyro.factor sites (training-only terms such as m2's classifier)
-    # are left out
-    program = poutine.block(
-        model.model, hide_fn=lambda msg: msg["infer"].get("is_auxiliary", False)
+    # are left out, and the weights of the program's poutine.scale, as log p(x) leaves them out
+    program = Unscaled()(
+        poutine.block(model.model, hide_fn=lambda msg: msg["infer"].get("is_auxiliary", False))
     )
+    guide = Unscaled()(model.guide)
     score = losses or batch_loss
     with LocalParams():
         batches = data.select(mine, batch_size)
-        total = sum(score(objective, program, model.guide, batch) for batch in batches)
+        total = sum(score(objective, program, guide, batch) for batch in batches)
     total = world.sum(torch.tensor(float(total), dtype=torch.float64, device=data.device))
     return -float(total) / len(points)
