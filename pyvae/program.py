@@ -42,7 +42,7 @@ import functools
 import inspect
 import math
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import pyro
@@ -330,6 +330,31 @@ def trace_once(module: torch.nn.Module, batch: tuple, num_data: int | None = Non
         guide_trace = poutine.trace(guide).get_trace(*batch)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*batch)
     return model_trace, guide_trace
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in evaluation mode inside (dropout off, batch normalization by its running
+    statistics), and each of its submodules back in its own mode after: a model scored mid-training
+    goes on training as it was."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def evaluates(function: Callable) -> Callable:
+    """``function(model, ...)`` run with ``model`` in evaluation mode (:func:`evaluating`)."""
+
+    @functools.wraps(function)
+    def in_evaluation_mode(model: torch.nn.Module, *args, **kwargs):
+        with evaluating(model):
+            return function(model, *args, **kwargs)
+
+    return in_evaluation_mode
 
 
 def kept_buffers(module: torch.nn.Module):

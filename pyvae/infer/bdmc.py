@@ -130,6 +130,7 @@ class BDMCResult(Report):
         return "\n".join(lines)
 
 
+@program.evaluates
 def bdmc(
     model: torch.nn.Module,
     template: tuple,
@@ -146,7 +147,6 @@ def bdmc(
     Under torchrun the points are shared out; rank 0 gets the result, the others None."""
     world = world or distributed.World()
     device = template[0].device
-    model.eval()
     shape = check(model, take(template, 0, 1), num_steps=num_steps, **settings)
     data, latents = simulate(model, template, seed)
     n = data[0].shape[0]

@@ -56,6 +56,7 @@ def active_units(
 
 
 @torch.no_grad()
+@program.evaluates
 def mutual_information(
     model: torch.nn.Module, data, max_points: int = 1000, chunk: int = 100
 ) -> float | None:
@@ -373,6 +374,7 @@ class Evaluation(Report):
         return inference_data("importance_sampling", data, attrs)
 
 
+@program.evaluates
 def evaluate(
     model: torch.nn.Module,
     data,

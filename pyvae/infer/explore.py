@@ -22,6 +22,7 @@ from pyvae.models import VAE
 
 
 @torch.no_grad()
+@program.evaluates
 def prior_images(
     model: torch.nn.Module, n: int, label: int | None = None, temperature: float = 1.0
 ) -> torch.Tensor:
@@ -56,6 +57,7 @@ def prior_images(
 
 
 @torch.no_grad()
+@program.evaluates
 def reconstructions(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -95,6 +97,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+@program.evaluates
 def interpolations(
     vae: VAE, x_from: torch.Tensor, x_to: torch.Tensor, steps: int = 10, spherical: bool = False
 ) -> torch.Tensor:
@@ -115,6 +118,7 @@ def prior_quantiles(vae: VAE, quantiles: torch.Tensor, num_samples: int = 20000)
 
 
 @torch.no_grad()
+@program.evaluates
 def traversal(vae: VAE, dims: list[int], steps: int = 9) -> torch.Tensor:
     """Each latent dimension in ``dims`` swept over the prior's 5%..95% quantiles, the others at
     their prior medians: (len(dims) * steps, x_dim), one row per dimension."""
@@ -128,6 +132,7 @@ def traversal(vae: VAE, dims: list[int], steps: int = 9) -> torch.Tensor:
 
 
 @torch.no_grad()
+@program.evaluates
 def manifold(vae: VAE, steps: int = 15) -> torch.Tensor:
     """For z_dim = 2: images decoded on the grid of the prior's marginal quantiles (steps x
     steps)."""

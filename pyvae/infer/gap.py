@@ -231,6 +231,7 @@ class GapResult(Report):
         )
 
 
+@program.evaluates
 def inference_gap(
     model: torch.nn.Module,
     data,
@@ -251,7 +252,6 @@ def inference_gap(
     positive_int("local_steps", local_steps)
     positive_number("lr", lr)
     device = next(model.parameters()).device
-    model.eval()
     data = as_points(data)
     check(model, tuple(t.to(device) for t in take(data, 0, 1)), **ais)
     n = data[0].shape[0]

@@ -163,6 +163,7 @@ def iwae_sizes(num_samples: int) -> list[int]:
 
 
 @torch.no_grad()
+@program.evaluates
 def log_likelihood(
     model: torch.nn.Module,
     data,
@@ -192,7 +193,7 @@ def log_likelihood(
     positive_int("num_samples", num_samples)
     check_compile(compile)
     device = resolve_device(device or next(model.parameters()).device)
-    model.to(device).eval()
+    model.to(device)
     batches = Batches(as_points(data), device, model)
     check_data(model, batches, "data")
     shape = program.structure(model, batches.first(1))

@@ -98,13 +98,9 @@ class TensorBoard(Callback):
             self.writer.add_scalar(f"kl/{site}", value, epoch)
         shape, n = model.image_shape, min(8, self.images.shape[0])
         if shape is not None:
-            was_training = model.training
-            self.writer.add_image(
-                "samples", plots.grid(prior_images(model.eval(), 64), shape), epoch
-            )
+            self.writer.add_image("samples", plots.grid(prior_images(model, 64), shape), epoch)
             pairs = plots.reconstruction_pairs(model, self.images, n, 2, self.labels)
             self.writer.add_image("reconstructions", plots.grid(pairs, shape, nrow=n), epoch)
-            model.train(was_training)
 
     def kl(self, model: torch.nn.Module) -> dict[str, float]:
         """{latent site: mean KL(q || p) term} on up to 500 test images ({} for a labelled model

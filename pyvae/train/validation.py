@@ -28,7 +28,7 @@ from pyvae.compiled import (
 from pyvae.data.batching import Batches
 from pyvae.infer.importance import compiles
 from pyvae.parts.likelihoods import bits_per_dim, coding
-from pyvae.program import LocalParams, Unscaled, recordable, structure
+from pyvae.program import LocalParams, Unscaled, evaluates, evaluating, recordable, structure
 from pyvae.train.callbacks import BPD_KEYS
 from pyvae.train.objectives import IWAE, make_elbo
 
@@ -92,8 +92,7 @@ class Validation:
             if self.valid_samples:
                 record["valid_log_px"] = self._log_px()
         for name, metric in self.metrics.items():
-            self.model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), evaluating(self.model):
                 record[name] = float(metric(self.model))
         if (coded := coding(self.model)) is not None:
             bpd = {f"{k}_bpd": bits_per_dim(record[k], coded[0]) for k in BPD_KEYS if k in record}
@@ -196,6 +195,7 @@ def recordable_loss(objective: pyro.infer.ELBO, program, guide, batch: tuple) ->
 
 
 @torch.no_grad()
+@evaluates
 def shared_elbo(
     model: torch.nn.Module,
     data: Batches,
@@ -211,7 +211,6 @@ def shared_elbo(
     processes of ``world``; ``shape`` is the program's :class:`~pyvae.program.Structure` when the
     caller has traced it already; ``points`` the indices to score (default all); ``losses`` what
     computes each batch's (default :func:`batch_loss`, as written)."""
-    model.eval()
     shape = shape or structure(model, data.first())
     objective = make_elbo(elbo, num_particles, shape.max_plate_nesting, vectorize=shape.vectorized)
     points = torch.arange(len(data), device=data.images.device) if points is None else points

@@ -65,7 +65,6 @@ def samples(
     """A grid of E[x | latents] for latents drawn from the model (class ``label``, or the classes
     in turn)."""
 
-    model.eval()
     save_grid(
         prior_images(model, n, label, temperature),
         model.image_shape,
@@ -104,7 +103,6 @@ def reconstruction_pairs(
     binarized MNIST's test split is) shows every class.
     """
 
-    model.eval()
     per_row = min(per_row, x.shape[0])
     rows = max(1, min(rows, x.shape[0] // per_row))
     device = next(model.parameters()).device

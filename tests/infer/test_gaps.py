@@ -8,6 +8,7 @@ import torch
 import pyvae
 from pyvae.cli.app import main
 from pyvae.infer.bdmc import bdmc, simulate
+from pyvae.infer.explore import prior_images, reconstructions
 from pyvae.infer.gap import inference_gap
 from tests.infer.test_evaluate import exact_log_px, ppca
 
@@ -163,17 +164,33 @@ def test_bad_input_is_one_line_and_writes_nothing(run_folder, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
-def test_bdmc_and_the_gap_of_a_model_left_in_training_mode_leave_its_statistics_alone():
-    """Evaluation runs the model in evaluation mode, as log_likelihood and AIS do: a network that
-    normalizes by batch uses its running statistics, which no look at a single point updates."""
+#: every way of scoring or looking at a trained model, on a model ``m`` and its points ``x``
+EVALUATIONS = {
+    "log_likelihood": lambda m, x: pyvae.log_likelihood(m, x, num_samples=10),
+    "evaluate": lambda m, x: pyvae.evaluate(m, x, num_samples=10),
+    "evaluate_elbo": lambda m, x: pyvae.evaluate_elbo(m, x),
+    "ais": lambda m, x: pyvae.ais_log_likelihood(m, x, num_steps=10, **FAST),
+    "bdmc": lambda m, x: bdmc(m, (x,), num_steps=10, ladder=False, **FAST),
+    "gap": lambda m, x: inference_gap(
+        m, x, ais={"num_steps": 10, **FAST}, num_samples=20, local_steps=5
+    ),
+    "reconstructions": lambda m, x: reconstructions(m, x),
+    "prior_images": lambda m, x: prior_images(m, 4),
+}
+
+
+@pytest.mark.parametrize("name", list(EVALUATIONS))
+def test_an_evaluation_runs_in_evaluation_mode_and_leaves_the_model_as_it_was(name):
+    """A network that normalizes by batch is evaluated with its running statistics, which no
+    evaluation updates (and a look at one point works); afterwards each submodule is in the mode
+    it was in: a model scored mid-training goes on training."""
     torch.manual_seed(0)
     normalized = torch.nn.Sequential(torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 4))
-    vae = pyvae.VAE(x_dim=6, z_dim=2, hidden=(), likelihood="normal", encoder=normalized)
+    vae = pyvae.VAE(x_dim=6, z_dim=2, hidden=(8,), likelihood="normal", encoder=normalized)
     vae.train()
-    x = torch.randn(4, 6)
+    vae.decoder.eval()  # a part its user froze
+    modes = {part: module.training for part, module in vae.named_modules()}
     before = [b.clone() for b in normalized.buffers()]
-    assert bdmc(vae, (x,), num_steps=10, ladder=False, **FAST).summary()["by_num_steps"]
-    vae.train()
-    gap = inference_gap(vae, x, ais={"num_steps": 10, **FAST}, num_samples=20, local_steps=5)
-    assert torch.isfinite(gap.log_px).all()
+    EVALUATIONS[name](vae, torch.randn(4, 6))
+    assert {part: module.training for part, module in vae.named_modules()} == modes
     assert all(torch.equal(b, a) for b, a in zip(before, normalized.buffers(), strict=True))

@@ -178,6 +178,7 @@ _PER_POINT = (
 _BY_STEP = ("acceptance_by_step", "step_size_by_step")
 
 
+@program.evaluates
 def ais_log_likelihood(
     model: torch.nn.Module,
     data,
@@ -224,6 +225,7 @@ def ais_log_likelihood(
     return sampler.run(seed, settings, progress, exact=None)
 
 
+@program.evaluates
 def reverse_ais(model, data, latents: dict, **kwargs) -> AISResult:
     """Reverse AIS (b from 1 to 0) from exact posterior draws ``latents`` {site: value, as the
     guide would hold it for ``data``'s points}: ``log_px`` is -log (1/C) sum_c w_c, a stochastic
@@ -305,7 +307,7 @@ class _Sampler:
         positive_int("num_chains", num_chains)
         self.model, self.chains = model, num_chains
         self.device = resolve_device(device or next(model.parameters()).device)
-        model.to(self.device).eval()
+        model.to(self.device)
         self.batches = Batches(as_points(data), self.device, model)
         check_data(model, self.batches, "data")
         self.shape = check(model, self.batches.first(1))
