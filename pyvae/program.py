@@ -696,6 +696,12 @@ def site_log_prob(site, nesting: int, enum_dims: int, m: int, plate: str) -> tor
     ]
     if others:
         log_p = log_p.sum(others, keepdim=True)
+    if log_p.shape[data_dim(site, plate)] not in (1, m):
+        raise PyvaeError(
+            f"site {site['name']!r} scores {log_p.shape[data_dim(site, plate)]} of the {m} points "
+            f"in its plate {plate!r}: the program subsamples its data itself, which pyvae does "
+            f"(size the plate by the points it is given, pyro.plate({plate!r}, len(x)))"
+        )
     log_p = log_p.movedim(log_p.dim() + data_dim(site, plate), -1)
     # enum dims and the particle dim; the plates left are size 1
     lead = log_p.shape[: log_p.dim() - nesting]

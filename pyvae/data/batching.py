@@ -155,6 +155,7 @@ class Batches:
         self.others = tuple(_place(t, device) for t in tensors[1:])
         labels = optional_labels(model, self) if model is not None else None
         if labels is not None and not semi_supervised:  # scored as given: labelled points only
+            check_labels(labels)
             if bool((labels < 0).any()):
                 raise PyvaeError(
                     f"the {what} holds unlabelled points (label -1) for {type(model).__name__}'s "
@@ -389,6 +390,8 @@ def serving(
     (:func:`label_encoder`); ``labelled_share`` is the labelled part of every minibatch (default:
     their share of the data, so each is used about once per epoch)."""
     labels = batches.others[-1] if batches.others and is_label(batches.others[-1]) else None
+    if labels is not None:
+        check_labels(labels)
     optional = optional_labels(module, batches) is not None
     if labels is None or bool((labels >= 0).all()) or not bool((labels >= 0).any()):
         if labelled_share is not None:
@@ -430,6 +433,20 @@ def label_encoder(module: torch.nn.Module, batches: Batches):
     vectors for a ``OneHotCategorical``, the integers for a ``Categorical`` (read from a trace of
     the program called on two points without labels)."""
     _, classes = label_site(module, batches.first(2)[:-1])
+    check_labels(batches.others[-1], classes)
     if classes is None:
         return lambda y: y
     return lambda y: torch.nn.functional.one_hot(y, classes).to(batches.images.dtype)
+
+
+def check_labels(labels: torch.Tensor, classes: int | None = None) -> None:
+    """Each label is a class (0 to ``classes`` - 1, where the label site says how many) or -1, an
+    unlabelled point; a one-line error names the first that is neither."""
+    bad = labels < -1 if classes is None else (labels < -1) | (labels >= classes)
+    if bool(bad.any()):
+        point = int(torch.nonzero(bad)[0])
+        allowed = "0, 1, ..." if classes is None else f"0 to {classes - 1}"
+        raise PyvaeError(
+            f"label {int(labels[point])} of point {point} is neither a class ({allowed}) nor -1 "
+            "(unlabelled)"
+        )

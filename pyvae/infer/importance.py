@@ -229,6 +229,7 @@ def log_likelihood(
                 stats.add(values, k, span, per_dim=s0 == 0)
                 elbo[span] += k * chunk_elbo.cpu()
             log_w = torch.cat(chunks, dim=2)  # (M, C, K)
+            _refuse_nan(log_w, batch, start)
             for name, values in _summarize(log_w, sizes).items():
                 if name == "iwae":
                     iwae[:, span] = values
@@ -248,6 +249,20 @@ def log_likelihood(
         num_samples=num_samples,
         log_weights=log_weights,
     )
+
+
+def _refuse_nan(log_w: torch.Tensor, batch: tuple, first: int) -> None:
+    """A NaN log-weight makes log p(x) NaN: an error naming the point, never a number."""
+    nan = log_w.isnan().flatten(1).any(1)
+    if bool(nan.any()):
+        i = int(torch.nonzero(nan)[0])
+        x = batch[0][i]
+        why = (
+            "its data hold NaN"
+            if x.is_floating_point() and bool(x.isnan().any())
+            else "the model's densities are NaN there"
+        )
+        raise PyvaeError(f"log p(x) of data point {first + i} is NaN: {why}")
 
 
 #: ``compile="auto"`` compiles an estimate with at least this many draws (points x K) in all: on a

@@ -430,6 +430,51 @@ def test_evaluation_encodes_labels_and_refuses_unlabelled_points_for_an_optional
         pyvae.log_likelihood(model, (x, mixed), num_samples=10)
 
 
+class SubsamplesItself(MinibatchPlate):
+    """Pyro's SVI tutorial's subsampling inside the program: a random 4 of the points given."""
+
+    def plate(self, x, num_data=None):
+        return pyro.plate("data", len(x), subsample_size=min(4, len(x)))
+
+    def model(self, x):
+        with self.plate(x) as points:
+            z = pyro.sample("z", dist.Normal(torch.zeros(len(points), Z), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ self.W.T + self.b, 0.5).to_event(1), obs=x[points])
+
+    def guide(self, x):
+        with self.plate(x) as points:
+            loc, raw = self.enc(x[points]).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 0.05).to_event(1))
+
+
+def test_a_nan_log_px_is_refused_and_names_its_point():
+    """A program without data checks of its own, given a NaN: an error, not a NaN estimate."""
+    x = torch.randn(10, D)
+    x[7, 1] = math.nan
+    with pytest.raises(pyvae.PyvaeError, match="log p.x. of data point 7 is NaN: its data hold"):
+        pyvae.log_likelihood(MinibatchPlate(), x, num_samples=5, batch_size=4)
+
+
+def test_a_program_that_subsamples_its_points_itself_is_refused_in_scoring_too():
+    """It scores 4 random points of those it is given: no per-point log p(x)."""
+    with pytest.raises(pyvae.PyvaeError, match="site 'z' scores 4 of the 10 points in its plate"):
+        pyvae.log_likelihood(SubsamplesItself(), torch.randn(10, D), num_samples=5)
+
+
+@pytest.mark.parametrize("label", [3, -3])
+def test_a_label_neither_a_class_nor_unlabelled_is_a_one_line_error(label):
+    """Pyro's SS-VAE encodes labels one-hot: a label past the classes, or a negative one other than
+    -1 (unlabelled), is named, in training and in scoring, not encoded or taken as unlabelled."""
+    x, y = clusters(40)
+    y[20:] = -1
+    y[5] = label
+    message = rf"label {label} of point 5 is neither a class \(0"
+    with pytest.raises(pyvae.PyvaeError, match=message):
+        pyvae.fit(SemiSupervised(), (x, y), epochs=1, progress=False)
+    with pytest.raises(pyvae.PyvaeError, match=message):
+        pyvae.log_likelihood(SemiSupervised(), (x[:10], y[:10]), num_samples=10)
+
+
 def test_a_semi_supervised_run_stopped_mid_epoch_resumes_exactly(tmp_path, monkeypatch):
     x, y = clusters(200)
     labels = torch.full_like(y, -1)

@@ -32,6 +32,7 @@ Everything is in nats per data point; the NLL is the negative of ``log_px``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import time
@@ -254,7 +255,11 @@ def _settings(
     target_acceptance=0.65,
     adapt=1.02,
     compile=False,
+    **unknown,
 ) -> dict:
+    if unknown:
+        known = ", ".join(inspect.signature(_settings).parameters)
+        raise PyvaeError(f"unknown AIS setting {next(iter(unknown))!r}; choose from {known}")
     positive_int("num_steps", num_steps)
     positive_int("num_chains", num_chains)
     positive_int("leapfrog_steps", leapfrog_steps)
