@@ -332,6 +332,30 @@ def trace_once(module: torch.nn.Module, batch: tuple, num_data: int | None = Non
     return model_trace, guide_trace
 
 
+#: how Pyro's validation of a site begins its error: a value outside the support, a parameter
+#: outside its constraint
+INVALID = (
+    "Error while computing log_prob at site",
+    "Expected value argument",
+    "Expected parameter",
+)
+
+
+@contextlib.contextmanager
+def invalid_named(where: str = "") -> Iterator[None]:
+    """Pyro's validation error of a site (an observation outside its likelihood's support, a NaN
+    parameter) as a one-line :class:`~pyvae.errors.PyvaeError`: its first two lines, after
+    ``where``."""
+    try:
+        yield
+    except ValueError as error:
+        lines = str(error).splitlines()
+        if not lines or not lines[0].startswith(INVALID):
+            raise
+        said = ": ".join(line.strip().rstrip(":") for line in lines[:2] if line.strip())
+        raise PyvaeError(f"{where}{said}") from error
+
+
 @contextlib.contextmanager
 def evaluating(module: torch.nn.Module) -> Iterator[None]:
     """``module`` in evaluation mode inside (dropout off, batch normalization by its running

@@ -53,6 +53,8 @@ from pyvae.errors import PyvaeError, PyvaeWarning, positive_int, warn
 #: (benchmarks/RESULTS.md)
 CHUNK_ELEMENTS = {"cpu": 2**23, "cuda": 2**25}
 
+#: points traced at a time by :func:`check_support`
+SUPPORT_CHUNK = 1024
 #: points per chunk of a fixed grid on which draws are seeded and processes share work
 GRID = {"cpu": 64, "cuda": 512}
 #: what a seed is for: independent streams for every (seed, point index, purpose)
@@ -196,6 +198,7 @@ def log_likelihood(
     model.to(device)
     batches = Batches(as_points(data), device, model)
     check_data(model, batches, "data")
+    check_support(model, batches)
     shape = program.structure(model, batches.first(1))
     strata, batch_size, sample_chunk = _chunks(model, batches, shape, num_samples, batch_size)
     n, sizes = len(batches), iwae_sizes(num_samples)
@@ -249,6 +252,21 @@ def log_likelihood(
         num_samples=num_samples,
         log_weights=log_weights,
     )
+
+
+def check_support(model: torch.nn.Module, batches: Batches) -> None:
+    """Every point of a program that has no ``check_batch`` of its own traced once, with Pyro's
+    validation on (the scores that follow run without it): an observation outside its likelihood's
+    support (grey pixels under a Bernoulli) is a one-line error naming the site and the points,
+    not a finite number."""
+    if hasattr(model, "check_batch"):
+        return
+    first = 0
+    for batch in batches.in_order(SUPPORT_CHUNK):
+        where = f"data points {first}-{first + len(batch[0]) - 1}: "
+        with program.invalid_named(where), pyro.validation_enabled(True):
+            program.trace_once(model, batch)[0].compute_log_prob()
+        first += len(batch[0])
 
 
 def _refuse_nan(log_w: torch.Tensor, batch: tuple, first: int) -> None:

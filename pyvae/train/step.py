@@ -56,7 +56,7 @@ from pyvae.compiled import (
 )
 from pyvae.data.batching import Call
 from pyvae.distributed import World
-from pyvae.program import recordable
+from pyvae.program import invalid_named, recordable
 
 #: ``auto`` compiles a run whose remaining steps would take at least this long as written: a
 #: compilation saves 25-70% of a step on a CPU and takes 2-5 s for the default model (4-5 s the
@@ -148,7 +148,10 @@ class Step:
         # the first step runs with Pyro's and torch's validation (shapes, supports, parameter
         # constraints), which catches a broken model or part; the data were checked before, so
         # the remaining steps skip those checks (they cost about 5% of a step on a CPU)
-        with pyro.validation_enabled(validate and pyro.infer.util.is_validation_enabled()):
+        with (
+            pyro.validation_enabled(validate and pyro.infer.util.is_validation_enabled()),
+            invalid_named("the training data: "),
+        ):
             losses = self.loss_of(calls, beta)  # (model's, auxiliary) x calls
         losses.sum().backward()
         if not validate and self.mode == "auto" and self.uncompiled is None:  # auto may decide

@@ -28,7 +28,15 @@ from pyvae.compiled import (
 from pyvae.data.batching import Batches
 from pyvae.infer.importance import compiles
 from pyvae.parts.likelihoods import bits_per_dim, coding
-from pyvae.program import LocalParams, Unscaled, evaluates, evaluating, recordable, structure
+from pyvae.program import (
+    LocalParams,
+    Unscaled,
+    evaluates,
+    evaluating,
+    invalid_named,
+    recordable,
+    structure,
+)
 from pyvae.train.callbacks import BPD_KEYS
 from pyvae.train.objectives import IWAE, make_elbo
 
@@ -222,7 +230,7 @@ def shared_elbo(
     )
     guide = Unscaled()(model.guide)
     score = losses or batch_loss
-    with LocalParams():
+    with LocalParams(), invalid_named():
         batches = data.select(mine, batch_size)
         total = sum(score(objective, program, guide, batch) for batch in batches)
     total = world.sum(torch.tensor(float(total), dtype=torch.float64, device=data.device))

@@ -17,6 +17,7 @@ from pyvae.data.batching import Call
 from pyvae.train.loop import TrainingStopped
 from pyvae.train.objectives import Objective
 from tests.conftest import interrupted_at
+from tests.train.test_compile import TutorialVAE
 
 D, Z, C = 5, 2, 3
 
@@ -453,6 +454,23 @@ def test_a_nan_log_px_is_refused_and_names_its_point():
     x[7, 1] = math.nan
     with pytest.raises(pyvae.PyvaeError, match="log p.x. of data point 7 is NaN: its data hold"):
         pyvae.log_likelihood(MinibatchPlate(), x, num_samples=5, batch_size=4)
+
+
+def test_data_outside_a_user_programs_likelihood_is_a_one_line_error():
+    """Grey pixels under a Bernoulli (Pyro's VAE tutorial's likelihood) in a program without
+    checks of its own: every scored point is looked at once with Pyro's validation on, training's
+    first step is validated; each says which site, in one line, never a finite number."""
+    x = torch.rand(40, 16, generator=torch.Generator().manual_seed(0)).round()
+    x[33, 3] = 0.5
+    support = r"site 'obs': Expected value argument .* within the support \(Boolean\(\)\)"
+    with pytest.raises(pyvae.PyvaeError, match=rf"^data points 0-39: .*{support}"):
+        pyvae.log_likelihood(TutorialVAE(), x, num_samples=5, batch_size=8)
+    with pytest.raises(pyvae.PyvaeError, match=rf"^data points 0-0: .*{support}"):
+        pyvae.ais_log_likelihood(TutorialVAE(), x[33:34], num_steps=2, num_chains=2)
+    with pytest.raises(pyvae.PyvaeError, match=f"^Error while computing .*{support}"):
+        pyvae.evaluate_elbo(TutorialVAE(), x)
+    with pytest.raises(pyvae.PyvaeError, match=f"^the training data: .*{support}"):
+        pyvae.fit(TutorialVAE(), x[30:], epochs=1, progress=False)
 
 
 def test_a_program_that_subsamples_its_points_itself_is_refused_in_scoring_too():

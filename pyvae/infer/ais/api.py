@@ -53,7 +53,7 @@ from pyvae.errors import PyvaeError, positive_int, positive_number
 from pyvae.infer.ais.hmc import Streams, adapt_step_size, transition
 from pyvae.infer.ais.potential import Potential, compile_session
 from pyvae.infer.ais.schedule import SCHEDULES, Layout, schedule
-from pyvae.infer.importance import CHUNK_ELEMENTS, point_dim, seeded
+from pyvae.infer.importance import CHUNK_ELEMENTS, check_support, point_dim, seeded
 from pyvae.infer.report import Report, data_stderr, inference_data, mc_stderr
 
 STARTS = ("guide", "prior")
@@ -315,6 +315,7 @@ class _Sampler:
         model.to(self.device)
         self.batches = Batches(as_points(data), self.device, model)
         check_data(model, self.batches, "data")
+        check_support(model, self.batches)
         self.shape = check(model, self.batches.first(1))
         n = len(self.batches)
         self.point_ids = (
