@@ -149,6 +149,8 @@ class Batches:
                 f"{'has no labels' if len(tensors) == 1 else f'holds {len(tensors)} tensor(s)'}"
             )
         tensors = tensors[: min(len(tensors), slots)]
+        if model is not None:  # float64 data for a float32 network, as integers become floats
+            tensors = _in_dtype_of(model, tensors)
         self.device, self.arity = device, len(tensors)
         self.streamed = isinstance(tensors[0], StreamedImages)
         self.images = tensors[0] if self.streamed else _place(tensors[0], device)
@@ -247,6 +249,17 @@ def check_data(module: torch.nn.Module, batches: Batches, what: str) -> None:
         check(x, *others)
     except PyvaeError as e:
         raise PyvaeError(f"{what}: {e}") from None
+
+
+def _in_dtype_of(model: torch.nn.Module, tensors: tuple) -> tuple:
+    """The floating tensors of the data in the floating dtype of ``model``'s parameters."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return tuple(
+        t.to(dtype)
+        if dtype is not None and isinstance(t, torch.Tensor) and t.is_floating_point()
+        else t
+        for t in tensors
+    )
 
 
 def _place(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

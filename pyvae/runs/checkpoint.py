@@ -42,6 +42,8 @@ def save(
     With ``keep_previous`` the checkpoint being replaced survives as ``<name>.prev<suffix>``;
     at every moment ``path`` holds a complete checkpoint (the old one, then the new one).
     """
+    if not Path(path).parent.is_dir():
+        raise PyvaeError(f"cannot save to {path}: its folder {Path(path).parent} does not exist")
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

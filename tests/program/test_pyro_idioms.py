@@ -473,6 +473,18 @@ def test_data_outside_a_user_programs_likelihood_is_a_one_line_error():
         pyvae.fit(TutorialVAE(), x[30:], epochs=1, progress=False)
 
 
+def test_float64_data_are_served_in_the_networks_dtype():
+    """Double-precision data (numpy's default) for a float32 network, as integer data are."""
+    x = torch.rand(40, 16, generator=torch.Generator().manual_seed(0)).round()
+    model = TutorialVAE()
+    scores = []
+    for data in (x, x.double()):
+        pyro.set_rng_seed(0)
+        scores.append(pyvae.log_likelihood(model, data, num_samples=5).log_px)
+    assert torch.equal(*scores)
+    pyvae.fit(model, x.double(), epochs=1, progress=False)
+
+
 def test_a_program_that_subsamples_its_points_itself_is_refused_in_scoring_too():
     """It scores 4 random points of those it is given: no per-point log p(x)."""
     with pytest.raises(pyvae.PyvaeError, match="site 'z' scores 4 of the 10 points in its plate"):

@@ -63,3 +63,9 @@ def test_a_training_set_smaller_than_the_batch_trains_as_one_batch(binary_data, 
         "set as the batch (batch_size 20)"
     ]
     assert len(history) == 1
+
+
+def test_saving_into_a_missing_folder_is_a_one_line_error_and_writes_nothing(tmp_path):
+    with pytest.raises(pyvae.PyvaeError, match="cannot save to .*a.pt: its folder .*nowhere does"):
+        save(pyvae.VAE(x_dim=4, z_dim=2), tmp_path / "nowhere" / "a.pt")
+    assert list(tmp_path.iterdir()) == []
