@@ -199,7 +199,8 @@ def log_likelihood(
     batches = Batches(as_points(data), device, model)
     check_data(model, batches, "data")
     check_support(model, batches)
-    shape = program.structure(model, batches.first(1))
+    with program.invalid_named():
+        shape = program.structure(model, batches.first(1))
     strata, batch_size, sample_chunk = _chunks(model, batches, shape, num_samples, batch_size)
     n, sizes = len(batches), iwae_sizes(num_samples)
 

@@ -448,12 +448,23 @@ class SubsamplesItself(MinibatchPlate):
             pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 0.05).to_event(1))
 
 
-def test_a_nan_log_px_is_refused_and_names_its_point():
-    """A program without data checks of its own, given a NaN: an error, not a NaN estimate."""
+def test_a_nan_is_refused_and_named_not_scored():
+    """NaN data in a program without checks of its own is named as Pyro's validation names it, as
+    is a NaN weight; a NaN log p(x) that no validation sees (an infinite logit: inf - inf) names
+    its point."""
     x = torch.randn(10, D)
     x[7, 1] = math.nan
-    with pytest.raises(pyvae.PyvaeError, match="log p.x. of data point 7 is NaN: its data hold"):
+    with pytest.raises(pyvae.PyvaeError, match=r"^data points 0-9: Expected parameter loc"):
         pyvae.log_likelihood(MinibatchPlate(), x, num_samples=5, batch_size=4)
+    vae = pyvae.VAE(x_dim=D, z_dim=Z, hidden=())
+    with torch.no_grad():
+        vae.decoder[0].weight[0, 0] = math.nan
+    with pytest.raises(pyvae.PyvaeError, match=r"^Expected parameter logits .* Real\(\)"):
+        pyvae.log_likelihood(vae, torch.ones(4, D), num_samples=5)
+    with torch.no_grad():
+        vae.decoder[0].weight[0, 0], vae.decoder[0].bias[0] = 0.0, math.inf
+    with pytest.raises(pyvae.PyvaeError, match=r"^log p\(x\) of data point 0 is NaN: the model's"):
+        pyvae.log_likelihood(vae, torch.ones(4, D), num_samples=5)
 
 
 def test_data_outside_a_user_programs_likelihood_is_a_one_line_error():
