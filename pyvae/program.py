@@ -371,12 +371,14 @@ def evaluating(module: torch.nn.Module) -> Iterator[None]:
 
 
 def evaluates(function: Callable) -> Callable:
-    """``function(model, ...)`` run with ``model`` in evaluation mode (:func:`evaluating`)."""
+    """``function(model, ...)`` run with its first argument, the model, in evaluation mode
+    (:func:`evaluating`), passed by position or by name."""
+    name = next(iter(inspect.signature(function).parameters))
 
     @functools.wraps(function)
-    def in_evaluation_mode(model: torch.nn.Module, *args, **kwargs):
-        with evaluating(model):
-            return function(model, *args, **kwargs)
+    def in_evaluation_mode(*args, **kwargs):
+        with evaluating(args[0] if args else kwargs[name]):
+            return function(*args, **kwargs)
 
     return in_evaluation_mode
 
