@@ -169,14 +169,22 @@ class DataScale(Messenger):
 
 
 class Unscaled(Messenger):
-    """Score every sample site at scale 1: the program's densities as written, without the weights
-    a ``poutine.scale`` puts on them for training (a KL annealing factor, a loss scaled by 1/N), as
-    :func:`log_weights` scores them. Outermost, it sees each site after the program's own
-    handlers."""
+    """Score every sample site without the weights a ``poutine.scale`` puts on it for training (a KL
+    annealing factor, a loss scaled by 1/N), as :func:`log_weights` scores them; a subsampled
+    plate's N/M stays, which makes its terms an estimate of the whole sum. Outermost, it sees each
+    site after the program's own handlers."""
 
     def _process_message(self, msg) -> None:
         if msg["type"] == "sample":
-            msg["scale"] = 1.0
+            msg["scale"] = math.prod(
+                frame.full_size / frame.size for frame in subsampled(msg["cond_indep_stack"])
+            )
+
+
+def subsampled(frames) -> list:
+    """The plates among ``frames`` that hold a subsample of their points (Pyro scales their terms
+    by full size / size)."""
+    return [f for f in frames if f.full_size not in (None, -1, f.size)]
 
 
 class LocalParams(Messenger):
@@ -722,11 +730,12 @@ def site_log_prob(site, nesting: int, enum_dims: int, m: int, plate: str) -> tor
     ]
     if others:
         log_p = log_p.sum(others, keepdim=True)
-    if log_p.shape[data_dim(site, plate)] not in (1, m):
+    for frame in subsampled(site["cond_indep_stack"]):
         raise PyvaeError(
-            f"site {site['name']!r} scores {log_p.shape[data_dim(site, plate)]} of the {m} points "
-            f"in its plate {plate!r}: the program subsamples its data itself, which pyvae does "
-            f"(size the plate by the points it is given, pyro.plate({plate!r}, len(x)))"
+            f"site {site['name']!r} scores {frame.size} of the {frame.full_size} terms of its "
+            f"plate {frame.name!r}: the program subsamples it itself, and log p(x) needs every "
+            f"term (pyvae subsamples the data: size the plate by what it is given, "
+            f"pyro.plate({frame.name!r}, {frame.full_size}))"
         )
     log_p = log_p.movedim(log_p.dim() + data_dim(site, plate), -1)
     # enum dims and the particle dim; the plates left are size 1

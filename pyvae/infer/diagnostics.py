@@ -426,6 +426,7 @@ def evaluate(
                 device=device,
                 progress=progress,
                 compile="on" if compiled else "off",
+                point_ids=torch.arange(first, stop),
             )
 
     compiled = compiles(check_compile(compile), n * num_samples)

@@ -261,9 +261,9 @@ def inference_gap(
         for i in range(first, stop):
             batch = tuple(t.to(device) for t in take(data, i, i + 1))
             with seeded(device, point_seed(seed, i, "local")):
-                amortized = log_likelihood(model, batch, num_samples)
+                amortized = log_likelihood(model, batch, num_samples, point_ids=[i])
                 local, steps = local_optimum(model, batch, steps=local_steps, lr=lr)
-                fitted = log_likelihood(local, batch, num_samples)
+                fitted = log_likelihood(local, batch, num_samples, point_ids=[i])
             rows.append((amortized, fitted, steps))
         x = take(data, first, stop)
         annealed = ais_log_likelihood(

@@ -44,7 +44,7 @@ from pyvae.compiled import (
     describe,
     fingerprint,
 )
-from pyvae.data.batching import Batches, as_points, check_data, resolve_device
+from pyvae.data.batching import Batches, as_points, check_data, resolve_device, take
 from pyvae.errors import PyvaeError, PyvaeWarning, positive_int, warn
 
 #: how many floats one chunk's rows may hold: 32 MB in float32 on a CPU, 128 MB on a GPU. Each
@@ -176,6 +176,7 @@ def log_likelihood(
     keep_log_weights: bool = False,
     progress: bool = False,
     compile: str = "auto",
+    point_ids: torch.Tensor | None = None,
 ) -> LogLikelihood:
     """Importance-sampled log p(x) of every data point, K = ``num_samples``, from the model's
     programs.
@@ -190,7 +191,8 @@ def log_likelihood(
     ``compile`` (``auto``, ``on``, ``off``): whether each chunk's numbers come from one graph
     recorded from the programs and compiled with the weights frozen (:class:`Scorer`; the same
     numbers from the same draws, up to floating-point reassociation). ``auto`` compiles an
-    estimate of at least :data:`AUTO_DRAWS` draws in all.
+    estimate of at least :data:`AUTO_DRAWS` draws in all. ``point_ids`` (default 0..N-1) are the
+    points' indices in a larger set, which an error about a point names.
     """
     positive_int("num_samples", num_samples)
     check_compile(compile)
@@ -198,7 +200,8 @@ def log_likelihood(
     model.to(device)
     batches = Batches(as_points(data), device, model)
     check_data(model, batches, "data")
-    check_support(model, batches)
+    ids = torch.arange(len(batches)) if point_ids is None else torch.as_tensor(point_ids).cpu()
+    check_support(model, batches, ids)
     with program.invalid_named():
         shape = program.structure(model, batches.first(1))
     strata, batch_size, sample_chunk = _chunks(model, batches, shape, num_samples, batch_size)
@@ -233,7 +236,7 @@ def log_likelihood(
                 stats.add(values, k, span, per_dim=s0 == 0)
                 elbo[span] += k * chunk_elbo.cpu()
             log_w = torch.cat(chunks, dim=2)  # (M, C, K)
-            _refuse_nan(log_w, batch, start)
+            _refuse_nan(log_w, batch, ids[start:])
             for name, values in _summarize(log_w, sizes).items():
                 if name == "iwae":
                     iwae[:, span] = values
@@ -255,22 +258,31 @@ def log_likelihood(
     )
 
 
-def check_support(model: torch.nn.Module, batches: Batches) -> None:
-    """Every point of a program that has no ``check_batch`` of its own traced once, with Pyro's
-    validation on (the scores that follow run without it): an observation outside its likelihood's
-    support (grey pixels under a Bernoulli) is a one-line error naming the site and the points,
-    not a finite number."""
-    if hasattr(model, "check_batch"):
+def check_support(model: torch.nn.Module, batches: Batches, point_ids: torch.Tensor) -> None:
+    """Every point of a program that has no ``check_batch`` of its own traced once with Pyro's
+    validation (unless the user turned it off: the scores that follow run without it): an
+    observation outside its likelihood's support (grey pixels under a Bernoulli) is a one-line
+    error naming the site and the first such point (its index in ``point_ids``), not a number."""
+    if hasattr(model, "check_batch") or not pyro.infer.util.is_validation_enabled():
         return
     first = 0
     for batch in batches.in_order(SUPPORT_CHUNK):
-        where = f"data points {first}-{first + len(batch[0]) - 1}: "
-        with program.invalid_named(where), pyro.validation_enabled(True):
-            program.trace_once(model, batch)[0].compute_log_prob()
+        try:
+            _validated(model, batch)
+        except PyvaeError:  # which point: each of the chunk's alone, on this rare path only
+            for i in range(len(batch[0])):
+                with program.invalid_named(f"data point {int(point_ids[first + i])}: "):
+                    _validated(model, take(batch, i, i + 1))
+            raise
         first += len(batch[0])
 
 
-def _refuse_nan(log_w: torch.Tensor, batch: tuple, first: int) -> None:
+def _validated(model: torch.nn.Module, batch: tuple) -> None:
+    with program.invalid_named(), pyro.validation_enabled(True):
+        program.trace_once(model, batch)[0].compute_log_prob()
+
+
+def _refuse_nan(log_w: torch.Tensor, batch: tuple, point_ids: torch.Tensor) -> None:
     """A NaN log-weight makes log p(x) NaN: an error naming the point, never a number."""
     nan = log_w.isnan().flatten(1).any(1)
     if bool(nan.any()):
@@ -281,7 +293,7 @@ def _refuse_nan(log_w: torch.Tensor, batch: tuple, first: int) -> None:
             if x.is_floating_point() and bool(x.isnan().any())
             else "the model's densities are NaN there"
         )
-        raise PyvaeError(f"log p(x) of data point {first + i} is NaN: {why}")
+        raise PyvaeError(f"log p(x) of data point {int(point_ids[i])} is NaN: {why}")
 
 
 #: ``compile="auto"`` compiles an estimate with at least this many draws (points x K) in all: on a

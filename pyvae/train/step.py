@@ -150,7 +150,7 @@ class Step:
         # the remaining steps skip those checks (they cost about 5% of a step on a CPU)
         with (
             pyro.validation_enabled(validate and pyro.infer.util.is_validation_enabled()),
-            invalid_named("the training data: "),
+            invalid_named("the first training step: "),
         ):
             losses = self.loss_of(calls, beta)  # (model's, auxiliary) x calls
         losses.sum().backward()

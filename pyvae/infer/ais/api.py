@@ -258,7 +258,7 @@ def _settings(
     **unknown,
 ) -> dict:
     if unknown:
-        known = ", ".join(inspect.signature(_settings).parameters)
+        known = ", ".join(list(inspect.signature(_settings).parameters)[:-1])
         raise PyvaeError(f"unknown AIS setting {next(iter(unknown))!r}; choose from {known}")
     positive_int("num_steps", num_steps)
     positive_int("num_chains", num_chains)
@@ -315,7 +315,6 @@ class _Sampler:
         model.to(self.device)
         self.batches = Batches(as_points(data), self.device, model)
         check_data(model, self.batches, "data")
-        check_support(model, self.batches)
         self.shape = check(model, self.batches.first(1))
         n = len(self.batches)
         self.point_ids = (
@@ -325,6 +324,7 @@ class _Sampler:
             raise PyvaeError(
                 f"point_ids must hold one index per data point ({n}); got {self.point_ids.shape[0]}"
             )
+        check_support(model, self.batches, self.point_ids)
         if batch_size is None:
             rows = max(
                 64,
