@@ -164,8 +164,10 @@ def test_compiled_ais_gives_the_programs_numbers(case, device, recwarn, untuned)
     assert not [w for w in recwarn if issubclass(w.category, pyvae.PyvaeWarning)]  # it did compile
     assert compiled.settings["compile"] and not as_written.settings["compile"]
     assert compiled.compiled.all() and not as_written.compiled.any()
-    # the same chains to float rounding (fusion reorders sums), so the same estimate
-    assert torch.allclose(compiled.log_px, as_written.log_px, atol=1e-3), (
+    # the same chains to float rounding (fusion reorders sums), so the same estimate; on a GPU,
+    # whose kernels round otherwise, an HMC acceptance may flip: the same estimate to its error
+    apart = 1e-3 if device == "cpu" else 4 * compiled.stderr + 0.05
+    assert ((compiled.log_px - as_written.log_px).abs() <= apart).all(), (
         (compiled.log_px - as_written.log_px).abs().max()
     )
     assert (errors(compiled, exact) <= 4 * compiled.stderr + 0.05).all()

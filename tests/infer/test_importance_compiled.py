@@ -60,14 +60,16 @@ def test_compiled_importance_sampling_gives_the_programs_numbers(
     # one trace sizes the chunks; then four chunks: as written, four traces; compiled, the first
     # as written and one recording
     assert (traced_written, traced_compiled) == (5, 3)
+    # a GPU's kernels reassociate sums more than the CPU's exact settings allow
+    close = {} if device == "cpu" else {"rtol": 1e-4, "atol": 1e-4}
     for field in ("log_px", "stderr", "elbo", "ess", "log_weights"):
-        torch.testing.assert_close(getattr(compiled, field), getattr(written, field))
+        torch.testing.assert_close(getattr(compiled, field), getattr(written, field), **close)
     for size, bound in written.iwae.items():
-        torch.testing.assert_close(compiled.iwae[size], bound)
+        torch.testing.assert_close(compiled.iwae[size], bound, **close)
     for field in ("latent_means", "kl", "kl_per_dim"):
         assert getattr(compiled, field).keys() == getattr(written, field).keys()
         for site, value in getattr(written, field).items():
-            torch.testing.assert_close(getattr(compiled, field)[site], value)
+            torch.testing.assert_close(getattr(compiled, field)[site], value, **close)
 
 
 def test_evaluate_shares_its_compiled_chunks_across_its_calls(monkeypatch, count_calls):
