@@ -553,11 +553,11 @@ def plate_full_size(module: torch.nn.Module, batch: tuple, num_data: int, plate:
     return frame.full_size if frame.full_size not in (None, -1) else _plate_size(site, plate)
 
 
-def label_site(module: torch.nn.Module, unlabelled: tuple) -> tuple[str, int | None]:
-    """(name, C) of the label site of a program with an optional label (``model(xs, ys=None)``): the
-    one discrete latent site its model samples when called without the label. C is the number of
-    classes of a ``OneHotCategorical`` (labels go to it one-hot), None for a ``Categorical`` (as
-    integers)."""
+def label_site(module: torch.nn.Module, unlabelled: tuple) -> tuple[str, int, bool]:
+    """(name, C, one-hot) of the label site of a program with an optional label
+    (``model(xs, ys=None)``): the one discrete latent site its model samples when called without
+    the label, its number of classes, and whether labels go to it one-hot (a ``OneHotCategorical``)
+    or as integers (a ``Categorical``)."""
     model_trace, _ = trace_once(module, unlabelled)
     found = [
         s
@@ -575,9 +575,9 @@ def label_site(module: torch.nn.Module, unlabelled: tuple) -> tuple[str, int | N
     while isinstance(fn, (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)):
         fn = fn.base_dist
     if isinstance(fn, dist.OneHotCategorical):
-        return found[0]["name"], fn.event_shape[-1]
+        return found[0]["name"], fn.event_shape[-1], True
     if isinstance(fn, dist.Categorical):
-        return found[0]["name"], None
+        return found[0]["name"], fn.logits.shape[-1], False
     raise PyvaeError(
         f"{name}: label site {found[0]['name']!r} is a {type(fn).__name__}; a label is a "
         "Categorical (integer labels) or a OneHotCategorical (one-hot labels)"

@@ -445,9 +445,9 @@ def label_encoder(module: torch.nn.Module, batches: Batches):
     """The function that turns integer labels into what the program's label site takes: one-hot
     vectors for a ``OneHotCategorical``, the integers for a ``Categorical`` (read from a trace of
     the program called on two points without labels)."""
-    _, classes = label_site(module, batches.first(2)[:-1])
+    _, classes, one_hot = label_site(module, batches.first(2)[:-1])
     check_labels(batches.others[-1], classes)
-    if classes is None:
+    if not one_hot:
         return lambda y: y
     return lambda y: torch.nn.functional.one_hot(y, classes).to(batches.images.dtype)
 

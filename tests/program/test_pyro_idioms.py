@@ -520,18 +520,39 @@ def test_a_program_that_subsamples_its_points_itself_is_refused_in_scoring_too()
         pyvae.log_likelihood(SubsamplesItself(), torch.randn(10, D), num_samples=5)
 
 
+class IntegerLabels(SemiSupervised):
+    """The same program with a ``Categorical`` label site: labels as integers."""
+
+    def model(self, xs, ys=None):
+        with pyro.plate("data"):
+            ys = pyro.sample("y", dist.Categorical(logits=torch.zeros(xs.shape[0], C)), obs=ys)
+            z = pyro.sample("z", dist.Normal(torch.zeros(xs.shape[0], Z), 1.0).to_event(1))
+            loc = z @ self.W.T + self.mu[ys]
+            pyro.sample("x", dist.Normal(loc, 0.5).to_event(1), obs=xs)
+
+    def guide(self, xs, ys=None):
+        with pyro.plate("data"):
+            if ys is None:
+                ys = pyro.sample("y", dist.Categorical(logits=self.classifier(xs)))
+            inputs = torch.cat([xs, nn.functional.one_hot(ys, C).to(xs.dtype)], -1)
+            loc, raw = self.enc(inputs).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 0.05).to_event(1))
+
+
+@pytest.mark.parametrize("program", [SemiSupervised, IntegerLabels])
 @pytest.mark.parametrize("label", [3, -3])
-def test_a_label_neither_a_class_nor_unlabelled_is_a_one_line_error(label):
-    """Pyro's SS-VAE encodes labels one-hot: a label past the classes, or a negative one other than
-    -1 (unlabelled), is named, in training and in scoring, not encoded or taken as unlabelled."""
+def test_a_label_neither_a_class_nor_unlabelled_is_a_one_line_error(label, program):
+    """A label past the classes of the label site (one-hot or integer), or a negative one other
+    than -1 (unlabelled), is named, in training and in scoring, not encoded or taken as
+    unlabelled."""
     x, y = clusters(40)
     y[20:] = -1
     y[5] = label
     message = rf"label {label} of point 5 is neither a class \(0"
     with pytest.raises(pyvae.PyvaeError, match=message):
-        pyvae.fit(SemiSupervised(), (x, y), epochs=1, progress=False)
+        pyvae.fit(program(), (x, y), epochs=1, progress=False)
     with pytest.raises(pyvae.PyvaeError, match=message):
-        pyvae.log_likelihood(SemiSupervised(), (x[:10], y[:10]), num_samples=10)
+        pyvae.log_likelihood(program(), (x[:10], y[:10]), num_samples=10)
 
 
 def test_a_semi_supervised_run_stopped_mid_epoch_resumes_exactly(tmp_path, monkeypatch):
