@@ -50,7 +50,8 @@ with a :class:`PyvaeError` naming the epoch and step, the parameters as they wer
 schedule state, step counter (the warm-up schedule), history and the random number generators of
 python, numpy and torch are restored, so an interrupted and resumed run reaches the same parameters
 as an uninterrupted one (and stops early where it does). Resuming with another ``lr_schedule`` is
-an error.
+an error, and so is a fresh run into a folder that holds one (its ``metrics.jsonl``): two runs'
+epochs would mix in it.
 """
 
 from __future__ import annotations
@@ -220,6 +221,11 @@ def _fit(arguments: dict) -> list[dict]:
     )
     if arguments["resume"] and out is None:
         raise PyvaeError("resume needs out, the run folder whose checkpoint.pt to continue from")
+    if not arguments["resume"] and out is not None and (Path(out) / "metrics.jsonl").exists():
+        raise PyvaeError(
+            f"{out} holds a run (metrics.jsonl): continue it with resume (--resume), or train "
+            "into another folder"
+        )
     # made only now that the input is known to be good: a refused run leaves nothing
     out = _make_folder(out, arguments["out_files"], world)
     settings = {**arguments, "elbo": elbo, "out": out, "progress": progress}

@@ -208,3 +208,13 @@ def test_an_unexpected_failure_is_one_line_and_exit_1(failure, expected, capsys)
     assert err.startswith(expected) and err.strip().endswith("(run with --debug for the traceback)")
     with pytest.raises(type(failure)):
         run(command, ["--debug"])
+
+
+def test_training_into_a_folder_that_holds_a_run_exits_2_and_changes_nothing(tmp_path, capsys):
+    out = train(tmp_path, "vae", "--epochs", "1", "--eval-samples", "0")
+    files = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    argv = ["train", *COMMON, "--epochs", "1", "--eval-samples", "0", "--out", str(out)]
+    assert "holds a run (metrics.jsonl): continue it with resume (--resume)" in exits_2(
+        argv, capsys
+    )
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == files

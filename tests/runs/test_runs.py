@@ -69,3 +69,13 @@ def test_saving_into_a_missing_folder_is_a_one_line_error_and_writes_nothing(tmp
     with pytest.raises(pyvae.PyvaeError, match="cannot save to .*a.pt: its folder .*nowhere does"):
         save(pyvae.VAE(x_dim=4, z_dim=2), tmp_path / "nowhere" / "a.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_and_changes_nothing(tmp_path):
+    """Two runs' epochs in one metrics.jsonl, one's checkpoint over the other's: refused."""
+    x = torch.rand(40, 4, generator=torch.Generator().manual_seed(0)).round()
+    pyvae.fit(pyvae.VAE(x_dim=4, z_dim=2), x, epochs=1, out=tmp_path, progress=False)
+    files = {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()}
+    with pytest.raises(pyvae.PyvaeError, match="holds a run .*: continue it with resume"):
+        pyvae.fit(pyvae.VAE(x_dim=4, z_dim=2), x, epochs=1, out=tmp_path, progress=False)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()} == files

@@ -182,10 +182,11 @@ def test_numerical_fault_stops_with_epoch_step_and_last_good_checkpoint(
     settings = dict(epochs=1, batch_size=256, clip_norm=clip_norm, device=device, progress=False)
     with pytest.raises(
         pyvae.PyvaeError,
-        match=rf"non-finite {what} at epoch 1, step 3; likely causes: "
+        match=rf"non-finite {what} at epoch 3, step 3; likely causes: "
         r".*last good checkpoint: .*checkpoint.pt",
-    ):
-        pyvae.fit(vae, train, out=tmp_path, callbacks=[Before()], **settings)
+    ):  # the run resumed for a third epoch
+        resumed = {**settings, "epochs": 3, "resume": True}
+        pyvae.fit(vae, train, out=tmp_path, callbacks=[Before()], **resumed)
     assert calls["n"] == before["run"].step_in_epoch == (6 if fused else 3)
     torch.testing.assert_close(vae.state_dict(), before["weights"], rtol=0, atol=0)
     adam = before["run"].optimizer.state_dict()["state"]
