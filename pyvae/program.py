@@ -719,6 +719,14 @@ def log_weights(
 def site_log_prob(site, nesting: int, enum_dims: int, m: int, plate: str) -> torch.Tensor:
     """One site's log-density, unscaled but masked, as (enum..., K or 1, M): every plate but the
     data points' (``plate``) summed out."""
+    parts = subsampled(site["cond_indep_stack"])
+    if parts:
+        raise PyvaeError(
+            f"site {site['name']!r} scores {parts[0].size} of the {parts[0].full_size} terms of "
+            f"its plate {parts[0].name!r}: the program subsamples it itself, and log p(x) needs "
+            f"every term (pyvae subsamples the data: size the plate by what it is given, "
+            f"pyro.plate({parts[0].name!r}, {parts[0].full_size}))"
+        )
     log_p = scale_and_mask(site["fn"].log_prob(site["value"]), 1.0, site["mask"])
     if not torch.is_tensor(log_p):
         log_p = torch.as_tensor(log_p)
@@ -730,13 +738,6 @@ def site_log_prob(site, nesting: int, enum_dims: int, m: int, plate: str) -> tor
     ]
     if others:
         log_p = log_p.sum(others, keepdim=True)
-    for frame in subsampled(site["cond_indep_stack"]):
-        raise PyvaeError(
-            f"site {site['name']!r} scores {frame.size} of the {frame.full_size} terms of its "
-            f"plate {frame.name!r}: the program subsamples it itself, and log p(x) needs every "
-            f"term (pyvae subsamples the data: size the plate by what it is given, "
-            f"pyro.plate({frame.name!r}, {frame.full_size}))"
-        )
     log_p = log_p.movedim(log_p.dim() + data_dim(site, plate), -1)
     # enum dims and the particle dim; the plates left are size 1
     lead = log_p.shape[: log_p.dim() - nesting]

@@ -157,14 +157,14 @@ class Batches:
         self.others = tuple(_place(t, device) for t in tensors[1:])
         labels = optional_labels(model, self) if model is not None else None
         if labels is not None and not semi_supervised:  # scored as given: labelled points only
-            check_labels(labels)
+            encode = label_encoder(model, self)  # which checks the labels against the classes
             if bool((labels < 0).any()):
                 raise PyvaeError(
                     f"the {what} holds unlabelled points (label -1) for {type(model).__name__}'s "
                     "optional label; score them without labels (x alone) and the labelled ones "
                     "apart"
                 )
-            self.others = (*self.others[:-1], label_encoder(model, self)(labels))
+            self.others = (*self.others[:-1], encode(labels))
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -271,14 +271,16 @@ def check_support(model: torch.nn.Module, batches: Batches, point_ids: torch.Ten
             _validated(model, batch)
         except PyvaeError:  # which point: each of the chunk's alone, on this rare path only
             for i in range(len(batch[0])):
-                with program.invalid_named(f"data point {int(point_ids[first + i])}: "):
-                    _validated(model, take(batch, i, i + 1))
+                where = f"data point {int(point_ids[first + i])}: "
+                _validated(model, take(batch, i, i + 1), where)
             raise
         first += len(batch[0])
 
 
-def _validated(model: torch.nn.Module, batch: tuple) -> None:
-    with program.invalid_named(), pyro.validation_enabled(True):
+def _validated(model: torch.nn.Module, batch: tuple, where: str = "") -> None:
+    """The program traced on ``batch`` with Pyro's validation; what it finds is a
+    :class:`PyvaeError` after ``where``."""
+    with program.invalid_named(where), pyro.validation_enabled(True):
         program.trace_once(model, batch)[0].compute_log_prob()
 
 
